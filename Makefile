@@ -1,0 +1,33 @@
+# `make demo` and `make test` each create the pinned virtual environment first if it is missing.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+NPROC  ?= 2
+STAMP  := $(VENV)/.installed-$(shell cat requirements/cpu.txt pyproject.toml | sha1sum | cut -c1-12)
+ARGS   ?=
+
+.PHONY: venv demo test test-fast clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements/cpu.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned to the CPU build, so nothing below can pull a CUDA build of it
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements/cpu.txt
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -c "import torch, deepspeed, transformers; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)"
+	rm -f $(VENV)/.installed-* && touch $@
+
+# A real RFT run: tiny model built locally, 2 ranks, DeepSpeed ZeRO-3 over gloo. ARGS="train.epochs=6 ..."
+demo: venv
+	$(VENV)/bin/deepspeed --num_gpus $(NPROC) launch/train.py --config launch/configs/tiny.yaml $(ARGS)
+
+test: venv
+	$(PY) -m pytest -q -rs
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs .cache

@@ -1,0 +1,47 @@
+"""CLI: `deepspeed --num_gpus 2 launch/train.py --config launch/configs/tiny.yaml [section.key=value ...]`.
+
+Every rank parses and validates the same config, so a bad value fails on all of them, in one line,
+before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from rft_ds.config import ConfigError, RFTRunConfig  # noqa: E402
+from rft_ds.data import DataError  # noqa: E402
+from rft_ds.distributed import RankError  # noqa: E402
+from rft_ds.scoring import RewardError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Rejection fine-tuning under DeepSpeed ZeRO-3.")
+    ap.add_argument("--config", required=True, help="run config YAML")
+    ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=6")
+    args = ap.parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+    try:
+        cfg = RFTRunConfig.load_yaml(args.config, args.overrides)
+        import rft_ds
+
+        result = rft_ds.train(config=cfg)
+    except (ConfigError, DataError, RewardError, RankError) as e:
+        print(f"rft_ds: error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        return 2 if isinstance(e, (ConfigError, DataError)) else 1
+    if rank == "0" and result.history:
+        last = result.history[-1]
+        before = result.eval_before["eval_reward_mean"] if result.eval_before else None
+        if before is not None and last.get("eval_reward_mean") is not None:
+            print(f"[rft_ds] eval reward {before:.4f} -> {last['eval_reward_mean']:.4f}; "
+                  f"metrics in {result.output_dir / 'metrics.jsonl'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""Run configuration: one YAML, dataclasses, dotted overrides, and validation before any model loads.
+
+`RFTConfig` keeps trlx's method contract (its five fields and defaults). Everything else a run needs
+lives in sibling sections of `RFTRunConfig`. Every check here is pure, so every rank raises the same
+one-line `ConfigError` before touching a model or a process group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field."""
+
+
+DEFAULT_GEN_KWARGS: dict[str, Any] = {"max_new_tokens": 32, "do_sample": True, "temperature": 1.0}
+
+# Keys accepted in gen_kwargs, in HF `generate` names. Both samplers translate exactly these.
+GEN_KWARGS_KEYS = {"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k",
+                   "repetition_penalty"}
+
+
+@dataclass
+class RFTConfig:
+    """trlx's RFT method config: same fields, same defaults."""
+
+    gen_kwargs: dict = field(default_factory=lambda: dict(DEFAULT_GEN_KWARGS))
+    start_percentile: float = 0.7
+    end_percentile: float = 0.95
+    n_improve_steps: int = 4
+    n_generations_per_prompt: int = 32
+
+    def __post_init__(self) -> None:
+        # Keys given override the defaults, so `gen_kwargs.temperature=0.7` keeps max_new_tokens.
+        if isinstance(self.gen_kwargs, dict):
+            self.gen_kwargs = {**DEFAULT_GEN_KWARGS, **self.gen_kwargs}
+
+
+@dataclass
+class SelectionConfig:
+    strategy: str = "per_prompt"  # per_prompt | global | top_k
+    top_k: int = 1  # used by strategy=top_k: best-of-K per prompt
+    min_score: Optional[float] = None  # absolute floor applied on top of any strategy (ReST-EM style)
+    dedup: bool = True  # a prompt's pool holds each distinct completion (token ids) once
+
+
+@dataclass
+class ModelConfig:
+    model_path: str = ""
+    tokenizer_path: Optional[str] = None  # defaults to model_path
+    build_tiny: bool = False  # build the toy model at model_path when it is missing (demo/tests only)
+
+
+@dataclass
+class DataConfig:
+    # A list (Python API), "module:function" returning a list, or a .jsonl file.
+    prompts: Any = None
+    eval_prompts: Any = None
+    prompt_field: str = "prompt"
+    max_prompt_length: int = 256  # in tokens; a longer prompt is an error naming it
+
+
+@dataclass
+class RewardConfig:
+    reward_fn: Optional[str] = None  # "module:function", trlx signature
+    metric_fn: Optional[str] = None
+    stop_sequences: list = field(default_factory=list)
+
+
+@dataclass
+class SamplerConfig:
+    backend: str = "hf"
+    batch_size: int = 16  # prompts per generate call; each yields n_generations_per_prompt sequences
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 8
+    micro_batch_size: Optional[int] = None  # None: take it from the DeepSpeed JSON (8 if "auto" there)
+    gradient_accumulation_steps: Optional[int] = None  # None: DeepSpeed JSON (1 if "auto" there)
+    learning_rate: float = 1e-5
+    warmup_steps: int = 0
+    max_seq_length: int = 512  # prompt + completion (+ EOS) per training row
+    seed: int = 1000
+    deepspeed_config: str = "ds_configs/zero3_cpu.json"
+    dist_backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise
+    dist_timeout_s: int = 600  # how long a collective waits for a lost rank before failing
+    output_dir: str = "runs/default"
+    eval_interval: int = 1  # evaluate after every k-th epoch (and before the first); 0 disables
+    eval_gen_kwargs: Optional[dict] = None  # merged over method.gen_kwargs, e.g. {do_sample: false}
+    save_interval: int = 0  # DeepSpeed checkpoint every k epochs; 0 disables
+    save_final_model: bool = True  # HF directory at <output_dir>/final_model
+
+
+@dataclass
+class RFTRunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: RFTConfig = field(default_factory=RFTConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict, overrides: list[str] | None = None) -> "RFTRunConfig":
+        d = dict(d or {})
+        for o in overrides or []:
+            apply_override(d, o)
+        cfg = _build(cls, d, "")
+        validate(cfg)
+        return cfg
+
+    @classmethod
+    def load_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "RFTRunConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(d).__name__}")
+        return cls.from_dict(d, overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def apply_override(d: dict, override: str) -> None:
+    """Apply `a.b=value` in place; the value is parsed as YAML so `8`, `0.9`, `true`, `[1,2]` get types."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.key=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node = d
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_type(value: Any, tp: Any, name: str) -> Any:
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0], name)
+    if origin is not None:
+        tp = origin
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{name} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    return value
+
+
+def _build(cls: type, d: Any, prefix: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in d:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(names)})"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    kwargs = {}
+    for name in names:
+        if name not in d:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, d[name] if d[name] is not None else {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(d[name], tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate_gen_kwargs(gk: dict, name: str) -> None:
+    for k in gk:
+        if k == "num_return_sequences":
+            raise ConfigError(f"{name}.num_return_sequences is not allowed: set method.n_generations_per_prompt")
+        if k not in GEN_KWARGS_KEYS:
+            close = difflib.get_close_matches(str(k), sorted(GEN_KWARGS_KEYS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (supported: {', '.join(sorted(GEN_KWARGS_KEYS))})"
+            raise ConfigError(f"unknown {name} key '{k}'{hint}")
+    _require("max_new_tokens" in gk, f"{name}.max_new_tokens is required")
+    for k in ("max_new_tokens", "min_new_tokens", "top_k"):
+        if k in gk:
+            _require(isinstance(gk[k], int) and not isinstance(gk[k], bool), f"{name}.{k} must be int, got {gk[k]!r}")
+    _require(gk["max_new_tokens"] >= 1, f"{name}.max_new_tokens must be >= 1, got {gk['max_new_tokens']}")
+    for k in ("temperature", "top_p", "repetition_penalty"):
+        if k in gk:
+            v = gk[k]
+            _require(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                     f"{name}.{k} must be a number, got {v!r}")
+    if "temperature" in gk:
+        _require(gk["temperature"] > 0 or not gk.get("do_sample", True),
+                 f"{name}.temperature must be > 0 when sampling, got {gk['temperature']}")
+    if "top_p" in gk:
+        _require(0 < gk["top_p"] <= 1, f"{name}.top_p must be in (0, 1], got {gk['top_p']}")
+    if "do_sample" in gk:
+        _require(isinstance(gk["do_sample"], bool), f"{name}.do_sample must be bool, got {gk['do_sample']!r}")
+
+
+def validate(cfg: RFTRunConfig) -> None:
+    """Range and consistency checks that need no model, no files beyond paths, no process group."""
+    m = cfg.method
+    _require(0.0 <= m.start_percentile <= 1.0, f"method.start_percentile must be in [0, 1], got {m.start_percentile}")
+    _require(0.0 <= m.end_percentile <= 1.0, f"method.end_percentile must be in [0, 1], got {m.end_percentile}")
+    _require(m.start_percentile <= m.end_percentile,
+             f"method.start_percentile ({m.start_percentile}) must be <= method.end_percentile ({m.end_percentile})")
+    _require(m.n_improve_steps >= 1, f"method.n_improve_steps must be >= 1, got {m.n_improve_steps}")
+    _require(m.n_generations_per_prompt >= 1,
+             f"method.n_generations_per_prompt must be >= 1, got {m.n_generations_per_prompt}")
+    validate_gen_kwargs(m.gen_kwargs, "method.gen_kwargs")
+    if cfg.train.eval_gen_kwargs is not None:
+        validate_gen_kwargs({**m.gen_kwargs, **cfg.train.eval_gen_kwargs}, "train.eval_gen_kwargs")
+
+    s = cfg.selection
+    _require(s.strategy in ("per_prompt", "global", "top_k"),
+             f"selection.strategy must be one of per_prompt, global, top_k, got {s.strategy!r}")
+    _require(s.top_k >= 1, f"selection.top_k must be >= 1, got {s.top_k}")
+
+    _require(bool(cfg.model.model_path), "model.model_path is required")
+    _require(cfg.sampler.backend == "hf", f"sampler.backend must be 'hf', got {cfg.sampler.backend!r}")
+    _require(cfg.sampler.batch_size >= 1, f"sampler.batch_size must be >= 1, got {cfg.sampler.batch_size}")
+    _require(all(isinstance(x, str) and x for x in cfg.reward.stop_sequences),
+             "reward.stop_sequences must be a list of non-empty strings")
+    for name in ("reward_fn", "metric_fn"):
+        v = getattr(cfg.reward, name)
+        _require(v is None or (":" in v and all(v.split(":", 1))),
+                 f"reward.{name} must look like 'module:function', got {v!r}")
+    _require(cfg.data.max_prompt_length >= 1, f"data.max_prompt_length must be >= 1, got {cfg.data.max_prompt_length}")
+
+    t = cfg.train
+    _require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
+    _require(t.seed >= 0, f"train.seed must be >= 0, got {t.seed}")
+    for name in ("micro_batch_size", "gradient_accumulation_steps"):
+        v = getattr(t, name)
+        _require(v is None or v >= 1, f"train.{name} must be >= 1, got {v}")
+    _require(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}")
+    _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _require(t.max_seq_length >= 2, f"train.max_seq_length must be >= 2, got {t.max_seq_length}")
+    _require(t.max_seq_length > cfg.data.max_prompt_length,
+             f"train.max_seq_length ({t.max_seq_length}) must exceed data.max_prompt_length ({cfg.data.max_prompt_length})")
+    _require(t.eval_interval >= 0, f"train.eval_interval must be >= 0, got {t.eval_interval}")
+    _require(t.save_interval >= 0, f"train.save_interval must be >= 0, got {t.save_interval}")
+    _require(t.dist_backend in ("auto", "gloo", "nccl"), f"train.dist_backend must be auto, gloo or nccl, got {t.dist_backend!r}")
+    _require(t.dist_timeout_s >= 1, f"train.dist_timeout_s must be >= 1, got {t.dist_timeout_s}")
+    _require(bool(t.output_dir), "train.output_dir is required")

@@ -1,0 +1,90 @@
+"""Small torch.distributed helpers: rank facts, object gathers, and failing together instead of hanging.
+
+A rank that raises inside a stage would leave the others blocked in their next collective until the
+process-group timeout. `all_ranks_or_fail` turns a local exception into one every rank raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+from typing import Any, Iterator
+
+import torch.distributed as dist
+
+
+class RankError(RuntimeError):
+    """Raised on every rank when a stage failed on at least one of them."""
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init(backend: str = "auto", timeout_s: int = 600) -> None:
+    """Join the launcher's process group, or make a 1-process one for plain `python` (the trlx-style API)."""
+    if is_dist():
+        return
+    import deepspeed
+    import torch
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not is_dist():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+@contextlib.contextmanager
+def all_ranks_or_fail(stage: str) -> Iterator[None]:
+    """Run the body on every rank; if it raised on any rank, raise RankError on all of them.
+
+    Every rank enters exactly one all_gather here, failed or not, so nobody is left waiting."""
+    err: str | None = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+        err = f"{type(e).__name__}: {e}" if not isinstance(e, RankError) else str(e)
+        local = e
+    else:
+        local = None
+    errors = all_gather_object(err)
+    failed = [(r, m) for r, m in enumerate(errors) if m is not None]
+    if failed:
+        r, m = failed[0]
+        more = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+        raise RankError(f"{stage} failed on rank {r}{more}: {m}") from local

@@ -1,0 +1,144 @@
+"""The learner: an HF causal LM under DeepSpeed ZeRO-3, trained with masked cross-entropy.
+
+Optimizer, LR schedule, gradient accumulation, clipping and precision come from the DeepSpeed JSON;
+its "auto" fields are filled from the run config (as HF's integration does), and explicit values that
+contradict the run config are refused before anything is built.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from rft_ds.config import ConfigError, TrainConfig
+from rft_ds.experience import Row, collate
+
+
+def load_ds_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"train.deepspeed_config: file not found: {path}")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"train.deepspeed_config: {path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"train.deepspeed_config: {path} must hold a JSON object")
+    return cfg
+
+
+def fill_ds_config(ds: dict, train: TrainConfig, world_size: int) -> dict:
+    """Resolve "auto" values and check batch sizes against the world size. Pure; raises ConfigError."""
+    ds = copy.deepcopy(ds)
+
+    def pick(key: str, run_value: int | None, default: int) -> int:
+        v = ds.get(key, "auto")
+        if v == "auto":
+            return run_value if run_value is not None else default
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"deepspeed config {key} must be a positive int or \"auto\", got {v!r}")
+        if run_value is not None and run_value != v:
+            raise ConfigError(f"train.{'micro_batch_size' if 'micro' in key else 'gradient_accumulation_steps'}="
+                              f"{run_value} contradicts deepspeed config {key}={v}")
+        return v
+
+    mb = pick("train_micro_batch_size_per_gpu", train.micro_batch_size, 8)
+    ga = pick("gradient_accumulation_steps", train.gradient_accumulation_steps, 1)
+    ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = mb, ga
+    tbs = ds.get("train_batch_size", "auto")
+    if tbs == "auto":
+        ds["train_batch_size"] = mb * ga * world_size
+    elif tbs != mb * ga * world_size:
+        raise ConfigError(f"deepspeed config train_batch_size={tbs} must equal micro_batch_size ({mb}) x "
+                          f"gradient_accumulation_steps ({ga}) x world size ({world_size}) = {mb * ga * world_size}")
+
+    stage = ds.get("zero_optimization", {}).get("stage")
+    if stage != 3:
+        raise ConfigError(f"deepspeed config zero_optimization.stage must be 3, got {stage!r}")
+    opt = ds.get("optimizer", {}).get("params", {})
+    if opt.get("lr", "auto") == "auto":
+        opt["lr"] = train.learning_rate
+    sched = ds.get("scheduler", {}).get("params", {})
+    if ds.get("scheduler", {}).get("type") == "WarmupLR" and sched.get("warmup_num_steps") == "auto" \
+            and train.warmup_steps == 0:
+        del ds["scheduler"]  # no warmup asked: constant LR (DeepSpeed's WarmupLR cannot do 0 steps)
+    for key, value in (("warmup_max_lr", train.learning_rate), ("warmup_num_steps", train.warmup_steps)):
+        if sched.get(key) == "auto":
+            sched[key] = value
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    if leftover:
+        raise ConfigError(f"deepspeed config has \"auto\" values rft_ds cannot fill: {', '.join(leftover)}")
+    return ds
+
+
+def _walk(d: Any, prefix: str = ""):
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _walk(v, f"{prefix}{k}.")
+    else:
+        yield prefix.rstrip("."), d
+
+
+class Learner:
+    """Owns the DeepSpeed engine. `engine.module` is the HF model (parameters partitioned)."""
+
+    def __init__(self, model_path: str, ds_config: dict) -> None:
+        import deepspeed
+        import torch
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # Kept alive so from_pretrained loads straight into ZeRO-3 partitions (no full copy per rank).
+        self._hf_ds = HfDeepSpeedConfig(ds_config)
+        dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else (
+            torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
+                                                                              if p.requires_grad], config=ds_config)
+        self.micro_batch_size = ds_config["train_micro_batch_size_per_gpu"]
+        self.grad_accum = ds_config["gradient_accumulation_steps"]
+
+    @property
+    def module(self):
+        return self.engine.module
+
+    def train_micro_batches(self, rows: Sequence[Row], micro_batches: Sequence[np.ndarray], pad_id: int) -> list[float]:
+        """One pass over this rank's micro-batches; DeepSpeed steps the optimizer every grad_accum of them."""
+        import torch
+
+        self.engine.train()
+        losses = []
+        for idx in micro_batches:
+            batch = {k: torch.from_numpy(v).to(self.engine.device) for k, v in collate([rows[i] for i in idx], pad_id).items()}
+            loss = self.engine(**batch, use_cache=False).loss
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(float(loss.detach()))
+        return losses
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def save_hf(self, out_dir: str | Path, tokenizer: Any, is_main: bool) -> None:
+        """Gather the full weights one parameter at a time and write a plain HF directory (rank 0)."""
+        import shutil
+
+        import deepspeed
+
+        state = {}
+        for name, p in self.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if is_main:
+                    state[name] = p.detach().to("cpu", copy=True)
+        if is_main:
+            out = Path(out_dir)
+            tmp = out.with_name(out.name + ".tmp")
+            self.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)

@@ -1,0 +1,58 @@
+"""metrics.jsonl (one JSON line per epoch, rank 0) and the one-line console summary."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, (np.floating, float)):
+        v = float(v)
+        return v if math.isfinite(v) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.bool_):
+        return bool(v)
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+class MetricsLog:
+    """Appends to <output_dir>/metrics.jsonl; a fresh run starts a fresh file. Only rank 0 writes."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool) -> None:
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.history: list[dict] = []
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+
+    def log(self, record: dict) -> None:
+        record = _plain(record)
+        self.history.append(record)
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_epoch(r: dict, epochs: int) -> str:
+    parts = [f"epoch {r['epoch'] + 1}/{epochs}", "grow" if r["grow_step"] else "improve",
+             f"p={r['percentile']:.3f}", f"sampled {r['n_sampled']}", f"kept {r['n_selected']}/{r['pool_size']}",
+             f"reward {_fmt(r['reward_mean'])}", f"loss {_fmt(r['train_loss'])}"]
+    if r.get("eval_reward_mean") is not None:
+        parts.append(f"eval {r['eval_reward_mean']:.3f}")
+    parts.append(f"{r['time_epoch']:.1f}s")
+    return " | ".join(parts)

@@ -1,0 +1,253 @@
+"""The RFT recipe: one epoch loop, readable top to bottom.
+
+    sample (grow steps) -> score on each rank, all-gather -> select (pure) -> rows -> train -> sync -> eval
+
+Every rank runs every line. The table that selection sees is identical on every rank, so selection is
+too, and the check after each epoch proves it (a digest per rank) instead of assuming it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import yaml
+
+from rft_ds import distributed as D
+from rft_ds.config import ConfigError, RFTRunConfig
+from rft_ds.data import PromptRecord, load_source, normalize, resolve_callable, shard, tokenize
+from rft_ds.experience import build_row, plan_micro_batches
+from rft_ds.metrics import MetricsLog, format_epoch
+from rft_ds.scoring import RewardError, decode_outputs, score_and_gather
+from rft_ds.selection import Pools, Samples, schedule, select, selection_digest
+
+
+@dataclass
+class Prompts:
+    texts: list[str]
+    metadata: list[dict]
+    records: list[PromptRecord] = field(default_factory=list)
+
+
+@dataclass
+class RFTResult:
+    """What `train` returns: the trained engine (its `.module` is the HF model) and the run's metrics."""
+
+    config: RFTRunConfig
+    engine: Any
+    tokenizer: Any
+    history: list[dict]
+    eval_before: dict | None
+    output_dir: Path
+
+    @property
+    def model(self) -> Any:
+        return self.engine.module
+
+
+def _sample_seed(seed: int, epoch: int, rank: int, stream: int) -> int:
+    """Independent, far-apart streams per (epoch, rank, train/eval): nearby seeds overlap in samplers.
+    epoch is -1 for the eval before training, hence the +1."""
+    return int(np.random.SeedSequence([seed, epoch + 1, rank, stream]).generate_state(1)[0])
+
+
+def _load_tokenizer(cfg: RFTRunConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    path = cfg.model.tokenizer_path or cfg.model.model_path
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.eos_token_id is None:
+        raise ConfigError(f"tokenizer at {path} has no eos_token: completions could never end")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # the usual choice; pads are masked out of loss and attention
+    return tok
+
+
+def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, metric_fn: Any):
+    """Every check that needs no process group and no model weights, so bad input fails in seconds."""
+    reward_fn = resolve_callable(reward_fn if reward_fn is not None else cfg.reward.reward_fn, "reward.reward_fn")
+    if reward_fn is None:
+        raise ConfigError("reward.reward_fn is required (a callable, or 'module:function' in the config)")
+    metric_fn = resolve_callable(metric_fn if metric_fn is not None else cfg.reward.metric_fn, "reward.metric_fn")
+    src = prompts if prompts is not None else cfg.data.prompts
+    if src is None:
+        raise ConfigError("data.prompts is required")
+    train = Prompts(*normalize(load_source(src, "prompts", cfg.data.prompt_field), "prompts", cfg.data.prompt_field))
+    src = eval_prompts if eval_prompts is not None else cfg.data.eval_prompts
+    evals = None
+    if src is not None:
+        evals = Prompts(*normalize(load_source(src, "eval_prompts", cfg.data.prompt_field), "eval_prompts",
+                                   cfg.data.prompt_field))
+    out = Path(cfg.train.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test.{D.rank() if D.is_dist() else 0}.{random.getrandbits(32)}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"train.output_dir {out} is not writable: {e.strerror or e}") from None
+
+    from rft_ds.learner import load_ds_config
+
+    ds_raw = load_ds_config(cfg.train.deepspeed_config)
+    if cfg.model.build_tiny:
+        from rft_ds.toy import ensure_tiny_model
+
+        ensure_tiny_model(cfg.model.model_path, seed=cfg.train.seed)
+    if not (Path(cfg.model.model_path) / "config.json").is_file():
+        raise ConfigError(f"model.model_path {cfg.model.model_path} is not a model directory (no config.json); "
+                          "nothing is downloaded from a hub")
+    tokenizer = _load_tokenizer(cfg)
+    train.records = tokenize(train.texts, train.metadata, tokenizer, cfg.data.max_prompt_length, "prompts")
+    if evals is not None:
+        evals.records = tokenize(evals.texts, evals.metadata, tokenizer, cfg.data.max_prompt_length, "eval_prompts")
+    return reward_fn, metric_fn, train, evals, tokenizer, ds_raw
+
+
+def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any = None, eval_prompts: Any = None,
+        metric_fn: Callable | str | None = None, stop_sequences: Sequence[str] | None = None) -> RFTResult:
+    from rft_ds.learner import Learner, fill_ds_config
+    from rft_ds.sampling.hf import HFSampler
+
+    reward_fn, metric_fn, train, evals, tokenizer, ds_raw = prepare(cfg, reward_fn, prompts, eval_prompts, metric_fn)
+    stop_sequences = list(stop_sequences if stop_sequences is not None else cfg.reward.stop_sequences)
+    m, sel, t = cfg.method, cfg.selection, cfg.train
+
+    D.init(t.dist_backend, t.dist_timeout_s)
+    rank, world, main = D.rank(), D.world_size(), D.is_main()
+    ds_config = fill_ds_config(ds_raw, t, world)
+    random.seed(t.seed)
+    np.random.seed(t.seed)
+    import torch
+
+    torch.manual_seed(t.seed)
+    out = Path(t.output_dir)
+    if main:
+        (out / "config.yaml").write_text(yaml.safe_dump(_yaml_safe(cfg.to_dict()), sort_keys=False))
+
+    learner = Learner(cfg.model.model_path, ds_config)
+    sampler = HFSampler(learner.module, tokenizer, cfg.sampler.batch_size, stop_sequences)
+    pools = Pools(dedup=sel.dedup)
+    log = MetricsLog(out, enabled=main)
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    eval_kwargs = {**m.gen_kwargs, **(t.eval_gen_kwargs or {})}
+
+    def evaluate(epoch: int) -> dict:
+        return _evaluate(sampler, evals, reward_fn, metric_fn, tokenizer, eval_kwargs, stop_sequences,
+                         _sample_seed(t.seed, epoch, rank, 1))
+
+    do_eval = evals is not None and t.eval_interval > 0
+    eval_before = evaluate(-1) if do_eval else None
+    if main and eval_before:
+        print(f"[rft_ds] eval before training: reward {eval_before['eval_reward_mean']:.4f}", flush=True)
+
+    for epoch in range(t.epochs):
+        step = schedule(epoch, m.start_percentile, m.end_percentile, m.n_improve_steps)
+        rec: dict[str, Any] = {"epoch": epoch, "grow_step": step.grow, "percentile": step.percentile}
+        t0 = time.perf_counter()
+
+        # 1. Sample (grow steps only): this rank's shard of prompts, N completions each.
+        n_sampled, sampled_mean, time_score = 0, None, 0.0
+        if step.grow:
+            mine = [train.records[i] for i in shard(len(train.records), rank, world)]
+            comps = sampler.generate([r.token_ids for r in mine], m.n_generations_per_prompt, m.gen_kwargs,
+                                     _sample_seed(t.seed, epoch, rank, 0))
+            local = Samples(prompt_id=[r.id for r, cs in zip(mine, comps) for _ in cs],
+                            score=np.zeros(sum(map(len, comps))), eos=[c.eos for cs in comps for c in cs],
+                            tokens=[c.token_ids for cs in comps for c in cs])
+            t1 = time.perf_counter()
+            # 2. Score this rank's completions, all-gather the global table, add it to the pools.
+            table, _ = score_and_gather(reward_fn, local, train.texts, train.metadata, tokenizer, stop_sequences)
+            pools.add(table)
+            n_sampled, sampled_mean = len(table), float(table.score.mean()) if len(table) else None
+            time_score = time.perf_counter() - t1
+        t2 = time.perf_counter()
+
+        # 3. Select (pure, identical on every rank) and build training rows from token ids.
+        pool = pools.samples
+        keep, thr = select(pool.prompt_id, pool.score, step.percentile, sel.strategy, sel.top_k, sel.min_score)
+        rows = [build_row(train.records[pool.prompt_id[i]].token_ids, pool.tokens[i], bool(pool.eos[i]), eos_id,
+                          t.max_seq_length) for i in np.flatnonzero(keep)]
+        rows = [r for r in rows if r is not None]
+        micro = plan_micro_batches(len(rows), t.seed, epoch, rank, world, learner.micro_batch_size, learner.grad_accum)
+        digest = selection_digest(pool, keep)
+        t3 = time.perf_counter()
+
+        # 4. Train on this rank's share; every rank runs the same number of micro-batches.
+        losses = learner.train_micro_batches(rows, micro, pad_id)
+        sampler.sync_weights()
+        t4 = time.perf_counter()
+
+        per_rank = D.all_gather_object((digest, len(micro), float(np.sum(losses)), len(losses)))
+        if len({d for d, *_ in per_rank}) != 1 or len({s for _, s, *_ in per_rank}) != 1:
+            raise D.RankError(f"epoch {epoch}: ranks disagree on the selection or step count: {per_rank}")
+        n_loss = sum(c for *_, c in per_rank)
+        first = np.r_[True, pool.prompt_id[1:] != pool.prompt_id[:-1]] if len(pool) else np.zeros(0, bool)
+        rec.update(
+            n_sampled=n_sampled, pool_size=len(pool), n_selected=int(keep.sum()), n_rows=len(rows),
+            n_prompts_kept=int(len(np.unique(pool.prompt_id[keep]))),
+            reward_mean=float(pool.score.mean()) if len(pool) else None,
+            reward_max=float(pool.score.max()) if len(pool) else None,
+            sampled_reward_mean=sampled_mean,
+            selected_reward_mean=float(pool.score[keep].mean()) if keep.any() else None,
+            threshold_mean=float(thr[first].mean()) if len(pool) else None,
+            train_loss=sum(s for _, _, s, _ in per_rank) / n_loss if n_loss else None,
+            train_steps=len(micro) // learner.grad_accum, train_steps_per_rank=[s // learner.grad_accum for _, s, *_ in per_rank],
+            lr=learner.lr(), selection_digest=digest, selection_digest_per_rank=[d for d, *_ in per_rank],
+            time_sample=(t1 - t0) if step.grow else 0.0, time_score=time_score, time_select=t3 - t2, time_train=t4 - t3,
+        )
+
+        # 5. Eval every eval_interval epochs and after the last.
+        if do_eval and ((epoch + 1) % t.eval_interval == 0 or epoch == t.epochs - 1):
+            t5 = time.perf_counter()
+            rec.update(evaluate(epoch))
+            rec["time_eval"] = time.perf_counter() - t5
+        if epoch == 0 and eval_before:
+            rec["eval_reward_mean_initial"] = eval_before["eval_reward_mean"]
+        if t.save_interval and (epoch + 1) % t.save_interval == 0:
+            learner.engine.save_checkpoint(str(out / "checkpoints"), tag=f"epoch_{epoch}")
+        rec["time_epoch"] = time.perf_counter() - t0
+        log.log(rec)
+        if main:
+            print("[rft_ds] " + format_epoch(log.history[-1], t.epochs), flush=True)
+
+    if t.save_final_model:
+        learner.save_hf(out / "final_model", tokenizer, main)
+    return RFTResult(cfg, learner.engine, tokenizer, log.history, eval_before, out)
+
+
+def _evaluate(sampler: Any, evals: Prompts, reward_fn: Callable, metric_fn: Callable | None, tokenizer: Any,
+              gen_kwargs: dict, stop_sequences: list[str], seed: int) -> dict:
+    """One completion per eval prompt, scored sharded; metric_fn runs once, on rank 0, on all of them."""
+    mine = [evals.records[i] for i in shard(len(evals.records), D.rank(), D.world_size())]
+    comps = sampler.generate([r.token_ids for r in mine], 1, gen_kwargs, seed)
+    local = Samples(prompt_id=[r.id for r in mine], score=np.zeros(len(mine)), eos=[c[0].eos for c in comps],
+                    tokens=[c[0].token_ids for c in comps])
+    table, _ = score_and_gather(reward_fn, local, evals.texts, evals.metadata, tokenizer, stop_sequences)
+    result: dict[str, Any] = {"eval_reward_mean": float(table.score.mean())}
+    if metric_fn is not None:
+        extra = None
+        with D.all_ranks_or_fail("metric_fn"):
+            if D.is_main():
+                pids = table.prompt_id.tolist()
+                outputs = decode_outputs(tokenizer, table.tokens, stop_sequences)
+                prompts = [evals.texts[p] for p in pids]
+                meta = {k: [evals.metadata[p].get(k) for p in pids] for k in sorted({k for p in pids for k in evals.metadata[p]})}
+                extra = metric_fn(samples=[p + o for p, o in zip(prompts, outputs)], prompts=prompts, outputs=outputs, **meta)
+                if not isinstance(extra, dict):
+                    raise RewardError(f"metric_fn must return a dict, got {type(extra).__name__}")
+        extra = D.broadcast_object(extra)
+        result.update({f"eval_{k}": v for k, v in extra.items()})
+    return result
+
+
+def _yaml_safe(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _yaml_safe(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_yaml_safe(v) for v in d]
+    return d if isinstance(d, (str, int, float, bool, type(None))) else repr(d)

@@ -1,0 +1,51 @@
+"""The sampler contract, shared by the HF-generate baseline and the colocated vLLM sampler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]  # without the EOS token; including a matched stop sequence
+    finish_reason: str  # "eos" | "stop" (a stop sequence) | "length"
+
+    @property
+    def eos(self) -> bool:
+        return self.finish_reason == "eos"
+
+
+class Sampler(Protocol):
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, gen_kwargs: dict[str, Any],
+                 seed: int) -> list[list[Completion]]:
+        """n completions for each prompt (token ids in, token ids out), in prompt order.
+
+        Collective: every rank calls it the same number of times, even with no prompts of its own."""
+        ...
+
+    def sync_weights(self) -> None:
+        """Make the next generate() sample from the current trained weights."""
+        ...
+
+
+def finish_completion(ids: Sequence[int], eos_ids: set[int], stop_sequences: Sequence[str], decode: Any) -> Completion:
+    """Cut raw generated ids at the first EOS or stop sequence and name why the completion ended."""
+    ids = list(ids)
+    for i, t in enumerate(ids):
+        if t in eos_ids:
+            ids = ids[:i]
+            cut_eos = True
+            break
+    else:
+        cut_eos = False
+    if stop_sequences:
+        text = decode(ids)
+        hits = [text.find(s) + len(s) for s in stop_sequences if s in text]
+        if hits:
+            end = min(hits)
+            # the shortest prefix of tokens whose text contains the stop sequence
+            for j in range(1, len(ids) + 1):
+                if len(decode(ids[:j])) >= end:
+                    return Completion(ids[:j], "stop")
+    return Completion(ids, "eos" if cut_eos else "length")

@@ -1,0 +1,78 @@
+"""Baseline sampler: HF `generate` on the DeepSpeed ZeRO-3 module itself.
+
+Under ZeRO-3 every forward gathers parameter shards collectively, so ranks must stay in lockstep:
+`synced_gpus=True` keeps a finished rank stepping until all are done, and every rank makes the same
+number of generate calls (a rank short of prompts generates a throwaway batch).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from rft_ds import distributed as D
+from rft_ds.sampling.base import Completion, finish_completion
+
+# Defaults that make HF sample like vLLM does (HF's own default top_k=50 would silently truncate).
+_HF_DEFAULTS = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
+
+
+class HFSampler:
+    def __init__(self, module: torch.nn.Module, tokenizer: Any, batch_size: int = 16,
+                 stop_sequences: Sequence[str] = ()) -> None:
+        self.module = module
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.stop_sequences = list(stop_sequences)
+        self.pad_id = tokenizer.pad_token_id
+        self.eos_ids = {tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(module, "generation_config", None), "eos_token_id", None)
+        self.eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+
+    def sync_weights(self) -> None:
+        """Nothing to do: this sampler runs on the trained module itself."""
+
+    def _n_calls(self, n_prompts: int) -> int:
+        mine = torch.tensor([math.ceil(n_prompts / self.batch_size)], dtype=torch.long)
+        if D.is_dist():
+            dist.all_reduce(mine, op=dist.ReduceOp.MAX)
+        return int(mine.item())
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, gen_kwargs: dict[str, Any],
+                 seed: int) -> list[list[Completion]]:
+        kwargs = {**_HF_DEFAULTS, **gen_kwargs}
+        if not kwargs["do_sample"]:
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("temperature", "top_p", "top_k")}
+        max_new = kwargs["max_new_tokens"]
+        torch.manual_seed(seed)
+        was_training = self.module.training
+        self.module.eval()
+        results: list[list[Completion]] = []
+        dummy = [[self.pad_id if self.tokenizer.eos_token_id is None else self.tokenizer.eos_token_id]]
+        for c in range(self._n_calls(len(prompts))):
+            batch = list(prompts[c * self.batch_size:(c + 1) * self.batch_size])
+            real = len(batch)
+            out = self._generate_batch(batch or dummy, n, kwargs)
+            for i in range(real):
+                results.append([finish_completion(out[i * n + j].tolist(), self.eos_ids, self.stop_sequences,
+                                                  self.tokenizer.decode)
+                                for j in range(n)])
+        if was_training:
+            self.module.train()
+        return results
+
+    def _generate_batch(self, batch: list[Sequence[int]], n: int, kwargs: dict[str, Any]) -> torch.Tensor:
+        width = max(len(p) for p in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, p in enumerate(batch):  # left padding, so every row's completion starts at column `width`
+            ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p):] = 1
+        out = self.module.generate(input_ids=ids, attention_mask=mask, num_return_sequences=n,
+                                   synced_gpus=D.is_dist() and D.world_size() > 1,
+                                   pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids), **kwargs)
+        return out[:, width:]

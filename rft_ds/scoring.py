@@ -1,0 +1,79 @@
+"""The sharded scorer: each rank scores its own completions, then one all-gather gives every rank the
+same global table, so selection is identical everywhere without any rank scoring twice."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from rft_ds import distributed as D
+from rft_ds.selection import Samples
+
+
+class RewardError(ValueError):
+    """reward_fn misbehaved; the message names the sample."""
+
+
+def _describe(i: int, prompt_ids: Sequence[int], outputs: Sequence[str]) -> str:
+    out = outputs[i] if i < len(outputs) else ""
+    return f"sample {i} (prompt {prompt_ids[i]}, output {out[:40]!r})"
+
+
+def validate_scores(raw: Any, n: int, prompt_ids: Sequence[int], outputs: Sequence[str],
+                    fn_name: str = "reward_fn") -> np.ndarray:
+    """Turn what reward_fn returned into float64 scores, or raise naming the first bad sample."""
+    if hasattr(raw, "detach"):  # a torch tensor
+        raw = raw.detach().cpu().numpy()
+    if isinstance(raw, np.ndarray):
+        raw = raw.reshape(-1).tolist() if raw.ndim <= 1 or raw.size == n else raw.tolist()
+    if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
+        raise RewardError(f"{fn_name} must return a list of {n} numbers, got {type(raw).__name__}")
+    if len(raw) != n:
+        raise RewardError(f"{fn_name} returned {len(raw)} scores for {n} samples")
+    out = np.empty(n, dtype=np.float64)
+    for i, v in enumerate(raw):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+            raise RewardError(f"{fn_name} returned {type(v).__name__} {v!r} for {_describe(i, prompt_ids, outputs)}; "
+                              "scores must be real numbers")
+        if not math.isfinite(float(v)):
+            raise RewardError(f"{fn_name} returned {float(v)} for {_describe(i, prompt_ids, outputs)}; "
+                              "scores must be finite")
+        out[i] = float(v)
+    return out
+
+
+def call_reward_fn(reward_fn: Callable, samples: list[str], prompts: list[str], outputs: list[str],
+                   prompt_ids: list[int], metadata: dict[str, list], tokenizer: Any) -> np.ndarray:
+    """trlx's call: reward_fn(samples=, prompts=, outputs=, tokenizer=, prompt_ids=, **metadata)."""
+    if not samples:
+        return np.zeros(0)
+    raw = reward_fn(samples=samples, prompts=prompts, outputs=outputs, tokenizer=tokenizer,
+                    prompt_ids=prompt_ids, **metadata)
+    return validate_scores(raw, len(samples), prompt_ids, outputs)
+
+
+def decode_outputs(tokenizer: Any, tokens: Sequence[Sequence[int]], stop_sequences: Sequence[str] = ()) -> list[str]:
+    """Completion text as reward_fn sees it: special tokens dropped, cut before a stop sequence (as trlx)."""
+    outputs = tokenizer.batch_decode([list(t) for t in tokens], skip_special_tokens=True)
+    if stop_sequences:
+        outputs = [min((o[: o.find(s)] for s in stop_sequences if s in o), key=len, default=o) for o in outputs]
+    return outputs
+
+
+def score_and_gather(reward_fn: Callable, local: Samples, prompt_texts: Sequence[str], metadata: Sequence[dict],
+                     tokenizer: Any, stop_sequences: Sequence[str] = ()) -> tuple[Samples, np.ndarray]:
+    """Score this rank's completions, then all-gather them with their scores.
+
+    Returns (global samples in rank order, this rank's scores). A failure on any rank is raised on all."""
+    with D.all_ranks_or_fail("scoring"):
+        pids = local.prompt_id.tolist()
+        outputs = decode_outputs(tokenizer, local.tokens, stop_sequences)
+        prompts = [prompt_texts[p] for p in pids]
+        samples = [p + o for p, o in zip(prompts, outputs)]
+        meta_keys = sorted({k for p in set(pids) for k in metadata[p]})
+        meta = {k: [metadata[p].get(k) for p in pids] for k in meta_keys}
+        local.score = call_reward_fn(reward_fn, samples, prompts, outputs, pids, meta, tokenizer)
+    return Samples.concat(D.all_gather_object(local)), local.score

@@ -1,0 +1,98 @@
+"""Real runs: the `deepspeed` launcher, 2 CPU ranks, ZeRO-3 over gloo, the tiny model (slow)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(tmp_path, *overrides, timeout=600):
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           "launch/train.py", "--config", "launch/configs/tiny.yaml",
+           f"model.model_path={tmp_path / 'model'}", f"train.output_dir={tmp_path / 'run'}", *overrides]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    t = time.time()
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    return p, time.time() - t
+
+
+def read_metrics(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_rank_zero3_run_learns(tmp_path):
+    p, secs = launch(tmp_path, "train.epochs=20", "train.eval_interval=10")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    m = read_metrics(tmp_path)
+    assert [r["epoch"] for r in m] == list(range(20))
+    for r in m:  # the metrics contract
+        for key in ("epoch", "grow_step", "percentile", "n_sampled", "n_selected", "reward_mean", "train_loss",
+                    "time_sample", "time_score", "time_select", "time_train"):
+            assert key in r, key
+        assert len(set(r["selection_digest_per_rank"])) == 1, r  # both ranks selected the same
+        assert len(set(r["train_steps_per_rank"])) == 1, r  # and ran the same number of steps
+    assert [r["grow_step"] for r in m[:4]] == [True, False, True, False]
+    assert m[1]["percentile"] == pytest.approx(0.95)
+    assert m[0]["n_sampled"] == 64 * 16 and m[1]["n_sampled"] == 0
+    assert m[-1]["train_loss"] < m[0]["train_loss"] - 0.5
+    before, after = m[0]["eval_reward_mean_initial"], m[-1]["eval_reward_mean"]
+    assert after > before + 0.15, (before, after)
+    assert "eval_frac_mostly_target" in m[-1]  # metric_fn ran
+    final = tmp_path / "run" / "final_model"
+    assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
+    print(f"2-rank run: {secs:.0f}s, eval reward {before:.3f} -> {after:.3f}")
+
+
+def test_bad_config_fails_fast_on_every_rank(tmp_path):
+    p, secs = launch(tmp_path, "method.start_percentile=1.5", timeout=120)
+    assert p.returncode != 0
+    out = p.stdout + p.stderr
+    for rank in (0, 1):
+        assert f"rft_ds: error (rank {rank}): method.start_percentile must be in [0, 1], got 1.5" in out
+    assert not (tmp_path / "model").exists()  # failed before building or loading any model
+
+
+@pytest.mark.parametrize("fn,needle", [
+    ("tests.rewards:fail_on_rank1", "scoring failed on rank 1: RuntimeError: reward server unreachable"),
+    ("tests.rewards:nan_on_rank1", "scoring failed on rank 1: RewardError: reward_fn returned nan for sample 3"),
+])
+def test_reward_failure_on_one_rank_stops_every_rank(tmp_path, fn, needle):
+    p, secs = launch(tmp_path, f"reward.reward_fn={fn}", "train.epochs=2", timeout=300)
+    assert p.returncode != 0
+    out = p.stdout + p.stderr
+    for rank in (0, 1):
+        assert f"rft_ds: error (rank {rank}): {needle}" in out, out[-3000:]
+
+
+def test_python_api_single_process(tmp_path):
+    code = f"""
+import rft_ds
+from rft_ds import toy
+res = rft_ds.train(
+    reward_fn=toy.reward_fn, prompts=toy.train_prompts(16), eval_prompts=toy.eval_prompts(8),
+    config={{"model": {{"model_path": {str(tmp_path / 'model')!r}, "build_tiny": True}},
+            "method": {{"n_generations_per_prompt": 4, "gen_kwargs": {{"max_new_tokens": 8}}}},
+            "train": {{"epochs": 2, "output_dir": {str(tmp_path / 'run')!r}, "micro_batch_size": 4}}}},
+    metric_fn=toy.metric_fn, stop_sequences=["."])
+assert len(res.history) == 2 and res.history[0]["n_sampled"] == 64, res.history
+assert "eval_reward_mean" in res.history[-1]
+print("OK", type(res.model).__name__)
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "OK LlamaForCausalLM" in p.stdout
