@@ -79,8 +79,20 @@ class RewardConfig:
 
 @dataclass
 class SamplerConfig:
-    backend: str = "hf"
-    batch_size: int = 16  # prompts per generate call; each yields n_generations_per_prompt sequences
+    backend: str = "vllm"  # vllm: colocated engine per rank; hf: HF generate on the ZeRO-3 module
+    batch_size: int = 16  # hf: prompts per generate call; each yields n_generations_per_prompt sequences
+    # vllm engine settings
+    dtype: str = "auto"  # auto: the training dtype (fp32 on the CPU DeepSpeed config, bf16 on the GPU one)
+    max_model_len: Optional[int] = None  # None: data.max_prompt_length + the longest max_new_tokens
+    tensor_parallel_size: int = 1  # ranks per engine; must divide the world size
+    gpu_memory_utilization: float = 0.3  # GPU share for the engine (DeepSpeed trains beside it)
+    kv_cache_memory_bytes: Optional[int] = None  # explicit KV budget; on CPU the default is 256 MiB per rank
+    enforce_eager: bool = True
+    enable_sleep_mode: bool = False  # GPU: free the engine's memory while DeepSpeed trains
+    sync_bucket_mb: float = 64.0  # weight sync gathers at most about this much at a time
+    parity_check: str = "first"  # first: after the first sync of every run; always; off
+    parity_tolerance: Optional[float] = None  # max |logprob diff|; None: 1e-3 in fp32, 0.1 in bf16/fp16
+    parity_probes: int = 4
 
 
 @dataclass
@@ -257,8 +269,23 @@ def validate(cfg: RFTRunConfig) -> None:
     _require(s.top_k >= 1, f"selection.top_k must be >= 1, got {s.top_k}")
 
     _require(bool(cfg.model.model_path), "model.model_path is required")
-    _require(cfg.sampler.backend == "hf", f"sampler.backend must be 'hf', got {cfg.sampler.backend!r}")
-    _require(cfg.sampler.batch_size >= 1, f"sampler.batch_size must be >= 1, got {cfg.sampler.batch_size}")
+    sp = cfg.sampler
+    _require(sp.backend in ("vllm", "hf"), f"sampler.backend must be 'vllm' or 'hf', got {sp.backend!r}")
+    _require(sp.batch_size >= 1, f"sampler.batch_size must be >= 1, got {sp.batch_size}")
+    _require(sp.dtype in ("auto", "float32", "bfloat16", "float16"),
+             f"sampler.dtype must be auto, float32, bfloat16 or float16, got {sp.dtype!r}")
+    _require(sp.max_model_len is None or sp.max_model_len >= 2, f"sampler.max_model_len must be >= 2, got {sp.max_model_len}")
+    _require(sp.tensor_parallel_size >= 1, f"sampler.tensor_parallel_size must be >= 1, got {sp.tensor_parallel_size}")
+    _require(0 < sp.gpu_memory_utilization < 1,
+             f"sampler.gpu_memory_utilization must be in (0, 1), got {sp.gpu_memory_utilization}")
+    _require(sp.kv_cache_memory_bytes is None or sp.kv_cache_memory_bytes >= 2**20,
+             f"sampler.kv_cache_memory_bytes must be >= 1 MiB, got {sp.kv_cache_memory_bytes}")
+    _require(sp.sync_bucket_mb > 0, f"sampler.sync_bucket_mb must be > 0, got {sp.sync_bucket_mb}")
+    _require(sp.parity_check in ("first", "always", "off"),
+             f"sampler.parity_check must be first, always or off, got {sp.parity_check!r}")
+    _require(sp.parity_tolerance is None or sp.parity_tolerance > 0,
+             f"sampler.parity_tolerance must be > 0, got {sp.parity_tolerance}")
+    _require(sp.parity_probes >= 1, f"sampler.parity_probes must be >= 1, got {sp.parity_probes}")
     _require(all(isinstance(x, str) and x for x in cfg.reward.stop_sequences),
              "reward.stop_sequences must be a list of non-empty strings")
     for name in ("reward_fn", "metric_fn"):

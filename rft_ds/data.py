@@ -101,7 +101,8 @@ def tokenize(texts: Sequence[str], metas: Sequence[dict], tokenizer: Any, max_le
     for i, (text, meta) in enumerate(zip(texts, metas)):
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         if len(ids) > max_len:
-            raise DataError(f"{what}[{i}] is {len(ids)} tokens, longer than data.max_prompt_length={max_len}")
+            raise DataError(f"{what}[{i}] is {len(ids)} tokens, longer than the limit of {max_len} "
+                            "(data.max_prompt_length, and the model's positions minus max_new_tokens)")
         if not ids:
             raise DataError(f"{what}[{i}] tokenizes to no tokens")
         records.append(PromptRecord(i, text, list(ids), meta))

@@ -67,6 +67,30 @@ def _load_tokenizer(cfg: RFTRunConfig) -> Any:
     return tok
 
 
+def longest_generation(cfg: RFTRunConfig) -> int:
+    return max(cfg.method.gen_kwargs["max_new_tokens"], (cfg.train.eval_gen_kwargs or {}).get("max_new_tokens", 0))
+
+
+def model_max_positions(model_path: str) -> int | None:
+    import json
+
+    c = json.loads((Path(model_path) / "config.json").read_text())
+    c = c.get("text_config", c)
+    return c.get("max_position_embeddings")
+
+
+def prompt_limit(cfg: RFTRunConfig) -> int:
+    """Longest prompt allowed: data.max_prompt_length, and room left for the longest generation."""
+    positions = model_max_positions(cfg.model.model_path)
+    if positions is None:
+        return cfg.data.max_prompt_length
+    room = positions - longest_generation(cfg)
+    if room < 1:
+        raise ConfigError(f"max_new_tokens ({longest_generation(cfg)}) leaves no room for a prompt in the model's "
+                          f"{positions} positions")
+    return min(cfg.data.max_prompt_length, room)
+
+
 def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, metric_fn: Any):
     """Every check that needs no process group and no model weights, so bad input fails in seconds."""
     reward_fn = resolve_callable(reward_fn if reward_fn is not None else cfg.reward.reward_fn, "reward.reward_fn")
@@ -101,17 +125,50 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
     if not (Path(cfg.model.model_path) / "config.json").is_file():
         raise ConfigError(f"model.model_path {cfg.model.model_path} is not a model directory (no config.json); "
                           "nothing is downloaded from a hub")
+    if cfg.sampler.backend == "vllm":
+        import torch
+
+        from rft_ds.sampling.vllm import check_servable
+
+        check_servable(cfg.model.model_path, on_cpu=not torch.cuda.is_available())
     tokenizer = _load_tokenizer(cfg)
-    train.records = tokenize(train.texts, train.metadata, tokenizer, cfg.data.max_prompt_length, "prompts")
+    limit = prompt_limit(cfg)
+    train.records = tokenize(train.texts, train.metadata, tokenizer, limit, "prompts")
     if evals is not None:
-        evals.records = tokenize(evals.texts, evals.metadata, tokenizer, cfg.data.max_prompt_length, "eval_prompts")
+        evals.records = tokenize(evals.texts, evals.metadata, tokenizer, limit, "eval_prompts")
     return reward_fn, metric_fn, train, evals, tokenizer, ds_raw
+
+
+def make_sampler(cfg: RFTRunConfig, learner: Any, tokenizer: Any, ds_config: dict, group: int,
+                 stop_sequences: list[str]) -> tuple[Any, Any]:
+    """The sampler for `sampler.backend`, and the WeightSync that feeds it (None when it samples from the
+    training module itself)."""
+    import torch
+
+    if cfg.sampler.backend == "hf":
+        from rft_ds.sampling.hf import HFSampler
+
+        return HFSampler(learner.module, tokenizer, cfg.sampler.batch_size, stop_sequences), None
+
+    from rft_ds.sampling.vllm import VLLMSampler
+    from rft_ds.weight_sync import WeightSync
+
+    sp, m = cfg.sampler, cfg.method
+    dtype = sp.dtype if sp.dtype != "auto" else "bfloat16" if ds_config.get("bf16", {}).get("enabled") else "float32"
+    sampler = VLLMSampler(
+        cfg.model.model_path, tokenizer, seed=_sample_seed(cfg.train.seed, -1, group, 2), dtype=dtype,
+        max_model_len=sp.max_model_len or prompt_limit(cfg) + longest_generation(cfg),
+        tensor_parallel_size=sp.tensor_parallel_size, gpu_memory_utilization=sp.gpu_memory_utilization,
+        kv_cache_memory_bytes=sp.kv_cache_memory_bytes, enforce_eager=sp.enforce_eager,
+        enable_sleep_mode=sp.enable_sleep_mode, stop_sequences=stop_sequences)
+    return sampler, WeightSync(learner.module, sampler, sp.sync_bucket_mb, getattr(torch, dtype))
 
 
 def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any = None, eval_prompts: Any = None,
         metric_fn: Callable | str | None = None, stop_sequences: Sequence[str] | None = None) -> RFTResult:
     from rft_ds.learner import Learner, fill_ds_config
-    from rft_ds.sampling.hf import HFSampler
+    from rft_ds.sampling.vllm import engine_group
+    from rft_ds.weight_sync import parity_check
 
     reward_fn, metric_fn, train, evals, tokenizer, ds_raw = prepare(cfg, reward_fn, prompts, eval_prompts, metric_fn)
     stop_sequences = list(stop_sequences if stop_sequences is not None else cfg.reward.stop_sequences)
@@ -120,6 +177,9 @@ def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any
     D.init(t.dist_backend, t.dist_timeout_s)
     rank, world, main = D.rank(), D.world_size(), D.is_main()
     ds_config = fill_ds_config(ds_raw, t, world)
+    # Ranks sharing one engine (tensor parallel) sample the same prompts; only the first contributes.
+    group, n_groups, contributes = engine_group(rank, world, cfg.sampler.tensor_parallel_size
+                                                if cfg.sampler.backend == "vllm" else 1)
     random.seed(t.seed)
     np.random.seed(t.seed)
     import torch
@@ -130,7 +190,10 @@ def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any
         (out / "config.yaml").write_text(yaml.safe_dump(_yaml_safe(cfg.to_dict()), sort_keys=False))
 
     learner = Learner(cfg.model.model_path, ds_config)
-    sampler = HFSampler(learner.module, tokenizer, cfg.sampler.batch_size, stop_sequences)
+    sampler, weight_sync = make_sampler(cfg, learner, tokenizer, ds_config, group, stop_sequences)
+    sp = cfg.sampler
+    parity_tol = sp.parity_tolerance or (1e-3 if weight_sync and weight_sync.dtype == torch.float32 else 0.1)
+    probes = train.records[: sp.parity_probes]
     pools = Pools(dedup=sel.dedup)
     log = MetricsLog(out, enabled=main)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -138,7 +201,7 @@ def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any
 
     def evaluate(epoch: int) -> dict:
         return _evaluate(sampler, evals, reward_fn, metric_fn, tokenizer, eval_kwargs, stop_sequences,
-                         _sample_seed(t.seed, epoch, rank, 1))
+                         _sample_seed(t.seed, epoch, group, 1), group, n_groups, contributes)
 
     do_eval = evals is not None and t.eval_interval > 0
     eval_before = evaluate(-1) if do_eval else None
@@ -153,12 +216,10 @@ def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any
         # 1. Sample (grow steps only): this rank's shard of prompts, N completions each.
         n_sampled, sampled_mean, time_score = 0, None, 0.0
         if step.grow:
-            mine = [train.records[i] for i in shard(len(train.records), rank, world)]
+            mine = [train.records[i] for i in shard(len(train.records), group, n_groups)]
             comps = sampler.generate([r.token_ids for r in mine], m.n_generations_per_prompt, m.gen_kwargs,
-                                     _sample_seed(t.seed, epoch, rank, 0))
-            local = Samples(prompt_id=[r.id for r, cs in zip(mine, comps) for _ in cs],
-                            score=np.zeros(sum(map(len, comps))), eos=[c.eos for cs in comps for c in cs],
-                            tokens=[c.token_ids for cs in comps for c in cs])
+                                     _sample_seed(t.seed, epoch, group, 0))
+            local = _to_samples(mine, comps) if contributes else Samples.empty()
             t1 = time.perf_counter()
             # 2. Score this rank's completions, all-gather the global table, add it to the pools.
             table, _ = score_and_gather(reward_fn, local, train.texts, train.metadata, tokenizer, stop_sequences)
@@ -178,9 +239,19 @@ def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any
         t3 = time.perf_counter()
 
         # 4. Train on this rank's share; every rank runs the same number of micro-batches.
+        if weight_sync:
+            sampler.sleep()  # GPU sleep mode: give the engine's memory to training (no-op otherwise)
         losses = learner.train_micro_batches(rows, micro, pad_id)
-        sampler.sync_weights()
         t4 = time.perf_counter()
+
+        # 5. Hand the trained weights to the engine, and prove it on probes (first sync, or always).
+        if weight_sync:
+            st = weight_sync.sync()
+            rec.update(time_sync=st.seconds, sync_bytes=st.bytes, sync_peak_extra_mb=st.peak_extra_bytes / 2**20)
+            if sp.parity_check == "always" or (sp.parity_check == "first" and weight_sync.n_syncs == 1):
+                rec["parity_max_diff"] = parity_check(
+                    learner.module, sampler, [r.token_ids for r in probes],
+                    min(8, m.gen_kwargs["max_new_tokens"]), parity_tol, pad_id, [r.text for r in probes])
 
         per_rank = D.all_gather_object((digest, len(micro), float(np.sum(losses)), len(losses)))
         if len({d for d, *_ in per_rank}) != 1 or len({s for _, s, *_ in per_rank}) != 1:
@@ -201,7 +272,7 @@ def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any
             time_sample=(t1 - t0) if step.grow else 0.0, time_score=time_score, time_select=t3 - t2, time_train=t4 - t3,
         )
 
-        # 5. Eval every eval_interval epochs and after the last.
+        # 6. Eval every eval_interval epochs and after the last.
         if do_eval and ((epoch + 1) % t.eval_interval == 0 or epoch == t.epochs - 1):
             t5 = time.perf_counter()
             rec.update(evaluate(epoch))
@@ -220,13 +291,19 @@ def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any
     return RFTResult(cfg, learner.engine, tokenizer, log.history, eval_before, out)
 
 
+def _to_samples(records: Sequence[PromptRecord], comps: Sequence[Sequence[Any]]) -> Samples:
+    return Samples(prompt_id=[r.id for r, cs in zip(records, comps) for _ in cs],
+                   score=np.zeros(sum(map(len, comps))), eos=[c.eos for cs in comps for c in cs],
+                   tokens=[c.token_ids for cs in comps for c in cs])
+
+
 def _evaluate(sampler: Any, evals: Prompts, reward_fn: Callable, metric_fn: Callable | None, tokenizer: Any,
-              gen_kwargs: dict, stop_sequences: list[str], seed: int) -> dict:
+              gen_kwargs: dict, stop_sequences: list[str], seed: int, group: int, n_groups: int,
+              contributes: bool) -> dict:
     """One completion per eval prompt, scored sharded; metric_fn runs once, on rank 0, on all of them."""
-    mine = [evals.records[i] for i in shard(len(evals.records), D.rank(), D.world_size())]
+    mine = [evals.records[i] for i in shard(len(evals.records), group, n_groups)]
     comps = sampler.generate([r.token_ids for r in mine], 1, gen_kwargs, seed)
-    local = Samples(prompt_id=[r.id for r in mine], score=np.zeros(len(mine)), eos=[c[0].eos for c in comps],
-                    tokens=[c[0].token_ids for c in comps])
+    local = _to_samples(mine, comps) if contributes else Samples.empty()
     table, _ = score_and_gather(reward_fn, local, evals.texts, evals.metadata, tokenizer, stop_sequences)
     result: dict[str, Any] = {"eval_reward_mean": float(table.score.mean())}
     if metric_fn is not None:

@@ -62,8 +62,10 @@ def _corpus(seed: int = 0) -> list[str]:
     return lines
 
 
-def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 96, seed: int = 0):
-    """Byte-level BPE over the task's alphabet only: a small vocabulary keeps random sampling useful."""
+def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 128, seed: int = 0):
+    """Byte-level BPE over the task's alphabet only: a small vocabulary keeps random sampling useful.
+    128 entries: a multiple of 64, so vLLM does not pad the embedding (a padded one is held in memory
+    for the whole weight sync, as its load never looks complete)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -76,6 +78,8 @@ def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 96, seed: int 
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<bos>"],
                                   initial_alphabet=alphabet, show_progress=False)
     tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    if tok.get_vocab_size() != vocab_size:
+        raise RuntimeError(f"toy tokenizer has {tok.get_vocab_size()} entries, wanted {vocab_size}")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
                                    bos_token="<bos>", model_max_length=256)
     fast.save_pretrained(out_dir)

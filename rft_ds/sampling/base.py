@@ -21,11 +21,9 @@ class Sampler(Protocol):
                  seed: int) -> list[list[Completion]]:
         """n completions for each prompt (token ids in, token ids out), in prompt order.
 
-        Collective: every rank calls it the same number of times, even with no prompts of its own."""
-        ...
-
-    def sync_weights(self) -> None:
-        """Make the next generate() sample from the current trained weights."""
+        Every rank calls it the same number of times, even with no prompts of its own (it may be
+        collective). A sampler with its own copy of the weights also has load_weights(iterator),
+        fed by rft_ds.weight_sync after every training epoch."""
         ...
 
 

