@@ -110,6 +110,10 @@ def test_sync_parity_and_bounded_memory(tmp_path):
             assert r["parity_check"] < 1e-3, r
             # ...and they are not the untrained model's: the sync really moved the weights
             assert r["change_from_untrained"] > 0.1, r
+            # before the sync the engine was stale, and the check stopped every rank saying where and by how much
+            assert r["stale_error"].startswith("RankError: weight sync parity check failed on rank 0"), r
+            assert "ParityError: weight sync parity check failed on probe 0 ('abc say k:'): max |logprob diff|" \
+                in r["stale_error"] and "> tolerance 0.001" in r["stale_error"], r
             big = r["largest_param_bytes"]
             for m in r["memory"]:
                 assert m["bytes"] == r["model_bytes"]  # every parameter handed over once

@@ -37,6 +37,13 @@ def main(model_path: str, out_dir: str) -> None:
         learner.engine.backward(loss)
         learner.engine.step()
 
+    # Trained but not yet synced: the engine is stale, and the parity check must say so on every rank.
+    try:
+        parity_check(learner.module, sampler, probes, 6, 1e-3, tok.pad_token_id, ["abc say k:", "xyz say q:", "hello say a:"])
+        stale_error = None
+    except Exception as e:  # noqa: BLE001 - recorded for the test
+        stale_error = f"{type(e).__name__}: {e}"
+
     total = sum(int(p.ds_numel) * 4 for p in learner.module.parameters())
     memory = []
     for bucket_kb in (16, 64, 256):
@@ -53,6 +60,7 @@ def main(model_path: str, out_dir: str) -> None:
         "parity_fixed_completion": max(float(np.abs(a - m).max()) for a, m in zip(after, model)),
         "parity_check": worst,
         "change_from_untrained": max(float(np.abs(a - b).max()) for a, b in zip(after, before)),
+        "stale_error": stale_error,
         "model_bytes": total, "largest_param_bytes": largest, "memory": memory,
     }
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
