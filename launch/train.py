@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from rft_ds.checkpoint import CheckpointError  # noqa: E402
 from rft_ds.config import ConfigError, RFTRunConfig  # noqa: E402
 from rft_ds.data import DataError  # noqa: E402
 from rft_ds.distributed import RankError  # noqa: E402
@@ -22,6 +23,7 @@ from rft_ds.scoring import RewardError  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Rejection fine-tuning under DeepSpeed ZeRO-3.")
     ap.add_argument("--config", required=True, help="run config YAML")
+    ap.add_argument("--resume", default=None, help="'auto' (newest intact checkpoint in train.output_dir) or a path")
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=6")
     args = ap.parse_args(argv)
@@ -30,10 +32,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = RFTRunConfig.load_yaml(args.config, args.overrides)
         import rft_ds
 
-        result = rft_ds.train(config=cfg)
-    except (ConfigError, DataError, RewardError, RankError) as e:
+        result = rft_ds.train(config=cfg, resume=args.resume)
+    except (ConfigError, DataError, RewardError, RankError, CheckpointError) as e:
         print(f"rft_ds: error (rank {rank}): {e}", file=sys.stderr, flush=True)
-        return 2 if isinstance(e, (ConfigError, DataError)) else 1
+        return 2 if isinstance(e, (ConfigError, DataError, CheckpointError)) else 1
+    if result.stopped_early:
+        return 0
     if rank == "0" and result.history:
         last = result.history[-1]
         before = result.eval_before["eval_reward_mean"] if result.eval_before else None

@@ -15,13 +15,15 @@ def train(
     config: RFTRunConfig | dict | str | Path | None = None,
     metric_fn: Callable | str | None = None,
     stop_sequences: Sequence[str] | None = None,
+    resume: str | Path | None = None,
 ):
     """Run rejection fine-tuning and return an `RFTResult` (engine, tokenizer, per-epoch metrics).
 
     reward_fn(samples, prompts, outputs, **kwargs) -> list[float], higher is better; kwargs carry the
     tokenizer, prompt_ids and the metadata of dict prompts (trlx's contract). Arguments left as None fall
     back to the config (`reward.reward_fn`, `data.prompts`, ...). Under `deepspeed` every rank calls this;
-    from plain `python` it runs as a single rank.
+    from plain `python` it runs as a single rank. `resume`: "auto" or a checkpoint path (overrides
+    `train.resume`).
     """
     from rft_ds.recipe import run
 
@@ -33,4 +35,6 @@ def train(
         validate(config)
     else:
         raise ConfigError(f"config must be an RFTRunConfig, a dict or a YAML path, got {type(config).__name__}")
+    if resume is not None:
+        config.train.resume = str(resume)
     return run(config, reward_fn, prompts, eval_prompts, metric_fn, stop_sequences)

@@ -110,8 +110,11 @@ class TrainConfig:
     output_dir: str = "runs/default"
     eval_interval: int = 1  # evaluate after every k-th epoch (and before the first); 0 disables
     eval_gen_kwargs: Optional[dict] = None  # merged over method.gen_kwargs, e.g. {do_sample: false}
-    save_interval: int = 0  # DeepSpeed checkpoint every k epochs; 0 disables
+    save_interval: int = 0  # checkpoint every k epochs (and after the last); 0: only on a stop signal
+    keep_last: int = 3  # complete checkpoints kept; older ones are removed after a new one is complete
+    resume: Optional[str] = None  # "auto" (newest intact checkpoint in output_dir, if any) or a checkpoint path
     save_final_model: bool = True  # HF directory at <output_dir>/final_model
+    save_best_model: bool = True  # HF directory at <output_dir>/best_model, best eval_reward_mean so far
 
 
 @dataclass
@@ -307,6 +310,7 @@ def validate(cfg: RFTRunConfig) -> None:
              f"train.max_seq_length ({t.max_seq_length}) must exceed data.max_prompt_length ({cfg.data.max_prompt_length})")
     _require(t.eval_interval >= 0, f"train.eval_interval must be >= 0, got {t.eval_interval}")
     _require(t.save_interval >= 0, f"train.save_interval must be >= 0, got {t.save_interval}")
+    _require(t.keep_last >= 1, f"train.keep_last must be >= 1, got {t.keep_last}")
     _require(t.dist_backend in ("auto", "gloo", "nccl"), f"train.dist_backend must be auto, gloo or nccl, got {t.dist_backend!r}")
     _require(t.dist_timeout_s >= 1, f"train.dist_timeout_s must be >= 1, got {t.dist_timeout_s}")
     _require(bool(t.output_dir), "train.output_dir is required")

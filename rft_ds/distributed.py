@@ -88,3 +88,19 @@ def all_ranks_or_fail(stage: str) -> Iterator[None]:
         r, m = failed[0]
         more = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
         raise RankError(f"{stage} failed on rank {r}{more}: {m}") from local
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is True on any (a signal may reach only some ranks)."""
+    if not is_dist():
+        return flag
+    import torch
+
+    t = torch.tensor([int(flag)], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

@@ -26,15 +26,18 @@ def _plain(v: Any) -> Any:
 
 
 class MetricsLog:
-    """Appends to <output_dir>/metrics.jsonl; a fresh run starts a fresh file. Only rank 0 writes."""
+    """Appends to <output_dir>/metrics.jsonl; a fresh run starts a fresh file, a resumed one the checkpoint's
+    history. Only rank 0 writes."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool) -> None:
+    def __init__(self, output_dir: str | Path, enabled: bool, history: list[dict] | None = None) -> None:
         self.path = Path(output_dir) / "metrics.jsonl"
         self.enabled = enabled
-        self.history: list[dict] = []
-        if enabled:
+        self.history: list[dict] = list(history or [])
+        if enabled:  # a resumed run rewrites the file from the checkpoint: epochs after it are redone
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            tmp.rename(self.path)
 
     def log(self, record: dict) -> None:
         record = _plain(record)

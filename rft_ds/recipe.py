@@ -8,6 +8,8 @@ too, and the check after each epoch proves it (a digest per rank) instead of ass
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -43,6 +45,8 @@ class RFTResult:
     history: list[dict]
     eval_before: dict | None
     output_dir: Path
+    stopped_early: bool = False  # a stop signal ended the run after a checkpoint; resume to continue
+    resumed_from: Path | None = None
 
     @property
     def model(self) -> Any:
@@ -93,6 +97,9 @@ def prompt_limit(cfg: RFTRunConfig) -> int:
 
 def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, metric_fn: Any):
     """Every check that needs no process group and no model weights, so bad input fails in seconds."""
+    from rft_ds.checkpoint import resolve_resume
+
+    ckpt = resolve_resume(cfg.train.resume, cfg.train.output_dir, int(os.environ.get("WORLD_SIZE", "1")))
     reward_fn = resolve_callable(reward_fn if reward_fn is not None else cfg.reward.reward_fn, "reward.reward_fn")
     if reward_fn is None:
         raise ConfigError("reward.reward_fn is required (a callable, or 'module:function' in the config)")
@@ -136,7 +143,7 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
     train.records = tokenize(train.texts, train.metadata, tokenizer, limit, "prompts")
     if evals is not None:
         evals.records = tokenize(evals.texts, evals.metadata, tokenizer, limit, "eval_prompts")
-    return reward_fn, metric_fn, train, evals, tokenizer, ds_raw
+    return reward_fn, metric_fn, train, evals, tokenizer, ds_raw, ckpt
 
 
 def make_sampler(cfg: RFTRunConfig, learner: Any, tokenizer: Any, ds_config: dict, group: int,
@@ -166,11 +173,14 @@ def make_sampler(cfg: RFTRunConfig, learner: Any, tokenizer: Any, ds_config: dic
 
 def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any = None, eval_prompts: Any = None,
         metric_fn: Callable | str | None = None, stop_sequences: Sequence[str] | None = None) -> RFTResult:
+    from rft_ds import checkpoint
+    from rft_ds.faults import StopSignals, maybe_die
     from rft_ds.learner import Learner, fill_ds_config
     from rft_ds.sampling.vllm import engine_group
     from rft_ds.weight_sync import parity_check
 
-    reward_fn, metric_fn, train, evals, tokenizer, ds_raw = prepare(cfg, reward_fn, prompts, eval_prompts, metric_fn)
+    reward_fn, metric_fn, train, evals, tokenizer, ds_raw, ckpt = prepare(cfg, reward_fn, prompts, eval_prompts,
+                                                                          metric_fn)
     stop_sequences = list(stop_sequences if stop_sequences is not None else cfg.reward.stop_sequences)
     m, sel, t = cfg.method, cfg.selection, cfg.train
 
@@ -195,20 +205,51 @@ def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any
     parity_tol = sp.parity_tolerance or (1e-3 if weight_sync and weight_sync.dtype == torch.float32 else 0.1)
     probes = train.records[: sp.parity_probes]
     pools = Pools(dedup=sel.dedup)
-    log = MetricsLog(out, enabled=main)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     eval_kwargs = {**m.gen_kwargs, **(t.eval_gen_kwargs or {})}
+    digest_prompts = checkpoint.prompts_digest(train.texts, train.metadata)
 
     def evaluate(epoch: int) -> dict:
         return _evaluate(sampler, evals, reward_fn, metric_fn, tokenizer, eval_kwargs, stop_sequences,
                          _sample_seed(t.seed, epoch, group, 1), group, n_groups, contributes)
 
-    do_eval = evals is not None and t.eval_interval > 0
-    eval_before = evaluate(-1) if do_eval else None
-    if main and eval_before:
-        print(f"[rft_ds] eval before training: reward {eval_before['eval_reward_mean']:.4f}", flush=True)
+    def check_parity() -> float:
+        return parity_check(learner.module, sampler, [r.token_ids for r in probes], min(8, m.gen_kwargs["max_new_tokens"]),
+                            parity_tol, pad_id, [r.text for r in probes])
 
-    for epoch in range(t.epochs):
+    do_eval = evals is not None and t.eval_interval > 0
+    start, best = 0, None
+    if ckpt is not None:
+        # Resume: weights, optimizer, scheduler, RNG, pools and history exactly as they were after that epoch;
+        # then the engine gets the restored weights (a sync, never the original model path) and is checked.
+        state = checkpoint.load(ckpt, learner.engine)
+        checkpoint.check_compatible(state, digest_prompts)
+        pools.samples, eval_before, best = state["pools"], state["eval_before"], state["best"]
+        start = state["epoch"] + 1
+        log = MetricsLog(out, enabled=main, history=state["history"])
+        if weight_sync:
+            weight_sync.sync()
+            if sp.parity_check != "off":
+                diff = check_parity()
+                if main:
+                    print(f"[rft_ds] engine synced from the checkpoint; parity max |logprob diff| {diff:.2g}", flush=True)
+        if main:
+            print(f"[rft_ds] resumed from {ckpt} at epoch {start + 1}/{t.epochs}", flush=True)
+    else:
+        log = MetricsLog(out, enabled=main)
+        eval_before = evaluate(-1) if do_eval else None
+        if main and eval_before:
+            print(f"[rft_ds] eval before training: reward {eval_before['eval_reward_mean']:.4f}", flush=True)
+
+    def save(epoch: int) -> None:
+        state = {"epoch": epoch, "pools": pools.samples, "history": log.history, "eval_before": eval_before,
+                 "best": best, "prompts_digest": digest_prompts, "config": cfg.to_dict(),
+                 "schedule": dataclasses.asdict(schedule(epoch, m.start_percentile, m.end_percentile, m.n_improve_steps))}
+        checkpoint.save(out / "checkpoints", epoch, learner.engine, state, tokenizer, t.keep_last, die_hook=maybe_die)
+
+    signals = StopSignals().install()
+    stopped = False
+    for epoch in range(start, t.epochs):
         step = schedule(epoch, m.start_percentile, m.end_percentile, m.n_improve_steps)
         rec: dict[str, Any] = {"epoch": epoch, "grow_step": step.grow, "percentile": step.percentile}
         t0 = time.perf_counter()
@@ -216,6 +257,7 @@ def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any
         # 1. Sample (grow steps only): this rank's shard of prompts, N completions each.
         n_sampled, sampled_mean, time_score = 0, None, 0.0
         if step.grow:
+            maybe_die("sample", epoch)
             mine = [train.records[i] for i in shard(len(train.records), group, n_groups)]
             comps = sampler.generate([r.token_ids for r in mine], m.n_generations_per_prompt, m.gen_kwargs,
                                      _sample_seed(t.seed, epoch, group, 0))
@@ -241,6 +283,7 @@ def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any
         # 4. Train on this rank's share; every rank runs the same number of micro-batches.
         if weight_sync:
             sampler.sleep()  # GPU sleep mode: give the engine's memory to training (no-op otherwise)
+        maybe_die("train", epoch)
         losses = learner.train_micro_batches(rows, micro, pad_id)
         t4 = time.perf_counter()
 
@@ -249,9 +292,7 @@ def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any
             st = weight_sync.sync()
             rec.update(time_sync=st.seconds, sync_bytes=st.bytes, sync_peak_extra_mb=st.peak_extra_bytes / 2**20)
             if sp.parity_check == "always" or (sp.parity_check == "first" and weight_sync.n_syncs == 1):
-                rec["parity_max_diff"] = parity_check(
-                    learner.module, sampler, [r.token_ids for r in probes],
-                    min(8, m.gen_kwargs["max_new_tokens"]), parity_tol, pad_id, [r.text for r in probes])
+                rec["parity_max_diff"] = check_parity()
 
         per_rank = D.all_gather_object((digest, len(micro), float(np.sum(losses)), len(losses)))
         if len({d for d, *_ in per_rank}) != 1 or len({s for _, s, *_ in per_rank}) != 1:
@@ -277,18 +318,33 @@ def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any
             t5 = time.perf_counter()
             rec.update(evaluate(epoch))
             rec["time_eval"] = time.perf_counter() - t5
+            if t.save_best_model and (best is None or rec["eval_reward_mean"] > best["eval_reward_mean"]):
+                best = {"epoch": epoch, "eval_reward_mean": rec["eval_reward_mean"]}
+                learner.save_hf(out / "best_model", tokenizer, main)  # same decision on every rank: collective
         if epoch == 0 and eval_before:
             rec["eval_reward_mean_initial"] = eval_before["eval_reward_mean"]
-        if t.save_interval and (epoch + 1) % t.save_interval == 0:
-            learner.engine.save_checkpoint(str(out / "checkpoints"), tag=f"epoch_{epoch}")
         rec["time_epoch"] = time.perf_counter() - t0
         log.log(rec)
         if main:
             print("[rft_ds] " + format_epoch(log.history[-1], t.epochs), flush=True)
 
-    if t.save_final_model:
+        # 7. Checkpoint every save_interval epochs, after the last, and when asked to stop (SIGTERM/SIGUSR1).
+        stopped = signals.requested() and epoch < t.epochs - 1
+        if stopped or (t.save_interval and ((epoch + 1) % t.save_interval == 0 or epoch == t.epochs - 1)):
+            t6 = time.perf_counter()
+            save(epoch)
+            if main:
+                print(f"[rft_ds] checkpoint epoch_{epoch:05d} written in {time.perf_counter() - t6:.1f}s", flush=True)
+        if stopped:
+            if main:
+                print(f"[rft_ds] stop signal received: checkpointed after epoch {epoch + 1}; continue with --resume auto",
+                      flush=True)
+            break
+    signals.uninstall()
+
+    if t.save_final_model and not stopped:
         learner.save_hf(out / "final_model", tokenizer, main)
-    return RFTResult(cfg, learner.engine, tokenizer, log.history, eval_before, out)
+    return RFTResult(cfg, learner.engine, tokenizer, log.history, eval_before, out, stopped, ckpt)
 
 
 def _to_samples(records: Sequence[PromptRecord], comps: Sequence[Sequence[Any]]) -> Samples:

@@ -112,9 +112,11 @@ class VLLMSampler:
         if not prompts:
             return []
         params = to_sampling_params(gen_kwargs, n, self.stop_sequences)
-        # The engine samples from torch's default generator; reseeding per call makes each epoch's samples
-        # a function of (seed, epoch, rank), independent of what ran before (a resumed run samples the same).
+        # The engine samples from torch's default generator; reseeding per call, from an empty prefix cache,
+        # makes each epoch's samples a function of (weights, seed, epoch, rank) alone, whatever ran before:
+        # a resumed run samples exactly what the uninterrupted one did.
         torch.manual_seed(seed)
+        self.llm.reset_prefix_cache()
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         return [[self._completion(c) for c in o.outputs] for o in outs]
 

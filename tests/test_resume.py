@@ -1,0 +1,198 @@
+"""Checkpoints and resume: atomic writes, torn checkpoints skipped, kill -9 anywhere -> identical weights."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from rft_ds.checkpoint import (CheckpointError, find_resume, resolve_resume, verify, write_manifest)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- fast: the on-disk protocol -------------------------------------------------------------------
+
+def fake_checkpoint(root: Path, epoch: int, world_size: int = 2) -> Path:
+    tmp = root / f".tmp-epoch_{epoch:05d}"
+    (tmp / "ds").mkdir(parents=True)
+    (tmp / "ds" / "shard0.pt").write_bytes(os.urandom(4096))
+    (tmp / "rft_state.pt").write_bytes(os.urandom(512))
+    (tmp / "meta.json").write_text(json.dumps({"epoch": epoch, "world_size": world_size, "format": 1}))
+    write_manifest(tmp)
+    final = root / f"epoch_{epoch:05d}"
+    tmp.rename(final)
+    (root / "latest").write_text(final.name)
+    return final
+
+
+def test_truncated_checkpoint_is_detected_and_skipped(tmp_path):
+    root = tmp_path / "checkpoints"
+    c1, c2 = fake_checkpoint(root, 1), fake_checkpoint(root, 2)
+    assert verify(c2) is None and find_resume(root) == c2
+    shard = c2 / "ds" / "shard0.pt"
+    shard.write_bytes(shard.read_bytes()[:1000])  # torn on purpose
+    assert "shard0.pt is 1000 bytes, manifest says 4096" in verify(c2)
+    with pytest.warns(UserWarning, match="skipping checkpoint .*epoch_00002: ds/shard0.pt is 1000 bytes"):
+        assert find_resume(root) == c1
+
+
+def test_corrupted_bytes_fail_the_checksum(tmp_path):
+    c = fake_checkpoint(tmp_path, 1)
+    data = bytearray((c / "rft_state.pt").read_bytes())
+    data[7] ^= 0xFF  # same size, one bit flipped
+    (c / "rft_state.pt").write_bytes(bytes(data))
+    assert verify(c) == "rft_state.pt fails its checksum"
+
+
+def test_write_in_progress_is_never_a_candidate(tmp_path):
+    root = tmp_path / "checkpoints"
+    c1 = fake_checkpoint(root, 1)
+    (root / ".tmp-epoch_00002" / "ds").mkdir(parents=True)  # a crash mid-write
+    (root / "epoch_00003").mkdir()  # a directory without a manifest
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert find_resume(root) == c1  # `latest` names an intact one: nothing else is looked at
+    (root / "latest").unlink()  # no pointer (e.g. lost): newest first, damaged ones skipped with a warning
+    with pytest.warns(UserWarning, match="epoch_00003: no manifest"):
+        assert find_resume(root) == c1
+
+
+def test_resume_argument_errors(tmp_path):
+    assert resolve_resume(None, tmp_path, 2) is None
+    assert resolve_resume("auto", tmp_path, 2) is None  # nothing to resume: a fresh run
+    with pytest.raises(CheckpointError, match="--resume /nope: no such checkpoint directory"):
+        resolve_resume("/nope", tmp_path, 2)
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(CheckpointError, match="not a complete rft_ds checkpoint: no manifest"):
+        resolve_resume(str(tmp_path / "junk"), tmp_path, 2)
+    c = fake_checkpoint(tmp_path / "out" / "checkpoints", 4, world_size=2)
+    assert resolve_resume(str(c), tmp_path, 2) == c
+    assert resolve_resume("auto", tmp_path / "out", 2) == c
+    assert resolve_resume(str(tmp_path / "out" / "checkpoints"), tmp_path, 2) == c
+    with pytest.raises(CheckpointError, match="written by 2 ranks; this run has 4"):
+        resolve_resume("auto", tmp_path / "out", 4)
+
+
+# ---- slow: real runs killed with SIGKILL and resumed ------------------------------------------------
+
+COMMON = ["train.epochs=6", "train.save_interval=1", "train.keep_last=2", "method.n_generations_per_prompt=8",
+          "train.eval_interval=2"]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cmd(run: Path, *extra: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_port()),
+            "launch/train.py", "--config", "launch/configs/tiny.yaml", f"model.model_path={run.parent / 'model'}",
+            f"train.output_dir={run}", *COMMON, *extra]
+
+
+def _run(run: Path, *extra: str, env: dict | None = None, timeout: int = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(run, *extra), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+def _weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+def _metrics(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
+
+
+def _latest(run: Path) -> str:
+    return (run / "checkpoints" / "latest").read_text().strip()
+
+
+@pytest.mark.slow
+def test_sigkill_anywhere_then_resume_gives_identical_weights(tmp_path):
+    ref = tmp_path / "ref"
+    p = _run(ref)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+    run = tmp_path / "killed"
+    # 1. SIGKILL on rank 0 while sampling epoch 2 (the launcher then takes rank 1 down)
+    p = _run(run, env={"RFT_DS_DIE_AT": "sample:2"})
+    assert p.returncode != 0 and _latest(run) == "epoch_00001"
+    # 2. resume (the CLI flag), killed on rank 1 in the middle of training epoch 3
+    p = _run(run, "--resume", "auto", env={"RFT_DS_DIE_AT": "train:3", "RFT_DS_DIE_RANK": "1"})
+    assert p.returncode != 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "resumed from" in p.stdout and "epoch_00001 at epoch 3/6" in p.stdout and _latest(run) == "epoch_00002"
+    # 3. resume, killed while writing the epoch-4 checkpoint: shards half written, never loaded
+    p = _run(run, "train.resume=auto", env={"RFT_DS_DIE_AT": "checkpoint:4"})
+    assert p.returncode != 0
+    assert (run / "checkpoints" / ".tmp-epoch_00004").is_dir() and _latest(run) == "epoch_00003"
+    # 4. resume, the whole job SIGKILLed from outside at a random moment
+    proc = subprocess.Popen(_cmd(run, "train.resume=auto"), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    time.sleep(random.Random(os.environ.get("PYTEST_SEED", "7")).uniform(5, 35))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    # 5. resume to the end
+    p = _run(run, "train.resume=auto")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "resumed from" in p.stdout
+
+    a, b = _weights(ref / "final_model"), _weights(run / "final_model")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert (a[k] == b[k]).all(), f"{k} differs after kill/resume"
+    assert _metrics(ref) == _metrics(run)  # the whole history, including the resumed epochs
+
+    # Export: the newest checkpoint -> an HF directory equal to the trained model, that vLLM serves alike.
+    out = tmp_path / "export"
+    p = subprocess.run([sys.executable, "-m", "rft_ds.export", str(run), str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    e = _weights(out)
+    assert sorted(e) == sorted(a) and all((e[k] == a[k]).all() for k in a)
+    p = subprocess.run([sys.executable, "tests/dist/export_logits.py", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    diff = float(next(line for line in p.stdout.splitlines() if line.startswith("MAX_ABS_LOGPROB_DIFF")).split()[1])
+    assert diff < 1e-4, diff
+
+
+@pytest.mark.slow
+def test_stop_signal_checkpoints_and_exits_cleanly(tmp_path):
+    """SIGUSR1 (Slurm's warning before a time limit) to the ranks: checkpoint, exit 0, then resume."""
+    import psutil
+
+    run = tmp_path / "sig"
+    proc = subprocess.Popen(_cmd(run, "train.save_interval=0", "train.epochs=40"), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "epoch 2/40" in line:
+            break
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        if "launch/train.py" in " ".join(child.cmdline()):
+            child.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    text = "".join(lines) + out
+    assert proc.returncode == 0, text[-3000:]
+    assert "stop signal received: checkpointed after epoch" in text
+    stopped_at = _latest(run)
+    assert not (run / "final_model").exists()
+    p = _run(run, "train.resume=auto", "train.save_interval=0", "train.epochs=5")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints' / stopped_at}" in p.stdout
+    assert len(_metrics(run)) == 5 and (run / "final_model").is_dir()
