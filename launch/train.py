@@ -20,6 +20,14 @@ from rft_ds.distributed import RankError  # noqa: E402
 from rft_ds.scoring import RewardError  # noqa: E402
 
 
+def is_collective_failure(e: BaseException) -> bool:
+    import torch.distributed as dist
+
+    text = str(e).lower()
+    return isinstance(e, dist.DistBackendError) or any(
+        k in text for k in ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout"))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Rejection fine-tuning under DeepSpeed ZeRO-3.")
     ap.add_argument("--config", required=True, help="run config YAML")
@@ -36,6 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, RewardError, RankError, CheckpointError) as e:
         print(f"rft_ds: error (rank {rank}): {e}", file=sys.stderr, flush=True)
         return 2 if isinstance(e, (ConfigError, DataError, CheckpointError)) else 1
+    except RuntimeError as e:  # torch.distributed raises these when a peer dies or stalls past the timeout
+        if not is_collective_failure(e):
+            raise
+        from rft_ds.distributed import lost_ranks
+
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        print(f"rft_ds: error (rank {rank}): lost contact with {lost_ranks()} during a collective "
+              f"(process-group timeout train.dist_timeout_s): {first}", file=sys.stderr, flush=True)
+        return 1
     if result.stopped_early:
         return 0
     if rank == "0" and result.history:

@@ -161,6 +161,31 @@ def prompts_digest(texts: list[str], metadata: list[dict]) -> str:
 
 # --- save / load (collective: every rank calls them) ----------------------------------------------
 
+class _WriteFailed(OSError):
+    pass
+
+
+def _free_space_note(root: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(root).free / 2**20:.1f} MiB free on {root}"
+    except OSError:
+        return f"free space on {root} unknown"
+
+
+def _writing(root: Path):
+    """Re-raise a write error with the free space on its disk: torch's writer reports a full disk as
+    'unexpected pos 64 vs 0', which names neither the disk nor the cause."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - re-raised with context
+            raise _WriteFailed(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} "
+                               f"({_free_space_note(root)})") from e
+    return guard()
+
 def save(root: Path, epoch: int, engine: Any, state: dict, tokenizer: Any, keep_last: int,
          die_hook: Any = None) -> Path:
     """Write checkpoint epoch_<epoch> atomically. `state` is the RFT state (rank 0's copy is saved)."""
@@ -170,35 +195,35 @@ def save(root: Path, epoch: int, engine: Any, state: dict, tokenizer: Any, keep_
 
     name = checkpoint_name(epoch)
     tmp = root / f".tmp-{name}"
-    if D.is_main():
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-*"):  # torn writes of earlier crashes
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    D.barrier()
-    engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
-    torch.save(rng_state(), tmp / f"rng_rank{D.rank()}.pt")
-    if die_hook:
-        die_hook("checkpoint", epoch)  # fault injection (tests): die with the shards half written
-    D.barrier()
-    if D.is_main():
-        torch.save(state, tmp / "rft_state.pt")
-        engine.module.config.save_pretrained(tmp / "hf")
-        gen = getattr(engine.module, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp / "hf")
-        tokenizer.save_pretrained(tmp / "hf")
-        (tmp / "meta.json").write_text(json.dumps({"epoch": epoch, "world_size": D.world_size(),
-                                                   "format": 1}))
-        write_manifest(tmp)
-        final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        _fsync(root)
-        _atomic_write_text(root / "latest", name)
-        for old in complete_checkpoints(root)[max(keep_last, 1):] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)  # only after the new one is complete
+    with D.all_ranks_or_fail("checkpoint write (the previous checkpoint is intact)"):
+        if D.is_main():
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(".tmp-*"):  # torn writes of earlier crashes
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+    with D.all_ranks_or_fail("checkpoint write (the previous checkpoint is intact)"), _writing(root):
+        engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
+        torch.save(rng_state(), tmp / f"rng_rank{D.rank()}.pt")
+        if die_hook:
+            die_hook("checkpoint", epoch)  # fault injection (tests): die with the shards half written
+    with D.all_ranks_or_fail("checkpoint write (the previous checkpoint is intact)"), _writing(root):
+        if D.is_main():
+            torch.save(state, tmp / "rft_state.pt")
+            engine.module.config.save_pretrained(tmp / "hf")
+            gen = getattr(engine.module, "generation_config", None)
+            if gen is not None:
+                gen.save_pretrained(tmp / "hf")
+            tokenizer.save_pretrained(tmp / "hf")
+            (tmp / "meta.json").write_text(json.dumps({"epoch": epoch, "world_size": D.world_size(), "format": 1}))
+            write_manifest(tmp)
+            final = root / name
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            _fsync(root)
+            _atomic_write_text(root / "latest", name)
+            for old in complete_checkpoints(root)[keep_last:]:
+                shutil.rmtree(old, ignore_errors=True)  # only after the new one is complete
     D.barrier()
     return root / name
 

@@ -51,6 +51,32 @@ def init(backend: str = "auto", timeout_s: int = 600) -> None:
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    try:  # host:pid of every rank, so a survivor can name a lost one (lost_ranks)
+        dist.distributed_c10d._get_default_store().set(f"rft_ds/proc/{rank()}", f"{socket.gethostname()}:{os.getpid()}")
+    except Exception:  # noqa: BLE001 - naming lost ranks is best effort
+        pass
+
+
+def lost_ranks() -> str:
+    """After a collective failed: which ranks are gone, as far as this host can tell."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=5))
+        here, lost, elsewhere = socket.gethostname(), [], []
+        for r in range(world_size()):
+            host, pid = store.get(f"rft_ds/proc/{r}").decode().rsplit(":", 1)
+            if host != here:
+                elsewhere.append(r)
+                continue
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                lost.append(r)
+    except Exception:  # noqa: BLE001 - the store lives on rank 0: unreachable means rank 0 is gone
+        return "rank 0 (the rendezvous store on rank 0 is unreachable)"
+    if lost:
+        return "rank " + ", ".join(map(str, lost))
+    return f"a rank on another host ({', '.join(map(str, elsewhere))})" if elsewhere else "a stalled rank"
 
 
 def all_gather_object(obj: Any) -> list[Any]:

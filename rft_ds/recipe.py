@@ -98,8 +98,13 @@ def prompt_limit(cfg: RFTRunConfig) -> int:
 def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, metric_fn: Any):
     """Every check that needs no process group and no model weights, so bad input fails in seconds."""
     from rft_ds.checkpoint import resolve_resume
+    from rft_ds.learner import fill_ds_config
+    from rft_ds.sampling.vllm import engine_group
 
-    ckpt = resolve_resume(cfg.train.resume, cfg.train.output_dir, int(os.environ.get("WORLD_SIZE", "1")))
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by every launcher; the process group comes later
+    ckpt = resolve_resume(cfg.train.resume, cfg.train.output_dir, world)
+    if cfg.sampler.backend == "vllm":
+        engine_group(0, world, cfg.sampler.tensor_parallel_size)
     reward_fn = resolve_callable(reward_fn if reward_fn is not None else cfg.reward.reward_fn, "reward.reward_fn")
     if reward_fn is None:
         raise ConfigError("reward.reward_fn is required (a callable, or 'module:function' in the config)")
@@ -124,7 +129,7 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
 
     from rft_ds.learner import load_ds_config
 
-    ds_raw = load_ds_config(cfg.train.deepspeed_config)
+    ds_config = fill_ds_config(load_ds_config(cfg.train.deepspeed_config), cfg.train, world)
     if cfg.model.build_tiny:
         from rft_ds.toy import ensure_tiny_model
 
@@ -132,6 +137,7 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
     if not (Path(cfg.model.model_path) / "config.json").is_file():
         raise ConfigError(f"model.model_path {cfg.model.model_path} is not a model directory (no config.json); "
                           "nothing is downloaded from a hub")
+    check_causal_lm(cfg.model.model_path)
     if cfg.sampler.backend == "vllm":
         import torch
 
@@ -143,7 +149,19 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
     train.records = tokenize(train.texts, train.metadata, tokenizer, limit, "prompts")
     if evals is not None:
         evals.records = tokenize(evals.texts, evals.metadata, tokenizer, limit, "eval_prompts")
-    return reward_fn, metric_fn, train, evals, tokenizer, ds_raw, ckpt
+    return reward_fn, metric_fn, train, evals, tokenizer, ds_config, ckpt
+
+
+def check_causal_lm(model_path: str) -> None:
+    """From config.json alone: refuse a model AutoModelForCausalLM cannot build, before loading weights."""
+    import json
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = json.loads((Path(model_path) / "config.json").read_text()).get("model_type")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError(f"model.model_path {model_path}: model type {model_type!r} is not a causal LM "
+                          "(AutoModelForCausalLM cannot load it)")
 
 
 def make_sampler(cfg: RFTRunConfig, learner: Any, tokenizer: Any, ds_config: dict, group: int,
@@ -175,18 +193,17 @@ def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any
         metric_fn: Callable | str | None = None, stop_sequences: Sequence[str] | None = None) -> RFTResult:
     from rft_ds import checkpoint
     from rft_ds.faults import StopSignals, maybe_die
-    from rft_ds.learner import Learner, fill_ds_config
+    from rft_ds.learner import Learner
     from rft_ds.sampling.vllm import engine_group
     from rft_ds.weight_sync import parity_check
 
-    reward_fn, metric_fn, train, evals, tokenizer, ds_raw, ckpt = prepare(cfg, reward_fn, prompts, eval_prompts,
-                                                                          metric_fn)
+    reward_fn, metric_fn, train, evals, tokenizer, ds_config, ckpt = prepare(cfg, reward_fn, prompts, eval_prompts,
+                                                                             metric_fn)
     stop_sequences = list(stop_sequences if stop_sequences is not None else cfg.reward.stop_sequences)
     m, sel, t = cfg.method, cfg.selection, cfg.train
 
     D.init(t.dist_backend, t.dist_timeout_s)
     rank, world, main = D.rank(), D.world_size(), D.is_main()
-    ds_config = fill_ds_config(ds_raw, t, world)
     # Ranks sharing one engine (tensor parallel) sample the same prompts; only the first contributes.
     group, n_groups, contributes = engine_group(rank, world, cfg.sampler.tensor_parallel_size
                                                 if cfg.sampler.backend == "vllm" else 1)

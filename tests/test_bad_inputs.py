@@ -1,0 +1,125 @@
+"""Bad input: each case a one-line error naming the field, file line or sample, raised before any model
+loads or any process group starts, with a non-zero exit (the same code path runs on every rank).
+
+Cases run the real CLI entry point in-process with WORLD_SIZE=2. Learner (model load) and the process
+group init are replaced by functions that fail the test if reached: that is how "before model load" is
+checked. The multi-process tests in test_e2e.py show the same errors on both ranks through the launcher."""
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("train_cli", ROOT / "launch" / "train.py")
+cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cli)
+
+
+@pytest.fixture
+def env(tmp_path, tiny_model, monkeypatch):
+    import rft_ds.distributed
+    import rft_ds.learner
+
+    def reached(*a, **k):
+        raise AssertionError("a model load or process group start was reached")
+
+    monkeypatch.setattr(rft_ds.learner.Learner, "__init__", reached)
+    monkeypatch.setattr(rft_ds.distributed, "init", reached)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    return tmp_path, tiny_model
+
+
+def copy_model(tiny_model: Path, dst: Path, edit_config=None, edit_tok=None) -> Path:
+    shutil.copytree(tiny_model, dst)
+    if edit_config:
+        c = json.loads((dst / "config.json").read_text())
+        edit_config(c)
+        (dst / "config.json").write_text(json.dumps(c))
+    if edit_tok:
+        t = json.loads((dst / "tokenizer_config.json").read_text())
+        edit_tok(t)
+        (dst / "tokenizer_config.json").write_text(json.dumps(t))
+    return dst
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def no_eos(t):
+    t.pop("eos_token", None)
+
+
+CASES = {
+    "unknown key": (lambda d, m: ["train.epoch=3"], "unknown config key 'train.epoch' (did you mean 'train.epochs'?)"),
+    "wrong type": (lambda d, m: ["train.epochs=many"], "train.epochs must be int, got str 'many'"),
+    "percentile above 1": (lambda d, m: ["method.end_percentile=1.2"], "method.end_percentile must be in [0, 1], got 1.2"),
+    "percentile below 0": (lambda d, m: ["method.start_percentile=-0.1"], "method.start_percentile must be in [0, 1]"),
+    "start above end": (lambda d, m: ["method.start_percentile=0.9", "method.end_percentile=0.5"],
+                        "method.start_percentile (0.9) must be <= method.end_percentile (0.5)"),
+    "n_improve_steps 0": (lambda d, m: ["method.n_improve_steps=0"], "method.n_improve_steps must be >= 1, got 0"),
+    "N 0": (lambda d, m: ["method.n_generations_per_prompt=0"], "method.n_generations_per_prompt must be >= 1, got 0"),
+    "unknown gen_kwargs key": (lambda d, m: ["method.gen_kwargs.max_length=9"], "unknown method.gen_kwargs key 'max_length'"),
+    "missing model path": (lambda d, m: [f"model.model_path={d / 'nope'}"], "is not a model directory (no config.json)"),
+    "not a causal LM": (lambda d, m: [f"model.model_path={copy_model(m, d / 'enc', lambda c: c.update(model_type='distilbert'))}"],
+                        "model type 'distilbert' is not a causal LM"),
+    "tokenizer without EOS": (lambda d, m: [f"model.model_path={copy_model(m, d / 'noeos', edit_tok=no_eos)}"],
+                              "has no eos_token"),
+    "head_dim vLLM-CPU cannot serve": (lambda d, m: [f"model.model_path={copy_model(m, d / 'hd', lambda c: c.update(head_dim=24))}"],
+                                       "head_dim 24, which vLLM on CPU cannot serve"),
+    "empty prompt list": (lambda d, m: [f"data.prompts={write(d / 'e.jsonl', '')}"], "prompts is empty"),
+    "non-string prompt": (lambda d, m: [f"data.prompts={write(d / 'n.jsonl', json.dumps({'prompt': 3}))}"],
+                          "prompts[0] must be a string, got int"),
+    "prompt too long": (lambda d, m: [f"data.prompts={write(d / 'l.jsonl', json.dumps({'prompt': 'abc say k: ' * 20}))}"],
+                        "prompts[0] is"),
+    "malformed JSONL line": (lambda d, m: [f"data.prompts={write(d / 'b.jsonl', json.dumps({'prompt': 'a'}) + chr(10) + '{oops' + chr(10))}"],
+                             "b.jsonl:2: malformed JSON"),
+    "missing JSONL field": (lambda d, m: [f"data.prompts={write(d / 'f.jsonl', json.dumps({'text': 'a'}))}"],
+                            "f.jsonl:1: missing field 'prompt'"),
+    "reward_fn module not importable": (lambda d, m: ["reward.reward_fn=no_such_module:score"],
+                                        "reward.reward_fn: cannot import module 'no_such_module'"),
+    "reward_fn not in module": (lambda d, m: ["reward.reward_fn=rft_ds.toy:no_such_fn"], "has no attribute 'no_such_fn'"),
+    "reward_fn not callable": (lambda d, m: ["reward.reward_fn=rft_ds.toy:LETTERS"], "rft_ds.toy:LETTERS is not callable"),
+    "metric_fn not importable": (lambda d, m: ["reward.metric_fn=nowhere:m"], "reward.metric_fn: cannot import module 'nowhere'"),
+    "invalid DeepSpeed JSON": (lambda d, m: [f"train.deepspeed_config={write(d / 'ds.json', '{broken')}"], "is not valid JSON"),
+    "missing DeepSpeed JSON": (lambda d, m: [f"train.deepspeed_config={d / 'none.json'}"], "train.deepspeed_config: file not found"),
+    "batch sizes inconsistent with world size": (
+        lambda d, m: ["train.micro_batch_size=4", f"train.deepspeed_config={write(d / 'ds2.json', json.dumps({'train_batch_size': 6, 'zero_optimization': {'stage': 3}}))}"],
+        "train_batch_size=6 must equal micro_batch_size (4) x gradient_accumulation_steps (1) x world size (2) = 8"),
+    "tensor parallel not dividing world": (lambda d, m: ["sampler.tensor_parallel_size=3"],
+                                           "sampler.tensor_parallel_size=3 must divide the world size 2"),
+    "output dir not writable": (lambda d, m: ["train.output_dir=/proc/rft_ds_out"], "train.output_dir /proc/rft_ds_out is not writable"),
+    "resume path missing": (lambda d, m: [f"train.resume={d / 'no_ckpt'}"], "no such checkpoint directory"),
+    "resume path not a checkpoint": (lambda d, m: [f"train.resume={d}"], "not a complete rft_ds checkpoint: no manifest"),
+    "stop_sequences not strings": (lambda d, m: ["reward.stop_sequences=[1]"], "reward.stop_sequences must be a list of non-empty strings"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_error_before_model_load(case, env, capsys):
+    tmp, model = env
+    make, needle = CASES[case]
+    argv = ["--config", "launch/configs/tiny.yaml", f"model.model_path={model}", "model.build_tiny=false",
+            f"train.output_dir={tmp / 'out'}", *make(tmp, model)]
+    import os
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        rc = cli.main(argv)
+    finally:
+        os.chdir(cwd)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0
+    errors = [line for line in err if line.startswith("rft_ds: error")]
+    assert len(errors) == 1, err
+    assert errors[0].startswith("rft_ds: error (rank 0): ")
+    assert needle in errors[0], errors[0]
+
+
+def test_table_is_large_enough():
+    assert len(CASES) >= 25
