@@ -10,7 +10,6 @@ completion tokens/s counts both ranks. Engine start-up is reported apart, not in
 """
 
 import argparse
-import json
 import sys
 import time
 
@@ -77,10 +76,7 @@ def worker(shape: str, ns: list[int], n_prompts: int, max_new: int, out: str) ->
                   f"HF n={n} {r['b_hf_num_return_sequences']['tokens_per_s']:.0f} tok/s, "
                   f"vLLM {r['c_vllm']['tokens_per_s']:.0f} tok/s | (c)/(a) {r['c_over_a']:.1f}x, (c)/(b) {r['c_over_b']:.1f}x",
                   flush=True)
-    if rank == 0:
-        with open(out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    common.append_rows(out, rows)
 
 
 def main() -> None:

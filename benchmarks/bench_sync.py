@@ -5,7 +5,6 @@ memory against bucket size, and sync time against model size.
 """
 
 import argparse
-import json
 import sys
 import time
 
@@ -71,10 +70,7 @@ def worker(shape: str, buckets: list[float], out: str) -> None:
                   f"ratio {r['sync_over_memcpy']:.2f} (gather+copy {r['gather_copy_s'] * 1e3:.0f} ms, vLLM load "
                   f"{r['engine_load_s'] * 1e3:.0f} ms); peak extra {st.peak_extra_bytes / 2**20:.1f} MiB "
                   f"({r['peak_over_model']:.2f} of the model)", flush=True)
-    if rank == 0:
-        with open(out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    common.append_rows(out, rows)
 
 
 def main() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,17 +34,27 @@ def model_dir(shape: str) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(script: str, *args: str, nproc: int = 2) -> None:
     """Run `script` under the deepspeed launcher with nproc CPU ranks (output passes through)."""
+    from rft_ds import distributed as D
+
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed), "--num_gpus", str(nproc), "--master_port", str(free_port()), script, *args]
+    cmd = [str(deepspeed), "--num_gpus", str(nproc), "--master_port", str(D.free_port()), script, *args]
     subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def append_rows(out: str, rows: list[dict]) -> None:
+    """Rank 0 appends its results, one JSON line each, for RESULTS.md."""
+    import json
+
+    from rft_ds import distributed as D
+
+    if D.is_main():
+        with open(out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
 
 
 def ds_config(world: int, micro: int = 4) -> dict:

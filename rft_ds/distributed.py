@@ -44,10 +44,7 @@ def init(backend: str = "auto", timeout_s: int = 600) -> None:
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
@@ -77,6 +74,13 @@ def lost_ranks() -> str:
     if lost:
         return "rank " + ", ".join(map(str, lost))
     return f"a rank on another host ({', '.join(map(str, elsewhere))})" if elsewhere else "a stalled rank"
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for a rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def all_gather_object(obj: Any) -> list[Any]:

@@ -178,7 +178,7 @@ def make_sampler(cfg: RFTRunConfig, learner: Any, tokenizer: Any, ds_config: dic
     from rft_ds.sampling.vllm import VLLMSampler
     from rft_ds.weight_sync import WeightSync
 
-    sp, m = cfg.sampler, cfg.method
+    sp = cfg.sampler
     dtype = sp.dtype if sp.dtype != "auto" else "bfloat16" if ds_config.get("bf16", {}).get("enabled") else "float32"
     sampler = VLLMSampler(
         cfg.model.model_path, tokenizer, seed=_sample_seed(cfg.train.seed, -1, group, 2), dtype=dtype,

@@ -2,7 +2,6 @@
 during a checkpoint (a real tmpfs, a real ENOSPC)."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,20 +10,17 @@ from pathlib import Path
 import pytest
 
 from rft_ds.checkpoint import verify
+from rft_ds.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spawn(tmp_path, overrides, env_extra):
     """Two ranks started directly, as srun starts tasks: nobody kills the survivors for us."""
-    port, procs = _port(), []
+    port, procs = free_port(), []
     for r in range(2):
         env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "HF_HUB_OFFLINE": "1", **env_extra}

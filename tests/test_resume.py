@@ -3,9 +3,7 @@
 import json
 import os
 import random
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from rft_ds.checkpoint import (CheckpointError, find_resume, resolve_resume, verify, write_manifest)
+from rft_ds.checkpoint import CheckpointError, find_resume, resolve_resume, verify, write_manifest
+from rft_ds.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,14 +87,10 @@ COMMON = ["train.epochs=6", "train.save_interval=1", "train.keep_last=2", "metho
           "train.eval_interval=2"]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cmd(run: Path, *extra: str) -> list[str]:
-    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_port()),
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
             "launch/train.py", "--config", "launch/configs/tiny.yaml", f"model.model_path={run.parent / 'model'}",
             f"train.output_dir={run}", *COMMON, *extra]
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from rft_ds.config import ConfigError
+from rft_ds.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,15 +78,11 @@ def test_buckets_bounded_and_ordered():
 
 # ---- slow: real engines under the deepspeed launcher -----------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sync_parity(model: Path, out: Path) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            "tests/dist/sync_parity.py", str(model), str(out)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -134,7 +130,7 @@ def test_sync_parity_and_bounded_memory(tmp_path):
                     "the CPU tests run the same sampler and sync code without them")
 def test_gpu_sleep_mode_run(tmp_path):
     """On a GPU: one rank, NCCL, bf16, vLLM sleep mode around training; parity checked after every sync."""
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(_free_port()),
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(free_port()),
            "launch/train.py", "--config", "launch/configs/tiny.yaml", f"model.model_path={tmp_path / 'model'}",
            f"train.output_dir={tmp_path / 'run'}", "train.deepspeed_config=ds_configs/zero3_gpu.json",
            "sampler.enable_sleep_mode=true", "sampler.parity_check=always", "train.epochs=3"]

@@ -44,7 +44,6 @@ class HFSampler:
         kwargs = {**_HF_DEFAULTS, **gen_kwargs}
         if not kwargs["do_sample"]:
             kwargs = {k: v for k, v in kwargs.items() if k not in ("temperature", "top_p", "top_k")}
-        max_new = kwargs["max_new_tokens"]
         torch.manual_seed(seed)
         was_training = self.module.training
         self.module.eval()
