@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=6")
     args = ap.parse_args(argv)
-    rank = os.environ.get("RANK", "0")
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID", "0")
     try:
         cfg = RFTRunConfig.load_yaml(args.config, args.overrides)
         import rft_ds

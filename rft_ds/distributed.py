@@ -42,7 +42,11 @@ def init(backend: str = "auto", timeout_s: int = 600) -> None:
     import deepspeed
     import torch
 
-    if "RANK" not in os.environ:
+    if "RANK" not in os.environ:  # srun starts tasks itself: take ranks and master from Slurm
+        from rft_ds.slurm import torch_env
+
+        os.environ.update(torch_env(os.environ))
+    if "RANK" not in os.environ:  # plain `python`: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     if backend == "auto":

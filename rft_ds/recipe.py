@@ -101,7 +101,10 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
     from rft_ds.learner import fill_ds_config
     from rft_ds.sampling.vllm import engine_group
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by every launcher; the process group comes later
+    from rft_ds.slurm import torch_env
+
+    # set by every launcher (srun: SLURM_NTASKS); the process group comes later
+    world = int(os.environ.get("WORLD_SIZE") or torch_env(os.environ).get("WORLD_SIZE", "1"))
     ckpt = resolve_resume(cfg.train.resume, cfg.train.output_dir, world)
     if cfg.sampler.backend == "vllm":
         engine_group(0, world, cfg.sampler.tensor_parallel_size)
