@@ -20,6 +20,9 @@ from rft_ds.distributed import RankError  # noqa: E402
 from rft_ds.scoring import RewardError  # noqa: E402
 
 
+EXIT_STOPPED = 3  # checkpointed on SIGTERM/SIGUSR1, not finished: requeue and resume (launch/slurm/rft.sbatch does)
+
+
 def is_collective_failure(e: BaseException) -> bool:
     import torch.distributed as dist
 
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(process-group timeout train.dist_timeout_s): {first}", file=sys.stderr, flush=True)
         return 1
     if result.stopped_early:
-        return 0
+        return EXIT_STOPPED
     if rank == "0" and result.history:
         last = result.history[-1]
         before = result.eval_before["eval_reward_mean"] if result.eval_before else None

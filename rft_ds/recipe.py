@@ -194,8 +194,20 @@ def make_sampler(cfg: RFTRunConfig, learner: Any, tokenizer: Any, ds_config: dic
 
 def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any = None, eval_prompts: Any = None,
         metric_fn: Callable | str | None = None, stop_sequences: Sequence[str] | None = None) -> RFTResult:
+    from rft_ds.faults import StopSignals
+
+    # First thing: a SIGUSR1/SIGTERM during start-up would otherwise kill the rank (its default action).
+    signals = StopSignals().install()
+    try:
+        return _run(cfg, reward_fn, prompts, eval_prompts, metric_fn, stop_sequences, signals)
+    finally:
+        signals.uninstall()
+
+
+def _run(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, metric_fn: Any,
+         stop_sequences: Sequence[str] | None, signals: Any) -> RFTResult:
     from rft_ds import checkpoint
-    from rft_ds.faults import StopSignals, maybe_die
+    from rft_ds.faults import maybe_die
     from rft_ds.learner import Learner
     from rft_ds.sampling.vllm import engine_group
     from rft_ds.weight_sync import parity_check
@@ -267,7 +279,6 @@ def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any
                  "schedule": dataclasses.asdict(schedule(epoch, m.start_percentile, m.end_percentile, m.n_improve_steps))}
         checkpoint.save(out / "checkpoints", epoch, learner.engine, state, tokenizer, t.keep_last, die_hook=maybe_die)
 
-    signals = StopSignals().install()
     stopped = False
     for epoch in range(start, t.epochs):
         step = schedule(epoch, m.start_percentile, m.end_percentile, m.n_improve_steps)
@@ -358,7 +369,6 @@ def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any
                 print(f"[rft_ds] stop signal received: checkpointed after epoch {epoch + 1}; continue with --resume auto",
                       flush=True)
             break
-    signals.uninstall()
 
     if t.save_final_model and not stopped:
         learner.save_hf(out / "final_model", tokenizer, main)

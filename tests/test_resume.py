@@ -166,7 +166,8 @@ def test_sigkill_anywhere_then_resume_gives_identical_weights(tmp_path):
 
 @pytest.mark.slow
 def test_stop_signal_checkpoints_and_exits_cleanly(tmp_path):
-    """SIGUSR1 (Slurm's warning before a time limit) to the ranks: checkpoint, exit 0, then resume."""
+    """SIGUSR1 (Slurm's warning before a time limit) to the ranks: checkpoint, exit 3 (stopped, not done),
+    then resume."""
     import psutil
 
     run = tmp_path / "sig"
@@ -183,7 +184,7 @@ def test_stop_signal_checkpoints_and_exits_cleanly(tmp_path):
             child.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=300)
     text = "".join(lines) + out
-    assert proc.returncode == 0, text[-3000:]
+    assert proc.returncode == 3, text[-3000:]
     assert "stop signal received: checkpointed after epoch" in text
     stopped_at = _latest(run)
     assert not (run / "final_model").exists()
