@@ -179,9 +179,11 @@ def test_stop_signal_checkpoints_and_exits_cleanly(tmp_path):
         lines.append(line)
         if "epoch 2/40" in line:
             break
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        if "launch/train.py" in " ".join(child.cmdline()):
-            child.send_signal(signal.SIGUSR1)
+    ranks = [c for c in psutil.Process(proc.pid).children(recursive=True)
+             if "launch/train.py" in c.cmdline() and "deepspeed.launcher.launch" not in c.cmdline()]
+    assert len(ranks) == 2  # the ranks only: SIGUSR1 would kill the launcher itself (its default action)
+    for child in ranks:
+        child.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=300)
     text = "".join(lines) + out
     assert proc.returncode == 3, text[-3000:]
