@@ -1,9 +1,14 @@
 """Load an exported model in transformers and in vLLM; print the largest |logprob| difference on a probe."""
 
+import os
 import sys
 
-import numpy as np
-import torch
+# In-process engine, as in the training runs: the multiprocess engine core of a plain vllm.LLM sometimes
+# aborts while tearing down at interpreter exit ("terminate called without an active exception").
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 
 def main(path: str) -> None:
@@ -24,3 +29,4 @@ def main(path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    os._exit(0)  # the result is printed; engine teardown must not decide the exit code
