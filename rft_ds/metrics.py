@@ -1,4 +1,5 @@
-"""metrics.jsonl (one JSON line per epoch, rank 0) and the one-line console summary."""
+"""Where per-epoch metrics go: metrics.jsonl (always), TensorBoard (when installed), wandb (opt-in), and the
+one-line console summary. Only rank 0 writes. metrics.jsonl is the record the plots are drawn from."""
 
 from __future__ import annotations
 
@@ -29,10 +30,12 @@ class MetricsLog:
     """Appends to <output_dir>/metrics.jsonl; a fresh run starts a fresh file, a resumed one the checkpoint's
     history. Only rank 0 writes."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool, history: list[dict] | None = None) -> None:
+    def __init__(self, output_dir: str | Path, enabled: bool, history: list[dict] | None = None,
+                 sinks: list | None = None) -> None:
         self.path = Path(output_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.history: list[dict] = list(history or [])
+        self.sinks = sinks or []
         if enabled:  # a resumed run rewrites the file from the checkpoint: epochs after it are redone
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(self.path.name + ".tmp")
@@ -45,6 +48,75 @@ class MetricsLog:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            for sink in self.sinks:
+                sink.log(record, record["epoch"] + 1)
+
+    def log_initial_eval(self, result: dict) -> None:
+        """The eval before training, as step 0 of the dashboards (metrics.jsonl keeps it in epoch 0's record)."""
+        for sink in self.sinks if self.enabled else []:
+            sink.log(plain(result), 0)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """The plottable numbers of a record, grouped for dashboards: eval/..., time/..., train/..."""
+    out = {}
+    for k, v in record.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or k == "epoch":
+            continue
+        group, name = ("eval", k[5:]) if k.startswith("eval_") else ("time", k[5:]) if k.startswith("time_") \
+            else ("train", k)
+        out[f"{group}/{name}"] = float(v)
+    return out
+
+
+class TensorBoardSink:
+    """Scalars per epoch (step = epochs done; the eval before training is step 0). purge_step drops what a
+    crashed run logged past the checkpoint it resumes from, as metrics.jsonl does."""
+
+    def __init__(self, log_dir: Path, purge_step: int | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+
+    def log(self, record: dict, step: int) -> None:
+        for k, v in scalars(record).items():
+            self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """Opt-in (train.wandb). The run id is kept in <output_dir>/wandb_run_id so a resumed run continues it."""
+
+    def __init__(self, output_dir: Path, project: str, name: str | None, config: dict) -> None:
+        import wandb
+
+        id_file = output_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        self.run = wandb.init(project=project, name=name, id=run_id, resume="allow", config=config, dir=str(output_dir))
+
+    def log(self, record: dict, step: int) -> None:
+        self.run.log(scalars(record), step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def open_sinks(output_dir: Path, tensorboard: bool, wandb: bool, wandb_project: str, wandb_run_name: str | None,
+               config: dict, start_epoch: int) -> list:
+    sinks: list = []
+    if tensorboard:
+        sinks.append(TensorBoardSink(output_dir / "tensorboard", purge_step=start_epoch + 1 if start_epoch else None))
+    if wandb:
+        sinks.append(WandbSink(output_dir, wandb_project, wandb_run_name, config))
+    return sinks
 
 
 def _fmt(v: Any, spec: str = ".3f") -> str:

@@ -20,10 +20,12 @@ import numpy as np
 import yaml
 
 from rft_ds import distributed as D
+from rft_ds import progress
 from rft_ds.config import ConfigError, RFTRunConfig
-from rft_ds.data import PromptRecord, load_source, normalize, resolve_callable, shard, tokenize
+from rft_ds.data import (PromptRecord, load_source, normalize, resolve_callable, shard, tokenize,
+                         use_chat_template)
 from rft_ds.experience import build_row, plan_micro_batches
-from rft_ds.metrics import MetricsLog, format_epoch, plain
+from rft_ds.metrics import MetricsLog, format_epoch, open_sinks, plain
 from rft_ds.scoring import RewardError, decode_outputs, score_and_gather
 from rft_ds.selection import Pools, Samples, schedule, select, selection_digest
 
@@ -109,18 +111,31 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
     if cfg.sampler.backend == "vllm":
         engine_group(0, world, cfg.sampler.tensor_parallel_size)
     reward_fn = resolve_callable(reward_fn if reward_fn is not None else cfg.reward.reward_fn, "reward.reward_fn")
-    if reward_fn is None:
-        raise ConfigError("reward.reward_fn is required (a callable, or 'module:function' in the config)")
+    if cfg.reward.reward_model:
+        from rft_ds.rewards import check_reward_model
+
+        if reward_fn is not None:
+            raise ConfigError("set reward.reward_fn or reward.reward_model, not both")
+        try:
+            check_reward_model(cfg.reward.reward_model, cfg.reward.reward_model_label)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    elif reward_fn is None:
+        raise ConfigError("reward.reward_fn or reward.reward_model is required (a callable, or 'module:function' in "
+                          "the config)")
+    check_metric_sinks(cfg.train)
     metric_fn = resolve_callable(metric_fn if metric_fn is not None else cfg.reward.metric_fn, "reward.metric_fn")
     src = prompts if prompts is not None else cfg.data.prompts
     if src is None:
         raise ConfigError("data.prompts is required")
-    train = Prompts(*normalize(load_source(src, "prompts", cfg.data.prompt_field), "prompts", cfg.data.prompt_field))
-    src = eval_prompts if eval_prompts is not None else cfg.data.eval_prompts
+    d = cfg.data
+    train = Prompts(*normalize(load_source(src, "prompts", d.prompt_field, d.split), "prompts", d.prompt_field,
+                               d.metadata_fields))
+    src = eval_prompts if eval_prompts is not None else d.eval_prompts
     evals = None
     if src is not None:
-        evals = Prompts(*normalize(load_source(src, "eval_prompts", cfg.data.prompt_field), "eval_prompts",
-                                   cfg.data.prompt_field))
+        evals = Prompts(*normalize(load_source(src, "eval_prompts", d.prompt_field, d.eval_split), "eval_prompts",
+                                   d.prompt_field, d.metadata_fields))
     out = Path(cfg.train.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -133,10 +148,17 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
     from rft_ds.learner import load_ds_config
 
     ds_config = fill_ds_config(load_ds_config(cfg.train.deepspeed_config), cfg.train, world)
-    if cfg.model.build_tiny:
+    if cfg.model.build == "tiny":
         from rft_ds.toy import ensure_tiny_model
 
         ensure_tiny_model(cfg.model.model_path, seed=cfg.train.seed)
+    elif cfg.model.build == "smollm2":
+        from rft_ds import smollm2
+
+        try:
+            smollm2.ensure(cfg.model.model_path)
+        except smollm2.BuildError as e:
+            raise ConfigError(str(e)) from None
     if not (Path(cfg.model.model_path) / "config.json").is_file():
         raise ConfigError(f"model.model_path {cfg.model.model_path} is not a model directory (no config.json); "
                           "nothing is downloaded from a hub")
@@ -149,10 +171,26 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
         check_servable(cfg.model.model_path, on_cpu=not torch.cuda.is_available())
     tokenizer = _load_tokenizer(cfg)
     limit = prompt_limit(cfg)
-    train.records = tokenize(train.texts, train.metadata, tokenizer, limit, "prompts")
+    chat = use_chat_template(tokenizer, d.apply_chat_template)
+    train.records = tokenize(train.texts, train.metadata, tokenizer, limit, "prompts", chat, d.system_prompt)
     if evals is not None:
-        evals.records = tokenize(evals.texts, evals.metadata, tokenizer, limit, "eval_prompts")
+        evals.records = tokenize(evals.texts, evals.metadata, tokenizer, limit, "eval_prompts", chat, d.system_prompt)
     return reward_fn, metric_fn, train, evals, tokenizer, ds_config, ckpt
+
+
+def check_metric_sinks(t: Any) -> None:
+    import importlib.util
+
+    if t.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("train.wandb is true but the wandb package is not installed (pip install wandb)")
+    if t.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("train.tensorboard is true but the tensorboard package is not installed (pip install tensorboard)")
+
+
+def tensorboard_on(setting: bool | None) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None if setting is None else setting
 
 
 def check_causal_lm(model_path: str) -> None:
@@ -222,6 +260,12 @@ def _run(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, met
     # Ranks sharing one engine (tensor parallel) sample the same prompts; only the first contributes.
     group, n_groups, contributes = engine_group(rank, world, cfg.sampler.tensor_parallel_size
                                                 if cfg.sampler.backend == "vllm" else 1)
+    show = progress.enabled(t.progress, main)
+    if cfg.reward.reward_model:
+        from rft_ds.rewards import RewardModel
+
+        r = cfg.reward
+        reward_fn = RewardModel(r.reward_model, r.reward_model_batch_size, r.reward_model_max_length, r.reward_model_label)
     random.seed(t.seed)
     np.random.seed(t.seed)
     import torch
@@ -243,13 +287,17 @@ def _run(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, met
 
     def evaluate(epoch: int) -> dict:
         return _evaluate(sampler, evals, reward_fn, metric_fn, tokenizer, eval_kwargs, stop_sequences,
-                         _sample_seed(t.seed, epoch, group, 1), group, n_groups, contributes)
+                         _sample_seed(t.seed, epoch, group, 1), group, n_groups, contributes, cfg.reward.batch_size, show)
 
     def check_parity() -> float:
         return parity_check(learner.module, sampler, [r.token_ids for r in probes], min(8, m.gen_kwargs["max_new_tokens"]),
                             parity_tol, pad_id, [r.text for r in probes])
 
     do_eval = evals is not None and t.eval_interval > 0
+
+    def sinks(start_epoch: int) -> list:
+        return open_sinks(out, tensorboard_on(t.tensorboard), t.wandb, t.wandb_project, t.wandb_run_name,
+                          _yaml_safe(cfg.to_dict()), start_epoch) if main else []
     start, best = 0, None
     if ckpt is not None:
         # Resume: weights, optimizer, scheduler, RNG, pools and history exactly as they were after that epoch;
@@ -258,7 +306,7 @@ def _run(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, met
         checkpoint.check_compatible(state, digest_prompts)
         pools.samples, eval_before, best = state["pools"], state["eval_before"], state["best"]
         start = state["epoch"] + 1
-        log = MetricsLog(out, enabled=main, history=state["history"])
+        log = MetricsLog(out, enabled=main, history=state["history"], sinks=sinks(start))
         if weight_sync:
             weight_sync.sync()
             if sp.parity_check != "off":
@@ -268,8 +316,10 @@ def _run(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, met
         if main:
             print(f"[rft_ds] resumed from {ckpt} at epoch {start + 1}/{t.epochs}", flush=True)
     else:
-        log = MetricsLog(out, enabled=main)
+        log = MetricsLog(out, enabled=main, sinks=sinks(0))
         eval_before = evaluate(-1) if do_eval else None
+        if eval_before:
+            log.log_initial_eval(eval_before)
         if main and eval_before:
             print(f"[rft_ds] eval before training: reward {eval_before['eval_reward_mean']:.4f}", flush=True)
 
@@ -286,18 +336,21 @@ def _run(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, met
         t0 = time.perf_counter()
 
         # 1. Sample (grow steps only): this rank's shard of prompts, N completions each.
-        n_sampled, sampled_mean, time_score = 0, None, 0.0
+        n_sampled, time_score = 0, 0.0
         if step.grow:
             maybe_die("sample", epoch)
             mine = [train.records[i] for i in shard(len(train.records), group, n_groups)]
             comps = sampler.generate([r.token_ids for r in mine], m.n_generations_per_prompt, m.gen_kwargs,
-                                     _sample_seed(t.seed, epoch, group, 0))
+                                     _sample_seed(t.seed, epoch, group, 0), f"epoch {epoch + 1}: sample" if show else None)
             local = _to_samples(mine, comps) if contributes else Samples.empty()
             t1 = time.perf_counter()
             # 2. Score this rank's completions, all-gather the global table, add it to the pools.
-            table, _ = score_and_gather(reward_fn, local, train.texts, train.metadata, tokenizer, stop_sequences)
+            table, _ = score_and_gather(reward_fn, local, train.texts, train.metadata, tokenizer, stop_sequences,
+                                        cfg.reward.batch_size, f"epoch {epoch + 1}: score" if show else None)
             pools.add(table)
-            n_sampled, sampled_mean = len(table), float(table.score.mean()) if len(table) else None
+            n_sampled = len(table)
+            if n_sampled:
+                rec.update(sampled_reward_mean=float(table.score.mean()), sampled_reward_max=float(table.score.max()))
             time_score = time.perf_counter() - t1
         t2 = time.perf_counter()
 
@@ -315,7 +368,7 @@ def _run(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, met
         if weight_sync:
             sampler.sleep()  # GPU sleep mode: give the engine's memory to training (no-op otherwise)
         maybe_die("train", epoch)
-        losses = learner.train_micro_batches(rows, micro, pad_id)
+        losses = learner.train_micro_batches(rows, micro, pad_id, show)
         t4 = time.perf_counter()
 
         # 5. Hand the trained weights to the engine, and prove it on probes (first sync, or always).
@@ -335,7 +388,6 @@ def _run(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, met
             n_prompts_kept=int(len(np.unique(pool.prompt_id[keep]))),
             reward_mean=float(pool.score.mean()) if len(pool) else None,
             reward_max=float(pool.score.max()) if len(pool) else None,
-            sampled_reward_mean=sampled_mean,
             selected_reward_mean=float(pool.score[keep].mean()) if keep.any() else None,
             threshold_mean=float(thr[first].mean()) if len(pool) else None,
             train_loss=sum(s for _, _, s, _ in per_rank) / n_loss if n_loss else None,
@@ -372,7 +424,22 @@ def _run(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, met
 
     if t.save_final_model and not stopped:
         learner.save_hf(out / "final_model", tokenizer, main)
+    log.close()
+    if main and t.plots:
+        _write_plots(out, log.history)
     return RFTResult(cfg, learner.engine, tokenizer, log.history, eval_before, out, stopped, ckpt)
+
+
+def _write_plots(out: Path, history: list[dict]) -> None:
+    """The run is done and saved: a plotting problem is reported, never fatal."""
+    from rft_ds.plot import plot_run
+
+    try:
+        paths = plot_run(out, records=history)
+        print(f"[rft_ds] plots: {paths[0].parent}/{{{','.join(p.stem for p in paths)}}}.png", flush=True)
+    except Exception as e:  # noqa: BLE001 - e.g. matplotlib missing; metrics.jsonl has it all
+        print(f"[rft_ds] plots skipped ({type(e).__name__}: {e}); python -m rft_ds.plot {out} draws them later",
+              flush=True)
 
 
 def _to_samples(records: Sequence[PromptRecord], comps: Sequence[Sequence[Any]]) -> Samples:
@@ -383,12 +450,13 @@ def _to_samples(records: Sequence[PromptRecord], comps: Sequence[Sequence[Any]])
 
 def _evaluate(sampler: Any, evals: Prompts, reward_fn: Callable, metric_fn: Callable | None, tokenizer: Any,
               gen_kwargs: dict, stop_sequences: list[str], seed: int, group: int, n_groups: int,
-              contributes: bool) -> dict:
+              contributes: bool, batch_size: int | None = None, show: bool = False) -> dict:
     """One completion per eval prompt, scored sharded; metric_fn runs once, on rank 0, on all of them."""
     mine = [evals.records[i] for i in shard(len(evals.records), group, n_groups)]
-    comps = sampler.generate([r.token_ids for r in mine], 1, gen_kwargs, seed)
+    comps = sampler.generate([r.token_ids for r in mine], 1, gen_kwargs, seed, "eval: sample" if show else None)
     local = _to_samples(mine, comps) if contributes else Samples.empty()
-    table, _ = score_and_gather(reward_fn, local, evals.texts, evals.metadata, tokenizer, stop_sequences)
+    table, _ = score_and_gather(reward_fn, local, evals.texts, evals.metadata, tokenizer, stop_sequences, batch_size,
+                                "eval: score" if show else None)
     result: dict[str, Any] = {"eval_reward_mean": float(table.score.mean())}
     if metric_fn is not None:
         extra = None

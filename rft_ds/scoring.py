@@ -17,13 +17,13 @@ class RewardError(ValueError):
     """reward_fn misbehaved; the message names the sample."""
 
 
-def _describe(i: int, prompt_ids: Sequence[int], outputs: Sequence[str]) -> str:
+def _describe(i: int, prompt_ids: Sequence[int], outputs: Sequence[str], offset: int = 0) -> str:
     out = outputs[i] if i < len(outputs) else ""
-    return f"sample {i} (prompt {prompt_ids[i]}, output {out[:40]!r})"
+    return f"sample {offset + i} (prompt {prompt_ids[i]}, output {out[:40]!r})"
 
 
 def validate_scores(raw: Any, n: int, prompt_ids: Sequence[int], outputs: Sequence[str],
-                    fn_name: str = "reward_fn") -> np.ndarray:
+                    fn_name: str = "reward_fn", offset: int = 0) -> np.ndarray:
     """Turn what reward_fn returned into float64 scores, or raise naming the first bad sample."""
     if hasattr(raw, "detach"):  # a torch tensor
         raw = raw.detach().cpu().numpy()
@@ -36,23 +36,35 @@ def validate_scores(raw: Any, n: int, prompt_ids: Sequence[int], outputs: Sequen
     out = np.empty(n, dtype=np.float64)
     for i, v in enumerate(raw):
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
-            raise RewardError(f"{fn_name} returned {type(v).__name__} {v!r} for {_describe(i, prompt_ids, outputs)}; "
+            raise RewardError(f"{fn_name} returned {type(v).__name__} {v!r} for {_describe(i, prompt_ids, outputs, offset)}; "
                               "scores must be real numbers")
         if not math.isfinite(float(v)):
-            raise RewardError(f"{fn_name} returned {float(v)} for {_describe(i, prompt_ids, outputs)}; "
+            raise RewardError(f"{fn_name} returned {float(v)} for {_describe(i, prompt_ids, outputs, offset)}; "
                               "scores must be finite")
         out[i] = float(v)
     return out
 
 
 def call_reward_fn(reward_fn: Callable, samples: list[str], prompts: list[str], outputs: list[str],
-                   prompt_ids: list[int], metadata: dict[str, list], tokenizer: Any) -> np.ndarray:
-    """trlx's call: reward_fn(samples=, prompts=, outputs=, tokenizer=, prompt_ids=, **metadata)."""
+                   prompt_ids: list[int], metadata: dict[str, list], tokenizer: Any, batch_size: int | None = None,
+                   progress: str | None = None) -> np.ndarray:
+    """trlx's call: reward_fn(samples=, prompts=, outputs=, tokenizer=, prompt_ids=, **metadata), on chunks of
+    at most batch_size samples (None: all at once)."""
+    from rft_ds.progress import bar
+
     if not samples:
         return np.zeros(0)
-    raw = reward_fn(samples=samples, prompts=prompts, outputs=outputs, tokenizer=tokenizer,
-                    prompt_ids=prompt_ids, **metadata)
-    return validate_scores(raw, len(samples), prompt_ids, outputs)
+    step = batch_size or len(samples)
+    scores = []
+    pbar = bar(total=len(samples), desc=progress or "", show=bool(progress), unit="sample")
+    for lo in range(0, len(samples), step):
+        sl = slice(lo, lo + step)
+        raw = reward_fn(samples=samples[sl], prompts=prompts[sl], outputs=outputs[sl], tokenizer=tokenizer,
+                        prompt_ids=prompt_ids[sl], **{k: v[sl] for k, v in metadata.items()})
+        scores.append(validate_scores(raw, len(samples[sl]), prompt_ids[sl], outputs[sl], offset=lo))
+        pbar.update(len(samples[sl]))
+    pbar.close()
+    return np.concatenate(scores)
 
 
 def decode_outputs(tokenizer: Any, tokens: Sequence[Sequence[int]], stop_sequences: Sequence[str] = ()) -> list[str]:
@@ -64,7 +76,8 @@ def decode_outputs(tokenizer: Any, tokens: Sequence[Sequence[int]], stop_sequenc
 
 
 def score_and_gather(reward_fn: Callable, local: Samples, prompt_texts: Sequence[str], metadata: Sequence[dict],
-                     tokenizer: Any, stop_sequences: Sequence[str] = ()) -> tuple[Samples, np.ndarray]:
+                     tokenizer: Any, stop_sequences: Sequence[str] = (), batch_size: int | None = None,
+                     progress: str | None = None) -> tuple[Samples, np.ndarray]:
     """Score this rank's completions, then all-gather them with their scores.
 
     Returns (global samples in rank order, this rank's scores). A failure on any rank is raised on all."""
@@ -75,5 +88,5 @@ def score_and_gather(reward_fn: Callable, local: Samples, prompt_texts: Sequence
         samples = [p + o for p, o in zip(prompts, outputs)]
         meta_keys = sorted({k for p in set(pids) for k in metadata[p]})
         meta = {k: [metadata[p].get(k) for p in pids] for k in meta_keys}
-        local.score = call_reward_fn(reward_fn, samples, prompts, outputs, pids, meta, tokenizer)
+        local.score = call_reward_fn(reward_fn, samples, prompts, outputs, pids, meta, tokenizer, batch_size, progress)
     return Samples.concat(D.all_gather_object(local)), local.score

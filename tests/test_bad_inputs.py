@@ -97,14 +97,31 @@ CASES = {
     "resume path missing": (lambda d, m: [f"train.resume={d / 'no_ckpt'}"], "no such checkpoint directory"),
     "resume path not a checkpoint": (lambda d, m: [f"train.resume={d}"], "not a complete rft_ds checkpoint: no manifest"),
     "stop_sequences not strings": (lambda d, m: ["reward.stop_sequences=[1]"], "reward.stop_sequences must be a list of non-empty strings"),
+    "reward model is a causal LM": (lambda d, m: ["reward.reward_fn=null", f"reward.reward_model={m}"],
+                                    "is a LlamaForCausalLM, not a sequence classifier"),
+    "reward_fn and reward model both": (lambda d, m: [f"reward.reward_model={m}"],
+                                        "set reward.reward_fn or reward.reward_model, not both"),
+    "chat template forced, none there": (lambda d, m: ["data.apply_chat_template=true"],
+                                         "data.apply_chat_template is true but the tokenizer has no chat template"),
+    "data file missing": (lambda d, m: [f"data.prompts={d / 'p.parquet'}"], "prompts: file not found"),
+    "dataset split missing": (lambda d, m: [f"data.eval_prompts={saved_dataset_dict(d / 'dd')}"],
+                              "eval_prompts: the dataset has splits ['train'], not 'test' (data.split / data.eval_split)"),
+    "unknown model.build": (lambda d, m: ["model.build=llama"], "model.build must be null, 'tiny' or 'smollm2'"),
 }
+
+
+def saved_dataset_dict(path: Path) -> str:
+    import datasets
+
+    datasets.DatasetDict(train=datasets.Dataset.from_list([{"prompt": "abc say k:"}])).save_to_disk(str(path))
+    return str(path)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_is_one_line_error_before_model_load(case, env, capsys):
     tmp, model = env
     make, needle = CASES[case]
-    argv = ["--config", "launch/configs/tiny.yaml", f"model.model_path={model}", "model.build_tiny=false",
+    argv = ["--config", "launch/configs/tiny.yaml", f"model.model_path={model}", "model.build=null",
             f"train.output_dir={tmp / 'out'}", *make(tmp, model)]
     import os
     cwd = os.getcwd()
@@ -119,6 +136,22 @@ def test_bad_input_is_one_line_error_before_model_load(case, env, capsys):
     assert len(errors) == 1, err
     assert errors[0].startswith("rft_ds: error (rank 0): ")
     assert needle in errors[0], errors[0]
+
+
+def test_wandb_asked_for_but_not_installed(env, monkeypatch):
+    """wandb is opt-in and never a dependency: asking for it without the package fails before model load."""
+    import importlib.util as iu
+
+    from rft_ds.config import ConfigError
+    from rft_ds.recipe import check_metric_sinks, tensorboard_on
+
+    real = iu.find_spec
+    monkeypatch.setattr(iu, "find_spec", lambda name, *a: None if name in ("wandb", "tensorboard") else real(name, *a))
+    with pytest.raises(ConfigError, match="train.wandb is true but the wandb package is not installed"):
+        check_metric_sinks(type("T", (), {"wandb": True, "tensorboard": None})())
+    with pytest.raises(ConfigError, match="train.tensorboard is true but the tensorboard package is not installed"):
+        check_metric_sinks(type("T", (), {"wandb": False, "tensorboard": True})())
+    assert tensorboard_on(None) is False  # default: on when installed, silently off when not
 
 
 def test_table_is_large_enough():

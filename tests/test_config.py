@@ -37,7 +37,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
 
 def test_shipped_configs_load():
     cfg = RFTRunConfig.load_yaml("launch/configs/tiny.yaml")
-    assert cfg.model.build_tiny and cfg.method.n_generations_per_prompt >= 1
+    assert cfg.model.build == "tiny" and cfg.method.n_generations_per_prompt >= 1
 
 
 @pytest.mark.parametrize("extra,overrides,needle", [

@@ -109,7 +109,7 @@ import rft_ds
 from rft_ds import toy
 res = rft_ds.train(
     reward_fn=toy.reward_fn, prompts=toy.train_prompts(16), eval_prompts=toy.eval_prompts(8),
-    config={{"model": {{"model_path": {str(tmp_path / 'model')!r}, "build_tiny": True}},
+    config={{"model": {{"model_path": {str(tmp_path / 'model')!r}, "build": "tiny"}},
             "method": {{"n_generations_per_prompt": 4, "gen_kwargs": {{"max_new_tokens": 8}}}},
             "train": {{"epochs": 2, "output_dir": {str(tmp_path / 'run')!r}, "micro_batch_size": 4}}}},
     metric_fn=toy.metric_fn, stop_sequences=["."])

@@ -18,8 +18,9 @@ class Completion:
 
 class Sampler(Protocol):
     def generate(self, prompts: Sequence[Sequence[int]], n: int, gen_kwargs: dict[str, Any],
-                 seed: int) -> list[list[Completion]]:
-        """n completions for each prompt (token ids in, token ids out), in prompt order.
+                 seed: int, progress: str | None = None) -> list[list[Completion]]:
+        """n completions for each prompt (token ids in, token ids out), in prompt order; `progress`: the
+        label of a progress bar to show (None: none).
 
         Every rank calls it the same number of times, even with no prompts of its own (it may be
         collective). A sampler with its own copy of the weights also has load_weights(iterator),

@@ -40,7 +40,9 @@ class HFSampler:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], n: int, gen_kwargs: dict[str, Any],
-                 seed: int) -> list[list[Completion]]:
+                 seed: int, progress: str | None = None) -> list[list[Completion]]:
+        from rft_ds.progress import bar
+
         kwargs = {**_HF_DEFAULTS, **gen_kwargs}
         if not kwargs["do_sample"]:
             kwargs = {k: v for k, v in kwargs.items() if k not in ("temperature", "top_p", "top_k")}
@@ -49,7 +51,7 @@ class HFSampler:
         self.module.eval()
         results: list[list[Completion]] = []
         dummy = [[self.pad_id if self.tokenizer.eos_token_id is None else self.tokenizer.eos_token_id]]
-        for c in range(self._n_calls(len(prompts))):
+        for c in bar(range(self._n_calls(len(prompts))), desc=progress or "", show=bool(progress), unit="batch"):
             batch = list(prompts[c * self.batch_size:(c + 1) * self.batch_size])
             real = len(batch)
             out = self._generate_batch(batch or dummy, n, kwargs)

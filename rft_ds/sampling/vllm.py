@@ -106,8 +106,10 @@ class VLLMSampler:
         self.asleep = False
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, gen_kwargs: dict[str, Any],
-                 seed: int) -> list[list[Completion]]:
+                 seed: int, progress: str | None = None) -> list[list[Completion]]:
         import torch
+
+        from rft_ds.progress import vllm_bar
 
         if not prompts:
             return []
@@ -117,7 +119,8 @@ class VLLMSampler:
         # a resumed run samples exactly what the uninterrupted one did.
         torch.manual_seed(seed)
         self.llm.reset_prefix_cache()
-        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params,
+                                 use_tqdm=vllm_bar(progress, n) if progress else False)
         return [[self._completion(c) for c in o.outputs] for o in outs]
 
     def _completion(self, c: Any) -> Completion:

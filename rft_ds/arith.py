@@ -1,0 +1,52 @@
+"""The demo task: integer arithmetic with an exactly checkable answer.
+
+Problems come from a seeded generator. Whether a problem belongs to the eval split is decided by a hash
+of the problem itself, so train and eval never share a problem whatever sizes are asked for, and the
+eval accuracy is held out. The reward is exact match on the last number of the completion
+(`rft_ds.rewards:numeric_match`, reading the `answer` metadata).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Any
+
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+TEMPLATE = "What is {a} {op} {b}? Answer with just the number."
+EVAL_SHARE = 5  # one problem in 5 belongs to the eval split
+
+
+def _is_eval(a: int, op: str, b: int) -> bool:
+    return int.from_bytes(hashlib.blake2b(f"{a}{op}{b}".encode(), digest_size=4).digest(), "little") % EVAL_SHARE == 0
+
+
+def problems(n: int, split: str = "train", seed: int = 0, digits: int = 2, ops: str = "+") -> list[dict[str, Any]]:
+    """n distinct problems of one split, each {"prompt", "answer"}; the same for the same arguments."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if not ops or any(op not in OPS for op in ops):
+        raise ValueError(f"ops must be made of {''.join(OPS)!r}, got {ops!r}")
+    lo, hi = 10 ** (digits - 1), 10**digits - 1
+    capacity = (hi - lo + 1) ** 2 * len(set(ops)) // (EVAL_SHARE if split == "eval" else 1) // 2
+    if n > capacity:
+        raise ValueError(f"{n} {split} problems with {digits} digits and ops {ops!r} is too many (at most {capacity})")
+    rng = random.Random(seed)
+    seen: set[tuple[int, str, int]] = set()
+    out: list[dict[str, Any]] = []
+    while len(out) < n:
+        key = (rng.randint(lo, hi), rng.choice(ops), rng.randint(lo, hi))
+        if key in seen or _is_eval(*key) != (split == "eval"):
+            continue
+        seen.add(key)
+        a, op, b = key
+        out.append({"prompt": TEMPLATE.format(a=a, op=op, b=b), "answer": str(OPS[op](a, b))})
+    return out
+
+
+def train_prompts(n: int = 256, seed: int = 0, digits: int = 2, ops: str = "+") -> list[dict[str, Any]]:
+    return problems(n, "train", seed, digits, ops)
+
+
+def eval_prompts(n: int = 128, seed: int = 0, digits: int = 2, ops: str = "+") -> list[dict[str, Any]]:
+    return problems(n, "eval", seed, digits, ops)

@@ -1,0 +1,31 @@
+"""tqdm progress bars, shown by rank 0 only: N ranks drawing N bars over one terminal is noise."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Iterable
+
+
+def enabled(setting: bool | None, is_main: bool) -> bool:
+    """train.progress: None shows bars when stderr is a terminal (not in log files); rank 0 only."""
+    if not is_main:
+        return False
+    return sys.stderr.isatty() if setting is None else bool(setting)
+
+
+def bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", show: bool = True,
+        unit: str = "it") -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not show, leave=False, dynamic_ncols=True)
+
+
+def vllm_bar(desc: str, n_per_request: int) -> Callable[..., Any]:
+    """For vLLM's use_tqdm: it counts requests in `total` but advances by completions (n per request)."""
+    from tqdm.auto import tqdm
+
+    def make(*args: Any, **kwargs: Any) -> Any:
+        kwargs.update(desc=desc, total=kwargs.get("total", 0) * n_per_request, unit="sample", leave=False)
+        return tqdm(*args, **kwargs)
+
+    return make

@@ -1,0 +1,145 @@
+"""Built-in rewards with trlx's signature: reward_fn(samples, prompts, outputs, **metadata) -> list[float].
+
+Name them in a config as `reward.reward_fn: rft_ds.rewards:numeric_match`. The reference answer comes
+from each prompt's metadata (`answer` by default), so the prompt data decides what is right.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Sequence
+
+_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+
+
+def last_number(text: str) -> float | None:
+    """The last number written in `text` ("1,234" and "-5.5" included), or None."""
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _answers(kwargs: dict, n: int, key: str) -> Sequence[Any]:
+    if key not in kwargs:
+        raise KeyError(f"the prompts have no {key!r} metadata: give each prompt a dict with the reference answer "
+                       f"under {key!r}")
+    answers = kwargs[key]
+    if len(answers) != n:
+        raise ValueError(f"{key!r} metadata has {len(answers)} entries for {n} outputs")
+    return answers
+
+
+def normalize_text(s: str) -> str:
+    return " ".join(str(s).strip().lower().split()).rstrip(".")
+
+
+def exact_match(samples: list[str], prompts: list[str], outputs: list[str], answer_key: str = "answer",
+                **kwargs: Any) -> list[float]:
+    """1.0 when the output equals the reference answer after trimming, lower-casing and collapsing spaces."""
+    answers = _answers(kwargs, len(outputs), answer_key)
+    return [float(normalize_text(o) == normalize_text(a)) for o, a in zip(outputs, answers)]
+
+
+def numeric_match(samples: list[str], prompts: list[str], outputs: list[str], answer_key: str = "answer",
+                  rel_tol: float = 1e-6, **kwargs: Any) -> list[float]:
+    """1.0 when the last number in the output equals the reference number (how GSM8K-style answers are graded)."""
+    answers = _answers(kwargs, len(outputs), answer_key)
+    scores = []
+    for out, ans in zip(outputs, answers):
+        ref = ans if isinstance(ans, (int, float)) else last_number(str(ans))
+        got = last_number(out)
+        scores.append(float(ref is not None and got is not None and math.isclose(got, float(ref), rel_tol=rel_tol,
+                                                                                abs_tol=1e-9)))
+    return scores
+
+
+def accuracy(samples: list[str], prompts: list[str], outputs: list[str], **kwargs: Any) -> dict[str, float]:
+    """metric_fn for numeric tasks: the share of exactly right answers and of outputs with any number."""
+    scores = numeric_match(samples, prompts, outputs, **kwargs)
+    return {"accuracy": sum(scores) / max(len(scores), 1),
+            "has_number": sum(last_number(o) is not None for o in outputs) / max(len(outputs), 1)}
+
+
+class RewardModel:
+    """An HF sequence-classification model as reward_fn. Each rank holds its own copy and scores only its
+    own completions (the sharded scorer calls it like any reward_fn): batched, no grad, eval mode.
+
+    The input is the conversation (prompt as user turn, output as assistant turn) through the reward
+    model's chat template when it has one, else prompt + output. The score is the logit of a 1-label head,
+    or the probability of `label` for a classifier with several labels."""
+
+    def __init__(self, path: str, batch_size: int = 16, max_length: int = 512, label: int | None = None,
+                 device: str | None = None) -> None:
+        import os
+
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        num_labels = check_reward_model(path, label)
+        if device is None:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        self.device, self.batch_size, self.max_length, self.label = device, batch_size, max_length, label
+        self.num_labels = num_labels
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.truncation_side = "left"  # keep the end: the completion is what is judged
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
+        if self.model.config.pad_token_id is None:  # it finds each row's last token by the pad id
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.chat = bool(getattr(self.tokenizer, "chat_template", None))
+
+    def texts(self, prompts: list[str], outputs: list[str]) -> list[str]:
+        if not self.chat:
+            return [p + o for p, o in zip(prompts, outputs)]
+        return [self.tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": o}],
+                                                   tokenize=False) for p, o in zip(prompts, outputs)]
+
+    def __call__(self, samples: list[str], prompts: list[str], outputs: list[str], **kwargs: Any) -> list[float]:
+        import torch
+
+        texts = self.texts(prompts, outputs)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch: less padding
+        scores = [0.0] * len(texts)
+        with torch.inference_mode():
+            for lo in range(0, len(order), self.batch_size):
+                idx = order[lo:lo + self.batch_size]
+                enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_length,
+                                     return_tensors="pt", add_special_tokens=not self.chat).to(self.device)
+                logits = self.model(**enc).logits.float()
+                vals = logits[:, 0] if self.label is None else logits.softmax(-1)[:, self.label]
+                for i, v in zip(idx, vals.tolist()):
+                    scores[i] = v
+        return scores
+
+
+def check_reward_model(path: str, label: int | None = None) -> int:
+    """From config.json alone, before any weights load: a sequence classifier, with a usable head. Returns
+    its number of labels."""
+    import json
+    from pathlib import Path
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise ValueError(f"reward.reward_model {path} is not a model directory (no config.json)")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("model_type") not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        raise ValueError(f"reward.reward_model {path}: model type {cfg.get('model_type')!r} has no sequence-classification head")
+    archs = cfg.get("architectures") or []
+    if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ValueError(f"reward.reward_model {path} is a {archs[0]}, not a sequence classifier: "
+                         "its score head would be random")
+    n = int(cfg.get("num_labels") or len(cfg.get("id2label") or {}) or 2)
+    if label is None and n != 1:
+        raise ValueError(f"reward.reward_model {path} has {n} labels: set reward.reward_model_label to the one to reward")
+    if label is not None and not 0 <= label < n:
+        raise ValueError(f"reward.reward_model_label {label} is out of range for {n} labels")
+    return n

