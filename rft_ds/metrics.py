@@ -65,8 +65,8 @@ def scalars(record: dict) -> dict[str, float]:
     """The plottable numbers of a record, grouped for dashboards: eval/..., time/..., train/..."""
     out = {}
     for k, v in record.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or k == "epoch":
-            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or k == "epoch" or k.endswith("_initial"):
+            continue  # *_initial: the eval before training, logged as step 0 by log_initial_eval
         group, name = ("eval", k[5:]) if k.startswith("eval_") else ("time", k[5:]) if k.startswith("time_") \
             else ("train", k)
         out[f"{group}/{name}"] = float(v)

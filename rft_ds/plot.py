@@ -1,7 +1,7 @@
 """PNG plots of a run's metrics.jsonl, per epoch: written at the end of every run, or by hand, also while a
 run is going or after it died:
 
-    python -m rft_ds.plot RUN_DIR            # -> RUN_DIR/plots/{summary,reward,threshold,kept,eval,loss}.png
+    python -m rft_ds.plot RUN_DIR     # -> RUN_DIR/plots/{summary,reward,threshold,kept,eval,loss,time}.png
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-PANELS = ("reward", "threshold", "kept", "eval", "loss")
+PANELS = ("reward", "threshold", "kept", "eval", "loss", "time")
+TIMES = ("sample", "score", "select", "train", "sync", "eval", "checkpoint")
 
 
 class PlotError(ValueError):
@@ -49,13 +50,13 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 def _line(ax: Any, records: list[dict], key: str, label: str, **kw: Any) -> bool:
     xs, ys = series(records, key)
     if xs:
-        ax.plot(xs, ys, marker="o", markersize=3, label=label, **kw)
+        ax.plot(xs, ys, label=label, **{"marker": "o", "markersize": 3, **kw})
     return bool(xs)
 
 
 def _reward(ax: Any, records: list[dict]) -> None:
     _line(ax, records, "sampled_reward_mean", "sampled mean")
-    _line(ax, records, "sampled_reward_max", "sampled max", linestyle="--")
+    _line(ax, records, "sampled_reward_max", "sampled max", linestyle="--", marker="^")
     _line(ax, records, "selected_reward_mean", "kept mean")
     _line(ax, records, "reward_mean", "pool mean", alpha=0.6)
     ax.set_title("reward of completions")
@@ -79,13 +80,14 @@ def _kept(ax: Any, records: list[dict]) -> None:
 
 
 def _eval(ax: Any, records: list[dict]) -> None:
-    initial = next((r["eval_reward_mean_initial"] for r in records if r.get("eval_reward_mean_initial") is not None), None)
-    before = [{"epoch": -1, "eval_reward_mean": initial}] if initial is not None else []
-    _line(ax, before + records, "eval_reward_mean", "eval reward (held out)")
-    extra = sorted({k for r in records for k, v in r.items() if k.startswith("eval_") and k not in
-                    ("eval_reward_mean", "eval_reward_mean_initial") and isinstance(v, (int, float))})
-    for k in extra:
-        _line(ax, records, k, k[5:], linestyle="--")
+    # the eval before training is kept in epoch 0's record as <key>_initial; drawn at x = 0
+    before = {k[: -len("_initial")]: v for k, v in records[0].items() if k.startswith("eval_") and k.endswith("_initial")}
+    keys = sorted({k for r in records for k, v in r.items() if k.startswith("eval_") and not k.endswith("_initial")
+                   and isinstance(v, (int, float)) and not isinstance(v, bool)} - {"eval_reward_mean"})
+    recs = ([{"epoch": -1, **before}] if before else []) + records
+    _line(ax, recs, "eval_reward_mean", "eval reward (held out)")
+    for k in keys:
+        _line(ax, recs, k, k[5:], linestyle="--")
     ax.set_title("held-out eval (epoch 0 = before training)")
 
 
@@ -94,11 +96,27 @@ def _loss(ax: Any, records: list[dict]) -> None:
     ax.set_title("cross-entropy loss")
 
 
+def _time(ax: Any, records: list[dict]) -> None:
+    """Where each epoch's seconds went, stacked."""
+    xs = [r["epoch"] + 1 for r in records]
+    bottom = [0.0] * len(records)
+    for stage in TIMES:
+        ys = [float(r.get(f"time_{stage}") or 0.0) for r in records]
+        if any(ys):
+            ax.bar(xs, ys, bottom=bottom, label=stage)
+            bottom = [b + y for b, y in zip(bottom, ys)]
+    ax.set_ylabel("seconds")
+    ax.set_title("time per epoch, by stage")
+
+
 DRAW: dict[str, Callable[[Any, list[dict]], None]] = {
-    "reward": _reward, "threshold": _threshold, "kept": _kept, "eval": _eval, "loss": _loss}
+    "reward": _reward, "threshold": _threshold, "kept": _kept, "eval": _eval, "loss": _loss, "time": _time}
 
 
 def _finish(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epochs done")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
@@ -120,7 +138,6 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, records: li
     for ax, name in zip(axes.flat, PANELS):
         DRAW[name](ax, records)
         _finish(ax)
-    axes.flat[-1].axis("off")
     fig.suptitle(f"rft_ds run {Path(run_dir).resolve().name}: {len(records)} epochs")
     fig.tight_layout()
     written.append(_save(fig, out / "summary.png"))

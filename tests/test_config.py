@@ -158,3 +158,11 @@ def test_invalid_ds_json(tmp_path):
         load_ds_config(p)
     with pytest.raises(ConfigError, match="file not found"):
         load_ds_config(tmp_path / "missing.json")
+
+
+def test_exponent_without_a_dot_is_a_number():
+    """YAML 1.1 reads 1e-3 as a string; the config takes it as the number everyone means."""
+    cfg = RFTRunConfig.from_dict({"model": {"model_path": "m"}}, ["train.learning_rate=1e-3"])
+    assert cfg.train.learning_rate == 1e-3
+    with pytest.raises(ConfigError, match="train.learning_rate must be float, got str 'fast'"):
+        RFTRunConfig.from_dict({"model": {"model_path": "m"}}, ["train.learning_rate=fast"])

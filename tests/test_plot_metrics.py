@@ -19,7 +19,7 @@ def records(n=6):
         if e % 2 == 1:
             r.update(eval_reward_mean=0.2 + 0.1 * e, eval_accuracy=0.1 * e)
         if e == 0:
-            r["eval_reward_mean_initial"] = 0.125
+            r.update(eval_reward_mean_initial=0.125, eval_accuracy_initial=0.0)
         out.append(r)
     return out
 
@@ -47,8 +47,21 @@ def test_panels_have_the_expected_series():
     assert set(_labels("kept", recs)) == {"kept completions", "pool size", "prompts with a kept completion"}
     ev = _labels("eval", recs)
     assert ev["eval reward (held out)"] == ([0, 2, 4, 6], pytest.approx([0.125, 0.3, 0.5, 0.7]))  # 0: before training
-    assert ev["accuracy"][0] == [2, 4, 6]  # metric_fn's numbers too
+    assert ev["accuracy"][0] == [0, 2, 4, 6]  # metric_fn's numbers too, before training included
     assert _labels("loss", recs)["train loss (kept completions)"][1] == pytest.approx([1 / (e + 1) for e in range(6)])
+
+
+def test_time_panel_stacks_the_stages():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    plot.DRAW["time"](ax, [{"epoch": 0, "time_sample": 3.0, "time_train": 5.0}, {"epoch": 1, "time_train": 4.0}])
+    bars = {c.get_label(): [p.get_height() for p in c.patches] for c in ax.containers}
+    assert bars == {"sample": [3.0, 0.0], "train": [5.0, 4.0]}
+    plt.close(fig)
 
 
 def test_plot_files_written_by_the_cli(tmp_path, capsys):
@@ -74,7 +87,7 @@ def test_plot_cli_errors_are_one_line(tmp_path, capsys):
 
 def test_scalars_grouping():
     s = scalars({"epoch": 3, "grow_step": True, "train_loss": 0.5, "eval_accuracy": 1, "time_train": 2.0,
-                 "selection_digest": "x", "sampled_reward_mean": None})
+                 "selection_digest": "x", "sampled_reward_mean": None, "eval_reward_mean_initial": 0.1})
     assert s == {"train/train_loss": 0.5, "eval/accuracy": 1.0, "time/train": 2.0}
 
 
