@@ -1,5 +1,5 @@
 """Share of an epoch per stage (sample / score / select / train / sync / checkpoint / eval) from a run's
-metrics.jsonl, e.g. after `make demo ARGS="train.save_interval=1"`:
+metrics.jsonl, e.g. after `make demo-tiny ARGS="train.save_interval=1"` (or `make demo`):
 
     python benchmarks/epoch_breakdown.py runs/tiny
 """

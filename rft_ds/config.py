@@ -172,7 +172,24 @@ class RFTRunConfig:
         return cls.from_dict(d, overrides)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain values for config.yaml, checkpoints and dashboards. Prompts given as objects (a list, a
+        datasets.Dataset) are summarised, not copied into every checkpoint; prompts_digest covers them."""
+        data = self.data
+        saved = data.prompts, data.eval_prompts
+        data.prompts, data.eval_prompts = (_describe_source(s) for s in saved)
+        try:
+            return dataclasses.asdict(self)
+        finally:
+            data.prompts, data.eval_prompts = saved
+
+
+def _describe_source(source: Any) -> Any:
+    if source is None or isinstance(source, (str, Path)):
+        return None if source is None else str(source)
+    try:
+        return f"<{type(source).__name__} of {len(source)} prompts, given in Python>"
+    except TypeError:
+        return f"<{type(source).__name__}, given in Python>"
 
 
 def apply_override(d: dict, override: str) -> None:

@@ -160,6 +160,13 @@ def test_invalid_ds_json(tmp_path):
         load_ds_config(tmp_path / "missing.json")
 
 
+def test_prompts_given_as_objects_are_summarised_not_copied():
+    cfg = RFTRunConfig.from_dict({"model": {"model_path": "m"}, "data": {"prompts": ["a", "b"], "eval_prompts": "e.jsonl"}})
+    d = cfg.to_dict()
+    assert d["data"]["prompts"] == "<list of 2 prompts, given in Python>" and d["data"]["eval_prompts"] == "e.jsonl"
+    assert cfg.data.prompts == ["a", "b"]  # the config itself is untouched
+
+
 def test_exponent_without_a_dot_is_a_number():
     """YAML 1.1 reads 1e-3 as a string; the config takes it as the number everyone means."""
     cfg = RFTRunConfig.from_dict({"model": {"model_path": "m"}}, ["train.learning_rate=1e-3"])
