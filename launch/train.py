@@ -24,11 +24,14 @@ EXIT_STOPPED = 3  # checkpointed on SIGTERM/SIGUSR1, not finished: requeue and r
 
 
 def is_collective_failure(e: BaseException) -> bool:
+    """A peer died or stalled: torch's distributed error types, or the text of a gloo/NCCL failure raised as a
+    plain RuntimeError. Not any error that happens to say "timeout" (a reward server's, say)."""
     import torch.distributed as dist
 
+    if isinstance(e, getattr(dist, "DistError", ())):  # DistBackendError, DistNetworkError, DistStoreError
+        return True
     text = str(e).lower()
-    return isinstance(e, dist.DistBackendError) or any(
-        k in text for k in ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout"))
+    return any(k in text for k in ("/gloo/", "gloo::", "nccl", "connection closed by peer", "connection reset by peer"))
 
 
 def main(argv: list[str] | None = None) -> int:

