@@ -20,12 +20,13 @@ def bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not show, leave=False, dynamic_ncols=True)
 
 
-def vllm_bar(desc: str, n_per_request: int) -> Callable[..., Any]:
-    """For vLLM's use_tqdm: it counts requests in `total` but advances by completions (n per request)."""
+def vllm_bar(desc: str) -> Callable[..., Any]:
+    """For vLLM's use_tqdm: our label. vLLM 0.32 fans a request with n samples out into n sub-requests,
+    so its total and its steps already count samples."""
     from tqdm.auto import tqdm
 
     def make(*args: Any, **kwargs: Any) -> Any:
-        kwargs.update(desc=desc, total=kwargs.get("total", 0) * n_per_request, unit="sample", leave=False)
+        kwargs.update(desc=desc, unit="sample", leave=False)
         return tqdm(*args, **kwargs)
 
     return make

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -227,6 +228,9 @@ def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any
 
     # First thing: a SIGUSR1/SIGTERM during start-up would otherwise kill the rank (its default action).
     signals = StopSignals().install()
+    # DeepSpeed calls torch.distributed functions torch has renamed; the warning, once per call site and
+    # rank, is about DeepSpeed's code, not the user's, and buries the progress bars.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     try:
         return _run(cfg, reward_fn, prompts, eval_prompts, metric_fn, stop_sequences, signals)
     finally:

@@ -3,6 +3,7 @@ model with a reward model as scorer, TensorBoard, progress bars and plots (the f
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,7 +114,10 @@ def test_demo_config_on_tiny_model_with_reward_model(tmp_path, classifier):
     assert [r["epoch"] for r in m] == [0, 1] and m[0]["n_sampled"] == 24 * 4
     assert "eval_accuracy" in m[-1] and "eval_has_number" in m[-1]  # metric_fn on the eval split
     assert "held-out reward mean:" in out and "held-out accuracy:" in out  # before -> after, printed
-    assert "epoch 1: sample" in out and "train" in out  # tqdm bars on rank 0 (forced on: no TTY here)
+    # tqdm bars on rank 0 (forced on: no TTY here); a rank samples 12 prompts x 4 = 48 completions
+    assert re.search(r"epoch 1: sample: +\d+%\|[^|]*\| \d+/48 ", out), out[-3000:]
+    assert re.search(r"train: +\d+%\|[^|]*\| \d+/\d+ .*loss=", out)
+    assert not re.search(r"torch\.distributed\.\w+` is deprecated", out)  # DeepSpeed's FutureWarnings, filtered
 
     # every sample's score in the all-gathered pool is what the reward model says of it, scored here alone
     import torch

@@ -118,7 +118,7 @@ class VLLMSampler:
         torch.manual_seed(seed)
         self.llm.reset_prefix_cache()
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params,
-                                 use_tqdm=vllm_bar(progress, n) if progress else False)
+                                 use_tqdm=vllm_bar(progress) if progress else False)
         return [[self._completion(c) for c in o.outputs] for o in outs]
 
     def _completion(self, c: Any) -> Completion:
