@@ -19,6 +19,9 @@ def train(
 ):
     """Run rejection fine-tuning and return an `RFTResult` (engine, tokenizer, per-epoch metrics).
 
+    prompts / eval_prompts: a list of strings or dicts (other keys are metadata), a datasets.Dataset or
+    DatasetDict, a .jsonl/.json/.csv/.parquet file, a save_to_disk directory, or "module:function".
+
     reward_fn(samples, prompts, outputs, **kwargs) -> list[float], higher is better; kwargs carry the
     tokenizer, prompt_ids and the metadata of dict prompts (trlx's contract). Arguments left as None fall
     back to the config (`reward.reward_fn`, `data.prompts`, ...). Under `deepspeed` every rank calls this;
