@@ -4,15 +4,15 @@ metrics.jsonl, e.g. after `make demo-tiny ARGS="train.save_interval=1"` (or `mak
     python benchmarks/epoch_breakdown.py runs/tiny
 """
 
-import json
 import sys
-from pathlib import Path
 
-STAGES = ("time_sample", "time_score", "time_select", "time_train", "time_sync", "time_checkpoint", "time_eval")
+from rft_ds.plot import TIMES, read_metrics
+
+STAGES = tuple(f"time_{s}" for s in TIMES)
 
 
 def main(run_dir: str) -> None:
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
     total = sum(r["time_epoch"] for r in rows)
     sums = {s: sum(r.get(s) or 0.0 for r in rows) for s in STAGES}
     other = total - sum(sums.values())

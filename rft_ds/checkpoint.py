@@ -18,6 +18,7 @@ complete and `latest` pointing at it; a damaged one fails its manifest and is sk
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ import random
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -159,18 +160,20 @@ def prompts_digest(texts: list[str], metadata: list[dict]) -> str:
     return h.hexdigest()
 
 
-def replace_dir(tmp: Path, out: Path) -> Path:
-    """Put the finished directory `tmp` at `out`. The old `out` is moved aside and removed only after the
-    rename, so at every moment `out` is a whole directory (old or new) or, briefly, absent with the old
-    one intact beside it as `<out>.old`."""
-    tmp, out = Path(tmp), Path(out)
-    old = out.with_name(out.name + ".old")
+@contextlib.contextmanager
+def replacing_dir(out: str | Path) -> Iterator[Path]:
+    """Write a directory into the yielded `<out>.tmp`, then put it at `out`. The old `out` is moved aside
+    and removed only after the rename, so at every moment `out` is a whole directory (old or new) or,
+    briefly, absent with the old one intact beside it as `<out>.old`. A failed write leaves `out` as it was."""
+    out = Path(out)
+    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-write
+    yield tmp
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
         out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
-    return out
 
 
 # --- save / load (collective: every rank calls them) ----------------------------------------------
@@ -189,8 +192,6 @@ def _free_space_note(root: Path) -> str:
 def _writing(root: Path):
     """Re-raise a write error with the free space on its disk: torch's writer reports a full disk as
     'unexpected pos 64 vs 0', which names neither the disk nor the cause."""
-    import contextlib
-
     @contextlib.contextmanager
     def guard():
         try:

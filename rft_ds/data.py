@@ -95,7 +95,7 @@ def _load_from_disk(path: Path, what: str, split: str) -> list[dict]:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # datasets raises a zoo of types for a damaged directory
-        raise DataError(f"{what}: cannot load dataset {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise DataError(f"{what}: cannot load dataset {path}: {_first_line(e)}") from None
     return _rows(ds, what, split)
 
 
@@ -112,9 +112,12 @@ def _load_data_files(pattern: str, builder: str, what: str) -> list[dict]:
     try:
         ds = datasets.load_dataset(builder, data_files=files, split="train")
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{what}: cannot read {pattern} as {builder}: {msg}") from None
+        raise DataError(f"{what}: cannot read {pattern} as {builder}: {_first_line(e)}") from None
     return ds.to_list()
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _read_jsonl(path: Path, what: str, prompt_field: str) -> list:

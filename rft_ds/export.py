@@ -9,11 +9,10 @@ as safetensors with the tokenizer and generation config. The result loads in
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
-from rft_ds.checkpoint import CheckpointError, replace_dir, verify
+from rft_ds.checkpoint import CheckpointError, replacing_dir, verify
 
 
 def resolve(ckpt: str | Path) -> Path:
@@ -48,13 +47,12 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
                               f"unexpected {sorted(unexpected)[:3]})")
     if tied:
         model.tie_weights()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)
-    if (ckpt / "hf" / "generation_config.json").is_file():
-        GenerationConfig.from_pretrained(ckpt / "hf").save_pretrained(tmp)
-    return replace_dir(tmp, out)
+    with replacing_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)
+        if (ckpt / "hf" / "generation_config.json").is_file():
+            GenerationConfig.from_pretrained(ckpt / "hf").save_pretrained(tmp)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

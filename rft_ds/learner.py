@@ -130,11 +130,9 @@ class Learner:
 
     def save_hf(self, out_dir: str | Path, tokenizer: Any, is_main: bool) -> None:
         """Gather the full weights one parameter at a time and write a plain HF directory (rank 0)."""
-        import shutil
-
         import deepspeed
 
-        from rft_ds.checkpoint import replace_dir
+        from rft_ds.checkpoint import replacing_dir
 
         state = {}
         for name, p in self.module.named_parameters():
@@ -142,9 +140,6 @@ class Learner:
                 if is_main:
                     state[name] = p.detach().to("cpu", copy=True)
         if is_main:
-            out = Path(out_dir)
-            tmp = out.with_name(out.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
-            self.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            replace_dir(tmp, out)
+            with replacing_dir(out_dir) as tmp:
+                self.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 PANELS = ("reward", "threshold", "kept", "eval", "loss", "time")
-TIMES = ("sample", "score", "select", "train", "sync", "eval", "checkpoint")
+TIMES = ("sample", "score", "select", "train", "sync", "checkpoint", "eval")  # the time_<stage> metrics
 
 
 class PlotError(ValueError):
@@ -47,11 +47,10 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
-def _line(ax: Any, records: list[dict], key: str, label: str, **kw: Any) -> bool:
+def _line(ax: Any, records: list[dict], key: str, label: str, **kw: Any) -> None:
     xs, ys = series(records, key)
     if xs:
         ax.plot(xs, ys, label=label, **{"marker": "o", "markersize": 3, **kw})
-    return bool(xs)
 
 
 def _reward(ax: Any, records: list[dict]) -> None:

@@ -113,10 +113,7 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
 
         if reward_fn is not None:
             raise ConfigError("set reward.reward_fn or reward.reward_model, not both")
-        try:
-            check_reward_model(cfg.reward.reward_model, cfg.reward.reward_model_label)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        check_reward_model(cfg.reward.reward_model, cfg.reward.reward_model_label)
     elif reward_fn is None:
         raise ConfigError("reward.reward_fn or reward.reward_model is required (a callable, or 'module:function' in "
                           "the config)")

@@ -80,11 +80,10 @@ class RewardModel:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        num_labels = check_reward_model(path, label)
+        check_reward_model(path, label)
         if device is None:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         self.device, self.batch_size, self.max_length, self.label = device, batch_size, max_length, label
-        self.num_labels = num_labels
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.truncation_side = "left"  # keep the end: the completion is what is judged
         if self.tokenizer.pad_token is None:
@@ -124,18 +123,18 @@ def check_reward_model(path: str, label: int | None = None) -> int:
     its number of labels."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
-    from rft_ds.config import read_model_config
+    from rft_ds.config import ConfigError, read_model_config
 
     cfg = read_model_config(path, "reward.reward_model")
     if cfg.get("model_type") not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
-        raise ValueError(f"reward.reward_model {path}: model type {cfg.get('model_type')!r} has no sequence-classification head")
+        raise ConfigError(f"reward.reward_model {path}: model type {cfg.get('model_type')!r} has no sequence-classification head")
     archs = cfg.get("architectures") or []
     if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
-        raise ValueError(f"reward.reward_model {path} is a {archs[0]}, not a sequence classifier: "
+        raise ConfigError(f"reward.reward_model {path} is a {archs[0]}, not a sequence classifier: "
                          "its score head would be random")
     n = int(cfg.get("num_labels") or len(cfg.get("id2label") or {}) or 2)
     if label is None and n != 1:
-        raise ValueError(f"reward.reward_model {path} has {n} labels: set reward.reward_model_label to the one to reward")
+        raise ConfigError(f"reward.reward_model {path} has {n} labels: set reward.reward_model_label to the one to reward")
     if label is not None and not 0 <= label < n:
-        raise ValueError(f"reward.reward_model_label {label} is out of range for {n} labels")
+        raise ConfigError(f"reward.reward_model_label {label} is out of range for {n} labels")
     return n

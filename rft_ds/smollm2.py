@@ -71,11 +71,14 @@ def build(path: str | Path) -> Path:
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
+    if is_built(path):  # another node's builder (shared file system) finished first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        return path
+    shutil.rmtree(path, ignore_errors=True)  # a partial directory left by hand, never one of ours
     try:
-        shutil.rmtree(path, ignore_errors=True)  # a partial directory left by hand, never one of ours
         tmp.rename(path)
     except OSError:
-        if not is_built(path):  # another node's builder (shared file system) may have won the rename
+        if not is_built(path):  # lost the rename race to another builder: fine if theirs is whole
             raise
         shutil.rmtree(tmp, ignore_errors=True)
     return path

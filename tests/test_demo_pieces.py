@@ -68,21 +68,6 @@ def test_smollm2_builds_a_plain_hf_directory(tmp_path):
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
 
 
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory, tiny_model):
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
-
-    path = tmp_path_factory.mktemp("rm") / "rm"
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    torch.manual_seed(0)
-    LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                                               num_labels=1, pad_token_id=tok.pad_token_id)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 @pytest.mark.slow
 def test_demo_config_on_tiny_model_with_reward_model(tmp_path, classifier):
     """launch/configs/smollm2.yaml with the tiny model: 2 ranks, arithmetic prompts from a parquet file, a

@@ -26,23 +26,6 @@ def test_numeric_and_exact_match():
     assert accuracy([], [], ["42", "x"], answer=["42", "1"]) == {"accuracy": 0.5, "has_number": 0.5}
 
 
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory, tiny_model):
-    """A tiny Llama sequence classifier (1 label) with the toy tokenizer: a real HF reward model, built here."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
-
-    path = tmp_path_factory.mktemp("rm") / "rm"
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id,
-                      attention_dropout=0.5)  # dropout on: only eval mode gives repeatable scores
-    torch.manual_seed(0)
-    LlamaForSequenceClassification(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_reward_model_scores_are_batch_independent(classifier):
     prompts = ["abc say k:", "xy say q:", "say a:", "longer context here say z:"] * 3
     outputs = ["kkk", "q", "", "zz zz zz", "a", "b", "c", "kkkkkkkkkk", "q q", "abc", "zzz", "k"]
