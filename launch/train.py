@@ -18,6 +18,7 @@ from rft_ds.config import ConfigError, RFTRunConfig  # noqa: E402
 from rft_ds.data import DataError  # noqa: E402
 from rft_ds.distributed import RankError  # noqa: E402
 from rft_ds.scoring import RewardError  # noqa: E402
+from rft_ds.weight_sync import ParityError  # noqa: E402
 
 
 EXIT_STOPPED = 3  # checkpointed on SIGTERM/SIGUSR1, not finished: requeue and resume (launch/slurm/rft.sbatch does)
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         import rft_ds
 
         result = rft_ds.train(config=cfg, resume=args.resume)
-    except (ConfigError, DataError, RewardError, RankError, CheckpointError) as e:
+    except (ConfigError, DataError, RewardError, RankError, CheckpointError, ParityError) as e:
         print(f"rft_ds: error (rank {rank}): {e}", file=sys.stderr, flush=True)
         return 2 if isinstance(e, (ConfigError, DataError, CheckpointError)) else 1
     except RuntimeError as e:  # torch.distributed raises these when a peer dies or stalls past the timeout

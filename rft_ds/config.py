@@ -109,6 +109,9 @@ class SamplerConfig:
     parity_check: str = "first"  # first: after the first sync of every run; always; off
     parity_tolerance: Optional[float] = None  # max |logprob diff|; None: 1e-3 in fp32, 0.5 in bf16/fp16
     parity_probes: int = 4
+    # Stale-weight check, every grow step: mean |engine log p - training model log p| over the sampled tokens
+    # of this epoch's rows, from the first training forward. None: 1e-3 for an fp32 engine, 0.1 in bf16/fp16.
+    stale_tolerance: Optional[float] = None
 
 
 @dataclass
@@ -354,6 +357,8 @@ def validate(cfg: RFTRunConfig) -> None:
     _require(sp.parity_tolerance is None or sp.parity_tolerance > 0,
              f"sampler.parity_tolerance must be > 0, got {sp.parity_tolerance}")
     _require(sp.parity_probes >= 1, f"sampler.parity_probes must be >= 1, got {sp.parity_probes}")
+    _require(sp.stale_tolerance is None or sp.stale_tolerance > 0,
+             f"sampler.stale_tolerance must be > 0, got {sp.stale_tolerance}")
     _require(all(isinstance(x, str) and x for x in cfg.reward.stop_sequences),
              "reward.stop_sequences must be a list of non-empty strings")
     for name in ("reward_fn", "metric_fn"):

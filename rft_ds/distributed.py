@@ -1,4 +1,12 @@
-"""Small torch.distributed helpers: rank facts, object gathers, and failing together instead of hanging.
+"""torch.distributed for rft_ds: this rank's device, every collective, and failing together instead of hanging.
+
+Two rules live here and nowhere else:
+- The device rule (`local_device`): which device this rank uses, decided once from the launcher's
+  environment (deepspeed/torchrun LOCAL_RANK, or Slurm's SLURM_LOCALID with per-task GPU binding) and
+  set with torch.cuda.set_device before the process group starts.
+- The communication rule: every collective of the package goes through the functions below, which move
+  tensors to the backend's device (CUDA under NCCL, CPU under gloo) and back. NCCL refuses CPU tensors,
+  and gloo CUDA ones; a test keeps other modules from calling torch.distributed collectives directly.
 
 A rank that raises inside a stage would leave the others blocked in their next collective until the
 process-group timeout. `all_ranks_or_fail` turns a local exception into one every rank raises.
@@ -11,13 +19,99 @@ import datetime
 import os
 import socket
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
+import torch
 import torch.distributed as dist
+
+from rft_ds.config import ConfigError
 
 
 class RankError(RuntimeError):
     """Raised on every rank when a stage failed on at least one of them."""
+
+
+class DeviceError(ConfigError):
+    """This rank has no device it can use (checked before the process group starts and any model loads)."""
+
+
+_device: torch.device | None = None  # set once by init(); the device of every module this rank builds
+
+
+def _tasks_on_this_node(env: Mapping[str, str]) -> int | None:
+    """Slurm's task count on this node: SLURM_TASKS_PER_NODE is e.g. '2(x3),1' (per node, in node order)."""
+    if env.get("SLURM_NTASKS_PER_NODE"):
+        return int(env["SLURM_NTASKS_PER_NODE"])
+    spec, node = env.get("SLURM_TASKS_PER_NODE"), int(env.get("SLURM_NODEID", "0"))
+    if not spec:
+        return None
+    counts: list[int] = []
+    for part in spec.split(","):
+        n, _, rep = part.partition("(x")
+        counts += [int(n)] * (int(rep.rstrip(")")) if rep else 1)
+    return counts[node] if node < len(counts) else None
+
+
+def _gpus_bound_per_task(env: Mapping[str, str]) -> bool:
+    """srun --gpus-per-task (SLURM_GPUS_PER_TASK; newer Slurm also SLURM_TRES_PER_TASK=gres/gpu:N): each task
+    sees only its own GPUs, so its device index is 0 whatever its SLURM_LOCALID."""
+    return bool(env.get("SLURM_GPUS_PER_TASK")) or "gpu" in env.get("SLURM_TRES_PER_TASK", "")
+
+
+def local_device(env: Mapping[str, str], cuda_count: int) -> str:
+    """'cpu' or 'cuda:<i>' for this rank, from the launcher's environment and the GPUs it can see.
+
+    cuda_count is torch.cuda.device_count() in this process (CUDA_VISIBLE_DEVICES already applied).
+    - deepspeed / torchrun (they set LOCAL_SIZE / LOCAL_WORLD_SIZE) give every rank all of the node's GPUs:
+      device LOCAL_RANK, and there must be a GPU for every local rank.
+    - srun with --gpus-per-task: each task sees only its own GPUs: device 0.
+    - srun with --gpus-per-node (or --gres): every task sees the node's GPUs: device SLURM_LOCALID.
+    - plain python: LOCAL_RANK or 0.
+    Raises DeviceError, the same on every rank of a node, when the ranks outnumber the GPUs."""
+    if cuda_count <= 0:
+        return "cpu"
+    visible = f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']!r}" if "CUDA_VISIBLE_DEVICES" in env else \
+        "CUDA_VISIBLE_DEVICES unset"
+    launcher = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE")
+    if launcher:
+        local, n_local, who = int(env.get("LOCAL_RANK", "0")), int(launcher), "the launcher"
+    elif "SLURM_PROCID" in env and "RANK" not in env:
+        if _gpus_bound_per_task(env):
+            return "cuda:0"
+        local, n_local, who = int(env.get("SLURM_LOCALID", "0")), _tasks_on_this_node(env), "srun"
+    else:
+        local, n_local, who = int(env.get("LOCAL_RANK", "0")), None, "this process"
+    if n_local is not None and n_local > cuda_count:
+        raise DeviceError(f"{who} started {n_local} ranks on this node but only {cuda_count} GPU(s) are visible "
+                          f"({visible}); start one rank per GPU (srun: --gpus-per-task=1 or --gpus-per-node={n_local})")
+    if local >= cuda_count:
+        raise DeviceError(f"local rank {local} has no GPU: only {cuda_count} visible ({visible})")
+    return f"cuda:{local}"
+
+
+def resolve_backend(requested: str, cuda_count: int) -> str:
+    """train.dist_backend -> 'nccl' or 'gloo'. NCCL without a visible GPU is a DeviceError."""
+    if requested == "auto":
+        return "nccl" if cuda_count > 0 else "gloo"
+    if requested == "nccl" and cuda_count <= 0:
+        raise DeviceError("train.dist_backend=nccl but no CUDA device is visible on this host "
+                          f"(torch {torch.__version__}, CUDA {'built' if torch.backends.cuda.is_built() else 'not built'})"
+                          "; use train.dist_backend=gloo (or auto) on CPU")
+    return requested
+
+
+def device() -> torch.device:
+    """This rank's device: every module it builds lives there, and every input goes there first."""
+    if _device is not None:
+        return _device
+    return torch.device(local_device(os.environ, torch.cuda.device_count()))
+
+
+def comm_device() -> torch.device:
+    """Where tensors must be for this process group's collectives: CUDA under NCCL, CPU otherwise."""
+    if is_dist() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def is_dist() -> bool:
@@ -38,11 +132,14 @@ def is_main() -> bool:
 
 def init(backend: str = "auto", timeout_s: int = 600) -> None:
     """Join the launcher's process group, or make a 1-process one for plain `python` (the trlx-style API)."""
+    global _device
     if is_dist():
         return
     import deepspeed
-    import torch
 
+    cuda_count = torch.cuda.device_count()
+    dev = torch.device(local_device(os.environ, cuda_count))  # from the launcher's env, before we add to it
+    backend = resolve_backend(backend, cuda_count)
     if "RANK" not in os.environ:  # srun starts tasks itself: take ranks and master from Slurm
         from rft_ds.slurm import torch_env
 
@@ -50,8 +147,12 @@ def init(backend: str = "auto", timeout_s: int = 600) -> None:
     if "RANK" not in os.environ:  # plain `python`: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        # DeepSpeed takes LOCAL_RANK as the device ordinal (engine, zero.Init): under per-task GPU binding
+        # that is 0, not the task's place on the node.
+        os.environ["LOCAL_RANK"] = str(dev.index)
+    _device = dev
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     _release_deepspeed_shm()
     try:  # host:pid of every rank, so a survivor can name a lost one (lost_ranks)
@@ -144,12 +245,23 @@ def barrier() -> None:
         dist.barrier()
 
 
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """A reduced copy of t on every rank, on t's own device. The collective runs on comm_device()."""
+    if not is_dist():
+        return t.clone()
+    buf = t.to(comm_device(), copy=True)
+    dist.all_reduce(buf, op=_OPS[op])
+    return buf.to(t.device)
+
+
+def max_over_ranks(n: int) -> int:
+    """The largest of every rank's n (so that ranks agree on a count of collective calls)."""
+    return int(all_reduce(torch.tensor([n], dtype=torch.long), "max").item())
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if it is True on any (a signal may reach only some ranks)."""
-    if not is_dist():
-        return flag
-    import torch
-
-    t = torch.tensor([int(flag)], dtype=torch.long)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(max_over_ranks(int(flag)))

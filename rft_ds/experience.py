@@ -20,6 +20,9 @@ IGNORE_INDEX = -100
 class Row:
     input_ids: np.ndarray  # int64
     labels: np.ndarray  # int64, IGNORE_INDEX on the prompt
+    # The sampler's log p of each label token, for a completion this rank sampled this epoch (the
+    # stale-weight check); None otherwise.
+    ref_logprobs: np.ndarray | None = None
 
 
 def build_row(prompt_ids: Sequence[int], completion_ids: Sequence[int], eos: bool, eos_id: int,

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from rft_ds.config import ConfigError, TrainConfig
-from rft_ds.experience import Row, collate
+from rft_ds.experience import IGNORE_INDEX, Row, collate
 
 
 def load_ds_config(path: str | Path) -> dict:
@@ -83,6 +84,45 @@ def _walk(d: Any, prefix: str = ""):
         yield prefix.rstrip("."), d
 
 
+@dataclass
+class TrainStats:
+    """One rank's pass over its micro-batches: the losses, and |sampler log p - model log p| over the label
+    tokens of the rows this rank sampled this epoch, seen before the first optimizer step."""
+
+    losses: list[float] = field(default_factory=list)
+    logprob_abs_sum: float = 0.0
+    logprob_abs_max: float = 0.0
+    logprob_tokens: int = 0
+
+    def add_logprob_diffs(self, diffs: np.ndarray) -> None:
+        if diffs.size:
+            self.logprob_abs_sum += float(diffs.sum())
+            self.logprob_abs_max = max(self.logprob_abs_max, float(diffs.max()))
+            self.logprob_tokens += int(diffs.size)
+
+
+def label_logprob_diffs(logits: Any, labels: Any, rows: Sequence[Row]) -> np.ndarray:
+    """|model log p - sampler log p| of every label token of the rows that carry the sampler's log p.
+
+    logits[:, t] predicts labels[:, t + 1] (HF's shift); only label positions go through log_softmax, so
+    the extra memory is (label tokens x vocab), not (batch x width x vocab)."""
+    import torch
+
+    with torch.no_grad():
+        shifted = labels[:, 1:]
+        mask = shifted != IGNORE_INDEX
+        picked = logits[:, :-1][mask].float()
+        logp = torch.log_softmax(picked, dim=-1).gather(-1, shifted[mask][:, None])[:, 0].cpu().numpy()
+        counts = mask.sum(dim=1).cpu().tolist()
+    diffs, start = [], 0
+    for row, n in zip(rows, counts):
+        if row.ref_logprobs is not None:
+            m = min(n, len(row.ref_logprobs))
+            diffs.append(np.abs(logp[start:start + m] - row.ref_logprobs[:m]))
+        start += n
+    return np.concatenate(diffs) if diffs else np.zeros(0)
+
+
 class Learner:
     """Owns the DeepSpeed engine. `engine.module` is the HF model (parameters partitioned)."""
 
@@ -106,24 +146,35 @@ class Learner:
     def module(self):
         return self.engine.module
 
+    @property
+    def device(self):
+        """Where the engine computes (the device rule's choice): every input goes here first."""
+        return self.engine.device
+
     def train_micro_batches(self, rows: Sequence[Row], micro_batches: Sequence[np.ndarray], pad_id: int,
-                            progress: bool = False) -> list[float]:
-        """One pass over this rank's micro-batches; DeepSpeed steps the optimizer every grad_accum of them."""
+                            progress: bool = False) -> TrainStats:
+        """One pass over this rank's micro-batches; DeepSpeed steps the optimizer every grad_accum of them.
+
+        The forwards before the first optimizer step also give the stale-weight check its numbers: the
+        model's log p of each label token of rows that carry the sampler's (no extra forward pass)."""
         import torch
 
         from rft_ds.progress import bar
 
         self.engine.train()
-        losses = []
+        stats = TrainStats()
         pbar = bar(micro_batches, desc="train", show=progress, unit="micro-batch")
-        for idx in pbar:
-            batch = {k: torch.from_numpy(v).to(self.engine.device) for k, v in collate([rows[i] for i in idx], pad_id).items()}
-            loss = self.engine(**batch, use_cache=False).loss
-            self.engine.backward(loss)
+        for k, idx in enumerate(pbar):
+            batch_rows = [rows[i] for i in idx]
+            batch = {key: torch.from_numpy(v).to(self.device) for key, v in collate(batch_rows, pad_id).items()}
+            out = self.engine(**batch, use_cache=False)
+            if k < self.grad_accum and any(r.ref_logprobs is not None for r in batch_rows):
+                stats.add_logprob_diffs(label_logprob_diffs(out.logits, batch["labels"], batch_rows))
+            self.engine.backward(out.loss)
             self.engine.step()
-            losses.append(float(loss.detach()))
-            pbar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-        return losses
+            stats.losses.append(float(out.loss.detach()))
+            pbar.set_postfix(loss=f"{stats.losses[-1]:.4f}", refresh=False)
+        return stats
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])

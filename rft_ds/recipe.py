@@ -104,6 +104,11 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
 
     # set by every launcher (srun: SLURM_NTASKS); the process group comes later
     world = int(os.environ.get("WORLD_SIZE") or torch_env(os.environ).get("WORLD_SIZE", "1"))
+    import torch
+
+    # The device rule, checked here so a rank without a usable GPU stops before anything loads (init applies it).
+    D.local_device(os.environ, torch.cuda.device_count())
+    D.resolve_backend(cfg.train.dist_backend, torch.cuda.device_count())
     ckpt = resolve_resume(cfg.train.resume, cfg.train.output_dir, world)
     if cfg.sampler.backend == "vllm":
         engine_group(0, world, cfg.sampler.tensor_parallel_size)
@@ -155,8 +160,6 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
             raise ConfigError(str(e)) from None
     check_causal_lm(cfg.model.model_path)
     if cfg.sampler.backend == "vllm":
-        import torch
-
         from rft_ds.sampling.vllm import check_servable
 
         check_servable(cfg.model.model_path, on_cpu=not torch.cuda.is_available())
@@ -203,7 +206,7 @@ def make_sampler(cfg: RFTRunConfig, learner: Any, tokenizer: Any, ds_config: dic
     if cfg.sampler.backend == "hf":
         from rft_ds.sampling.hf import HFSampler
 
-        return HFSampler(learner.module, tokenizer, cfg.sampler.batch_size, stop_sequences), None
+        return HFSampler(learner.module, tokenizer, cfg.sampler.batch_size, stop_sequences, learner.device), None
 
     from rft_ds.sampling.vllm import VLLMSampler
     from rft_ds.weight_sync import WeightSync
@@ -240,7 +243,7 @@ def _run(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, met
     from rft_ds.faults import maybe_die
     from rft_ds.learner import Learner
     from rft_ds.sampling.vllm import engine_group
-    from rft_ds.weight_sync import parity_check
+    from rft_ds.weight_sync import check_stale_weights, parity_check
 
     reward_fn, metric_fn, train, evals, tokenizer, ds_config, ckpt = prepare(cfg, reward_fn, prompts, eval_prompts,
                                                                              metric_fn)
@@ -275,6 +278,8 @@ def _run(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, met
     # bf16/fp16: the engine's logits are rounded to half precision, and one bf16 step of a logit near 32-64 is
     # 0.25, so a 30-layer model legitimately differs by ~0.1-0.2 (SmolLM2-135M: 0.04-0.12 measured)
     parity_tol = sp.parity_tolerance or (1e-3 if weight_sync and weight_sync.dtype == torch.float32 else 0.5)
+    stale_tol = sp.stale_tolerance or (1e-3 if weight_sync and weight_sync.dtype == torch.float32 else 0.1)
+    dropout = has_dropout(learner.module.config)  # the training forward is then noisy: the check only logs
     probes = train.records[: sp.parity_probes]
     pools = Pools(dedup=sel.dedup)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -287,7 +292,7 @@ def _run(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, met
 
     def check_parity() -> float:
         return parity_check(learner.module, sampler, [r.token_ids for r in probes], min(8, m.gen_kwargs["max_new_tokens"]),
-                            parity_tol, pad_id, [r.text for r in probes])
+                            parity_tol, pad_id, [r.text for r in probes], learner.device)
 
     do_eval = evals is not None and t.eval_interval > 0
 
@@ -332,13 +337,15 @@ def _run(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, met
         t0 = time.perf_counter()
 
         # 1. Sample (grow steps only): this rank's shard of prompts, N completions each.
-        n_sampled, time_score = 0, 0.0
+        n_sampled, time_score, fresh = 0, 0.0, {}
         if step.grow:
             maybe_die("sample", epoch)
             mine = [train.records[i] for i in shard(len(train.records), group, n_groups)]
             comps = sampler.generate([r.token_ids for r in mine], m.n_generations_per_prompt, m.gen_kwargs,
-                                     _sample_seed(t.seed, epoch, group, 0), f"epoch {epoch + 1}: sample" if show else None)
+                                     _sample_seed(t.seed, epoch, group, 0), f"epoch {epoch + 1}: sample" if show else None,
+                                     logprobs=weight_sync is not None)
             local = _to_samples(mine, comps) if contributes else Samples.empty()
+            fresh = _sampled_logprobs(mine, comps) if contributes else {}
             t1 = time.perf_counter()
             # 2. Score this rank's completions, all-gather the global table, add it to the pools.
             table, _ = score_and_gather(reward_fn, local, train.texts, train.metadata, tokenizer, stop_sequences,
@@ -353,9 +360,13 @@ def _run(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, met
         # 3. Select (pure, identical on every rank) and build training rows from token ids.
         pool = pools.samples
         keep, thr = select(pool.prompt_id, pool.score, step.percentile, sel.strategy, sel.top_k, sel.min_score)
-        rows = [build_row(train.records[pool.prompt_id[i]].token_ids, pool.tokens[i], bool(pool.eos[i]), eos_id,
-                          t.max_seq_length) for i in np.flatnonzero(keep)]
-        rows = [r for r in rows if r is not None]
+        rows = []
+        for i in np.flatnonzero(keep):
+            row = build_row(train.records[pool.prompt_id[i]].token_ids, pool.tokens[i], bool(pool.eos[i]), eos_id,
+                            t.max_seq_length)
+            if row is not None:
+                row.ref_logprobs = fresh.get((int(pool.prompt_id[i]), int(pool.digest[i])))  # sampled here, now
+                rows.append(row)
         micro = plan_micro_batches(len(rows), t.seed, epoch, rank, world, learner.micro_batch_size, learner.grad_accum)
         digest = selection_digest(pool, keep)
         t3 = time.perf_counter()
@@ -364,7 +375,7 @@ def _run(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, met
         if weight_sync:
             sampler.sleep()  # GPU sleep mode: give the engine's memory to training (no-op otherwise)
         maybe_die("train", epoch)
-        losses = learner.train_micro_batches(rows, micro, pad_id, show)
+        stats = learner.train_micro_batches(rows, micro, pad_id, show)
         t4 = time.perf_counter()
 
         # 5. Hand the trained weights to the engine, and prove it on probes (first sync, or always).
@@ -374,10 +385,12 @@ def _run(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, met
             if sp.parity_check == "always" or (sp.parity_check == "first" and weight_sync.n_syncs == 1):
                 rec["parity_max_diff"] = check_parity()
 
-        per_rank = D.all_gather_object((digest, len(micro), float(np.sum(losses)), len(losses)))
+        per_rank = D.all_gather_object((digest, len(micro), float(np.sum(stats.losses)), len(stats.losses)))
         if len({d for d, *_ in per_rank}) != 1 or len({s for _, s, *_ in per_rank}) != 1:
             raise D.RankError(f"epoch {epoch}: ranks disagree on the selection or step count: {per_rank}")
         n_loss = sum(c for *_, c in per_rank)
+        if weight_sync and step.grow:  # 6. the engine sampled from the weights the learner trained from?
+            rec.update(check_stale_weights(stats, stale_tol, enforce=not dropout))
         first = np.r_[True, pool.prompt_id[1:] != pool.prompt_id[:-1]] if len(pool) else np.zeros(0, bool)
         rec.update(
             n_sampled=n_sampled, pool_size=len(pool), n_selected=int(keep.sum()), n_rows=len(rows),
@@ -436,6 +449,23 @@ def _write_plots(out: Path, history: list[dict]) -> None:
     except Exception as e:  # noqa: BLE001 - e.g. matplotlib missing; metrics.jsonl has it all
         print(f"[rft_ds] plots skipped ({type(e).__name__}: {e}); python -m rft_ds.plot {out} draws them later",
               flush=True)
+
+
+def has_dropout(model_config: Any) -> bool:
+    """Any *dropout* probability > 0 in the model's config: its training forward is then random."""
+    cfg = model_config.to_dict()
+    cfg.update(cfg.get("text_config") or {})
+    return any("dropout" in k and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+               for k, v in cfg.items())
+
+
+def _sampled_logprobs(records: Sequence[PromptRecord], comps: Sequence[Sequence[Any]]) -> dict:
+    """(prompt id, completion digest) -> the sampler's log p of its label tokens, for the stale-weight check.
+    Local to this rank and this epoch: nothing crosses ranks."""
+    from rft_ds.selection import completion_digest
+
+    return {(r.id, completion_digest(c.token_ids, c.eos)): np.asarray(c.logprobs, dtype=np.float64)
+            for r, cs in zip(records, comps) for c in cs if c.logprobs is not None}
 
 
 def _to_samples(records: Sequence[PromptRecord], comps: Sequence[Sequence[Any]]) -> Samples:

@@ -75,14 +75,13 @@ class RewardModel:
 
     def __init__(self, path: str, batch_size: int = 16, max_length: int = 512, label: int | None = None,
                  device: str | None = None) -> None:
-        import os
-
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from rft_ds import distributed as D
+
         check_reward_model(path, label)
-        if device is None:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        device = str(device or D.device())  # this rank's device (the device rule), not LOCAL_RANK as an ordinal
         self.device, self.batch_size, self.max_length, self.label = device, batch_size, max_length, label
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.truncation_side = "left"  # keep the end: the completion is what is judged

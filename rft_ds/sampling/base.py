@@ -10,6 +10,9 @@ from typing import Any, Protocol, Sequence
 class Completion:
     token_ids: list[int]  # without the EOS token; including a matched stop sequence
     finish_reason: str  # "eos" | "stop" (a stop sequence) | "length"
+    # The sampler's log p of each generated token (the EOS too, when it ended by EOS), when asked for: the
+    # stale-weight check compares them with the training model's. None when not asked or not available.
+    logprobs: list[float] | None = None
 
     @property
     def eos(self) -> bool:
@@ -18,9 +21,10 @@ class Completion:
 
 class Sampler(Protocol):
     def generate(self, prompts: Sequence[Sequence[int]], n: int, gen_kwargs: dict[str, Any],
-                 seed: int, progress: str | None = None) -> list[list[Completion]]:
+                 seed: int, progress: str | None = None, logprobs: bool = False) -> list[list[Completion]]:
         """n completions for each prompt (token ids in, token ids out), in prompt order; `progress`: the
-        label of a progress bar to show (None: none).
+        label of a progress bar to show (None: none); `logprobs`: also return each sampled token's
+        log-probability (a sampler with its own copy of the weights; others may return None).
 
         Every rank calls it the same number of times, even with no prompts of its own (it may be
         collective). A sampler with its own copy of the weights also has load_weights(iterator),

@@ -11,7 +11,6 @@ import math
 from typing import Any, Sequence
 
 import torch
-import torch.distributed as dist
 
 from rft_ds import distributed as D
 from rft_ds.sampling.base import Completion, finish_completion
@@ -22,8 +21,9 @@ _HF_DEFAULTS = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
 
 class HFSampler:
     def __init__(self, module: torch.nn.Module, tokenizer: Any, batch_size: int = 16,
-                 stop_sequences: Sequence[str] = ()) -> None:
+                 stop_sequences: Sequence[str] = (), device: torch.device | str | None = None) -> None:
         self.module = module
+        self.device = torch.device(device) if device is not None else D.device()  # where the module computes
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.stop_sequences = list(stop_sequences)
@@ -33,14 +33,13 @@ class HFSampler:
         self.eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
 
     def _n_calls(self, n_prompts: int) -> int:
-        mine = torch.tensor([math.ceil(n_prompts / self.batch_size)], dtype=torch.long)
-        if D.is_dist():
-            dist.all_reduce(mine, op=dist.ReduceOp.MAX)
-        return int(mine.item())
+        return D.max_over_ranks(math.ceil(n_prompts / self.batch_size))
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], n: int, gen_kwargs: dict[str, Any],
-                 seed: int, progress: str | None = None) -> list[list[Completion]]:
+                 seed: int, progress: str | None = None, logprobs: bool = False) -> list[list[Completion]]:
+        """See Sampler.generate. `logprobs` is ignored: this sampler is the training model itself, so its
+        weights cannot be stale."""
         from rft_ds.progress import bar
 
         kwargs = {**_HF_DEFAULTS, **gen_kwargs}
@@ -54,7 +53,7 @@ class HFSampler:
         for c in bar(range(self._n_calls(len(prompts))), desc=progress or "", show=bool(progress), unit="batch"):
             batch = list(prompts[c * self.batch_size:(c + 1) * self.batch_size])
             real = len(batch)
-            out = self._generate_batch(batch or dummy, n, kwargs)
+            out = self._generate_batch(batch or dummy, n, kwargs).cpu()
             for i in range(real):
                 results.append([finish_completion(out[i * n + j].tolist(), self.eos_ids, self.stop_sequences,
                                                   self.tokenizer.decode)
@@ -70,6 +69,7 @@ class HFSampler:
         for i, p in enumerate(batch):  # left padding, so every row's completion starts at column `width`
             ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
             mask[i, width - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
         out = self.module.generate(input_ids=ids, attention_mask=mask, num_return_sequences=n,
                                    synced_gpus=D.is_dist() and D.world_size() > 1,
                                    pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids), **kwargs)

@@ -104,14 +104,16 @@ class VLLMSampler:
         self.asleep = False
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, gen_kwargs: dict[str, Any],
-                 seed: int, progress: str | None = None) -> list[list[Completion]]:
+                 seed: int, progress: str | None = None, logprobs: bool = False) -> list[list[Completion]]:
         import torch
 
         from rft_ds.progress import vllm_bar
 
         if not prompts:
             return []
-        params = to_sampling_params(gen_kwargs, n, self.stop_sequences)
+        # logprobs=0: the sampled token's own log p, from the raw logits (vLLM's default logprobs_mode),
+        # so before temperature and top-p: comparable with the training model's log_softmax.
+        params = to_sampling_params(gen_kwargs, n, self.stop_sequences, **({"logprobs": 0} if logprobs else {}))
         # The engine samples from torch's default generator; reseeding per call, from an empty prefix cache,
         # makes each epoch's samples a function of (weights, seed, epoch, rank) alone, whatever ran before:
         # a resumed run samples exactly what the uninterrupted one did.
@@ -123,13 +125,16 @@ class VLLMSampler:
 
     def _completion(self, c: Any) -> Completion:
         ids = list(c.token_ids)
+        lp = None
+        if c.logprobs is not None and len(c.logprobs) == len(ids):  # one per generated token, the EOS included
+            lp = [float(c.logprobs[t][tok].logprob) for t, tok in enumerate(ids)]
         if c.finish_reason == "length":
-            return Completion(ids, "length")
+            return Completion(ids, "length", lp)
         if isinstance(c.stop_reason, str):
-            return Completion(ids, "stop")
+            return Completion(ids, "stop", lp)
         if ids and ids[-1] in self.eos_ids:
-            ids = ids[:-1]
-        return Completion(ids, "eos")
+            ids = ids[:-1]  # the EOS is trained on as the row's last label: its log p stays in lp
+        return Completion(ids, "eos", lp)
 
     def prompt_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """log p(token_t | tokens_<t) for t >= 1 of each sequence, from the engine."""
