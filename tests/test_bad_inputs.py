@@ -106,6 +106,8 @@ CASES = {
     "data file missing": (lambda d, m: [f"data.prompts={d / 'p.parquet'}"], "prompts: file not found"),
     "dataset split missing": (lambda d, m: [f"data.eval_prompts={saved_dataset_dict(d / 'dd')}"],
                               "eval_prompts: the dataset has splits ['train'], not 'test' (data.split / data.eval_split)"),
+    "NCCL without a GPU": (lambda d, m: ["train.dist_backend=nccl"],
+                           "train.dist_backend=nccl but no CUDA device is visible on this host"),
     "model config.json not JSON": (lambda d, m: [f"model.model_path={broken_config(m, d / 'bad')}"],
                                    "config.json is not valid JSON"),
     "unknown model.build": (lambda d, m: ["model.build=llama"], "model.build must be null, 'tiny' or 'smollm2'"),
@@ -144,6 +146,23 @@ def test_bad_input_is_one_line_error_before_model_load(case, env, capsys):
     assert len(errors) == 1, err
     assert errors[0].startswith("rft_ds: error (rank 0): ")
     assert needle in errors[0], errors[0]
+
+
+def test_more_local_ranks_than_gpus(env, monkeypatch, capsys):
+    """Two ranks on a node that shows one GPU (the fake cuda:0): one line, before any model loads."""
+    from tests.fake_cuda import fake_cuda
+
+    tmp, model = env
+    monkeypatch.setenv("LOCAL_SIZE", "2")  # what the deepspeed launcher sets for 2 local ranks
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with fake_cuda():
+        rc = cli.main(["--config", str(ROOT / "launch/configs/tiny.yaml"), f"model.model_path={model}",
+                       "model.build=null", f"train.output_dir={tmp / 'out'}"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rft_ds: error")]
+    assert rc == 2 and errors == ["rft_ds: error (rank 0): the launcher started 2 ranks on this node but only 1 GPU(s) "
+                                  "are visible (CUDA_VISIBLE_DEVICES='0'); start one rank per GPU (srun: "
+                                  "--gpus-per-task=1 or --gpus-per-node=2)"], errors
 
 
 def test_wandb_asked_for_but_not_installed(env, monkeypatch):

@@ -101,12 +101,16 @@ def test_vllm_run_is_reproducible(tmp_path):
         assert [r.get(key) for r in runs[0]] == [r.get(key) for r in runs[1]], key
 
 
-def test_bad_config_fails_fast_on_every_rank(tmp_path):
-    p, secs = launch(tmp_path, "method.start_percentile=1.5", timeout=120)
+@pytest.mark.parametrize("override,needle", [
+    ("method.start_percentile=1.5", "method.start_percentile must be in [0, 1], got 1.5"),
+    ("train.dist_backend=nccl", "train.dist_backend=nccl but no CUDA device is visible on this host"),
+])
+def test_bad_config_fails_fast_on_every_rank(tmp_path, override, needle):
+    p, secs = launch(tmp_path, override, timeout=120)
     assert p.returncode != 0
     out = p.stdout + p.stderr
     for rank in (0, 1):
-        assert f"rft_ds: error (rank {rank}): method.start_percentile must be in [0, 1], got 1.5" in out
+        assert f"rft_ds: error (rank {rank}): {needle}" in out, out[-3000:]
     assert not (tmp_path / "model").exists()  # failed before building or loading any model
 
 
