@@ -13,6 +13,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+# Before the heavy imports: a stop signal during start-up is kept for the first safe point, not fatal.
+from rft_ds.faults import SIGNALS  # noqa: E402  (imports no torch)
+
+SIGNALS.install()
+
 from rft_ds.checkpoint import CheckpointError  # noqa: E402
 from rft_ds.config import ConfigError, RFTRunConfig  # noqa: E402
 from rft_ds.data import DataError  # noqa: E402
@@ -39,12 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Rejection fine-tuning under DeepSpeed ZeRO-3.")
     ap.add_argument("--config", required=True, help="run config YAML")
     ap.add_argument("--resume", default=None, help="'auto' (newest intact checkpoint in train.output_dir) or a path")
+    ap.add_argument("--resume-force", action="store_true",
+                    help="resume even though fields that matter (seed, method, selection, model, data) changed")
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=6")
     args = ap.parse_args(argv)
     rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID", "0")
     try:
-        cfg = RFTRunConfig.load_yaml(args.config, args.overrides)
+        cfg = RFTRunConfig.load_yaml(args.config, args.overrides + (["train.resume_force=true"] if args.resume_force else []))
         import rft_ds
 
         result = rft_ds.train(config=cfg, resume=args.resume)

@@ -106,6 +106,7 @@ class SamplerConfig:
     enforce_eager: bool = True
     enable_sleep_mode: bool = False  # GPU: free the engine's memory while DeepSpeed trains
     sync_bucket_mb: float = 64.0  # weight sync gathers at most about this much at a time
+    chunk_prompts: int = 256  # prompts per sampling call; a stop signal is honoured between chunks
     parity_check: str = "first"  # first: after the first sync of every run; always; off
     parity_tolerance: Optional[float] = None  # max |logprob diff|; None: 1e-3 in fp32, 0.5 in bf16/fp16
     parity_probes: int = 4
@@ -132,6 +133,12 @@ class TrainConfig:
     save_interval: int = 0  # checkpoint every k epochs (and after the last); 0: only on a stop signal
     keep_last: int = 3  # complete checkpoints kept; older ones are removed after a new one is complete
     resume: Optional[str] = None  # "auto" (newest intact checkpoint in output_dir, if any) or a checkpoint path
+    resume_force: bool = False  # resume even if fields that matter (seed, method, selection, model, data) changed
+    save_every_steps: int = 0  # also checkpoint every k optimizer steps, mid-epoch (0: off)
+    save_every_minutes: float = 0.0  # also checkpoint when this long has passed since the last save (0: off)
+    # Under Slurm: checkpoint and stop (exit 3) when the job's end is nearer than the longest step seen + the
+    # last save's time + this margin, even if no signal comes.
+    save_before_end_s: float = 120.0
     save_final_model: bool = True  # HF directory at <output_dir>/final_model
     save_best_model: bool = True  # HF directory at <output_dir>/best_model, best eval_reward_mean so far
     progress: Optional[bool] = None  # tqdm bars on rank 0; None: when stderr is a terminal
@@ -352,6 +359,7 @@ def validate(cfg: RFTRunConfig) -> None:
     _require(sp.kv_cache_memory_bytes is None or sp.kv_cache_memory_bytes >= 2**20,
              f"sampler.kv_cache_memory_bytes must be >= 1 MiB, got {sp.kv_cache_memory_bytes}")
     _require(sp.sync_bucket_mb > 0, f"sampler.sync_bucket_mb must be > 0, got {sp.sync_bucket_mb}")
+    _require(sp.chunk_prompts >= 1, f"sampler.chunk_prompts must be >= 1, got {sp.chunk_prompts}")
     _require(sp.parity_check in ("first", "always", "off"),
              f"sampler.parity_check must be first, always or off, got {sp.parity_check!r}")
     _require(sp.parity_tolerance is None or sp.parity_tolerance > 0,
@@ -386,6 +394,33 @@ def validate(cfg: RFTRunConfig) -> None:
     _require(t.eval_interval >= 0, f"train.eval_interval must be >= 0, got {t.eval_interval}")
     _require(t.save_interval >= 0, f"train.save_interval must be >= 0, got {t.save_interval}")
     _require(t.keep_last >= 1, f"train.keep_last must be >= 1, got {t.keep_last}")
+    _require(t.save_every_steps >= 0, f"train.save_every_steps must be >= 0, got {t.save_every_steps}")
+    _require(t.save_every_minutes >= 0, f"train.save_every_minutes must be >= 0, got {t.save_every_minutes}")
+    _require(t.save_before_end_s >= 0, f"train.save_before_end_s must be >= 0, got {t.save_before_end_s}")
     _require(t.dist_backend in ("auto", "gloo", "nccl"), f"train.dist_backend must be auto, gloo or nccl, got {t.dist_backend!r}")
     _require(t.dist_timeout_s >= 1, f"train.dist_timeout_s must be >= 1, got {t.dist_timeout_s}")
     _require(bool(t.output_dir), "train.output_dir is required")
+
+
+# What a resume must not change silently: fields that decide which completions are sampled, how they are
+# selected and what the model trains on. A field here ending in ".*" covers its whole section.
+RESUME_FIELDS = ("model.model_path", "model.tokenizer_path", "data.prompt_field", "data.metadata_fields",
+                 "data.apply_chat_template", "data.system_prompt", "data.max_prompt_length", "method.*", "selection.*",
+                 "reward.reward_fn", "reward.reward_model", "reward.reward_model_label", "sampler.backend",
+                 "sampler.chunk_prompts", "train.seed", "train.max_seq_length", "train.micro_batch_size",
+                 "train.gradient_accumulation_steps")
+
+
+def resume_changes(saved: dict, now: dict) -> list[str]:
+    """The RESUME_FIELDS whose value differs between the checkpoint's config and this run's, as
+    'field (old -> new)'. Pure: both are RFTRunConfig.to_dict() forms."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and prefix == "" else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(saved), flat(now)
+    keys = sorted(k for k in set(a) | set(b)
+                  if any(k == f or (f.endswith(".*") and k.startswith(f[:-1])) for f in RESUME_FIELDS))
+    return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys if a.get(k) != b.get(k)]

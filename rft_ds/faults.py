@@ -1,15 +1,18 @@
 """Stopping on request, and dying on request.
 
 StopSignals: SIGTERM and SIGUSR1 (what Slurm sends ahead of a time limit or preemption) only set a flag;
-the recipe checkpoints at the next epoch boundary and exits cleanly, so a signal never tears a write.
+the recipe checkpoints at its next safe point (between sampling chunks or optimizer steps, after a sync
+or an eval, at an epoch's end) and exits cleanly, so a signal never tears a write.
 
 maybe_corrupt: fault injection for the stale-weight check. With RFT_DS_CORRUPT_SYNC=<k>, the k-th weight
 sync of the run (1-based) hands the engine a wrong copy of its first tensor (negated), as a sync or a
 wake-up that did not land would. The trained model itself is untouched.
 
-maybe_die: fault injection for the resume tests. With RFT_DS_DIE_AT=<point>:<epoch> (points: sample,
-train, checkpoint), rank RFT_DS_DIE_RANK (default 0) sends itself SIGKILL there: no handler, no
-cleanup, exactly what a node failure or the OOM killer does. Unset, it costs one dict lookup.
+maybe_die: fault injection for the resume tests. With RFT_DS_DIE_AT=<point>:<epoch>[:<n>] (points: sample,
+score, train, sync, checkpoint), rank RFT_DS_DIE_RANK (default 0) sends itself SIGKILL the n-th time
+(default: the first) it passes that point in that epoch: no handler, no cleanup, exactly what a node
+failure or the OOM killer does. RFT_DS_STOP_AT=<point>:<epoch>[:<n>] sends SIGUSR1 instead (rank
+RFT_DS_STOP_RANK): the real stop-signal path, at a chosen moment. Unset, each costs one dict lookup.
 """
 
 from __future__ import annotations
@@ -18,19 +21,27 @@ import os
 import signal
 from typing import Any
 
-from rft_ds import distributed as D
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopSignals:
+    """The flag SIGTERM/SIGUSR1 set. One per process (SIGNALS): launch/train.py installs it before its imports,
+    so a signal during start-up (imports, model load, engine start: minutes on a large model) is kept for
+    the first safe point instead of killing the rank; rft_ds.train installs it if nobody did."""
+
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
     def install(self) -> "StopSignals":
-        for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        if not self.installed:
+            self.received = None
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def uninstall(self) -> None:
@@ -43,12 +54,28 @@ class StopSignals:
 
     def requested(self) -> bool:
         """Collective: whether any rank got a stop signal."""
+        from rft_ds import distributed as D
+
         return D.any_rank(self.received is not None)
 
 
+SIGNALS = StopSignals()
+
+
+_passes: dict[tuple[str, int], int] = {}
+
+
 def maybe_die(point: str, epoch: int) -> None:
-    if os.environ.get("RFT_DS_DIE_AT") == f"{point}:{epoch}" and str(D.rank()) == os.environ.get("RFT_DS_DIE_RANK", "0"):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if "RFT_DS_DIE_AT" not in os.environ and "RFT_DS_STOP_AT" not in os.environ:
+        return
+    from rft_ds import distributed as D
+
+    n = _passes[point, epoch] = _passes.get((point, epoch), 0) + 1
+    here = {f"{point}:{epoch}:{n}"} | ({f"{point}:{epoch}"} if n == 1 else set())
+    for var, rank_var, sig in (("RFT_DS_DIE_AT", "RFT_DS_DIE_RANK", signal.SIGKILL),
+                               ("RFT_DS_STOP_AT", "RFT_DS_STOP_RANK", signal.SIGUSR1)):
+        if os.environ.get(var) in here and str(D.rank()) == os.environ.get(rank_var, "0"):
+            os.kill(os.getpid(), sig)
 
 
 def maybe_corrupt(sync_number: int, first: bool, tensor: Any) -> None:

@@ -94,6 +94,12 @@ class TrainStats:
     logprob_abs_max: float = 0.0
     logprob_tokens: int = 0
 
+    def add(self, other: "TrainStats") -> None:
+        self.losses += other.losses
+        self.logprob_abs_sum += other.logprob_abs_sum
+        self.logprob_abs_max = max(self.logprob_abs_max, other.logprob_abs_max)
+        self.logprob_tokens += other.logprob_tokens
+
     def add_logprob_diffs(self, diffs: np.ndarray) -> None:
         if diffs.size:
             self.logprob_abs_sum += float(diffs.sum())
@@ -151,36 +157,34 @@ class Learner:
         """Where the engine computes (the device rule's choice): every input goes here first."""
         return self.engine.device
 
-    def train_micro_batches(self, rows: Sequence[Row], micro_batches: Sequence[np.ndarray], pad_id: int,
-                            progress: bool = False) -> TrainStats:
-        """One pass over this rank's micro-batches; DeepSpeed steps the optimizer every grad_accum of them.
+    def train_step(self, rows: Sequence[Row], micro_batches: Sequence[np.ndarray], pad_id: int,
+                   compare_logprobs: bool = False) -> TrainStats:
+        """One optimizer step: grad_accum micro-batches, DeepSpeed steps the optimizer after the last.
 
-        The forwards before the first optimizer step also give the stale-weight check its numbers: the
-        model's log p of each label token of rows that carry the sampler's (no extra forward pass)."""
+        With compare_logprobs (the epoch's first step, before any update), the forwards also give the
+        stale-weight check its numbers: the model's log p of each label token of rows that carry the
+        sampler's (no extra forward pass)."""
         import torch
-
-        from rft_ds.progress import bar
 
         self.engine.train()
         stats = TrainStats()
-        pbar = bar(micro_batches, desc="train", show=progress, unit="micro-batch")
-        for k, idx in enumerate(pbar):
+        for idx in micro_batches:
             batch_rows = [rows[i] for i in idx]
             batch = {key: torch.from_numpy(v).to(self.device) for key, v in collate(batch_rows, pad_id).items()}
             out = self.engine(**batch, use_cache=False)
-            if k < self.grad_accum and any(r.ref_logprobs is not None for r in batch_rows):
+            if compare_logprobs and any(r.ref_logprobs is not None for r in batch_rows):
                 stats.add_logprob_diffs(label_logprob_diffs(out.logits, batch["labels"], batch_rows))
             self.engine.backward(out.loss)
             self.engine.step()
             stats.losses.append(float(out.loss.detach()))
-            pbar.set_postfix(loss=f"{stats.losses[-1]:.4f}", refresh=False)
         return stats
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
-    def save_hf(self, out_dir: str | Path, tokenizer: Any, is_main: bool) -> None:
-        """Gather the full weights one parameter at a time and write a plain HF directory (rank 0)."""
+    def save_hf(self, out_dir: str | Path, tokenizer: Any, is_main: bool, extra: dict | None = None) -> None:
+        """Gather the full weights one parameter at a time and write a plain HF directory (rank 0), with
+        `extra` {file name: JSON-able} beside them (e.g. which run and epoch the weights are from)."""
         import deepspeed
 
         from rft_ds.checkpoint import replacing_dir
@@ -194,3 +198,5 @@ class Learner:
             with replacing_dir(out_dir) as tmp:
                 self.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)
+                for name, value in (extra or {}).items():
+                    (Path(tmp) / name).write_text(json.dumps(value))

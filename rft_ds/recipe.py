@@ -12,6 +12,7 @@ import dataclasses
 import os
 import random
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +27,12 @@ from rft_ds.config import ConfigError, RFTRunConfig, read_model_config, text_con
 from rft_ds.data import (PromptRecord, load_source, normalize, resolve_callable, shard, tokenize,
                          use_chat_template)
 from rft_ds.experience import build_row, plan_micro_batches
+from rft_ds.faults import maybe_die
+from rft_ds.learner import TrainStats
 from rft_ds.metrics import MetricsLog, format_epoch, open_sinks, plain
 from rft_ds.scoring import RewardError, decode_outputs, score_and_gather
 from rft_ds.selection import Pools, Samples, schedule, select, selection_digest
+from rft_ds.weight_sync import check_stale_weights
 
 
 @dataclass
@@ -56,10 +60,10 @@ class RFTResult:
         return self.engine.module
 
 
-def _sample_seed(seed: int, epoch: int, rank: int, stream: int) -> int:
-    """Independent, far-apart streams per (epoch, rank, train/eval): nearby seeds overlap in samplers.
-    epoch is -1 for the eval before training, hence the +1."""
-    return int(np.random.SeedSequence([seed, epoch + 1, rank, stream]).generate_state(1)[0])
+def _sample_seed(seed: int, epoch: int, rank: int, stream: int, chunk: int = 0) -> int:
+    """Independent, far-apart streams per (epoch, rank, train/eval, sampling chunk): nearby seeds overlap in
+    samplers. epoch is -1 for the eval before training, hence the +1."""
+    return int(np.random.SeedSequence([seed, epoch + 1, rank, stream, chunk]).generate_state(1)[0])
 
 
 def _load_tokenizer(cfg: RFTRunConfig) -> Any:
@@ -110,6 +114,7 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
     D.local_device(os.environ, torch.cuda.device_count())
     D.resolve_backend(cfg.train.dist_backend, torch.cuda.device_count())
     ckpt = resolve_resume(cfg.train.resume, cfg.train.output_dir, world)
+    check_resume_config(ckpt, cfg)
     if cfg.sampler.backend == "vllm":
         engine_group(0, world, cfg.sampler.tensor_parallel_size)
     reward_fn = resolve_callable(reward_fn if reward_fn is not None else cfg.reward.reward_fn, "reward.reward_fn")
@@ -172,6 +177,19 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
     return reward_fn, metric_fn, train, evals, tokenizer, ds_config, ckpt
 
 
+def check_resume_config(ckpt: Path | None, cfg: RFTRunConfig) -> None:
+    """A resume with a changed field that matters (config.RESUME_FIELDS) is refused, in one line listing
+    them, unless train.resume_force: the pools, schedule and seeds would no longer mean what they meant."""
+    from rft_ds.checkpoint import read_meta
+    from rft_ds.config import resume_changes
+
+    saved = read_meta(ckpt).get("config") if ckpt is not None else None
+    changes = resume_changes(saved, _yaml_safe(cfg.to_dict())) if saved else []
+    if changes and not cfg.train.resume_force:
+        raise ConfigError(f"checkpoint {ckpt} was written with another config: {'; '.join(changes)}; resume with "
+                          "--resume-force (train.resume_force=true) to accept the change")
+
+
 def check_metric_sinks(t: Any) -> None:
     import importlib.util
 
@@ -222,40 +240,142 @@ def make_sampler(cfg: RFTRunConfig, learner: Any, tokenizer: Any, ds_config: dic
     return sampler, WeightSync(learner.module, sampler, sp.sync_bucket_mb, getattr(torch, dtype))
 
 
+STAGES = ("sample", "train", "sync", "eval", "end")  # an epoch's stages in order; a checkpoint names the next one
+
+
+@dataclass
+class RunState:
+    """Everything a resume restores, and nothing else; `save_checkpoint` and `load_checkpoint` write and read
+    exactly these fields. The shared fields are equal on every rank (rank 0 saves them); `local` is this
+    rank's own: its RNG states are saved beside it by the checkpoint."""
+
+    run_id: str
+    prompts_digest: str  # the pools are keyed by prompt position: a resume with other prompts is refused
+    epoch: int = 0  # the epoch in progress
+    stage: str = "sample"  # the next stage to run in it (STAGES)
+    cursor: int = 0  # position inside the stage: sampling chunks done, or micro-batches trained
+    pools: Samples = field(default_factory=Samples.empty)  # every scored completion, canonical (selection input)
+    record: dict = field(default_factory=dict)  # the epoch in progress: its metrics so far
+    history: list = field(default_factory=list)  # one record per finished epoch (metrics.jsonl)
+    eval_before: dict | None = None
+    best: dict | None = None  # {"epoch", "eval_reward_mean", "run_id"} of best_model/
+    optimizer_steps: int = 0  # over the whole run (train.save_every_steps)
+    local: dict = field(default_factory=dict)  # this rank's: sampled completions of this grow step, losses so far
+
+    def shared(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "local"}
+
+    def position(self) -> tuple[int, int, int]:
+        return self.epoch, STAGES.index(self.stage), self.cursor
+
+
+@dataclass
+class Setup:
+    """What never changes during a run: config, data, reward, tokenizer, engines. Built once by `setup`."""
+
+    cfg: RFTRunConfig
+    reward_fn: Any
+    metric_fn: Any
+    train: Prompts
+    evals: Prompts | None
+    tokenizer: Any
+    learner: Any
+    sampler: Any
+    weight_sync: Any  # None when the sampler is the training module itself (hf)
+    signals: Any
+    out: Path
+    stop_sequences: list[str]
+    group: int  # this rank's engine group (tensor parallel), its prompt shard, and whether its samples count
+    n_groups: int
+    contributes: bool
+    show: bool  # progress bars (rank 0)
+    parity_tol: float
+    stale_tol: float
+    dropout: bool
+    prompts_digest: str
+    started: float = field(default_factory=time.monotonic)
+    last_save_at: float = field(default_factory=time.monotonic)
+    longest_step_s: float = 0.0  # the longest stretch between two safe points seen (for the deadline)
+    last_save_s: float = 0.0
+    job_end: float | None = None  # Slurm's end of the job (time.time()), when known
+
+
 def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any = None, eval_prompts: Any = None,
         metric_fn: Callable | str | None = None, stop_sequences: Sequence[str] | None = None) -> RFTResult:
-    from rft_ds.faults import StopSignals
+    from rft_ds.faults import SIGNALS
 
-    # First thing: a SIGUSR1/SIGTERM during start-up would otherwise kill the rank (its default action).
-    signals = StopSignals().install()
+    # First thing (unless launch/train.py did it before its imports): a SIGUSR1/SIGTERM during start-up would
+    # otherwise kill the rank (its default action).
+    installed_here = not SIGNALS.installed
+    SIGNALS.install()
     # DeepSpeed calls torch.distributed functions torch has renamed; the warning, once per call site and
     # rank, is about DeepSpeed's code, not the user's, and buries the progress bars.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     try:
-        return _run(cfg, reward_fn, prompts, eval_prompts, metric_fn, stop_sequences, signals)
+        return _run(cfg, reward_fn, prompts, eval_prompts, metric_fn, stop_sequences, SIGNALS)
     finally:
-        signals.uninstall()
+        if installed_here:
+            SIGNALS.uninstall()
 
 
 def _run(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, metric_fn: Any,
          stop_sequences: Sequence[str] | None, signals: Any) -> RFTResult:
+    """The recipe: set up, restore or start the run state, then the epoch loop over its stages."""
+    s, ckpt = setup(cfg, reward_fn, prompts, eval_prompts, metric_fn, stop_sequences, signals)
+    t, m = cfg.train, cfg.method
+    st = load_checkpoint(s, ckpt) if ckpt is not None else start_fresh(s)
+    log = MetricsLog(s.out, enabled=D.is_main(), history=st.history, sinks=_sinks(s, len(st.history)))
+    if ckpt is None and st.eval_before:
+        log.log_initial_eval(st.eval_before)
+    if st.epoch >= t.epochs and D.is_main():  # a finished run resumed with nothing left to do: say so
+        print(f"[rft_ds] {ckpt} is the end of epoch {st.epoch}: nothing left to train for train.epochs={t.epochs} "
+              "(raise train.epochs to continue)", flush=True)
+    stopped = False
+    while st.epoch < t.epochs and not stopped:
+        step = schedule(st.epoch, m.start_percentile, m.end_percentile, m.n_improve_steps)
+        if st.stage == "sample":
+            stopped = step.grow and sample(s, st)  # stop-safe between chunks
+            if not stopped:
+                score(s, st, step.grow)
+        if st.stage == "train" and not stopped:
+            stopped = train(s, st, step)  # stop-safe between optimizer steps
+        if st.stage == "sync" and not stopped:
+            stopped = sync(s, st)
+        if st.stage == "eval" and not stopped:
+            stopped = evaluate(s, st)
+        if st.stage == "end" and not stopped:
+            stopped = end_epoch(s, st, log)
+    if stopped and D.is_main():
+        print(f"[rft_ds] stop signal received: checkpointed in epoch {st.epoch + 1} ({st.stage}); continue with "
+              "--resume auto", flush=True)
+    if t.save_final_model and not stopped:
+        s.learner.save_hf(s.out / "final_model", s.tokenizer, D.is_main())
+    log.close()
+    if D.is_main() and t.plots:
+        _write_plots(s.out, log.history)
+    return RFTResult(cfg, s.learner.engine, s.tokenizer, log.history, st.eval_before, s.out, stopped, ckpt)
+
+
+def setup(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, metric_fn: Any,
+          stop_sequences: Sequence[str] | None, signals: Any) -> tuple[Setup, Path | None]:
+    """Checks (prepare: no model yet) -> process group -> resume target agreed -> reward model -> learner
+    (DeepSpeed ZeRO-3) -> sampler and weight sync. Returns the setup and the checkpoint to resume from."""
+    import torch
+
     from rft_ds import checkpoint
-    from rft_ds.faults import maybe_die
     from rft_ds.learner import Learner
     from rft_ds.sampling.vllm import engine_group
-    from rft_ds.weight_sync import check_stale_weights, parity_check
+    from rft_ds.slurm import job_end_time
 
-    reward_fn, metric_fn, train, evals, tokenizer, ds_config, ckpt = prepare(cfg, reward_fn, prompts, eval_prompts,
-                                                                             metric_fn)
-    stop_sequences = list(stop_sequences if stop_sequences is not None else cfg.reward.stop_sequences)
-    m, sel, t = cfg.method, cfg.selection, cfg.train
-
+    reward_fn, metric_fn, train, evals, tokenizer, ds_config, _ = prepare(cfg, reward_fn, prompts, eval_prompts,
+                                                                          metric_fn)
+    t = cfg.train
     D.init(t.dist_backend, t.dist_timeout_s)
-    rank, world, main = D.rank(), D.world_size(), D.is_main()
-    # Ranks sharing one engine (tensor parallel) sample the same prompts; only the first contributes.
-    group, n_groups, contributes = engine_group(rank, world, cfg.sampler.tensor_parallel_size
+    # Resolved once, after the process group exists: rank 0 picks, every rank checks its own files, all agree.
+    ckpt = checkpoint.agree_on_resume(t.resume, t.output_dir, D.world_size())
+    check_resume_config(ckpt, cfg)  # again: a fallback may have picked an older checkpoint than prepare saw
+    group, n_groups, contributes = engine_group(D.rank(), D.world_size(), cfg.sampler.tensor_parallel_size
                                                 if cfg.sampler.backend == "vllm" else 1)
-    show = progress.enabled(t.progress, main)
     if cfg.reward.reward_model:
         from rft_ds.rewards import RewardModel
 
@@ -263,180 +383,332 @@ def _run(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, met
         with D.all_ranks_or_fail("loading reward.reward_model"):  # a rank that cannot load it stops them all
             reward_fn = RewardModel(r.reward_model, r.reward_model_batch_size, r.reward_model_max_length,
                                     r.reward_model_label)
-    random.seed(t.seed)
+    random.seed(t.seed)  # the training RNG's start; a resume replaces it with the checkpoint's, nothing re-seeds it
     np.random.seed(t.seed)
-    import torch
-
     torch.manual_seed(t.seed)
     out = Path(t.output_dir)
-    if main:
+    if D.is_main():
         (out / "config.yaml").write_text(yaml.safe_dump(_yaml_safe(cfg.to_dict()), sort_keys=False))
-
     learner = Learner(cfg.model.model_path, ds_config)
-    sampler, weight_sync = make_sampler(cfg, learner, tokenizer, ds_config, group, stop_sequences)
-    sp = cfg.sampler
+    sampler, weight_sync = make_sampler(cfg, learner, tokenizer, ds_config, group,
+                                        list(stop_sequences if stop_sequences is not None else cfg.reward.stop_sequences))
+    half = not (weight_sync and weight_sync.dtype == torch.float32)
     # bf16/fp16: the engine's logits are rounded to half precision, and one bf16 step of a logit near 32-64 is
     # 0.25, so a 30-layer model legitimately differs by ~0.1-0.2 (SmolLM2-135M: 0.04-0.12 measured)
-    parity_tol = sp.parity_tolerance or (1e-3 if weight_sync and weight_sync.dtype == torch.float32 else 0.5)
-    stale_tol = sp.stale_tolerance or (1e-3 if weight_sync and weight_sync.dtype == torch.float32 else 0.1)
-    dropout = has_dropout(learner.module.config)  # the training forward is then noisy: the check only logs
-    probes = train.records[: sp.parity_probes]
-    pools = Pools(dedup=sel.dedup)
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    eval_kwargs = {**m.gen_kwargs, **(t.eval_gen_kwargs or {})}
-    digest_prompts = checkpoint.prompts_digest(train.texts, train.metadata)
+    s = Setup(cfg, reward_fn, metric_fn, train, evals, tokenizer, learner, sampler, weight_sync, signals, out,
+              sampler.stop_sequences, group, n_groups, contributes, progress.enabled(t.progress, D.is_main()),
+              parity_tol=cfg.sampler.parity_tolerance or (0.5 if half else 1e-3),
+              stale_tol=cfg.sampler.stale_tolerance or (0.1 if half else 1e-3),
+              dropout=has_dropout(learner.module.config),  # a noisy training forward: the stale check only logs
+              prompts_digest=checkpoint.prompts_digest(train.texts, train.metadata),
+              job_end=D.broadcast_object(job_end_time(os.environ) if D.is_main() else None))
+    return s, ckpt
 
-    def evaluate(epoch: int) -> dict:
-        return _evaluate(sampler, evals, reward_fn, metric_fn, tokenizer, eval_kwargs, stop_sequences,
-                         _sample_seed(t.seed, epoch, group, 1), group, n_groups, contributes, cfg.reward.batch_size, show)
 
-    def check_parity() -> float:
-        return parity_check(learner.module, sampler, [r.token_ids for r in probes], min(8, m.gen_kwargs["max_new_tokens"]),
-                            parity_tol, pad_id, [r.text for r in probes], learner.device)
+def start_fresh(s: Setup) -> RunState:
+    """A new run: a run id every rank shares, and the eval before training."""
+    st = RunState(run_id=D.broadcast_object(uuid.uuid4().hex[:12] if D.is_main() else None),
+                  prompts_digest=s.prompts_digest)
+    _warn_foreign_best_model(s.out, st.run_id)
+    if s.evals is not None and s.cfg.train.eval_interval > 0:
+        st.eval_before = _evaluate(s, -1)
+        if D.is_main():
+            print(f"[rft_ds] eval before training: reward {st.eval_before['eval_reward_mean']:.4f}", flush=True)
+    return st
 
-    do_eval = evals is not None and t.eval_interval > 0
 
-    def sinks(start_epoch: int) -> list:
-        return open_sinks(out, tensorboard_on(t.tensorboard), t.wandb, t.wandb_project, t.wandb_run_name,
-                          _yaml_safe(cfg.to_dict()), start_epoch) if main else []
-    start, best = 0, None
-    if ckpt is not None:
-        # Resume: weights, optimizer, scheduler, RNG, pools and history exactly as they were after that epoch;
-        # then the engine gets the restored weights (a sync, never the original model path) and is checked.
-        state = checkpoint.load(ckpt, learner.engine)
-        checkpoint.check_compatible(state, digest_prompts)
-        pools.samples, eval_before, best = state["pools"], state["eval_before"], state["best"]
-        start = state["epoch"] + 1
-        log = MetricsLog(out, enabled=main, history=state["history"], sinks=sinks(start))
-        if weight_sync:
-            weight_sync.sync()
-            if sp.parity_check != "off":
-                diff = check_parity()
-                if main:
-                    print(f"[rft_ds] engine synced from the checkpoint; parity max |logprob diff| {diff:.2g}", flush=True)
-        if main:
-            print(f"[rft_ds] resumed from {ckpt} at epoch {start + 1}/{t.epochs}", flush=True)
-    else:
-        log = MetricsLog(out, enabled=main, sinks=sinks(0))
-        eval_before = evaluate(-1) if do_eval else None
-        if eval_before:
-            log.log_initial_eval(eval_before)
-        if main and eval_before:
-            print(f"[rft_ds] eval before training: reward {eval_before['eval_reward_mean']:.4f}", flush=True)
-
-    def save(epoch: int, rec: dict) -> None:
-        state = {"epoch": epoch, "pools": pools.samples, "history": log.history + [plain(rec)], "eval_before": eval_before,
-                 "best": best, "prompts_digest": digest_prompts, "config": cfg.to_dict(),
-                 "schedule": dataclasses.asdict(schedule(epoch, m.start_percentile, m.end_percentile, m.n_improve_steps))}
-        checkpoint.save(out / "checkpoints", epoch, learner.engine, state, tokenizer, t.keep_last, die_hook=maybe_die)
-
-    stopped = False
-    for epoch in range(start, t.epochs):
-        step = schedule(epoch, m.start_percentile, m.end_percentile, m.n_improve_steps)
-        rec: dict[str, Any] = {"epoch": epoch, "grow_step": step.grow, "percentile": step.percentile}
+def sample(s: Setup, st: RunState) -> bool:
+    """Grow step: N completions for each of this rank's prompts, one chunk of prompts at a time, each chunk
+    seeded on its own so a run stopped between chunks samples the rest exactly as it would have.
+    Changes st.local["completions"], st.cursor, st.record["time_sample"]. True when the run must stop."""
+    m, chunk = s.cfg.method, s.cfg.sampler.chunk_prompts
+    mine = _my_prompts(s)
+    n_chunks = _n_chunks(s)
+    done = st.local.setdefault("completions", [])
+    while st.cursor < n_chunks:
+        maybe_die("sample", st.epoch)
         t0 = time.perf_counter()
+        part = mine[st.cursor * chunk:(st.cursor + 1) * chunk]
+        label = f"epoch {st.epoch + 1}: sample" + (f" {st.cursor + 1}/{n_chunks}" if n_chunks > 1 else "")
+        done += s.sampler.generate([r.token_ids for r in part], m.n_generations_per_prompt, m.gen_kwargs,
+                                   _sample_seed(s.cfg.train.seed, st.epoch, s.group, 0, st.cursor),
+                                   label if s.show else None, logprobs=s.weight_sync is not None)
+        st.cursor += 1
+        _add_time(st.record, "time_sample", time.perf_counter() - t0)
+        if safe_point(s, st, time.perf_counter() - t0):
+            return True
+    return False
 
-        # 1. Sample (grow steps only): this rank's shard of prompts, N completions each.
-        n_sampled, time_score, fresh = 0, 0.0, {}
-        if step.grow:
-            maybe_die("sample", epoch)
-            mine = [train.records[i] for i in shard(len(train.records), group, n_groups)]
-            comps = sampler.generate([r.token_ids for r in mine], m.n_generations_per_prompt, m.gen_kwargs,
-                                     _sample_seed(t.seed, epoch, group, 0), f"epoch {epoch + 1}: sample" if show else None,
-                                     logprobs=weight_sync is not None)
-            local = _to_samples(mine, comps) if contributes else Samples.empty()
-            fresh = _sampled_logprobs(mine, comps) if contributes else {}
-            t1 = time.perf_counter()
-            # 2. Score this rank's completions, all-gather the global table, add it to the pools.
-            table, _ = score_and_gather(reward_fn, local, train.texts, train.metadata, tokenizer, stop_sequences,
-                                        cfg.reward.batch_size, f"epoch {epoch + 1}: score" if show else None)
-            pools.add(table)
-            n_sampled = len(table)
-            if n_sampled:
-                rec.update(sampled_reward_mean=float(table.score.mean()), sampled_reward_max=float(table.score.max()))
-            time_score = time.perf_counter() - t1
-        t2 = time.perf_counter()
 
-        # 3. Select (pure, identical on every rank) and build training rows from token ids.
-        pool = pools.samples
-        keep, thr = select(pool.prompt_id, pool.score, step.percentile, sel.strategy, sel.top_k, sel.min_score)
-        rows = []
-        for i in np.flatnonzero(keep):
-            row = build_row(train.records[pool.prompt_id[i]].token_ids, pool.tokens[i], bool(pool.eos[i]), eos_id,
-                            t.max_seq_length)
-            if row is not None:
-                row.ref_logprobs = fresh.get((int(pool.prompt_id[i]), int(pool.digest[i])))  # sampled here, now
-                rows.append(row)
-        micro = plan_micro_batches(len(rows), t.seed, epoch, rank, world, learner.micro_batch_size, learner.grad_accum)
-        digest = selection_digest(pool, keep)
-        t3 = time.perf_counter()
+def score(s: Setup, st: RunState, grow: bool) -> None:
+    """Score this rank's completions, all-gather the table, add it to the pools (grow steps); then the
+    stage is train. Changes st.pools, st.record, st.stage."""
+    rec = st.record
+    rec.setdefault("n_sampled", 0)
+    if grow:
+        maybe_die("score", st.epoch)
+        t0 = time.perf_counter()
+        comps = st.local.get("completions", [])
+        mine = _my_prompts(s)[:len(comps)]
+        local = _to_samples(mine, comps) if s.contributes else Samples.empty()
+        table, _ = score_and_gather(s.reward_fn, local, s.train.texts, s.train.metadata, s.tokenizer,
+                                    s.stop_sequences, s.cfg.reward.batch_size,
+                                    f"epoch {st.epoch + 1}: score" if s.show else None)
+        pools = Pools(dedup=s.cfg.selection.dedup)
+        pools.samples = st.pools
+        pools.add(table)
+        st.pools = pools.samples
+        rec["n_sampled"] = len(table)
+        if len(table):
+            rec.update(sampled_reward_mean=float(table.score.mean()), sampled_reward_max=float(table.score.max()))
+        rec["time_score"] = time.perf_counter() - t0
+    st.stage, st.cursor = "train", 0
 
-        # 4. Train on this rank's share; every rank runs the same number of micro-batches.
-        if weight_sync:
-            sampler.sleep()  # GPU sleep mode: give the engine's memory to training (no-op otherwise)
-        maybe_die("train", epoch)
-        stats = learner.train_micro_batches(rows, micro, pad_id, show)
-        t4 = time.perf_counter()
 
-        # 5. Hand the trained weights to the engine, and prove it on probes (first sync, or always).
-        if weight_sync:
-            st = weight_sync.sync()
-            rec.update(time_sync=st.seconds, sync_bytes=st.bytes, sync_peak_extra_mb=st.peak_extra_bytes / 2**20)
-            if sp.parity_check == "always" or (sp.parity_check == "first" and weight_sync.n_syncs == 1):
-                rec["parity_max_diff"] = check_parity()
+def train(s: Setup, st: RunState, step: Any) -> bool:
+    """Select (pure, the same on every rank), build rows from token ids, and train on this rank's share,
+    one optimizer step at a time (a safe point after each). Every rank runs the same number of steps.
+    Changes st.cursor, st.optimizer_steps, st.local["losses"/"stale"], st.record; then the stage is sync."""
+    t, sel, learner = s.cfg.train, s.cfg.selection, s.learner
+    t0 = time.perf_counter()
+    pool = st.pools
+    keep, thr = select(pool.prompt_id, pool.score, step.percentile, sel.strategy, sel.top_k, sel.min_score)
+    fresh = _sampled_logprobs(_my_prompts(s), st.local.get("completions", [])) if s.contributes else {}
+    rows = []
+    for i in np.flatnonzero(keep):
+        row = build_row(s.train.records[pool.prompt_id[i]].token_ids, pool.tokens[i], bool(pool.eos[i]),
+                        s.tokenizer.eos_token_id, t.max_seq_length)
+        if row is not None:
+            row.ref_logprobs = fresh.get((int(pool.prompt_id[i]), int(pool.digest[i])))  # sampled here, this epoch
+            rows.append(row)
+    micro = plan_micro_batches(len(rows), t.seed, st.epoch, D.rank(), D.world_size(), learner.micro_batch_size,
+                               learner.grad_accum)
+    first = np.r_[True, pool.prompt_id[1:] != pool.prompt_id[:-1]] if len(pool) else np.zeros(0, bool)
+    st.record.update(
+        pool_size=len(pool), n_selected=int(keep.sum()), n_rows=len(rows),
+        n_prompts_kept=int(len(np.unique(pool.prompt_id[keep]))),
+        reward_mean=float(pool.score.mean()) if len(pool) else None,
+        reward_max=float(pool.score.max()) if len(pool) else None,
+        selected_reward_mean=float(pool.score[keep].mean()) if keep.any() else None,
+        threshold_mean=float(thr[first].mean()) if len(pool) else None,
+        train_steps=len(micro) // learner.grad_accum, selection_digest=selection_digest(pool, keep))
+    _add_time(st.record, "time_select", time.perf_counter() - t0)
+    if s.weight_sync:
+        s.sampler.sleep()  # GPU sleep mode: give the engine's memory to training (no-op otherwise)
+    stats = st.local.setdefault("stats", TrainStats())
+    pbar = progress.bar(total=len(micro), desc=f"epoch {st.epoch + 1}: train", show=s.show, unit="micro-batch")
+    pbar.update(st.cursor)
+    while st.cursor < len(micro):
+        maybe_die("train", st.epoch)
+        t1 = time.perf_counter()
+        upto = min(st.cursor + learner.grad_accum, len(micro))
+        one = learner.train_step(rows, micro[st.cursor:upto], s.tokenizer.pad_token_id, compare_logprobs=st.cursor == 0)
+        stats.add(one)
+        pbar.update(upto - st.cursor)
+        pbar.set_postfix(loss=f"{one.losses[-1]:.4f}", refresh=False)
+        st.cursor, st.optimizer_steps = upto, st.optimizer_steps + 1
+        _add_time(st.record, "time_train", time.perf_counter() - t1)
+        if safe_point(s, st, time.perf_counter() - t1):
+            pbar.close()
+            return True
+    pbar.close()
+    st.record.setdefault("time_train", 0.0)
+    _finish_train_record(s, st, step, len(micro))
+    st.stage, st.cursor = "sync", 0
+    return False
 
-        per_rank = D.all_gather_object((digest, len(micro), float(np.sum(stats.losses)), len(stats.losses)))
-        if len({d for d, *_ in per_rank}) != 1 or len({s for _, s, *_ in per_rank}) != 1:
-            raise D.RankError(f"epoch {epoch}: ranks disagree on the selection or step count: {per_rank}")
-        n_loss = sum(c for *_, c in per_rank)
-        if weight_sync and step.grow:  # 6. the engine sampled from the weights the learner trained from?
-            rec.update(check_stale_weights(stats, stale_tol, enforce=not dropout))
-        first = np.r_[True, pool.prompt_id[1:] != pool.prompt_id[:-1]] if len(pool) else np.zeros(0, bool)
-        rec.update(
-            n_sampled=n_sampled, pool_size=len(pool), n_selected=int(keep.sum()), n_rows=len(rows),
-            n_prompts_kept=int(len(np.unique(pool.prompt_id[keep]))),
-            reward_mean=float(pool.score.mean()) if len(pool) else None,
-            reward_max=float(pool.score.max()) if len(pool) else None,
-            selected_reward_mean=float(pool.score[keep].mean()) if keep.any() else None,
-            threshold_mean=float(thr[first].mean()) if len(pool) else None,
-            train_loss=sum(s for _, _, s, _ in per_rank) / n_loss if n_loss else None,
-            train_steps=len(micro) // learner.grad_accum, train_steps_per_rank=[s // learner.grad_accum for _, s, *_ in per_rank],
-            lr=learner.lr(), selection_digest=digest, selection_digest_per_rank=[d for d, *_ in per_rank],
-            time_sample=(t1 - t0) if step.grow else 0.0, time_score=time_score, time_select=t3 - t2, time_train=t4 - t3,
-        )
 
-        # 6. Eval every eval_interval epochs and after the last.
-        if do_eval and ((epoch + 1) % t.eval_interval == 0 or epoch == t.epochs - 1):
-            t5 = time.perf_counter()
-            rec.update(evaluate(epoch))
-            rec["time_eval"] = time.perf_counter() - t5
-            if t.save_best_model and (best is None or rec["eval_reward_mean"] > best["eval_reward_mean"]):
-                best = {"epoch": epoch, "eval_reward_mean": rec["eval_reward_mean"]}
-                learner.save_hf(out / "best_model", tokenizer, main)  # same decision on every rank: collective
-        if epoch == 0 and eval_before:  # the eval before training, metric_fn's numbers included
-            rec.update({f"{k}_initial": v for k, v in eval_before.items()})
-        # 7. Checkpoint every save_interval epochs, after the last, and when asked to stop (SIGTERM/SIGUSR1).
-        stopped = signals.requested() and epoch < t.epochs - 1
-        if stopped or (t.save_interval and ((epoch + 1) % t.save_interval == 0 or epoch == t.epochs - 1)):
-            t6 = time.perf_counter()
-            save(epoch, rec)
-            rec["time_checkpoint"] = time.perf_counter() - t6
-        rec["time_epoch"] = time.perf_counter() - t0
-        log.log(rec)
-        if main:
-            print("[rft_ds] " + format_epoch(log.history[-1], t.epochs), flush=True)
-        if stopped:
-            if main:
-                print(f"[rft_ds] stop signal received: checkpointed after epoch {epoch + 1}; continue with --resume auto",
-                      flush=True)
-            break
+def _finish_train_record(s: Setup, st: RunState, step: Any, n_micro: int) -> None:
+    """Every rank ran the same steps on the same selection (checked, not assumed); the loss is the mean over
+    all ranks' micro-batches; the stale-weight check's verdict (grow steps with an engine)."""
+    stats = st.local["stats"]
+    per_rank = D.all_gather_object((st.record["selection_digest"], n_micro, float(np.sum(stats.losses)),
+                                    len(stats.losses)))
+    if len({d for d, *_ in per_rank}) != 1 or len({n for _, n, *_ in per_rank}) != 1:
+        raise D.RankError(f"epoch {st.epoch}: ranks disagree on the selection or step count: {per_rank}")
+    n_loss = sum(c for *_, c in per_rank)
+    st.record.update(train_loss=sum(x for _, _, x, _ in per_rank) / n_loss if n_loss else None,
+                     train_steps_per_rank=[n // s.learner.grad_accum for _, n, *_ in per_rank],
+                     lr=s.learner.lr(), selection_digest_per_rank=[d for d, *_ in per_rank])
+    if s.weight_sync and step.grow:  # did the engine sample from the weights the learner trained from?
+        st.record.update(check_stale_weights(stats, s.stale_tol, enforce=not s.dropout))
 
-    if t.save_final_model and not stopped:
-        learner.save_hf(out / "final_model", tokenizer, main)
-    log.close()
-    if main and t.plots:
-        _write_plots(out, log.history)
-    return RFTResult(cfg, learner.engine, tokenizer, log.history, eval_before, out, stopped, ckpt)
+
+def sync(s: Setup, st: RunState) -> bool:
+    """Hand the trained weights to the engine and prove it on probes (first sync of a run, or always).
+    Changes st.record; then the stage is eval. A safe point after it."""
+    if s.weight_sync:
+        maybe_die("sync", st.epoch)
+        t0 = time.perf_counter()
+        stats = s.weight_sync.sync()
+        st.record.update(time_sync=stats.seconds, sync_bytes=stats.bytes,
+                         sync_peak_extra_mb=stats.peak_extra_bytes / 2**20)
+        if s.cfg.sampler.parity_check == "always" or (s.cfg.sampler.parity_check == "first" and s.weight_sync.n_syncs == 1):
+            st.record["parity_max_diff"] = check_parity(s)
+        took = time.perf_counter() - t0
+    else:
+        took = 0.0
+    st.stage, st.cursor = "eval", 0
+    return safe_point(s, st, took)
+
+
+def evaluate(s: Setup, st: RunState) -> bool:
+    """Every eval_interval epochs and after the last: eval, and best_model/ when it improved.
+    Changes st.record, st.best; then the stage is end. A safe point after it."""
+    t, rec = s.cfg.train, st.record
+    took = 0.0
+    if s.evals is not None and t.eval_interval > 0 and ((st.epoch + 1) % t.eval_interval == 0 or st.epoch == t.epochs - 1):
+        t0 = time.perf_counter()
+        rec.update(_evaluate(s, st.epoch))
+        rec["time_eval"] = took = time.perf_counter() - t0
+        if t.save_best_model and (st.best is None or rec["eval_reward_mean"] > st.best["eval_reward_mean"]):
+            st.best = {"epoch": st.epoch, "eval_reward_mean": rec["eval_reward_mean"], "run_id": st.run_id}
+            s.learner.save_hf(s.out / "best_model", s.tokenizer, D.is_main(), extra={"rft_ds_run.json": st.best})
+    st.stage, st.cursor = "end", 0
+    return safe_point(s, st, took)
+
+
+def end_epoch(s: Setup, st: RunState, log: MetricsLog) -> bool:
+    """Close the epoch's record, checkpoint every save_interval epochs, after the last and when asked to
+    stop, log it, and move on to the next epoch. Changes every field but pools and best."""
+    t = s.cfg.train
+    rec = {"epoch": st.epoch, "grow_step": None, "percentile": None, **st.record}
+    step = schedule(st.epoch, s.cfg.method.start_percentile, s.cfg.method.end_percentile, s.cfg.method.n_improve_steps)
+    rec.update(grow_step=step.grow, percentile=step.percentile)
+    if st.epoch == 0 and st.eval_before:  # the eval before training, metric_fn's numbers included
+        rec.update({f"{k}_initial": v for k, v in st.eval_before.items()})
+    rec["time_epoch"] = sum(v for k, v in rec.items() if k.startswith("time_") and k != "time_epoch")
+    stop = s.signals.requested() and st.epoch < t.epochs - 1
+    st.history.append(plain(rec))
+    st.epoch, st.stage, st.cursor, st.record, st.local = st.epoch + 1, "sample", 0, {}, {}
+    if stop or (t.save_interval and (st.epoch % t.save_interval == 0 or st.epoch == t.epochs)):
+        save_checkpoint(s, st)
+    log.log(st.history[-1])
+    if D.is_main():
+        print("[rft_ds] " + format_epoch(st.history[-1], t.epochs), flush=True)
+    return stop
+
+
+def safe_point(s: Setup, st: RunState, step_s: float) -> bool:
+    """Collective, at a point where a checkpoint can be taken (between sampling chunks and optimizer steps,
+    after a sync or an eval). Saves when a rank got a stop signal, when a periodic save is due
+    (train.save_every_steps / save_every_minutes), or before Slurm ends the job; True when the run must stop.
+    One all_reduce of two flags."""
+    import torch
+
+    t = s.cfg.train
+    s.longest_step_s = max(s.longest_step_s, step_s)
+    now = time.monotonic()
+    periodic = bool(t.save_every_steps and st.stage == "train" and st.optimizer_steps % t.save_every_steps == 0) or \
+        bool(t.save_every_minutes and now - s.last_save_at >= 60 * t.save_every_minutes)
+    deadline = s.job_end is not None and deadline_reached(time.time(), s.job_end, s.longest_step_s, s.last_save_s,
+                                                          t.save_before_end_s)
+    stop_flag, save_flag = D.all_reduce(torch.tensor([int(s.signals.received is not None or deadline),
+                                                      int(periodic)]), "max").tolist()
+    if stop_flag or save_flag:
+        save_checkpoint(s, st)
+        if deadline and D.is_main():
+            print("[rft_ds] the Slurm job ends soon: checkpointed and stopping (exit 3: requeue to continue)", flush=True)
+    return bool(stop_flag)
+
+
+def deadline_reached(now: float, job_end: float, longest_step_s: float, last_save_s: float, margin_s: float) -> bool:
+    """Save and stop now if waiting for one more step and then saving could run past the job's end."""
+    return now + longest_step_s + last_save_s + margin_s >= job_end
+
+
+def save_checkpoint(s: Setup, st: RunState) -> None:
+    """Collective: the run state (shared by rank 0, `local` and the RNG by every rank) and the DeepSpeed
+    engine, atomically. The epoch record being closed gets the checkpoint's own time."""
+    from rft_ds import checkpoint
+
+    t0 = time.perf_counter()
+
+    def finalize(seconds: float) -> dict:  # rank 0, once every rank's files are written and sealed
+        if st.stage == "sample" and st.cursor == 0 and st.history:  # an end-of-epoch checkpoint
+            st.history[-1]["time_checkpoint"] = seconds
+            st.history[-1]["time_epoch"] += seconds
+        return st.shared()
+
+    checkpoint.save(s.out / "checkpoints", checkpoint.checkpoint_name(*st.position()), s.learner.engine, None,
+                    s.tokenizer, s.cfg.train.keep_last, die_hook=maybe_die, finalize_state=finalize, local_state=st.local,
+                    meta={"run_id": st.run_id, "position": list(st.position()), "config": _yaml_safe(s.cfg.to_dict())})
+    s.last_save_s = time.perf_counter() - t0
+    s.last_save_at = time.monotonic()
+    if st.stage == "sample" and st.cursor == 0 and st.history:
+        st.history[-1].setdefault("time_checkpoint", s.last_save_s)
+
+
+def load_checkpoint(s: Setup, ckpt: Path) -> RunState:
+    """The mirror of save_checkpoint: engine, RNG, run state; then the engine gets the restored weights (a
+    sync, never the original model path) and is checked."""
+    from rft_ds import checkpoint
+
+    shared, local = checkpoint.load(ckpt, s.learner.engine, verified=True)
+    checkpoint.check_compatible(shared, s.prompts_digest)
+    st = RunState(**{**shared, "local": local})
+    if st.best is not None and _best_model_run(s.out) != st.run_id:  # best_model/ was overwritten by another run
+        if D.is_main():
+            print(f"[rft_ds] note: {s.out / 'best_model'} is not this run's ({st.run_id}); the next eval rewrites it",
+                  flush=True)
+        st.best = None
+    if s.weight_sync:
+        s.weight_sync.sync()
+        if s.cfg.sampler.parity_check != "off":
+            diff = check_parity(s)
+            if D.is_main():
+                print(f"[rft_ds] engine synced from the checkpoint; parity max |logprob diff| {diff:.2g}", flush=True)
+    if D.is_main():
+        print(f"[rft_ds] resumed from {ckpt} at epoch {st.epoch + 1}/{s.cfg.train.epochs} ({st.stage}"
+              + (f" {st.cursor}" if st.cursor else "") + ")", flush=True)
+    return st
+
+
+def check_parity(s: Setup) -> float:
+    from rft_ds.weight_sync import parity_check
+
+    probes = s.train.records[: s.cfg.sampler.parity_probes]
+    return parity_check(s.learner.module, s.sampler, [r.token_ids for r in probes],
+                        min(8, s.cfg.method.gen_kwargs["max_new_tokens"]), s.parity_tol, s.tokenizer.pad_token_id,
+                        [r.text for r in probes], s.learner.device)
+
+
+def _my_prompts(s: Setup) -> list[PromptRecord]:
+    return [s.train.records[i] for i in shard(len(s.train.records), s.group, s.n_groups)]
+
+
+def _n_chunks(s: Setup) -> int:
+    """Sampling chunks per grow step: the same on every rank (each chunk ends at a collective safe point)."""
+    longest_shard = -(-len(s.train.records) // s.n_groups)
+    return max(1, -(-longest_shard // s.cfg.sampler.chunk_prompts))
+
+
+def _add_time(rec: dict, key: str, seconds: float) -> None:
+    rec[key] = rec.get(key, 0.0) + seconds
+
+
+def _sinks(s: Setup, start_epoch: int) -> list:
+    t = s.cfg.train
+    return open_sinks(s.out, tensorboard_on(t.tensorboard), t.wandb, t.wandb_project, t.wandb_run_name,
+                      _yaml_safe(s.cfg.to_dict()), start_epoch) if D.is_main() else []
+
+
+def _best_model_run(out: Path) -> str | None:
+    """The run id best_model/ says its weights are from (None: no best_model, or one without the mark)."""
+    import json
+
+    mark = out / "best_model" / "rft_ds_run.json"
+    try:
+        return json.loads(mark.read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None
+
+
+def _warn_foreign_best_model(out: Path, run_id: str) -> None:
+    """best_model/ of another (abandoned) run is not this run's best: say so; the first eval replaces it."""
+    if D.is_main() and (out / "best_model").is_dir():
+        print(f"[rft_ds] note: {out / 'best_model'} holds run {_best_model_run(out) or 'unknown'}'s weights, not "
+              f"this run's ({run_id}); this run's first eval replaces it", flush=True)
 
 
 def _write_plots(out: Path, history: list[dict]) -> None:
@@ -474,25 +746,26 @@ def _to_samples(records: Sequence[PromptRecord], comps: Sequence[Sequence[Any]])
                    tokens=[c.token_ids for cs in comps for c in cs])
 
 
-def _evaluate(sampler: Any, evals: Prompts, reward_fn: Callable, metric_fn: Callable | None, tokenizer: Any,
-              gen_kwargs: dict, stop_sequences: list[str], seed: int, group: int, n_groups: int,
-              contributes: bool, batch_size: int | None = None, show: bool = False) -> dict:
+def _evaluate(s: Setup, epoch: int) -> dict:
     """One completion per eval prompt, scored sharded; metric_fn runs once, on rank 0, on all of them."""
-    mine = [evals.records[i] for i in shard(len(evals.records), group, n_groups)]
-    comps = sampler.generate([r.token_ids for r in mine], 1, gen_kwargs, seed, "eval: sample" if show else None)
-    local = _to_samples(mine, comps) if contributes else Samples.empty()
-    table, _ = score_and_gather(reward_fn, local, evals.texts, evals.metadata, tokenizer, stop_sequences, batch_size,
-                                "eval: score" if show else None)
+    evals, tok = s.evals, s.tokenizer
+    gen_kwargs = {**s.cfg.method.gen_kwargs, **(s.cfg.train.eval_gen_kwargs or {})}
+    mine = [evals.records[i] for i in shard(len(evals.records), s.group, s.n_groups)]
+    comps = s.sampler.generate([r.token_ids for r in mine], 1, gen_kwargs, _sample_seed(s.cfg.train.seed, epoch, s.group, 1),
+                               "eval: sample" if s.show else None)
+    local = _to_samples(mine, comps) if s.contributes else Samples.empty()
+    table, _ = score_and_gather(s.reward_fn, local, evals.texts, evals.metadata, tok, s.stop_sequences,
+                                s.cfg.reward.batch_size, "eval: score" if s.show else None)
     result: dict[str, Any] = {"eval_reward_mean": float(table.score.mean())}
-    if metric_fn is not None:
+    if s.metric_fn is not None:
         extra = None
         with D.all_ranks_or_fail("metric_fn"):
             if D.is_main():
                 pids = table.prompt_id.tolist()
-                outputs = decode_outputs(tokenizer, table.tokens, stop_sequences)
+                outputs = decode_outputs(tok, table.tokens, s.stop_sequences)
                 prompts = [evals.texts[p] for p in pids]
                 meta = {k: [evals.metadata[p].get(k) for p in pids] for k in sorted({k for p in pids for k in evals.metadata[p]})}
-                extra = metric_fn(samples=[p + o for p, o in zip(prompts, outputs)], prompts=prompts, outputs=outputs, **meta)
+                extra = s.metric_fn(samples=[p + o for p, o in zip(prompts, outputs)], prompts=prompts, outputs=outputs, **meta)
                 if not isinstance(extra, dict):
                     raise RewardError(f"metric_fn must return a dict, got {type(extra).__name__}")
         extra = D.broadcast_object(extra)

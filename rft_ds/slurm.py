@@ -53,3 +53,30 @@ def torch_env(env: Mapping[str, str]) -> dict[str, str]:
         "MASTER_PORT": str(DEFAULT_PORT + int(job) % 10000 if job.isdigit() else DEFAULT_PORT),
     }
     return {k: env.get(k, v) for k, v in derived.items()}
+
+
+def job_end_time(env: Mapping[str, str], squeue: str = "squeue") -> float | None:
+    """When Slurm ends this job (seconds since the epoch), or None outside Slurm or without a time limit.
+    SLURM_JOB_END_TIME where Slurm sets it, else `squeue -o %e` (one call, at start-up, on rank 0)."""
+    import subprocess
+
+    if "SLURM_JOB_ID" not in env:
+        return None
+    if env.get("SLURM_JOB_END_TIME", "").isdigit():
+        return float(env["SLURM_JOB_END_TIME"])
+    try:
+        out = subprocess.run([squeue, "-h", "-j", env["SLURM_JOB_ID"], "-o", "%e"], capture_output=True, text=True,
+                             timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_end_time(out)
+
+
+def parse_end_time(text: str) -> float | None:
+    """squeue's %e ('2026-11-25T21:00:00', local time; 'N/A' or 'Unknown' without a limit) -> epoch seconds."""
+    import datetime
+
+    try:
+        return datetime.datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        return None

@@ -25,7 +25,7 @@ def fake_checkpoint(root: Path, epoch: int, world_size: int = 2) -> Path:
     (tmp / "ds").mkdir(parents=True)
     (tmp / "ds" / "shard0.pt").write_bytes(os.urandom(4096))
     (tmp / "rft_state.pt").write_bytes(os.urandom(512))
-    (tmp / "meta.json").write_text(json.dumps({"epoch": epoch, "world_size": world_size, "format": 1}))
+    (tmp / "meta.json").write_text(json.dumps({"epoch": epoch, "world_size": world_size, "format": 2}))
     write_manifest(tmp)
     final = root / f"epoch_{epoch:05d}"
     tmp.rename(final)
@@ -84,7 +84,7 @@ def test_resume_argument_errors(tmp_path):
 # ---- slow: real runs killed with SIGKILL and resumed ------------------------------------------------
 
 COMMON = ["train.epochs=6", "train.save_interval=1", "train.keep_last=2", "method.n_generations_per_prompt=8",
-          "train.eval_interval=2"]
+          "train.eval_interval=2", "sampler.chunk_prompts=8"]
 
 
 
@@ -116,39 +116,54 @@ def _latest(run: Path) -> str:
 
 
 @pytest.mark.slow
-def test_sigkill_anywhere_then_resume_gives_identical_weights(tmp_path):
+def test_stop_or_kill_anywhere_then_resume_gives_identical_weights(tmp_path):
+    """A model WITH dropout (so the training RNG matters): stopped by SIGUSR1 mid-sampling and mid-training,
+    SIGKILLed mid-scoring, mid-sync and mid-save, resumed each time from what was saved (mid-epoch
+    checkpoints included), and the final weights and metrics are those of the uninterrupted run."""
+    from rft_ds.toy import build_tiny_model
+
+    build_tiny_model(tmp_path / "model", attention_dropout=0.1)
     ref = tmp_path / "ref"
     p = _run(ref)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
 
-    run = tmp_path / "killed"
-    # 1. SIGKILL on rank 0 while sampling epoch 2 (the launcher then takes rank 1 down)
-    p = _run(run, env={"RFT_DS_DIE_AT": "sample:2"})
-    assert p.returncode != 0 and _latest(run) == "epoch_00001"
-    # 2. resume (the CLI flag), killed on rank 1 in the middle of training epoch 3
-    p = _run(run, "--resume", "auto", env={"RFT_DS_DIE_AT": "train:3", "RFT_DS_DIE_RANK": "1"})
-    assert p.returncode != 0, p.stdout[-2000:] + p.stderr[-2000:]
-    assert "resumed from" in p.stdout and "epoch_00001 at epoch 3/6" in p.stdout and _latest(run) == "epoch_00002"
-    # 3. resume, killed while writing the epoch-4 checkpoint: shards half written, never loaded
-    p = _run(run, "train.resume=auto", env={"RFT_DS_DIE_AT": "checkpoint:4"})
-    assert p.returncode != 0
-    assert (run / "checkpoints" / ".tmp-epoch_00004").is_dir() and _latest(run) == "epoch_00003"
-    # 4. resume, the whole job SIGKILLed from outside at a random moment
-    proc = subprocess.Popen(_cmd(run, "train.resume=auto"), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    time.sleep(random.Random(os.environ.get("PYTEST_SEED", "7")).uniform(5, 35))
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    # 5. resume to the end
+    run = tmp_path / "stopped"
+    # 1. SIGUSR1 on rank 0 before the 2nd sampling chunk of epoch 2 (a grow step): saved after that chunk
+    p = _run(run, env={"RFT_DS_STOP_AT": "sample:2:2"})
+    assert p.returncode == 3, p.stdout[-3000:] + p.stderr[-3000:]
+    assert _latest(run) == "epoch_00002.s0.c000002"
+    # 2. resume, SIGKILL while scoring epoch 2: the mid-sampling checkpoint stays the latest
+    p = _run(run, "--resume", "auto", env={"RFT_DS_DIE_AT": "score:2"})
+    assert p.returncode != 0 and _latest(run) == "epoch_00002.s0.c000002"
+    assert "at epoch 3/6 (sample 2)" in p.stdout
+    # 3. resume, SIGUSR1 on rank 1 before the 2nd optimizer step of epoch 2: saved after it
+    p = _run(run, "train.resume=auto", env={"RFT_DS_STOP_AT": "train:2:2", "RFT_DS_STOP_RANK": "1"})
+    assert p.returncode == 3, p.stdout[-3000:] + p.stderr[-3000:]
+    assert _latest(run) == "epoch_00002.s1.c000002"
+    # 4. resume with a checkpoint every 2 optimizer steps, SIGKILL at the sync of epoch 3
+    p = _run(run, "train.resume=auto", "train.save_every_steps=2", env={"RFT_DS_DIE_AT": "sync:3"})
+    assert p.returncode != 0 and _latest(run).startswith("epoch_00003.s1.c"), _latest(run)
+    # 5. resume, SIGKILL while writing the checkpoint after epoch 4: never loaded, the previous one stays
+    p = _run(run, "train.resume=auto", env={"RFT_DS_DIE_AT": "checkpoint:5"})
+    assert p.returncode != 0 and _latest(run) == "epoch_00003"
+    assert (run / "checkpoints" / ".tmp-epoch_00004").is_dir()
+    # 6. resume at that epoch boundary and finish: it trains the rest, it does not stop "successfully" at once
     p = _run(run, "train.resume=auto")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "resumed from" in p.stdout
+    assert "at epoch 5/6 (sample)" in p.stdout and "epoch 6/6" in p.stdout
 
     a, b = _weights(ref / "final_model"), _weights(run / "final_model")
     assert sorted(a) == sorted(b)
     for k in a:
-        assert (a[k] == b[k]).all(), f"{k} differs after kill/resume"
-    assert _metrics(ref) == _metrics(run)  # the whole history, including the resumed epochs
+        assert (a[k] == b[k]).all(), f"{k} differs after stop/kill/resume"
+    assert _metrics(ref) == _metrics(run)  # the whole history, the resumed epochs included
+    saved = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["time_checkpoint"] > 0 and r["time_epoch"] >= r["time_checkpoint"] for r in saved)  # (vi)
+
+    # 7. a finished run resumed with nothing left to do says so and trains nothing
+    p = _run(run, "train.resume=auto")
+    assert p.returncode == 0 and "nothing left to train for train.epochs=6" in p.stdout, p.stdout[-2000:]
+    assert len(_metrics(run)) == 6
 
     # Export: the newest checkpoint -> an HF directory equal to the trained model, that vLLM serves alike.
     out = tmp_path / "export"
@@ -187,7 +202,7 @@ def test_stop_signal_checkpoints_and_exits_cleanly(tmp_path):
     out, _ = proc.communicate(timeout=300)
     text = "".join(lines) + out
     assert proc.returncode == 3, text[-3000:]
-    assert "stop signal received: checkpointed after epoch" in text
+    assert "stop signal received: checkpointed in epoch" in text
     stopped_at = _latest(run)
     assert not (run / "final_model").exists()
     p = _run(run, "train.resume=auto", "train.save_interval=0", "train.epochs=5")

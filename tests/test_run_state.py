@@ -1,0 +1,140 @@
+"""The run state's pure parts: the Slurm deadline, the resume config check, dropout detection, seeds."""
+
+from __future__ import annotations
+
+import pytest
+
+from rft_ds.config import RFTRunConfig, resume_changes
+from rft_ds.recipe import RunState, STAGES, _sample_seed, deadline_reached, has_dropout
+from rft_ds.slurm import job_end_time, parse_end_time
+
+
+def test_deadline_budget_is_longest_step_plus_last_save_plus_margin():
+    end = 10_000.0
+    assert not deadline_reached(now=9_000, job_end=end, longest_step_s=300, last_save_s=200, margin_s=120)
+    assert deadline_reached(now=9_380, job_end=end, longest_step_s=300, last_save_s=200, margin_s=120)
+    assert deadline_reached(now=9_381, job_end=end, longest_step_s=300, last_save_s=200, margin_s=120)
+    assert deadline_reached(now=10_500, job_end=end, longest_step_s=0, last_save_s=0, margin_s=0)  # already late
+
+
+def test_slurm_end_time():
+    assert job_end_time({}) is None  # not under Slurm
+    assert job_end_time({"SLURM_JOB_ID": "7", "SLURM_JOB_END_TIME": "1790000000"}) == 1790000000.0
+    assert parse_end_time("N/A") is None and parse_end_time("Unknown") is None and parse_end_time("") is None
+    import datetime
+
+    assert parse_end_time("2026-11-25T21:00:00\n") == datetime.datetime(2026, 11, 25, 21).timestamp()
+    # squeue missing (no Slurm on this machine): None, not an error
+    assert job_end_time({"SLURM_JOB_ID": "7"}, squeue="/nonexistent/squeue") is None
+
+
+def test_resume_changes_lists_the_fields_that_matter():
+    base = {"model": {"model_path": "m"}}
+    a = RFTRunConfig.from_dict(base).to_dict()
+    same = RFTRunConfig.from_dict({**base, "train": {"epochs": 99, "output_dir": "elsewhere", "save_interval": 2,
+                                                       "eval_interval": 3, "keep_last": 1}}).to_dict()
+    assert resume_changes(a, same) == []  # more epochs, another output dir, other save/eval cadence: fine
+    b = RFTRunConfig.from_dict({**base, "train": {"seed": 7}, "method": {"n_generations_per_prompt": 8},
+                                "selection": {"strategy": "top_k"}, "data": {"system_prompt": "Be brief."}}).to_dict()
+    assert resume_changes(a, b) == ["data.system_prompt (None -> 'Be brief.')", "method.n_generations_per_prompt (32 -> 8)",
+                                    "selection.strategy ('per_prompt' -> 'top_k')", "train.seed (1000 -> 7)"]
+
+
+def test_dropout_is_read_from_the_model_config():
+    from transformers import LlamaConfig
+
+    assert not has_dropout(LlamaConfig(hidden_size=64, num_attention_heads=2, num_hidden_layers=1))
+    assert has_dropout(LlamaConfig(hidden_size=64, num_attention_heads=2, num_hidden_layers=1, attention_dropout=0.1))
+
+
+def test_sampling_chunks_have_their_own_streams():
+    seeds = {_sample_seed(1000, e, r, stream, c) for e in (0, 1) for r in (0, 1) for stream in (0, 1) for c in (0, 1, 2)}
+    assert len(seeds) == 24
+
+
+def test_run_state_position_orders_stages():
+    st = RunState(run_id="x", prompts_digest="d", epoch=3, stage="train", cursor=12)
+    assert st.position() == (3, STAGES.index("train"), 12)
+    assert RunState(run_id="x", prompts_digest="d", epoch=3, stage="eval").position() > st.position()
+    assert "local" not in st.shared() and st.shared()["pools"] is st.pools  # shared by rank 0, never copied
+
+
+def test_cuda_rng_state_is_saved_and_restored():
+    """(ii) the GPU's generator is part of the RNG a checkpoint carries (here the fake cuda:0's)."""
+    import torch
+
+    from rft_ds.checkpoint import rng_state, set_rng_state
+    from tests.fake_cuda import fake_cuda
+
+    with fake_cuda():
+        torch.cuda.manual_seed(5)
+        saved = rng_state()
+        assert "cuda" in saved
+        before = torch.cuda.get_rng_state()
+        torch.cuda.manual_seed(6)
+        assert not torch.equal(torch.cuda.get_rng_state(), before)
+        set_rng_state(saved)
+        assert torch.equal(torch.cuda.get_rng_state(), before)
+    assert "cuda" not in rng_state()  # no GPU: nothing to save
+
+
+def test_changed_config_refuses_resume_before_model_load(tmp_path, tiny_model, monkeypatch, capsys):
+    """(v) a checkpoint written with another seed: one line listing the field, before any model loads;
+    --resume-force accepts it."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    import rft_ds.distributed
+    import rft_ds.learner
+    from rft_ds.checkpoint import write_manifest
+    from rft_ds.recipe import _yaml_safe
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("train_cli", root / "launch" / "train.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+
+    def reached(*a, **k):
+        raise AssertionError("a model load or process group start was reached")
+
+    monkeypatch.setattr(rft_ds.learner.Learner, "__init__", reached)
+    monkeypatch.setattr(rft_ds.distributed, "init", reached)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    args = ["--config", str(root / "launch/configs/tiny.yaml"), f"model.model_path={tiny_model}", "model.build=null",
+            f"train.output_dir={tmp_path / 'out'}"]
+    saved_cfg = RFTRunConfig.load_yaml(root / "launch/configs/tiny.yaml", args[2:] + ["train.seed=7"])
+    ckpt = tmp_path / "out" / "checkpoints" / "epoch_00000"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text(json.dumps({"world_size": 2, "format": 2, "position": [1, 0, 0],
+                                                "config": _yaml_safe(saved_cfg.to_dict())}))
+    write_manifest(ckpt, world_size=2)
+    (ckpt.parent / "latest").write_text(ckpt.name)
+    monkeypatch.chdir(root)
+
+    assert cli.main(args + ["--resume", "auto"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rft_ds: error")]
+    assert errors == [f"rft_ds: error (rank 0): checkpoint {ckpt} was written with another config: train.seed (7 -> "
+                      "1000); resume with --resume-force (train.resume_force=true) to accept the change"]
+    with pytest.raises(AssertionError, match="process group start was reached"):  # past every check
+        cli.main(args + ["--resume", "auto", "--resume-force"])
+
+
+def test_fault_injection_fires_once_at_its_pass(monkeypatch):
+    import signal
+
+    from rft_ds import faults
+
+    sent = []
+    monkeypatch.setattr(faults.os, "kill", lambda pid, sig: sent.append(sig))
+    monkeypatch.setattr(faults, "_passes", {})
+    monkeypatch.setenv("RFT_DS_STOP_AT", "train:2:3")
+    for _ in range(5):
+        faults.maybe_die("train", 2)
+        faults.maybe_die("sample", 2)
+    assert sent == [signal.SIGUSR1]  # the 3rd pass of train in epoch 2, nothing else (no SIGKILL: DIE_AT unset)
+    monkeypatch.setenv("RFT_DS_DIE_AT", "sample:4")
+    faults.maybe_die("sample", 4)
+    faults.maybe_die("sample", 4)
+    assert sent == [signal.SIGUSR1, signal.SIGKILL]
