@@ -389,15 +389,28 @@ def _explicit(resume: str) -> Path:
     return ckpt
 
 
-def _world_problem(ckpt: Path, written_by: int, world_size: int) -> str | None:
+def _format_problem(ckpt: Path) -> str | None:
     fmt = read_meta(ckpt).get("format", 1)
     if fmt != STATE_FORMAT:
         return (f"checkpoint {ckpt} has run-state format {fmt}, this rft_ds reads format {STATE_FORMAT} (written "
                 "by another version): resume it with that version, or start a new run")
-    if written_by == world_size:
+    return None
+
+
+def elastic(position: tuple[int, int, int] | list[int]) -> bool:
+    """Whether a checkpoint at this run position resumes on another world size: at an epoch's start, or after
+    its training (sync, eval, end). Inside sampling or training the position is per rank (its prompt shard,
+    its micro-batch plan), so only the world size that wrote it can continue from there."""
+    _, stage, cursor = position
+    return (stage == 0 and cursor == 0) or stage >= 2
+
+
+def _world_problem(ckpt: Path, written_by: int, world_size: int) -> str | None:
+    if written_by == world_size or elastic(read_meta(ckpt).get("position", (0, 1, 1))):
         return None
-    return (f"checkpoint {ckpt} was written by {written_by} ranks; this run has {world_size}. Resuming with another "
-            f"world size is not supported: launch with {written_by} ranks")
+    return (f"checkpoint {ckpt} was taken inside a sampling or training stage by {written_by} ranks; this run has "
+            f"{world_size}. A position inside those stages is per rank: resume it with {written_by} ranks (a "
+            "checkpoint at an epoch's end, or after training, resumes on any number)")
 
 
 def resolve_resume(resume: str | None, output_dir: str | Path, world_size: int) -> Path | None:
@@ -406,19 +419,26 @@ def resolve_resume(resume: str | None, output_dir: str | Path, world_size: int) 
     parallel. Raises CheckpointError."""
     if not resume:
         return None
-    if resume == "auto":
-        ckpt = find_resume(Path(output_dir) / "checkpoints", checksums=False)
-        if ckpt is None:
-            return None
-    else:
+    if resume != "auto":
         ckpt = _explicit(resume)
         problem = check_complete(ckpt)
         if problem is not None:
             raise CheckpointError(f"--resume {resume}: not a complete rft_ds checkpoint: {problem}")
-    problem = _world_problem(ckpt, read_meta(ckpt)["world_size"], world_size)
-    if problem:
-        raise CheckpointError(problem)
-    return ckpt
+        problem = _format_problem(ckpt) or _world_problem(ckpt, read_meta(ckpt)["world_size"], world_size)
+        if problem:
+            raise CheckpointError(problem)
+        return ckpt
+    for ckpt in _candidates(Path(output_dir) / "checkpoints"):  # auto: the newest this run can resume from
+        problem = check_complete(ckpt)
+        if problem is None:
+            hard = _format_problem(ckpt)
+            if hard:
+                raise CheckpointError(hard)
+            problem = _world_problem(ckpt, read_meta(ckpt)["world_size"], world_size)
+            if problem is None:
+                return ckpt
+        warnings.warn(f"rft_ds: skipping checkpoint {ckpt}: {problem}", stacklevel=2)
+    return None
 
 
 def _verdicts(ckpt: Path, rank: int, world_size: int) -> str | None:
@@ -470,9 +490,11 @@ def agree_on_resume(resume: str | None, output_dir: str | Path, world_size: int 
     for path, problem, written_by in body:
         ckpt = Path(path)
         if problem is None:
-            wrong_world = _world_problem(ckpt, written_by, world)
-            if wrong_world:
-                raise CheckpointError(wrong_world)
+            hard = _format_problem(ckpt)
+            if hard:
+                raise CheckpointError(hard)
+            problem = _world_problem(ckpt, written_by, world)
+        if problem is None:
             problem = _verdicts(ckpt, rank, D.world_size())  # the work is split over the ranks there are
             if problem is None:
                 return ckpt
@@ -675,9 +697,53 @@ def save(root: Path, name: str, engine: Any, state: dict | None, tokenizer: Any,
                  sum(e["size"] for _, c in claims for e in c.values()), shared, HASH)
 
 
-def load(ckpt: Path, engine: Any, verified: bool = False) -> tuple[dict, Any]:
+def universal_copy(ckpt: Path, timeout_s: float = 6 * 3600) -> Path:
+    """Collective. DeepSpeed's universal form of ckpt's ZeRO-3 state, which any world size loads (weights and
+    optimizer state repartitioned), for an elastic resume. Rank 0 makes it once, beside the checkpoint in
+    checkpoints/.universal/<name>/ (a temporary directory renamed into place), and later resumes reuse it;
+    the checkpoint itself is never changed. The other ranks wait on the file system, not in a collective: a
+    large model's conversion outlasts the process-group timeout."""
+    import argparse
+
+    from rft_ds import distributed as D
+
+    ckpt = Path(ckpt)
+    out = ckpt.parent / ".universal" / ckpt.name
+    failed = out.with_name(out.name + ".failed")
+    if D.is_main():
+        failed.unlink(missing_ok=True)  # an earlier attempt's
+    D.barrier()
+    if D.is_main() and not out.is_dir():
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            ds_to_universal(argparse.Namespace(input_folder=str(ckpt / "ds"), output_folder=str(tmp / "ds"),
+                                               num_extract_workers=2, num_merge_workers=1, keep_temp_folder=False,
+                                               strict=True, inject_missing_state=False))
+            tmp.rename(out)
+        except Exception as e:  # noqa: BLE001 - told to the waiting ranks, then raised
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            failed.write_text(f"{type(e).__name__}: {e}")
+            raise CheckpointError(f"converting {ckpt} for another world size failed: {type(e).__name__}: {e}") from e
+    t0 = time.monotonic()
+    while not out.is_dir():
+        if failed.is_file():
+            raise CheckpointError(f"converting {ckpt} for another world size failed on rank 0: {failed.read_text()}")
+        if time.monotonic() - t0 > timeout_s:
+            raise CheckpointError(f"rank 0 did not convert {ckpt} for another world size within {timeout_s:.0f} s")
+        time.sleep(1)
+    D.barrier()
+    return out
+
+
+def load(ckpt: Path, engine: Any, verified: bool = False, universal: Path | None = None) -> tuple[dict, Any]:
     """Restore the engine (weights, optimizer, scheduler) and this rank's RNG; return (the shared run state,
-    this rank's local state). Collective.
+    this rank's local state). Collective. With `universal` (universal_copy, for another world size than the
+    one that wrote ckpt; the engine built with {"checkpoint": {"load_universal": true}}), the ZeRO-3 state
+    comes from there, repartitioned; a rank the checkpoint had keeps its RNG, and the local state is empty
+    (an elastic position has none that matters).
 
     Unless `verified` (agree_on_resume already checksummed it), each rank first checksums the files it owns and
     the ranks agree: a damaged checkpoint raises CheckpointError on every rank."""
@@ -689,12 +755,19 @@ def load(ckpt: Path, engine: Any, verified: bool = False) -> tuple[dict, Any]:
         problem = _verdicts(Path(ckpt), D.rank(), D.world_size())
         if problem is not None:
             raise CheckpointError(f"checkpoint {ckpt} is damaged: {problem}")
-    path, _ = engine.load_checkpoint(str(ckpt), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
+    source = Path(universal or ckpt)
+    path, _ = engine.load_checkpoint(str(source), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
-        raise CheckpointError(f"DeepSpeed could not load {Path(ckpt) / 'ds'}")
-    mine = torch.load(Path(ckpt) / f"rank{D.rank()}.pt", weights_only=False)
+        raise CheckpointError(f"DeepSpeed could not load {source / 'ds'}")
+    shared = torch.load(Path(ckpt) / "rft_state.pt", weights_only=False)
+    mine = Path(ckpt) / f"rank{D.rank()}.pt"
+    if universal is not None:
+        if mine.is_file():
+            set_rng_state(torch.load(mine, weights_only=False)["rng"])
+        return shared, {}
+    mine = torch.load(mine, weights_only=False)
     set_rng_state(mine["rng"])
-    return torch.load(Path(ckpt) / "rft_state.pt", weights_only=False), mine["local"]
+    return shared, mine["local"]
 
 
 def rng_state() -> dict:

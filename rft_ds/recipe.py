@@ -63,7 +63,7 @@ class RFTResult:
 def _sample_seed(seed: int, epoch: int, rank: int, stream: int, chunk: int = 0) -> int:
     """Independent, far-apart streams per (epoch, rank, train/eval, sampling chunk): nearby seeds overlap in
     samplers. epoch is -1 for the eval before training, hence the +1."""
-    return int(np.random.SeedSequence([seed, epoch + 1, rank, stream, chunk]).generate_state(1)[0])
+    return int(np.random.SeedSequence([seed, epoch + 1, rank, stream] + ([chunk] if chunk else [])).generate_state(1)[0])
 
 
 def _load_tokenizer(cfg: RFTRunConfig) -> Any:
@@ -298,6 +298,7 @@ class Setup:
     longest_step_s: float = 0.0  # the longest stretch between two safe points seen (for the deadline)
     last_save_s: float = 0.0
     job_end: float | None = None  # Slurm's end of the job (time.time()), when known
+    universal: Path | None = None  # the resume checkpoint in DeepSpeed's universal form (another world size)
 
 
 def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any = None, eval_prompts: Any = None,
@@ -374,6 +375,10 @@ def setup(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, me
     # Resolved once, after the process group exists: rank 0 picks, every rank checks its own files, all agree.
     ckpt = checkpoint.agree_on_resume(t.resume, t.output_dir, D.world_size())
     check_resume_config(ckpt, cfg)  # again: a fallback may have picked an older checkpoint than prepare saw
+    universal = None
+    if ckpt is not None and checkpoint.read_meta(ckpt)["world_size"] != D.world_size():  # elastic resume
+        universal = checkpoint.universal_copy(ckpt)
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     group, n_groups, contributes = engine_group(D.rank(), D.world_size(), cfg.sampler.tensor_parallel_size
                                                 if cfg.sampler.backend == "vllm" else 1)
     if cfg.reward.reward_model:
@@ -401,7 +406,7 @@ def setup(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, me
               stale_tol=cfg.sampler.stale_tolerance or (0.1 if half else 1e-3),
               dropout=has_dropout(learner.module.config),  # a noisy training forward: the stale check only logs
               prompts_digest=checkpoint.prompts_digest(train.texts, train.metadata),
-              job_end=D.broadcast_object(job_end_time(os.environ) if D.is_main() else None))
+              job_end=D.broadcast_object(job_end_time(os.environ) if D.is_main() else None), universal=universal)
     return s, ckpt
 
 
@@ -644,7 +649,7 @@ def load_checkpoint(s: Setup, ckpt: Path) -> RunState:
     sync, never the original model path) and is checked."""
     from rft_ds import checkpoint
 
-    shared, local = checkpoint.load(ckpt, s.learner.engine, verified=True)
+    shared, local = checkpoint.load(ckpt, s.learner.engine, verified=True, universal=s.universal)
     checkpoint.check_compatible(shared, s.prompts_digest)
     st = RunState(**{**shared, "local": local})
     if st.best is not None and _best_model_run(s.out) != st.run_id:  # best_model/ was overwritten by another run
@@ -660,7 +665,9 @@ def load_checkpoint(s: Setup, ckpt: Path) -> RunState:
                 print(f"[rft_ds] engine synced from the checkpoint; parity max |logprob diff| {diff:.2g}", flush=True)
     if D.is_main():
         print(f"[rft_ds] resumed from {ckpt} at epoch {st.epoch + 1}/{s.cfg.train.epochs} ({st.stage}"
-              + (f" {st.cursor}" if st.cursor else "") + ")", flush=True)
+              + (f" {st.cursor}" if st.cursor else "") + ")"
+              + (f" on {D.world_size()} ranks, written by {checkpoint.read_meta(ckpt)['world_size']}" if s.universal
+                 else ""), flush=True)
     return st
 
 
