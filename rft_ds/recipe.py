@@ -347,8 +347,9 @@ def _run(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, met
         if st.stage == "end" and not stopped:
             stopped = end_epoch(s, st, log)
     if stopped and D.is_main():
-        print(f"[rft_ds] stop signal received: checkpointed in epoch {st.epoch + 1} ({st.stage}); continue with "
-              "--resume auto", flush=True)
+        why = "stop signal received" if signals.received is not None else "the Slurm job ends soon"
+        print(f"[rft_ds] {why}: checkpointed in epoch {st.epoch + 1} ({st.stage}); continue with --resume auto",
+              flush=True)
     if t.save_final_model and not stopped:
         s.learner.save_hf(s.out / "final_model", s.tokenizer, D.is_main())
     log.close()
@@ -473,7 +474,8 @@ def score(s: Setup, st: RunState, grow: bool) -> None:
 def train(s: Setup, st: RunState, step: Any) -> bool:
     """Select (pure, the same on every rank), build rows from token ids, and train on this rank's share,
     one optimizer step at a time (a safe point after each). Every rank runs the same number of steps.
-    Changes st.cursor, st.optimizer_steps, st.local["losses"/"stale"], st.record; then the stage is sync."""
+    Changes st.cursor, st.optimizer_steps, st.local["stats"] (losses, stale-check sums), st.record; then the
+    stage is sync."""
     t, sel, learner = s.cfg.train, s.cfg.selection, s.learner
     t0 = time.perf_counter()
     pool = st.pools
@@ -509,8 +511,8 @@ def train(s: Setup, st: RunState, step: Any) -> bool:
         upto = min(st.cursor + learner.grad_accum, len(micro))
         one = learner.train_step(rows, micro[st.cursor:upto], s.tokenizer.pad_token_id, compare_logprobs=st.cursor == 0)
         stats.add(one)
+        pbar.set_postfix(loss=f"{one.losses[-1]:.4f}", refresh=False)  # shown by the update's refresh
         pbar.update(upto - st.cursor)
-        pbar.set_postfix(loss=f"{one.losses[-1]:.4f}", refresh=False)
         st.cursor, st.optimizer_steps = upto, st.optimizer_steps + 1
         _add_time(st.record, "time_train", time.perf_counter() - t1)
         if safe_point(s, st, time.perf_counter() - t1):
@@ -577,9 +579,9 @@ def end_epoch(s: Setup, st: RunState, log: MetricsLog) -> bool:
     """Close the epoch's record, checkpoint every save_interval epochs, after the last and when asked to
     stop, log it, and move on to the next epoch. Changes every field but pools and best."""
     t = s.cfg.train
-    rec = {"epoch": st.epoch, "grow_step": None, "percentile": None, **st.record}
     step = schedule(st.epoch, s.cfg.method.start_percentile, s.cfg.method.end_percentile, s.cfg.method.n_improve_steps)
-    rec.update(grow_step=step.grow, percentile=step.percentile)
+    rec = {"epoch": st.epoch, "grow_step": step.grow, "percentile": step.percentile,
+           **dict.fromkeys(("time_sample", "time_score", "time_select", "time_train"), 0.0), **st.record}
     if st.epoch == 0 and st.eval_before:  # the eval before training, metric_fn's numbers included
         rec.update({f"{k}_initial": v for k, v in st.eval_before.items()})
     rec["time_epoch"] = sum(v for k, v in rec.items() if k.startswith("time_") and k != "time_epoch")

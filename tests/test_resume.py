@@ -234,34 +234,43 @@ def _launch(n: int, run: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("written_by,resumed_on", [(2, 1), (1, 2)])
-def test_elastic_resume_on_another_world_size(tmp_path, written_by, resumed_on):
-    """A checkpoint written by N ranks resumes on M (DeepSpeed's universal checkpoint: weights and Adam state
-    repartitioned; the pools are global). With the same global batch (1 rank x 2 accumulation steps = 2 ranks
-    x 1), the epoch after it trains on the same rows, and ends where the same-size resume ends."""
+def test_elastic_resume_on_another_world_size(tmp_path):
+    """A checkpoint written by 2 ranks resumes on 1, and one written by 1 on 2 (DeepSpeed's universal
+    checkpoint: weights and Adam state repartitioned; the pools are global). With the same global batch
+    (1 rank x 2 accumulation steps = 2 ranks x 1), the improve epoch after it trains on the same rows and
+    ends where the same-size resume ends."""
     import shutil
 
     ga = {1: "train.gradient_accumulation_steps=2", 2: "train.gradient_accumulation_steps=1"}
-    first = tmp_path / "first"
-    p = _launch(written_by, first, "train.epochs=1", ga[written_by])
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    same, other = tmp_path / "same", tmp_path / "other"
-    shutil.copytree(first, same)
-    shutil.copytree(first, other)
-    p = _launch(written_by, same, "train.epochs=2", ga[written_by], "--resume", "auto")
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    # the batch settings are fields a resume must not change silently: --resume-force says it is meant
-    p = _launch(resumed_on, other, "train.epochs=2", ga[resumed_on], "--resume", "auto", "--resume-force")
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert f"at epoch 2/2 (sample) on {resumed_on} ranks, written by {written_by}" in p.stdout
-    ckpt = other / "checkpoints" / "epoch_00000"
-    assert (other / "checkpoints" / ".universal" / "epoch_00000" / "ds").is_dir() and verify(ckpt) is None
+    improve = "method.n_improve_steps=3"  # epoch 0 grows, epochs 1 and 2 train on the same pools
 
-    a, b = _metrics(same), _metrics(other)
-    assert a[0] == b[0]  # the restored history
-    for key in ("pool_size", "n_selected", "n_rows", "selection_digest", "train_steps"):
-        assert a[1][key] == b[1][key], key  # the same pools and selection after the resume
-    assert b[1]["train_loss"] == pytest.approx(a[1]["train_loss"], abs=1e-5)
-    wa, wb = _weights(same / "final_model"), _weights(other / "final_model")
-    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
-    assert worst < 1e-5, worst  # measured 0.0 for 2 -> 1 on the CPU box: the same sums in the same order
+    def resume(n: int, src: Path, dst: Path, epochs: int) -> subprocess.CompletedProcess:
+        shutil.copytree(src, dst)
+        # the batch settings are fields a resume must not change silently: --resume-force says it is meant
+        p = _launch(n, dst, f"train.epochs={epochs}", ga[n], improve, "--resume", "auto", "--resume-force")
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        return p
+
+    def same_end(a: Path, b: Path) -> None:
+        ma, mb = _metrics(a), _metrics(b)
+        assert ma[:-1] == mb[:-1]  # the restored history
+        for key in ("pool_size", "n_selected", "n_rows", "selection_digest", "train_steps"):
+            assert ma[-1][key] == mb[-1][key], key  # the same pools and selection after the resume
+        assert mb[-1]["train_loss"] == pytest.approx(ma[-1]["train_loss"], abs=1e-5)
+        wa, wb = _weights(a / "final_model"), _weights(b / "final_model")
+        worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+        assert worst < 1e-5, worst  # measured 0.0 on the CPU box: the same sums in the same order
+
+    first = tmp_path / "first"
+    p = _launch(2, first, "train.epochs=1", ga[2], improve)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    resume(2, first, tmp_path / "two", 2)
+    p = resume(1, first, tmp_path / "one", 2)  # 2 -> 1
+    assert "at epoch 2/2 (sample) on 1 ranks, written by 2" in p.stdout
+    assert (tmp_path / "one" / "checkpoints" / ".universal" / "epoch_00000" / "ds").is_dir()
+    assert verify(tmp_path / "one" / "checkpoints" / "epoch_00000") is None  # the checkpoint itself untouched
+    same_end(tmp_path / "two", tmp_path / "one")
+    resume(1, tmp_path / "one", tmp_path / "one_more", 3)
+    p = resume(2, tmp_path / "one", tmp_path / "two_more", 3)  # 1 -> 2
+    assert "at epoch 3/3 (sample) on 2 ranks, written by 1" in p.stdout
+    same_end(tmp_path / "one_more", tmp_path / "two_more")

@@ -138,3 +138,18 @@ def test_fault_injection_fires_once_at_its_pass(monkeypatch):
     faults.maybe_die("sample", 4)
     faults.maybe_die("sample", 4)
     assert sent == [signal.SIGUSR1, signal.SIGKILL]
+
+
+def test_best_model_belongs_to_a_run(tmp_path, capsys):
+    """(v) best_model/ says which run wrote it; another run's is never taken for this one's."""
+    import json
+
+    from rft_ds.recipe import _best_model_run, _warn_foreign_best_model
+
+    assert _best_model_run(tmp_path) is None  # none yet
+    (tmp_path / "best_model").mkdir()
+    assert _best_model_run(tmp_path) is None  # written before run ids existed: unknown
+    (tmp_path / "best_model" / "rft_ds_run.json").write_text(json.dumps({"run_id": "abc", "epoch": 3}))
+    assert _best_model_run(tmp_path) == "abc"
+    _warn_foreign_best_model(tmp_path, "def")
+    assert "holds run abc's weights, not this run's (def)" in capsys.readouterr().out
