@@ -143,8 +143,8 @@ def model_logprobs(module: torch.nn.Module, sequences: Sequence[Sequence[int]], 
         logits = module(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
     if was_training:
         module.train()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0].cpu()
-    return [logp[i, : len(s) - 1].numpy() for i, s in enumerate(sequences)]
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0].cpu().numpy()
+    return [logp[i, : len(s) - 1] for i, s in enumerate(sequences)]
 
 
 def parity_check(module: torch.nn.Module, sampler: Any, probes: Sequence[Sequence[int]], completion_len: int,

@@ -194,3 +194,30 @@ def test_only_collective_failures_are_reported_as_lost_ranks():
 
 def test_table_is_large_enough():
     assert len(CASES) >= 25
+
+
+def test_changed_config_refuses_resume_before_model_load(env, monkeypatch, capsys):
+    """A checkpoint written with another seed: one line listing the field, before any model loads;
+    --resume-force accepts it (the run then gets as far as the process group)."""
+    from rft_ds.checkpoint import write_manifest
+    from rft_ds.config import RFTRunConfig
+    from rft_ds.recipe import _yaml_safe
+
+    tmp, model = env
+    args = ["--config", str(ROOT / "launch/configs/tiny.yaml"), f"model.model_path={model}", "model.build=null",
+            f"train.output_dir={tmp / 'out'}"]
+    saved_cfg = RFTRunConfig.load_yaml(ROOT / "launch/configs/tiny.yaml", args[2:] + ["train.seed=7"])
+    ckpt = tmp / "out" / "checkpoints" / "epoch_00000"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text(json.dumps({"world_size": 2, "format": 2, "position": [1, 0, 0],
+                                                "config": _yaml_safe(saved_cfg.to_dict())}))
+    write_manifest(ckpt, world_size=2)
+    (ckpt.parent / "latest").write_text(ckpt.name)
+    monkeypatch.chdir(ROOT)
+
+    assert cli.main(args + ["--resume", "auto"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rft_ds: error")]
+    assert errors == [f"rft_ds: error (rank 0): checkpoint {ckpt} was written with another config: train.seed (7 -> "
+                      "1000); resume with --resume-force (train.resume_force=true) to accept the change"]
+    with pytest.raises(AssertionError, match="process group start was reached"):  # past every check
+        cli.main(args + ["--resume", "auto", "--resume-force"])
