@@ -347,11 +347,6 @@ def checkpoint_dirs(root: Path) -> list[Path]:
                   key=lambda p: position_of(p.name), reverse=True)
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Checkpoint directories that pass the cheap check (manifest, sizes, meta.json), newest epoch first."""
-    return [c for c in checkpoint_dirs(root) if check_complete(c) is None]
-
-
 def _latest_name(root: Path) -> str | None:
     try:
         name = (Path(root) / "latest").read_text().strip()
