@@ -7,10 +7,13 @@ Layout of `<output_dir>/checkpoints/`:
                             (zero_pp_rank_{r}_mp_rank_00_model_states.pt, [bf16_]zero_pp_rank_{r}_mp_rank_00_optim_states.pt:
                             fp32 master weights, optimizer state)
         zero_to_fp32.py ... DeepSpeed's recovery scripts (rank 0)
-        rft_state.pt        the shared run state (rft_ds.recipe.RunState): position, pools, metrics history, best
-        rank{r}.pt          rank r's RNG states (python, numpy, torch, cuda) and its own run state
+        rft_state.pt        the shared run state (rft_ds.recipe.RunState): position, metrics history, best
+        rank{r}.pt          rank r's RNG states (python, numpy, torch, cuda) and its own run state: its pool
+                            shard (the token ids and table rows of the completions it owns), its sampling
+                            and training progress
         hf/                 model config, generation config, tokenizer (for export)
-        meta.json           small facts readable before any model loads (world size, position, run id, config)
+        meta.json           small facts readable before any model loads (world size, position, run id, config,
+                            shard plan)
         manifest.json       every file with its size, checksum and owning rank; written last
     latest                  name of the newest complete checkpoint; replaced atomically, after it
     .tmp-epoch_00005/       a write in progress (or torn by a crash): never loaded, removed on the next save
@@ -52,7 +55,9 @@ import numpy as np
 from rft_ds.config import ConfigError
 
 MANIFEST = "manifest.json"
-STATE_FORMAT = 2  # the run state's layout (meta.json "format"); 1: epoch-boundary checkpoints before RunState
+# The run state's layout (meta.json "format"): 1 epoch-boundary checkpoints before RunState, 2 the pools in
+# rank 0's shared state, 3 a pool shard per rank.
+STATE_FORMAT = 3
 MANIFEST_FORMAT = 2  # 1 (implicit): {"files": {path: {"size", "blake2b"}}}
 
 
@@ -737,8 +742,9 @@ def load(ckpt: Path, engine: Any, verified: bool = False, universal: Path | None
     """Restore the engine (weights, optimizer, scheduler) and this rank's RNG; return (the shared run state,
     this rank's local state). Collective. With `universal` (universal_copy, for another world size than the
     one that wrote ckpt; the engine built with {"checkpoint": {"load_universal": true}}), the ZeRO-3 state
-    comes from there, repartitioned; a rank the checkpoint had keeps its RNG, and the local state is empty
-    (an elastic position has none that matters).
+    comes from there, repartitioned; a rank the checkpoint had keeps its RNG, and instead of one local state
+    it gets the list of those of old ranks rank, rank + world, ... (each old rank's goes to exactly one new
+    rank; a new rank beyond the old world gets none).
 
     Unless `verified` (agree_on_resume already checksummed it), each rank first checksums the files it owns and
     the ranks agree: a damaged checkpoint raises CheckpointError on every rank."""
@@ -759,7 +765,9 @@ def load(ckpt: Path, engine: Any, verified: bool = False, universal: Path | None
     if universal is not None:
         if mine.is_file():
             set_rng_state(torch.load(mine, weights_only=False)["rng"])
-        return shared, {}
+        written_by = read_meta(ckpt)["world_size"]
+        return shared, [torch.load(Path(ckpt) / f"rank{r}.pt", weights_only=False)["local"]
+                        for r in range(D.rank(), written_by, D.world_size())]
     mine = torch.load(mine, weights_only=False)
     set_rng_state(mine["rng"])
     return shared, mine["local"]

@@ -19,6 +19,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from rft_ds.selection import parse_pool_policy
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the field."""
@@ -40,6 +42,11 @@ class RFTConfig:
     end_percentile: float = 0.95
     n_improve_steps: int = 4
     n_generations_per_prompt: int = 32
+    # rft_ds's own, beyond trlx's five: what the pools keep across grow steps (accumulate: everything, as
+    # trlx; latest: this grow step's samples only; window:K: the last K grow steps'), and ReST-EM's cap on
+    # the completions kept per prompt (null: no cap; the highest scores first).
+    pool: str = "accumulate"
+    max_per_prompt: Optional[int] = None
 
     def __post_init__(self) -> None:
         # Keys given override the defaults, so `gen_kwargs.temperature=0.7` keeps max_new_tokens.
@@ -77,6 +84,10 @@ class DataConfig:
     apply_chat_template: Optional[bool] = None  # None: when the tokenizer has a chat template
     system_prompt: Optional[str] = None  # with the chat template; None: the template's own default
     max_prompt_length: int = 256  # in tokens; a longer prompt is an error naming it
+    # How prompts are dealt to ranks: interleaved (prompt i to rank i % world: no rank gets a long run of
+    # similar prompts) or contiguous (blocks, as rft_ds did before: reproduces its samples). A run keeps
+    # the plan it started with when resumed.
+    shard: str = "interleaved"
 
 
 @dataclass
@@ -336,6 +347,15 @@ def validate(cfg: RFTRunConfig) -> None:
     _require(m.n_generations_per_prompt >= 1,
              f"method.n_generations_per_prompt must be >= 1, got {m.n_generations_per_prompt}")
     validate_gen_kwargs(m.gen_kwargs, "method.gen_kwargs")
+    try:
+        parse_pool_policy(m.pool)
+    except ValueError as e:
+        raise ConfigError(f"method.pool {e}") from None
+    _require(m.max_per_prompt is None or (isinstance(m.max_per_prompt, int) and not isinstance(m.max_per_prompt, bool)
+                                          and m.max_per_prompt >= 1),
+             f"method.max_per_prompt must be null or an int >= 1, got {m.max_per_prompt!r}")
+    _require(cfg.data.shard in ("interleaved", "contiguous"),
+             f"data.shard must be 'interleaved' or 'contiguous', got {cfg.data.shard!r}")
     if cfg.train.eval_gen_kwargs is not None:
         validate_gen_kwargs({**m.gen_kwargs, **cfg.train.eval_gen_kwargs}, "train.eval_gen_kwargs")
 
@@ -405,7 +425,7 @@ def validate(cfg: RFTRunConfig) -> None:
 # What a resume must not change silently: fields that decide which completions are sampled, how they are
 # selected and what the model trains on. A field here ending in ".*" covers its whole section.
 RESUME_FIELDS = ("model.model_path", "model.tokenizer_path", "data.prompt_field", "data.metadata_fields",
-                 "data.apply_chat_template", "data.system_prompt", "data.max_prompt_length", "method.*", "selection.*",
+                 "data.apply_chat_template", "data.system_prompt", "data.max_prompt_length", "data.shard", "method.*", "selection.*",
                  "reward.reward_fn", "reward.reward_model", "reward.reward_model_label", "sampler.backend",
                  "sampler.chunk_prompts", "train.seed", "train.max_seq_length", "train.micro_batch_size",
                  "train.gradient_accumulation_steps")

@@ -203,8 +203,11 @@ def tokenize(texts: Sequence[str], metas: Sequence[dict], tokenizer: Any, max_le
     return records
 
 
-def shard(n: int, rank: int, world_size: int) -> range:
-    """Contiguous, balanced shards: ranks differ by at most one prompt."""
+def shard(n: int, rank: int, world_size: int, plan: str = "interleaved") -> range:
+    """This rank's prompts; ranks differ by at most one. interleaved: every world_size-th prompt, so a
+    dataset sorted by length or source spreads over all ranks; contiguous: one block per rank."""
+    if plan == "interleaved":
+        return range(rank, n, world_size)
     per, extra = divmod(n, world_size)
     start = rank * per + min(rank, extra)
     return range(start, start + per + (1 if rank < extra else 0))

@@ -265,3 +265,28 @@ def max_over_ranks(n: int) -> int:
 def any_rank(flag: bool) -> bool:
     """True on every rank if it is True on any (a signal may reach only some ranks)."""
     return bool(max_over_ranks(int(flag)))
+
+
+def all_to_all_int32(send: list, recv_sizes: list[int]) -> list:
+    """One all_to_all of int32 numpy arrays: send[r] goes to rank r, and the array rank r sends here,
+    recv_sizes[r] values long (every rank knows the sizes in advance), comes back as the r-th entry.
+    On comm_device(); the caller skips it when nothing moves anywhere (a decision every rank shares)."""
+    import numpy as np
+
+    if not is_dist():
+        return [np.asarray(send[0], dtype=np.int32)]
+    dev = comm_device()
+    flat = np.concatenate([np.asarray(a, dtype=np.int32) for a in send]) if send else np.zeros(0, np.int32)
+    out = torch.empty(int(sum(recv_sizes)), dtype=torch.int32, device=dev)
+    dist.all_to_all_single(out, torch.from_numpy(flat).to(dev), output_split_sizes=[int(n) for n in recv_sizes],
+                           input_split_sizes=[len(a) for a in send])
+    return np.split(out.cpu().numpy(), np.cumsum(recv_sizes)[:-1])
+
+
+def gather_object(obj: Any) -> list[Any] | None:
+    """Every rank's obj, in rank order, on rank 0 only (None elsewhere): for what only rank 0 needs."""
+    if not is_dist():
+        return [obj]
+    out: list[Any] | None = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out

@@ -1,4 +1,5 @@
-"""Training rows from token ids, and a batch plan that gives every rank the same number of steps.
+"""Training rows from token ids, where the tokens live, and a plan that gives every rank the same number
+of steps while moving as few rows between ranks as possible.
 
 Rows are never decoded and re-encoded: re-tokenising text can change the ids and so train on a sequence
 the model never produced. EOS is appended only to completions that ended with EOS; one cut off by the
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -37,26 +38,97 @@ def build_row(prompt_ids: Sequence[int], completion_ids: Sequence[int], eos: boo
     return Row(ids, labels)
 
 
+def fits(prompt_len: np.ndarray, length: np.ndarray, eos: np.ndarray, max_len: int) -> np.ndarray:
+    """Which completions make a row (build_row would not return None), from table columns alone, so every
+    rank counts the rows of every rank without their tokens."""
+    return (np.asarray(prompt_len) < max_len) & (np.asarray(length) + np.asarray(eos, dtype=np.int64) > 0)
+
+
 def num_steps(n_rows: int, world_size: int, micro_batch_size: int, grad_accum: int) -> int:
     """Optimizer steps this epoch: the same on every rank, 0 only when nobody has any rows."""
     return math.ceil(n_rows / (world_size * micro_batch_size * grad_accum)) if n_rows else 0
 
 
-def plan_micro_batches(n_rows: int, seed: int, epoch: int, rank: int, world_size: int, micro_batch_size: int,
-                       grad_accum: int) -> list[np.ndarray]:
-    """Row indices of this rank's micro-batches, in order.
+def balance_plan(owner: np.ndarray, world_size: int) -> list[np.ndarray]:
+    """Which rows each rank trains on: `owner[i]` is the rank holding row i's tokens; returns, per rank, the
+    row indices it gets. Pure: every rank computes the same plan from the global table.
 
-    A deterministic shuffle from (seed, epoch); the last global batch is filled by wrapping around the
-    shuffled order (as DistributedSampler pads), so every rank runs num_steps * grad_accum full
-    micro-batches, including a rank that would otherwise have had no rows at all.
-    """
-    steps = num_steps(n_rows, world_size, micro_batch_size, grad_accum)
+    Ranks end within one row of each other, and the fewest rows move: a rank keeps its rows up to its
+    share (its first ones, in row order), the ranks holding the most get the +1 shares, and only the
+    surplus goes to ranks short of rows, in rank and row order. With fewer rows than ranks, a rank with no
+    share gets a copy of one row, so every rank has something to run its equal steps on."""
+    owner = np.asarray(owner, dtype=np.int64)
+    n = len(owner)
+    plan = [np.zeros(0, np.int64) for _ in range(world_size)]
+    if n == 0:
+        return plan
+    counts = np.bincount(owner, minlength=world_size)
+    share = np.full(world_size, n // world_size)
+    share[np.argsort(-counts, kind="stable")[: n % world_size]] += 1
+    rows_of = [np.flatnonzero(owner == r) for r in range(world_size)]
+    surplus = np.concatenate([rows_of[r][share[r]:] for r in range(world_size)])
+    at = 0
+    for r in range(world_size):
+        kept = rows_of[r][: share[r]]
+        need = share[r] - len(kept)
+        plan[r] = np.concatenate([kept, surplus[at:at + need]])
+        at += need
+    for j, r in enumerate(r for r in range(world_size) if share[r] == 0):
+        plan[r] = np.array([j % n])
+    return plan
+
+
+def plan_micro_batches(n_rows: int, steps: int, seed: int, epoch: int, rank: int, micro_batch_size: int,
+                       grad_accum: int) -> list[np.ndarray]:
+    """Indices into this rank's `n_rows` rows for each of its steps * grad_accum micro-batches, in order.
+
+    A deterministic shuffle from (seed, epoch, rank); the micro-batches are filled by wrapping around it
+    (as DistributedSampler pads), so every rank runs the same number of full micro-batches."""
     if steps == 0:
         return []
-    perm = np.random.default_rng([seed, epoch]).permutation(n_rows)
-    slots = perm[np.arange(steps * grad_accum * world_size * micro_batch_size) % n_rows]
-    mine = slots.reshape(steps * grad_accum, world_size, micro_batch_size)[:, rank, :]
-    return list(mine)
+    if n_rows == 0:
+        raise ValueError("a rank with optimizer steps to run has no rows (balance_plan gives every rank one)")
+    perm = np.random.default_rng([seed, epoch, rank]).permutation(n_rows)
+    slots = perm[np.arange(steps * grad_accum * micro_batch_size) % n_rows]
+    return list(slots.reshape(steps * grad_accum, micro_batch_size))
+
+
+def rows_for_rank(selected: np.ndarray, pool: Any, prompts: Sequence[Sequence[int]], eos_id: int, max_len: int,
+                  ref_logprobs: dict | None = None) -> tuple[list[Row], int, int]:
+    """Collective. This rank's training rows of the `selected` table rows (selection.TABLE, the same on every
+    rank): those whose tokens its pool shard (pool.LocalPool) holds and balance_plan leaves here, then the
+    ones the plan sends here, their token ids in one all_to_all (skipped on every rank when nothing moves;
+    the sizes follow from the table). `ref_logprobs`: {(prompt id, digest): the sampler's log p} of
+    completions sampled here this epoch, for the stale-weight check. Returns (rows, rows over all ranks,
+    rows moved)."""
+    from rft_ds import distributed as D
+
+    prompt_len = np.array([len(p) for p in prompts], dtype=np.int64)
+    sel = selected[fits(prompt_len[selected["prompt_id"]], selected["length"], selected["eos"], max_len)]
+    world, me = D.world_size(), D.rank()
+    plan = balance_plan(sel["owner"], world)
+    ref_logprobs = ref_logprobs or {}
+
+    def held_by(r: int, idx: np.ndarray) -> np.ndarray:
+        return idx[sel["owner"][idx] == r]
+
+    def row(i: int, tokens: np.ndarray) -> Row:
+        pid = int(sel["prompt_id"][i])
+        r = build_row(prompts[pid], tokens, bool(sel["eos"][i]), eos_id, max_len)
+        r.ref_logprobs = ref_logprobs.get((pid, int(sel["digest"][i])))
+        return r
+
+    stay = held_by(me, plan[me])
+    rows = [row(i, t) for i, t in zip(stay, pool.tokens_of(sel["slot"][stay]))]
+    moved = sum(len(plan[r]) - len(held_by(r, plan[r])) for r in range(world))
+    if moved:  # the same decision on every rank: the plan is
+        out = [held_by(me, plan[r]) if r != me else stay[:0] for r in range(world)]
+        into = [held_by(r, plan[me]) if r != me else stay[:0] for r in range(world)]
+        got = D.all_to_all_int32([np.concatenate([np.zeros(0, np.int32)] + pool.tokens_of(sel["slot"][idx]))
+                                  for idx in out], [int(sel["length"][idx].sum()) for idx in into])
+        for idx, flat in zip(into, got):
+            rows += [row(i, t) for i, t in zip(idx, np.split(flat, np.cumsum(sel["length"][idx])[:-1]))]
+    return rows, len(sel), moved
 
 
 def collate(rows: Sequence[Row], pad_id: int) -> dict[str, np.ndarray]:

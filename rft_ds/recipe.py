@@ -1,9 +1,11 @@
 """The RFT recipe: one epoch loop, readable top to bottom.
 
-    sample (grow steps) -> score on each rank, all-gather -> select (pure) -> rows -> train -> sync -> eval
+    sample (grow steps) -> score on each rank -> all-gather scores and ids -> select (pure) -> rows where the
+    tokens are, a few moved to balance -> train -> sync -> eval
 
 Every rank runs every line. The table that selection sees is identical on every rank, so selection is
-too, and the check after each epoch proves it (a digest per rank) instead of assuming it.
+too, and the check after each epoch proves it (a digest per rank) instead of assuming it. Token ids stay
+on the rank that sampled them (its pool shard); only the rows a balancing plan moves cross ranks.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from rft_ds import progress
 from rft_ds.config import ConfigError, RFTRunConfig, read_model_config, text_config
 from rft_ds.data import (PromptRecord, load_source, normalize, resolve_callable, shard, tokenize,
                          use_chat_template)
-from rft_ds.experience import build_row, plan_micro_batches
+from rft_ds.experience import Row, num_steps, plan_micro_batches, rows_for_rank
 from rft_ds.faults import maybe_die
 from rft_ds.learner import TrainStats
 from rft_ds.metrics import MetricsLog, format_epoch, open_sinks, plain
-from rft_ds.scoring import RewardError, decode_outputs, score_and_gather
-from rft_ds.selection import Pools, Samples, schedule, select, selection_digest
+from rft_ds.pool import LocalPool
+from rft_ds.scoring import RewardError, gather_new_rows, gather_pool, score_shard
+from rft_ds.selection import (TABLE, cap_per_prompt, completion_digest, parse_pool_policy, schedule, select,
+                              selection_digest, update_pool)
 from rft_ds.weight_sync import check_stale_weights
 
 
@@ -240,30 +244,34 @@ def make_sampler(cfg: RFTRunConfig, learner: Any, tokenizer: Any, ds_config: dic
     return sampler, WeightSync(learner.module, sampler, sp.sync_bucket_mb, getattr(torch, dtype))
 
 
+PER_RANK = ("local", "pool", "table")  # RunState fields that are not rank 0's to save
 STAGES = ("sample", "train", "sync", "eval", "end")  # an epoch's stages in order; a checkpoint names the next one
 
 
 @dataclass
 class RunState:
     """Everything a resume restores, and nothing else; `save_checkpoint` and `load_checkpoint` write and read
-    exactly these fields. The shared fields are equal on every rank (rank 0 saves them); `local` is this
-    rank's own: its RNG states are saved beside it by the checkpoint."""
+    exactly these fields. The shared fields are equal on every rank (rank 0 saves them); `pool` and `local`
+    are this rank's own (every rank saves its own, beside its RNG states); `table` is rebuilt from every
+    rank's `pool` on resume, never saved."""
 
     run_id: str
     prompts_digest: str  # the pools are keyed by prompt position: a resume with other prompts is refused
+    shard: str = "interleaved"  # how prompts are dealt to ranks (data.shard when the run started)
     epoch: int = 0  # the epoch in progress
     stage: str = "sample"  # the next stage to run in it (STAGES)
     cursor: int = 0  # position inside the stage: sampling chunks done, or micro-batches trained
-    pools: Samples = field(default_factory=Samples.empty)  # every scored completion, canonical (selection input)
     record: dict = field(default_factory=dict)  # the epoch in progress: its metrics so far
     history: list = field(default_factory=list)  # one record per finished epoch (metrics.jsonl)
     eval_before: dict | None = None
     best: dict | None = None  # {"epoch", "eval_reward_mean", "run_id"} of best_model/
     optimizer_steps: int = 0  # over the whole run (train.save_every_steps)
     local: dict = field(default_factory=dict)  # this rank's: sampled completions of this grow step, losses so far
+    pool: LocalPool = field(default_factory=LocalPool)  # this rank's: tokens of the pool rows it owns
+    table: np.ndarray = field(default_factory=lambda: np.zeros(0, TABLE))  # the pools, canonical, on every rank
 
     def shared(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "local"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in PER_RANK}
 
     def position(self) -> tuple[int, int, int]:
         return self.epoch, STAGES.index(self.stage), self.cursor
@@ -414,7 +422,7 @@ def setup(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, me
 def start_fresh(s: Setup) -> RunState:
     """A new run: a run id every rank shares, and the eval before training."""
     st = RunState(run_id=D.broadcast_object(uuid.uuid4().hex[:12] if D.is_main() else None),
-                  prompts_digest=s.prompts_digest)
+                  prompts_digest=s.prompts_digest, shard=s.cfg.data.shard, pool=LocalPool(D.rank()))
     _warn_foreign_best_model(s.out, st.run_id)
     if s.evals is not None and s.cfg.train.eval_interval > 0:
         st.eval_before = _evaluate(s, -1)
@@ -428,7 +436,7 @@ def sample(s: Setup, st: RunState) -> bool:
     seeded on its own so a run stopped between chunks samples the rest exactly as it would have.
     Changes st.local["completions"], st.cursor, st.record["time_sample"]. True when the run must stop."""
     m, chunk = s.cfg.method, s.cfg.sampler.chunk_prompts
-    mine = _my_prompts(s)
+    mine = _my_prompts(s, st)
     n_chunks = _n_chunks(s)
     done = st.local.setdefault("completions", [])
     while st.cursor < n_chunks:
@@ -447,58 +455,55 @@ def sample(s: Setup, st: RunState) -> bool:
 
 
 def score(s: Setup, st: RunState, grow: bool) -> None:
-    """Score this rank's completions, all-gather the table, add it to the pools (grow steps); then the
-    stage is train. Changes st.pools, st.record, st.stage."""
-    rec = st.record
+    """Grow steps: score this rank's completions, take them into its pool shard, all-gather their table rows
+    (scores and ids, 25 bytes each) and update the pools by method.pool; then the stage is train.
+    Changes st.pool, st.table, st.record, st.stage."""
+    m, rec = s.cfg.method, st.record
     rec.setdefault("n_sampled", 0)
     if grow:
         maybe_die("score", st.epoch)
         t0 = time.perf_counter()
-        comps = st.local.get("completions", [])
-        mine = _my_prompts(s)[:len(comps)]
-        local = _to_samples(mine, comps) if s.contributes else Samples.empty()
-        table, _ = score_and_gather(s.reward_fn, local, s.train.texts, s.train.metadata, s.tokenizer,
-                                    s.stop_sequences, s.cfg.reward.batch_size,
-                                    f"epoch {st.epoch + 1}: score" if s.show else None)
-        pools = Pools(dedup=s.cfg.selection.dedup)
-        pools.samples = st.pools
-        pools.add(table)
-        st.pools = pools.samples
-        rec["n_sampled"] = len(table)
-        if len(table):
-            rec.update(sampled_reward_mean=float(table.score.mean()), sampled_reward_max=float(table.score.max()))
+        comps = st.local.get("completions", []) if s.contributes else []
+        pids = [r.id for r, cs in zip(_my_prompts(s, st), comps) for _ in cs]
+        tokens = [c.token_ids for cs in comps for c in cs]
+        scores, _ = score_shard(s.reward_fn, pids, tokens, s.train.texts, s.train.metadata, s.tokenizer,
+                                s.stop_sequences, s.cfg.reward.batch_size,
+                                f"epoch {st.epoch + 1}: score" if s.show else None)
+        grow_step = st.epoch // m.n_improve_steps
+        mine = st.pool.add(pids, scores, [c.eos for cs in comps for c in cs], tokens, grow_step)
+        new = gather_new_rows(mine, grow_step)
+        st.table = update_pool(st.table, new, grow_step, parse_pool_policy(m.pool), s.cfg.selection.dedup)
+        st.pool.keep_only(st.table)
+        rec["n_sampled"] = len(new)
+        if len(new):
+            rec.update(sampled_reward_mean=float(new["score"].mean()), sampled_reward_max=float(new["score"].max()))
         rec["time_score"] = time.perf_counter() - t0
     st.stage, st.cursor = "train", 0
 
 
 def train(s: Setup, st: RunState, step: Any) -> bool:
-    """Select (pure, the same on every rank), build rows from token ids, and train on this rank's share,
-    one optimizer step at a time (a safe point after each). Every rank runs the same number of steps.
-    Changes st.cursor, st.optimizer_steps, st.local["stats"] (losses, stale-check sums), st.record; then the
-    stage is sync."""
+    """Select (pure, the same on every rank), build rows where the tokens are (a balancing plan moves the
+    surplus), and train on this rank's rows, one optimizer step at a time (a safe point after each). Every
+    rank runs the same number of steps. Changes st.cursor, st.optimizer_steps, st.local["stats"] (losses,
+    stale-check sums), st.record; then the stage is sync."""
     t, sel, learner = s.cfg.train, s.cfg.selection, s.learner
     t0 = time.perf_counter()
-    pool = st.pools
-    keep, thr = select(pool.prompt_id, pool.score, step.percentile, sel.strategy, sel.top_k, sel.min_score)
-    fresh = _sampled_logprobs(_my_prompts(s), st.local.get("completions", [])) if s.contributes else {}
-    rows = []
-    for i in np.flatnonzero(keep):
-        row = build_row(s.train.records[pool.prompt_id[i]].token_ids, pool.tokens[i], bool(pool.eos[i]),
-                        s.tokenizer.eos_token_id, t.max_seq_length)
-        if row is not None:
-            row.ref_logprobs = fresh.get((int(pool.prompt_id[i]), int(pool.digest[i])))  # sampled here, this epoch
-            rows.append(row)
-    micro = plan_micro_batches(len(rows), t.seed, st.epoch, D.rank(), D.world_size(), learner.micro_batch_size,
+    table = st.table  # the pools: one row per completion, the same on every rank
+    keep, thr = select(table["prompt_id"], table["score"], step.percentile, sel.strategy, sel.top_k, sel.min_score)
+    keep = cap_per_prompt(table["prompt_id"], table["score"], keep, s.cfg.method.max_per_prompt)
+    rows, n_rows, moved = _rows(s, st, table, keep)
+    steps = num_steps(n_rows, D.world_size(), learner.micro_batch_size, learner.grad_accum)
+    micro = plan_micro_batches(len(rows), steps, t.seed, st.epoch, D.rank(), learner.micro_batch_size,
                                learner.grad_accum)
-    first = np.r_[True, pool.prompt_id[1:] != pool.prompt_id[:-1]] if len(pool) else np.zeros(0, bool)
+    first = np.r_[True, table["prompt_id"][1:] != table["prompt_id"][:-1]] if len(table) else np.zeros(0, bool)
     st.record.update(
-        pool_size=len(pool), n_selected=int(keep.sum()), n_rows=len(rows),
-        n_prompts_kept=int(len(np.unique(pool.prompt_id[keep]))),
-        reward_mean=float(pool.score.mean()) if len(pool) else None,
-        reward_max=float(pool.score.max()) if len(pool) else None,
-        selected_reward_mean=float(pool.score[keep].mean()) if keep.any() else None,
-        threshold_mean=float(thr[first].mean()) if len(pool) else None,
-        train_steps=len(micro) // learner.grad_accum, selection_digest=selection_digest(pool, keep))
+        pool_size=len(table), n_selected=int(keep.sum()), n_rows=n_rows, rows_moved=moved,
+        n_prompts_kept=int(len(np.unique(table["prompt_id"][keep]))),
+        reward_mean=float(table["score"].mean()) if len(table) else None,
+        reward_max=float(table["score"].max()) if len(table) else None,
+        selected_reward_mean=float(table["score"][keep].mean()) if keep.any() else None,
+        threshold_mean=float(thr[first].mean()) if len(table) else None,
+        train_steps=steps, selection_digest=selection_digest(table, keep))
     _add_time(st.record, "time_select", time.perf_counter() - t0)
     if s.weight_sync:
         s.sampler.sleep()  # GPU sleep mode: give the engine's memory to training (no-op otherwise)
@@ -541,6 +546,14 @@ def _finish_train_record(s: Setup, st: RunState, step: Any, n_micro: int) -> Non
         st.record.update(check_stale_weights(stats, s.stale_tol, enforce=not s.dropout))
 
 
+def _rows(s: Setup, st: RunState, table: np.ndarray, keep: np.ndarray) -> tuple[list[Row], int, int]:
+    """This rank's training rows of the selected completions (experience.rows_for_rank), those it sampled
+    this epoch with the sampler's log-probs for the stale-weight check."""
+    fresh = _sampled_logprobs(_my_prompts(s, st), st.local.get("completions", [])) if s.contributes else {}
+    return rows_for_rank(table[keep], st.pool, [r.token_ids for r in s.train.records], s.tokenizer.eos_token_id,
+                         s.cfg.train.max_seq_length, fresh)
+
+
 def sync(s: Setup, st: RunState) -> bool:
     """Hand the trained weights to the engine and prove it on probes (first sync of a run, or always).
     Changes st.record; then the stage is eval. A safe point after it."""
@@ -577,7 +590,7 @@ def evaluate(s: Setup, st: RunState) -> bool:
 
 def end_epoch(s: Setup, st: RunState, log: MetricsLog) -> bool:
     """Close the epoch's record, checkpoint every save_interval epochs, after the last and when asked to
-    stop, log it, and move on to the next epoch. Changes every field but pools and best."""
+    stop, log it, and move on to the next epoch. Changes every field but pool, table and best."""
     t = s.cfg.train
     step = schedule(st.epoch, s.cfg.method.start_percentile, s.cfg.method.end_percentile, s.cfg.method.n_improve_steps)
     rec = {"epoch": st.epoch, "grow_step": step.grow, "percentile": step.percentile,
@@ -625,8 +638,8 @@ def deadline_reached(now: float, job_end: float, longest_step_s: float, last_sav
 
 
 def save_checkpoint(s: Setup, st: RunState) -> None:
-    """Collective: the run state (shared by rank 0, `local` and the RNG by every rank) and the DeepSpeed
-    engine, atomically. The epoch record being closed gets the checkpoint's own time."""
+    """Collective: the run state (the shared part by rank 0; its pool shard, `local` and its RNG by every
+    rank) and the DeepSpeed engine, atomically. The epoch record being closed gets the checkpoint's own time."""
     from rft_ds import checkpoint
 
     t0 = time.perf_counter()
@@ -638,8 +651,10 @@ def save_checkpoint(s: Setup, st: RunState) -> None:
         return st.shared()
 
     checkpoint.save(s.out / "checkpoints", checkpoint.checkpoint_name(*st.position()), s.learner.engine, None,
-                    s.tokenizer, s.cfg.train.keep_last, die_hook=maybe_die, finalize_state=finalize, local_state=st.local,
-                    meta={"run_id": st.run_id, "position": list(st.position()), "config": _yaml_safe(s.cfg.to_dict())})
+                    s.tokenizer, s.cfg.train.keep_last, die_hook=maybe_die, finalize_state=finalize,
+                    local_state={"pool": st.pool, "local": st.local},
+                    meta={"run_id": st.run_id, "position": list(st.position()), "config": _yaml_safe(s.cfg.to_dict()),
+                          "shard": {"plan": st.shard, "groups": s.n_groups}})
     s.last_save_s = time.perf_counter() - t0
     s.last_save_at = time.monotonic()
     if st.stage == "sample" and st.cursor == 0 and st.history:
@@ -651,9 +666,13 @@ def load_checkpoint(s: Setup, ckpt: Path) -> RunState:
     sync, never the original model path) and is checked."""
     from rft_ds import checkpoint
 
-    shared, local = checkpoint.load(ckpt, s.learner.engine, verified=True, universal=s.universal)
+    shared, mine = checkpoint.load(ckpt, s.learner.engine, verified=True, universal=s.universal)
     checkpoint.check_compatible(shared, s.prompts_digest)
-    st = RunState(**{**shared, "local": local})
+    if s.universal:  # another world size (at an elastic position): this rank takes over some old ranks' shards
+        pool, local = LocalPool.merge([m["pool"] for m in mine], D.rank()), {}
+    else:
+        pool, local = mine["pool"], mine["local"]
+    st = RunState(**shared, local=local, pool=pool, table=gather_pool(pool))
     if st.best is not None and _best_model_run(s.out) != st.run_id:  # best_model/ was overwritten by another run
         if D.is_main():
             print(f"[rft_ds] note: {s.out / 'best_model'} is not this run's ({st.run_id}); the next eval rewrites it",
@@ -682,8 +701,8 @@ def check_parity(s: Setup) -> float:
                         [r.text for r in probes], s.learner.device)
 
 
-def _my_prompts(s: Setup) -> list[PromptRecord]:
-    return [s.train.records[i] for i in shard(len(s.train.records), s.group, s.n_groups)]
+def _my_prompts(s: Setup, st: RunState) -> list[PromptRecord]:
+    return [s.train.records[i] for i in shard(len(s.train.records), s.group, s.n_groups, st.shard)]
 
 
 def _n_chunks(s: Setup) -> int:
@@ -743,35 +762,32 @@ def has_dropout(model_config: Any) -> bool:
 def _sampled_logprobs(records: Sequence[PromptRecord], comps: Sequence[Sequence[Any]]) -> dict:
     """(prompt id, completion digest) -> the sampler's log p of its label tokens, for the stale-weight check.
     Local to this rank and this epoch: nothing crosses ranks."""
-    from rft_ds.selection import completion_digest
-
     return {(r.id, completion_digest(c.token_ids, c.eos)): np.asarray(c.logprobs, dtype=np.float64)
             for r, cs in zip(records, comps) for c in cs if c.logprobs is not None}
 
 
-def _to_samples(records: Sequence[PromptRecord], comps: Sequence[Sequence[Any]]) -> Samples:
-    return Samples(prompt_id=[r.id for r, cs in zip(records, comps) for _ in cs],
-                   score=np.zeros(sum(map(len, comps))), eos=[c.eos for cs in comps for c in cs],
-                   tokens=[c.token_ids for cs in comps for c in cs])
-
-
 def _evaluate(s: Setup, epoch: int) -> dict:
-    """One completion per eval prompt, scored sharded; metric_fn runs once, on rank 0, on all of them."""
+    """One completion per eval prompt, scored where it was sampled; the mean over all ranks' scores (8 bytes
+    a completion cross ranks). metric_fn runs once, on rank 0, on every output (gathered to rank 0 only)."""
     evals, tok = s.evals, s.tokenizer
     gen_kwargs = {**s.cfg.method.gen_kwargs, **(s.cfg.train.eval_gen_kwargs or {})}
-    mine = [evals.records[i] for i in shard(len(evals.records), s.group, s.n_groups)]
+    mine = [evals.records[i] for i in shard(len(evals.records), s.group, s.n_groups, s.cfg.data.shard)]
     comps = s.sampler.generate([r.token_ids for r in mine], 1, gen_kwargs, _sample_seed(s.cfg.train.seed, epoch, s.group, 1),
                                "eval: sample" if s.show else None)
-    local = _to_samples(mine, comps) if s.contributes else Samples.empty()
-    table, _ = score_and_gather(s.reward_fn, local, evals.texts, evals.metadata, tok, s.stop_sequences,
-                                s.cfg.reward.batch_size, "eval: score" if s.show else None)
-    result: dict[str, Any] = {"eval_reward_mean": float(table.score.mean())}
+    if not s.contributes:  # a tensor-parallel peer: its group leader scores the same completions
+        mine, comps = [], []
+    pids = [r.id for r, cs in zip(mine, comps) for _ in cs]
+    scores, outputs = score_shard(s.reward_fn, pids, [c.token_ids for cs in comps for c in cs], evals.texts,
+                                  evals.metadata, tok, s.stop_sequences, s.cfg.reward.batch_size,
+                                  "eval: score" if s.show else None)
+    result: dict[str, Any] = {"eval_reward_mean": float(np.concatenate(D.all_gather_object(scores)).mean())}
     if s.metric_fn is not None:
+        gathered = D.gather_object((pids, outputs))
         extra = None
         with D.all_ranks_or_fail("metric_fn"):
             if D.is_main():
-                pids = table.prompt_id.tolist()
-                outputs = decode_outputs(tok, table.tokens, s.stop_sequences)
+                pairs = sorted((p, o) for ps, os_ in gathered for p, o in zip(ps, os_))  # in prompt order
+                pids, outputs = [p for p, _ in pairs], [o for _, o in pairs]
                 prompts = [evals.texts[p] for p in pids]
                 meta = {k: [evals.metadata[p].get(k) for p in pids] for k in sorted({k for p in pids for k in evals.metadata[p]})}
                 extra = s.metric_fn(samples=[p + o for p, o in zip(prompts, outputs)], prompts=prompts, outputs=outputs, **meta)

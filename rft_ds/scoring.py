@@ -1,5 +1,6 @@
-"""The sharded scorer: each rank scores its own completions, then one all-gather gives every rank the
-same global table, so selection is identical everywhere without any rank scoring twice."""
+"""The sharded scorer: each rank scores its own completions, then one all-gather of a compact table (scores
+and ids, never token ids) gives every rank the same global table, so selection is identical everywhere
+without any rank scoring twice or holding another rank's tokens."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from rft_ds import distributed as D
-from rft_ds.selection import Samples
+from rft_ds.pool import LocalPool
+from rft_ds.selection import canonical, from_wire, to_wire
 
 
 class RewardError(ValueError):
@@ -75,18 +77,32 @@ def decode_outputs(tokenizer: Any, tokens: Sequence[Sequence[int]], stop_sequenc
     return outputs
 
 
-def score_and_gather(reward_fn: Callable, local: Samples, prompt_texts: Sequence[str], metadata: Sequence[dict],
-                     tokenizer: Any, stop_sequences: Sequence[str] = (), batch_size: int | None = None,
-                     progress: str | None = None) -> tuple[Samples, np.ndarray]:
-    """Score this rank's completions, then all-gather them with their scores.
-
-    Returns (global samples in rank order, this rank's scores). A failure on any rank is raised on all."""
+def score_shard(reward_fn: Callable, prompt_ids: Sequence[int], tokens: Sequence[Sequence[int]],
+                prompt_texts: Sequence[str], metadata: Sequence[dict], tokenizer: Any, stop_sequences: Sequence[str] = (),
+                batch_size: int | None = None, progress: str | None = None) -> tuple[np.ndarray, list[str]]:
+    """Score this rank's completions (reward_fn sees prompt + decoded output and the prompt's metadata).
+    Returns (scores, decoded outputs). Collective only in its failure check: a failure on any rank is raised
+    on all."""
     with D.all_ranks_or_fail("scoring"):
-        pids = local.prompt_id.tolist()
-        outputs = decode_outputs(tokenizer, local.tokens, stop_sequences)
+        pids = [int(p) for p in prompt_ids]
+        outputs = decode_outputs(tokenizer, tokens, stop_sequences)
         prompts = [prompt_texts[p] for p in pids]
         samples = [p + o for p, o in zip(prompts, outputs)]
         meta_keys = sorted({k for p in set(pids) for k in metadata[p]})
         meta = {k: [metadata[p].get(k) for p in pids] for k in meta_keys}
-        local.score = call_reward_fn(reward_fn, samples, prompts, outputs, pids, meta, tokenizer, batch_size, progress)
-    return Samples.concat(D.all_gather_object(local)), local.score
+        scores = call_reward_fn(reward_fn, samples, prompts, outputs, pids, meta, tokenizer, batch_size, progress)
+    return scores, outputs
+
+
+def gather_new_rows(rows: np.ndarray, step: int) -> np.ndarray:
+    """Every rank's new TABLE rows, in rank order, the same on every rank. Sent: at most 25 bytes per
+    completion (selection.WIRE, compressed) and the rank's first slot; never token ids."""
+    first_slot = int(rows["slot"][0]) if len(rows) else 0
+    return from_wire(D.all_gather_object((first_slot, *to_wire(rows))), step)
+
+
+def gather_pool(pool: LocalPool) -> np.ndarray:
+    """The global pool table rebuilt from every rank's shard (on resume): the canonical order is a total
+    order on the rows, so this is the table the ranks had when they saved."""
+    parts = D.all_gather_object(pool.rows)
+    return canonical(np.concatenate(parts), dedup=False)

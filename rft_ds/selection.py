@@ -19,7 +19,8 @@ Selection rules (all strategies):
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -48,74 +49,89 @@ def completion_digest(token_ids: Sequence[int], eos: bool) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-@dataclass
-class Samples:
-    """A flat table of scored completions (columns aligned by row)."""
+# The global score table: one fixed-width row per completion in the pools, the same on every rank. Token ids
+# are not in it: they stay on the rank that sampled them (`owner`, in its pool shard under `slot`).
+TABLE = np.dtype([("prompt_id", "<i8"), ("score", "<f8"), ("digest", "<u8"), ("length", "<i4"), ("eos", "?"),
+                  ("step", "<i4"), ("owner", "<i4"), ("slot", "<i8")])
+# What a rank sends for each new completion (25 bytes before compression): owner and slot follow from who
+# sent it and where in its list, and step is the grow step every rank is in.
+WIRE = np.dtype([("prompt_id", "<i4"), ("score", "<f8"), ("digest", "<u8"), ("length", "<i4"), ("eos", "?")])
 
-    prompt_id: np.ndarray  # int64, index of the prompt in the training prompt list
-    score: np.ndarray  # float64
-    eos: np.ndarray  # bool: the completion ended with EOS (so EOS is part of what we train on)
-    tokens: list = field(default_factory=list)  # list[np.ndarray[int32]] completion token ids
-    digest: Optional[np.ndarray] = None  # uint64, filled from tokens and eos when missing
-
-    def __post_init__(self) -> None:
-        self.prompt_id = np.asarray(self.prompt_id, dtype=np.int64)
-        self.score = np.asarray(self.score, dtype=np.float64)
-        self.eos = np.asarray(self.eos, dtype=bool)
-        self.tokens = [np.asarray(t, dtype=np.int32) for t in self.tokens]
-        if self.digest is None:
-            self.digest = np.array([completion_digest(t, e) for t, e in zip(self.tokens, self.eos)], dtype=np.uint64)
-        n = len(self.prompt_id)
-        if not (len(self.score) == len(self.eos) == len(self.tokens) == len(self.digest) == n):
-            raise ValueError("Samples columns must have equal lengths")
-
-    def __len__(self) -> int:
-        return len(self.prompt_id)
-
-    def take(self, idx: np.ndarray) -> "Samples":
-        idx = np.asarray(idx, dtype=np.int64)
-        return Samples(self.prompt_id[idx], self.score[idx], self.eos[idx], [self.tokens[i] for i in idx],
-                       self.digest[idx])
-
-    @staticmethod
-    def concat(parts: Sequence["Samples"]) -> "Samples":
-        parts = [p for p in parts if p is not None]
-        if not parts:
-            return Samples.empty()
-        return Samples(np.concatenate([p.prompt_id for p in parts]), np.concatenate([p.score for p in parts]),
-                       np.concatenate([p.eos for p in parts]), [t for p in parts for t in p.tokens],
-                       np.concatenate([p.digest for p in parts]))
-
-    @staticmethod
-    def empty() -> "Samples":
-        return Samples(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, bool), [], np.zeros(0, np.uint64))
+POOL_POLICIES = "accumulate | latest | window:K"
 
 
-def canonical(samples: Samples, dedup: bool = True) -> Samples:
-    """Sort by (prompt id, digest) and, with dedup, keep one row per (prompt, completion) with the best
-    score. The result does not depend on the order the rows (or ranks' shards) arrived in."""
-    if len(samples) == 0:
-        return samples
-    order = np.lexsort((-samples.score, samples.digest, samples.prompt_id))
-    if dedup:
-        pid, dig = samples.prompt_id[order], samples.digest[order]
-        first = np.r_[True, (pid[1:] != pid[:-1]) | (dig[1:] != dig[:-1])]
-        order = order[first]
-    return samples.take(order)
+def table(prompt_id: Sequence[int], score: Sequence[float], eos: Sequence[bool], tokens: Sequence[Sequence[int]] = (),
+          *, digest: Sequence[int] | None = None, length: Sequence[int] | None = None, step: int | Sequence[int] = 0,
+          owner: int | Sequence[int] = 0, slot: Sequence[int] | None = None) -> np.ndarray:
+    """A TABLE from columns; digest and length come from `tokens` when not given."""
+    n = len(prompt_id)
+    t = np.zeros(n, TABLE)
+    t["prompt_id"], t["score"], t["eos"] = prompt_id, score, eos
+    t["digest"] = digest if digest is not None else [completion_digest(k, e) for k, e in zip(tokens, eos)]
+    t["length"] = length if length is not None else [len(k) for k in tokens]
+    t["step"], t["owner"] = step, owner
+    t["slot"] = slot if slot is not None else np.arange(n)
+    return t
 
 
-class Pools:
-    """Per-prompt pools of scored completions, accumulated across grow steps, kept canonical."""
+def to_wire(rows: np.ndarray) -> tuple[int, bytes]:
+    """(row count, payload) of rows as a rank sends them: the WIRE columns one after another, compressed.
+    Column after column, zlib finds the runs: a prompt's N completions share its id, rewards often take a
+    few values, lengths and EOS flags are small; the 8-byte digests are what remains."""
+    cols = b"".join(np.ascontiguousarray(rows[name], dtype=WIRE[name]).tobytes() for name in WIRE.names)
+    return len(rows), zlib.compress(cols, 1)
 
-    def __init__(self, dedup: bool = True) -> None:
-        self.dedup = dedup
-        self.samples = Samples.empty()
 
-    def add(self, new: Samples) -> None:
-        self.samples = canonical(Samples.concat([self.samples, new]), self.dedup)
+def from_wire(parts: Sequence[tuple[int, int, bytes]], step: int) -> np.ndarray:
+    """The TABLE rows of what every rank sent ((its first slot, to_wire(its rows)), in rank order)."""
+    out = []
+    for owner, (first_slot, n, payload) in enumerate(parts):
+        buf, at = zlib.decompress(payload), 0
+        t = np.zeros(n, TABLE)
+        for name in WIRE.names:
+            t[name] = np.frombuffer(buf, WIRE[name], n, at)
+            at += n * WIRE[name].itemsize
+        t["step"], t["owner"], t["slot"] = step, owner, first_slot + np.arange(n)
+        out.append(t)
+    return np.concatenate(out) if out else np.zeros(0, TABLE)
 
-    def __len__(self) -> int:
-        return len(self.samples)
+
+def canonical(rows: np.ndarray, dedup: bool = True) -> np.ndarray:
+    """Sort by (prompt id, digest, best score first, owner, slot) and, with dedup, keep one row per
+    (prompt, completion): the best-scoring copy, with the newest copy's step. A total order on the rows' content and keys, so it does not
+    depend on the order the rows (or ranks' shards) arrived in."""
+    if len(rows) == 0:
+        return rows
+    order = np.lexsort((rows["slot"], rows["owner"], -rows["score"], rows["digest"], rows["prompt_id"]))
+    if not dedup:
+        return rows[order]
+    pid, dig = rows["prompt_id"][order], rows["digest"][order]
+    first = np.flatnonzero(np.r_[True, (pid[1:] != pid[:-1]) | (dig[1:] != dig[:-1])])
+    out = rows[order[first]]
+    out["step"] = np.maximum.reduceat(rows["step"][order], first)  # in the pool while any copy is
+    return out
+
+
+def parse_pool_policy(policy: str) -> int | None:
+    """The number of grow steps a pool keeps: None for accumulate (all), 1 for latest, K for window:K.
+    Raises ValueError naming the accepted forms."""
+    if policy == "accumulate":
+        return None
+    if policy == "latest":
+        return 1
+    head, _, k = str(policy).partition(":")
+    if head == "window" and k.isdigit() and int(k) >= 1:
+        return int(k)
+    raise ValueError(f"must be {POOL_POLICIES} (K >= 1), got {policy!r}")
+
+
+def update_pool(pool: np.ndarray, new: np.ndarray, step: int, keep_steps: int | None, dedup: bool) -> np.ndarray:
+    """The pool after grow step `step` added `new`: rows older than the last `keep_steps` grow steps pruned
+    first (None: none), then canonical. So with a window a completion sampled again counts with its new
+    score, and with accumulate the best score of all its copies counts (as before there were policies)."""
+    if keep_steps is not None:
+        pool = pool[pool["step"] > step - keep_steps]
+    return canonical(np.concatenate([pool, new]), dedup)
 
 
 def _groups(sorted_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -176,9 +192,23 @@ def select(
     return mask, threshold
 
 
-def selection_digest(samples: Samples, mask: np.ndarray) -> str:
+def cap_per_prompt(prompt_id: np.ndarray, score: np.ndarray, keep: np.ndarray, cap: int | None) -> np.ndarray:
+    """ReST-EM's cap: at most `cap` kept completions per prompt, the highest scores; equal scores keep input
+    order (canonical rows: by digest), so the choice is the same on every rank and every run."""
+    if cap is None or not keep.any():
+        return keep
+    idx = np.flatnonzero(keep)
+    order = idx[np.lexsort((idx, -score[idx], prompt_id[idx]))]
+    starts, sizes, group = _groups(prompt_id[order])
+    rank_in_prompt = np.arange(len(order)) - starts[group]
+    out = np.zeros_like(keep)
+    out[order[rank_in_prompt < cap]] = True
+    return out
+
+
+def selection_digest(rows: np.ndarray, mask: np.ndarray) -> str:
     """A short fingerprint of what was selected, to check that every rank selected the same."""
     h = hashlib.sha256()
-    h.update(samples.prompt_id[mask].tobytes())
-    h.update(samples.digest[mask].tobytes())
+    h.update(np.ascontiguousarray(rows["prompt_id"][mask], dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(rows["digest"][mask], dtype=np.uint64).tobytes())
     return h.hexdigest()[:16]

@@ -199,7 +199,7 @@ def test_table_is_large_enough():
 def test_changed_config_refuses_resume_before_model_load(env, monkeypatch, capsys):
     """A checkpoint written with another seed: one line listing the field, before any model loads;
     --resume-force accepts it (the run then gets as far as the process group)."""
-    from rft_ds.checkpoint import write_manifest
+    from rft_ds.checkpoint import STATE_FORMAT, write_manifest
     from rft_ds.config import RFTRunConfig
     from rft_ds.recipe import _yaml_safe
 
@@ -209,7 +209,7 @@ def test_changed_config_refuses_resume_before_model_load(env, monkeypatch, capsy
     saved_cfg = RFTRunConfig.load_yaml(ROOT / "launch/configs/tiny.yaml", args[2:] + ["train.seed=7"])
     ckpt = tmp / "out" / "checkpoints" / "epoch_00000"
     ckpt.mkdir(parents=True)
-    (ckpt / "meta.json").write_text(json.dumps({"world_size": 2, "format": 2, "position": [1, 0, 0],
+    (ckpt / "meta.json").write_text(json.dumps({"world_size": 2, "format": STATE_FORMAT, "position": [1, 0, 0],
                                                 "config": _yaml_safe(saved_cfg.to_dict())}))
     write_manifest(ckpt, world_size=2)
     (ckpt.parent / "latest").write_text(ckpt.name)

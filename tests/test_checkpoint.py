@@ -30,7 +30,7 @@ def _files(d: Path, epoch: int, world: int = 2, extra: tuple[str, ...] = ()) -> 
         p = d / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(os.urandom(2048 + 512 * len(rel)))
-    (d / "meta.json").write_text(json.dumps({"epoch": epoch, "world_size": world, "format": 2}))
+    (d / "meta.json").write_text(json.dumps({"epoch": epoch, "world_size": world, "format": C.STATE_FORMAT}))
 
 
 def sealed_checkpoint(root: Path, epoch: int, world: int = 2, latest: bool = True) -> Path:

@@ -20,9 +20,13 @@ def load(extra=None, overrides=None):
 
 def test_rftconfig_is_the_seed_contract():
     c = RFTConfig()
-    assert [f for f in RFTConfig.__dataclass_fields__] == [
+    assert [f for f in RFTConfig.__dataclass_fields__][:5] == [
         "gen_kwargs", "start_percentile", "end_percentile", "n_improve_steps", "n_generations_per_prompt"]
     assert (c.start_percentile, c.end_percentile, c.n_improve_steps, c.n_generations_per_prompt) == (0.7, 0.95, 4, 32)
+    # rft_ds's additions default to trlx's behaviour: the pools keep every grow step, no cap per prompt
+    assert [f for f in RFTConfig.__dataclass_fields__][5:] == ["pool", "max_per_prompt"]
+    assert (c.pool, c.max_per_prompt) == ("accumulate", None)
+    assert RFTConfig({"max_new_tokens": 8}, 0.5, 0.9, 2, 4).n_generations_per_prompt == 4  # trlx's positional order
 
 
 def test_yaml_and_dotted_overrides(tmp_path):
@@ -60,6 +64,11 @@ def test_shipped_configs_load():
     ({}, ["train.eval_gen_kwargs={max_new_tokens: 0}"], "train.eval_gen_kwargs.max_new_tokens must be >= 1"),
     ({}, ["selection.strategy=best"], "selection.strategy must be one of per_prompt, global, top_k"),
     ({}, ["selection.top_k=0"], "selection.top_k must be >= 1"),
+    ({}, ["method.pool=newest"], "method.pool must be accumulate | latest | window:K (K >= 1), got 'newest'"),
+    ({}, ["method.pool=window:0"], "method.pool must be accumulate | latest | window:K (K >= 1), got 'window:0'"),
+    ({}, ["method.max_per_prompt=0"], "method.max_per_prompt must be null or an int >= 1, got 0"),
+    ({}, ["method.max_per_prompt=two"], "method.max_per_prompt must be int, got str 'two'"),
+    ({}, ["data.shard=random"], "data.shard must be 'interleaved' or 'contiguous', got 'random'"),
     ({}, ["model.model_path=''"], "model.model_path is required"),
     ({}, ["sampler.backend=tgi"], "sampler.backend must be"),
     ({}, ["train.epochs=0"], "train.epochs must be >= 1"),

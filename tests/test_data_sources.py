@@ -5,8 +5,7 @@ import json
 import pytest
 
 from rft_ds.data import DataError, load_source, normalize, tokenize, use_chat_template
-from rft_ds.scoring import score_and_gather
-from rft_ds.selection import Samples
+from rft_ds.scoring import score_shard
 
 ROWS = [{"question": f"What is {i} + 1?", "answer": str(i + 1), "level": i % 3} for i in range(6)]
 
@@ -105,11 +104,10 @@ def test_metadata_flows_to_reward_fn(tokenizer):
             seen[pid] = (p, a, lv)
         return [float(o == a) for o, a in zip(outputs, answer)]
 
-    local = Samples(prompt_id=[5, 0, 3], score=[0.0] * 3, eos=[True] * 3,
-                    tokens=[tokenizer("6")["input_ids"], tokenizer("7")["input_ids"], tokenizer("4")["input_ids"]])
-    table, scores = score_and_gather(reward_fn, local, texts, metas, tokenizer, batch_size=2)
+    tokens = [tokenizer("6")["input_ids"], tokenizer("7")["input_ids"], tokenizer("4")["input_ids"]]
+    scores, outputs = score_shard(reward_fn, [5, 0, 3], tokens, texts, metas, tokenizer, batch_size=2)
     assert seen == {5: (texts[5], "6", 2), 0: (texts[0], "1", 0), 3: (texts[3], "4", 0)}
-    assert scores.tolist() == [1.0, 0.0, 1.0]
+    assert scores.tolist() == [1.0, 0.0, 1.0] and outputs == ["6", "7", "4"]
 
 
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"

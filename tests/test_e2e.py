@@ -133,11 +133,15 @@ from rft_ds import toy
 res = rft_ds.train(
     reward_fn=toy.reward_fn, prompts=toy.train_prompts(16), eval_prompts=toy.eval_prompts(8),
     config={{"model": {{"model_path": {str(tmp_path / 'model')!r}, "build": "tiny"}},
-            "method": {{"n_generations_per_prompt": 4, "gen_kwargs": {{"max_new_tokens": 8}}}},
+            "method": {{"n_generations_per_prompt": 4, "gen_kwargs": {{"max_new_tokens": 8}}, "n_improve_steps": 1,
+                       "pool": "latest", "max_per_prompt": 1}},
             "train": {{"epochs": 2, "output_dir": {str(tmp_path / 'run')!r}, "micro_batch_size": 4}}}},
     metric_fn=toy.metric_fn, stop_sequences=["."])
-assert len(res.history) == 2 and res.history[0]["n_sampled"] == 64, res.history
-assert "eval_reward_mean" in res.history[-1]
+h = res.history
+assert len(h) == 2 and h[0]["n_sampled"] == h[1]["n_sampled"] == 64, h
+assert 0 < h[1]["pool_size"] <= 64  # pool: latest keeps the second grow step's samples only
+assert all(r["n_selected"] <= r["n_prompts_kept"] <= 16 for r in h)  # max_per_prompt: one per prompt
+assert "eval_reward_mean" in h[-1]
 print("OK", type(res.model).__name__)
 """
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,

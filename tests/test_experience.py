@@ -1,6 +1,7 @@
 import numpy as np
+import pytest
 
-from rft_ds.experience import IGNORE_INDEX, build_row, collate, num_steps, plan_micro_batches
+from rft_ds.experience import IGNORE_INDEX, balance_plan, build_row, collate, fits, num_steps, plan_micro_batches
 
 
 def test_labels_masked_on_prompt_and_eos_appended_only_when_finished_by_eos():
@@ -31,26 +32,72 @@ def test_collate_pads_right_and_masks_padding():
     assert b["labels"][0].tolist() == [IGNORE_INDEX, 2, IGNORE_INDEX, IGNORE_INDEX]
 
 
+def test_fits_matches_build_row():
+    for plen in (1, 3, 8):
+        for length in (0, 1, 5):
+            for eos in (False, True):
+                want = build_row([1] * plen, [2] * length, eos, 9, 8) is not None
+                assert fits(np.array([plen]), np.array([length]), np.array([eos]), 8)[0] == want, (plen, length, eos)
+
+
+def check_plan(owner, world):
+    plan = balance_plan(np.asarray(owner), world)
+    n = len(owner)
+    sizes = [len(p) for p in plan]
+    if n >= world:
+        assert sorted(np.concatenate(plan).tolist()) == list(range(n))  # each row exactly once
+        assert max(sizes) - min(sizes) <= 1
+    elif n:
+        assert min(sizes) == max(sizes) == 1  # a copy for the ranks without a share
+    counts = np.bincount(owner, minlength=world) if n else np.zeros(world, int)
+    moved = sum(int((np.asarray(owner)[p] != r).sum()) for r, p in enumerate(plan))
+    shares = sorted(sizes, reverse=True)
+    # the fewest moves for balanced shares: what no assignment can avoid
+    least = sum(max(0, c - s) for c, s in zip(sorted(counts, reverse=True), shares)) if n >= world else moved
+    assert moved == least, (owner, plan)
+    return plan
+
+
+def test_balance_plan_moves_only_the_surplus():
+    assert [p.tolist() for p in check_plan([0, 0, 0, 0, 1, 1], 2)] == [[0, 1, 2], [4, 5, 3]]
+    assert [p.tolist() for p in check_plan([1, 1, 1], 2)] == [[2], [0, 1]]  # rank 1 holds more: its the +1
+    assert [p.tolist() for p in check_plan([0, 1, 0, 1], 2)] == [[0, 2], [1, 3]]  # balanced: nothing moves
+    assert [p.tolist() for p in check_plan([], 3)] == [[], [], []]
+    assert [p.tolist() for p in check_plan([2], 3)] == [[0], [0], [0]]  # fewer rows than ranks: copies
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        world = int(rng.integers(1, 9))
+        owner = rng.integers(0, world, int(rng.integers(0, 40))) if rng.random() < 0.5 else \
+            np.full(int(rng.integers(0, 20)), int(rng.integers(0, world)))  # all on one rank (tensor parallel)
+        check_plan(owner, world)
+
+
+def test_balance_plan_is_pure():
+    owner = np.random.default_rng(3).integers(0, 4, 101)
+    a, b = balance_plan(owner, 4), balance_plan(owner.copy(), 4)
+    assert all((x == y).all() for x, y in zip(a, b))
+
+
 def test_equal_steps_per_rank_including_rank_without_rows():
     for n_rows in (0, 1, 3, 7, 16, 17, 100):
         for world in (1, 2, 3, 8):
-            plans = [plan_micro_batches(n_rows, 1, 0, r, world, 4, 2) for r in range(world)]
+            steps = num_steps(n_rows, world, 4, 2)
+            plan = balance_plan(np.zeros(n_rows, np.int64), world)
+            plans = [plan_micro_batches(len(plan[r]), steps, 1, 0, r, 4, 2) for r in range(world)]
             assert len({len(p) for p in plans}) == 1
-            assert len(plans[0]) == num_steps(n_rows, world, 4, 2) * 2
+            assert len(plans[0]) == steps * 2
             assert all(len(mb) == 4 for p in plans for mb in p)
-            if n_rows:
-                used = np.concatenate([mb for p in plans for mb in p])
-                assert set(used.tolist()) == set(range(n_rows))  # every row trained on at least once
+            for r, p in enumerate(plans):
+                if p:
+                    assert set(np.concatenate(p).tolist()) == set(range(len(plan[r])))  # each row at least once
 
 
-def test_one_row_two_ranks():
-    plans = [plan_micro_batches(1, 0, 0, r, 2, 8, 1) for r in range(2)]
-    assert len(plans[0]) == len(plans[1]) == 1
-
-
-def test_shuffle_deterministic_per_seed_and_epoch():
-    a = plan_micro_batches(50, 7, 3, 0, 2, 4, 1)
-    b = plan_micro_batches(50, 7, 3, 0, 2, 4, 1)
-    c = plan_micro_batches(50, 7, 4, 0, 2, 4, 1)
+def test_shuffle_deterministic_per_seed_epoch_and_rank():
+    a = plan_micro_batches(50, 7, 7, 3, 0, 4, 1)
+    b = plan_micro_batches(50, 7, 7, 3, 0, 4, 1)
+    c = plan_micro_batches(50, 7, 7, 4, 0, 4, 1)
+    d = plan_micro_batches(50, 7, 7, 3, 1, 4, 1)
     assert all((x == y).all() for x, y in zip(a, b))
-    assert any((x != y).any() for x, y in zip(a, c))
+    assert any((x != y).any() for x, y in zip(a, c)) and any((x != y).any() for x, y in zip(a, d))
+    with pytest.raises(ValueError, match="has no rows"):
+        plan_micro_batches(0, 1, 7, 3, 0, 4, 1)

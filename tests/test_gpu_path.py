@@ -52,6 +52,16 @@ def test_collectives_run_on_the_nccl_device():
             dist.all_reduce(torch.tensor([1]), op=dist.ReduceOp.MAX)
 
 
+def test_token_exchange_runs_on_the_nccl_device():
+    """The rows' token ids cross ranks in one all_to_all on CUDA, and come back as numpy on the CPU."""
+    with nccl_group():
+        got = D.all_to_all_int32([np.array([3, 1, 2], dtype=np.int32)], [3])
+        assert [g.tolist() for g in got] == [[3, 1, 2]]
+        assert D.gather_object({"a": 1}) == [{"a": 1}]
+        with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
+            dist.all_to_all_single(torch.zeros(1, dtype=torch.int32), torch.ones(1, dtype=torch.int32))
+
+
 def test_hf_sampler_on_cuda(tiny_model, tokenizer):
     """Prompts go to the module's device; the batch count is agreed over NCCL; outputs equal the CPU run's."""
     from transformers import AutoModelForCausalLM

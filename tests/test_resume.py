@@ -10,9 +10,10 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from rft_ds.checkpoint import CheckpointError, find_resume, resolve_resume, verify, write_manifest
+from rft_ds.checkpoint import STATE_FORMAT, CheckpointError, find_resume, resolve_resume, verify, write_manifest
 from rft_ds.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +26,7 @@ def fake_checkpoint(root: Path, epoch: int, world_size: int = 2, position: list 
     (tmp / "ds").mkdir(parents=True)
     (tmp / "ds" / "shard0.pt").write_bytes(os.urandom(4096))
     (tmp / "rft_state.pt").write_bytes(os.urandom(512))
-    (tmp / "meta.json").write_text(json.dumps({"epoch": epoch, "world_size": world_size, "format": 2,
+    (tmp / "meta.json").write_text(json.dumps({"epoch": epoch, "world_size": world_size, "format": STATE_FORMAT,
                                                **({"position": position} if position else {})}))
     write_manifest(tmp)
     final = root / f"epoch_{epoch:05d}"
@@ -236,9 +237,8 @@ def _launch(n: int, run: Path, *extra: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_elastic_resume_on_another_world_size(tmp_path):
     """A checkpoint written by 2 ranks resumes on 1, and one written by 1 on 2 (DeepSpeed's universal
-    checkpoint: weights and Adam state repartitioned; the pools are global). With the same global batch
-    (1 rank x 2 accumulation steps = 2 ranks x 1), the improve epoch after it trains on the same rows and
-    ends where the same-size resume ends."""
+    checkpoint: weights and Adam state repartitioned; each old rank's pool shard taken over by one new
+    rank). The improve epoch after it selects from the same pools exactly as the same-size resume does."""
     import shutil
 
     ga = {1: "train.gradient_accumulation_steps=2", 2: "train.gradient_accumulation_steps=1"}
@@ -251,15 +251,15 @@ def test_elastic_resume_on_another_world_size(tmp_path):
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         return p
 
-    def same_end(a: Path, b: Path) -> None:
+    def same_end(a: Path, b: Path) -> dict:
         ma, mb = _metrics(a), _metrics(b)
         assert ma[:-1] == mb[:-1]  # the restored history
         for key in ("pool_size", "n_selected", "n_rows", "selection_digest", "train_steps"):
-            assert ma[-1][key] == mb[-1][key], key  # the same pools and selection after the resume
-        assert mb[-1]["train_loss"] == pytest.approx(ma[-1]["train_loss"], abs=1e-5)
-        wa, wb = _weights(a / "final_model"), _weights(b / "final_model")
-        worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
-        assert worst < 1e-5, worst  # measured 0.0 on the CPU box: the same sums in the same order
+            assert ma[-1][key] == mb[-1][key], key  # the same pools (every old rank's shard) and selection
+        # Which rows make up each optimizer step depends on which rank holds them (rows are trained where
+        # their tokens are), so the loss and weights after the resume differ from the same-size resume's.
+        assert np.isfinite(mb[-1]["train_loss"]) and (b / "final_model").is_dir()
+        return mb[-1]
 
     first = tmp_path / "first"
     p = _launch(2, first, "train.epochs=1", ga[2], improve)
@@ -271,6 +271,7 @@ def test_elastic_resume_on_another_world_size(tmp_path):
     assert verify(tmp_path / "one" / "checkpoints" / "epoch_00000") is None  # the checkpoint itself untouched
     same_end(tmp_path / "two", tmp_path / "one")
     resume(1, tmp_path / "one", tmp_path / "one_more", 3)
-    p = resume(2, tmp_path / "one", tmp_path / "two_more", 3)  # 1 -> 2
+    p = resume(2, tmp_path / "one", tmp_path / "two_more", 3)  # 1 -> 2: the new rank 1 has an empty pool shard
     assert "at epoch 3/3 (sample) on 2 ranks, written by 1" in p.stdout
-    same_end(tmp_path / "one_more", tmp_path / "two_more")
+    end = same_end(tmp_path / "one_more", tmp_path / "two_more")
+    assert end["rows_moved"] == end["n_rows"] // 2  # rank 0 holds every token: half its rows go to rank 1

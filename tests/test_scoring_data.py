@@ -9,7 +9,6 @@ from rft_ds.data import DataError, load_source, normalize, shard, tokenize
 from rft_ds.distributed import RankError, all_ranks_or_fail
 from rft_ds.sampling.base import finish_completion
 from rft_ds.scoring import RewardError, call_reward_fn, decode_outputs, validate_scores
-from rft_ds.selection import Samples
 
 OUT = ["a", "b", "c"]
 
@@ -117,12 +116,15 @@ def test_prompt_too_long(tokenizer):
         tokenize(["ab", "abc say k: kkkk kkk"], [{}, {}], tokenizer, 4, "prompts")
 
 
-def test_shard_balanced_and_complete():
+@pytest.mark.parametrize("plan", ["interleaved", "contiguous"])
+def test_shard_balanced_and_complete(plan):
     for n in (0, 1, 5, 64):
         for w in (1, 2, 3):
-            parts = [list(shard(n, r, w)) for r in range(w)]
-            assert sum(parts, []) == list(range(n))
+            parts = [list(shard(n, r, w, plan)) for r in range(w)]
+            assert sorted(sum(parts, [])) == list(range(n))
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert list(shard(7, 1, 3)) == [1, 4]  # interleaved: a sorted dataset's long tail spreads over all ranks
+    assert list(shard(7, 1, 3, "contiguous")) == [3, 4]
 
 
 def test_toy_reward():
@@ -130,8 +132,3 @@ def test_toy_reward():
     assert letter_score("kkk", "k") == 1.0 and letter_score("kx k", "k") == pytest.approx(2 / 3)
     assert letter_score("123", "k") == 0.0
     assert reward_fn(["s"], ["p"], ["aab"], target=["a"]) == [pytest.approx(2 / 3)]
-
-
-def test_samples_columns_checked():
-    with pytest.raises(ValueError, match="equal lengths"):
-        Samples([0, 1], [0.0], [True, True], [[1], [2]])

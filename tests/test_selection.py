@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from rft_ds.selection import Pools, Samples, canonical, completion_digest, schedule, select, selection_digest
+from rft_ds.selection import (TABLE, cap_per_prompt, canonical, completion_digest, from_wire, parse_pool_policy,
+                              schedule, select, selection_digest, table, to_wire, update_pool)
 
 
 # ---- schedule -------------------------------------------------------------------------------------
@@ -110,41 +111,126 @@ def test_top_k_ties_broken_by_input_order_deterministically():
     assert a == sel([0] * 4, [0, 1, 1, 1], strategy="top_k", top_k=2) and sum(a) == 2
 
 
-def make_samples(rng, n, n_prompts, vocab=5, length=3):
+def make_rows(rng, n, n_prompts, vocab=5, length=3, owner=0, step=0):
     tokens = [rng.integers(0, vocab, length) for _ in range(n)]
-    return Samples(prompt_id=rng.integers(0, n_prompts, n), score=rng.integers(0, 3, n).astype(float),
-                   eos=rng.random(n) < 0.5, tokens=tokens)
+    return table(rng.integers(0, n_prompts, n), rng.integers(0, 3, n).astype(float), rng.random(n) < 0.5, tokens,
+                 owner=owner, step=step), tokens
 
 
 def test_dedup_by_completion_token_ids():
-    s = Samples(prompt_id=[0, 0, 0, 1], score=[0.2, 0.7, 0.1, 0.2], eos=[True, True, False, True],
-                tokens=[[5, 6], [5, 6], [5, 6], [5, 6]])
+    s = table([0, 0, 0, 1], [0.2, 0.7, 0.1, 0.2], [True, True, False, True], [[5, 6], [5, 6], [5, 6], [5, 6]])
     c = canonical(s)
     # (0,[5,6],eos) twice -> once with the best score; the non-EOS copy is a different completion
     assert len(c) == 3
-    row = [i for i in range(3) if c.prompt_id[i] == 0 and c.eos[i]][0]
-    assert c.score[row] == 0.7
+    row = [i for i in range(3) if c["prompt_id"][i] == 0 and c["eos"][i]][0]
+    assert c["score"][row] == 0.7
     assert len(canonical(s, dedup=False)) == 4
-
-
-def test_pools_accumulate_across_grow_steps_with_dedup():
-    pools = Pools()
-    pools.add(Samples([0, 0], [0.0, 1.0], [True, True], [[1], [2]]))
-    pools.add(Samples([0, 0], [0.5, 1.0], [True, True], [[3], [2]]))  # [2] again: deduplicated
-    assert len(pools) == 3
 
 
 def test_selection_independent_of_shard_arrival_order():
     rng = np.random.default_rng(1)
-    shards = [make_samples(rng, 300, 20) for _ in range(4)]
+    shards = [make_rows(rng, 300, 20, owner=r)[0] for r in range(4)]
     digests = set()
     for perm in ([0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]):
-        pools = Pools()
-        pools.add(Samples.concat([shards[i] for i in perm]))
+        pool = canonical(np.concatenate([shards[i] for i in perm]))
         for strategy in ("per_prompt", "top_k", "global"):
-            keep, _ = select(pools.samples.prompt_id, pools.samples.score, 0.8, strategy=strategy, top_k=2)
-            digests.add((strategy, selection_digest(pools.samples, keep)))
+            keep, _ = select(pool["prompt_id"], pool["score"], 0.8, strategy=strategy, top_k=2)
+            digests.add((strategy, selection_digest(pool, keep)))
     assert len(digests) == 3  # one digest per strategy, whatever the arrival order
+
+
+def test_wire_rows_are_at_most_25_bytes_and_round_trip():
+    rng = np.random.default_rng(0)
+    a, _ = make_rows(rng, 10, 4, owner=0)
+    b, _ = make_rows(rng, 0, 4, owner=1)  # a rank with nothing new still sends its (empty) part
+    c, _ = make_rows(rng, 5, 4, owner=2)
+    c["slot"] += 7
+    wire = [(int(x["slot"][0]) if len(x) else 0, *to_wire(x)) for x in (a, b, c)]
+    back = from_wire(wire, step=0)
+    assert back.dtype == TABLE and (back == np.concatenate([a, b, c])).all()
+    # a grow step's rows: N per prompt, binary rewards: the columns compress to the digests and little more
+    n = 32 * 500
+    rows = table(np.repeat(np.arange(500), 32), (rng.random(n) < 0.3).astype(float), rng.random(n) < 0.9,
+                 digest=rng.integers(0, 2**63, n), length=rng.integers(0, 256, n))
+    count, payload = to_wire(rows)
+    assert count == n and len(payload) < 12 * n
+    assert (from_wire([(0, count, payload)], 0) == rows).all()
+
+
+# ---- what "today's code" did: every rank gathered every completion's tokens and kept them all --------
+
+def legacy_select(steps, percentile, strategy, dedup):
+    """The selection before the data plane (Pools.add on whole gathered Samples), as it was: concatenate the
+    pool and the new rows in rank order, sort by (prompt, digest, -score) keeping input order, dedup."""
+    pid, score, digest = np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.uint64)
+    for parts in steps:
+        pid = np.concatenate([pid] + [p["prompt_id"] for p in parts])
+        score = np.concatenate([score] + [p["score"] for p in parts])
+        digest = np.concatenate([digest] + [p["digest"] for p in parts])
+        order = np.lexsort((-score, digest, pid))
+        if dedup:
+            first = np.r_[True, (pid[order][1:] != pid[order][:-1]) | (digest[order][1:] != digest[order][:-1])]
+            order = order[first]
+        pid, score, digest = pid[order], score[order], digest[order]
+    keep, _ = select(pid, score, percentile, strategy=strategy, top_k=3)
+    h = table(pid, score, np.zeros(len(pid), bool), digest=digest, length=np.zeros(len(pid)))
+    return selection_digest(h, keep), int(keep.sum())
+
+
+@pytest.mark.parametrize("dedup", [True, False])
+@pytest.mark.parametrize("strategy", ["per_prompt", "top_k", "global"])
+def test_accumulate_selects_what_the_gathered_pools_did(strategy, dedup):
+    rng = np.random.default_rng(7)
+    steps, pool, slots = [], np.zeros(0, TABLE), [0, 0, 0]
+    for g in range(3):  # three grow steps on three ranks, small vocab: many duplicates, many ties
+        parts = []
+        for r in range(3):
+            rows, _ = make_rows(rng, 60, 8, vocab=3, length=2, owner=r, step=g)
+            rows["slot"] = slots[r] + np.arange(len(rows))
+            slots[r] += len(rows)
+            parts.append(rows)
+        steps.append(parts)
+        new = from_wire([(int(p["slot"][0]), *to_wire(p)) for p in parts], step=g)
+        pool = update_pool(pool, new, g, parse_pool_policy("accumulate"), dedup)
+        keep, _ = select(pool["prompt_id"], pool["score"], 0.8, strategy=strategy, top_k=3)
+        assert (selection_digest(pool, keep), int(keep.sum())) == legacy_select(steps, 0.8, strategy, dedup)
+
+
+def test_pool_policies():
+    assert [parse_pool_policy(p) for p in ("accumulate", "latest", "window:1", "window:3")] == [None, 1, 1, 3]
+    for bad in ("window", "window:0", "window:-1", "window:x", "newest", "", None):
+        with pytest.raises(ValueError, match="accumulate | latest | window:K"):
+            parse_pool_policy(bad)
+    rows = {g: table([0, 1], [float(g), 1.0], [True, True], [[g, 9], [g, 8]], step=g, slot=[2 * g, 2 * g + 1])
+            for g in range(4)}
+    for policy, want in (("accumulate", {0, 1, 2, 3}), ("latest", {3}), ("window:2", {2, 3}), ("window:9", {0, 1, 2, 3})):
+        pool = np.zeros(0, TABLE)
+        for g in range(4):
+            pool = update_pool(pool, rows[g], g, parse_pool_policy(policy), dedup=True)
+        assert set(pool["step"].tolist()) == want, policy
+        assert len(pool) == 2 * len(want)
+
+
+def test_window_keeps_a_completion_while_any_copy_is_in_it():
+    first = table([0], [0.9], [True], [[1, 2]], step=0, slot=[0])
+    again = table([0], [0.5], [True], [[1, 2]], step=1, slot=[1])
+    pool = update_pool(np.zeros(0, TABLE), first, 0, 2, True)
+    pool = update_pool(pool, again, 1, 2, True)
+    assert len(pool) == 1 and pool["score"][0] == 0.9 and pool["step"][0] == 1  # best score, newest step
+    pool = update_pool(pool, np.zeros(0, TABLE), 2, 2, True)
+    assert len(pool) == 1  # sampled at step 1: still in a 2-step window at step 2
+    assert len(update_pool(pool, np.zeros(0, TABLE), 3, 2, True)) == 0
+
+
+def test_max_per_prompt_keeps_the_best_with_deterministic_ties():
+    pid = np.array([0, 0, 0, 0, 1, 1, 2])
+    score = np.array([0.5, 0.9, 0.9, 0.7, 0.3, 0.8, 1.0])
+    keep = np.array([True, True, True, True, False, True, True])
+    assert cap_per_prompt(pid, score, keep, 2).tolist() == [False, True, True, False, False, True, True]
+    assert cap_per_prompt(pid, score, keep, 1).tolist() == [False, True, False, False, False, True, True]  # tie: first
+    assert (cap_per_prompt(pid, score, keep, None) == keep).all()
+    assert (cap_per_prompt(pid, score, keep, 10) == keep).all()
+    assert not cap_per_prompt(pid, score, np.zeros(7, bool), 1).any()
 
 
 def test_digest_is_content_based_and_stable():
