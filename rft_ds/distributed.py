@@ -31,6 +31,22 @@ class RankError(RuntimeError):
     """Raised on every rank when a stage failed on at least one of them."""
 
 
+class RendezvousError(RankError):
+    """This rank could not join the process group (the master's address, a port or a peer unreachable)."""
+
+
+def rendezvous_problem(env: Mapping[str, str], timeout_s: int, e: BaseException) -> str:
+    """One line naming what was tried, for a failed init of the process group."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    iface = ", ".join(f"{k}={env[k]}" for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if env.get(k)) or \
+        "GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME unset"
+    return (f"rank {env.get('RANK', '?')} of {env.get('WORLD_SIZE', '?')} on {socket.gethostname()} could not join the "
+            f"process group at MASTER_ADDR={env.get('MASTER_ADDR')} MASTER_PORT={env.get('MASTER_PORT')} within "
+            f"train.dist_timeout_s={timeout_s} ({iface}): {type(e).__name__}: {first}. MASTER_ADDR must be the first "
+            "node's address as every node reaches it; on several interfaces set GLOO_SOCKET_IFNAME (CPU) or "
+            "NCCL_SOCKET_IFNAME (GPU) to the one between the nodes")
+
+
 class DeviceError(ConfigError):
     """This rank has no device it can use (checked before the process group starts and any model loads)."""
 
@@ -153,7 +169,10 @@ def init(backend: str = "auto", timeout_s: int = 600) -> None:
         # that is 0, not the task's place on the node.
         os.environ["LOCAL_RANK"] = str(dev.index)
     _device = dev
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception as e:  # noqa: BLE001 - the store or a peer unreachable: say where it looked
+        raise RendezvousError(rendezvous_problem(os.environ, timeout_s, e)) from e
     _release_deepspeed_shm()
     try:  # host:pid of every rank, so a survivor can name a lost one (lost_ranks)
         dist.distributed_c10d._get_default_store().set(f"rft_ds/proc/{rank()}", f"{socket.gethostname()}:{os.getpid()}")

@@ -194,6 +194,41 @@ def check_resume_config(ckpt: Path | None, cfg: RFTRunConfig) -> None:
                           "--resume-force (train.resume_force=true) to accept the change")
 
 
+def check_shared_output(out: Path, wait_s: float = 30.0) -> None:
+    """Collective, before any model loads: every rank writes a marker into train.output_dir and looks for
+    every other rank's. Checkpoints (each rank writes its own shards into one directory) and resume need a
+    directory all ranks see; on node-local disks a run would fail at its first save, or each node would
+    resume from its own copy. A rank that does not see them all within wait_s (NFS may show another node's
+    new file late) fails every rank with one line."""
+    if D.world_size() == 1:
+        return
+    import contextlib
+    import socket
+
+    hosts = D.all_gather_object(socket.gethostname())
+    mark = out / f".rft_ds_shared.{D.broadcast_object(uuid.uuid4().hex[:12] if D.is_main() else None)}"
+    mine = mark / f"rank{D.rank()}"
+    try:
+        with D.all_ranks_or_fail("writing a marker into train.output_dir"):
+            mark.mkdir(parents=True, exist_ok=True)
+            mine.write_text(hosts[D.rank()])
+        with D.all_ranks_or_fail("checking train.output_dir"):
+            deadline = time.monotonic() + wait_s
+            while missing := [r for r in range(D.world_size()) if not (mark / f"rank{r}").exists()]:
+                if time.monotonic() > deadline:
+                    r = missing[0]
+                    raise ConfigError(
+                        f"train.output_dir {out} is not shared between the nodes: rank {D.rank()} on "
+                        f"{hosts[D.rank()]} does not see the file rank {r} on {hosts[r]} wrote there; put it on a "
+                        "file system every node mounts (NFS, Lustre, ...): checkpoints and resume need one directory")
+                time.sleep(1)
+    finally:
+        D.barrier()  # nobody removes a marker before every rank has looked
+        mine.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the last rank on each file system removes the directory
+            mark.rmdir()
+
+
 def check_metric_sinks(t: Any) -> None:
     import importlib.util
 
@@ -381,6 +416,7 @@ def setup(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, me
                                                                           metric_fn)
     t = cfg.train
     D.init(t.dist_backend, t.dist_timeout_s)
+    check_shared_output(Path(t.output_dir))
     # Resolved once, after the process group exists: rank 0 picks, every rank checks its own files, all agree.
     ckpt = checkpoint.agree_on_resume(t.resume, t.output_dir, D.world_size())
     check_resume_config(ckpt, cfg)  # again: a fallback may have picked an older checkpoint than prepare saw

@@ -85,21 +85,10 @@ def build(path: str | Path) -> Path:
 
 
 def ensure(path: str | Path) -> Path:
-    """Build once per machine: local rank 0 builds, the other ranks on the node wait for it."""
-    import time
+    """Build once per file system: every rank may call it at once, on any node (rft_ds.once)."""
+    from rft_ds.once import build_once
 
-    path = Path(path)
-    if is_built(path):
-        return path
-    rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
-    if rank == 0:
-        return build(path)
-    deadline = time.monotonic() + 600
-    while not is_built(path):  # no process group exists yet, so wait on the file system
-        if time.monotonic() > deadline:
-            raise BuildError(f"local rank {rank}: waited 600 s for local rank 0 to build {path}")
-        time.sleep(1)
-    return path
+    return build_once(path, is_built, build, f"the SmolLM2 model at {path}")
 
 
 def main() -> None:

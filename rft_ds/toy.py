@@ -114,15 +114,11 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, hidden_size: int
 
 
 def ensure_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
-    path = Path(path)
-    if not (path / "config.json").exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            build_tiny_model(path, seed=seed)
-        except OSError:
-            if not (path / "config.json").exists():  # lost a race with another builder: fine if it finished
-                raise
-    return path
+    """Build once per file system: every rank may call it at once, on any node (rft_ds.once)."""
+    from rft_ds.once import build_once
+
+    return build_once(path, lambda p: (p / "config.json").exists(), lambda p: build_tiny_model(p, seed=seed),
+                      f"the tiny model at {path}")
 
 
 def main() -> None:

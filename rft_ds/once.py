@@ -1,0 +1,53 @@
+"""Build something once per file system, whatever number of ranks and nodes ask for it at once.
+
+Every rank calls `build_once` before the process group exists (so no barrier can order them): the first to
+take an exclusive lock beside the target builds it into a temporary directory renamed into place; the
+others wait on the lock, then find it built. flock(2) is one holder per file on a local file system and,
+through the NFSv4/Lustre lock managers, across the nodes that mount a shared one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, timeout_s: float, what: str) -> Iterator[None]:
+    """Hold `<path>.lock` exclusively; TimeoutError naming it after timeout_s."""
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"waited {timeout_s:.0f} s for {lock}: another process is still building "
+                                       f"{what} (delete the lock file if no such process exists)") from None
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build_once(path: str | Path, is_built: Callable[[Path], bool], build: Callable[[Path], object],
+               what: str, timeout_s: float = 1800) -> Path:
+    """`build(path)` unless `is_built(path)`, by one process at a time. `build` must write a temporary
+    `<path>.tmp*` and rename it into place; the leftovers of a builder that died are removed first."""
+    path = Path(path)
+    if is_built(path):
+        return path
+    with exclusive(path, timeout_s, what):
+        if not is_built(path):
+            for stale in path.parent.glob(path.name + ".tmp*"):  # we hold the lock: nobody is writing these
+                shutil.rmtree(stale, ignore_errors=True)
+            build(path)
+    return path
