@@ -416,7 +416,7 @@ def setup(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, me
                                                                           metric_fn)
     t = cfg.train
     D.init(t.dist_backend, t.dist_timeout_s)
-    check_shared_output(Path(t.output_dir))
+    check_shared_output(Path(t.output_dir), wait_s=min(30.0, t.dist_timeout_s / 4))
     # Resolved once, after the process group exists: rank 0 picks, every rank checks its own files, all agree.
     ckpt = checkpoint.agree_on_resume(t.resume, t.output_dir, D.world_size())
     check_resume_config(ckpt, cfg)  # again: a fallback may have picked an older checkpoint than prepare saw

@@ -33,8 +33,8 @@ ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _installed(reason_now, *packages: str) -> None:
-    """Install the Debian packages a fixture needs when they are missing (as tests/test_slurm_cluster.py
-    does): a fresh CI machine has none of them. Skips with the reason where that cannot be done."""
+    """Install the Debian packages a fixture needs when they are missing: a fresh CI machine has none of
+    them. Skips with the reason where that cannot be done."""
     if reason_now() is None:
         return
     if os.geteuid() == 0 and shutil.which("apt-get"):
