@@ -74,6 +74,18 @@ def _gpus_bound_per_task(env: Mapping[str, str]) -> bool:
     return bool(env.get("SLURM_GPUS_PER_TASK")) or "gpu" in env.get("SLURM_TRES_PER_TASK", "")
 
 
+def threads_per_rank(env: Mapping[str, str], cpus: int) -> int:
+    """CPU threads for this rank's compute (torch's intra-op pool, which the colocated vLLM engine shares):
+    OMP_NUM_THREADS when set (torchrun sets 1), else this process's CPUs over the ranks on this node.
+    Left to itself every rank would start one thread per core, and ranks on one host would run twice (8
+    ranks: 8 times) as many busy threads as there are cores."""
+    if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+        return int(env["OMP_NUM_THREADS"])
+    local = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE")
+    ranks_here = int(local) if local and local.isdigit() else (_tasks_on_this_node(env) or 1)
+    return max(1, cpus // max(1, ranks_here))
+
+
 def local_device(env: Mapping[str, str], cuda_count: int) -> str:
     """'cpu' or 'cuda:<i>' for this rank, from the launcher's environment and the GPUs it can see.
 
@@ -169,6 +181,9 @@ def init(backend: str = "auto", timeout_s: int = 600) -> None:
         # that is 0, not the task's place on the node.
         os.environ["LOCAL_RANK"] = str(dev.index)
     _device = dev
+    threads = threads_per_rank(os.environ, len(os.sched_getaffinity(0)))
+    torch.set_num_threads(threads)  # before vLLM's CPU worker, which forbids it afterwards
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # for what this process starts (vLLM's engine core)
     try:
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     except Exception as e:  # noqa: BLE001 - the store or a peer unreachable: say where it looked
@@ -193,6 +208,15 @@ def _release_deepspeed_shm() -> None:
         (shm / name).unlink(missing_ok=True)
 
 
+def _alive(pid: int) -> bool:
+    """A killed rank stays a zombie until its parent (the launcher) reaps it: that is not alive."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def lost_ranks() -> str:
     """After a collective failed: which ranks are gone, as far as this host can tell."""
     try:
@@ -204,9 +228,7 @@ def lost_ranks() -> str:
             if host != here:
                 elsewhere.append(r)
                 continue
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
+            if not _alive(int(pid)):
                 lost.append(r)
     except Exception:  # noqa: BLE001 - the store lives on rank 0: unreachable means rank 0 is gone
         return "rank 0 (the rendezvous store on rank 0 is unreachable)"

@@ -55,8 +55,8 @@ def balance_plan(owner: np.ndarray, world_size: int) -> list[np.ndarray]:
 
     Ranks end within one row of each other, and the fewest rows move: a rank keeps its rows up to its
     share (its first ones, in row order), the ranks holding the most get the +1 shares, and only the
-    surplus goes to ranks short of rows, in rank and row order. With fewer rows than ranks, a rank with no
-    share gets a copy of one row, so every rank has something to run its equal steps on."""
+    surplus goes to ranks short of rows, in rank and row order. With fewer rows than ranks some ranks get
+    none: they run their equal steps on empty micro-batches (the learner's masked rows), no row twice."""
     owner = np.asarray(owner, dtype=np.int64)
     n = len(owner)
     plan = [np.zeros(0, np.int64) for _ in range(world_size)]
@@ -73,8 +73,6 @@ def balance_plan(owner: np.ndarray, world_size: int) -> list[np.ndarray]:
         need = share[r] - len(kept)
         plan[r] = np.concatenate([kept, surplus[at:at + need]])
         at += need
-    for j, r in enumerate(r for r in range(world_size) if share[r] == 0):
-        plan[r] = np.array([j % n])
     return plan
 
 
@@ -82,15 +80,25 @@ def plan_micro_batches(n_rows: int, steps: int, seed: int, epoch: int, rank: int
                        grad_accum: int) -> list[np.ndarray]:
     """Indices into this rank's `n_rows` rows for each of its steps * grad_accum micro-batches, in order.
 
-    A deterministic shuffle from (seed, epoch, rank); the micro-batches are filled by wrapping around it
-    (as DistributedSampler pads), so every rank runs the same number of full micro-batches."""
+    A deterministic shuffle from (seed, epoch, rank), cut into that many micro-batches of nearly equal size
+    (at most micro_batch_size): every row once, none twice. A micro-batch may be empty (a rank with fewer
+    rows than micro-batches): the learner still runs it, with nothing to learn, because every rank must
+    take part in each of ZeRO-3's gathers."""
     if steps == 0:
         return []
-    if n_rows == 0:
-        raise ValueError("a rank with optimizer steps to run has no rows (balance_plan gives every rank one)")
+    n_micro = steps * grad_accum
+    if n_rows > n_micro * micro_batch_size:
+        raise ValueError(f"{n_rows} rows do not fit {n_micro} micro-batches of {micro_batch_size}")
     perm = np.random.default_rng([seed, epoch, rank]).permutation(n_rows)
-    slots = perm[np.arange(steps * grad_accum * micro_batch_size) % n_rows]
-    return list(slots.reshape(steps * grad_accum, micro_batch_size))
+    return np.array_split(perm, n_micro)
+
+
+def label_tokens(rows: Sequence[Row], micro_batches: Sequence[np.ndarray], grad_accum: int) -> np.ndarray:
+    """This rank's label tokens per optimizer step (what the loss of a step is averaged over, summed over
+    ranks). A row's first position is never predicted (HF's shift), so it is not counted."""
+    per_micro = [sum(int((rows[i].labels[1:] != IGNORE_INDEX).sum()) for i in idx) for idx in micro_batches]
+    return np.asarray(per_micro, dtype=np.int64).reshape(-1, grad_accum).sum(axis=1) if per_micro else \
+        np.zeros(0, np.int64)
 
 
 def rows_for_rank(selected: np.ndarray, pool: Any, prompts: Sequence[Sequence[int]], eos_id: int, max_len: int,

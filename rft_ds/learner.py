@@ -86,15 +86,21 @@ def _walk(d: Any, prefix: str = ""):
 
 @dataclass
 class TrainStats:
-    """One rank's pass over its micro-batches: the losses, and |sampler log p - model log p| over the label
-    tokens of the rows this rank sampled this epoch, seen before the first optimizer step."""
+    """One rank's pass over its micro-batches: cross-entropy summed over its label tokens and their count
+    (train_loss is the sum over ranks over the count over ranks), the loss of each of its steps (progress
+    bar), and |sampler log p - model log p| over the label tokens of the rows this rank sampled this epoch,
+    seen before the first optimizer step."""
 
+    ce_sum: float = 0.0
+    tokens: int = 0
     losses: list[float] = field(default_factory=list)
     logprob_abs_sum: float = 0.0
     logprob_abs_max: float = 0.0
     logprob_tokens: int = 0
 
     def add(self, other: "TrainStats") -> None:
+        self.ce_sum += other.ce_sum
+        self.tokens += other.tokens
         self.losses += other.losses
         self.logprob_abs_sum += other.logprob_abs_sum
         self.logprob_abs_max = max(self.logprob_abs_max, other.logprob_abs_max)
@@ -107,19 +113,28 @@ class TrainStats:
             self.logprob_tokens += int(diffs.size)
 
 
-def label_logprob_diffs(logits: Any, labels: Any, rows: Sequence[Row]) -> np.ndarray:
-    """|model log p - sampler log p| of every label token of the rows that carry the sampler's log p.
-
-    logits[:, t] predicts labels[:, t + 1] (HF's shift); only label positions go through log_softmax, so
-    the extra memory is (label tokens x vocab), not (batch x width x vocab)."""
+def label_positions(labels: Any) -> Any:
+    """Positions whose next token is a label in some row of the batch: the only positions whose logits the
+    loss needs (logits[:, t] predicts labels[:, t + 1]). The LM head and the softmax over the vocabulary
+    then run on those alone, not on every prompt and padding position."""
     import torch
 
-    with torch.no_grad():
-        shifted = labels[:, 1:]
-        mask = shifted != IGNORE_INDEX
-        picked = logits[:, :-1][mask].float()
-        logp = torch.log_softmax(picked, dim=-1).gather(-1, shifted[mask][:, None])[:, 0].cpu().numpy()
-        counts = mask.sum(dim=1).cpu().tolist()
+    return torch.nonzero((labels[:, 1:] != IGNORE_INDEX).any(dim=0)).flatten()
+
+
+def label_logprobs(logits: Any, labels: Any, keep: Any) -> tuple[Any, Any]:
+    """(log p of every label token, in row-major order, with its graph; label tokens per row), from the
+    logits at positions `keep` (label_positions)."""
+    import torch
+
+    targets = labels[:, keep + 1]
+    mask = targets != IGNORE_INDEX
+    logp = torch.log_softmax(logits[mask].float(), dim=-1).gather(-1, targets[mask][:, None])[:, 0]
+    return logp, mask.sum(dim=1)
+
+
+def logprob_diffs(logp: np.ndarray, counts: Sequence[int], rows: Sequence[Row]) -> np.ndarray:
+    """|model log p - sampler log p| of every label token of the rows that carry the sampler's log p."""
     diffs, start = [], 0
     for row, n in zip(rows, counts):
         if row.ref_logprobs is not None:
@@ -157,26 +172,40 @@ class Learner:
         """Where the engine computes (the device rule's choice): every input goes here first."""
         return self.engine.device
 
-    def train_step(self, rows: Sequence[Row], micro_batches: Sequence[np.ndarray], pad_id: int,
-                   compare_logprobs: bool = False) -> TrainStats:
+    def train_step(self, rows: Sequence[Row], micro_batches: Sequence[np.ndarray], pad_id: int, step_tokens: int,
+                   world_size: int, compare_logprobs: bool = False) -> TrainStats:
         """One optimizer step: grad_accum micro-batches, DeepSpeed steps the optimizer after the last.
 
+        The step's loss is the mean cross-entropy over all its label tokens, on every rank and in every
+        micro-batch (`step_tokens`, summed over ranks), so a token weighs the same whether its row is long
+        or short, or its micro-batch full or not (a per-micro-batch mean weighs the tokens of a short
+        micro-batch more: the accumulation bug HF fixed in 2024). DeepSpeed divides each micro-batch's loss
+        by grad_accum and averages the gradients over ranks; the scale undoes both. An empty micro-batch
+        runs a one-token row with no label: its forward and backward still take part in every ZeRO-3
+        gather, and add nothing.
+
         With compare_logprobs (the epoch's first step, before any update), the forwards also give the
-        stale-weight check its numbers: the model's log p of each label token of rows that carry the
-        sampler's (no extra forward pass)."""
+        stale-weight check its numbers (no extra forward pass)."""
         import torch
 
         self.engine.train()
         stats = TrainStats()
+        scale = self.grad_accum * world_size / max(step_tokens, 1)
         for idx in micro_batches:
-            batch_rows = [rows[i] for i in idx]
+            batch_rows = [rows[i] for i in idx] or [Row(np.array([pad_id]), np.array([IGNORE_INDEX]))]
             batch = {key: torch.from_numpy(v).to(self.device) for key, v in collate(batch_rows, pad_id).items()}
-            out = self.engine(**batch, use_cache=False)
+            keep = label_positions(batch["labels"])
+            out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              logits_to_keep=keep, use_cache=False)
+            logp, counts = label_logprobs(out.logits, batch["labels"], keep)
             if compare_logprobs and any(r.ref_logprobs is not None for r in batch_rows):
-                stats.add_logprob_diffs(label_logprob_diffs(out.logits, batch["labels"], batch_rows))
-            self.engine.backward(out.loss)
+                stats.add_logprob_diffs(logprob_diffs(logp.detach().cpu().numpy(), counts.cpu().tolist(), batch_rows))
+            ce = -logp.sum()
+            self.engine.backward(ce * scale)
             self.engine.step()
-            stats.losses.append(float(out.loss.detach()))
+            stats.ce_sum += float(ce.detach())
+            stats.tokens += int(logp.numel())
+        stats.losses.append(stats.ce_sum / max(stats.tokens, 1))
         return stats
 
     def lr(self) -> float:

@@ -28,7 +28,7 @@ from rft_ds import progress
 from rft_ds.config import ConfigError, RFTRunConfig, read_model_config, text_config
 from rft_ds.data import (PromptRecord, load_source, normalize, resolve_callable, shard, tokenize,
                          use_chat_template)
-from rft_ds.experience import Row, num_steps, plan_micro_batches, rows_for_rank
+from rft_ds.experience import Row, label_tokens, num_steps, plan_micro_batches, rows_for_rank
 from rft_ds.faults import maybe_die
 from rft_ds.learner import TrainStats
 from rft_ds.metrics import MetricsLog, format_epoch, open_sinks, plain
@@ -522,6 +522,8 @@ def train(s: Setup, st: RunState, step: Any) -> bool:
     surplus), and train on this rank's rows, one optimizer step at a time (a safe point after each). Every
     rank runs the same number of steps. Changes st.cursor, st.optimizer_steps, st.local["stats"] (losses,
     stale-check sums), st.record; then the stage is sync."""
+    import torch
+
     t, sel, learner = s.cfg.train, s.cfg.selection, s.learner
     t0 = time.perf_counter()
     table = st.table  # the pools: one row per completion, the same on every rank
@@ -543,6 +545,8 @@ def train(s: Setup, st: RunState, step: Any) -> bool:
     _add_time(st.record, "time_select", time.perf_counter() - t0)
     if s.weight_sync:
         s.sampler.sleep()  # GPU sleep mode: give the engine's memory to training (no-op otherwise)
+    # what each optimizer step's loss is averaged over: its label tokens on every rank (one all_reduce)
+    step_tokens = D.all_reduce(torch.from_numpy(label_tokens(rows, micro, learner.grad_accum)), "sum").tolist()
     stats = st.local.setdefault("stats", TrainStats())
     pbar = progress.bar(total=len(micro), desc=f"epoch {st.epoch + 1}: train", show=s.show, unit="micro-batch")
     pbar.update(st.cursor)
@@ -550,7 +554,9 @@ def train(s: Setup, st: RunState, step: Any) -> bool:
         maybe_die("train", st.epoch)
         t1 = time.perf_counter()
         upto = min(st.cursor + learner.grad_accum, len(micro))
-        one = learner.train_step(rows, micro[st.cursor:upto], s.tokenizer.pad_token_id, compare_logprobs=st.cursor == 0)
+        one = learner.train_step(rows, micro[st.cursor:upto], s.tokenizer.pad_token_id,
+                                 step_tokens[st.cursor // learner.grad_accum], D.world_size(),
+                                 compare_logprobs=st.cursor == 0)
         stats.add(one)
         pbar.set_postfix(loss=f"{one.losses[-1]:.4f}", refresh=False)  # shown by the update's refresh
         pbar.update(upto - st.cursor)
@@ -568,10 +574,9 @@ def train(s: Setup, st: RunState, step: Any) -> bool:
 
 def _finish_train_record(s: Setup, st: RunState, step: Any, n_micro: int) -> None:
     """Every rank ran the same steps on the same selection (checked, not assumed); the loss is the mean over
-    all ranks' micro-batches; the stale-weight check's verdict (grow steps with an engine)."""
+    every label token the epoch trained on; the stale-weight check's verdict (grow steps with an engine)."""
     stats = st.local["stats"]
-    per_rank = D.all_gather_object((st.record["selection_digest"], n_micro, float(np.sum(stats.losses)),
-                                    len(stats.losses)))
+    per_rank = D.all_gather_object((st.record["selection_digest"], n_micro, stats.ce_sum, stats.tokens))
     if len({d for d, *_ in per_rank}) != 1 or len({n for _, n, *_ in per_rank}) != 1:
         raise D.RankError(f"epoch {st.epoch}: ranks disagree on the selection or step count: {per_rank}")
     n_loss = sum(c for *_, c in per_rank)

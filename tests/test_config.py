@@ -155,7 +155,7 @@ def test_ds_requires_zero3_and_no_unfillable_auto():
 
 def test_shipped_ds_configs_fill():
     cfg = load()
-    for path in ("ds_configs/zero3_cpu.json", "ds_configs/zero3_gpu.json"):
+    for path in ("ds_configs/zero3_cpu.json", "ds_configs/zero3_cpu_bf16.json", "ds_configs/zero3_gpu.json"):
         out = fill_ds_config(load_ds_config(path), cfg.train, 2)
         assert out["zero_optimization"]["stage"] == 3
 

@@ -149,3 +149,16 @@ def _assigned_from_cpu(path: Path, call: ast.Call) -> bool:
             if ast.unparse(node.value).endswith(".cpu()"):
                 return True
     return False
+
+
+@pytest.mark.parametrize("env,cpus,expected", [
+    ({}, 8, 8),  # plain python: one rank
+    ({"LOCAL_WORLD_SIZE": "2"}, 2, 1),  # torchrun, 2 ranks on 2 cores
+    ({"LOCAL_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, 16, 8),  # deepspeed launcher
+    ({"LOCAL_SIZE": "8"}, 4, 1),  # more ranks than cores: one each, never zero
+    ({"OMP_NUM_THREADS": "3", "LOCAL_SIZE": "2"}, 16, 3),  # the user's choice wins
+    ({"OMP_NUM_THREADS": "", "LOCAL_SIZE": "2"}, 16, 8),
+    ({"SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_NODEID": "1"}, 16, 4),  # srun: tasks on this node
+])
+def test_threads_per_rank_share_the_node(env, cpus, expected):
+    assert D.threads_per_rank(env, cpus) == expected

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from rft_ds.experience import IGNORE_INDEX, balance_plan, build_row, collate, fits, num_steps, plan_micro_batches
+from rft_ds.experience import (IGNORE_INDEX, balance_plan, build_row, collate, fits, label_tokens, num_steps,
+                               plan_micro_batches)
 
 
 def test_labels_masked_on_prompt_and_eos_appended_only_when_finished_by_eos():
@@ -44,16 +45,13 @@ def check_plan(owner, world):
     plan = balance_plan(np.asarray(owner), world)
     n = len(owner)
     sizes = [len(p) for p in plan]
-    if n >= world:
-        assert sorted(np.concatenate(plan).tolist()) == list(range(n))  # each row exactly once
-        assert max(sizes) - min(sizes) <= 1
-    elif n:
-        assert min(sizes) == max(sizes) == 1  # a copy for the ranks without a share
+    assert sorted(np.concatenate(plan).tolist()) == list(range(n))  # each row exactly once
+    assert max(sizes) - min(sizes) <= 1
     counts = np.bincount(owner, minlength=world) if n else np.zeros(world, int)
     moved = sum(int((np.asarray(owner)[p] != r).sum()) for r, p in enumerate(plan))
     shares = sorted(sizes, reverse=True)
     # the fewest moves for balanced shares: what no assignment can avoid
-    least = sum(max(0, c - s) for c, s in zip(sorted(counts, reverse=True), shares)) if n >= world else moved
+    least = sum(max(0, c - s) for c, s in zip(sorted(counts, reverse=True), shares))
     assert moved == least, (owner, plan)
     return plan
 
@@ -63,7 +61,7 @@ def test_balance_plan_moves_only_the_surplus():
     assert [p.tolist() for p in check_plan([1, 1, 1], 2)] == [[2], [0, 1]]  # rank 1 holds more: its the +1
     assert [p.tolist() for p in check_plan([0, 1, 0, 1], 2)] == [[0, 2], [1, 3]]  # balanced: nothing moves
     assert [p.tolist() for p in check_plan([], 3)] == [[], [], []]
-    assert [p.tolist() for p in check_plan([2], 3)] == [[0], [0], [0]]  # fewer rows than ranks: copies
+    assert [p.tolist() for p in check_plan([2], 3)] == [[], [], [0]]  # fewer rows than ranks: some get none
     rng = np.random.default_rng(0)
     for _ in range(200):
         world = int(rng.integers(1, 9))
@@ -78,26 +76,37 @@ def test_balance_plan_is_pure():
     assert all((x == y).all() for x, y in zip(a, b))
 
 
-def test_equal_steps_per_rank_including_rank_without_rows():
+def test_equal_steps_per_rank_and_no_row_twice():
     for n_rows in (0, 1, 3, 7, 16, 17, 100):
         for world in (1, 2, 3, 8):
             steps = num_steps(n_rows, world, 4, 2)
             plan = balance_plan(np.zeros(n_rows, np.int64), world)
             plans = [plan_micro_batches(len(plan[r]), steps, 1, 0, r, 4, 2) for r in range(world)]
-            assert len({len(p) for p in plans}) == 1
+            assert len({len(p) for p in plans}) == 1  # the same number of micro-batches on every rank
             assert len(plans[0]) == steps * 2
-            assert all(len(mb) == 4 for p in plans for mb in p)
+            assert all(len(mb) <= 4 for p in plans for mb in p)
             for r, p in enumerate(plans):
                 if p:
-                    assert set(np.concatenate(p).tolist()) == set(range(len(plan[r])))  # each row at least once
+                    used = np.concatenate(p).tolist()
+                    assert sorted(used) == list(range(len(plan[r])))  # every row exactly once
+                    sizes = [len(mb) for mb in p]
+                    assert max(sizes) - min(sizes) <= 1  # spread evenly: no full micro-batch next to an empty one
 
 
 def test_shuffle_deterministic_per_seed_epoch_and_rank():
-    a = plan_micro_batches(50, 7, 7, 3, 0, 4, 1)
-    b = plan_micro_batches(50, 7, 7, 3, 0, 4, 1)
-    c = plan_micro_batches(50, 7, 7, 4, 0, 4, 1)
-    d = plan_micro_batches(50, 7, 7, 3, 1, 4, 1)
+    a = plan_micro_batches(50, 13, 7, 3, 0, 4, 1)
+    b = plan_micro_batches(50, 13, 7, 3, 0, 4, 1)
+    c = plan_micro_batches(50, 13, 7, 4, 0, 4, 1)
+    d = plan_micro_batches(50, 13, 7, 3, 1, 4, 1)
     assert all((x == y).all() for x, y in zip(a, b))
     assert any((x != y).any() for x, y in zip(a, c)) and any((x != y).any() for x, y in zip(a, d))
-    with pytest.raises(ValueError, match="has no rows"):
-        plan_micro_batches(0, 1, 7, 3, 0, 4, 1)
+    assert [len(mb) for mb in plan_micro_batches(0, 2, 7, 3, 0, 4, 1)] == [0, 0]  # a rank with no rows still steps
+    with pytest.raises(ValueError, match="do not fit"):
+        plan_micro_batches(9, 2, 7, 3, 0, 4, 1)
+
+
+def test_label_tokens_per_step():
+    rows = [build_row([1, 1], [5, 6, 7], True, 9, 64), build_row([1], [5], False, 9, 64),
+            build_row([1, 1, 1], [5, 6], False, 9, 64)]  # 4, 1 and 2 label tokens
+    assert label_tokens(rows, [np.array([0, 1]), np.array([2]), np.array([], dtype=np.int64), np.array([1])], 2).tolist() \
+        == [7, 1]

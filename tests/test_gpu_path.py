@@ -100,21 +100,29 @@ def test_parity_check_inputs_follow_the_module(tiny_model, tokenizer):
     assert all(isinstance(a, np.ndarray) and np.allclose(a, b, atol=1e-6) for a, b in zip(on_gpu, cpu))
 
 
-def test_label_logprob_diffs_on_cuda():
-    """The stale-weight check reads the learner's logits on the GPU: everything it hands numpy is on the CPU."""
+def test_label_logprobs_on_cuda():
+    """The loss and the stale-weight check read the learner's logits on the GPU, at the label positions only:
+    the positions stay on the device, and everything handed to numpy is on the CPU first."""
     from rft_ds.experience import IGNORE_INDEX, Row
-    from rft_ds.learner import label_logprob_diffs
+    from rft_ds.learner import label_logprobs, label_positions, logprob_diffs
 
     torch.manual_seed(0)
-    logits = torch.randn(2, 5, 11)
+    full = torch.randn(2, 5, 11)
     labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4, 5], [IGNORE_INDEX, 7, 8, IGNORE_INDEX, IGNORE_INDEX]])
-    logp = torch.log_softmax(logits, -1)
-    exact = np.array([logp[0, 1, 3], logp[0, 2, 4], logp[0, 3, 5]], dtype=np.float64)
+    logp_full = torch.log_softmax(full, -1)
+    exact = np.array([logp_full[0, 1, 3], logp_full[0, 2, 4], logp_full[0, 3, 5]], dtype=np.float64)
     rows = [Row(np.zeros(5, np.int64), np.zeros(5, np.int64), exact + [0.0, 0.5, 0.0]), Row(np.zeros(3), np.zeros(3))]
-    expected = label_logprob_diffs(logits, labels, rows)
-    assert np.allclose(expected, [0.0, 0.5, 0.0], atol=1e-6)
+
+    def diffs(logits, labels):
+        keep = label_positions(labels)
+        logp, counts = label_logprobs(logits[:, keep], labels, keep)  # what logits_to_keep=keep returns
+        return keep, logprob_diffs(logp.detach().cpu().numpy(), counts.cpu().tolist(), rows)
+
+    keep, expected = diffs(full, labels)
+    assert keep.tolist() == [0, 1, 2, 3] and np.allclose(expected, [0.0, 0.5, 0.0], atol=1e-6)
     with fake_cuda():
-        got = label_logprob_diffs(logits.to("cuda"), labels.to("cuda"), rows)
+        keep, got = diffs(full.to("cuda"), labels.to("cuda"))
+        assert is_fake_cuda(keep)
     assert np.allclose(got, expected)
 
 

@@ -69,8 +69,8 @@ def test_merge_for_another_world_size():
 
 @pytest.mark.parametrize("case", ["skewed", "few", "even"])
 def test_rows_exchange_between_two_ranks(case, tmp_path):
-    """Real gloo ranks: the selected rows end up balanced across ranks, each row once (a copy only when
-    there are fewer rows than ranks), tokens and all, and both ranks run the same number of micro-batches."""
+    """Real gloo ranks: the selected rows end up balanced across ranks, each row once, tokens and all, and
+    both ranks run the same number of micro-batches."""
     import json
     import subprocess
     import sys
@@ -88,9 +88,9 @@ def test_rows_exchange_between_two_ranks(case, tmp_path):
     sizes = [len(a["rows"]), len(b["rows"])]
     got = sorted(map(json.dumps, a["rows"] + b["rows"]))
     if case == "few":
-        assert sizes == [1, 1] and got[0] == got[1] and a["moved"] == 1  # rank 1 trains a copy
+        assert sizes == [1, 0] and a["moved"] == 0  # rank 1 runs its step on an empty micro-batch
     else:
         assert max(sizes) - min(sizes) <= 1 and sum(sizes) == a["n_rows"]
         if case == "skewed":
             assert a["moved"] == a["n_rows"] // 2  # only the surplus moved
-        assert got == sorted(map(json.dumps, a["ref"]))  # the rows of the selected completions, tokens and all
+    assert got == sorted(map(json.dumps, a["ref"]))  # the rows of the selected completions, tokens and all

@@ -1,0 +1,182 @@
+"""Training throughput on the SmolLM2 demo's rows, old settings and new, side by side in one run.
+
+    python benchmarks/bench_train.py [--steps 8] [--nproc 2]
+
+Each rank (deepspeed launcher, gloo, ZeRO-3) first measures the machine's matmul peak with the threads it
+trains with (2048^2 torch matmuls, fp32 and bf16, all ranks at once as in training), then trains the same
+rows (the demo's: its chat-template prompts of 2-digit additions, each answered by the number and EOS;
+micro-batch 16, as in launch/configs/smollm2.yaml) for --steps optimizer steps under each setting:
+
+  old        fp32, the LM head and loss over every position (HF's loss), torch's default threads per rank
+  new-fp32   fp32, logits only at label positions, threads shared between the node's ranks
+  new-bf16   the same in bf16 compute with fp32 master weights (DeepSpeed's bf16 config)
+
+It prints, per setting: label tokens and all tokens trained per second (over ranks), model FLOPs
+utilisation against the measured peak of that dtype (6 x body params x tokens + 6 x head params x the
+positions the head ran on), the step time split into forward, backward and optimizer (ZeRO-3's gathers
+are inside forward and backward), and each rank's RSS after it. Needs the demo model
+(python -m rft_ds.smollm2 .cache/smollm2-135m-instruct, or make demo once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import sys
+import time
+
+import common
+
+MODEL = common.ROOT / ".cache" / "smollm2-135m-instruct"
+
+
+def matmul_peak(dtype, seconds: float = 3.0) -> float:
+    """GFLOP/s of 2048^2 matmuls in this process's threads."""
+    import torch
+
+    a = torch.randn(2048, 2048, dtype=dtype)
+    b = torch.randn(2048, 2048, dtype=dtype)
+    torch.mm(a, b)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        torch.mm(a, b)
+        n += 1
+    return 2 * 2048**3 * n / (time.perf_counter() - t0) / 1e9
+
+
+def demo_rows(tokenizer, n: int):
+    """The demo's training rows: its prompts (chat template) with their correct answers."""
+    from rft_ds.arith import train_prompts
+    from rft_ds.data import tokenize
+    from rft_ds.experience import build_row
+
+    items = train_prompts(n)
+    recs = tokenize([x["prompt"] for x in items], [{} for _ in items], tokenizer, 256, "prompts", True, None)
+    return [build_row(r.token_ids, tokenizer(str(x["answer"]), add_special_tokens=False)["input_ids"], True,
+                      tokenizer.eos_token_id, 512) for r, x in zip(recs, items)]
+
+
+def run_setting(name: str, rows, steps: int, world: int, threads: int) -> dict:
+    import numpy as np
+    import torch
+
+    from rft_ds import distributed as D
+    from rft_ds.experience import collate, label_tokens
+    from rft_ds.learner import Learner, label_logprobs, label_positions
+
+    torch.set_num_threads(threads)
+    ds = common.ds_config(world, micro=16)
+    ds["bf16"] = {"enabled": name == "new-bf16"}
+    learner = Learner(str(MODEL), ds)
+    engine = learner.engine
+    engine.train()
+    mine = rows[D.rank()::world]
+    micro = [np.arange(i * 16, (i + 1) * 16) % len(mine) for i in range(steps)]
+    total = D.all_reduce(torch.from_numpy(label_tokens(mine, micro, 1)), "sum").tolist()
+    fwd = bwd = opt = 0.0
+    n_tok = n_lab = n_head = 0
+    for k, idx in enumerate(micro):
+        batch = {key: torch.from_numpy(v) for key, v in collate([mine[i] for i in idx], 0).items()}
+        t0 = time.perf_counter()
+        if name == "old":
+            out = engine(**batch, use_cache=False)
+            loss = out.loss
+            n_head += int(batch["input_ids"].numel())
+        else:
+            keep = label_positions(batch["labels"])
+            out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
+                         use_cache=False)
+            logp, _ = label_logprobs(out.logits, batch["labels"], keep)
+            loss = -logp.sum() * world / max(total[k], 1)
+            n_head += len(keep) * len(idx)
+        t1 = time.perf_counter()
+        engine.backward(loss)
+        t2 = time.perf_counter()
+        engine.step()
+        t3 = time.perf_counter()
+        if k:  # the first step warms up (allocations, DeepSpeed's first gathers)
+            fwd, bwd, opt = fwd + t1 - t0, bwd + t2 - t1, opt + t3 - t2
+            n_tok += int(batch["attention_mask"].sum())
+            n_lab += int((batch["labels"][:, 1:] != -100).sum())
+    params = {n: int(getattr(p, "ds_numel", p.numel())) for n, p in learner.module.named_parameters()}
+    head = learner.module.config.vocab_size * learner.module.config.hidden_size
+    body = sum(params.values()) - head  # tied embeddings: the head's weights are the embedding's
+    out = dict(setting=name, threads=threads, seconds=fwd + bwd + opt, forward=fwd, backward=bwd, optimizer=opt,
+               tokens=n_tok, label_tokens=n_lab, flops=6 * body * n_tok + 6 * head * n_head,
+               rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    del learner, engine
+    gc.collect()
+    return out
+
+
+def rank_main(args) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from rft_ds import distributed as D
+
+    D.init("gloo", 1800)
+    world = D.world_size()
+    shared = D.threads_per_rank(os.environ, len(os.sched_getaffinity(0)))
+    default = len(os.sched_getaffinity(0))  # what torch took per rank before threads were shared
+    torch.set_num_threads(shared)
+    D.barrier()
+    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    rows = demo_rows(AutoTokenizer.from_pretrained(MODEL), 16 * args.steps * world)
+    results = []
+    for name, threads in (("old", default), ("new-fp32", shared), ("new-bf16", shared)):
+        D.barrier()
+        results.append(run_setting(name, rows, args.steps, world, threads))
+    per_rank = D.all_gather_object({"peak": peak, "results": results})
+    if D.is_main():
+        print("RESULT " + json.dumps(per_rank), flush=True)
+
+
+def report(per_rank: list[dict], args) -> None:
+    world = len(per_rank)
+    peak = {k: sum(r["peak"][k] for r in per_rank) for k in ("fp32", "bf16")}  # GFLOP/s, all ranks at once
+    print(f"\n{world} ranks; matmul peak (2048^2, the ranks' threads, all ranks at once): fp32 {peak['fp32']:.0f}, "
+          f"bf16 {peak['bf16']:.0f} GFLOP/s in all\n")
+    print(f"{'setting':>9} {'thr':>3} {'label tok/s':>11} {'tok/s':>7} {'MFU':>6} {'step s':>7} {'fwd':>6} {'bwd':>6} "
+          f"{'opt':>6} {'RSS GB (per rank)':>18}")
+    base = None
+    for i, name in enumerate(r["setting"] for r in per_rank[0]["results"]):
+        rs = [p["results"][i] for p in per_rank]
+        wall = max(r["seconds"] for r in rs)
+        lab, tok, flops = (sum(r[k] for r in rs) for k in ("label_tokens", "tokens", "flops"))
+        mfu = flops / wall / 1e9 / peak["bf16" if name.endswith("bf16") else "fp32"]
+        steps = args.steps - 1
+        base = base or lab / wall
+        rss = " / ".join(f"{r['rss_gb']:.2f}" for r in rs)
+        print(f"{name:>9} {rs[0]['threads']:>3} {lab / wall:>11.1f} {tok / wall:>7.0f} {mfu:>6.2f} {wall / steps:>7.2f} "
+              f"{max(r['forward'] for r in rs) / steps:>6.2f} {max(r['backward'] for r in rs) / steps:>6.2f} "
+              f"{max(r['optimizer'] for r in rs) / steps:>6.2f} {rss:>18}   ({lab / wall / base:.2f}x old)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--nproc", type=int, default=2)
+    args = ap.parse_args([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
+    if "RANK" in os.environ:
+        return rank_main(args)
+    import subprocess
+
+    from rft_ds.distributed import free_port
+
+    if not (MODEL / "config.json").exists():
+        sys.exit(f"{MODEL} missing: python -m rft_ds.smollm2 {MODEL}")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(args.nproc), "--master_port",
+           str(free_port()), __file__, *sys.argv[1:]]
+    p = subprocess.run(cmd, cwd=common.ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if p.returncode != 0 or line is None:
+        sys.exit(f"benchmark ranks failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    report(json.loads(line[len("RESULT "):]), args)
+
+
+if __name__ == "__main__":
+    main()

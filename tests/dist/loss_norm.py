@@ -1,0 +1,56 @@
+"""2 ranks, ZeRO-3 (deepspeed launcher): one optimizer step of Learner.train_step with SGD (lr 1) over rows
+split unevenly (rank 0: 3 rows in 2 micro-batches; rank 1: 2 rows and an empty micro-batch), in fp32 and in
+bf16. Rank 0 writes the updated weights to OUT/fp32.pt and OUT/bf16.pt; the test compares them with one plain-torch step on the mean loss over
+every label token of all 5 rows."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rft_ds import distributed as D
+from rft_ds.experience import build_row
+from rft_ds.learner import Learner
+
+ROWS = [([1, 2, 3], [4, 5, 6, 7], True), ([1], [8], False), ([2, 2], [9, 10, 11, 12, 13, 14], False),
+        ([3, 1, 2, 4], [5], True), ([5], [6, 7], False)]
+
+
+def rows():
+    return [build_row(p, c, e, eos_id=2, max_len=64) for p, c, e in ROWS]
+
+
+def main(model: str, out: str) -> None:
+    D.init("gloo", 120)
+    for dtype in ("fp32", "bf16"):
+        step(model, out, dtype)
+    D.barrier()
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+def step(model: str, out: str, dtype: str) -> None:
+    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "train_batch_size": 8,
+          "optimizer": {"type": "SGD", "params": {"lr": 1.0}}, "zero_optimization": {"stage": 3},
+          "gradient_clipping": 0.0, "bf16": {"enabled": dtype == "bf16"}, "zero_allow_untested_optimizer": True}
+    learner = Learner(model, ds)
+    all_rows = rows()
+    mine = [all_rows[i] for i in ([0, 1, 2] if D.rank() == 0 else [3, 4])]
+    micro = [np.array([0, 1]), np.array([2])] if D.rank() == 0 else [np.array([0, 1]), np.array([], np.int64)]
+    total = sum(int((r.labels[1:] != -100).sum()) for r in all_rows)
+    stats = learner.train_step(mine, micro, pad_id=0, step_tokens=total, world_size=2)
+    state = {}
+    for name, p in learner.module.named_parameters():
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p]):
+            state[name] = p.detach().float().clone()
+    if D.rank() == 0:
+        torch.save({"weights": state, "ce_sum": stats.ce_sum, "tokens": stats.tokens}, Path(out) / f"{dtype}.pt")
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    main(*args)

@@ -1,0 +1,77 @@
+"""The training loss: logits only where a label is, the mean over every label token of an optimizer step
+across micro-batches and ranks, and empty micro-batches that add nothing."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rft_ds.experience import collate
+from rft_ds.learner import label_logprobs, label_positions
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _batch():
+    sys.path.insert(0, str(ROOT / "tests" / "dist"))
+    from loss_norm import rows
+
+    return rows(), {k: torch.from_numpy(v) for k, v in collate(rows(), pad_id=0).items()}
+
+
+def test_label_positions_leave_out_prompts_and_padding():
+    from rft_ds.experience import build_row
+
+    rows = [build_row([1, 2, 3], [4, 5], False, 9, 64), build_row([1, 2, 3, 4], [5], True, 9, 64)]
+    labels = torch.from_numpy(collate(rows, pad_id=0)["labels"])  # width 6: prompts 3-4 tokens, labels after
+    assert label_positions(labels).tolist() == [2, 3, 4]  # logits at 2 predict the first label (position 3)
+
+
+def test_label_only_logits_give_the_full_loss_and_gradients(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    _, b = _batch()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    full = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+    n = int((b["labels"][:, 1:] != -100).sum())
+    (full.loss * n).backward()  # HF: the mean over label tokens; times n: the sum
+    want = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    keep = label_positions(b["labels"])
+    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], logits_to_keep=keep)
+    assert out.logits.shape[1] == len(keep)
+    logp, counts = label_logprobs(out.logits, b["labels"], keep)
+    assert counts.tolist() == [5, 1, 6, 2, 2] and logp.numel() == n  # EOS is a label where a row ended by EOS
+    (-logp.sum()).backward()
+    assert float(-logp.sum()) == pytest.approx(float(full.loss) * n, rel=1e-5)
+    for k, p in model.named_parameters():
+        assert torch.allclose(p.grad, want[k], atol=1e-6, rtol=1e-4), k
+
+
+@pytest.mark.slow
+def test_step_is_the_mean_over_every_label_token_of_all_ranks(tiny_model, tmp_path):
+    """2 ranks, uneven rows, an empty micro-batch: one SGD step equals one step on the mean over all label
+    tokens of the 5 rows in one batch (fp32: to float rounding; bf16: to bf16's)."""
+    from transformers import AutoModelForCausalLM
+
+    from rft_ds.distributed import free_port
+
+    p = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
+                        str(free_port()), "tests/dist/loss_norm.py", str(tiny_model), str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows, b = _batch()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+    out.loss.backward()  # one batch: HF's mean over its label tokens is the reference
+    for dtype, tol in (("fp32", 1e-5), ("bf16", 1e-2)):  # measured 7e-8 and 4e-3; the old normalisation: 0.11
+        got = torch.load(tmp_path / f"{dtype}.pt")
+        worst = max(float((got["weights"][k] - (prm.detach() - 1.0 * prm.grad)).abs().max())
+                    for k, prm in model.named_parameters())
+        assert worst < tol, (dtype, worst)
+        # rank 0's own share of the loss: its rows' tokens (5 + 1 + 6) and their cross-entropy
+        assert got["tokens"] == 12 and np.isfinite(got["ce_sum"])
