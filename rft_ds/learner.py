@@ -93,6 +93,7 @@ class TrainStats:
 
     ce_sum: float = 0.0
     tokens: int = 0
+    input_tokens: int = 0  # every token of the rows trained on (prompts included), for throughput
     losses: list[float] = field(default_factory=list)
     logprob_abs_sum: float = 0.0
     logprob_abs_max: float = 0.0
@@ -101,6 +102,7 @@ class TrainStats:
     def add(self, other: "TrainStats") -> None:
         self.ce_sum += other.ce_sum
         self.tokens += other.tokens
+        self.input_tokens += other.input_tokens
         self.losses += other.losses
         self.logprob_abs_sum += other.logprob_abs_sum
         self.logprob_abs_max = max(self.logprob_abs_max, other.logprob_abs_max)
@@ -205,6 +207,7 @@ class Learner:
             self.engine.step()
             stats.ce_sum += float(ce.detach())
             stats.tokens += int(logp.numel())
+            stats.input_tokens += sum(len(rows[i].input_ids) for i in idx)
         stats.losses.append(stats.ce_sum / max(stats.tokens, 1))
         return stats
 

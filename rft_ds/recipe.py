@@ -510,7 +510,7 @@ def score(s: Setup, st: RunState, grow: bool) -> None:
         new = gather_new_rows(mine, grow_step)
         st.table = update_pool(st.table, new, grow_step, parse_pool_policy(m.pool), s.cfg.selection.dedup)
         st.pool.keep_only(st.table)
-        rec["n_sampled"] = len(new)
+        rec["n_sampled"], rec["sampled_tokens"] = len(new), int(new["length"].sum())
         if len(new):
             rec.update(sampled_reward_mean=float(new["score"].mean()), sampled_reward_max=float(new["score"].max()))
         rec["time_score"] = time.perf_counter() - t0
@@ -576,11 +576,13 @@ def _finish_train_record(s: Setup, st: RunState, step: Any, n_micro: int) -> Non
     """Every rank ran the same steps on the same selection (checked, not assumed); the loss is the mean over
     every label token the epoch trained on; the stale-weight check's verdict (grow steps with an engine)."""
     stats = st.local["stats"]
-    per_rank = D.all_gather_object((st.record["selection_digest"], n_micro, stats.ce_sum, stats.tokens))
+    per_rank = D.all_gather_object((st.record["selection_digest"], n_micro, stats.ce_sum, stats.tokens,
+                                    stats.input_tokens))
     if len({d for d, *_ in per_rank}) != 1 or len({n for _, n, *_ in per_rank}) != 1:
         raise D.RankError(f"epoch {st.epoch}: ranks disagree on the selection or step count: {per_rank}")
-    n_loss = sum(c for *_, c in per_rank)
-    st.record.update(train_loss=sum(x for _, _, x, _ in per_rank) / n_loss if n_loss else None,
+    n_loss = sum(c for _, _, _, c, _ in per_rank)
+    st.record.update(train_loss=sum(x for _, _, x, _, _ in per_rank) / n_loss if n_loss else None,
+                     trained_tokens=sum(t for *_, t in per_rank),
                      train_steps_per_rank=[n // s.learner.grad_accum for _, n, *_ in per_rank],
                      lr=s.learner.lr(), selection_digest_per_rank=[d for d, *_ in per_rank])
     if s.weight_sync and step.grow:  # did the engine sample from the weights the learner trained from?
@@ -639,6 +641,9 @@ def end_epoch(s: Setup, st: RunState, log: MetricsLog) -> bool:
     if st.epoch == 0 and st.eval_before:  # the eval before training, metric_fn's numbers included
         rec.update({f"{k}_initial": v for k, v in st.eval_before.items()})
     rec["time_epoch"] = sum(v for k, v in rec.items() if k.startswith("time_") and k != "time_epoch")
+    # the figure peers compare: tokens sampled and trained per second and device, over the epoch's wall time
+    rec["tokens_per_s_per_device"] = (rec.get("sampled_tokens", 0) + rec.get("trained_tokens", 0)) / \
+        max(rec["time_epoch"], 1e-9) / D.world_size()
     stop = s.signals.requested() and st.epoch < t.epochs - 1
     st.history.append(plain(rec))
     st.epoch, st.stage, st.cursor, st.record, st.local = st.epoch + 1, "sample", 0, {}, {}
