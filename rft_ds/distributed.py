@@ -76,11 +76,13 @@ def _gpus_bound_per_task(env: Mapping[str, str]) -> bool:
 
 def threads_per_rank(env: Mapping[str, str], cpus: int) -> int:
     """CPU threads for this rank's compute (torch's intra-op pool, which the colocated vLLM engine shares):
-    OMP_NUM_THREADS when set (torchrun sets 1), else this process's CPUs over the ranks on this node.
+    OMP_NUM_THREADS when set (torchrun sets 1), else Slurm's CPUs per task, else this process's CPUs over
+    the ranks on this node.
     Left to itself every rank would start one thread per core, and ranks on one host would run twice (8
     ranks: 8 times) as many busy threads as there are cores."""
-    if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
-        return int(env["OMP_NUM_THREADS"])
+    for key in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):  # srun --cpus-per-task binds each task to its own
+        if env.get(key, "").isdigit() and int(env[key]) > 0:
+            return int(env[key])
     local = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE")
     ranks_here = int(local) if local and local.isdigit() else (_tasks_on_this_node(env) or 1)
     return max(1, cpus // max(1, ranks_here))

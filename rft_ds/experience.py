@@ -65,7 +65,8 @@ def balance_plan(owner: np.ndarray, world_size: int) -> list[np.ndarray]:
     counts = np.bincount(owner, minlength=world_size)
     share = np.full(world_size, n // world_size)
     share[np.argsort(-counts, kind="stable")[: n % world_size]] += 1
-    rows_of = [np.flatnonzero(owner == r) for r in range(world_size)]
+    by_owner = np.argsort(owner, kind="stable")  # one pass, not one per rank: rows in order within a rank
+    rows_of = np.split(by_owner, np.cumsum(counts)[:-1])
     surplus = np.concatenate([rows_of[r][share[r]:] for r in range(world_size)])
     at = 0
     for r in range(world_size):

@@ -41,13 +41,19 @@ def exclusive(path: Path, timeout_s: float, what: str) -> Iterator[None]:
 def build_once(path: str | Path, is_built: Callable[[Path], bool], build: Callable[[Path], object],
                what: str, timeout_s: float = 1800) -> Path:
     """`build(path)` unless `is_built(path)`, by one process at a time. `build` must write a temporary
-    `<path>.tmp*` and rename it into place; the leftovers of a builder that died are removed first."""
+    `<path>.tmp*` and rename it into place; the leftovers of a builder that died (an hour ago or more: on a
+    file system whose locks are local to each node another node may be building now) are removed first."""
     path = Path(path)
     if is_built(path):
         return path
     with exclusive(path, timeout_s, what):
         if not is_built(path):
-            for stale in path.parent.glob(path.name + ".tmp*"):  # we hold the lock: nobody is writing these
-                shutil.rmtree(stale, ignore_errors=True)
-            build(path)
+            for stale in path.parent.glob(path.name + ".tmp*"):  # a dead builder's, an hour old at least
+                if time.time() - stale.stat().st_mtime > 3600:
+                    shutil.rmtree(stale, ignore_errors=True)
+            try:
+                build(path)
+            except OSError:
+                if not is_built(path):  # flock local to each node (NFS local_lock=flock): another node won
+                    raise
     return path

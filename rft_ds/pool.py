@@ -38,11 +38,15 @@ class LocalPool:
         return rows
 
     def keep_only(self, pool: np.ndarray) -> None:
-        """Prune to the rows the global pool still holds with this rank as owner."""
-        keep = np.isin(self.rows["slot"], pool["slot"][pool["owner"] == self.rank])
+        """Prune to the rows the global pool still holds with this rank as owner, and take their columns
+        from it (dedup gives a kept row the newest step of its copies): the shard is what a resume rebuilds
+        the pool from."""
+        mine = np.sort(pool[pool["owner"] == self.rank], order="slot")
+        keep = np.isin(self.rows["slot"], mine["slot"])
         if not keep.all():
             self.rows = self.rows[keep]
             self.tokens = [t for t, k in zip(self.tokens, keep) if k]
+        self.rows = mine.copy()  # the same slots, in slot order: only step can differ
 
     def tokens_of(self, slots: np.ndarray) -> list[np.ndarray]:
         idx = np.searchsorted(self.rows["slot"], slots)

@@ -127,8 +127,8 @@ def parse_pool_policy(policy: str) -> int | None:
 
 def update_pool(pool: np.ndarray, new: np.ndarray, step: int, keep_steps: int | None, dedup: bool) -> np.ndarray:
     """The pool after grow step `step` added `new`: rows older than the last `keep_steps` grow steps pruned
-    first (None: none), then canonical. So with a window a completion sampled again counts with its new
-    score, and with accumulate the best score of all its copies counts (as before there were policies)."""
+    first (None: none), then canonical. A completion sampled more than once counts with the best score of
+    its copies in the pool, and stays in a window while its newest copy does."""
     if keep_steps is not None:
         pool = pool[pool["step"] > step - keep_steps]
     return canonical(np.concatenate([pool, new]), dedup)

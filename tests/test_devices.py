@@ -159,6 +159,7 @@ def _assigned_from_cpu(path: Path, call: ast.Call) -> bool:
     ({"OMP_NUM_THREADS": "3", "LOCAL_SIZE": "2"}, 16, 3),  # the user's choice wins
     ({"OMP_NUM_THREADS": "", "LOCAL_SIZE": "2"}, 16, 8),
     ({"SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_NODEID": "1"}, 16, 4),  # srun: tasks on this node
+    ({"SLURM_CPUS_PER_TASK": "12", "SLURM_TASKS_PER_NODE": "8"}, 12, 12),  # srun binds each task to its CPUs
 ])
 def test_threads_per_rank_share_the_node(env, cpus, expected):
     assert D.threads_per_rank(env, cpus) == expected

@@ -26,7 +26,8 @@ def _ask(path: str) -> None:
 
 def test_many_processes_build_once(tmp_path):
     target = tmp_path / "model"
-    (tmp_path / "model.tmp999").mkdir()  # what a builder killed mid-way left behind
+    (tmp_path / "model.tmp999").mkdir()  # what a builder killed mid-way left behind, two hours ago
+    os.utime(tmp_path / "model.tmp999", (time.time() - 7200, time.time() - 7200))
     procs = [mp.get_context("spawn").Process(target=_ask, args=(str(target),)) for _ in range(4)]
     for p in procs:
         p.start()

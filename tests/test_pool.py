@@ -46,6 +46,18 @@ def test_latest_policy_prunes_the_shard():
     assert len(pool) == 1 and pool.tokens[0].tolist() == [6]
 
 
+def test_shard_carries_the_steps_dedup_gives_the_table():
+    """A completion sampled at grow steps 0 and 1 with the same score: the pool keeps its first copy with the
+    newest step (a window keeps it while any copy is in it); the shard must say so too, or a resume would
+    rebuild an older step and a window would drop the completion early."""
+    pool = LocalPool(0)
+    table = update_pool(canonical(pool.add([3], np.array([0.5]), [True], [[7, 8]], step=0)), pool.rows[:0], 0, 2, True)
+    table = update_pool(table, pool.add([3], np.array([0.5]), [True], [[7, 8]], step=1), 1, 2, True)
+    assert table["slot"].tolist() == [0] and table["step"].tolist() == [1]
+    pool.keep_only(table)
+    assert (canonical(pool.rows, dedup=False) == table).all()
+
+
 def test_checkpoint_form_round_trips_including_empty():
     pool, _ = filled(rank=1)
     back = pickle.loads(pickle.dumps(pool))
