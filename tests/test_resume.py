@@ -122,7 +122,7 @@ def _weights(path: Path) -> dict:
 
 def _metrics(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
+    return [{k: v for k, v in r.items() if not k.startswith("time_") and k != "tokens_per_s_per_device"} for r in rows]
 
 
 def _latest(run: Path) -> str:
