@@ -44,9 +44,8 @@ class LocalPool:
         mine = np.sort(pool[pool["owner"] == self.rank], order="slot")
         keep = np.isin(self.rows["slot"], mine["slot"])
         if not keep.all():
-            self.rows = self.rows[keep]
             self.tokens = [t for t, k in zip(self.tokens, keep) if k]
-        self.rows = mine.copy()  # the same slots, in slot order: only step can differ
+        self.rows = mine.copy()  # the kept slots, in slot order (only step can differ from ours)
 
     def tokens_of(self, slots: np.ndarray) -> list[np.ndarray]:
         idx = np.searchsorted(self.rows["slot"], slots)
