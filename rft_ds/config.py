@@ -92,12 +92,22 @@ class DataConfig:
 
 @dataclass
 class RewardConfig:
-    reward_fn: Optional[str] = None  # "module:function", trlx signature
+    reward_fn: Optional[str] = None  # "module:function", trlx's or TRL's signature (told apart at start-up)
+    # More terms, combined per sample as sum(weight * score) over the terms that scored it (a term returns
+    # None where it does not apply). Each entry: "module:function", or a mapping with one of fn /
+    # reward_model / url, and optionally name, batch_size, executor (inline | thread | process: for slow
+    # sync functions), kwargs (fixed extra arguments), max_length and label (reward model).
+    functions: list = field(default_factory=list)
+    weights: Optional[list] = None  # one per term, in order reward_fn, functions, reward_model, url; None: 1 each
+    url: Optional[str] = None  # a remote reward server: POST JSON {prompts, completions, metadata} -> scores
+    max_concurrency: int = 8  # calls in flight at once for async functions, thread/process executors, url
+    timeout_s: Optional[float] = None  # per call; past it the run stops naming the term and sample (url: 60 s)
+    http_retries: int = 3  # url: retries on connection errors and 5xx, with exponential backoff
     metric_fn: Optional[str] = None
     stop_sequences: list = field(default_factory=list)
-    batch_size: Optional[int] = 256  # samples per reward_fn call on a rank (None: all of them in one call)
-    # An HF sequence-classification model as the reward (instead of reward_fn): each rank scores its own
-    # completions with its own copy, batched, in eval mode.
+    batch_size: Optional[int] = 256  # samples per call of a term on a rank (None: all of them in one call)
+    # An HF sequence-classification model as one more term: each rank scores its own completions with its
+    # own copy, batched, in eval mode.
     reward_model: Optional[str] = None
     reward_model_batch_size: int = 16
     reward_model_max_length: int = 512  # prompt + completion tokens; longer inputs keep their end
@@ -397,7 +407,15 @@ def validate(cfg: RFTRunConfig) -> None:
     _require(r.batch_size is None or r.batch_size >= 1, f"reward.batch_size must be >= 1, got {r.batch_size}")
     _require(r.reward_model_batch_size >= 1, f"reward.reward_model_batch_size must be >= 1, got {r.reward_model_batch_size}")
     _require(r.reward_model_max_length >= 2, f"reward.reward_model_max_length must be >= 2, got {r.reward_model_max_length}")
-    _require(not (r.reward_model and r.reward_fn), "set reward.reward_fn or reward.reward_model, not both")
+    _require(r.max_concurrency >= 1, f"reward.max_concurrency must be >= 1, got {r.max_concurrency}")
+    _require(r.timeout_s is None or r.timeout_s > 0, f"reward.timeout_s must be > 0, got {r.timeout_s}")
+    _require(r.http_retries >= 0, f"reward.http_retries must be >= 0, got {r.http_retries}")
+    for i, spec in enumerate(r.functions):
+        _require(callable(spec) or (isinstance(spec, str) and ":" in spec) or isinstance(spec, dict),
+                 f"reward.functions[{i}] must be 'module:function' or a mapping, got {spec!r}")
+    _require(r.weights is None or (isinstance(r.weights, list) and all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in r.weights)),
+             f"reward.weights must be a list of numbers, got {r.weights!r}")
     _require(cfg.data.max_prompt_length >= 1, f"data.max_prompt_length must be >= 1, got {cfg.data.max_prompt_length}")
 
     t = cfg.train
@@ -426,7 +444,8 @@ def validate(cfg: RFTRunConfig) -> None:
 # selected and what the model trains on. A field here ending in ".*" covers its whole section.
 RESUME_FIELDS = ("model.model_path", "model.tokenizer_path", "data.prompt_field", "data.metadata_fields",
                  "data.apply_chat_template", "data.system_prompt", "data.max_prompt_length", "data.shard", "method.*", "selection.*",
-                 "reward.reward_fn", "reward.reward_model", "reward.reward_model_label", "sampler.backend",
+                 "reward.reward_fn", "reward.functions", "reward.weights", "reward.url", "reward.reward_model",
+                 "reward.reward_model_label", "sampler.backend",
                  "sampler.chunk_prompts", "train.seed", "train.max_seq_length", "train.micro_batch_size",
                  "train.gradient_accumulation_steps")
 

@@ -58,6 +58,10 @@ def _reward(ax: Any, records: list[dict]) -> None:
     _line(ax, records, "sampled_reward_max", "sampled max", linestyle="--", marker="^")
     _line(ax, records, "selected_reward_mean", "kept mean")
     _line(ax, records, "reward_mean", "pool mean", alpha=0.6)
+    terms = sorted({k for r in records for k in r if k.startswith("sampled_reward_") and k.endswith("_mean")}
+                   - {"sampled_reward_mean"})
+    for k in terms:  # each reward term's own mean (runs with several terms), unweighted
+        _line(ax, records, k, f"term {k[len('sampled_reward_'):-len('_mean')]}", linestyle=":", alpha=0.8)
     ax.set_title("reward of completions")
 
 

@@ -33,7 +33,8 @@ from rft_ds.faults import maybe_die
 from rft_ds.learner import TrainStats
 from rft_ds.metrics import MetricsLog, format_epoch, open_sinks, plain
 from rft_ds.pool import LocalPool
-from rft_ds.scoring import RewardError, gather_new_rows, gather_pool, score_shard
+from rft_ds.reward_terms import build_terms, check_arguments, load_reward_models
+from rft_ds.scoring import RewardError, gather_new_rows, gather_pool, score_shard, term_means
 from rft_ds.selection import (TABLE, cap_per_prompt, completion_digest, parse_pool_policy, schedule, select,
                               selection_digest, update_pool)
 from rft_ds.weight_sync import check_stale_weights
@@ -121,16 +122,7 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
     check_resume_config(ckpt, cfg)
     if cfg.sampler.backend == "vllm":
         engine_group(0, world, cfg.sampler.tensor_parallel_size)
-    reward_fn = resolve_callable(reward_fn if reward_fn is not None else cfg.reward.reward_fn, "reward.reward_fn")
-    if cfg.reward.reward_model:
-        from rft_ds.rewards import check_reward_model
-
-        if reward_fn is not None:
-            raise ConfigError("set reward.reward_fn or reward.reward_model, not both")
-        check_reward_model(cfg.reward.reward_model, cfg.reward.reward_model_label)
-    elif reward_fn is None:
-        raise ConfigError("reward.reward_fn or reward.reward_model is required (a callable, or 'module:function' in "
-                          "the config)")
+    rewards = build_terms(cfg.reward, reward_fn)  # reward models: config.json checked here, loaded in setup
     check_metric_sinks(cfg.train)
     metric_fn = resolve_callable(metric_fn if metric_fn is not None else cfg.reward.metric_fn, "reward.metric_fn")
     src = prompts if prompts is not None else cfg.data.prompts
@@ -178,7 +170,8 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
     train.records = tokenize(train.texts, train.metadata, tokenizer, limit, "prompts", chat, d.system_prompt)
     if evals is not None:
         evals.records = tokenize(evals.texts, evals.metadata, tokenizer, limit, "eval_prompts", chat, d.system_prompt)
-    return reward_fn, metric_fn, train, evals, tokenizer, ds_config, ckpt
+    check_arguments(rewards, {k for m in train.metadata + (evals.metadata if evals else []) for k in m})
+    return rewards, metric_fn, train, evals, tokenizer, ds_config, ckpt
 
 
 def check_resume_config(ckpt: Path | None, cfg: RFTRunConfig) -> None:
@@ -317,7 +310,7 @@ class Setup:
     """What never changes during a run: config, data, reward, tokenizer, engines. Built once by `setup`."""
 
     cfg: RFTRunConfig
-    reward_fn: Any
+    rewards: list  # reward_terms.RewardTerm, in config order
     metric_fn: Any
     train: Prompts
     evals: Prompts | None
@@ -412,8 +405,8 @@ def setup(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, me
     from rft_ds.sampling.vllm import engine_group
     from rft_ds.slurm import job_end_time
 
-    reward_fn, metric_fn, train, evals, tokenizer, ds_config, _ = prepare(cfg, reward_fn, prompts, eval_prompts,
-                                                                          metric_fn)
+    rewards, metric_fn, train, evals, tokenizer, ds_config, _ = prepare(cfg, reward_fn, prompts, eval_prompts,
+                                                                        metric_fn)
     t = cfg.train
     D.init(t.dist_backend, t.dist_timeout_s)
     check_shared_output(Path(t.output_dir), wait_s=min(30.0, t.dist_timeout_s / 4))
@@ -426,13 +419,9 @@ def setup(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, me
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     group, n_groups, contributes = engine_group(D.rank(), D.world_size(), cfg.sampler.tensor_parallel_size
                                                 if cfg.sampler.backend == "vllm" else 1)
-    if cfg.reward.reward_model:
-        from rft_ds.rewards import RewardModel
-
-        r = cfg.reward
-        with D.all_ranks_or_fail("loading reward.reward_model"):  # a rank that cannot load it stops them all
-            reward_fn = RewardModel(r.reward_model, r.reward_model_batch_size, r.reward_model_max_length,
-                                    r.reward_model_label)
+    if any(r.reward_model for r in rewards):
+        with D.all_ranks_or_fail("loading the reward model"):  # a rank that cannot load it stops them all
+            load_reward_models(rewards)
     random.seed(t.seed)  # the training RNG's start; a resume replaces it with the checkpoint's, nothing re-seeds it
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
@@ -445,7 +434,7 @@ def setup(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, me
     half = not (weight_sync and weight_sync.dtype == torch.float32)
     # bf16/fp16: the engine's logits are rounded to half precision, and one bf16 step of a logit near 32-64 is
     # 0.25, so a 30-layer model legitimately differs by ~0.1-0.2 (SmolLM2-135M: 0.04-0.12 measured)
-    s = Setup(cfg, reward_fn, metric_fn, train, evals, tokenizer, learner, sampler, weight_sync, signals, out,
+    s = Setup(cfg, rewards, metric_fn, train, evals, tokenizer, learner, sampler, weight_sync, signals, out,
               sampler.stop_sequences, group, n_groups, contributes, progress.enabled(t.progress, D.is_main()),
               parity_tol=cfg.sampler.parity_tolerance or (0.5 if half else 1e-3),
               stale_tol=cfg.sampler.stale_tolerance or (0.1 if half else 1e-3),
@@ -502,9 +491,9 @@ def score(s: Setup, st: RunState, grow: bool) -> None:
         comps = st.local.get("completions", []) if s.contributes else []
         pids = [r.id for r, cs in zip(_my_prompts(s, st), comps) for _ in cs]
         tokens = [c.token_ids for cs in comps for c in cs]
-        scores, _ = score_shard(s.reward_fn, pids, tokens, s.train.texts, s.train.metadata, s.tokenizer,
-                                s.stop_sequences, s.cfg.reward.batch_size,
-                                f"epoch {st.epoch + 1}: score" if s.show else None)
+        scores, _, parts = score_shard(s.rewards, pids, tokens, s.train.texts, s.train.metadata, s.tokenizer,
+                                       s.stop_sequences, s.cfg.reward, f"epoch {st.epoch + 1}: score" if s.show else None)
+        rec.update({f"sampled_{k}": v for k, v in term_means(s.rewards, parts).items()})
         grow_step = st.epoch // m.n_improve_steps
         mine = st.pool.add(pids, scores, [c.eos for cs in comps for c in cs], tokens, grow_step)
         new = gather_new_rows(mine, grow_step)
@@ -823,10 +812,11 @@ def _evaluate(s: Setup, epoch: int) -> dict:
     if not s.contributes:  # a tensor-parallel peer: its group leader scores the same completions
         mine, comps = [], []
     pids = [r.id for r, cs in zip(mine, comps) for _ in cs]
-    scores, outputs = score_shard(s.reward_fn, pids, [c.token_ids for cs in comps for c in cs], evals.texts,
-                                  evals.metadata, tok, s.stop_sequences, s.cfg.reward.batch_size,
-                                  "eval: score" if s.show else None)
+    scores, outputs, parts = score_shard(s.rewards, pids, [c.token_ids for cs in comps for c in cs], evals.texts,
+                                         evals.metadata, tok, s.stop_sequences, s.cfg.reward,
+                                         "eval: score" if s.show else None)
     result: dict[str, Any] = {"eval_reward_mean": float(np.concatenate(D.all_gather_object(scores)).mean())}
+    result.update({f"eval_{k}": v for k, v in term_means(s.rewards, parts).items()})
     if s.metric_fn is not None:
         gathered = D.gather_object((pids, outputs))
         extra = None

@@ -4,69 +4,15 @@ without any rank scoring twice or holding another rank's tokens."""
 
 from __future__ import annotations
 
-import math
-import numbers
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from rft_ds import distributed as D
+from rft_ds.config import RewardConfig
 from rft_ds.pool import LocalPool
+from rft_ds.reward_terms import RewardError, RewardTerm, score_terms, validate_scores  # noqa: F401 (re-exported)
 from rft_ds.selection import canonical, from_wire, to_wire
-
-
-class RewardError(ValueError):
-    """reward_fn misbehaved; the message names the sample."""
-
-
-def _describe(i: int, prompt_ids: Sequence[int], outputs: Sequence[str], offset: int = 0) -> str:
-    out = outputs[i] if i < len(outputs) else ""
-    return f"sample {offset + i} (prompt {prompt_ids[i]}, output {out[:40]!r})"
-
-
-def validate_scores(raw: Any, n: int, prompt_ids: Sequence[int], outputs: Sequence[str],
-                    fn_name: str = "reward_fn", offset: int = 0) -> np.ndarray:
-    """Turn what reward_fn returned into float64 scores, or raise naming the first bad sample."""
-    if hasattr(raw, "detach"):  # a torch tensor
-        raw = raw.detach().cpu().numpy()
-    if isinstance(raw, np.ndarray):
-        raw = raw.reshape(-1).tolist() if raw.ndim <= 1 or raw.size == n else raw.tolist()
-    if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
-        raise RewardError(f"{fn_name} must return a list of {n} numbers, got {type(raw).__name__}")
-    if len(raw) != n:
-        raise RewardError(f"{fn_name} returned {len(raw)} scores for {n} samples")
-    out = np.empty(n, dtype=np.float64)
-    for i, v in enumerate(raw):
-        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
-            raise RewardError(f"{fn_name} returned {type(v).__name__} {v!r} for {_describe(i, prompt_ids, outputs, offset)}; "
-                              "scores must be real numbers")
-        if not math.isfinite(float(v)):
-            raise RewardError(f"{fn_name} returned {float(v)} for {_describe(i, prompt_ids, outputs, offset)}; "
-                              "scores must be finite")
-        out[i] = float(v)
-    return out
-
-
-def call_reward_fn(reward_fn: Callable, samples: list[str], prompts: list[str], outputs: list[str],
-                   prompt_ids: list[int], metadata: dict[str, list], tokenizer: Any, batch_size: int | None = None,
-                   progress: str | None = None) -> np.ndarray:
-    """trlx's call: reward_fn(samples=, prompts=, outputs=, tokenizer=, prompt_ids=, **metadata), on chunks of
-    at most batch_size samples (None: all at once)."""
-    from rft_ds.progress import bar
-
-    if not samples:
-        return np.zeros(0)
-    step = batch_size or len(samples)
-    scores = []
-    pbar = bar(total=len(samples), desc=progress or "", show=bool(progress), unit="sample")
-    for lo in range(0, len(samples), step):
-        sl = slice(lo, lo + step)
-        raw = reward_fn(samples=samples[sl], prompts=prompts[sl], outputs=outputs[sl], tokenizer=tokenizer,
-                        prompt_ids=prompt_ids[sl], **{k: v[sl] for k, v in metadata.items()})
-        scores.append(validate_scores(raw, len(samples[sl]), prompt_ids[sl], outputs[sl], offset=lo))
-        pbar.update(len(samples[sl]))
-    pbar.close()
-    return np.concatenate(scores)
 
 
 def decode_outputs(tokenizer: Any, tokens: Sequence[Sequence[int]], stop_sequences: Sequence[str] = ()) -> list[str]:
@@ -77,12 +23,14 @@ def decode_outputs(tokenizer: Any, tokens: Sequence[Sequence[int]], stop_sequenc
     return outputs
 
 
-def score_shard(reward_fn: Callable, prompt_ids: Sequence[int], tokens: Sequence[Sequence[int]],
+def score_shard(terms: Sequence[RewardTerm], prompt_ids: Sequence[int], tokens: Sequence[Sequence[int]],
                 prompt_texts: Sequence[str], metadata: Sequence[dict], tokenizer: Any, stop_sequences: Sequence[str] = (),
-                batch_size: int | None = None, progress: str | None = None) -> tuple[np.ndarray, list[str]]:
-    """Score this rank's completions (reward_fn sees prompt + decoded output and the prompt's metadata).
-    Returns (scores, decoded outputs). Collective only in its failure check: a failure on any rank is raised
-    on all."""
+                rc: Any = None, progress: str | None = None) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Score this rank's completions with every reward term (each sees prompt + decoded output and the
+    prompt's metadata; rc is the `reward` config: batch size, concurrency, timeout). Returns (combined
+    scores, decoded outputs, each term's scores with NaN where it did not apply). Collective only in its
+    failure check: a failure on any rank is raised on all."""
+    rc = rc or RewardConfig()
     with D.all_ranks_or_fail("scoring"):
         pids = [int(p) for p in prompt_ids]
         outputs = decode_outputs(tokenizer, tokens, stop_sequences)
@@ -90,8 +38,23 @@ def score_shard(reward_fn: Callable, prompt_ids: Sequence[int], tokens: Sequence
         samples = [p + o for p, o in zip(prompts, outputs)]
         meta_keys = sorted({k for p in set(pids) for k in metadata[p]})
         meta = {k: [metadata[p].get(k) for p in pids] for k in meta_keys}
-        scores = call_reward_fn(reward_fn, samples, prompts, outputs, pids, meta, tokenizer, batch_size, progress)
-    return scores, outputs
+        scores, parts = score_terms(terms, samples, prompts, outputs, [list(t) for t in tokens], pids, meta, tokenizer,
+                                    rc.batch_size, rc.max_concurrency, rc.timeout_s, progress)
+    return scores, outputs, parts
+
+
+def term_means(terms: Sequence[RewardTerm], parts: np.ndarray) -> dict[str, float]:
+    """Each term's mean over the samples it scored on all ranks (one all-reduce of 2 numbers per term), as
+    reward_<name>_mean; empty for a single term (its mean is the reward mean)."""
+    if len(terms) < 2:
+        return {}
+    import torch
+
+    applied = ~np.isnan(parts)
+    local = np.concatenate([np.where(applied, parts, 0.0).sum(1), applied.sum(1)])
+    tot = D.all_reduce(torch.from_numpy(local)).numpy()
+    k = len(terms)
+    return {f"reward_{t.name}_mean": float(tot[i] / tot[k + i]) for i, t in enumerate(terms) if tot[k + i] > 0}
 
 
 def gather_new_rows(rows: np.ndarray, step: int) -> np.ndarray:

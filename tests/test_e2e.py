@@ -114,12 +114,15 @@ def test_bad_config_fails_fast_on_every_rank(tmp_path, override, needle):
     assert not (tmp_path / "model").exists()  # failed before building or loading any model
 
 
-@pytest.mark.parametrize("fn,needle", [
-    ("tests.rewards:fail_on_rank1", "scoring failed on rank 1: RuntimeError: reward server unreachable"),
-    ("tests.rewards:nan_on_rank1", "scoring failed on rank 1: RewardError: reward_fn returned nan for sample 3"),
+@pytest.mark.parametrize("overrides,needle", [
+    (["reward.reward_fn=tests.rewards:fail_on_rank1"], "scoring failed on rank 1: RuntimeError: reward server unreachable"),
+    # a second term that hangs on rank 1 (the verifier stuck on one sample): reward.timeout_s ends it on both ranks
+    (["reward.functions=['tests.rewards:slow_on_rank1']", "reward.weights=[1, 0.5]", "reward.timeout_s=5"],
+     "scoring failed on rank 1: RewardError: reward term slow_on_rank1 timed out after 5 s (reward.timeout_s) on a "
+     "call of"),
 ])
-def test_reward_failure_on_one_rank_stops_every_rank(tmp_path, fn, needle):
-    p, secs = launch(tmp_path, f"reward.reward_fn={fn}", "train.epochs=2", timeout=300)
+def test_reward_failure_on_one_rank_stops_every_rank(tmp_path, overrides, needle):
+    p, secs = launch(tmp_path, *overrides, "train.epochs=2", timeout=300)
     assert p.returncode != 0
     out = p.stdout + p.stderr
     for rank in (0, 1):

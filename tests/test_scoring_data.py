@@ -8,7 +8,9 @@ import pytest
 from rft_ds.data import DataError, load_source, normalize, shard, tokenize
 from rft_ds.distributed import RankError, all_ranks_or_fail
 from rft_ds.sampling.base import finish_completion
-from rft_ds.scoring import RewardError, call_reward_fn, decode_outputs, validate_scores
+from rft_ds.config import RewardConfig
+from rft_ds.reward_terms import build_terms, score_terms
+from rft_ds.scoring import RewardError, decode_outputs, validate_scores
 
 OUT = ["a", "b", "c"]
 
@@ -21,7 +23,7 @@ OUT = ["a", "b", "c"]
     ([1.0, 0.0, "high"], "returned str 'high' for sample 2"),
     ("123", "must return a list of 3 numbers, got str"),
     (None, "must return a list of 3 numbers, got NoneType"),
-    ([True, 0.0, 1.0], "returned bool True for sample 0"),
+    ([1.0, [2.0], 0.0], "returned list [2.0] for sample 1"),
 ])
 def test_bad_reward_values_name_the_sample(raw, needle):
     with pytest.raises(RewardError) as e:
@@ -34,6 +36,9 @@ def test_good_reward_values():
     assert validate_scores([1, 2.5, np.float32(3)], 3, [0, 1, 2], OUT).tolist() == [1.0, 2.5, 3.0]
     assert validate_scores(np.array([1, 2, 3]), 3, [0, 1, 2], OUT).dtype == np.float64
     assert validate_scores(torch.tensor([0.5, 1.5, 2.5]), 3, [0, 1, 2], OUT).tolist() == [0.5, 1.5, 2.5]
+    # scores as users return them: bool, numpy scalars, 0-d tensors
+    assert validate_scores([True, np.int64(2), torch.tensor(0.25)], 3, [0, 1, 2], OUT).tolist() == [1.0, 2.0, 0.25]
+    assert validate_scores([np.bool_(False), np.float32(1.5), np.array(3.0)], 3, [0, 1, 2], OUT).tolist() == [0, 1.5, 3]
 
 
 def test_reward_fn_gets_trlx_kwargs_and_metadata(tokenizer):
@@ -43,7 +48,9 @@ def test_reward_fn_gets_trlx_kwargs_and_metadata(tokenizer):
         seen.update(samples=samples, prompts=prompts, outputs=outputs, prompt_ids=prompt_ids, target=target, kw=kw)
         return [float(o.count(t)) for o, t in zip(outputs, target)]
 
-    scores = call_reward_fn(reward_fn, ["p0 kk", "p1 x"], ["p0 ", "p1 "], ["kk", "x"], [0, 1],
+    terms = build_terms(RewardConfig(), reward_fn)
+    assert terms[0].style == "trlx"
+    scores, _ = score_terms(terms, ["p0 kk", "p1 x"], ["p0 ", "p1 "], ["kk", "x"], [[5, 5], [6]], [0, 1],
                             {"target": ["k", "x"]}, tokenizer)
     assert scores.tolist() == [2.0, 1.0]
     assert seen["prompt_ids"] == [0, 1] and seen["target"] == ["k", "x"] and seen["kw"] == {}
