@@ -9,7 +9,7 @@ from rft_ds.config import ConfigError, RFTRunConfig, validate
 
 
 def train(
-    reward_fn: Callable | str | None = None,
+    reward_fn: Callable | str | Sequence[Callable | str] | None = None,
     prompts: Any = None,
     eval_prompts: Any = None,
     config: RFTRunConfig | dict | str | Path | None = None,
@@ -23,7 +23,9 @@ def train(
     DatasetDict, a .jsonl/.json/.csv/.parquet file, a save_to_disk directory, or "module:function".
 
     reward_fn(samples, prompts, outputs, **kwargs) -> list[float], higher is better; kwargs carry the
-    tokenizer, prompt_ids and the metadata of dict prompts (trlx's contract). Arguments left as None fall
+    tokenizer, prompt_ids and the metadata of dict prompts (trlx's contract). TRL's fn(prompts, completions,
+    **kwargs) works too, and a list of functions is combined per sample with `reward.weights` (a function
+    returns None for a sample it does not judge; see rft_ds.reward_terms). Arguments left as None fall
     back to the config (`reward.reward_fn`, `data.prompts`, ...). Under `deepspeed` every rank calls this;
     from plain `python` it runs as a single rank. `resume`: "auto" or a checkpoint path (overrides
     `train.resume`).

@@ -5,6 +5,8 @@ import json
 import pytest
 
 from rft_ds.data import DataError, load_source, normalize, tokenize, use_chat_template
+from rft_ds.config import RewardConfig
+from rft_ds.reward_terms import build_terms
 from rft_ds.scoring import score_shard
 
 ROWS = [{"question": f"What is {i} + 1?", "answer": str(i + 1), "level": i % 3} for i in range(6)]
@@ -105,7 +107,8 @@ def test_metadata_flows_to_reward_fn(tokenizer):
         return [float(o == a) for o, a in zip(outputs, answer)]
 
     tokens = [tokenizer("6")["input_ids"], tokenizer("7")["input_ids"], tokenizer("4")["input_ids"]]
-    scores, outputs = score_shard(reward_fn, [5, 0, 3], tokens, texts, metas, tokenizer, batch_size=2)
+    scores, outputs, _ = score_shard(build_terms(RewardConfig(), reward_fn), [5, 0, 3], tokens, texts, metas, tokenizer,
+                                     rc=RewardConfig(batch_size=2))
     assert seen == {5: (texts[5], "6", 2), 0: (texts[0], "1", 0), 3: (texts[3], "4", 0)}
     assert scores.tolist() == [1.0, 0.0, 1.0] and outputs == ["6", "7", "4"]
 
