@@ -661,10 +661,14 @@ def save(root: Path, name: str, engine: Any, state: dict | None, tokenizer: Any,
             tmp.mkdir()
     # 1. Every rank writes its files (DeepSpeed: this rank's ZeRO-3 partitions); rank 0 the small shared ones.
     with D.all_ranks_or_fail(_STAGE), _writing(root), _without_zip_crc():
-        engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
+        # LoRA: the frozen base weights are not saved (they are the model_path's); the adapters and their
+        # optimizer state are
+        engine.save_checkpoint(str(tmp), tag="ds", save_latest=False, exclude_frozen_parameters=_has_frozen(engine))
         torch.save({"rng": rng_state(), "local": local_state}, tmp / f"rank{rank}.pt")
         if main:
             engine.module.config.save_pretrained(tmp / "hf")
+            if hasattr(engine.module, "peft_config"):  # LoRA: what rft_ds.export needs to rebuild the adapter
+                engine.module.peft_config["default"].save_pretrained(tmp / "hf")
             gen = getattr(engine.module, "generation_config", None)
             if gen is not None:
                 gen.save_pretrained(tmp / "hf")
@@ -738,6 +742,10 @@ def universal_copy(ckpt: Path, timeout_s: float = 6 * 3600) -> Path:
     return out
 
 
+def _has_frozen(engine: Any) -> bool:
+    return any(not p.requires_grad for p in engine.module.parameters())
+
+
 def load(ckpt: Path, engine: Any, verified: bool = False, universal: Path | None = None) -> tuple[dict, Any]:
     """Restore the engine (weights, optimizer, scheduler) and this rank's RNG; return (the shared run state,
     this rank's local state). Collective. With `universal` (universal_copy, for another world size than the
@@ -757,7 +765,8 @@ def load(ckpt: Path, engine: Any, verified: bool = False, universal: Path | None
         if problem is not None:
             raise CheckpointError(f"checkpoint {ckpt} is damaged: {problem}")
     source = Path(universal or ckpt)
-    path, _ = engine.load_checkpoint(str(source), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
+    path, _ = engine.load_checkpoint(str(source), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True,
+                                     load_module_strict=not _has_frozen(engine))
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {source / 'ds'}")
     shared = torch.load(Path(ckpt) / "rft_state.pt", weights_only=False)

@@ -37,6 +37,8 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
 
     ckpt, out = resolve(ckpt), Path(out)
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="ds")
+    if (ckpt / "hf" / "adapter_config.json").is_file():
+        return _export_lora(ckpt, out, state)
     config = AutoConfig.from_pretrained(ckpt / "hf")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -49,6 +51,33 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
         model.tie_weights()
     with replacing_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)
+        if (ckpt / "hf" / "generation_config.json").is_file():
+            GenerationConfig.from_pretrained(ckpt / "hf").save_pretrained(tmp)
+    return out
+
+
+def _export_lora(ckpt: Path, out: Path, state: dict) -> Path:
+    """A LoRA checkpoint holds the adapters only: the base model (the adapter config's
+    base_model_name_or_path, the run's model.model_path) plus the checkpoint's fp32 adapters, merged."""
+    import torch
+    from peft import PeftConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    pc = PeftConfig.from_pretrained(ckpt / "hf")
+    base = Path(pc.base_model_name_or_path or "")
+    if not (base / "config.json").is_file():
+        raise CheckpointError(f"{ckpt}: a LoRA checkpoint needs its base model, and {base} (the run's "
+                              "model.model_path) is not a model directory")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), pc)
+    lora = {k for k, _ in model.named_parameters() if "lora_" in k}
+    missing = sorted(lora - set(state))
+    if missing or set(state) - lora:
+        raise CheckpointError(f"{ckpt}: the adapters do not match the LoRA config (missing {missing[:3]}, "
+                              f"unexpected {sorted(set(state) - lora)[:3]})")
+    model.load_state_dict(state, strict=False)
+    with replacing_dir(out) as tmp:
+        model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)
         if (ckpt / "hf" / "generation_config.json").is_file():
             GenerationConfig.from_pretrained(ckpt / "hf").save_pretrained(tmp)

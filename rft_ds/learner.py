@@ -149,7 +149,9 @@ def logprob_diffs(logp: np.ndarray, counts: Sequence[int], rows: Sequence[Row]) 
 class Learner:
     """Owns the DeepSpeed engine. `engine.module` is the HF model (parameters partitioned)."""
 
-    def __init__(self, model_path: str, ds_config: dict) -> None:
+    def __init__(self, model_path: str, ds_config: dict, lora: Any = None, gradient_checkpointing: bool = False) -> None:
+        """lora: an rft_ds.lora.LoraSpec (None: every weight trains). Its A and B are plain parameters when
+        peft makes them; deepspeed.initialize partitions them with the rest."""
         import deepspeed
         import torch
         from transformers import AutoModelForCausalLM
@@ -160,6 +162,13 @@ class Learner:
         dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else (
             torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        if gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and ZeRO-3's hooks
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora is not None:
+            from rft_ds.lora import wrap
+
+            model = wrap(model, lora)
+        self.lora = lora
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                               if p.requires_grad], config=ds_config)
         self.micro_batch_size = ds_config["train_micro_batch_size_per_gpu"]
@@ -215,20 +224,23 @@ class Learner:
         return float(self.engine.get_lr()[0])
 
     def save_hf(self, out_dir: str | Path, tokenizer: Any, is_main: bool, extra: dict | None = None) -> None:
-        """Gather the full weights one parameter at a time and write a plain HF directory (rank 0), with
-        `extra` {file name: JSON-able} beside them (e.g. which run and epoch the weights are from)."""
+        """Gather the full weights a tensor at a time and write a plain HF directory (rank 0), with `extra`
+        {file name: JSON-able} beside them (e.g. which run and epoch the weights are from). A LoRA model is
+        written merged (W + scale * B @ A), under the base model's names: it loads without peft."""
         import deepspeed
 
         from rft_ds.checkpoint import replacing_dir
+        from rft_ds.lora import is_peft, merged, sync_items
 
         state = {}
-        for name, p in self.module.named_parameters():
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+        for item in sync_items(self.module):
+            with deepspeed.zero.GatheredParameters(item.params, modifier_rank=None):
                 if is_main:
-                    state[name] = p.detach().to("cpu", copy=True)
+                    state[item.name] = merged(item).detach().to("cpu", copy=True)
         if is_main:
+            model = self.module.get_base_model() if is_peft(self.module) else self.module
             with replacing_dir(out_dir) as tmp:
-                self.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)
                 for name, value in (extra or {}).items():
                     (Path(tmp) / name).write_text(json.dumps(value))

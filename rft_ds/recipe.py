@@ -33,6 +33,7 @@ from rft_ds.faults import maybe_die
 from rft_ds.learner import TrainStats
 from rft_ds.metrics import MetricsLog, format_epoch, open_sinks, plain
 from rft_ds.pool import LocalPool
+from rft_ds.lora import check_lora, parse_lora, save_adapter
 from rft_ds.reward_terms import build_terms, check_arguments, load_reward_models
 from rft_ds.scoring import RewardError, gather_new_rows, gather_pool, score_shard, term_means
 from rft_ds.selection import (TABLE, cap_per_prompt, completion_digest, parse_pool_policy, schedule, select,
@@ -160,6 +161,9 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
         except smollm2.BuildError as e:
             raise ConfigError(str(e)) from None
     check_causal_lm(cfg.model.model_path)
+    lora = parse_lora(cfg.model.lora)
+    if lora is not None:
+        check_lora(lora, cfg.model.model_path)  # on the meta device: no weights read
     if cfg.sampler.backend == "vllm":
         from rft_ds.sampling.vllm import check_servable
 
@@ -388,6 +392,8 @@ def _run(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, met
               flush=True)
     if t.save_final_model and not stopped:
         s.learner.save_hf(s.out / "final_model", s.tokenizer, D.is_main())
+        if s.learner.lora is not None:
+            save_adapter(s.learner.module, s.out / "final_adapter", D.is_main())
     log.close()
     if D.is_main() and t.plots:
         _write_plots(s.out, log.history)
@@ -428,7 +434,7 @@ def setup(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, me
     out = Path(t.output_dir)
     if D.is_main():
         (out / "config.yaml").write_text(yaml.safe_dump(_yaml_safe(cfg.to_dict()), sort_keys=False))
-    learner = Learner(cfg.model.model_path, ds_config)
+    learner = Learner(cfg.model.model_path, ds_config, parse_lora(cfg.model.lora), cfg.model.gradient_checkpointing)
     sampler, weight_sync = make_sampler(cfg, learner, tokenizer, ds_config, group,
                                         list(stop_sequences if stop_sequences is not None else cfg.reward.stop_sequences))
     half = not (weight_sync and weight_sync.dtype == torch.float32)

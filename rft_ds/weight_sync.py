@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from rft_ds import distributed as D
+from rft_ds.lora import SyncItem, merged, sync_items
 
 
 class ParityError(RuntimeError):
@@ -45,14 +46,17 @@ def check_stale_weights(stats: Any, tolerance: float, enforce: bool = True) -> d
     return {"stale_logprob_mean_diff": mean, "stale_logprob_max_diff": worst, "stale_logprob_tokens": n}
 
 
-def _numel(p: torch.nn.Parameter) -> int:
-    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 keeps the full size in ds_numel
+def _numel(x: Any) -> int:
+    """Elements of a parameter (ZeRO-3 keeps the full size in ds_numel) or of all of a SyncItem's."""
+    if isinstance(x, SyncItem):
+        return sum(_numel(p) for p in x.params)
+    return int(getattr(x, "ds_numel", x.numel()))
 
 
-def make_buckets(named_params: Sequence[tuple[str, torch.nn.Parameter]], bucket_bytes: int,
-                 bytes_per_elem: int) -> list[list[tuple[str, torch.nn.Parameter]]]:
-    """Consecutive parameters grouped up to bucket_bytes (a larger parameter gets a bucket of its own)."""
-    buckets: list[list[tuple[str, torch.nn.Parameter]]] = []
+def make_buckets(named_params: Sequence[tuple[str, Any]], bucket_bytes: int,
+                 bytes_per_elem: int) -> list[list[tuple[str, Any]]]:
+    """Consecutive parameters (or SyncItems) grouped up to bucket_bytes (a larger one gets a bucket of its own)."""
+    buckets: list[list[tuple[str, Any]]] = []
     size = 0
     for name, p in named_params:
         nbytes = _numel(p) * bytes_per_elem
@@ -73,13 +77,19 @@ class SyncStats:
 
 
 class WeightSync:
+    """Streams the module's weights into the engine: every parameter, or for a LoRA model (rft_ds.lora) the
+    merged adapted weights, with the frozen ones on the first sync only."""
+
     def __init__(self, module: torch.nn.Module, sampler: Any, bucket_mb: float, dtype: torch.dtype) -> None:
         self.module = module
         self.sampler = sampler
         self.dtype = dtype
         elem = torch.empty(0, dtype=dtype).element_size()
         gather_elem = max(elem, next(module.parameters()).element_size())
-        self.buckets = make_buckets(list(module.named_parameters()), int(bucket_mb * 2**20), gather_elem)
+        items = sync_items(module)
+        self.first_buckets = make_buckets([(i.name, i) for i in items], int(bucket_mb * 2**20), gather_elem)
+        self.later_buckets = make_buckets([(i.name, i) for i in items if not i.static], int(bucket_mb * 2**20),
+                                          gather_elem)
         self.stats = SyncStats()
         self.n_syncs = 0
 
@@ -93,12 +103,13 @@ class WeightSync:
         def release(n: int) -> None:
             alive[0] -= n
 
-        for bucket in self.buckets:
-            params = [p for _, p in bucket]
+        for bucket in self.first_buckets if self.n_syncs == 0 else self.later_buckets:
+            params = [p for _, item in bucket for p in item.params]
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 gathered = sum(p.numel() * p.element_size() for p in params)
-                for name, p in bucket:
-                    t = p.data.detach().to(self.dtype, copy=True)
+                for name, item in bucket:
+                    t = merged(item).detach()
+                    t = t.to(self.dtype, copy=item.scale is None)  # a merged tensor is already a new one
                     maybe_corrupt(self.n_syncs + 1, stats.bytes == 0, t)  # tests only: RFT_DS_CORRUPT_SYNC
                     n = t.numel() * t.element_size()
                     alive[0] += n
