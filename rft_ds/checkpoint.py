@@ -743,7 +743,10 @@ def universal_copy(ckpt: Path, timeout_s: float = 6 * 3600) -> Path:
 
 
 def _has_frozen(engine: Any) -> bool:
-    return any(not p.requires_grad for p in engine.module.parameters())
+    """LoRA: the module has weights training does not change (their checkpoint is the model_path)."""
+    import torch
+
+    return isinstance(engine.module, torch.nn.Module) and any(not p.requires_grad for p in engine.module.parameters())
 
 
 def load(ckpt: Path, engine: Any, verified: bool = False, universal: Path | None = None) -> tuple[dict, Any]:

@@ -217,7 +217,7 @@ class _Engine:
     """What save() needs of a DeepSpeed engine: it writes ZeRO-3-named shard files like DeepSpeed does."""
     module = type("M", (), {"config": _Cfg(), "generation_config": None})()
 
-    def save_checkpoint(self, save_dir, tag, save_latest):
+    def save_checkpoint(self, save_dir, tag, save_latest, exclude_frozen_parameters=False):
         d = Path(save_dir) / tag
         d.mkdir(parents=True)
         (d / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(os.urandom(3000))
