@@ -131,28 +131,32 @@ def _shape(p: Any) -> tuple:
 
 
 def sync_items(module: Any) -> list[SyncItem]:
-    """What a sync sends, in parameter order: plain models send every parameter every time; a peft model
-    sends merged adapted weights every time and frozen matrices once (1-D tensors and fused siblings of
-    adapted modules every time)."""
+    """What a sync sends, in parameter order (vLLM buffers a layer until all of it arrived: this order
+    completes one layer before the next). A plain model: every parameter, every time. A peft model: adapted
+    weights merged, every time; frozen matrices on the first sync only; 1-D tensors and the fused siblings
+    of adapted modules every time."""
     if not is_peft(module):
         return [SyncItem(n, [p]) for n, p in module.named_parameters()]
-    layers = lora_layers(module)
-    adapted = {n.rsplit(".", 1)[-1] for n in layers}
-    resend = set(adapted)
+    adapted = {}  # id(base weight) -> its LoRA layer
+    for layer in lora_layers(module).values():
+        adapted[id(layer.base_layer.weight)] = layer
+    leaves = {hf_name(n).rsplit(".", 1)[0].rsplit(".", 1)[-1] for n, p in module.named_parameters() if id(p) in adapted}
+    resend = set(leaves)
     for group in FUSED:
-        if adapted & set(group):
+        if leaves & set(group):
             resend |= set(group)
-    items, owned = [], set()
-    for path, layer in layers.items():
-        w = layer.base_layer.weight
-        a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-        items.append(SyncItem(hf_name(f"{path}.base_layer.weight"), [w, a, b], float(layer.scaling[ADAPTER])))
-        owned |= {id(w), id(a), id(b)}
+    items = []
     for n, p in module.named_parameters():
-        if id(p) in owned or "lora_" in n:
-            continue
-        parent = hf_name(n).rsplit(".", 2)[-2] if hf_name(n).count(".") >= 1 else ""
-        items.append(SyncItem(hf_name(n), [p], static=parent not in resend and len(_shape(p)) >= 2))
+        if "lora_" in n:
+            continue  # inside its merged weight
+        name = hf_name(n)
+        if id(p) in adapted:
+            layer = adapted[id(p)]
+            items.append(SyncItem(name, [p, layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight],
+                                  float(layer.scaling[ADAPTER])))
+        else:
+            parent = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+            items.append(SyncItem(name, [p], static=parent not in resend and len(_shape(p)) >= 2))
     return items
 
 
@@ -162,7 +166,8 @@ def merged(item: SyncItem) -> Any:
     if item.scale is None:
         return w
     a, b = item.params[1].data, item.params[2].data
-    return (w.float() + item.scale * (b.float() @ a.float())).to(w.dtype)
+    out = b.float() @ a.float()  # one fp32 temporary the size of W, updated in place
+    return out.mul_(item.scale).add_(w).to(w.dtype)
 
 
 def save_adapter(module: Any, out_dir: str | Path, is_main: bool) -> None:

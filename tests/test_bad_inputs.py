@@ -113,6 +113,11 @@ CASES = {
     "model config.json not JSON": (lambda d, m: [f"model.model_path={broken_config(m, d / 'bad')}"],
                                    "config.json is not valid JSON"),
     "unknown model.build": (lambda d, m: ["model.build=llama"], "model.build must be null, 'tiny' or 'smollm2'"),
+    "LoRA rank 0": (lambda d, m: ["model.lora={r: 0}"], "model.lora.r must be an int >= 1, got 0"),
+    "LoRA target matches no module": (lambda d, m: ["model.lora={target_modules: [q_proj, attn]}"],
+                                      "model.lora.target_modules: 'attn' matches no module of"),
+    "LoRA on what peft cannot wrap": (lambda d, m: ["model.lora={target_modules: [norm]}"],
+                                      "model.lora: peft cannot wrap LlamaForCausalLM"),
 }
 
 

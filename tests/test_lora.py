@@ -45,13 +45,13 @@ def test_sync_plan_merges_adapters_and_skips_frozen_matrices(tiny_model):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    plain = {n for n, _ in base.named_parameters()}
+    plain = [n for n, _ in base.named_parameters()]
     model = wrap(base, LoraSpec(r=4, alpha=8, target_modules=["q_proj", "down_proj"]))
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p)  # B starts at zero; make the merge visible
     items = sync_items(model)
-    assert sorted(i.name for i in items) == sorted(plain)  # the base model's own names, each once
+    assert [i.name for i in items] == plain  # the base model's own names and order, each once
     merged_model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     merged_model.load_state_dict({i.name: merged(i) for i in items}, strict=False)
     ref = wrap(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
