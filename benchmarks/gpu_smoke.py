@@ -237,8 +237,10 @@ def pick_ds_config(cuda: bool, override: str | None = None) -> Path:
 
 
 def run_config(model_dir: Path, run_dir: Path, ds_config: Path, backend: str, epochs: int, args) -> dict:
+    lora = {"lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+            "gradient_checkpointing": True} if args.lora else {}
     return {
-        "model": {"model_path": str(model_dir)},
+        "model": {"model_path": str(model_dir), **lora},
         "data": {"max_prompt_length": 32},
         "method": {"gen_kwargs": {"max_new_tokens": args.max_new_tokens, "do_sample": True, "temperature": 1.0},
                    "start_percentile": 0.7, "end_percentile": 0.95, "n_improve_steps": 2,
@@ -342,8 +344,21 @@ def smoke(args) -> None:
         check(not engine.problems, f"{len(engine.problems)} bad tensor(s): " + "; ".join(engine.problems[:5]))
         check(not engine.missing(), f"parameters never sent: {', '.join(engine.missing()[:5])}")
         check(stats.bytes == engine.bytes, f"sync counted {stats.bytes} bytes, the engine received {engine.bytes}")
+    first_tensors = len(engine.received)
     with stage("parity check after the sync"):
         diff = parity_check(result.model, engine, probes, completion_len, tolerance, tok.pad_token_id, probe_texts)
+    if args.lora:  # a second sync sends the adapted (merged) modules and their fused siblings only
+        with stage("LoRA: second (partial) sync, its parity check, and final_adapter"):
+            engine.received.clear()  # a new sync: each tensor once again
+            engine.bytes = 0
+            second = sync.sync()
+            check(second.bytes == engine.bytes, f"sync counted {second.bytes} bytes, the engine received {engine.bytes}")
+            check(not engine.problems, f"{len(engine.problems)} bad tensor(s): " + "; ".join(engine.problems[:5]))
+            check(second.bytes < stats.bytes, f"the second LoRA sync sent {second.bytes} bytes, the first {stats.bytes}")
+            diff = parity_check(result.model, engine, probes, completion_len, tolerance, tok.pad_token_id, probe_texts)
+            check((run_dir / "final_adapter" / "adapter_config.json").is_file(), "no final_adapter/ written")
+        say(f"LoRA: second sync {second.bytes / 2**20:.3f} MiB of the first's {stats.bytes / 2**20:.3f} MiB; parity "
+            f"after it {diff:.2g}")
         check(stale > diff, f"the engine agrees as well with the untrained weights (max |logprob diff| {stale:.3g}) "
                             f"as with the trained ones ({diff:.3g}): did training or the sync change anything?")
     if stale <= tolerance:
@@ -358,7 +373,7 @@ def smoke(args) -> None:
                 if name in saved:
                     check(torch.equal(p.detach().cpu(), saved[name].to(p.dtype)),
                           f"{name}: the synced engine differs from final_model")
-    say(f"weight sync: {len(engine.received)} tensors, {stats.bytes / 2**20:.2f} MiB in {stats.n_buckets} bucket(s) of "
+    say(f"weight sync: {first_tensors} tensors, {stats.bytes / 2**20:.2f} MiB in {stats.n_buckets} bucket(s) of "
         f"{bucket_mb:g} MiB, each name/shape/dtype/device checked; parity max |logprob diff| {diff:.2g} "
         f"(tolerance {tolerance:g}; {stale:.2g} before the sync)")
 
@@ -425,6 +440,8 @@ def main() -> int:
     ap.add_argument("--bucket-mb", type=float, default=SamplerConfig.sync_bucket_mb)
     ap.add_argument("--ds-config", default=None, help="DeepSpeed JSON (default: ds_configs/zero3_gpu.json with "
                                                       "CUDA, ds_configs/zero3_cpu.json without)")
+    ap.add_argument("--lora", action="store_true", help="LoRA (r 8 on q/v/down projections) with gradient "
+                                                         "checkpointing; checks the partial second sync")
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = ap.parse_args()
 

@@ -147,6 +147,9 @@ def train(learner, args, world: int, peak_tflops: float | None, out: dict) -> No
             tokens += stats.input_tokens
     timed = args.steps - args.warmup
     total = sum(int(getattr(p, "ds_numel", p.numel())) for p in learner.module.parameters())  # tied: once
+    # LoRA: the 6x rule counts weight gradients of frozen weights too, so its MFU is an upper bound
+    out["train_trainable_params"] = sum(int(getattr(p, "ds_numel", p.numel())) for p in learner.module.parameters()
+                                        if p.requires_grad)
     head = cfg.vocab_size * cfg.hidden_size
     body = total - head * (1 if cfg.tie_word_embeddings else 2)
     seq = args.prompt_len + args.completion_len
@@ -189,7 +192,9 @@ def sync(learner, dev: torch.device, bucket_mb: float, out: dict) -> None:
     consumer = CountingConsumer(dev, torch.bfloat16)
     ws = WeightSync(learner.module, consumer, bucket_mb, torch.bfloat16)
     ws.sync()  # warm-up
-    n_params = sum(1 for _ in learner.module.parameters())
+    from rft_ds.lora import sync_items
+
+    n_params = len(sync_items(learner.module))  # the base model's tensors (a LoRA model's merged)
     if consumer.problems or consumer.names != n_params:
         raise RuntimeError(f"{consumer.names} of {n_params} tensors, bad: {'; '.join(consumer.problems[:5])}")
     best = float("inf")
@@ -227,6 +232,7 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--completion-len", type=int, default=384)
     ap.add_argument("--bucket-mb", type=float, default=64.0, help="WeightSync bucket (sampler.sync_bucket_mb)")
+    ap.add_argument("--lora", type=int, default=0, help="LoRA rank on every linear layer (alpha = 2 x rank); 0: full")
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = ap.parse_args()
     if not 0 <= args.warmup < args.steps:
@@ -236,7 +242,7 @@ def main() -> int:
     import transformers
 
     failed: list[str] = []
-    out: dict = {"size": args.size, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+    out: dict = {"lora_r": args.lora, "size": args.size, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
                  "transformers": transformers.__version__, "micro": args.micro, "steps": args.steps,
                  "warmup": args.warmup, "seq": args.prompt_len + args.completion_len}
     t0 = time.perf_counter()
@@ -265,7 +271,9 @@ def main() -> int:
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             t = time.perf_counter()
-            learner = Learner(str(Path(tmp) / "model"), ds)
+            from rft_ds.lora import LoraSpec
+
+            learner = Learner(str(Path(tmp) / "model"), ds, LoraSpec(r=args.lora, alpha=2 * args.lora) if args.lora else None)
             out["learner_init_s"] = time.perf_counter() - t
             say(f"train: model built in {out['build_s']:.1f}s, Learner (ZeRO-3) up in {out['learner_init_s']:.1f}s")
             train(learner, args, world, peak, out)
