@@ -5,12 +5,6 @@ import os
 from rft_ds.toy import reward_fn as toy_reward
 
 
-def fail_on_rank1(samples, prompts, outputs, **kwargs):
-    if os.environ.get("RANK") == "1":
-        raise RuntimeError("reward server unreachable")
-    return toy_reward(samples, prompts, outputs, **kwargs)
-
-
 def slow_on_rank1(samples, prompts, outputs, **kwargs):
     """Hangs on rank 1 past any reasonable reward.timeout_s (a verifier stuck on one sample)."""
     import time

@@ -49,9 +49,9 @@ def check_run(tmp_path, epochs, loss_drop):
 
 
 def test_two_rank_zero3_vllm_run_learns(tmp_path):
-    p, secs = launch(tmp_path, "train.epochs=20", "train.eval_interval=10")
+    p, secs = launch(tmp_path, "train.epochs=14", "train.eval_interval=7")  # 0.040 -> 0.354 measured
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    m = check_run(tmp_path, 20, loss_drop=0.5)
+    m = check_run(tmp_path, 14, loss_drop=0.5)
     before, after = m[0]["eval_reward_mean_initial"], m[-1]["eval_reward_mean"]
     assert after > before + 0.15, (before, after)
     # the colocated engines got the trained weights each epoch, checked against the model on the first sync
@@ -90,17 +90,6 @@ def test_two_rank_zero3_hf_sampler_run_learns(tmp_path):
     print(f"2-rank HF-generate run: {secs:.0f}s, eval reward {before:.3f} -> {after:.3f}")
 
 
-def test_vllm_run_is_reproducible(tmp_path):
-    """Same seed, same samples: per-rank engine seeds plus a reseed per epoch make runs repeat exactly."""
-    runs = []
-    for name in ("a", "b"):
-        p, _ = launch(tmp_path / name, "train.epochs=3", "method.n_generations_per_prompt=8", "train.eval_interval=3")
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-        runs.append(read_metrics(tmp_path / name))
-    for key in ("selection_digest", "reward_mean", "train_loss", "eval_reward_mean"):
-        assert [r.get(key) for r in runs[0]] == [r.get(key) for r in runs[1]], key
-
-
 @pytest.mark.parametrize("override,needle", [
     ("method.start_percentile=1.5", "method.start_percentile must be in [0, 1], got 1.5"),
     ("train.dist_backend=nccl", "train.dist_backend=nccl but no CUDA device is visible on this host"),
@@ -114,15 +103,13 @@ def test_bad_config_fails_fast_on_every_rank(tmp_path, override, needle):
     assert not (tmp_path / "model").exists()  # failed before building or loading any model
 
 
-@pytest.mark.parametrize("overrides,needle", [
-    (["reward.reward_fn=tests.rewards:fail_on_rank1"], "scoring failed on rank 1: RuntimeError: reward server unreachable"),
-    # a second term that hangs on rank 1 (the verifier stuck on one sample): reward.timeout_s ends it on both ranks
-    (["reward.functions=['tests.rewards:slow_on_rank1']", "reward.weights=[1, 0.5]", "reward.timeout_s=5"],
-     "scoring failed on rank 1: RewardError: reward term slow_on_rank1 timed out after 5 s (reward.timeout_s) on a "
-     "call of"),
-])
-def test_reward_failure_on_one_rank_stops_every_rank(tmp_path, overrides, needle):
-    p, secs = launch(tmp_path, *overrides, "train.epochs=2", timeout=300)
+def test_reward_failure_on_one_rank_stops_every_rank(tmp_path):
+    """A second reward term hangs on rank 1 (a verifier stuck on one sample): reward.timeout_s ends it, and
+    both ranks stop with rank 1's error (the abandoned call's thread does not keep the process alive)."""
+    needle = ("scoring failed on rank 1: RewardError: reward term slow_on_rank1 timed out after 5 s (reward.timeout_s) "
+              "on a call of")
+    p, secs = launch(tmp_path, "reward.functions=['tests.rewards:slow_on_rank1']", "reward.weights=[1, 0.5]",
+                     "reward.timeout_s=5", "train.epochs=2", timeout=300)
     assert p.returncode != 0
     out = p.stdout + p.stderr
     for rank in (0, 1):

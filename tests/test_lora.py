@@ -71,7 +71,7 @@ def test_sync_plan_merges_adapters_and_skips_frozen_matrices(tiny_model):
 
 LORA = ["model.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj, down_proj]}", "model.gradient_checkpointing=true",
         "train.deepspeed_config=ds_configs/zero3_offload_cpu.json", "sampler.parity_check=always",
-        "method.n_generations_per_prompt=4", "train.save_interval=1", "train.eval_interval=3", "train.plots=false",
+        "method.n_generations_per_prompt=4", "train.save_interval=1", "train.keep_last=3", "train.eval_interval=3", "train.plots=false",
         "train.learning_rate=0.01"]
 
 
@@ -122,11 +122,14 @@ def test_lora_run_exports_and_resumes(tmp_path):
         names = [n for shapes in states["param_shapes"] for n in shapes]
         assert len(names) == 12 and all("lora_" in n for n in names) and states["frozen_param_shapes"] is None
 
-    # resumed after epoch 2 of 3: bit-identical to the uninterrupted run
+    # resumed from the checkpoint after epoch 2 of 3 (a copy of the run): bit-identical to the uninterrupted run
+    import shutil
+
     run = tmp_path / "resumed"
-    _run(run, "train.epochs=2")
-    p = _run(run, "train.epochs=3", "train.resume=auto")
-    assert "resumed from" in p.stdout
+    shutil.copytree(ref, run)
+    shutil.rmtree(run / "final_model")
+    p = _run(run, "train.epochs=3", f"train.resume={run / 'checkpoints' / 'epoch_00001'}")
+    assert "resumed from" in p.stdout and (run / "final_model").is_dir()
     resumed = _weights(run / "final_model")
     assert all((resumed[k] == final[k]).all() for k in final)
 

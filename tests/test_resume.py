@@ -133,7 +133,8 @@ def _latest(run: Path) -> str:
 def test_stop_or_kill_anywhere_then_resume_gives_identical_weights(tmp_path):
     """A model WITH dropout (so the training RNG matters): stopped by SIGUSR1 mid-sampling and mid-training,
     SIGKILLed mid-scoring, mid-sync and mid-save, resumed each time from what was saved (mid-epoch
-    checkpoints included), and the final weights and metrics are those of the uninterrupted run."""
+    checkpoints included), and the final weights and metrics are those of the uninterrupted run. (This is
+    also the reproducibility test: the first epochs of the two runs are independent runs of one seed.)"""
     from rft_ds.toy import build_tiny_model
 
     build_tiny_model(tmp_path / "model", attention_dropout=0.1)
