@@ -280,9 +280,10 @@ def _in_threads(call: Callable[[dict], Any], calls: list[dict], workers: int, ti
     todo: queue.SimpleQueue = queue.SimpleQueue()
     for i in range(n):
         todo.put(i)
+    stop = threading.Event()  # set when the caller gives up: no new call starts after that
 
     def work() -> None:
-        while True:
+        while not stop.is_set():
             try:
                 i = todo.get_nowait()
             except queue.Empty:
@@ -297,13 +298,16 @@ def _in_threads(call: Callable[[dict], Any], calls: list[dict], workers: int, ti
 
     for _ in range(min(workers, n)):
         threading.Thread(target=work, daemon=True, name="rft_ds-reward").start()
-    for i in range(n):  # FIFO: a call that hangs is seen before any call queued behind it is waited for
-        began[i].wait()
-        left = None if timeout_s is None else max(0.0, timeout_s - (time.monotonic() - started[i]))
-        if not done[i].wait(left):
-            raise _TimedOut(i)
-        if i in errors:
-            raise errors[i]
+    try:
+        for i in range(n):  # FIFO: a call that hangs is seen before any call queued behind it is waited for
+            began[i].wait()
+            left = None if timeout_s is None else max(0.0, timeout_s - (time.monotonic() - started[i]))
+            if not done[i].wait(left):
+                raise _TimedOut(i)
+            if i in errors:
+                raise errors[i]
+    finally:
+        stop.set()
     return results
 
 
