@@ -149,7 +149,9 @@ class TrainConfig:
     warmup_steps: int = 0
     max_seq_length: int = 512  # prompt + completion (+ EOS) per training row
     seed: int = 1000
-    deepspeed_config: str = "ds_configs/zero3_cpu.json"
+    # auto: the packaged preset for the device (zero3_gpu.json with CUDA, zero3_cpu.json without); or a
+    # preset's name (zero3_cpu_bf16.json, zero3_offload_cpu.json, ...), or a path to your own JSON
+    deepspeed_config: str = "auto"
     dist_backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise
     dist_timeout_s: int = 600  # how long a collective waits for a lost rank before failing
     output_dir: str = "runs/default"
@@ -204,7 +206,9 @@ class RFTRunConfig:
             raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(d, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(d).__name__}")
-        return cls.from_dict(d, overrides)
+        cfg = cls.from_dict(d, overrides)
+        inputs_beside(cfg, path.resolve().parent)
+        return cfg
 
     def to_dict(self) -> dict:
         """Plain values for config.yaml, checkpoints and dashboards. Prompts given as objects (a list, a
@@ -216,6 +220,29 @@ class RFTRunConfig:
             return dataclasses.asdict(self)
         finally:
             data.prompts, data.eval_prompts = saved
+
+
+def beside(value: Any, base: Path) -> Any:
+    """A relative path that names nothing from the working directory but does from `base` (the YAML
+    file's directory), made absolute; anything else as it is ("module:function", a preset's name, ...)."""
+    if not isinstance(value, str) or not value or Path(value).is_absolute():
+        return value
+    pattern = any(c in value for c in "*?[")  # data files may be a glob
+    if (pattern and any(Path().glob(value))) or (not pattern and Path(value).exists()):
+        return value
+    found = any(base.glob(value)) if pattern else (base / value).exists()
+    return str(base / value) if found else value
+
+
+def inputs_beside(cfg: "RFTRunConfig", base: Path) -> None:
+    """Let a YAML config name its inputs (model, tokenizer, prompt files, DeepSpeed JSON) relative to its own
+    directory, so it runs from any working directory; paths relative to the working directory keep
+    working. Outputs (train.output_dir) stay relative to the working directory."""
+    cfg.model.model_path = beside(cfg.model.model_path, base)
+    cfg.model.tokenizer_path = beside(cfg.model.tokenizer_path, base)
+    cfg.data.prompts = beside(cfg.data.prompts, base)
+    cfg.data.eval_prompts = beside(cfg.data.eval_prompts, base)
+    cfg.train.deepspeed_config = beside(cfg.train.deepspeed_config, base)
 
 
 def read_model_config(path: str | Path, what: str = "model.model_path") -> dict:

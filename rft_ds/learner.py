@@ -19,10 +19,30 @@ from rft_ds.config import ConfigError, TrainConfig
 from rft_ds.experience import IGNORE_INDEX, Row, collate
 
 
+PRESETS = Path(__file__).resolve().parent / "ds_configs"  # shipped in the package: found from any directory
+
+
+def resolve_ds_config(value: str | Path, cuda: bool | None = None) -> Path:
+    """train.deepspeed_config -> a file: "auto" is the preset for the device found (zero3_gpu.json with CUDA,
+    zero3_cpu.json without); an existing path is itself; a preset's name (alone or as ds_configs/NAME,
+    how the repo's configs write it) is the packaged preset, whatever the working directory."""
+    if str(value) == "auto":
+        if cuda is None:
+            import torch
+
+            cuda = torch.cuda.is_available()
+        return PRESETS / ("zero3_gpu.json" if cuda else "zero3_cpu.json")
+    path = Path(value)
+    if path.is_file():
+        return path
+    if not path.is_absolute() and path.parent in (Path("."), Path("ds_configs")) and (PRESETS / path.name).is_file():
+        return PRESETS / path.name
+    presets = ", ".join(sorted(p.name for p in PRESETS.glob("*.json")))
+    raise ConfigError(f"train.deepspeed_config: file not found: {path} (or auto, or a preset: {presets})")
+
+
 def load_ds_config(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"train.deepspeed_config: file not found: {path}")
+    path = resolve_ds_config(path)
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -155,9 +155,38 @@ def test_ds_requires_zero3_and_no_unfillable_auto():
 
 def test_shipped_ds_configs_fill():
     cfg = load()
-    for path in ("ds_configs/zero3_cpu.json", "ds_configs/zero3_cpu_bf16.json", "ds_configs/zero3_gpu.json"):
+    for path in ("ds_configs/zero3_cpu.json", "ds_configs/zero3_cpu_bf16.json", "ds_configs/zero3_gpu.json",
+                 "zero3_offload_cpu.json", "auto"):
         out = fill_ds_config(load_ds_config(path), cfg.train, 2)
         assert out["zero_optimization"]["stage"] == 3
+
+
+def test_presets_and_yaml_relative_inputs_from_any_directory(tmp_path, monkeypatch):
+    """The DeepSpeed presets ship in the package; a YAML config's inputs may be relative to its own directory."""
+    from rft_ds.learner import PRESETS, resolve_ds_config
+
+    monkeypatch.chdir(tmp_path)  # not the checkout
+    assert resolve_ds_config("auto", cuda=False) == PRESETS / "zero3_cpu.json"
+    assert resolve_ds_config("auto", cuda=True) == PRESETS / "zero3_gpu.json"
+    assert resolve_ds_config("ds_configs/zero3_cpu_bf16.json") == PRESETS / "zero3_cpu_bf16.json"
+    with pytest.raises(ConfigError, match=r"file not found: elsewhere/zero3_cpu.json \(or auto, or a preset: zero3_cpu.json"):
+        resolve_ds_config("elsewhere/zero3_cpu.json")  # another directory's file is not silently a preset
+    assert RFTRunConfig().train.deepspeed_config == "auto"
+
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "p.jsonl").write_text('{"prompt": "a"}\n')
+    (project / "my_ds.json").write_text("{}")
+    (project / "run.yaml").write_text("data: {prompts: data/p.jsonl, eval_prompts: rft_ds.toy:eval_prompts}\n"
+                                      "model: {model_path: .cache/m}\ntrain: {deepspeed_config: my_ds.json, output_dir: out}\n")
+    cfg = RFTRunConfig.load_yaml(project / "run.yaml")
+    assert cfg.data.prompts == str(project / "data" / "p.jsonl")
+    assert cfg.train.deepspeed_config == str(project / "my_ds.json")
+    assert cfg.data.eval_prompts == "rft_ds.toy:eval_prompts"  # not a path
+    assert cfg.model.model_path == ".cache/m" and cfg.train.output_dir == "out"  # nothing there: as written
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "p.jsonl").write_text('{"prompt": "b"}\n')
+    assert RFTRunConfig.load_yaml(project / "run.yaml").data.prompts == "data/p.jsonl"  # the working dir's first
 
 
 def test_invalid_ds_json(tmp_path):

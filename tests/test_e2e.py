@@ -134,7 +134,8 @@ assert all(r["n_selected"] <= r["n_prompts_kept"] <= 16 for r in h)  # max_per_p
 assert "eval_reward_mean" in h[-1]
 print("OK", type(res.model).__name__)
 """
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    # from a directory outside the checkout, with the default train.deepspeed_config (auto: the packaged preset)
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "OK LlamaForCausalLM" in p.stdout
