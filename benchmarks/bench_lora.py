@@ -212,15 +212,9 @@ def main() -> None:
         ap.error(f"--warmup {args.warmup} must be in [0, --steps {args.steps})")
     if "RANK" in os.environ:
         return rank_main(args)
-    import subprocess
-
-    from rft_ds.distributed import free_port
-
     if not (MODEL / "config.json").exists():
         sys.exit(f"{MODEL} missing: python -m rft_ds.smollm2 {MODEL}")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(args.nproc), "--master_port",
-           str(free_port()), __file__, *sys.argv[1:]]
-    p = subprocess.run(cmd, cwd=common.ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    p = common.launch_captured(__file__, sys.argv[1:], args.nproc)
     lines = p.stdout.splitlines()
     start = next((i for i, x in enumerate(lines) if x == MARK), None)
     end = next((i for i, x in enumerate(lines) if x.startswith("JSON ") and start is not None and i > start), None)

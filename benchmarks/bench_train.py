@@ -163,15 +163,9 @@ def main() -> None:
     args = ap.parse_args([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
     if "RANK" in os.environ:
         return rank_main(args)
-    import subprocess
-
-    from rft_ds.distributed import free_port
-
     if not (MODEL / "config.json").exists():
         sys.exit(f"{MODEL} missing: python -m rft_ds.smollm2 {MODEL}")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(args.nproc), "--master_port",
-           str(free_port()), __file__, *sys.argv[1:]]
-    p = subprocess.run(cmd, cwd=common.ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    p = common.launch_captured(__file__, sys.argv[1:], args.nproc)
     line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
     if p.returncode != 0 or line is None:
         sys.exit(f"benchmark ranks failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")

@@ -45,6 +45,16 @@ def launch(script: str, *args: str, nproc: int = 2) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
+def launch_captured(script: str, args: list[str], nproc: int) -> subprocess.CompletedProcess:
+    """`script` under the deepspeed launcher with nproc CPU ranks, its output captured: the caller picks out
+    the lines rank 0 printed its result on."""
+    from rft_ds import distributed as D
+
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(deepspeed), "--num_gpus", str(nproc), "--master_port", str(D.free_port()), script, *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
 def append_rows(out: str, rows: list[dict]) -> None:
     """Rank 0 appends its results, one JSON line each, for RESULTS.md."""
     import json
