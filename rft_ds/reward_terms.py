@@ -146,8 +146,7 @@ def build_terms(r: Any, reward_fn: Any = None) -> list[RewardTerm]:
             if not isinstance(url, str) or not re.match(r"https?://[^/\s]+", url):
                 raise ConfigError(f"{what} must be an http:// or https:// URL, got {url!r}")
             scorer = HttpScorer(url, timeout_s=r.timeout_s or 60.0, retries=r.http_retries)
-            t = _term(scorer, None, {**entry, "executor": entry.get("executor", "thread")}, what)
-            t.name = str(entry.get("name") or "remote")
+            t = _term(scorer, None, {**entry, "executor": entry.get("executor", "thread")}, what)  # named "remote"
             t.timeout_s = math.inf  # HttpScorer enforces reward.timeout_s per request itself, retries included
             terms.append(t)
 
