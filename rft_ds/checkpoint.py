@@ -648,6 +648,7 @@ def save(root: Path, name: str, engine: Any, state: dict | None, tokenizer: Any,
     import torch
 
     from rft_ds import distributed as D
+    from rft_ds.lora import ADAPTER, is_peft
 
     t0 = time.perf_counter()
     root = Path(root)
@@ -667,8 +668,8 @@ def save(root: Path, name: str, engine: Any, state: dict | None, tokenizer: Any,
         torch.save({"rng": rng_state(), "local": local_state}, tmp / f"rank{rank}.pt")
         if main:
             engine.module.config.save_pretrained(tmp / "hf")
-            if hasattr(engine.module, "peft_config"):  # LoRA: what rft_ds.export needs to rebuild the adapter
-                engine.module.peft_config["default"].save_pretrained(tmp / "hf")
+            if is_peft(engine.module):  # LoRA: what rft_ds.export needs to rebuild the adapter
+                engine.module.peft_config[ADAPTER].save_pretrained(tmp / "hf")
             gen = getattr(engine.module, "generation_config", None)
             if gen is not None:
                 gen.save_pretrained(tmp / "hf")
