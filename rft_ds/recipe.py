@@ -553,8 +553,10 @@ def train(s: Setup, st: RunState, step: Any) -> bool:
                                  step_tokens[st.cursor // learner.grad_accum], D.world_size(),
                                  compare_logprobs=st.cursor == 0)
         stats.add(one)
-        pbar.set_postfix(loss=f"{one.losses[-1]:.4f}", refresh=False)  # shown by the update's refresh
         pbar.update(upto - st.cursor)
+        # refreshed every step: update() alone redraws at most every 0.1 s, and a leave=False bar is erased
+        # on close, so a run of fast steps would never show its loss
+        pbar.set_postfix(loss=f"{one.losses[-1]:.4f}", refresh=True)
         st.cursor, st.optimizer_steps = upto, st.optimizer_steps + 1
         _add_time(st.record, "time_train", time.perf_counter() - t1)
         if safe_point(s, st, time.perf_counter() - t1):
