@@ -50,3 +50,9 @@ def train_prompts(n: int = 256, seed: int = 0, digits: int = 2, ops: str = "+") 
 
 def eval_prompts(n: int = 128, seed: int = 0, digits: int = 2, ops: str = "+") -> list[dict[str, Any]]:
     return problems(n, "eval", seed, digits, ops)
+
+
+def eval_subtraction(n: int = 64, seed: int = 0) -> list[dict[str, Any]]:
+    """A neighbouring task the demo never trains on (2-digit subtraction): its second eval set, where
+    forgetting, or transfer, shows."""
+    return problems(n, "eval", seed, 2, "-")

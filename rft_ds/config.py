@@ -167,13 +167,26 @@ class TrainConfig:
     # last save's time + this margin, even if no signal comes.
     save_before_end_s: float = 120.0
     save_final_model: bool = True  # HF directory at <output_dir>/final_model
-    save_best_model: bool = True  # HF directory at <output_dir>/best_model, best eval_reward_mean so far
+    save_best_model: bool = True  # HF directory at <output_dir>/best_model, the best train.best_metric so far
+    # "<set>/<metric>" of eval.sets (higher is better), e.g. "eval/pass@1"; auto: the first set's greedy
+    # reward, or its reward mean over n_samples >= 4 (never a single sample at temperature)
+    best_metric: str = "auto"
     progress: Optional[bool] = None  # tqdm bars on rank 0; None: when stderr is a terminal
     tensorboard: Optional[bool] = None  # <output_dir>/tensorboard; None: when tensorboard is installed
     wandb: bool = False  # opt-in; needs the wandb package (never a hard dependency)
     wandb_project: str = "rft_ds"
     wandb_run_name: Optional[str] = None
     plots: bool = True  # PNG plots of the metrics in <output_dir>/plots at the end (needs matplotlib)
+
+
+@dataclass
+class EvalConfig:
+    # Named eval sets, each a mapping: name, prompts (any data source), and optionally split, reward_fn (null:
+    # the run's reward terms), metric_fn, answer_fn (for maj@k), n_samples (4; 1 when not sampling),
+    # gen_kwargs (over method.gen_kwargs), greedy (one more greedy completion per prompt), pass_k, maj_k,
+    # pass_threshold (a sample passes at reward >= it; 1.0). null: one set named "eval" from
+    # data.eval_prompts, train.eval_gen_kwargs and reward.metric_fn. See rft_ds/evaluation.py.
+    sets: Optional[list] = None
 
 
 @dataclass
@@ -185,6 +198,7 @@ class RFTRunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @classmethod
     def from_dict(cls, d: dict, overrides: list[str] | None = None) -> "RFTRunConfig":
@@ -214,12 +228,15 @@ class RFTRunConfig:
         """Plain values for config.yaml, checkpoints and dashboards. Prompts given as objects (a list, a
         datasets.Dataset) are summarised, not copied into every checkpoint; prompts_digest covers them."""
         data = self.data
-        saved = data.prompts, data.eval_prompts
-        data.prompts, data.eval_prompts = (_describe_source(s) for s in saved)
+        saved = data.prompts, data.eval_prompts, self.eval.sets
+        data.prompts, data.eval_prompts = (_describe_source(s) for s in saved[:2])
+        if isinstance(self.eval.sets, list):
+            self.eval.sets = [{**d, "prompts": _describe_source(d.get("prompts"))} if isinstance(d, dict) else d
+                              for d in self.eval.sets]
         try:
             return dataclasses.asdict(self)
         finally:
-            data.prompts, data.eval_prompts = saved
+            data.prompts, data.eval_prompts, self.eval.sets = saved
 
 
 def beside(value: Any, base: Path) -> Any:
@@ -472,6 +489,11 @@ def validate(cfg: RFTRunConfig) -> None:
     _require(t.dist_backend in ("auto", "gloo", "nccl"), f"train.dist_backend must be auto, gloo or nccl, got {t.dist_backend!r}")
     _require(t.dist_timeout_s >= 1, f"train.dist_timeout_s must be >= 1, got {t.dist_timeout_s}")
     _require(bool(t.output_dir), "train.output_dir is required")
+    from rft_ds.evaluation import best_metric, parse_sets
+
+    sets = parse_sets(cfg)  # the API's eval_prompts, when given, are checked again in prepare
+    if t.save_best_model:
+        best_metric(t.best_metric, sets)
 
 
 # What a resume must not change silently: fields that decide which completions are sampled, how they are

@@ -123,11 +123,12 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def format_epoch(r: dict, epochs: int) -> str:
+def format_epoch(r: dict, epochs: int, eval_key: str = "eval_reward_mean") -> str:
+    """One console line per epoch; eval_key: the eval number shown (train.best_metric's, when there is one)."""
     parts = [f"epoch {r['epoch'] + 1}/{epochs}", "grow" if r["grow_step"] else "improve",
              f"p={r['percentile']:.3f}", f"sampled {r['n_sampled']}", f"kept {r['n_selected']}/{r['pool_size']}",
              f"reward {_fmt(r['reward_mean'])}", f"loss {_fmt(r['train_loss'])}"]
-    if r.get("eval_reward_mean") is not None:
-        parts.append(f"eval {r['eval_reward_mean']:.3f}")
+    if r.get(eval_key) is not None:
+        parts.append(f"{'eval' if eval_key == 'eval_reward_mean' else eval_key[5:]} {r[eval_key]:.3f}")
     parts.append(f"{r['time_epoch']:.1f}s" + (f" (checkpoint {r['time_checkpoint']:.1f}s)" if "time_checkpoint" in r else ""))
     return " | ".join(parts)

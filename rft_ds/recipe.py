@@ -28,13 +28,14 @@ from rft_ds import progress
 from rft_ds.config import ConfigError, RFTRunConfig, read_model_config, text_config
 from rft_ds.data import (PromptRecord, load_source, normalize, resolve_callable, shard, tokenize,
                          use_chat_template)
+from rft_ds.evaluation import EvalSet, best_metric, maj_at_k, parse_sets, pass_at_k
 from rft_ds.experience import Row, label_tokens, num_steps, plan_micro_batches, rows_for_rank
 from rft_ds.faults import maybe_die
 from rft_ds.learner import TrainStats
 from rft_ds.metrics import MetricsLog, format_epoch, open_sinks, plain
 from rft_ds.pool import LocalPool
 from rft_ds.lora import check_lora, parse_lora, save_adapter
-from rft_ds.reward_terms import build_terms, check_arguments, load_reward_models
+from rft_ds.reward_terms import build_terms, check_arguments, function_term, load_reward_models
 from rft_ds.scoring import RewardError, gather_new_rows, gather_pool, score_shard, term_means
 from rft_ds.selection import (TABLE, cap_per_prompt, completion_digest, parse_pool_policy, schedule, select,
                               selection_digest, update_pool)
@@ -46,6 +47,17 @@ class Prompts:
     texts: list[str]
     metadata: list[dict]
     records: list[PromptRecord] = field(default_factory=list)
+
+
+@dataclass
+class EvalData:
+    """One eval set, ready: its spec (evaluation.EvalSet), tokenized prompts and resolved callables."""
+
+    spec: EvalSet
+    prompts: Prompts
+    rewards: list  # its own reward_fn as a term, or the run's reward terms
+    metric_fn: Any
+    answer_fn: Any
 
 
 @dataclass
@@ -85,7 +97,9 @@ def _load_tokenizer(cfg: RFTRunConfig) -> Any:
 
 
 def longest_generation(cfg: RFTRunConfig) -> int:
-    return max(cfg.method.gen_kwargs["max_new_tokens"], (cfg.train.eval_gen_kwargs or {}).get("max_new_tokens", 0))
+    sets = cfg.eval.sets if isinstance(cfg.eval.sets, list) else []
+    return max([cfg.method.gen_kwargs["max_new_tokens"], (cfg.train.eval_gen_kwargs or {}).get("max_new_tokens", 0)]
+               + [(d.get("gen_kwargs") or {}).get("max_new_tokens", 0) for d in sets if isinstance(d, dict)])
 
 
 def model_max_positions(model_path: str) -> int | None:
@@ -125,18 +139,22 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
         engine_group(0, world, cfg.sampler.tensor_parallel_size)
     rewards = build_terms(cfg.reward, reward_fn)  # reward models: config.json checked here, loaded in setup
     check_metric_sinks(cfg.train)
-    metric_fn = resolve_callable(metric_fn if metric_fn is not None else cfg.reward.metric_fn, "reward.metric_fn")
+    sets = parse_sets(cfg, eval_prompts, metric_fn)
+    best = best_metric(cfg.train.best_metric, sets) if cfg.train.save_best_model else None
     src = prompts if prompts is not None else cfg.data.prompts
     if src is None:
         raise ConfigError("data.prompts is required")
     d = cfg.data
     train = Prompts(*normalize(load_source(src, "prompts", d.prompt_field, d.split), "prompts", d.prompt_field,
                                d.metadata_fields))
-    src = eval_prompts if eval_prompts is not None else d.eval_prompts
-    evals = None
-    if src is not None:
-        evals = Prompts(*normalize(load_source(src, "eval_prompts", d.prompt_field, d.eval_split), "eval_prompts",
-                                   d.prompt_field, d.metadata_fields))
+    evals = []
+    for i, es in enumerate(sets):
+        where = "eval_prompts" if cfg.eval.sets is None else f"eval.sets[{i}]"
+        data = Prompts(*normalize(load_source(es.prompts, f"{where}", d.prompt_field, es.split), where, d.prompt_field,
+                                  d.metadata_fields))
+        evals.append(EvalData(es, data, rewards if es.reward_fn is None else [function_term(es.reward_fn, f"{where}.reward_fn")],
+                              resolve_callable(es.metric_fn, "reward.metric_fn" if cfg.eval.sets is None else f"{where}.metric_fn"),
+                              resolve_callable(es.answer_fn, f"{where}.answer_fn")))
     out = Path(cfg.train.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -172,10 +190,13 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
     limit = prompt_limit(cfg)
     chat = use_chat_template(tokenizer, d.apply_chat_template)
     train.records = tokenize(train.texts, train.metadata, tokenizer, limit, "prompts", chat, d.system_prompt)
-    if evals is not None:
-        evals.records = tokenize(evals.texts, evals.metadata, tokenizer, limit, "eval_prompts", chat, d.system_prompt)
-    check_arguments(rewards, {k for m in train.metadata + (evals.metadata if evals else []) for k in m})
-    return rewards, metric_fn, train, evals, tokenizer, ds_config, ckpt
+    for i, ev in enumerate(evals):
+        where = "eval_prompts" if cfg.eval.sets is None else f"eval.sets[{i}].prompts"
+        ev.prompts.records = tokenize(ev.prompts.texts, ev.prompts.metadata, tokenizer, limit, where, chat, d.system_prompt)
+    check_arguments(rewards, {k for m in train.metadata for k in m})
+    for ev in evals:
+        check_arguments(ev.rewards, {k for m in ev.prompts.metadata for k in m})
+    return rewards, train, evals, best, tokenizer, ds_config, ckpt
 
 
 def check_resume_config(ckpt: Path | None, cfg: RFTRunConfig) -> None:
@@ -296,7 +317,7 @@ class RunState:
     record: dict = field(default_factory=dict)  # the epoch in progress: its metrics so far
     history: list = field(default_factory=list)  # one record per finished epoch (metrics.jsonl)
     eval_before: dict | None = None
-    best: dict | None = None  # {"epoch", "eval_reward_mean", "run_id"} of best_model/
+    best: dict | None = None  # {"epoch", "metric", "value", "run_id"} of best_model/
     optimizer_steps: int = 0  # over the whole run (train.save_every_steps)
     local: dict = field(default_factory=dict)  # this rank's: sampled completions of this grow step, losses so far
     pool: LocalPool = field(default_factory=LocalPool)  # this rank's: tokens of the pool rows it owns
@@ -315,9 +336,9 @@ class Setup:
 
     cfg: RFTRunConfig
     rewards: list  # reward_terms.RewardTerm, in config order
-    metric_fn: Any
     train: Prompts
-    evals: Prompts | None
+    evals: list[EvalData]  # eval.sets, in order (empty: no eval)
+    best: tuple[EvalSet, str] | None  # what picks best_model/ (train.best_metric), None: no best_model/
     tokenizer: Any
     learner: Any
     sampler: Any
@@ -411,8 +432,7 @@ def setup(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, me
     from rft_ds.sampling.vllm import engine_group
     from rft_ds.slurm import job_end_time
 
-    rewards, metric_fn, train, evals, tokenizer, ds_config, _ = prepare(cfg, reward_fn, prompts, eval_prompts,
-                                                                        metric_fn)
+    rewards, train, evals, best, tokenizer, ds_config, _ = prepare(cfg, reward_fn, prompts, eval_prompts, metric_fn)
     t = cfg.train
     D.init(t.dist_backend, t.dist_timeout_s)
     check_shared_output(Path(t.output_dir), wait_s=min(30.0, t.dist_timeout_s / 4))
@@ -427,7 +447,7 @@ def setup(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, me
                                                 if cfg.sampler.backend == "vllm" else 1)
     if any(r.reward_model for r in rewards):
         with D.all_ranks_or_fail("loading the reward model"):  # a rank that cannot load it stops them all
-            load_reward_models(rewards)
+            load_reward_models(rewards)  # eval sets without their own reward_fn share these terms
     random.seed(t.seed)  # the training RNG's start; a resume replaces it with the checkpoint's, nothing re-seeds it
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
@@ -440,7 +460,7 @@ def setup(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, me
     half = not (weight_sync and weight_sync.dtype == torch.float32)
     # bf16/fp16: the engine's logits are rounded to half precision, and one bf16 step of a logit near 32-64 is
     # 0.25, so a 30-layer model legitimately differs by ~0.1-0.2 (SmolLM2-135M: 0.04-0.12 measured)
-    s = Setup(cfg, rewards, metric_fn, train, evals, tokenizer, learner, sampler, weight_sync, signals, out,
+    s = Setup(cfg, rewards, train, evals, best, tokenizer, learner, sampler, weight_sync, signals, out,
               sampler.stop_sequences, group, n_groups, contributes, progress.enabled(t.progress, D.is_main()),
               parity_tol=cfg.sampler.parity_tolerance or (0.5 if half else 1e-3),
               stale_tol=cfg.sampler.stale_tolerance or (0.1 if half else 1e-3),
@@ -455,10 +475,12 @@ def start_fresh(s: Setup) -> RunState:
     st = RunState(run_id=D.broadcast_object(uuid.uuid4().hex[:12] if D.is_main() else None),
                   prompts_digest=s.prompts_digest, shard=s.cfg.data.shard, pool=LocalPool(D.rank()))
     _warn_foreign_best_model(s.out, st.run_id)
-    if s.evals is not None and s.cfg.train.eval_interval > 0:
+    if s.evals and s.cfg.train.eval_interval > 0:
         st.eval_before = _evaluate(s, -1)
+        if s.best is not None:
+            _best_key(s, st.eval_before)  # a best_metric that metric_fn does not report fails now, not after an epoch
         if D.is_main():
-            print(f"[rft_ds] eval before training: reward {st.eval_before['eval_reward_mean']:.4f}", flush=True)
+            print(f"[rft_ds] eval before training: {_eval_summary(s, st.eval_before)}", flush=True)
     return st
 
 
@@ -617,13 +639,15 @@ def evaluate(s: Setup, st: RunState) -> bool:
     Changes st.record, st.best; then the stage is end. A safe point after it."""
     t, rec = s.cfg.train, st.record
     took = 0.0
-    if s.evals is not None and t.eval_interval > 0 and ((st.epoch + 1) % t.eval_interval == 0 or st.epoch == t.epochs - 1):
+    if s.evals and t.eval_interval > 0 and ((st.epoch + 1) % t.eval_interval == 0 or st.epoch == t.epochs - 1):
         t0 = time.perf_counter()
         rec.update(_evaluate(s, st.epoch))
         rec["time_eval"] = took = time.perf_counter() - t0
-        if t.save_best_model and (st.best is None or rec["eval_reward_mean"] > st.best["eval_reward_mean"]):
-            st.best = {"epoch": st.epoch, "eval_reward_mean": rec["eval_reward_mean"], "run_id": st.run_id}
-            s.learner.save_hf(s.out / "best_model", s.tokenizer, D.is_main(), extra={"rft_ds_run.json": st.best})
+        if s.best is not None:
+            key = _best_key(s, rec)
+            if st.best is None or rec[key] > st.best["value"]:
+                st.best = {"epoch": st.epoch, "metric": key, "value": rec[key], "run_id": st.run_id}
+                s.learner.save_hf(s.out / "best_model", s.tokenizer, D.is_main(), extra={"rft_ds_run.json": st.best})
     st.stage, st.cursor = "end", 0
     return safe_point(s, st, took)
 
@@ -648,7 +672,8 @@ def end_epoch(s: Setup, st: RunState, log: MetricsLog) -> bool:
         save_checkpoint(s, st)
     log.log(st.history[-1])
     if D.is_main():
-        print("[rft_ds] " + format_epoch(st.history[-1], t.epochs), flush=True)
+        shown = s.best[0].key(s.best[1]) if s.best else s.evals[0].spec.key("reward_mean") if s.evals else ""
+        print("[rft_ds] " + format_epoch(st.history[-1], t.epochs, shown), flush=True)
     return stop
 
 
@@ -720,6 +745,14 @@ def load_checkpoint(s: Setup, ckpt: Path) -> RunState:
         if D.is_main():
             print(f"[rft_ds] note: {s.out / 'best_model'} is not this run's ({st.run_id}); the next eval rewrites it",
                   flush=True)
+        st.best = None
+    if st.best is not None and "metric" not in st.best:  # written before train.best_metric existed
+        st.best = {"epoch": st.best["epoch"], "metric": "eval_reward_mean", "value": st.best["eval_reward_mean"],
+                   "run_id": st.best["run_id"]}
+    if st.best is not None and (s.best is None or st.best["metric"] != s.best[0].key(s.best[1])):
+        if D.is_main() and s.best is not None:
+            print(f"[rft_ds] note: best_model/ was picked by {st.best['metric']}, now train.best_metric is "
+                  f"{s.best[0].name}/{s.best[1]}; the next eval rewrites it", flush=True)
         st.best = None
     if s.weight_sync:
         s.weight_sync.sync()
@@ -810,36 +843,94 @@ def _sampled_logprobs(records: Sequence[PromptRecord], comps: Sequence[Sequence[
 
 
 def _evaluate(s: Setup, epoch: int) -> dict:
-    """One completion per eval prompt, scored where it was sampled; the mean over all ranks' scores (8 bytes
-    a completion cross ranks). metric_fn runs once, on rank 0, on every output (gathered to rank 0 only)."""
-    evals, tok = s.evals, s.tokenizer
-    gen_kwargs = {**s.cfg.method.gen_kwargs, **(s.cfg.train.eval_gen_kwargs or {})}
-    mine = [evals.records[i] for i in shard(len(evals.records), s.group, s.n_groups, s.cfg.data.shard)]
-    comps = s.sampler.generate([r.token_ids for r in mine], 1, gen_kwargs, _sample_seed(s.cfg.train.seed, epoch, s.group, 1),
-                               "eval: sample" if s.show else None)
+    """Every eval set, in order: one dict of all their metrics (evaluation.EvalSet.key names them)."""
+    result: dict[str, Any] = {}
+    for i, ev in enumerate(s.evals):
+        result.update(_evaluate_set(s, ev, epoch, stream=1 if i == 0 else 10 + i))
+    return result
+
+
+def _evaluate_set(s: Setup, ev: EvalData, epoch: int, stream: int) -> dict:
+    """n_samples completions per prompt of this rank's share, scored where they were sampled. Per prompt:
+    pass@k, maj@k, summed here; one all_reduce of those sums (a few numbers per set) gives the means.
+    metric_fn runs once, on rank 0, on every output (gathered to rank 0 only)."""
+    import torch
+
+    spec, data, tok = ev.spec, ev.prompts, s.tokenizer
+    label = (lambda what: f"eval {spec.name}: {what}") if s.show else (lambda what: None)
+    mine = [data.records[i] for i in shard(len(data.records), s.group, s.n_groups, s.cfg.data.shard)]
+    seed = _sample_seed(s.cfg.train.seed, epoch, s.group, stream)
+    comps = s.sampler.generate([r.token_ids for r in mine], spec.n_samples, spec.gen_kwargs, seed, label("sample"))
     if not s.contributes:  # a tensor-parallel peer: its group leader scores the same completions
         mine, comps = [], []
     pids = [r.id for r, cs in zip(mine, comps) for _ in cs]
-    scores, outputs, parts = score_shard(s.rewards, pids, [c.token_ids for cs in comps for c in cs], evals.texts,
-                                         evals.metadata, tok, s.stop_sequences, s.cfg.reward,
-                                         "eval: score" if s.show else None)
-    result: dict[str, Any] = {"eval_reward_mean": float(np.concatenate(D.all_gather_object(scores)).mean())}
-    result.update({f"eval_{k}": v for k, v in term_means(s.rewards, parts).items()})
-    if s.metric_fn is not None:
+    scores, outputs, parts = score_shard(ev.rewards, pids, [c.token_ids for cs in comps for c in cs], data.texts,
+                                         data.metadata, tok, s.stop_sequences, s.cfg.reward, label("score"))
+    sums = [float(scores.sum()), float(len(scores)), float(len(mine))]
+    with D.all_ranks_or_fail(f"eval set {spec.name}: pass@k / maj@k"):  # answer_fn is the user's code
+        passed = scores >= spec.pass_threshold
+        answers = [ev.answer_fn(o) for o in outputs] if spec.maj_k else []
+        ends = np.cumsum([len(cs) for cs in comps]).tolist()
+        spans = list(zip([0] + ends[:-1], ends))  # each prompt's samples
+        sums += [sum(pass_at_k(b - a, int(passed[a:b].sum()), k) for a, b in spans) for k in spec.pass_k]
+        sums += [sum(maj_at_k(answers[a:b], passed[a:b].tolist(), k) for a, b in spans) for k in spec.maj_k]
+    if spec.greedy:
+        greedy = s.sampler.generate([r.token_ids for r in mine], 1, {**spec.gen_kwargs, "do_sample": False}, seed,
+                                    label("greedy"))
+        if not s.contributes:
+            greedy = []
+        g_scores, _, _ = score_shard(ev.rewards, [r.id for r, cs in zip(mine, greedy) for _ in cs],
+                                     [c.token_ids for cs in greedy for c in cs], data.texts, data.metadata, tok,
+                                     s.stop_sequences, s.cfg.reward, label("score greedy"))
+        sums += [float(g_scores.sum()), float((g_scores >= spec.pass_threshold).sum()), float(len(g_scores))]
+    tot = D.all_reduce(torch.tensor(sums, dtype=torch.float64)).tolist()
+    n_samples, n_prompts = tot[1], tot[2]
+    result: dict[str, Any] = {spec.key("reward_mean"): tot[0] / max(n_samples, 1)}
+    at = 3
+    for name in [f"pass@{k}" for k in spec.pass_k] + [f"maj@{k}" for k in spec.maj_k]:
+        result[spec.key(name)] = tot[at] / max(n_prompts, 1)
+        at += 1
+    if spec.greedy:
+        result[spec.key("greedy_reward_mean")] = tot[at] / max(tot[at + 2], 1)
+        result[spec.key("greedy_pass")] = tot[at + 1] / max(tot[at + 2], 1)
+    result.update({spec.key(k): v for k, v in term_means(ev.rewards, parts).items()})
+    if ev.metric_fn is not None:
         gathered = D.gather_object((pids, outputs))
         extra = None
-        with D.all_ranks_or_fail("metric_fn"):
+        with D.all_ranks_or_fail(f"eval set {spec.name}: metric_fn"):
             if D.is_main():
                 pairs = sorted((p, o) for ps, os_ in gathered for p, o in zip(ps, os_))  # in prompt order
                 pids, outputs = [p for p, _ in pairs], [o for _, o in pairs]
-                prompts = [evals.texts[p] for p in pids]
-                meta = {k: [evals.metadata[p].get(k) for p in pids] for k in sorted({k for p in pids for k in evals.metadata[p]})}
-                extra = s.metric_fn(samples=[p + o for p, o in zip(prompts, outputs)], prompts=prompts, outputs=outputs, **meta)
+                prompts = [data.texts[p] for p in pids]
+                meta = {k: [data.metadata[p].get(k) for p in pids] for k in sorted({k for p in pids for k in data.metadata[p]})}
+                extra = ev.metric_fn(samples=[p + o for p, o in zip(prompts, outputs)], prompts=prompts, outputs=outputs,
+                                     **meta)
                 if not isinstance(extra, dict):
-                    raise RewardError(f"metric_fn must return a dict, got {type(extra).__name__}")
+                    raise RewardError(f"metric_fn of eval set {spec.name} must return a dict, got {type(extra).__name__}")
         extra = D.broadcast_object(extra)
-        result.update({f"eval_{k}": v for k, v in extra.items()})
+        result.update({spec.key(k): v for k, v in extra.items()})
     return result
+
+
+def _best_key(s: Setup, rec: dict) -> str:
+    """The record key of train.best_metric; a metric_fn key that never appeared is an error naming it."""
+    spec, metric = s.best
+    key = spec.key(metric)
+    if not isinstance(rec.get(key), (int, float)) or isinstance(rec.get(key), bool):
+        raise ConfigError(f"train.best_metric {spec.name}/{metric}: eval set {spec.name} reported no number {key}; it "
+                          f"reported {', '.join(k for k in rec if k.startswith(spec.key('')))}")
+    return key
+
+
+def _eval_summary(s: Setup, result: dict) -> str:
+    """One short line per eval: each set's reward mean and first pass@k / greedy numbers."""
+    parts = []
+    for ev in s.evals:
+        spec = ev.spec
+        shown = ["reward_mean"] + [m for m in spec.metrics()[1:] if m.startswith(("pass@", "maj@", "greedy_pass"))]
+        nums = " ".join(f"{m.replace('_mean', '')} {result[spec.key(m)]:.4f}" for m in shown if spec.key(m) in result)
+        parts.append(f"{spec.name}: {nums}")
+    return " | ".join(parts)
 
 
 def _yaml_safe(d: Any) -> Any:

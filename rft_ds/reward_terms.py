@@ -165,6 +165,11 @@ def build_terms(r: Any, reward_fn: Any = None) -> list[RewardTerm]:
     return terms
 
 
+def function_term(spec: Any, what: str) -> RewardTerm:
+    """One reward function ('module:function' or a callable) as a term of its own: an eval set's reward_fn."""
+    return _term(resolve_callable(spec, what), spec, {"fn": spec}, what)
+
+
 def check_arguments(terms: Sequence[RewardTerm], metadata_keys: set) -> None:
     """A term whose signature names no **kwargs must be able to take what it is given, and get what it
     requires: checked once the prompts' metadata keys are known, before any model loads."""

@@ -86,7 +86,7 @@ def test_demo_config_on_tiny_model_with_reward_model(tmp_path, classifier):
     shm_before = set(os.listdir("/dev/shm"))
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            "launch/train.py", "--config", "launch/configs/smollm2.yaml", f"model.model_path={model}", "model.build=null",
-           f"data.prompts={tmp_path / 'train.parquet'}", "data.eval_prompts=rft_ds.arith:eval_prompts",
+           f"data.prompts={tmp_path / 'train.parquet'}",
            "reward.reward_fn=null", f"reward.reward_model={classifier}", "reward.metric_fn=rft_ds.rewards:accuracy",
            "selection.min_score=null", "sampler.dtype=auto", "method.n_generations_per_prompt=4", "train.epochs=2",
            "train.eval_interval=1", "train.save_interval=1", "train.tensorboard=true", "train.progress=true",
@@ -97,8 +97,12 @@ def test_demo_config_on_tiny_model_with_reward_model(tmp_path, classifier):
     assert p.returncode == 0, out[-4000:]
     m = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in m] == [0, 1] and m[0]["n_sampled"] == 24 * 4
-    assert "eval_accuracy" in m[-1] and "eval_has_number" in m[-1]  # metric_fn on the eval split
-    assert "held-out reward mean:" in out and "held-out accuracy:" in out  # before -> after, printed
+    # two eval sets scored by exact match (their own reward_fn), not by the reward model that trains
+    for key in ("eval_add_accuracy", "eval_add_has_number", "eval_add_pass@4", "eval_add_maj@4", "eval_add_greedy_pass",
+                "eval_sub_accuracy", "eval_sub_reward_mean"):
+        assert key in m[-1] and key + "_initial" in m[0], key
+    assert m[-1]["eval_add_reward_mean"] in [i / 512 for i in range(513)]  # 0/1 rewards: 128 prompts x 4
+    assert "held-out add reward mean:" in out and "held-out sub accuracy:" in out  # before -> after, printed
     # tqdm bars on rank 0 (forced on: no TTY here); a rank samples 12 prompts x 4 = 48 completions
     assert re.search(r"epoch 1: sample: +\d+%\|[^|]*\| \d+/48 ", out), out[-3000:]
     assert re.search(r"train: +\d+%\|[^|]*\| \d+/\d+ .*loss=", out)
@@ -121,7 +125,7 @@ def test_demo_config_on_tiny_model_with_reward_model(tmp_path, classifier):
 
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
-    assert [e.step for e in acc.Scalars("eval/reward_mean")] == [0, 1, 2]
+    assert [e.step for e in acc.Scalars("eval/add_reward_mean")] == [0, 1, 2]
     plots = {f.name for f in (run / "plots").iterdir()}
     assert {"summary.png", "reward.png", "eval.png", "loss.png", "kept.png", "threshold.png"} <= plots
     assert set(os.listdir("/dev/shm")) - shm_before == set()  # DeepSpeed's shm buffers are not left behind

@@ -117,21 +117,40 @@ def test_reward_failure_on_one_rank_stops_every_rank(tmp_path):
 
 
 def test_python_api_single_process(tmp_path):
+    """trlx's call from outside the checkout, with two eval sets given in Python: each its own reward, pass@k,
+    maj@k, greedy numbers, and best_model/ picked by the named metric."""
     code = f"""
+import json, pathlib
 import rft_ds
 from rft_ds import toy
+def starts_with_letter(prompts, completions, **kw):  # the second set's own reward (TRL's signature)
+    return [float(c.strip()[:1].isalpha()) for c in completions]
+sets = [{{"name": "toy", "prompts": toy.eval_prompts(8), "metric_fn": toy.metric_fn, "n_samples": 4, "greedy": True,
+          "answer_fn": lambda o: o.strip()[:1] or None, "pass_k": [1, 2, 4], "pass_threshold": 0.5}},
+        {{"name": "letter", "prompts": toy.eval_prompts(6, seed=1), "reward_fn": starts_with_letter, "n_samples": 2}}]
 res = rft_ds.train(
-    reward_fn=toy.reward_fn, prompts=toy.train_prompts(16), eval_prompts=toy.eval_prompts(8),
+    reward_fn=toy.reward_fn, prompts=toy.train_prompts(16),
     config={{"model": {{"model_path": {str(tmp_path / 'model')!r}, "build": "tiny"}},
             "method": {{"n_generations_per_prompt": 4, "gen_kwargs": {{"max_new_tokens": 8}}, "n_improve_steps": 1,
                        "pool": "latest", "max_per_prompt": 1}},
-            "train": {{"epochs": 2, "output_dir": {str(tmp_path / 'run')!r}, "micro_batch_size": 4}}}},
-    metric_fn=toy.metric_fn, stop_sequences=["."])
+            "eval": {{"sets": sets}},
+            "train": {{"epochs": 2, "output_dir": {str(tmp_path / 'run')!r}, "micro_batch_size": 4,
+                      "best_metric": "letter/reward_mean"}}}},
+    stop_sequences=["."])
 h = res.history
 assert len(h) == 2 and h[0]["n_sampled"] == h[1]["n_sampled"] == 64, h
 assert 0 < h[1]["pool_size"] <= 64  # pool: latest keeps the second grow step's samples only
 assert all(r["n_selected"] <= r["n_prompts_kept"] <= 16 for r in h)  # max_per_prompt: one per prompt
-assert "eval_reward_mean" in h[-1]
+for key in ("eval_toy_reward_mean", "eval_toy_pass@1", "eval_toy_pass@4", "eval_toy_maj@4", "eval_toy_greedy_reward_mean",
+            "eval_toy_greedy_pass", "eval_toy_frac_mostly_target", "eval_letter_reward_mean", "eval_letter_pass@2"):
+    assert key in h[-1] and key + "_initial" in h[0], key
+r = h[-1]
+assert 0 <= r["eval_toy_pass@1"] <= r["eval_toy_pass@2"] <= r["eval_toy_pass@4"] <= 1, r
+assert r["eval_letter_reward_mean"] in [i / 12 for i in range(13)]  # 6 prompts x 2 samples, each 0 or 1
+best = json.loads((pathlib.Path({str(tmp_path / 'run')!r}) / "best_model" / "rft_ds_run.json").read_text())
+assert best["metric"] == "eval_letter_reward_mean", best
+saved = (pathlib.Path({str(tmp_path / 'run')!r}) / "config.yaml").read_text()
+assert "<list of 8 prompts, given in Python>" in saved, saved  # summarised, not copied into every checkpoint
 print("OK", type(res.model).__name__)
 """
     # from a directory outside the checkout, with the default train.deepspeed_config (auto: the packaged preset)
