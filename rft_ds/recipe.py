@@ -119,44 +119,88 @@ def prompt_limit(cfg: RFTRunConfig) -> int:
 
 
 def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, metric_fn: Any):
-    """Every check that needs no process group and no model weights, so bad input fails in seconds."""
-    from rft_ds.checkpoint import resolve_resume
-    from rft_ds.learner import fill_ds_config
-    from rft_ds.sampling.vllm import engine_group
-
-    from rft_ds.slurm import torch_env
-
-    # set by every launcher (srun: SLURM_NTASKS); the process group comes later
-    world = int(os.environ.get("WORLD_SIZE") or torch_env(os.environ).get("WORLD_SIZE", "1"))
-    import torch
-
-    # The device rule, checked here so a rank without a usable GPU stops before anything loads (init applies it).
-    D.local_device(os.environ, torch.cuda.device_count())
-    D.resolve_backend(cfg.train.dist_backend, torch.cuda.device_count())
-    ckpt = resolve_resume(cfg.train.resume, cfg.train.output_dir, world)
-    check_resume_config(ckpt, cfg)
-    if cfg.sampler.backend == "vllm":
-        engine_group(0, world, cfg.sampler.tensor_parallel_size)
+    """Every check that needs no process group and no model weights, so bad input fails in seconds. The
+    steps are the ones `rft-ds check` runs one by one (rft_ds/check.py)."""
+    world = launch_world_size()
+    ckpt = check_launch(cfg, world)
     rewards = build_terms(cfg.reward, reward_fn)  # reward models: config.json checked here, loaded in setup
     check_metric_sinks(cfg.train)
     sets = parse_sets(cfg, eval_prompts, metric_fn)
     best = best_metric(cfg.train.best_metric, sets) if cfg.train.save_best_model else None
-    src = prompts if prompts is not None else cfg.data.prompts
+    train = load_prompts(cfg, prompts)
+    evals = load_eval_sets(cfg, sets, rewards)
+    check_output_dir(Path(cfg.train.output_dir))
+    ds_config = deepspeed_config(cfg, world)
+    build_model(cfg)
+    check_model(cfg)
+    tokenizer = _load_tokenizer(cfg)
+    tokenize_prompts(cfg, tokenizer, train, evals)
+    check_arguments(rewards, {k for m in train.metadata for k in m})
+    for ev in evals:
+        check_arguments(ev.rewards, {k for m in ev.prompts.metadata for k in m})
+    return rewards, train, evals, best, tokenizer, ds_config, ckpt
+
+
+def launch_world_size() -> int:
+    """The world size the launcher set (srun: SLURM_NTASKS); the process group comes later."""
+    from rft_ds.slurm import torch_env
+
+    return int(os.environ.get("WORLD_SIZE") or torch_env(os.environ).get("WORLD_SIZE", "1"))
+
+
+def check_launch(cfg: RFTRunConfig, world: int) -> Path | None:
+    """The device rule (a rank without a usable GPU stops before anything loads; init applies it), the
+    backend, engine groups, and the resume target; returns the checkpoint to resume from."""
+    import torch
+
+    from rft_ds.checkpoint import resolve_resume
+    from rft_ds.sampling.vllm import engine_group
+
+    D.local_device(os.environ, torch.cuda.device_count())
+    D.resolve_backend(cfg.train.dist_backend, torch.cuda.device_count())
+    if cfg.sampler.backend == "vllm":
+        engine_group(0, world, cfg.sampler.tensor_parallel_size)
+    ckpt = resolve_resume(cfg.train.resume, cfg.train.output_dir, world)
+    check_resume_config(ckpt, cfg)
+    return ckpt
+
+
+def load_prompts(cfg: RFTRunConfig, prompts: Any) -> Prompts:
+    """The training prompts (the API's argument, else data.prompts), read and checked, not yet tokenized."""
+    d = cfg.data
+    src = prompts if prompts is not None else d.prompts
     if src is None:
         raise ConfigError("data.prompts is required")
-    d = cfg.data
-    train = Prompts(*normalize(load_source(src, "prompts", d.prompt_field, d.split), "prompts", d.prompt_field,
-                               d.metadata_fields))
-    evals = []
+    return Prompts(*normalize(load_source(src, "prompts", d.prompt_field, d.split), "prompts", d.prompt_field,
+                              d.metadata_fields))
+
+
+def load_eval_sets(cfg: RFTRunConfig, sets: Sequence[EvalSet], rewards: list) -> list[EvalData]:
+    """Each eval set's prompts read and checked, and its functions resolved (a set without its own
+    reward_fn shares the run's reward terms)."""
+    d, out = cfg.data, []
     for i, es in enumerate(sets):
         where = "eval_prompts" if cfg.eval.sets is None else f"eval.sets[{i}]"
-        data = Prompts(*normalize(load_source(es.prompts, f"{where}", d.prompt_field, es.split), where, d.prompt_field,
+        data = Prompts(*normalize(load_source(es.prompts, where, d.prompt_field, es.split), where, d.prompt_field,
                                   d.metadata_fields))
-        evals.append(EvalData(es, data, rewards if es.reward_fn is None else [function_term(es.reward_fn, f"{where}.reward_fn")],
-                              resolve_callable(es.metric_fn, "reward.metric_fn" if cfg.eval.sets is None else f"{where}.metric_fn"),
-                              resolve_callable(es.answer_fn, f"{where}.answer_fn")))
-    out = Path(cfg.train.output_dir)
+        terms = rewards if es.reward_fn is None else [function_term(es.reward_fn, f"{where}.reward_fn")]
+        metric = resolve_callable(es.metric_fn, "reward.metric_fn" if cfg.eval.sets is None else f"{where}.metric_fn")
+        out.append(EvalData(es, data, terms, metric, resolve_callable(es.answer_fn, f"{where}.answer_fn")))
+    return out
+
+
+def check_output_dir(out: Path, create: bool = True) -> None:
+    """train.output_dir can be written: created and probed, or (create=False, for `rft-ds check`) its
+    nearest existing parent is writable, leaving nothing behind."""
     try:
+        if not create:  # a probe directory made and removed where the first missing part would go
+            import tempfile
+
+            existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+            if not existing.is_dir():
+                raise NotADirectoryError(20, f"{existing} is not a directory")
+            os.rmdir(tempfile.mkdtemp(prefix=".rft_ds_check.", dir=existing))
+            return
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write_test.{D.rank() if D.is_dist() else 0}.{random.getrandbits(32)}"
         probe.write_text("")
@@ -164,9 +208,15 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
     except OSError as e:
         raise ConfigError(f"train.output_dir {out} is not writable: {e.strerror or e}") from None
 
-    from rft_ds.learner import load_ds_config
 
-    ds_config = fill_ds_config(load_ds_config(cfg.train.deepspeed_config), cfg.train, world)
+def deepspeed_config(cfg: RFTRunConfig, world: int) -> dict:
+    from rft_ds.learner import fill_ds_config, load_ds_config
+
+    return fill_ds_config(load_ds_config(cfg.train.deepspeed_config), cfg.train, world)
+
+
+def build_model(cfg: RFTRunConfig) -> None:
+    """model.build: make the model at model_path if it is missing (nothing comes from a hub)."""
     if cfg.model.build == "tiny":
         from rft_ds.toy import ensure_tiny_model
 
@@ -178,6 +228,13 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
             smollm2.ensure(cfg.model.model_path)
         except smollm2.BuildError as e:
             raise ConfigError(str(e)) from None
+
+
+def check_model(cfg: RFTRunConfig) -> None:
+    """From the model directory's config alone: a causal LM, LoRA targets that exist (on the meta device),
+    and, for vLLM on CPU, a head size it serves."""
+    import torch
+
     check_causal_lm(cfg.model.model_path)
     lora = parse_lora(cfg.model.lora)
     if lora is not None:
@@ -186,17 +243,18 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
         from rft_ds.sampling.vllm import check_servable
 
         check_servable(cfg.model.model_path, on_cpu=not torch.cuda.is_available())
-    tokenizer = _load_tokenizer(cfg)
+
+
+def tokenize_prompts(cfg: RFTRunConfig, tokenizer: Any, train: Prompts, evals: Sequence[EvalData]) -> None:
+    """Token ids of every prompt; a prompt longer than the limit is an error naming it."""
+    d = cfg.data
     limit = prompt_limit(cfg)
     chat = use_chat_template(tokenizer, d.apply_chat_template)
     train.records = tokenize(train.texts, train.metadata, tokenizer, limit, "prompts", chat, d.system_prompt)
     for i, ev in enumerate(evals):
         where = "eval_prompts" if cfg.eval.sets is None else f"eval.sets[{i}].prompts"
-        ev.prompts.records = tokenize(ev.prompts.texts, ev.prompts.metadata, tokenizer, limit, where, chat, d.system_prompt)
-    check_arguments(rewards, {k for m in train.metadata for k in m})
-    for ev in evals:
-        check_arguments(ev.rewards, {k for m in ev.prompts.metadata for k in m})
-    return rewards, train, evals, best, tokenizer, ds_config, ckpt
+        ev.prompts.records = tokenize(ev.prompts.texts, ev.prompts.metadata, tokenizer, limit, where, chat,
+                                      d.system_prompt)
 
 
 def check_resume_config(ckpt: Path | None, cfg: RFTRunConfig) -> None:

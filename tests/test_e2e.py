@@ -17,9 +17,10 @@ pytestmark = pytest.mark.slow
 
 
 
-def launch(tmp_path, *overrides, timeout=600, env_extra=None):
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           "launch/train.py", "--config", "launch/configs/tiny.yaml",
+def launch(tmp_path, *overrides, timeout=600, env_extra=None, module=False):
+    entry = ["--module", "rft_ds", "train", "launch/configs/tiny.yaml"] if module else \
+        ["launch/train.py", "--config", "launch/configs/tiny.yaml"]
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), *entry,
            f"model.model_path={tmp_path / 'model'}", f"train.output_dir={tmp_path / 'run'}", *overrides]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     t = time.time()
@@ -95,7 +96,8 @@ def test_two_rank_zero3_hf_sampler_run_learns(tmp_path):
     ("train.dist_backend=nccl", "train.dist_backend=nccl but no CUDA device is visible on this host"),
 ])
 def test_bad_config_fails_fast_on_every_rank(tmp_path, override, needle):
-    p, secs = launch(tmp_path, override, timeout=120)
+    # one case through `deepspeed --module rft_ds train CONFIG` (the rft-ds command), one through launch/train.py
+    p, secs = launch(tmp_path, override, timeout=120, module="percentile" in override)
     assert p.returncode != 0
     out = p.stdout + p.stderr
     for rank in (0, 1):

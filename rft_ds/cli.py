@@ -1,0 +1,201 @@
+"""The `rft-ds` command (installed by pip from [project.scripts]).
+
+    rft-ds train CONFIG [section.key=value ...]   # one process; under `deepspeed`/`srun`, one per rank
+    rft-ds check CONFIG [section.key=value ...]   # what the run would refuse, in seconds, no model loaded
+    rft-ds export CHECKPOINT OUT                  # a checkpoint -> a plain HF model directory
+    rft-ds plot RUN_DIR                           # the PNG panels from metrics.jsonl
+    rft-ds runs RUN_DIR                           # the epoch table of a run
+
+Under the DeepSpeed launcher: `deepspeed --num_gpus 2 --module rft_ds train CONFIG ...` (the launcher puts
+--local_rank=N first; it is accepted and ignored: ranks read LOCAL_RANK). `launch/train.py --config CONFIG`
+is the same `train`. Every rank parses and validates the same config, so a bad value fails on all of
+them, in one line, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+# Before the heavy imports: a stop signal during start-up is kept for the first safe point, not fatal.
+from rft_ds.faults import SIGNALS  # imports no torch
+
+EXIT_STOPPED = 3  # checkpointed on SIGTERM/SIGUSR1, not finished: requeue and resume (launch/slurm/rft.sbatch does)
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """A peer died or stalled: torch's distributed error types, or the text of a gloo/NCCL failure raised as a
+    plain RuntimeError. Not any error that happens to say "timeout" (a reward server's, say)."""
+    import torch.distributed as dist
+
+    if isinstance(e, getattr(dist, "DistError", ())):  # DistBackendError, DistNetworkError, DistStoreError
+        return True
+    text = str(e).lower()
+    return any(k in text for k in ("/gloo/", "gloo::", "nccl", "connection closed by peer", "connection reset by peer"))
+
+
+def rank_label() -> str:
+    return os.environ.get("RANK") or os.environ.get("SLURM_PROCID", "0")
+
+
+def train(config: str, overrides: list[str], resume: str | None = None, resume_force: bool = False) -> int:
+    """One rank of a run: its exit code (0 done, 3 stopped with a checkpoint, 2 bad input, 1 failure)."""
+    SIGNALS.install()
+    from rft_ds.checkpoint import CheckpointError
+    from rft_ds.config import ConfigError, RFTRunConfig
+    from rft_ds.data import DataError
+    from rft_ds.distributed import RankError
+    from rft_ds.reward_terms import RewardError
+    from rft_ds.weight_sync import ParityError
+
+    rank = rank_label()
+    try:
+        cfg = RFTRunConfig.load_yaml(config, overrides + (["train.resume_force=true"] if resume_force else []))
+        import rft_ds
+
+        result = rft_ds.train(config=cfg, resume=resume)
+    except (ConfigError, DataError, RewardError, RankError, CheckpointError, ParityError) as e:
+        print(f"rft_ds: error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        return 2 if isinstance(e, (ConfigError, DataError, CheckpointError)) else 1
+    except RuntimeError as e:  # torch.distributed raises these when a peer dies or stalls past the timeout
+        if not is_collective_failure(e):
+            raise
+        from rft_ds.distributed import lost_ranks
+
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        print(f"rft_ds: error (rank {rank}): lost contact with {lost_ranks()} during a collective "
+              f"(process-group timeout train.dist_timeout_s): {first}", file=sys.stderr, flush=True)
+        return 1
+    if result.stopped_early:
+        return EXIT_STOPPED
+    if rank == "0" and result.history:
+        last = result.history[-1]
+        for key, before in (result.eval_before or {}).items():  # each eval number, before -> after
+            if isinstance(before, (int, float)) and isinstance(last.get(key), (int, float)):
+                print(f"[rft_ds] held-out {key[5:].replace('_', ' ')}: {before:.4f} before -> {last[key]:.4f} after "
+                      f"{len(result.history)} epochs", flush=True)
+        print(f"[rft_ds] metrics in {result.output_dir / 'metrics.jsonl'}", flush=True)
+    return 0
+
+
+def check(config: str, overrides: list[str], world: int | None) -> int:
+    """Print one line per problem (exit 1) or 'ok' (exit 0)."""
+    from rft_ds.check import check as run_checks
+    from rft_ds.config import ConfigError, RFTRunConfig
+
+    try:
+        cfg = RFTRunConfig.load_yaml(config, overrides)
+    except ConfigError as e:
+        print(f"rft_ds: problem: {e}", file=sys.stderr)
+        return 1
+    if world is None:
+        from rft_ds.recipe import launch_world_size
+
+        world = launch_world_size()
+    problems, notes = run_checks(cfg, world)
+    for n in notes:
+        print(f"rft_ds: note: {n}")
+    for p in problems:
+        print(f"rft_ds: problem: {p}", file=sys.stderr)
+    if not problems:
+        print(f"rft_ds: {config} ok for {world} rank(s)")
+    return 1 if problems else 0
+
+
+RUN_COLUMNS = (("epoch", "epoch"), ("step", None), ("p", "percentile"), ("sampled", "n_sampled"),
+               ("kept", None), ("reward", "reward_mean"), ("loss", "train_loss"))
+
+
+def eval_columns(records: list[dict]) -> list[str]:
+    """The eval numbers worth a column: each set's reward mean, pass@1, greedy pass rate and accuracy."""
+    keys = {k for r in records for k in r if k.startswith("eval_") and not k.endswith("_initial")}
+    wanted = ("reward_mean", "pass@1", "greedy_pass", "accuracy")
+    return sorted(k for k in keys if k.endswith(wanted) and not k.startswith("eval_reward_")
+                  or k in ("eval_reward_mean",))
+
+
+def runs_table(records: list[dict]) -> str:
+    """The epoch table of a run (a row for the eval before training, when there was one). Pure."""
+    evals = eval_columns(records)
+    head = [name for name, _ in RUN_COLUMNS] + [k[5:] for k in evals] + ["time_s"]
+    rows = []
+    if records and any(k.endswith("_initial") for k in records[0]):
+        rows.append(["before"] + [""] * (len(RUN_COLUMNS) - 1) + [_cell(records[0].get(k + "_initial")) for k in evals] + [""])
+    for r in records:
+        row = [str(r["epoch"] + 1), "grow" if r.get("grow_step") else "improve", _cell(r.get("percentile")),
+               str(r.get("n_sampled", "")), f"{r.get('n_selected', '')}/{r.get('pool_size', '')}",
+               _cell(r.get("reward_mean")), _cell(r.get("train_loss"))]
+        rows.append(row + [_cell(r.get(k)) for k in evals] + [_cell(r.get("time_epoch"), ".1f")])
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [head, *rows])
+
+
+def _cell(v: object, spec: str = ".3f") -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return "-" if v is None else str(v)
+    return format(v, spec)
+
+
+def runs(run_dir: str) -> int:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        print(f"rft_ds: error: {path} not found (is {run_dir} a run's train.output_dir?)", file=sys.stderr)
+        return 2
+    records = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            print(f"rft_ds: error: {path}:{i}: not a JSON line", file=sys.stderr)
+            return 2
+    print(runs_table(records))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rft-ds", description="Rejection fine-tuning under DeepSpeed ZeRO-3.")
+    ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    sub = ap.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="run (one process, or one per rank under deepspeed/srun)")
+    t.add_argument("config", help="run config YAML")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=6")
+    t.add_argument("--resume", default=None, help="'auto' (newest intact checkpoint in train.output_dir) or a path")
+    t.add_argument("--resume-force", action="store_true",
+                   help="resume even though fields that matter (seed, method, selection, model, data) changed")
+    c = sub.add_parser("check", help="validate a config, its data, rewards, model directory and resume target")
+    c.add_argument("config")
+    c.add_argument("overrides", nargs="*")
+    c.add_argument("--world-size", type=int, default=None, help="ranks the run will have (default: WORLD_SIZE or 1)")
+    e = sub.add_parser("export", help="a checkpoint -> a Hugging Face model directory")
+    e.add_argument("checkpoint", help="a checkpoint dir, a checkpoints/ dir (uses latest) or a run's output_dir")
+    e.add_argument("out")
+    p = sub.add_parser("plot", help="PNG panels of a run's metrics.jsonl")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="where to write the PNGs (default RUN_DIR/plots)")
+    r = sub.add_parser("runs", help="the epoch table of a run's metrics.jsonl")
+    r.add_argument("run_dir")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "train":
+        return train(args.config, args.overrides, args.resume, args.resume_force)
+    if args.command == "check":
+        return check(args.config, args.overrides, args.world_size)
+    if args.command == "export":
+        from rft_ds import export
+
+        return export.main([args.checkpoint, args.out])
+    if args.command == "plot":
+        from rft_ds import plot
+
+        return plot.main([args.run_dir] + (["--out", args.out] if args.out else []))
+    return runs(args.run_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The `rft-ds` command: `check` finds every bad input the run refuses before a model loads (the cases of
+test_bad_inputs.py), lists several problems at once and writes nothing; `runs` prints a run's epoch
+table; the installed script is on the venv's PATH."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rft_ds import cli
+from tests.test_bad_inputs import CASES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def env(tmp_path, tiny_model, monkeypatch):
+    import rft_ds.distributed
+    import rft_ds.learner
+
+    def reached(*a, **k):
+        raise AssertionError("a model load or process group start was reached")
+
+    monkeypatch.setattr(rft_ds.learner.Learner, "__init__", reached)
+    monkeypatch.setattr(rft_ds.distributed, "init", reached)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.chdir(ROOT)
+    return tmp_path, tiny_model
+
+
+def run_check(capsys, *args):
+    rc = cli.main(["check", "launch/configs/tiny.yaml", *args])
+    out = capsys.readouterr()
+    problems = [line for line in out.err.splitlines() if line.startswith("rft_ds: problem: ")]
+    return rc, problems, out.out
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_check_finds_each_bad_input(case, env, capsys):
+    tmp, model = env
+    make, needle = CASES[case]
+    rc, problems, _ = run_check(capsys, f"model.model_path={model}", "model.build=null",
+                                f"train.output_dir={tmp / 'out'}", *make(tmp, model))
+    assert rc == 1 and any(needle in p for p in problems), problems
+    assert not (tmp / "out").exists()  # check writes nothing
+
+
+def test_check_lists_every_problem_and_passes_a_good_config(env, capsys):
+    tmp, model = env
+    rc, problems, out = run_check(capsys, f"model.model_path={model}", "model.build=null", f"train.output_dir={tmp / 'o'}")
+    assert rc == 0 and problems == [] and "ok for 2 rank(s)" in out
+    rc, problems, _ = run_check(capsys, f"model.model_path={model}", "model.build=null", "reward.reward_fn=nowhere:f",
+                                f"data.prompts={tmp / 'missing.jsonl'}", f"train.deepspeed_config={tmp / 'none.json'}",
+                                "sampler.tensor_parallel_size=3")
+    assert rc == 1 and len(problems) == 4, problems
+    starts = ["sampler.tensor_parallel_size=3", "reward.reward_fn: cannot import", "prompts: file not found",
+              "train.deepspeed_config: file not found"]
+    assert all(p[len("rft_ds: problem: "):].startswith(s) for p, s in zip(problems, starts)), problems
+    # a model that model.build makes at start is a note, not a problem
+    rc, problems, out = run_check(capsys, f"model.model_path={tmp / 'later'}", "model.build=tiny")
+    assert rc == 0 and "model.build=tiny makes it when the run starts" in out
+    assert not (tmp / "later").exists()
+
+
+def test_runs_prints_the_epoch_table(tmp_path, capsys):
+    recs = [{"epoch": 0, "grow_step": True, "percentile": 0.7, "n_sampled": 2048, "n_selected": 118, "pool_size": 1943,
+             "reward_mean": 0.061, "train_loss": 0.528, "time_epoch": 154.7, "eval_add_greedy_pass_initial": 0.125,
+             "eval_add_reward_mean_initial": 0.1},
+            {"epoch": 1, "grow_step": False, "percentile": 0.95, "n_sampled": 0, "n_selected": 118, "pool_size": 1943,
+             "reward_mean": 0.061, "train_loss": 0.445, "time_epoch": 43.8, "eval_add_greedy_pass": 0.609,
+             "eval_add_reward_mean": 0.5, "eval_add_maj@4": 0.6, "eval_add_reward_numeric_mean": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert cli.main(["runs", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["epoch", "step", "p", "sampled", "kept", "reward", "loss", "add_greedy_pass",
+                                "add_reward_mean", "time_s"]
+    assert lines[1].split() == ["before", "0.125", "0.100"]
+    assert lines[2].split() == ["1", "grow", "0.700", "2048", "118/1943", "0.061", "0.528", "-", "-", "154.7"]
+    assert lines[3].split() == ["2", "improve", "0.950", "0", "118/1943", "0.061", "0.445", "0.609", "0.500", "43.8"]
+    assert cli.main(["runs", str(tmp_path / "nothing")]) == 2
+    assert "metrics.jsonl not found" in capsys.readouterr().err
+
+
+def test_rft_ds_is_installed_on_the_venv_path(tmp_path):
+    exe = Path(sys.executable).parent / "rft-ds"
+    assert exe.is_file(), "pip install -e . puts rft-ds beside the venv's python"
+    p = subprocess.run([str(exe), "check", str(ROOT / "launch/configs/tiny.yaml"), "train.epochs=0"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "WORLD_SIZE": "1"})
+    assert p.returncode == 1 and p.stderr.strip() == "rft_ds: problem: train.epochs must be >= 1, got 0", p.stderr
+    p = subprocess.run([sys.executable, "-m", "rft_ds", "--help"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "{train,check,export,plot,runs}" in p.stdout
