@@ -19,6 +19,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 # Before the heavy imports: a stop signal during start-up is kept for the first safe point, not fatal.
 from rft_ds.faults import SIGNALS  # imports no torch
@@ -41,24 +42,60 @@ def rank_label() -> str:
     return os.environ.get("RANK") or os.environ.get("SLURM_PROCID", "0")
 
 
-def train(config: str, overrides: list[str], resume: str | None = None, resume_force: bool = False) -> int:
-    """One rank of a run: its exit code (0 done, 3 stopped with a checkpoint, 2 bad input, 1 failure)."""
+def train(config: str, overrides: list[str], resume: str | None = None, resume_force: bool = False,
+          verbose: bool = False) -> int:
+    """One rank of a run: its exit code (0 done, 3 stopped with a checkpoint, 2 bad input, 1 failure).
+    Unless verbose, everything but rft_ds's own lines goes to <output_dir>/logs/rank<r>.log (console.py)."""
     SIGNALS.install()
-    from rft_ds.checkpoint import CheckpointError
+    from rft_ds import console
     from rft_ds.config import ConfigError, RFTRunConfig
+
+    rank = rank_label()
+    try:
+        cfg = RFTRunConfig.load_yaml(config, overrides + (["train.resume_force=true"] if resume_force else []))
+    except ConfigError as e:
+        print(f"rft_ds: error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        return 2
+    log = None
+    if not (verbose or cfg.train.verbose):
+        log = Path(cfg.train.output_dir) / "logs" / f"rank{rank}.log"
+        try:
+            console.redirect(log)
+        except OSError as e:
+            print(f"rft_ds: error (rank {rank}): train.output_dir {cfg.train.output_dir} is not writable: "
+                  f"{e.strerror or e}", file=sys.stderr, flush=True)
+            return 2
+        if rank == "0":
+            console.say(f"[rft_ds] each rank's full output (vLLM, DeepSpeed, transformers, ...): {log.parent}/rank<r>.log;"
+                        " --verbose shows it here")
+    try:
+        return _train(cfg, resume, rank)
+    except Exception as e:  # noqa: BLE001 - an error inside a library: its first line here, the rest in the log
+        if log is None:
+            raise
+        import traceback
+
+        traceback.print_exc()  # into the log
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        console.error(f"rft_ds: error (rank {rank}): {type(e).__name__}: {first} (traceback in {log})")
+        return 1
+
+
+def _train(cfg: Any, resume: str | None, rank: str) -> int:
+    from rft_ds import console
+    from rft_ds.checkpoint import CheckpointError
+    from rft_ds.config import ConfigError
     from rft_ds.data import DataError
     from rft_ds.distributed import RankError
     from rft_ds.reward_terms import RewardError
     from rft_ds.weight_sync import ParityError
 
-    rank = rank_label()
     try:
-        cfg = RFTRunConfig.load_yaml(config, overrides + (["train.resume_force=true"] if resume_force else []))
         import rft_ds
 
         result = rft_ds.train(config=cfg, resume=resume)
     except (ConfigError, DataError, RewardError, RankError, CheckpointError, ParityError) as e:
-        print(f"rft_ds: error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        console.error(f"rft_ds: error (rank {rank}): {e}")
         return 2 if isinstance(e, (ConfigError, DataError, CheckpointError)) else 1
     except RuntimeError as e:  # torch.distributed raises these when a peer dies or stalls past the timeout
         if not is_collective_failure(e):
@@ -66,8 +103,8 @@ def train(config: str, overrides: list[str], resume: str | None = None, resume_f
         from rft_ds.distributed import lost_ranks
 
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        print(f"rft_ds: error (rank {rank}): lost contact with {lost_ranks()} during a collective "
-              f"(process-group timeout train.dist_timeout_s): {first}", file=sys.stderr, flush=True)
+        console.error(f"rft_ds: error (rank {rank}): lost contact with {lost_ranks()} during a collective "
+                      f"(process-group timeout train.dist_timeout_s): {first}")
         return 1
     if result.stopped_early:
         return EXIT_STOPPED
@@ -75,9 +112,9 @@ def train(config: str, overrides: list[str], resume: str | None = None, resume_f
         last = result.history[-1]
         for key, before in (result.eval_before or {}).items():  # each eval number, before -> after
             if isinstance(before, (int, float)) and isinstance(last.get(key), (int, float)):
-                print(f"[rft_ds] held-out {key[5:].replace('_', ' ')}: {before:.4f} before -> {last[key]:.4f} after "
-                      f"{len(result.history)} epochs", flush=True)
-        print(f"[rft_ds] metrics in {result.output_dir / 'metrics.jsonl'}", flush=True)
+                console.say(f"[rft_ds] held-out {key[5:].replace('_', ' ')}: {before:.4f} before -> {last[key]:.4f} "
+                            f"after {len(result.history)} epochs")
+        console.say(f"[rft_ds] metrics in {result.output_dir / 'metrics.jsonl'}")
     return 0
 
 
@@ -165,6 +202,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", default=None, help="'auto' (newest intact checkpoint in train.output_dir) or a path")
     t.add_argument("--resume-force", action="store_true",
                    help="resume even though fields that matter (seed, method, selection, model, data) changed")
+    t.add_argument("--verbose", action="store_true", help="every library's output on the terminal (train.verbose)")
     c = sub.add_parser("check", help="validate a config, its data, rewards, model directory and resume target")
     c.add_argument("config")
     c.add_argument("overrides", nargs="*")
@@ -183,7 +221,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "train":
-        return train(args.config, args.overrides, args.resume, args.resume_force)
+        return train(args.config, args.overrides, args.resume, args.resume_force, args.verbose)
     if args.command == "check":
         return check(args.config, args.overrides, args.world_size)
     if args.command == "export":

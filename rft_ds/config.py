@@ -177,6 +177,10 @@ class TrainConfig:
     wandb_project: str = "rft_ds"
     wandb_run_name: Optional[str] = None
     plots: bool = True  # PNG plots of the metrics in <output_dir>/plots at the end (needs matplotlib)
+    # rft-ds train: false keeps the terminal to rft_ds's lines, errors and bars, and sends everything else each
+    # rank prints (vLLM, DeepSpeed, transformers, ...) to <output_dir>/logs/rank<r>.log; true (or --verbose)
+    # shows it all on the terminal
+    verbose: bool = False
 
 
 @dataclass

@@ -17,7 +17,10 @@ def bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str
         unit: str = "it") -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not show, leave=False, dynamic_ncols=True)
+    from rft_ds import console
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not show, leave=False, dynamic_ncols=True,
+                file=console.err())
 
 
 def vllm_bar(desc: str) -> Callable[..., Any]:
@@ -25,8 +28,10 @@ def vllm_bar(desc: str) -> Callable[..., Any]:
     so its total and its steps already count samples."""
     from tqdm.auto import tqdm
 
+    from rft_ds import console
+
     def make(*args: Any, **kwargs: Any) -> Any:
-        kwargs.update(desc=desc, unit="sample", leave=False)
+        kwargs.update(desc=desc, unit="sample", leave=False, file=console.err())
         return tqdm(*args, **kwargs)
 
     return make

@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 
 from rft_ds import distributed as D
-from rft_ds import progress
+from rft_ds import console, progress
 from rft_ds.config import ConfigError, RFTRunConfig, read_model_config, text_config
 from rft_ds.data import (PromptRecord, load_source, normalize, resolve_callable, shard, tokenize,
                          use_chat_template)
@@ -448,8 +448,8 @@ def _run(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, met
     if ckpt is None and st.eval_before:
         log.log_initial_eval(st.eval_before)
     if st.epoch >= t.epochs and D.is_main():  # a finished run resumed with nothing left to do: say so
-        print(f"[rft_ds] {ckpt} is the end of epoch {st.epoch}: nothing left to train for train.epochs={t.epochs} "
-              "(raise train.epochs to continue)", flush=True)
+        console.say(f"[rft_ds] {ckpt} is the end of epoch {st.epoch}: nothing left to train for train.epochs={t.epochs} "
+              "(raise train.epochs to continue)")
     stopped = False
     while st.epoch < t.epochs and not stopped:
         step = schedule(st.epoch, m.start_percentile, m.end_percentile, m.n_improve_steps)
@@ -467,8 +467,7 @@ def _run(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, met
             stopped = end_epoch(s, st, log)
     if stopped and D.is_main():
         why = "stop signal received" if signals.received is not None else "the Slurm job ends soon"
-        print(f"[rft_ds] {why}: checkpointed in epoch {st.epoch + 1} ({st.stage}); continue with --resume auto",
-              flush=True)
+        console.say(f"[rft_ds] {why}: checkpointed in epoch {st.epoch + 1} ({st.stage}); continue with --resume auto")
     if t.save_final_model and not stopped:
         s.learner.save_hf(s.out / "final_model", s.tokenizer, D.is_main())
         if s.learner.lora is not None:
@@ -538,7 +537,7 @@ def start_fresh(s: Setup) -> RunState:
         if s.best is not None:
             _best_key(s, st.eval_before)  # a best_metric that metric_fn does not report fails now, not after an epoch
         if D.is_main():
-            print(f"[rft_ds] eval before training: {_eval_summary(s, st.eval_before)}", flush=True)
+            console.say(f"[rft_ds] eval before training: {_eval_summary(s, st.eval_before)}")
     return st
 
 
@@ -731,7 +730,7 @@ def end_epoch(s: Setup, st: RunState, log: MetricsLog) -> bool:
     log.log(st.history[-1])
     if D.is_main():
         shown = s.best[0].key(s.best[1]) if s.best else s.evals[0].spec.key("reward_mean") if s.evals else ""
-        print("[rft_ds] " + format_epoch(st.history[-1], t.epochs, shown), flush=True)
+        console.say("[rft_ds] " + format_epoch(st.history[-1], t.epochs, shown))
     return stop
 
 
@@ -754,7 +753,7 @@ def safe_point(s: Setup, st: RunState, step_s: float) -> bool:
     if stop_flag or save_flag:
         save_checkpoint(s, st)
         if deadline and D.is_main():
-            print("[rft_ds] the Slurm job ends soon: checkpointed and stopping (exit 3: requeue to continue)", flush=True)
+            console.say("[rft_ds] the Slurm job ends soon: checkpointed and stopping (exit 3: requeue to continue)")
     return bool(stop_flag)
 
 
@@ -801,28 +800,27 @@ def load_checkpoint(s: Setup, ckpt: Path) -> RunState:
     st = RunState(**shared, local=local, pool=pool, table=gather_pool(pool))
     if st.best is not None and _best_model_run(s.out) != st.run_id:  # best_model/ was overwritten by another run
         if D.is_main():
-            print(f"[rft_ds] note: {s.out / 'best_model'} is not this run's ({st.run_id}); the next eval rewrites it",
-                  flush=True)
+            console.say(f"[rft_ds] note: {s.out / 'best_model'} is not this run's ({st.run_id}); the next eval rewrites it")
         st.best = None
     if st.best is not None and "metric" not in st.best:  # written before train.best_metric existed
         st.best = {"epoch": st.best["epoch"], "metric": "eval_reward_mean", "value": st.best["eval_reward_mean"],
                    "run_id": st.best["run_id"]}
     if st.best is not None and (s.best is None or st.best["metric"] != s.best[0].key(s.best[1])):
         if D.is_main() and s.best is not None:
-            print(f"[rft_ds] note: best_model/ was picked by {st.best['metric']}, now train.best_metric is "
-                  f"{s.best[0].name}/{s.best[1]}; the next eval rewrites it", flush=True)
+            console.say(f"[rft_ds] note: best_model/ was picked by {st.best['metric']}, now train.best_metric is "
+                  f"{s.best[0].name}/{s.best[1]}; the next eval rewrites it")
         st.best = None
     if s.weight_sync:
         s.weight_sync.sync()
         if s.cfg.sampler.parity_check != "off":
             diff = check_parity(s)
             if D.is_main():
-                print(f"[rft_ds] engine synced from the checkpoint; parity max |logprob diff| {diff:.2g}", flush=True)
+                console.say(f"[rft_ds] engine synced from the checkpoint; parity max |logprob diff| {diff:.2g}")
     if D.is_main():
-        print(f"[rft_ds] resumed from {ckpt} at epoch {st.epoch + 1}/{s.cfg.train.epochs} ({st.stage}"
+        console.say(f"[rft_ds] resumed from {ckpt} at epoch {st.epoch + 1}/{s.cfg.train.epochs} ({st.stage}"
               + (f" {st.cursor}" if st.cursor else "") + ")"
               + (f" on {D.world_size()} ranks, written by {checkpoint.read_meta(ckpt)['world_size']}" if s.universal
-                 else ""), flush=True)
+                 else ""))
     return st
 
 
@@ -869,8 +867,8 @@ def _best_model_run(out: Path) -> str | None:
 def _warn_foreign_best_model(out: Path, run_id: str) -> None:
     """best_model/ of another (abandoned) run is not this run's best: say so; the first eval replaces it."""
     if D.is_main() and (out / "best_model").is_dir():
-        print(f"[rft_ds] note: {out / 'best_model'} holds run {_best_model_run(out) or 'unknown'}'s weights, not "
-              f"this run's ({run_id}); this run's first eval replaces it", flush=True)
+        console.say(f"[rft_ds] note: {out / 'best_model'} holds run {_best_model_run(out) or 'unknown'}'s weights, not "
+              f"this run's ({run_id}); this run's first eval replaces it")
 
 
 def _write_plots(out: Path, history: list[dict]) -> None:
@@ -879,10 +877,9 @@ def _write_plots(out: Path, history: list[dict]) -> None:
 
     try:
         paths = plot_run(out, records=history)
-        print(f"[rft_ds] plots: {paths[0].parent}/{{{','.join(p.stem for p in paths)}}}.png", flush=True)
+        console.say(f"[rft_ds] plots: {paths[0].parent}/{{{','.join(p.stem for p in paths)}}}.png")
     except Exception as e:  # noqa: BLE001 - e.g. matplotlib missing; metrics.jsonl has it all
-        print(f"[rft_ds] plots skipped ({type(e).__name__}: {e}); python -m rft_ds.plot {out} draws them later",
-              flush=True)
+        console.say(f"[rft_ds] plots skipped ({type(e).__name__}: {e}); python -m rft_ds.plot {out} draws them later")
 
 
 def has_dropout(model_config: Any) -> bool:
@@ -915,7 +912,8 @@ def _evaluate_set(s: Setup, ev: EvalData, epoch: int, stream: int) -> dict:
     import torch
 
     spec, data, tok = ev.spec, ev.prompts, s.tokenizer
-    label = (lambda what: f"eval {spec.name}: {what}") if s.show else (lambda what: None)
+    name = "eval" if spec.name == "eval" else f"eval {spec.name}"
+    label = (lambda what: f"{name}: {what}") if s.show else (lambda what: None)
     mine = [data.records[i] for i in shard(len(data.records), s.group, s.n_groups, s.cfg.data.shard)]
     seed = _sample_seed(s.cfg.train.seed, epoch, s.group, stream)
     comps = s.sampler.generate([r.token_ids for r in mine], spec.n_samples, spec.gen_kwargs, seed, label("sample"))

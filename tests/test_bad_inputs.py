@@ -1,7 +1,8 @@
 """Bad input: each case a one-line error naming the field, file line or sample, raised before any model
 loads or any process group starts, with a non-zero exit (the same code path runs on every rank).
 
-Cases run the real CLI entry point in-process with WORLD_SIZE=2. Learner (model load) and the process
+Cases run the real CLI entry point in-process with WORLD_SIZE=2 (--verbose: no file descriptor of pytest's
+own process is redirected to a log). Learner (model load) and the process
 group init are replaced by functions that fail the test if reached: that is how "before model load" is
 checked. The multi-process tests in test_e2e.py show the same errors on both ranks through the launcher."""
 
@@ -138,7 +139,7 @@ def saved_dataset_dict(path: Path) -> str:
 def test_bad_input_is_one_line_error_before_model_load(case, env, capsys):
     tmp, model = env
     make, needle = CASES[case]
-    argv = ["--config", "launch/configs/tiny.yaml", f"model.model_path={model}", "model.build=null",
+    argv = ["--config", "launch/configs/tiny.yaml", "--verbose", f"model.model_path={model}", "model.build=null",
             f"train.output_dir={tmp / 'out'}", *make(tmp, model)]
     import os
     cwd = os.getcwd()
@@ -164,7 +165,7 @@ def test_more_local_ranks_than_gpus(env, monkeypatch, capsys):
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     with fake_cuda():
-        rc = cli.main(["--config", str(ROOT / "launch/configs/tiny.yaml"), f"model.model_path={model}",
+        rc = cli.main(["--config", str(ROOT / "launch/configs/tiny.yaml"), "--verbose", f"model.model_path={model}",
                        "model.build=null", f"train.output_dir={tmp / 'out'}"])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rft_ds: error")]
     assert rc == 2 and errors == ["rft_ds: error (rank 0): the launcher started 2 ranks on this node but only 1 GPU(s) "
@@ -211,9 +212,9 @@ def test_changed_config_refuses_resume_before_model_load(env, monkeypatch, capsy
     from rft_ds.recipe import _yaml_safe
 
     tmp, model = env
-    args = ["--config", str(ROOT / "launch/configs/tiny.yaml"), f"model.model_path={model}", "model.build=null",
-            f"train.output_dir={tmp / 'out'}"]
-    saved_cfg = RFTRunConfig.load_yaml(ROOT / "launch/configs/tiny.yaml", args[2:] + ["train.seed=7"])
+    args = ["--config", str(ROOT / "launch/configs/tiny.yaml"), "--verbose", f"model.model_path={model}",
+            "model.build=null", f"train.output_dir={tmp / 'out'}"]
+    saved_cfg = RFTRunConfig.load_yaml(ROOT / "launch/configs/tiny.yaml", args[3:] + ["train.seed=7"])
     ckpt = tmp / "out" / "checkpoints" / "epoch_00000"
     ckpt.mkdir(parents=True)
     (ckpt / "meta.json").write_text(json.dumps({"world_size": 2, "format": STATE_FORMAT, "position": [1, 0, 0],

@@ -92,3 +92,25 @@ def test_rft_ds_is_installed_on_the_venv_path(tmp_path):
     assert p.returncode == 1 and p.stderr.strip() == "rft_ds: problem: train.epochs must be >= 1, got 0", p.stderr
     p = subprocess.run([sys.executable, "-m", "rft_ds", "--help"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and "{train,check,export,plot,runs}" in p.stdout
+
+
+@pytest.mark.slow
+def test_a_library_error_reaches_the_quiet_console_with_the_log_path(tmp_path, tiny_model):
+    """Weights transformers cannot read: the error is raised inside a library after the console went quiet;
+    its first line and the log's path reach the terminal, the traceback is in the log."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    (model / "model.safetensors").write_bytes(b"\x00" * 64)
+    p = subprocess.run([str(Path(sys.executable).parent / "rft-ds"), "train", str(ROOT / "launch/configs/tiny.yaml"),
+                        f"model.model_path={model}", "model.build=null", f"train.output_dir={tmp_path / 'run'}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")},
+                            "HF_HUB_OFFLINE": "1"})
+    log = tmp_path / "run" / "logs" / "rank0.log"
+    errors = [line for line in p.stderr.splitlines() if line.startswith("rft_ds: error")]
+    assert p.returncode == 1 and len(errors) == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    assert errors[0].startswith("rft_ds: error (rank 0): ") and errors[0].endswith(f"(traceback in {log})"), errors
+    assert "Traceback (most recent call last)" in log.read_text() and "Traceback" not in p.stderr
+    assert p.stdout.startswith("[rft_ds] each rank's full output"), p.stdout[:500]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -28,6 +29,16 @@ def launch(tmp_path, *overrides, timeout=600, env_extra=None, module=False):
     return p, time.time() - t
 
 
+# What the console may hold: rft_ds's lines, tqdm bars, and the DeepSpeed launcher's own lines (its runner
+# and launch.py processes, which are not ranks)
+CONSOLE = re.compile(r"\[rft_ds\] |rft_ds: |[\w :/.-]+: +\d+%\||"
+                     r"\[\d{4}-\d\d-\d\d [\d:,]+\] \[(INFO|WARNING)\] \[(runner|launch|real_accelerator)\.py:")
+
+
+def foreign_console_lines(out: str) -> list[str]:
+    return [line for line in re.split(r"[\r\n]+", out) if line.strip() and not CONSOLE.match(line.strip())]
+
+
 def read_metrics(tmp_path):
     return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
 
@@ -50,8 +61,17 @@ def check_run(tmp_path, epochs, loss_drop):
 
 
 def test_two_rank_zero3_vllm_run_learns(tmp_path):
-    p, secs = launch(tmp_path, "train.epochs=14", "train.eval_interval=7")  # 0.040 -> 0.354 measured
+    p, secs = launch(tmp_path, "train.epochs=14", "train.eval_interval=7", "train.progress=true")  # 0.040 -> 0.354
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    # a quiet console: rft_ds's lines and bars; what vLLM, DeepSpeed and transformers print is in each rank's log
+    out = p.stdout + p.stderr
+    assert foreign_console_lines(out) == [], foreign_console_lines(out)[:20]
+    ours = [line for line in p.stdout.splitlines() if line.startswith("[rft_ds]")]
+    assert ours[0].startswith("[rft_ds] each rank's full output (vLLM, DeepSpeed, transformers, ...): "), ours[:3]
+    assert re.search(r"epoch 1: train: +\d+%\|", p.stderr)
+    logs = {r: (tmp_path / "run" / "logs" / f"rank{r}.log").read_text() for r in (0, 1)}
+    assert all("Initializing a V1 LLM engine" in text for text in logs.values())  # vLLM's own, per rank
+    assert "Setting accelerator to CPU" in logs[1] and "[rft_ds] epoch 14/14" in logs[0]
     m = check_run(tmp_path, 14, loss_drop=0.5)
     before, after = m[0]["eval_reward_mean_initial"], m[-1]["eval_reward_mean"]
     assert after > before + 0.15, (before, after)
