@@ -73,6 +73,7 @@ class ModelConfig:
     # r 16, alpha 32, dropout 0, target_modules "all-linear" (every linear layer but the LM head).
     lora: Optional[dict] = None
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more compute
+    trust_remote_code: bool = False  # run the model's / tokenizer's own code from its directory (transformers, vLLM)
 
 
 @dataclass

@@ -20,7 +20,7 @@ class DataError(ValueError):
 @dataclass
 class PromptRecord:
     id: int
-    text: str
+    text: str  # what reward functions get as the prompt (a chat prompt's last user message)
     token_ids: list[int]
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -139,8 +139,9 @@ def _read_jsonl(path: Path, what: str, prompt_field: str) -> list:
 
 
 def normalize(items: Sequence, what: str, prompt_field: str = "prompt",
-              metadata_fields: Sequence[str] | None = None) -> tuple[list[str], list[dict]]:
-    """trlx accepts strings or dicts with the prompt plus metadata; return (texts, metadata).
+              metadata_fields: Sequence[str] | None = None) -> tuple[list, list[dict]]:
+    """trlx accepts strings or dicts with the prompt plus metadata; return (texts, metadata). A prompt may
+    also be a list of chat messages ({"role", "content"}), kept as that list until `tokenize` renders it.
     metadata_fields: the fields passed on to reward_fn/metric_fn (None: every field but the prompt)."""
     if len(items) == 0:
         raise DataError(f"{what} is empty")
@@ -162,13 +163,37 @@ def normalize(items: Sequence, what: str, prompt_field: str = "prompt",
                 raise DataError(f"{what}[{i}] metadata key {sorted(clash)[0]!r} is reserved for reward_fn arguments")
         else:
             text, meta = item, {}
-        if not isinstance(text, str):
-            raise DataError(f"{what}[{i}] must be a string, got {type(text).__name__}")
+        if isinstance(text, (list, tuple)):
+            text = check_messages(text, f"{what}[{i}]")
+            if "messages" in meta:
+                raise DataError(f"{what}[{i}] metadata key 'messages' is reserved: reward functions get a chat "
+                                "prompt's messages under that name")
+        elif not isinstance(text, str):
+            raise DataError(f"{what}[{i}] must be a string or a list of chat messages, got {type(text).__name__}")
         if not text:
             raise DataError(f"{what}[{i}] is an empty string")
         texts.append(text)
         metas.append(meta)
     return texts, metas
+
+
+def check_messages(messages: Sequence, what: str) -> list[dict]:
+    """A chat prompt: a non-empty list of {"role": str, "content": str}, ending with a turn the model answers."""
+    if not messages:
+        raise DataError(f"{what} is an empty list of chat messages")
+    out = []
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{what}[{j}] must be a chat message {{'role': str, 'content': str}}, got {m!r:.80}")
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] == "assistant":
+        raise DataError(f"{what} ends with an assistant message: the last turn must be one the model answers")
+    return out
+
+
+def chat_text(messages: Sequence[dict]) -> str:
+    """A chat prompt as reward functions see it: its last user message (the question), like a string prompt."""
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
 
 
 def use_chat_template(tokenizer: Any, setting: bool | None) -> bool:
@@ -179,27 +204,36 @@ def use_chat_template(tokenizer: Any, setting: bool | None) -> bool:
     return has if setting is None else bool(setting)
 
 
-def format_prompt(text: str, tokenizer: Any, chat: bool, system_prompt: str | None = None) -> str:
-    """The text the model is given: the prompt as a user turn of the chat template, or as it is."""
+def format_prompt(text: str | list, tokenizer: Any, chat: bool, system_prompt: str | None = None) -> str:
+    """The text the model is given: the prompt as a user turn of the chat template (a chat prompt: its
+    messages, after data.system_prompt unless it has its own system message), or as it is."""
     if not chat:
         return text
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else []) + \
-        [{"role": "user", "content": text}]
+    messages = text if isinstance(text, list) else [{"role": "user", "content": text}]
+    if system_prompt is not None and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def tokenize(texts: Sequence[str], metas: Sequence[dict], tokenizer: Any, max_len: int, what: str,
+def tokenize(texts: Sequence[str | list], metas: Sequence[dict], tokenizer: Any, max_len: int, what: str,
              chat: bool = False, system_prompt: str | None = None) -> list[PromptRecord]:
-    """Token ids of each prompt. With a chat template the template adds the special tokens itself."""
+    """Token ids of each prompt. With a chat template the template adds the special tokens itself. A chat
+    prompt (a list of messages) needs the template; its record's text is its last user message and its
+    metadata gains the messages, so reward functions see both."""
     records = []
     for i, (text, meta) in enumerate(zip(texts, metas)):
+        if isinstance(text, list):
+            if not chat:
+                raise DataError(f"{what}[{i}] is a list of chat messages, which needs the tokenizer's chat template "
+                                "(data.apply_chat_template is false, or the tokenizer has none)")
+            meta = {**meta, "messages": text}
         ids = tokenizer(format_prompt(text, tokenizer, chat, system_prompt), add_special_tokens=not chat)["input_ids"]
         if len(ids) > max_len:
             raise DataError(f"{what}[{i}] is {len(ids)} tokens, longer than the limit of {max_len} "
                             "(data.max_prompt_length, and the model's positions minus max_new_tokens)")
         if not ids:
             raise DataError(f"{what}[{i}] tokenizes to no tokens")
-        records.append(PromptRecord(i, text, list(ids), meta))
+        records.append(PromptRecord(i, chat_text(text) if isinstance(text, list) else text, list(ids), meta))
     return records
 
 

@@ -37,11 +37,12 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
 
     ckpt, out = resolve(ckpt), Path(out)
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="ds")
+    trust = _trusts_remote_code(ckpt)
     if (ckpt / "hf" / "adapter_config.json").is_file():
-        return _export_lora(ckpt, out, state)
-    config = AutoConfig.from_pretrained(ckpt / "hf")
+        return _export_lora(ckpt, out, state, trust)
+    config = AutoConfig.from_pretrained(ckpt / "hf", trust_remote_code=trust)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")}
     if set(missing) - tied or unexpected:
@@ -51,13 +52,20 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
         model.tie_weights()
     with replacing_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(ckpt / "hf", trust_remote_code=trust).save_pretrained(tmp)
         if (ckpt / "hf" / "generation_config.json").is_file():
             GenerationConfig.from_pretrained(ckpt / "hf").save_pretrained(tmp)
     return out
 
 
-def _export_lora(ckpt: Path, out: Path, state: dict) -> Path:
+def _trusts_remote_code(ckpt: Path) -> bool:
+    """The run's model.trust_remote_code, from the checkpoint's own config: export loads what training did."""
+    from rft_ds.checkpoint import read_meta
+
+    return bool(((read_meta(ckpt).get("config") or {}).get("model") or {}).get("trust_remote_code"))
+
+
+def _export_lora(ckpt: Path, out: Path, state: dict, trust: bool = False) -> Path:
     """A LoRA checkpoint holds the adapters only: the base model (the adapter config's
     base_model_name_or_path, the run's model.model_path) plus the checkpoint's fp32 adapters, merged."""
     import torch
@@ -69,7 +77,7 @@ def _export_lora(ckpt: Path, out: Path, state: dict) -> Path:
     if not (base / "config.json").is_file():
         raise CheckpointError(f"{ckpt}: a LoRA checkpoint needs its base model, and {base} (the run's "
                               "model.model_path) is not a model directory")
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), pc)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=trust), pc)
     lora = {k for k, _ in model.named_parameters() if "lora_" in k}
     missing = sorted(lora - set(state))
     if missing or set(state) - lora:
@@ -78,7 +86,7 @@ def _export_lora(ckpt: Path, out: Path, state: dict) -> Path:
     model.load_state_dict(state, strict=False)
     with replacing_dir(out) as tmp:
         model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(ckpt / "hf", trust_remote_code=trust).save_pretrained(tmp)
         if (ckpt / "hf" / "generation_config.json").is_file():
             GenerationConfig.from_pretrained(ckpt / "hf").save_pretrained(tmp)
     return out

@@ -169,7 +169,8 @@ def logprob_diffs(logp: np.ndarray, counts: Sequence[int], rows: Sequence[Row]) 
 class Learner:
     """Owns the DeepSpeed engine. `engine.module` is the HF model (parameters partitioned)."""
 
-    def __init__(self, model_path: str, ds_config: dict, lora: Any = None, gradient_checkpointing: bool = False) -> None:
+    def __init__(self, model_path: str, ds_config: dict, lora: Any = None, gradient_checkpointing: bool = False,
+                 trust_remote_code: bool = False) -> None:
         """lora: an rft_ds.lora.LoraSpec (None: every weight trains). Its A and B are plain parameters when
         peft makes them; deepspeed.initialize partitions them with the rest."""
         import deepspeed
@@ -181,7 +182,7 @@ class Learner:
         self._hf_ds = HfDeepSpeedConfig(ds_config)
         dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else (
             torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
         if gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and ZeRO-3's hooks
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora is not None:

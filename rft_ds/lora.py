@@ -66,14 +66,15 @@ def peft_config(spec: LoraSpec) -> Any:
                       task_type="CAUSAL_LM", bias="none")
 
 
-def check_lora(spec: LoraSpec, model_path: str) -> None:
+def check_lora(spec: LoraSpec, model_path: str, trust_remote_code: bool = False) -> None:
     """Before DeepSpeed starts: every target_modules entry names a module of the model, and peft can wrap it.
     The model is built on the meta device from its config: no weights are read."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     names = [n for n, _ in model.named_modules()]
     if isinstance(spec.target_modules, list):
         for t in spec.target_modules:

@@ -88,7 +88,7 @@ def _load_tokenizer(cfg: RFTRunConfig) -> Any:
     from transformers import AutoTokenizer
 
     path = cfg.model.tokenizer_path or cfg.model.model_path
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     if tok.eos_token_id is None:
         raise ConfigError(f"tokenizer at {path} has no eos_token: completions could never end")
     if tok.pad_token_id is None:
@@ -235,10 +235,10 @@ def check_model(cfg: RFTRunConfig) -> None:
     and, for vLLM on CPU, a head size it serves."""
     import torch
 
-    check_causal_lm(cfg.model.model_path)
+    check_causal_lm(cfg.model.model_path, cfg.model.trust_remote_code)
     lora = parse_lora(cfg.model.lora)
     if lora is not None:
-        check_lora(lora, cfg.model.model_path)  # on the meta device: no weights read
+        check_lora(lora, cfg.model.model_path, cfg.model.trust_remote_code)  # on the meta device: no weights read
     if cfg.sampler.backend == "vllm":
         from rft_ds.sampling.vllm import check_servable
 
@@ -246,15 +246,17 @@ def check_model(cfg: RFTRunConfig) -> None:
 
 
 def tokenize_prompts(cfg: RFTRunConfig, tokenizer: Any, train: Prompts, evals: Sequence[EvalData]) -> None:
-    """Token ids of every prompt; a prompt longer than the limit is an error naming it."""
+    """Token ids of every prompt (chat prompts rendered with the template); a prompt longer than the limit
+    is an error naming it."""
     d = cfg.data
     limit = prompt_limit(cfg)
     chat = use_chat_template(tokenizer, d.apply_chat_template)
-    train.records = tokenize(train.texts, train.metadata, tokenizer, limit, "prompts", chat, d.system_prompt)
-    for i, ev in enumerate(evals):
-        where = "eval_prompts" if cfg.eval.sets is None else f"eval.sets[{i}].prompts"
-        ev.prompts.records = tokenize(ev.prompts.texts, ev.prompts.metadata, tokenizer, limit, where, chat,
-                                      d.system_prompt)
+    sets = [(train, "prompts")] + [(ev.prompts, "eval_prompts" if cfg.eval.sets is None else f"eval.sets[{i}].prompts")
+                                   for i, ev in enumerate(evals)]
+    for p, where in sets:
+        p.records = tokenize(p.texts, p.metadata, tokenizer, limit, where, chat, d.system_prompt)
+        # chat prompts: reward functions get the last user message as the prompt, the messages as a keyword
+        p.texts, p.metadata = [r.text for r in p.records], [r.metadata for r in p.records]
 
 
 def check_resume_config(ckpt: Path | None, cfg: RFTRunConfig) -> None:
@@ -320,11 +322,18 @@ def tensorboard_on(setting: bool | None) -> bool:
     return importlib.util.find_spec("tensorboard") is not None if setting is None else setting
 
 
-def check_causal_lm(model_path: str) -> None:
-    """From config.json alone: refuse a model AutoModelForCausalLM cannot build, before loading weights."""
+def check_causal_lm(model_path: str, trust_remote_code: bool = False) -> None:
+    """From config.json alone: refuse a model AutoModelForCausalLM cannot build, before loading weights. A
+    model with its own code (auto_map) is one it can build when model.trust_remote_code allows that code."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    model_type = read_model_config(model_path).get("model_type")
+    config = read_model_config(model_path)
+    model_type = config.get("model_type")
+    if "AutoModelForCausalLM" in (config.get("auto_map") or {}) and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        if not trust_remote_code:
+            raise ConfigError(f"model.model_path {model_path}: model type {model_type!r} comes with its own code "
+                              f"({config['auto_map']['AutoModelForCausalLM']}); set model.trust_remote_code: true to run it")
+        return
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ConfigError(f"model.model_path {model_path}: model type {model_type!r} is not a causal LM "
                           "(AutoModelForCausalLM cannot load it)")
@@ -351,7 +360,8 @@ def make_sampler(cfg: RFTRunConfig, learner: Any, tokenizer: Any, ds_config: dic
         max_model_len=sp.max_model_len or prompt_limit(cfg) + longest_generation(cfg),
         tensor_parallel_size=sp.tensor_parallel_size, gpu_memory_utilization=sp.gpu_memory_utilization,
         kv_cache_memory_bytes=sp.kv_cache_memory_bytes, enforce_eager=sp.enforce_eager,
-        enable_sleep_mode=sp.enable_sleep_mode, stop_sequences=stop_sequences)
+        enable_sleep_mode=sp.enable_sleep_mode, stop_sequences=stop_sequences,
+        trust_remote_code=cfg.model.trust_remote_code)
     return sampler, WeightSync(learner.module, sampler, sp.sync_bucket_mb, getattr(torch, dtype))
 
 
@@ -511,7 +521,8 @@ def setup(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, me
     out = Path(t.output_dir)
     if D.is_main():
         (out / "config.yaml").write_text(yaml.safe_dump(_yaml_safe(cfg.to_dict()), sort_keys=False))
-    learner = Learner(cfg.model.model_path, ds_config, parse_lora(cfg.model.lora), cfg.model.gradient_checkpointing)
+    learner = Learner(cfg.model.model_path, ds_config, parse_lora(cfg.model.lora), cfg.model.gradient_checkpointing,
+                      cfg.model.trust_remote_code)
     sampler, weight_sync = make_sampler(cfg, learner, tokenizer, ds_config, group,
                                         list(stop_sequences if stop_sequences is not None else cfg.reward.stop_sequences))
     half = not (weight_sync and weight_sync.dtype == torch.float32)

@@ -75,7 +75,7 @@ CASES = {
                                        "head_dim 24, which vLLM on CPU cannot serve"),
     "empty prompt list": (lambda d, m: [f"data.prompts={write(d / 'e.jsonl', '')}"], "prompts is empty"),
     "non-string prompt": (lambda d, m: [f"data.prompts={write(d / 'n.jsonl', json.dumps({'prompt': 3}))}"],
-                          "prompts[0] must be a string, got int"),
+                          "prompts[0] must be a string or a list of chat messages, got int"),
     "prompt too long": (lambda d, m: [f"data.prompts={write(d / 'l.jsonl', json.dumps({'prompt': 'abc say k: ' * 20}))}"],
                         "prompts[0] is"),
     "malformed JSONL line": (lambda d, m: [f"data.prompts={write(d / 'b.jsonl', json.dumps({'prompt': 'a'}) + chr(10) + '{oops' + chr(10))}"],

@@ -114,3 +114,49 @@ def test_a_library_error_reaches_the_quiet_console_with_the_log_path(tmp_path, t
     assert errors[0].startswith("rft_ds: error (rank 0): ") and errors[0].endswith(f"(traceback in {log})"), errors
     assert "Traceback (most recent call last)" in log.read_text() and "Traceback" not in p.stderr
     assert p.stdout.startswith("[rft_ds] each rank's full output"), p.stdout[:500]
+
+
+def remote_code_model(tiny_model: Path, dst: Path) -> Path:
+    """The tiny Llama as a model with its own code (auto_map): what model.trust_remote_code is for."""
+    import shutil
+
+    shutil.copytree(tiny_model, dst)
+    (dst / "configuration_rfttoy.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass RftToyConfig(LlamaConfig):\n    model_type = 'rft_toy'\n")
+    (dst / "modeling_rfttoy.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_rfttoy import RftToyConfig\n\n\n"
+        "class RftToyForCausalLM(LlamaForCausalLM):\n    config_class = RftToyConfig\n")
+    c = json.loads((dst / "config.json").read_text())
+    c.update(model_type="rft_toy", architectures=["RftToyForCausalLM"],
+             auto_map={"AutoConfig": "configuration_rfttoy.RftToyConfig",
+                       "AutoModelForCausalLM": "modeling_rfttoy.RftToyForCausalLM"})
+    (dst / "config.json").write_text(json.dumps(c))
+    return dst
+
+
+def test_check_asks_for_trust_remote_code(env, capsys):
+    tmp, model = env
+    remote = remote_code_model(model, tmp / "remote")
+    rc, problems, _ = run_check(capsys, f"model.model_path={remote}", "model.build=null", "sampler.backend=hf")
+    assert rc == 1 and problems == [f"rft_ds: problem: model.model_path {remote}: model type 'rft_toy' comes with its own "
+                                    "code (modeling_rfttoy.RftToyForCausalLM); set model.trust_remote_code: true to run it"]
+    rc, problems, _ = run_check(capsys, f"model.model_path={remote}", "model.build=null", "sampler.backend=hf",
+                                "model.trust_remote_code=true", "model.lora={r: 4}")
+    assert rc == 0, problems
+
+
+@pytest.mark.slow
+def test_a_model_with_its_own_code_trains_with_trust_remote_code(tmp_path, tiny_model):
+    """One rank, the HF sampler: tokenizer, learner and final_model load and save the model's own classes."""
+    remote = remote_code_model(tiny_model, tmp_path / "remote")
+    p = subprocess.run([str(Path(sys.executable).parent / "rft-ds"), "train", str(ROOT / "launch/configs/tiny.yaml"),
+                        f"model.model_path={remote}", "model.build=null", "model.trust_remote_code=true",
+                        "sampler.backend=hf", "train.epochs=1", "method.n_generations_per_prompt=2", "train.eval_interval=0",
+                        "train.plots=false", f"train.output_dir={tmp_path / 'run'}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")},
+                            "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    final = tmp_path / "run" / "final_model"
+    saved = json.loads((final / "config.json").read_text())
+    assert saved["model_type"] == "rft_toy" and saved["architectures"] == ["RftToyForCausalLM"], saved

@@ -1,6 +1,7 @@
 """Every prompt source gives the same records; metadata reaches reward_fn; the chat template is applied."""
 
 import json
+import re
 
 import pytest
 
@@ -131,3 +132,64 @@ def test_chat_template_applied_when_present(tokenizer):
     assert chat_tok.decode(chat.token_ids) == "system: be brief user: abc say k: assistant:"
     assert chat.text == plain.text == "abc say k:"  # reward_fn sees the prompt as given
     assert len(chat.token_ids) > len(plain.token_ids)
+
+
+def test_chat_message_prompts(tokenizer, tmp_path):
+    """A prompt may be a list of {role, content} messages (a Python list, a JSONL field, a datasets column):
+    rendered with the chat template (data.system_prompt only when it has no system message of its own);
+    reward functions get its last user message as the prompt and the messages as a keyword."""
+    import copy
+
+    import datasets
+
+    chat_tok = copy.deepcopy(tokenizer)
+    chat_tok.chat_template = TEMPLATE
+    convo = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "abc say k:"},
+             {"role": "assistant", "content": "k"}, {"role": "user", "content": "say a:"}]
+    rows = [{"prompt": convo, "answer": "a"}, {"prompt": [{"role": "user", "content": "say b:"}], "answer": "b"}]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    for source in (rows, str(tmp_path / "c.jsonl"), str(tmp_path / "ds")):
+        texts, metas = normalize(load_source(source, "prompts", split="train"), "prompts")
+        a, b = tokenize(texts, metas, chat_tok, 256, "prompts", chat=True, system_prompt="sys")
+        assert chat_tok.decode(a.token_ids) == "system: be brief user: abc say k: assistant: k user: say a: assistant:"
+        assert chat_tok.decode(b.token_ids) == "system: sys user: say b: assistant:"  # system_prompt added
+        assert a.token_ids == chat_tok.apply_chat_template(convo, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=True)["input_ids"]
+        assert (a.text, b.text) == ("say a:", "say b:") and a.metadata == {"answer": "a", "messages": convo}
+    bad = {
+        "an empty list of chat messages": [],
+        "prompts[0][0] must be a chat message": [{"role": "user"}],
+        "ends with an assistant message": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+    }
+    for needle, prompt in bad.items():
+        with pytest.raises(DataError, match=re.escape(needle)):
+            normalize([{"prompt": prompt}], "prompts")
+    with pytest.raises(DataError, match="metadata key 'messages' is reserved"):
+        normalize([{"prompt": [{"role": "user", "content": "x"}], "messages": 1}], "prompts")
+    texts, metas = normalize([[{"role": "user", "content": "x"}]], "prompts")
+    with pytest.raises(DataError, match=r"prompts\[0\] is a list of chat messages, which needs the tokenizer's chat"):
+        tokenize(texts, metas, tokenizer, 256, "prompts", chat=False)
+
+
+def test_chat_prompts_through_the_hf_sampler(tiny_model, tokenizer):
+    """The HF sampler continues the rendered conversation (the vLLM sampler: test_e2e's Python API run):
+    the same completions as for the same text given as a string prompt to the template."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from rft_ds.sampling.hf import HFSampler
+
+    chat_tok = copy.deepcopy(tokenizer)
+    chat_tok.chat_template = TEMPLATE
+    convo = [{"role": "user", "content": "abc say k:"}, {"role": "assistant", "content": "k"},
+             {"role": "user", "content": "say a:"}]
+    texts, metas = normalize([convo, "say a:"], "prompts")
+    a, b = tokenize(texts, metas, chat_tok, 256, "prompts", chat=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    greedy = {"max_new_tokens": 6, "do_sample": False}
+    out = HFSampler(model, chat_tok, batch_size=2, device="cpu").generate([a.token_ids, b.token_ids], 1, greedy, seed=0)
+    alone = HFSampler(model, chat_tok, batch_size=1, device="cpu").generate([a.token_ids], 1, greedy, seed=0)
+    assert [len(cs) for cs in out] == [1, 1] and all(c.token_ids for cs in out for c in cs)
+    assert out[0][0].token_ids == alone[0][0].token_ids  # left padding beside a shorter prompt changes nothing

@@ -139,19 +139,26 @@ def test_reward_failure_on_one_rank_stops_every_rank(tmp_path):
 
 
 def test_python_api_single_process(tmp_path):
-    """trlx's call from outside the checkout, with two eval sets given in Python: each its own reward, pass@k,
-    maj@k, greedy numbers, and best_model/ picked by the named metric."""
+    """trlx's call from outside the checkout, half its prompts chat messages, with two eval sets given in
+    Python: each its own reward, pass@k, maj@k, greedy numbers, and best_model/ picked by the named metric."""
     code = f"""
 import json, pathlib
 import rft_ds
 from rft_ds import toy
-def starts_with_letter(prompts, completions, **kw):  # the second set's own reward (TRL's signature)
+from transformers import AutoTokenizer
+model = toy.ensure_tiny_model({str(tmp_path / 'model')!r})
+tok = AutoTokenizer.from_pretrained(model)  # a chat template in the toy alphabet, for the chat prompts below
+tok.chat_template = "{{% for m in messages %}}{{{{ m['content'] }}}} {{% endfor %}}"
+tok.save_pretrained(model)
+def starts_with_letter(prompts, completions, messages, **kw):  # the second set's own reward (TRL's signature)
+    assert all(m[-1]["content"] == p for m, p in zip(messages, prompts))  # chat prompts: the last user message
     return [float(c.strip()[:1].isalpha()) for c in completions]
+chat = lambda rows: [{{**r, "prompt": [{{"role": "user", "content": r["prompt"]}}]}} for r in rows]
 sets = [{{"name": "toy", "prompts": toy.eval_prompts(8), "metric_fn": toy.metric_fn, "n_samples": 4, "greedy": True,
           "answer_fn": lambda o: o.strip()[:1] or None, "pass_k": [1, 2, 4], "pass_threshold": 0.5}},
-        {{"name": "letter", "prompts": toy.eval_prompts(6, seed=1), "reward_fn": starts_with_letter, "n_samples": 2}}]
+        {{"name": "letter", "prompts": chat(toy.eval_prompts(6, seed=1)), "reward_fn": starts_with_letter, "n_samples": 2}}]
 res = rft_ds.train(
-    reward_fn=toy.reward_fn, prompts=toy.train_prompts(16),
+    reward_fn=toy.reward_fn, prompts=toy.train_prompts(8) + chat(toy.train_prompts(8, seed=1)),
     config={{"model": {{"model_path": {str(tmp_path / 'model')!r}, "build": "tiny"}},
             "method": {{"n_generations_per_prompt": 4, "gen_kwargs": {{"max_new_tokens": 8}}, "n_improve_steps": 1,
                        "pool": "latest", "max_per_prompt": 1}},

@@ -99,7 +99,7 @@ def test_jsonl_errors_name_the_line(tmp_path, content, needle):
 
 @pytest.mark.parametrize("items,needle", [
     ([], "prompts is empty"),
-    (["ok", 3], r"prompts\[1\] must be a string, got int"),
+    (["ok", 3], r"prompts\[1\] must be a string or a list of chat messages, got int"),
     (["ok", ""], r"prompts\[1\] is an empty string"),
     ([{"text": "x"}], r"prompts\[0\] has no field 'prompt'"),
     ([{"prompt": "x", "tokenizer": 1}], "metadata key 'tokenizer' is reserved"),

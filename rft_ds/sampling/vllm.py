@@ -76,7 +76,8 @@ class VLLMSampler:
     def __init__(self, model_path: str, tokenizer: Any, *, seed: int, dtype: str, max_model_len: int,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.3,
                  kv_cache_memory_bytes: int | None = None, enforce_eager: bool = True,
-                 enable_sleep_mode: bool = False, stop_sequences: Sequence[str] = ()) -> None:
+                 enable_sleep_mode: bool = False, stop_sequences: Sequence[str] = (),
+                 trust_remote_code: bool = False) -> None:
         import torch
         from vllm import LLM
 
@@ -86,7 +87,7 @@ class VLLMSampler:
             model=str(model_path), tokenizer=str(getattr(tokenizer, "name_or_path", "") or model_path),
             distributed_executor_backend="external_launcher", tensor_parallel_size=tensor_parallel_size,
             dtype=dtype, seed=seed, max_model_len=max_model_len, enforce_eager=enforce_eager,
-            enable_prefix_caching=True, enable_sleep_mode=enable_sleep_mode,
+            enable_prefix_caching=True, enable_sleep_mode=enable_sleep_mode, trust_remote_code=trust_remote_code,
         )
         if kv_cache_memory_bytes is not None or on_cpu:
             # On CPU the utilization fraction means a share of a NUMA node's RAM and fails on small boxes;
