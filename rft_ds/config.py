@@ -47,6 +47,9 @@ class RFTConfig:
     # the completions kept per prompt (null: no cap; the highest scores first).
     pool: str = "accumulate"
     max_per_prompt: Optional[int] = None
+    # ReST-EM's restart (Singh et al. 2023): each grow step trains its selection from the base weights (a fresh
+    # optimizer and LR schedule too); the samples still come from the latest policy.
+    restart_from_base: bool = False
 
     def __post_init__(self) -> None:
         # Keys given override the defaults, so `gen_kwargs.temperature=0.7` keeps max_new_tokens.
@@ -334,6 +337,8 @@ def _check_type(value: Any, tp: Any, name: str) -> Any:
         return _check_type(value, inner[0], name)
     if origin is not None:
         tp = origin
+    if tp is str and isinstance(value, Path):  # the Python API: a pathlib.Path where a path goes
+        return str(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):

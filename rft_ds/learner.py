@@ -199,6 +199,18 @@ class Learner:
     def module(self):
         return self.engine.module
 
+    def close(self) -> None:
+        """Release the engine (ZeRO-3 hooks, optimizer state, partitions) before another takes its place."""
+        import gc
+
+        import torch
+
+        self.engine.destroy()
+        self.engine = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     @property
     def device(self):
         """Where the engine computes (the device rule's choice): every input goes here first."""

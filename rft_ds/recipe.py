@@ -339,6 +339,14 @@ def check_causal_lm(model_path: str, trust_remote_code: bool = False) -> None:
                           "(AutoModelForCausalLM cannot load it)")
 
 
+def new_learner(cfg: RFTRunConfig, ds_config: dict) -> Any:
+    """The DeepSpeed engine over the base model (model.model_path), as every run starts."""
+    from rft_ds.learner import Learner
+
+    return Learner(cfg.model.model_path, ds_config, parse_lora(cfg.model.lora), cfg.model.gradient_checkpointing,
+                   cfg.model.trust_remote_code)
+
+
 def make_sampler(cfg: RFTRunConfig, learner: Any, tokenizer: Any, ds_config: dict, group: int,
                  stop_sequences: list[str]) -> tuple[Any, Any]:
     """The sampler for `sampler.backend`, and the WeightSync that feeds it (None when it samples from the
@@ -354,15 +362,22 @@ def make_sampler(cfg: RFTRunConfig, learner: Any, tokenizer: Any, ds_config: dic
     from rft_ds.weight_sync import WeightSync
 
     sp = cfg.sampler
-    dtype = sp.dtype if sp.dtype != "auto" else "bfloat16" if ds_config.get("bf16", {}).get("enabled") else "float32"
     sampler = VLLMSampler(
-        cfg.model.model_path, tokenizer, seed=_sample_seed(cfg.train.seed, -1, group, 2), dtype=dtype,
+        cfg.model.model_path, tokenizer, seed=_sample_seed(cfg.train.seed, -1, group, 2),
+        dtype=str(engine_dtype(sp.dtype, ds_config)).removeprefix("torch."),
         max_model_len=sp.max_model_len or prompt_limit(cfg) + longest_generation(cfg),
         tensor_parallel_size=sp.tensor_parallel_size, gpu_memory_utilization=sp.gpu_memory_utilization,
         kv_cache_memory_bytes=sp.kv_cache_memory_bytes, enforce_eager=sp.enforce_eager,
         enable_sleep_mode=sp.enable_sleep_mode, stop_sequences=stop_sequences,
         trust_remote_code=cfg.model.trust_remote_code)
-    return sampler, WeightSync(learner.module, sampler, sp.sync_bucket_mb, getattr(torch, dtype))
+    return sampler, WeightSync(learner.module, sampler, sp.sync_bucket_mb, engine_dtype(sp.dtype, ds_config))
+
+
+def engine_dtype(setting: str, ds_config: dict) -> Any:
+    import torch
+
+    return getattr(torch, setting if setting != "auto" else "bfloat16" if ds_config.get("bf16", {}).get("enabled")
+                   else "float32")
 
 
 PER_RANK = ("local", "pool", "table")  # RunState fields that are not rank 0's to save
@@ -400,7 +415,8 @@ class RunState:
 
 @dataclass
 class Setup:
-    """What never changes during a run: config, data, reward, tokenizer, engines. Built once by `setup`."""
+    """What never changes during a run: config, data, reward, tokenizer, engines. Built once by `setup`
+    (method.restart_from_base replaces the learner, and what holds its module, at each grow step)."""
 
     cfg: RFTRunConfig
     rewards: list  # reward_terms.RewardTerm, in config order
@@ -428,6 +444,7 @@ class Setup:
     last_save_s: float = 0.0
     job_end: float | None = None  # Slurm's end of the job (time.time()), when known
     universal: Path | None = None  # the resume checkpoint in DeepSpeed's universal form (another world size)
+    ds_config: dict = field(default_factory=dict)  # the filled DeepSpeed config the learner was built with
 
 
 def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any = None, eval_prompts: Any = None,
@@ -495,7 +512,6 @@ def setup(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, me
     import torch
 
     from rft_ds import checkpoint
-    from rft_ds.learner import Learner
     from rft_ds.sampling.vllm import engine_group
     from rft_ds.slurm import job_end_time
 
@@ -521,8 +537,7 @@ def setup(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, me
     out = Path(t.output_dir)
     if D.is_main():
         (out / "config.yaml").write_text(yaml.safe_dump(_yaml_safe(cfg.to_dict()), sort_keys=False))
-    learner = Learner(cfg.model.model_path, ds_config, parse_lora(cfg.model.lora), cfg.model.gradient_checkpointing,
-                      cfg.model.trust_remote_code)
+    learner = new_learner(cfg, ds_config)
     sampler, weight_sync = make_sampler(cfg, learner, tokenizer, ds_config, group,
                                         list(stop_sequences if stop_sequences is not None else cfg.reward.stop_sequences))
     half = not (weight_sync and weight_sync.dtype == torch.float32)
@@ -534,7 +549,8 @@ def setup(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, me
               stale_tol=cfg.sampler.stale_tolerance or (0.1 if half else 1e-3),
               dropout=has_dropout(learner.module.config),  # a noisy training forward: the stale check only logs
               prompts_digest=checkpoint.prompts_digest(train.texts, train.metadata),
-              job_end=D.broadcast_object(job_end_time(os.environ) if D.is_main() else None), universal=universal)
+              job_end=D.broadcast_object(job_end_time(os.environ) if D.is_main() else None), universal=universal,
+              ds_config=ds_config)
     return s, ckpt
 
 
@@ -609,7 +625,14 @@ def train(s: Setup, st: RunState, step: Any) -> bool:
     stale-check sums), st.record; then the stage is sync."""
     import torch
 
-    t, sel, learner = s.cfg.train, s.cfg.selection, s.learner
+    t, sel = s.cfg.train, s.cfg.selection
+    restart = s.cfg.method.restart_from_base and step.grow and st.epoch > 0 and st.cursor == 0
+    if restart:  # ReST-EM: this grow step's selection trains from the base weights, with a fresh optimizer
+        t0 = time.perf_counter()
+        restart_from_base(s)
+        st.record.update(restarted_from_base=True, time_restart=time.perf_counter() - t0)
+    restarted = bool(st.record.get("restarted_from_base"))  # also when resumed inside this epoch's training
+    learner = s.learner
     t0 = time.perf_counter()
     table = st.table  # the pools: one row per completion, the same on every rank
     keep, thr = select(table["prompt_id"], table["score"], step.percentile, sel.strategy, sel.top_k, sel.min_score)
@@ -641,7 +664,7 @@ def train(s: Setup, st: RunState, step: Any) -> bool:
         upto = min(st.cursor + learner.grad_accum, len(micro))
         one = learner.train_step(rows, micro[st.cursor:upto], s.tokenizer.pad_token_id,
                                  step_tokens[st.cursor // learner.grad_accum], D.world_size(),
-                                 compare_logprobs=st.cursor == 0)
+                                 compare_logprobs=st.cursor == 0 and not restarted)
         stats.add(one)
         pbar.update(upto - st.cursor)
         # refreshed every step: update() alone redraws at most every 0.1 s, and a leave=False bar is erased
@@ -672,8 +695,23 @@ def _finish_train_record(s: Setup, st: RunState, step: Any, n_micro: int) -> Non
                      trained_tokens=sum(t for *_, t in per_rank),
                      train_steps_per_rank=[n // s.learner.grad_accum for _, n, *_ in per_rank],
                      lr=s.learner.lr(), selection_digest_per_rank=[d for d, *_ in per_rank])
-    if s.weight_sync and step.grow:  # did the engine sample from the weights the learner trained from?
+    if s.weight_sync and step.grow and not st.record.get("restarted_from_base"):  # did the engine sample from the
+        # weights the learner trained from? (after a restart it did not, by design: it sampled the latest policy)
         st.record.update(check_stale_weights(stats, s.stale_tol, enforce=not s.dropout))
+
+
+def restart_from_base(s: Setup) -> None:
+    """Collective: the learner is rebuilt from model.model_path (weights, optimizer state and LR schedule
+    as at the start), and what holds its module follows (the weight sync, or the HF sampler). The vLLM
+    engine keeps the latest policy until the next sync; pools and the run state are untouched."""
+    s.learner.close()
+    s.learner = new_learner(s.cfg, s.ds_config)
+    if s.weight_sync is not None:
+        from rft_ds.weight_sync import WeightSync
+
+        s.weight_sync = WeightSync(s.learner.module, s.sampler, s.cfg.sampler.sync_bucket_mb, s.weight_sync.dtype)
+    else:
+        s.sampler.module = s.learner.module
 
 
 def _rows(s: Setup, st: RunState, table: np.ndarray, keep: np.ndarray) -> tuple[list[Row], int, int]:

@@ -24,8 +24,8 @@ def test_rftconfig_is_the_seed_contract():
         "gen_kwargs", "start_percentile", "end_percentile", "n_improve_steps", "n_generations_per_prompt"]
     assert (c.start_percentile, c.end_percentile, c.n_improve_steps, c.n_generations_per_prompt) == (0.7, 0.95, 4, 32)
     # rft_ds's additions default to trlx's behaviour: the pools keep every grow step, no cap per prompt
-    assert [f for f in RFTConfig.__dataclass_fields__][5:] == ["pool", "max_per_prompt"]
-    assert (c.pool, c.max_per_prompt) == ("accumulate", None)
+    assert [f for f in RFTConfig.__dataclass_fields__][5:] == ["pool", "max_per_prompt", "restart_from_base"]
+    assert (c.pool, c.max_per_prompt, c.restart_from_base) == ("accumulate", None, False)
     assert RFTConfig({"max_new_tokens": 8}, 0.5, 0.9, 2, 4).n_generations_per_prompt == 4  # trlx's positional order
 
 
@@ -211,3 +211,12 @@ def test_exponent_without_a_dot_is_a_number():
     assert cfg.train.learning_rate == 1e-3
     with pytest.raises(ConfigError, match="train.learning_rate must be float, got str 'fast'"):
         RFTRunConfig.from_dict({"model": {"model_path": "m"}}, ["train.learning_rate=fast"])
+
+
+def test_a_pathlib_path_is_taken_where_a_path_goes():
+    from pathlib import Path
+
+    from rft_ds.config import RFTRunConfig
+
+    cfg = RFTRunConfig.from_dict({"model": {"model_path": Path("/models/m")}, "train": {"output_dir": Path("out")}})
+    assert cfg.model.model_path == "/models/m" and cfg.train.output_dir == "out"

@@ -187,3 +187,45 @@ print("OK", type(res.model).__name__)
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "OK LlamaForCausalLM" in p.stdout
+
+
+def test_restart_from_base_resets_weights_not_pools(tmp_path):
+    """method.restart_from_base (ReST-EM): at each grow step after the first the learner is the base model
+    again (every weight equal to model.model_path's), while the pools keep growing and the engine samples
+    from the latest policy (so the stale-weight check, which compares the two, is skipped there)."""
+    code = f"""
+import deepspeed, torch
+import rft_ds
+from rft_ds import recipe, toy
+from transformers import AutoModelForCausalLM
+model = toy.ensure_tiny_model({str(tmp_path / 'model')!r})
+base = AutoModelForCausalLM.from_pretrained(model).state_dict()
+seen = []
+def gap(module):  # largest |weight - base weight| over the gathered parameters
+    params = list(module.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in params]):
+        return max((p.detach() - base[n]).abs().max().item() for n, p in params)
+real = recipe.restart_from_base
+def spy(s):
+    before = gap(s.learner.module)
+    real(s)
+    seen.append((before, gap(s.learner.module)))
+recipe.restart_from_base = spy
+res = rft_ds.train(reward_fn=toy.reward_fn, prompts=toy.train_prompts(16), config={{
+    "model": {{"model_path": model}},
+    "method": {{"n_generations_per_prompt": 4, "gen_kwargs": {{"max_new_tokens": 8}}, "n_improve_steps": 1,
+               "restart_from_base": True}},
+    "train": {{"epochs": 3, "output_dir": {str(tmp_path / 'run')!r}, "micro_batch_size": 4, "learning_rate": 0.01,
+              "eval_interval": 0, "plots": False}}}})
+h = res.history
+assert len(seen) == 2 and all(before > 1e-3 and after == 0.0 for before, after in seen), seen
+assert [r.get("restarted_from_base", False) for r in h] == [False, True, True], h
+assert h[0]["pool_size"] < h[1]["pool_size"] < h[2]["pool_size"], [r["pool_size"] for r in h]  # pools kept
+assert "stale_logprob_mean_diff" in h[0] and all("stale_logprob_mean_diff" not in r for r in h[1:])
+assert all(r["sync_bytes"] > 0 for r in h)  # the engine got each grow step's newly trained weights
+print("OK", seen)
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "OK" in p.stdout
