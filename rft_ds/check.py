@@ -63,7 +63,7 @@ def check(cfg: RFTRunConfig, world: int) -> tuple[list[str], list[str]]:
         return problems, notes
     if attempt(recipe.check_model, cfg) is FAILED:
         return problems, notes
-    tokenizer = attempt(recipe._load_tokenizer, cfg)
+    tokenizer = attempt(recipe.load_tokenizer, cfg)
     if tokenizer is not FAILED and train is not FAILED and evals is not FAILED:
         if attempt(recipe.tokenize_prompts, cfg, tokenizer, train, evals) is not FAILED and rewards is not FAILED:
             attempt(check_arguments, rewards, {k for m in train.metadata for k in m})

@@ -84,7 +84,7 @@ def _sample_seed(seed: int, epoch: int, rank: int, stream: int, chunk: int = 0) 
     return int(np.random.SeedSequence([seed, epoch + 1, rank, stream] + ([chunk] if chunk else [])).generate_state(1)[0])
 
 
-def _load_tokenizer(cfg: RFTRunConfig) -> Any:
+def load_tokenizer(cfg: RFTRunConfig) -> Any:
     from transformers import AutoTokenizer
 
     path = cfg.model.tokenizer_path or cfg.model.model_path
@@ -133,7 +133,7 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
     ds_config = deepspeed_config(cfg, world)
     build_model(cfg)
     check_model(cfg)
-    tokenizer = _load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg)
     tokenize_prompts(cfg, tokenizer, train, evals)
     check_arguments(rewards, {k for m in train.metadata for k in m})
     for ev in evals:
