@@ -46,7 +46,7 @@ gpu-smoke:
 	$(SMOKE_PY) -m deepspeed.launcher.runner --num_gpus $(SMOKE_NPROC) benchmarks/gpu_smoke.py $(ARGS)
 
 test: venv
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs --durations=25
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
