@@ -26,8 +26,14 @@ class PromptRecord:
 
 
 def import_object(spec: str, what: str) -> Any:
-    """Import "package.module:attr" (how YAML names reward_fn, metric_fn and prompt sources)."""
+    """Import "package.module:attr" (how YAML names reward_fn, metric_fn and prompt sources). Modules are
+    found as `python -m` finds them: installed packages, and the working directory (searched last, so a
+    file there never shadows an installed package), whichever command started the run."""
+    import sys
+
     module, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         obj = importlib.import_module(module)
     except ImportError as e:

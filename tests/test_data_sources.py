@@ -193,3 +193,17 @@ def test_chat_prompts_through_the_hf_sampler(tiny_model, tokenizer):
     alone = HFSampler(model, chat_tok, batch_size=1, device="cpu").generate([a.token_ids], 1, greedy, seed=0)
     assert [len(cs) for cs in out] == [1, 1] and all(c.token_ids for cs in out for c in cs)
     assert out[0][0].token_ids == alone[0][0].token_ids  # left padding beside a shorter prompt changes nothing
+
+
+def test_module_function_found_in_the_working_directory(tmp_path, monkeypatch):
+    """'module:function' finds a module in the working directory, as `python -m` would, whether the run was
+    started by rft-ds, launch/train.py or the Python API."""
+    import sys
+
+    from rft_ds.data import import_object
+
+    (tmp_path / "my_rewards_here.py").write_text("def score(samples, **kw):\n    return [1.0] * len(samples)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert import_object("my_rewards_here:score", "reward.reward_fn")(["a", "b"]) == [1.0, 1.0]
+    assert sys.path[-1] == str(tmp_path)  # searched last: never shadows an installed package
