@@ -152,6 +152,7 @@ class TrainConfig:
     learning_rate: float = 1e-5
     warmup_steps: int = 0
     max_seq_length: int = 512  # prompt + completion (+ EOS) per training row
+    group_by_length: bool = True  # micro-batches of rows of similar length (less padding); kept on resume
     seed: int = 1000
     # auto: the packaged preset for the device (zero3_gpu.json with CUDA, zero3_cpu.json without); or a
     # preset's name (zero3_cpu_bf16.json, zero3_offload_cpu.json, ...), or a path to your own JSON

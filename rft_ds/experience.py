@@ -77,21 +77,45 @@ def balance_plan(owner: np.ndarray, world_size: int) -> list[np.ndarray]:
     return plan
 
 
+GROUP_WINDOW = 16  # micro-batches whose rows are sorted by length together (group_by_length)
+
+
 def plan_micro_batches(n_rows: int, steps: int, seed: int, epoch: int, rank: int, micro_batch_size: int,
-                       grad_accum: int) -> list[np.ndarray]:
+                       grad_accum: int, lengths: Sequence[int] | None = None) -> list[np.ndarray]:
     """Indices into this rank's `n_rows` rows for each of its steps * grad_accum micro-batches, in order.
 
     A deterministic shuffle from (seed, epoch, rank), cut into that many micro-batches of nearly equal size
     (at most micro_batch_size): every row once, none twice. A micro-batch may be empty (a rank with fewer
     rows than micro-batches): the learner still runs it, with nothing to learn, because every rank must
-    take part in each of ZeRO-3's gathers."""
+    take part in each of ZeRO-3's gathers.
+
+    With `lengths` (train.group_by_length), rows of similar length share a micro-batch, so little of it is
+    padding: the shuffled rows are sorted by length within windows of GROUP_WINDOW micro-batches (as HF's
+    LengthGroupedSampler does with its megabatches), cut, and the micro-batches shuffled again, so a step
+    is not always the window's longest rows."""
     if steps == 0:
         return []
     n_micro = steps * grad_accum
     if n_rows > n_micro * micro_batch_size:
         raise ValueError(f"{n_rows} rows do not fit {n_micro} micro-batches of {micro_batch_size}")
-    perm = np.random.default_rng([seed, epoch, rank]).permutation(n_rows)
-    return np.array_split(perm, n_micro)
+    rng = np.random.default_rng([seed, epoch, rank])
+    perm = rng.permutation(n_rows)
+    if lengths is None:
+        return np.array_split(perm, n_micro)
+    sizes = [len(mb) for mb in np.array_split(np.empty(n_rows), n_micro)]
+    length = np.asarray(lengths, dtype=np.int64)
+    ends = np.cumsum(sizes)
+    windows = [ends[i] for i in range(GROUP_WINDOW - 1, n_micro, GROUP_WINDOW)]
+    grouped = np.concatenate([w[np.argsort(-length[w], kind="stable")] for w in np.split(perm, windows)])
+    micro = np.split(grouped, ends[:-1])
+    return [micro[i] for i in rng.permutation(n_micro)]
+
+
+def padded_tokens(rows: Sequence["Row"], micro_batches: Sequence[np.ndarray]) -> tuple[int, int]:
+    """(tokens of the rows, tokens the learner computes): each micro-batch is padded to its longest row."""
+    real = sum(len(rows[i].input_ids) for mb in micro_batches for i in mb)
+    padded = sum(len(mb) * max(len(rows[i].input_ids) for i in mb) for mb in micro_batches if len(mb))
+    return int(real), int(padded)
 
 
 def label_tokens(rows: Sequence[Row], micro_batches: Sequence[np.ndarray], grad_accum: int) -> np.ndarray:

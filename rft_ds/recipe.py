@@ -29,7 +29,7 @@ from rft_ds.config import ConfigError, RFTRunConfig, read_model_config, text_con
 from rft_ds.data import (PromptRecord, load_source, normalize, resolve_callable, shard, tokenize,
                          use_chat_template)
 from rft_ds.evaluation import EvalSet, best_metric, maj_at_k, parse_sets, pass_at_k
-from rft_ds.experience import Row, label_tokens, num_steps, plan_micro_batches, rows_for_rank
+from rft_ds.experience import Row, label_tokens, num_steps, padded_tokens, plan_micro_batches, rows_for_rank
 from rft_ds.faults import maybe_die
 from rft_ds.learner import TrainStats
 from rft_ds.metrics import MetricsLog, format_epoch, open_sinks, plain
@@ -394,6 +394,8 @@ class RunState:
     run_id: str
     prompts_digest: str  # the pools are keyed by prompt position: a resume with other prompts is refused
     shard: str = "interleaved"  # how prompts are dealt to ranks (data.shard when the run started)
+    # micro-batches grouped by row length (train.group_by_length when the run started; runs from before it: no)
+    group_by_length: bool = False
     epoch: int = 0  # the epoch in progress
     stage: str = "sample"  # the next stage to run in it (STAGES)
     cursor: int = 0  # position inside the stage: sampling chunks done, or micro-batches trained
@@ -557,7 +559,8 @@ def setup(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, me
 def start_fresh(s: Setup) -> RunState:
     """A new run: a run id every rank shares, and the eval before training."""
     st = RunState(run_id=D.broadcast_object(uuid.uuid4().hex[:12] if D.is_main() else None),
-                  prompts_digest=s.prompts_digest, shard=s.cfg.data.shard, pool=LocalPool(D.rank()))
+                  prompts_digest=s.prompts_digest, shard=s.cfg.data.shard, pool=LocalPool(D.rank()),
+                  group_by_length=s.cfg.train.group_by_length)
     _warn_foreign_best_model(s.out, st.run_id)
     if s.evals and s.cfg.train.eval_interval > 0:
         st.eval_before = _evaluate(s, -1)
@@ -640,7 +643,8 @@ def train(s: Setup, st: RunState, step: Any) -> bool:
     rows, n_rows, moved = _rows(s, st, table, keep)
     steps = num_steps(n_rows, D.world_size(), learner.micro_batch_size, learner.grad_accum)
     micro = plan_micro_batches(len(rows), steps, t.seed, st.epoch, D.rank(), learner.micro_batch_size,
-                               learner.grad_accum)
+                               learner.grad_accum, [len(r.input_ids) for r in rows] if st.group_by_length else None)
+    st.local["padding"] = padded_tokens(rows, micro)  # the epoch's whole plan: the same after a resume
     first = np.r_[True, table["prompt_id"][1:] != table["prompt_id"][:-1]] if len(table) else np.zeros(0, bool)
     st.record.update(
         pool_size=len(table), n_selected=int(keep.sum()), n_rows=n_rows, rows_moved=moved,
@@ -687,12 +691,14 @@ def _finish_train_record(s: Setup, st: RunState, step: Any, n_micro: int) -> Non
     every label token the epoch trained on; the stale-weight check's verdict (grow steps with an engine)."""
     stats = st.local["stats"]
     per_rank = D.all_gather_object((st.record["selection_digest"], n_micro, stats.ce_sum, stats.tokens,
-                                    stats.input_tokens))
+                                    stats.input_tokens, st.local.get("padding", (0, 0))))
     if len({d for d, *_ in per_rank}) != 1 or len({n for _, n, *_ in per_rank}) != 1:
         raise D.RankError(f"epoch {st.epoch}: ranks disagree on the selection or step count: {per_rank}")
-    n_loss = sum(c for _, _, _, c, _ in per_rank)
-    st.record.update(train_loss=sum(x for _, _, x, _, _ in per_rank) / n_loss if n_loss else None,
-                     trained_tokens=sum(t for *_, t in per_rank),
+    n_loss = sum(c for _, _, _, c, _, _ in per_rank)
+    real, padded = (sum(p[i] for *_, p in per_rank) for i in (0, 1))
+    st.record.update(train_loss=sum(x for _, _, x, _, _, _ in per_rank) / n_loss if n_loss else None,
+                     trained_tokens=sum(t for *_, t, _ in per_rank),
+                     padding_share=1 - real / padded if padded else 0.0,
                      train_steps_per_rank=[n // s.learner.grad_accum for _, n, *_ in per_rank],
                      lr=s.learner.lr(), selection_digest_per_rank=[d for d, *_ in per_rank])
     if s.weight_sync and step.grow and not st.record.get("restarted_from_base"):  # did the engine sample from the

@@ -110,3 +110,31 @@ def test_label_tokens_per_step():
             build_row([1, 1, 1], [5, 6], False, 9, 64)]  # 4, 1 and 2 label tokens
     assert label_tokens(rows, [np.array([0, 1]), np.array([2]), np.array([], dtype=np.int64), np.array([1])], 2).tolist() \
         == [7, 1]
+
+
+def test_group_by_length_packs_similar_rows_and_keeps_every_rule():
+    """train.group_by_length: every row once, sizes as without it (so every rank still runs the same
+    number of steps), deterministic, and much less padding on rows of mixed lengths."""
+    from rft_ds.experience import GROUP_WINDOW, padded_tokens
+
+    rng = np.random.default_rng(0)
+    n, micro, ga = 200, 8, 2
+    lengths = rng.integers(20, 600, n)
+    rows = [build_row([1] * 10, [5] * int(k - 11), True, 9, 1024) for k in lengths]
+    assert [len(r.input_ids) for r in rows] == lengths.tolist()
+    steps = num_steps(n, 1, micro, ga)
+    plain = plan_micro_batches(n, steps, 3, 1, 0, micro, ga)
+    grouped = plan_micro_batches(n, steps, 3, 1, 0, micro, ga, lengths)
+    assert sorted(np.concatenate(grouped).tolist()) == list(range(n))  # every row once
+    assert sorted(len(mb) for mb in grouped) == sorted(len(mb) for mb in plain)
+    assert all((x == y).all() for x, y in zip(grouped, plan_micro_batches(n, steps, 3, 1, 0, micro, ga, lengths)))
+    real, pad_plain = padded_tokens(rows, plain)
+    real2, pad_grouped = padded_tokens(rows, grouped)
+    assert real == real2 == lengths.sum()
+    assert 1 - real / pad_grouped < 0.1 < 0.4 < 1 - real / pad_plain, (1 - real / pad_grouped, 1 - real / pad_plain)
+    # a micro-batch holds rows of one window of GROUP_WINDOW micro-batches of the shuffle, not the whole epoch's
+    # longest together: the micro-batches' order is shuffled too, so steps mix long and short
+    maxima = [lengths[mb].max() for mb in grouped]
+    assert maxima != sorted(maxima) and maxima != sorted(maxima, reverse=True)
+    assert GROUP_WINDOW * micro < n
+    assert [len(mb) for mb in plan_micro_batches(0, 2, 7, 3, 0, 4, 1, [])] == [0, 0]  # still steps with no rows
