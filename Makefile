@@ -30,7 +30,7 @@ endif
 demo: venv
 	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --module rft_ds train launch/configs/smollm2.yaml $(ARGS)
 
-# The same loop on a tiny model and a toy task, built locally: about 2.5 minutes.
+# The same loop on a tiny model and a toy task, built locally: about 2 minutes on the 2-core CPU box.
 demo-tiny: venv
 	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --module rft_ds train launch/configs/tiny.yaml $(ARGS)
 

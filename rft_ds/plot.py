@@ -89,8 +89,8 @@ def _eval(ax: Any, records: list[dict]) -> None:
                    and isinstance(v, (int, float)) and not isinstance(v, bool)} - {"eval_reward_mean"})
     recs = ([{"epoch": -1, **before}] if before else []) + records
     _line(ax, recs, "eval_reward_mean", "eval reward (held out)")
-    for k in keys:
-        _line(ax, recs, k, k[5:], linestyle="--")
+    for i, k in enumerate(keys):  # past matplotlib's 10 colours, another line style: no two lines alike
+        _line(ax, recs, k, k[5:], linestyle=("--", ":", "-.")[i // 10 % 3])
     ax.set_title("held-out eval (epoch 0 = before training)")
 
 
