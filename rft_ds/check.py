@@ -18,9 +18,10 @@ PROBLEMS = (ConfigError, DataError, RewardError, CheckpointError)
 FAILED = object()
 
 
-def check(cfg: RFTRunConfig, world: int) -> tuple[list[str], list[str]]:
-    """(problems, notes) for a run of cfg on `world` ranks. A problem is what would stop the run; a note
-    is what check could not look at (a model that model.build makes at start)."""
+def check(cfg: RFTRunConfig, world: int, cuda: bool | None = None) -> tuple[list[str], list[str]]:
+    """(problems, notes) for a run of cfg on `world` ranks, on this host's devices (cuda None) or on GPU
+    (True) or CPU (False) nodes elsewhere: a login node checks a GPU job. A problem is what would stop the
+    run; a note is what check could not look at (a model that model.build makes at start)."""
     from rft_ds import recipe
     from rft_ds.evaluation import best_metric, parse_sets
     from rft_ds.reward_terms import build_terms, check_arguments
@@ -38,7 +39,7 @@ def check(cfg: RFTRunConfig, world: int) -> tuple[list[str], list[str]]:
             problems.append(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
             return FAILED
 
-    attempt(recipe.check_launch, cfg, world)
+    attempt(recipe.check_launch, cfg, world, cuda)
     rewards = attempt(build_terms, cfg.reward, None)
     attempt(recipe.check_metric_sinks, cfg.train)
     sets = attempt(parse_sets, cfg)
@@ -48,7 +49,7 @@ def check(cfg: RFTRunConfig, world: int) -> tuple[list[str], list[str]]:
     evals = attempt(recipe.load_eval_sets, cfg, sets, [] if rewards is FAILED else rewards) \
         if sets is not FAILED else FAILED
     attempt(recipe.check_output_dir, Path(cfg.train.output_dir), False)
-    attempt(recipe.deepspeed_config, cfg, world)
+    attempt(recipe.deepspeed_config, cfg, world, cuda)
     model = Path(cfg.model.model_path)
     if cfg.model.build and not (model / "config.json").is_file():
         notes.append(f"model.model_path {model} is not there yet: model.build={cfg.model.build} makes it when the run "
@@ -61,7 +62,7 @@ def check(cfg: RFTRunConfig, world: int) -> tuple[list[str], list[str]]:
             except smollm2.BuildError as e:
                 problems.append(str(e))
         return problems, notes
-    if attempt(recipe.check_model, cfg) is FAILED:
+    if attempt(recipe.check_model, cfg, cuda) is FAILED:
         return problems, notes
     tokenizer = attempt(recipe.load_tokenizer, cfg)
     if tokenizer is not FAILED and train is not FAILED and evals is not FAILED:

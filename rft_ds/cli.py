@@ -15,7 +15,6 @@ them, in one line, before any model is loaded.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -118,7 +117,7 @@ def _train(cfg: Any, resume: str | None, rank: str) -> int:
     return 0
 
 
-def check(config: str, overrides: list[str], world: int | None) -> int:
+def check(config: str, overrides: list[str], world: int | None, device: str = "auto") -> int:
     """Print one line per problem (exit 1) or 'ok' (exit 0)."""
     from rft_ds.check import check as run_checks
     from rft_ds.config import ConfigError, RFTRunConfig
@@ -132,7 +131,7 @@ def check(config: str, overrides: list[str], world: int | None) -> int:
         from rft_ds.recipe import launch_world_size
 
         world = launch_world_size()
-    problems, notes = run_checks(cfg, world)
+    problems, notes = run_checks(cfg, world, {"auto": None, "cuda": True, "cpu": False}[device])
     for n in notes:
         print(f"rft_ds: note: {n}")
     for p in problems:
@@ -156,38 +155,30 @@ def eval_columns(records: list[dict]) -> list[str]:
 
 def runs_table(records: list[dict]) -> str:
     """The epoch table of a run (a row for the eval before training, when there was one). Pure."""
+    from rft_ds.metrics import fmt
+
     evals = eval_columns(records)
     head = [name for name, _ in RUN_COLUMNS] + [k[5:] for k in evals] + ["time_s"]
     rows = []
     if records and any(k.endswith("_initial") for k in records[0]):
-        rows.append(["before"] + [""] * (len(RUN_COLUMNS) - 1) + [_cell(records[0].get(k + "_initial")) for k in evals] + [""])
+        rows.append(["before"] + [""] * (len(RUN_COLUMNS) - 1) + [fmt(records[0].get(k + "_initial")) for k in evals] + [""])
     for r in records:
-        row = [str(r["epoch"] + 1), "grow" if r.get("grow_step") else "improve", _cell(r.get("percentile")),
+        row = [str(r["epoch"] + 1), "grow" if r.get("grow_step") else "improve", fmt(r.get("percentile")),
                str(r.get("n_sampled", "")), f"{r.get('n_selected', '')}/{r.get('pool_size', '')}",
-               _cell(r.get("reward_mean")), _cell(r.get("train_loss"))]
-        rows.append(row + [_cell(r.get(k)) for k in evals] + [_cell(r.get("time_epoch"), ".1f")])
+               fmt(r.get("reward_mean")), fmt(r.get("train_loss"))]
+        rows.append(row + [fmt(r.get(k)) for k in evals] + [fmt(r.get("time_epoch"), ".1f")])
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [head, *rows])
 
 
-def _cell(v: object, spec: str = ".3f") -> str:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return "-" if v is None else str(v)
-    return format(v, spec)
-
-
 def runs(run_dir: str) -> int:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        print(f"rft_ds: error: {path} not found (is {run_dir} a run's train.output_dir?)", file=sys.stderr)
+    from rft_ds.plot import PlotError, read_metrics
+
+    try:
+        records = read_metrics(run_dir)
+    except PlotError as e:
+        print(f"rft_ds: error: {e}", file=sys.stderr)
         return 2
-    records = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            print(f"rft_ds: error: {path}:{i}: not a JSON line", file=sys.stderr)
-            return 2
     print(runs_table(records))
     return 0
 
@@ -207,6 +198,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("config")
     c.add_argument("overrides", nargs="*")
     c.add_argument("--world-size", type=int, default=None, help="ranks the run will have (default: WORLD_SIZE or 1)")
+    c.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="the nodes the run will have (auto: this host's; cuda: check a GPU job from a login node)")
     e = sub.add_parser("export", help="a checkpoint -> a Hugging Face model directory")
     e.add_argument("checkpoint", help="a checkpoint dir, a checkpoints/ dir (uses latest) or a run's output_dir")
     e.add_argument("out")
@@ -223,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         return train(args.config, args.overrides, args.resume, args.resume_force, args.verbose)
     if args.command == "check":
-        return check(args.config, args.overrides, args.world_size)
+        return check(args.config, args.overrides, args.world_size, args.device)
     if args.command == "export":
         from rft_ds import export
 

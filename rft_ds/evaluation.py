@@ -113,6 +113,9 @@ def _parse_set(d: Any, base_gen: dict, where: str, merged: dict | None = None) -
     greedy = d.get("greedy", False)
     if not isinstance(greedy, bool):
         raise ConfigError(f"{where}.greedy must be true or false, got {greedy!r}")
+    if greedy and not sampled:
+        raise ConfigError(f"{where}.greedy: true would repeat its own completions: its gen_kwargs already do not "
+                          "sample (do_sample: false), so reward_mean and pass@1 are the greedy numbers")
     thr = d.get("pass_threshold", 1.0)
     if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not math.isfinite(thr):
         raise ConfigError(f"{where}.pass_threshold must be a number, got {thr!r}")

@@ -41,8 +41,8 @@ def resolve_ds_config(value: str | Path, cuda: bool | None = None) -> Path:
     raise ConfigError(f"train.deepspeed_config: file not found: {path} (or auto, or a preset: {presets})")
 
 
-def load_ds_config(path: str | Path) -> dict:
-    path = resolve_ds_config(path)
+def load_ds_config(path: str | Path, cuda: bool | None = None) -> dict:
+    path = resolve_ds_config(path, cuda)
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -119,7 +119,8 @@ def open_sinks(output_dir: Path, tensorboard: bool, wandb: bool, wandb_project: 
     return sinks
 
 
-def _fmt(v: Any, spec: str = ".3f") -> str:
+def fmt(v: Any, spec: str = ".3f") -> str:
+    """A number for a console table: "-" when there is none."""
     return "-" if v is None else format(v, spec)
 
 
@@ -127,7 +128,7 @@ def format_epoch(r: dict, epochs: int, eval_key: str = "eval_reward_mean") -> st
     """One console line per epoch; eval_key: the eval number shown (train.best_metric's, when there is one)."""
     parts = [f"epoch {r['epoch'] + 1}/{epochs}", "grow" if r["grow_step"] else "improve",
              f"p={r['percentile']:.3f}", f"sampled {r['n_sampled']}", f"kept {r['n_selected']}/{r['pool_size']}",
-             f"reward {_fmt(r['reward_mean'])}", f"loss {_fmt(r['train_loss'])}"]
+             f"reward {fmt(r['reward_mean'])}", f"loss {fmt(r['train_loss'])}"]
     if r.get(eval_key) is not None:
         parts.append(f"{'eval' if eval_key == 'eval_reward_mean' else eval_key[5:]} {r[eval_key]:.3f}")
     parts.append(f"{r['time_epoch']:.1f}s" + (f" (checkpoint {r['time_checkpoint']:.1f}s)" if "time_checkpoint" in r else ""))

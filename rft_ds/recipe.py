@@ -148,16 +148,19 @@ def launch_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE") or torch_env(os.environ).get("WORLD_SIZE", "1"))
 
 
-def check_launch(cfg: RFTRunConfig, world: int) -> Path | None:
+def check_launch(cfg: RFTRunConfig, world: int, cuda: bool | None = None) -> Path | None:
     """The device rule (a rank without a usable GPU stops before anything loads; init applies it), the
-    backend, engine groups, and the resume target; returns the checkpoint to resume from."""
+    backend, engine groups, and the resume target; returns the checkpoint to resume from. cuda: None is
+    this host as it is; True or False checks for a run on GPU or CPU nodes elsewhere (`rft-ds check
+    --device`), without this host's device count."""
     import torch
 
     from rft_ds.checkpoint import resolve_resume
     from rft_ds.sampling.vllm import engine_group
 
-    D.local_device(os.environ, torch.cuda.device_count())
-    D.resolve_backend(cfg.train.dist_backend, torch.cuda.device_count())
+    if cuda is None:
+        D.local_device(os.environ, torch.cuda.device_count())
+    D.resolve_backend(cfg.train.dist_backend, torch.cuda.device_count() if cuda is None else int(cuda))
     if cfg.sampler.backend == "vllm":
         engine_group(0, world, cfg.sampler.tensor_parallel_size)
     ckpt = resolve_resume(cfg.train.resume, cfg.train.output_dir, world)
@@ -209,10 +212,10 @@ def check_output_dir(out: Path, create: bool = True) -> None:
         raise ConfigError(f"train.output_dir {out} is not writable: {e.strerror or e}") from None
 
 
-def deepspeed_config(cfg: RFTRunConfig, world: int) -> dict:
+def deepspeed_config(cfg: RFTRunConfig, world: int, cuda: bool | None = None) -> dict:
     from rft_ds.learner import fill_ds_config, load_ds_config
 
-    return fill_ds_config(load_ds_config(cfg.train.deepspeed_config), cfg.train, world)
+    return fill_ds_config(load_ds_config(cfg.train.deepspeed_config, cuda), cfg.train, world)
 
 
 def build_model(cfg: RFTRunConfig) -> None:
@@ -230,11 +233,13 @@ def build_model(cfg: RFTRunConfig) -> None:
             raise ConfigError(str(e)) from None
 
 
-def check_model(cfg: RFTRunConfig) -> None:
+def check_model(cfg: RFTRunConfig, cuda: bool | None = None) -> None:
     """From the model directory's config alone: a causal LM, LoRA targets that exist (on the meta device),
-    and, for vLLM on CPU, a head size it serves."""
+    and, for vLLM on CPU, a head size it serves (cuda: None is this host)."""
     import torch
 
+    if cuda is None:
+        cuda = torch.cuda.is_available()
     check_causal_lm(cfg.model.model_path, cfg.model.trust_remote_code)
     lora = parse_lora(cfg.model.lora)
     if lora is not None:
@@ -242,7 +247,7 @@ def check_model(cfg: RFTRunConfig) -> None:
     if cfg.sampler.backend == "vllm":
         from rft_ds.sampling.vllm import check_servable
 
-        check_servable(cfg.model.model_path, on_cpu=not torch.cuda.is_available())
+        check_servable(cfg.model.model_path, on_cpu=not cuda)
 
 
 def tokenize_prompts(cfg: RFTRunConfig, tokenizer: Any, train: Prompts, evals: Sequence[EvalData]) -> None:
@@ -709,13 +714,21 @@ def _finish_train_record(s: Setup, st: RunState, step: Any, n_micro: int) -> Non
 def restart_from_base(s: Setup) -> None:
     """Collective: the learner is rebuilt from model.model_path (weights, optimizer state and LR schedule
     as at the start), and what holds its module follows (the weight sync, or the HF sampler). The vLLM
-    engine keeps the latest policy until the next sync; pools and the run state are untouched."""
+    engine keeps the latest policy until the next sync; pools and the run state are untouched. Nothing
+    holds the old module when it is released, and a sleeping engine (GPU sleep mode) is asleep first, so
+    the peak is the start of a run's, not two models."""
+    dtype = s.weight_sync.dtype if s.weight_sync is not None else None
+    if s.weight_sync is not None:
+        s.sampler.sleep()  # no-op without sleep mode; the next sync wakes it
+        s.weight_sync = None
+    else:
+        s.sampler.module = None
     s.learner.close()
     s.learner = new_learner(s.cfg, s.ds_config)
-    if s.weight_sync is not None:
+    if dtype is not None:
         from rft_ds.weight_sync import WeightSync
 
-        s.weight_sync = WeightSync(s.learner.module, s.sampler, s.cfg.sampler.sync_bucket_mb, s.weight_sync.dtype)
+        s.weight_sync = WeightSync(s.learner.module, s.sampler, s.cfg.sampler.sync_bucket_mb, dtype)
     else:
         s.sampler.module = s.learner.module
 
@@ -971,7 +984,8 @@ def _evaluate_set(s: Setup, ev: EvalData, epoch: int, stream: int) -> dict:
     label = (lambda what: f"{name}: {what}") if s.show else (lambda what: None)
     mine = [data.records[i] for i in shard(len(data.records), s.group, s.n_groups, s.cfg.data.shard)]
     seed = _sample_seed(s.cfg.train.seed, epoch, s.group, stream)
-    comps = s.sampler.generate([r.token_ids for r in mine], spec.n_samples, spec.gen_kwargs, seed, label("sample"))
+    ids = [r.token_ids for r in mine]  # every rank of an engine group generates (its collectives need all)
+    comps = s.sampler.generate(ids, spec.n_samples, spec.gen_kwargs, seed, label("sample"))
     if not s.contributes:  # a tensor-parallel peer: its group leader scores the same completions
         mine, comps = [], []
     pids = [r.id for r, cs in zip(mine, comps) for _ in cs]
@@ -986,8 +1000,7 @@ def _evaluate_set(s: Setup, ev: EvalData, epoch: int, stream: int) -> dict:
         sums += [sum(pass_at_k(b - a, int(passed[a:b].sum()), k) for a, b in spans) for k in spec.pass_k]
         sums += [sum(maj_at_k(answers[a:b], passed[a:b].tolist(), k) for a, b in spans) for k in spec.maj_k]
     if spec.greedy:
-        greedy = s.sampler.generate([r.token_ids for r in mine], 1, {**spec.gen_kwargs, "do_sample": False}, seed,
-                                    label("greedy"))
+        greedy = s.sampler.generate(ids, 1, {**spec.gen_kwargs, "do_sample": False}, seed, label("greedy"))
         if not s.contributes:
             greedy = []
         g_scores, _, _ = score_shard(ev.rewards, [r.id for r, cs in zip(mine, greedy) for _ in cs],

@@ -160,3 +160,21 @@ def test_a_model_with_its_own_code_trains_with_trust_remote_code(tmp_path, tiny_
     final = tmp_path / "run" / "final_model"
     saved = json.loads((final / "config.json").read_text())
     assert saved["model_type"] == "rft_toy" and saved["architectures"] == ["RftToyForCausalLM"], saved
+
+
+def test_check_for_gpu_nodes_from_a_cpu_host(env, capsys):
+    """--device cuda checks a GPU job from a login node: NCCL and a head size only vLLM on CPU refuses are fine
+    there; --device cpu (or this CPU host) refuses both."""
+    tmp, model = env
+    hd = tmp / "hd"
+    import shutil
+
+    shutil.copytree(model, hd)
+    c = json.loads((hd / "config.json").read_text())
+    c["head_dim"] = 24
+    (hd / "config.json").write_text(json.dumps(c))
+    args = [f"model.model_path={hd}", "model.build=null", "train.dist_backend=nccl"]
+    rc, problems, _ = run_check(capsys, *args, "--device", "cuda")
+    assert rc == 0, problems
+    rc, problems, _ = run_check(capsys, *args, "--device", "cpu")
+    assert rc == 1 and len(problems) == 2 and "nccl" in problems[0] and "head_dim 24" in problems[1], problems

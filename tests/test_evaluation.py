@@ -114,6 +114,8 @@ def test_named_sets_and_their_keys():
     ([{"name": "a", "prompts": "x:y", "maj_k": [4]}], {}, "eval.sets[0].maj_k needs eval.sets[0].answer_fn"),
     ([{"name": "a", "prompts": "x:y", "gen_kwargs": {"temprature": 1.0}}], {}, "unknown eval.sets[0].gen_kwargs key"),
     ([{"name": "a", "prompts": "x:y", "answer_fn": "nocolon"}], {}, "eval.sets[0].answer_fn must look like"),
+    ([{"name": "a", "prompts": "x:y", "greedy": True, "gen_kwargs": {"do_sample": False}}], {},
+     "eval.sets[0].greedy: true would repeat its own completions"),
     ([{"name": "a", "prompts": "x:y", "n_samples": 1}], {}, "train.best_metric auto: eval set 'a' samples 1"),
     ([{"name": "a", "prompts": "x:y"}], {"train__best_metric": "b/reward_mean"}, "train.best_metric must be 'auto' or"),
     ([{"name": "a", "prompts": "x:y"}], {"train__best_metric": "a/pass@8"}, "train.best_metric 'a/pass@8': set 'a' reports"),
