@@ -790,6 +790,7 @@ def end_epoch(s: Setup, st: RunState, log: MetricsLog) -> bool:
     # the figure peers compare: tokens sampled and trained per second and device, over the epoch's wall time
     rec["tokens_per_s_per_device"] = (rec.get("sampled_tokens", 0) + rec.get("trained_tokens", 0)) / \
         max(rec["time_epoch"], 1e-9) / D.world_size()
+    rec.update(memory_gb())
     stop = s.signals.requested() and st.epoch < t.epochs - 1
     st.history.append(plain(rec))
     st.epoch, st.stage, st.cursor, st.record, st.local = st.epoch + 1, "sample", 0, {}, {}
@@ -800,6 +801,23 @@ def end_epoch(s: Setup, st: RunState, log: MetricsLog) -> bool:
         shown = s.best[0].key(s.best[1]) if s.best else s.evals[0].spec.key("reward_mean") if s.evals else ""
         console.say("[rft_ds] " + format_epoch(st.history[-1], t.epochs, shown))
     return stop
+
+
+def memory_gb() -> dict[str, float]:
+    """Collective (one all_reduce of 3 numbers): the largest of any rank's RSS now, its peak RSS so far
+    (start-up included), and with CUDA its peak allocated GPU memory so far, in GiB."""
+    import resource
+
+    import psutil
+    import torch
+
+    gib = 2**30
+    now = psutil.Process().memory_info().rss
+    # Linux reports KiB, and updates the high-water mark lazily: it can lag the RSS read just before
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, now)
+    gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    now, peak, gpu = D.all_reduce(torch.tensor([now, peak, gpu], dtype=torch.float64), "max").tolist()
+    return {"rss_gb": now / gib, "peak_rss_gb": peak / gib, **({"gpu_peak_gb": gpu / gib} if gpu else {})}
 
 
 def safe_point(s: Setup, st: RunState, step_s: float) -> bool:

@@ -57,6 +57,7 @@ def check_run(tmp_path, epochs, loss_drop):
     assert m[0]["n_sampled"] == 64 * 32 and m[1]["n_sampled"] == 0
     assert m[-1]["train_loss"] < m[0]["train_loss"] - loss_drop
     assert "eval_frac_mostly_target" in m[-1]  # metric_fn ran
+    assert all(r["peak_rss_gb"] >= r["rss_gb"] > 0.2 for r in m)  # memory of the largest rank, per epoch
     return m
 
 

@@ -122,7 +122,8 @@ def _weights(path: Path) -> dict:
 
 def _metrics(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith("time_") and k != "tokens_per_s_per_device"} for r in rows]
+    return [{k: v for k, v in r.items() if not k.startswith("time_") and k != "tokens_per_s_per_device"
+             and not k.endswith("_gb")} for r in rows]  # wall time and memory differ between runs
 
 
 def _latest(run: Path) -> str:
