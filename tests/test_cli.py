@@ -12,23 +12,16 @@ import pytest
 
 from rft_ds import cli
 from tests.test_bad_inputs import CASES
+from tests.test_bad_inputs import env as no_model_load  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def env(tmp_path, tiny_model, monkeypatch):
-    import rft_ds.distributed
-    import rft_ds.learner
-
-    def reached(*a, **k):
-        raise AssertionError("a model load or process group start was reached")
-
-    monkeypatch.setattr(rft_ds.learner.Learner, "__init__", reached)
-    monkeypatch.setattr(rft_ds.distributed, "init", reached)
-    monkeypatch.setenv("WORLD_SIZE", "2")
+def env(no_model_load, monkeypatch):
+    """test_bad_inputs' guard (a model load or process group start fails the test), run from the checkout."""
     monkeypatch.chdir(ROOT)
-    return tmp_path, tiny_model
+    return no_model_load
 
 
 def run_check(capsys, *args):
