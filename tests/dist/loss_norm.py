@@ -1,6 +1,7 @@
 """2 ranks, ZeRO-3 (deepspeed launcher): one optimizer step of Learner.train_step with SGD (lr 1) over rows
 split unevenly (rank 0: 3 rows in 2 micro-batches; rank 1: 2 rows and an empty micro-batch), in fp32 and in
-bf16. Rank 0 writes the updated weights to OUT/fp32.pt and OUT/bf16.pt; the test compares them with one plain-torch step on the mean loss over
+bf16, and in fp32 with ZeRO-3 fetching per module instead of per transformer block. Rank 0 writes the
+updated weights to OUT/<setting>.pt; the test compares them with one plain-torch step on the mean loss over
 every label token of all 5 rows."""
 
 import sys
@@ -23,19 +24,20 @@ def rows():
 
 def main(model: str, out: str) -> None:
     D.init("gloo", 120)
-    for dtype in ("fp32", "bf16"):
-        step(model, out, dtype)
+    for setting in ("fp32", "bf16", "fp32-per-module"):
+        step(model, out, setting)
     D.barrier()
     import torch.distributed as dist
 
     dist.destroy_process_group()
 
 
-def step(model: str, out: str, dtype: str) -> None:
+def step(model: str, out: str, setting: str) -> None:
+    dtype = setting.split("-")[0]
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "train_batch_size": 8,
           "optimizer": {"type": "SGD", "params": {"lr": 1.0}}, "zero_optimization": {"stage": 3},
           "gradient_clipping": 0.0, "bf16": {"enabled": dtype == "bf16"}, "zero_allow_untested_optimizer": True}
-    learner = Learner(model, ds)
+    learner = Learner(model, ds, block_fetch=setting != "fp32-per-module")
     all_rows = rows()
     mine = [all_rows[i] for i in ([0, 1, 2] if D.rank() == 0 else [3, 4])]
     micro = [np.array([0, 1]), np.array([2])] if D.rank() == 0 else [np.array([0, 1]), np.array([], np.int64)]
@@ -48,7 +50,8 @@ def step(model: str, out: str, dtype: str) -> None:
         with deepspeed.zero.GatheredParameters([p]):
             state[name] = p.detach().float().clone()
     if D.rank() == 0:
-        torch.save({"weights": state, "ce_sum": stats.ce_sum, "tokens": stats.tokens}, Path(out) / f"{dtype}.pt")
+        torch.save({"weights": state, "ce_sum": stats.ce_sum, "tokens": stats.tokens, "blocks": learner.zero3_blocks},
+                   Path(out) / f"{setting}.pt")
 
 
 if __name__ == "__main__":

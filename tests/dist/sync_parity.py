@@ -27,6 +27,12 @@ def main(model_path: str, out_dir: str) -> None:
     tok = AutoTokenizer.from_pretrained(model_path)
     sampler = VLLMSampler(model_path, tok, seed=1 + rank, dtype="float32", max_model_len=128)
     probes = [tok(t)["input_ids"] for t in ("abc say k:", "xyz say q:", "hello say a:")]
+    # A prompt's n samples share its whole KV blocks through the prefix cache (sampler.block_size: 32 on CPU)
+    from vllm import SamplingParams
+
+    sampler.llm.reset_prefix_cache()
+    shared = sampler.llm.generate([{"prompt_token_ids": tok("abc say k: " * 8)["input_ids"]}],
+                                  SamplingParams(n=4, max_tokens=2), use_tqdm=False)[0]
     seqs = [p + [30, 31, 32, 33, 34] for p in probes]
     before = sampler.prompt_logprobs(seqs)
 
@@ -57,6 +63,8 @@ def main(model_path: str, out_dir: str) -> None:
     largest = max(int(p.ds_numel) * 4 for p in learner.module.parameters())
     result = {
         "rank": rank,
+        "block_size": sampler.llm.llm_engine.vllm_config.cache_config.block_size,
+        "prompt_len": len(shared.prompt_token_ids), "cached_tokens": shared.num_cached_tokens,
         "parity_fixed_completion": max(float(np.abs(a - m).max()) for a, m in zip(after, model)),
         "parity_check": worst,
         "change_from_untrained": max(float(np.abs(a - b).max()) for a, b in zip(after, before)),
