@@ -7,11 +7,14 @@ trains with (2048^2 torch matmuls, fp32 and bf16, all ranks at once as in traini
 rows (the demo's: its chat-template prompts of 2-digit additions, each answered by the number and EOS;
 micro-batch 16, as in launch/configs/smollm2.yaml) for --steps optimizer steps under each setting:
 
-  old        fp32, the LM head and loss over every position (HF's loss), torch's default threads per rank
-  new-fp32   fp32, logits only at label positions, threads shared between the node's ranks
+  old        fp32, the LM head and loss over every position (HF's loss), torch's default threads per rank,
+             ZeRO-3 fetching per module, torch's unfused AdamW
+  new-fp32   fp32, logits only at label positions, threads shared between the node's ranks, each transformer
+             block one ZeRO-3 fetch (model.zero3_block_fetch), fused AdamW (the CPU presets)
   new-bf16   the same in bf16 compute with fp32 master weights (DeepSpeed's bf16 config)
+  bf16-m32   new-bf16 with micro-batches of 32 rows
 
-It prints, per setting: label tokens and all tokens trained per second (over ranks), model FLOPs
+Each setting runs in its own processes. It prints, per setting: label tokens and all tokens trained per second (over ranks), model FLOPs
 utilisation against the measured peak of that dtype (6 x body params x tokens + 6 x head params x the
 positions the head ran on), the step time split into forward, backward and optimizer (ZeRO-3's gathers
 are inside forward and backward), and each rank's RSS after it. Needs the demo model
@@ -59,7 +62,7 @@ def demo_rows(tokenizer, n: int):
                       tokenizer.eos_token_id, 512) for r, x in zip(recs, items)]
 
 
-def run_setting(name: str, rows, steps: int, world: int, threads: int) -> dict:
+def run_setting(name: str, rows, steps: int, world: int, threads: int, mb: int = 16) -> dict:
     import numpy as np
     import torch
 
@@ -68,13 +71,14 @@ def run_setting(name: str, rows, steps: int, world: int, threads: int) -> dict:
     from rft_ds.learner import Learner, label_logprobs, label_positions
 
     torch.set_num_threads(threads)
-    ds = common.ds_config(world, micro=16)
-    ds["bf16"] = {"enabled": name == "new-bf16"}
-    learner = Learner(str(MODEL), ds)
+    ds = common.ds_config(world, micro=mb)
+    ds["bf16"] = {"enabled": "bf16" in name}
+    ds["optimizer"]["params"]["fused"] = name != "old"
+    learner = Learner(str(MODEL), ds, block_fetch=name != "old")
     engine = learner.engine
     engine.train()
     mine = rows[D.rank()::world]
-    micro = [np.arange(i * 16, (i + 1) * 16) % len(mine) for i in range(steps)]
+    micro = [np.arange(i * mb, (i + 1) * mb) % len(mine) for i in range(steps)]
     total = D.all_reduce(torch.from_numpy(label_tokens(mine, micro, 1)), "sum").tolist()
     fwd = bwd = opt = 0.0
     n_tok = n_lab = n_head = 0
@@ -104,12 +108,15 @@ def run_setting(name: str, rows, steps: int, world: int, threads: int) -> dict:
     params = {n: int(getattr(p, "ds_numel", p.numel())) for n, p in learner.module.named_parameters()}
     head = learner.module.config.vocab_size * learner.module.config.hidden_size
     body = sum(params.values()) - head  # tied embeddings: the head's weights are the embedding's
-    out = dict(setting=name, threads=threads, seconds=fwd + bwd + opt, forward=fwd, backward=bwd, optimizer=opt,
+    out = dict(setting=name, threads=threads, micro=mb, seconds=fwd + bwd + opt, forward=fwd, backward=bwd, optimizer=opt,
                tokens=n_tok, label_tokens=n_lab, flops=6 * body * n_tok + 6 * head * n_head,
                rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     del learner, engine
     gc.collect()
     return out
+
+
+SETTINGS = (("old", "default", 16), ("new-fp32", "shared", 16), ("new-bf16", "shared", 16), ("bf16-m32", "shared", 32))
 
 
 def rank_main(args) -> None:
@@ -125,11 +132,10 @@ def rank_main(args) -> None:
     torch.set_num_threads(shared)
     D.barrier()
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    rows = demo_rows(AutoTokenizer.from_pretrained(MODEL), 16 * args.steps * world)
-    results = []
-    for name, threads in (("old", default), ("new-fp32", shared), ("new-bf16", shared)):
-        D.barrier()
-        results.append(run_setting(name, rows, args.steps, world, threads))
+    rows = demo_rows(AutoTokenizer.from_pretrained(MODEL), 32 * args.steps * world)
+    name, threads, mb = next(s for s in SETTINGS if s[0] == args.setting)
+    D.barrier()
+    results = [run_setting(name, rows, args.steps, world, default if threads == "default" else shared, mb)]
     per_rank = D.all_gather_object({"peak": peak, "results": results})
     if D.is_main():
         print("RESULT " + json.dumps(per_rank), flush=True)
@@ -147,7 +153,7 @@ def report(per_rank: list[dict], args) -> None:
         rs = [p["results"][i] for p in per_rank]
         wall = max(r["seconds"] for r in rs)
         lab, tok, flops = (sum(r[k] for r in rs) for k in ("label_tokens", "tokens", "flops"))
-        mfu = flops / wall / 1e9 / peak["bf16" if name.endswith("bf16") else "fp32"]
+        mfu = flops / wall / 1e9 / peak["bf16" if "bf16" in name else "fp32"]
         steps = args.steps - 1
         base = base or lab / wall
         rss = " / ".join(f"{r['rss_gb']:.2f}" for r in rs)
@@ -160,16 +166,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--setting", default=None, help="one setting (each runs in its own processes)")
     args = ap.parse_args([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
     if "RANK" in os.environ:
         return rank_main(args)
     if not (MODEL / "config.json").exists():
         sys.exit(f"{MODEL} missing: python -m rft_ds.smollm2 {MODEL}")
-    p = common.launch_captured(__file__, sys.argv[1:], args.nproc)
-    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if p.returncode != 0 or line is None:
-        sys.exit(f"benchmark ranks failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    report(json.loads(line[len("RESULT "):]), args)
+    per_setting = []  # each setting in fresh processes: nothing left over from the one before
+    for name, *_ in SETTINGS:
+        p = common.launch_captured(__file__, [*sys.argv[1:], "--setting", name], args.nproc)
+        line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if p.returncode != 0 or line is None:
+            sys.exit(f"benchmark ranks failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        per_setting.append(json.loads(line[len("RESULT "):]))
+    # one list per rank, the settings in order; each setting's matmul peak was measured in its own launch
+    report([{"peak": per_setting[0][r]["peak"], "results": [ps[r]["results"][0] for ps in per_setting]}
+            for r in range(args.nproc)], args)
 
 
 if __name__ == "__main__":
