@@ -1,21 +1,21 @@
-"""Training throughput on the SmolLM2 demo's rows, old settings and new, side by side in one run.
+"""Training throughput on the SmolLM2 demo's rows, old settings and new, one after another in one command.
 
-    python benchmarks/bench_train.py [--steps 8] [--nproc 2]
+    python benchmarks/bench_train.py [--steps 8] [--nproc 2] [--setting NAME]
 
-Each rank (deepspeed launcher, gloo, ZeRO-3) first measures the machine's matmul peak with the threads it
-trains with (2048^2 torch matmuls, fp32 and bf16, all ranks at once as in training), then trains the same
-rows (the demo's: its chat-template prompts of 2-digit additions, each answered by the number and EOS;
-micro-batch 16, as in launch/configs/smollm2.yaml) for --steps optimizer steps under each setting:
+For each setting (all, or --setting's alone) a fresh launch (deepspeed launcher, gloo, ZeRO-3) first
+measures the machine's matmul peak with the threads it trains with (2048^2 torch matmuls, fp32 and bf16,
+all ranks at once as in training), then trains the same rows (the demo's: its chat-template prompts of
+2-digit additions, each answered by the number and EOS) for --steps optimizer steps:
 
   old        fp32, the LM head and loss over every position (HF's loss), torch's default threads per rank,
              ZeRO-3 fetching per module, torch's unfused AdamW
-  new-fp32   fp32, logits only at label positions, threads shared between the node's ranks, each transformer
-             block one ZeRO-3 fetch (model.zero3_block_fetch), fused AdamW (the CPU presets)
+  new-fp32   fp32, logits only at label positions, threads shared between the node's ranks, each
+             transformer block one ZeRO-3 fetch (model.zero3_block_fetch), fused AdamW (the CPU presets)
   new-bf16   the same in bf16 compute with fp32 master weights (DeepSpeed's bf16 config)
-  bf16-m32   new-bf16 with micro-batches of 32 rows
+  bf16-m32   new-bf16 with micro-batches of 32 rows (the others: 16)
 
-Each setting runs in its own processes. It prints, per setting: label tokens and all tokens trained per second (over ranks), model FLOPs
-utilisation against the measured peak of that dtype (6 x body params x tokens + 6 x head params x the
+It prints, per setting: label tokens and all tokens trained per second (over ranks), model FLOPs
+utilisation against the peak of that dtype measured in the same launch (6 x body params x tokens + 6 x head params x the
 positions the head ran on), the step time split into forward, backward and optimizer (ZeRO-3's gathers
 are inside forward and backward), and each rank's RSS after it. Needs the demo model
 (python -m rft_ds.smollm2 .cache/smollm2-135m-instruct, or make demo once).
@@ -135,7 +135,8 @@ def rank_main(args) -> None:
     rows = demo_rows(AutoTokenizer.from_pretrained(MODEL), 32 * args.steps * world)
     name, threads, mb = next(s for s in SETTINGS if s[0] == args.setting)
     D.barrier()
-    results = [run_setting(name, rows, args.steps, world, default if threads == "default" else shared, mb)]
+    results = [dict(run_setting(name, rows, args.steps, world, default if threads == "default" else shared, mb),
+                    peak=peak)]
     per_rank = D.all_gather_object({"peak": peak, "results": results})
     if D.is_main():
         print("RESULT " + json.dumps(per_rank), flush=True)
@@ -144,22 +145,23 @@ def rank_main(args) -> None:
 def report(per_rank: list[dict], args) -> None:
     world = len(per_rank)
     peak = {k: sum(r["peak"][k] for r in per_rank) for k in ("fp32", "bf16")}  # GFLOP/s, all ranks at once
-    print(f"\n{world} ranks; matmul peak (2048^2, the ranks' threads, all ranks at once): fp32 {peak['fp32']:.0f}, "
-          f"bf16 {peak['bf16']:.0f} GFLOP/s in all\n")
+    print(f"\n{world} ranks; matmul peak (2048^2, the ranks' threads, all ranks at once; first launch, each MFU uses "
+          f"its own): fp32 {peak['fp32']:.0f}, bf16 {peak['bf16']:.0f} GFLOP/s in all\n")
     print(f"{'setting':>9} {'thr':>3} {'label tok/s':>11} {'tok/s':>7} {'MFU':>6} {'step s':>7} {'fwd':>6} {'bwd':>6} "
           f"{'opt':>6} {'RSS GB (per rank)':>18}")
-    base = None
+    base, first = None, per_rank[0]["results"][0]["setting"]
     for i, name in enumerate(r["setting"] for r in per_rank[0]["results"]):
         rs = [p["results"][i] for p in per_rank]
         wall = max(r["seconds"] for r in rs)
         lab, tok, flops = (sum(r[k] for r in rs) for k in ("label_tokens", "tokens", "flops"))
-        mfu = flops / wall / 1e9 / peak["bf16" if "bf16" in name else "fp32"]
+        own_peak = sum(r["peak"]["bf16" if "bf16" in name else "fp32"] for r in rs)  # this launch's
+        mfu = flops / wall / 1e9 / own_peak
         steps = args.steps - 1
         base = base or lab / wall
         rss = " / ".join(f"{r['rss_gb']:.2f}" for r in rs)
         print(f"{name:>9} {rs[0]['threads']:>3} {lab / wall:>11.1f} {tok / wall:>7.0f} {mfu:>6.2f} {wall / steps:>7.2f} "
               f"{max(r['forward'] for r in rs) / steps:>6.2f} {max(r['backward'] for r in rs) / steps:>6.2f} "
-              f"{max(r['optimizer'] for r in rs) / steps:>6.2f} {rss:>18}   ({lab / wall / base:.2f}x old)")
+              f"{max(r['optimizer'] for r in rs) / steps:>6.2f} {rss:>18}   ({lab / wall / base:.2f}x {first})")
 
 
 def main() -> None:
@@ -173,7 +175,7 @@ def main() -> None:
     if not (MODEL / "config.json").exists():
         sys.exit(f"{MODEL} missing: python -m rft_ds.smollm2 {MODEL}")
     per_setting = []  # each setting in fresh processes: nothing left over from the one before
-    for name, *_ in SETTINGS:
+    for name in [args.setting] if args.setting else [s[0] for s in SETTINGS]:
         p = common.launch_captured(__file__, [*sys.argv[1:], "--setting", name], args.nproc)
         line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
         if p.returncode != 0 or line is None:

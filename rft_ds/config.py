@@ -137,7 +137,7 @@ class SamplerConfig:
     kv_cache_memory_bytes: Optional[int] = None  # explicit KV budget; on CPU the default is 256 MiB per rank
     # KV block (tokens). Only whole blocks of a prompt are shared by its n samples through the prefix cache.
     # None: 32 on CPU (its smallest; vLLM's CPU default of 128 re-prefills a shorter prompt once per
-    # sample: 1.7x slower sampling on the demo), vLLM's own default (16) on GPU.
+    # sample: 1.7x slower sampling in a profile of the demo's prompts), vLLM's per-backend default on GPU.
     block_size: Optional[int] = None
     enforce_eager: bool = True
     enable_sleep_mode: bool = False  # GPU: free the engine's memory while DeepSpeed trains

@@ -200,7 +200,16 @@ class Learner:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
         if gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and ZeRO-3's hooks
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.zero3_blocks = mark_zero3_blocks(model) if block_fetch else []
+        # Not for a model's own code: a block that takes its hidden states by keyword would look to torch
+        # like one without inputs, and its gradients would be reduced too early (below).
+        self.zero3_blocks = mark_zero3_blocks(model) if block_fetch and not trust_remote_code else []
+        if self.zero3_blocks and lora is not None:
+            # ZeRO-3 reduces a marked block's gradients in a full backward hook, and torch fires that hook
+            # as soon as the block's output gradient exists when no input of the block needs a gradient:
+            # under LoRA (frozen embedding) the first block's adapters would be reduced before they have
+            # a gradient. An embedding output that needs a gradient (as gradient checkpointing makes it)
+            # puts the hook after the block's own gradients.
+            model.enable_input_require_grads()
         if lora is not None:
             from rft_ds.lora import wrap
 

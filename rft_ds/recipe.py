@@ -150,19 +150,20 @@ def launch_world_size() -> int:
 
 def check_launch(cfg: RFTRunConfig, world: int, cuda: bool | None = None) -> Path | None:
     """The device rule (a rank without a usable GPU stops before anything loads; init applies it), the
-    backend, engine groups, and the resume target; returns the checkpoint to resume from. cuda: None is
+    backend, engine groups, the KV block size, and the resume target; returns the checkpoint to resume from. cuda: None is
     this host as it is; True or False checks for a run on GPU or CPU nodes elsewhere (`rft-ds check
     --device`), without this host's device count."""
     import torch
 
     from rft_ds.checkpoint import resolve_resume
-    from rft_ds.sampling.vllm import engine_group
+    from rft_ds.sampling.vllm import check_block_size, engine_group
 
     if cuda is None:
         D.local_device(os.environ, torch.cuda.device_count())
     D.resolve_backend(cfg.train.dist_backend, torch.cuda.device_count() if cuda is None else int(cuda))
     if cfg.sampler.backend == "vllm":
         engine_group(0, world, cfg.sampler.tensor_parallel_size)
+        check_block_size(cfg.sampler.block_size, on_cpu=not (torch.cuda.is_available() if cuda is None else cuda))
     ckpt = resolve_resume(cfg.train.resume, cfg.train.output_dir, world)
     check_resume_config(ckpt, cfg)
     return ckpt
@@ -247,7 +248,7 @@ def check_model(cfg: RFTRunConfig, cuda: bool | None = None) -> None:
     if cfg.sampler.backend == "vllm":
         from rft_ds.sampling.vllm import check_servable
 
-        check_servable(cfg.model.model_path, on_cpu=not cuda, block_size=cfg.sampler.block_size)
+        check_servable(cfg.model.model_path, on_cpu=not cuda)
 
 
 def tokenize_prompts(cfg: RFTRunConfig, tokenizer: Any, train: Prompts, evals: Sequence[EvalData]) -> None:

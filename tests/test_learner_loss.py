@@ -81,3 +81,10 @@ def test_step_is_the_mean_over_every_label_token_of_all_ranks(tiny_model, tmp_pa
     assert per_module["blocks"] == []
     worst = max(float((w - per_module["weights"][k]).abs().max()) for k, w in per_block["weights"].items())
     assert worst < 1e-6, worst  # measured 7e-8: float rounding (gradients reduced in another order)
+    # LoRA without gradient checkpointing: every block's adapters get their gradient with per-block fetches
+    # too (the first block's input comes from a frozen embedding: its gradients must not be reduced early)
+    lora_block, lora_module = torch.load(tmp_path / "fp32-lora.pt"), torch.load(tmp_path / "fp32-lora-per-module.pt")
+    first_b = [k for k in lora_block["weights"] if ".layers.0." in k and "lora_B" in k]
+    assert first_b and all(float(lora_block["weights"][k].abs().max()) > 0 for k in first_b)  # B starts at 0
+    worst = max(float((w - lora_module["weights"][k]).abs().max()) for k, w in lora_block["weights"].items())
+    assert worst < 1e-6, worst

@@ -34,10 +34,14 @@ def model_head_dim(model_path: str | Path) -> int | None:
     return None
 
 
-def check_servable(model_path: str | Path, on_cpu: bool, block_size: int | None = None) -> None:
-    """Refuse, before any engine starts, a model or KV block size vLLM's CPU backend cannot serve."""
+def check_block_size(block_size: int | None, on_cpu: bool) -> None:
+    """Refuse, before anything loads, a KV block size vLLM's CPU attention kernel cannot use."""
     if on_cpu and block_size is not None and block_size % 32:
         raise ConfigError(f"sampler.block_size={block_size}: vLLM on CPU takes multiples of 32 only")
+
+
+def check_servable(model_path: str | Path, on_cpu: bool) -> None:
+    """Refuse, before any engine starts, a model vLLM's CPU backend cannot serve."""
     hd = model_head_dim(model_path)
     if on_cpu and hd is not None and hd not in CPU_HEAD_DIMS:
         raise ConfigError(f"model {model_path} has head_dim {hd}, which vLLM on CPU cannot serve "
@@ -84,7 +88,8 @@ class VLLMSampler:
         from vllm import LLM
 
         on_cpu = not torch.cuda.is_available()
-        check_servable(model_path, on_cpu, block_size)
+        check_block_size(block_size, on_cpu)
+        check_servable(model_path, on_cpu)
         kwargs: dict[str, Any] = dict(
             model=str(model_path), tokenizer=str(getattr(tokenizer, "name_or_path", "") or model_path),
             distributed_executor_backend="external_launcher", tensor_parallel_size=tensor_parallel_size,

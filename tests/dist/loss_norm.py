@@ -1,6 +1,7 @@
 """2 ranks, ZeRO-3 (deepspeed launcher): one optimizer step of Learner.train_step with SGD (lr 1) over rows
 split unevenly (rank 0: 3 rows in 2 micro-batches; rank 1: 2 rows and an empty micro-batch), in fp32 and in
-bf16, and in fp32 with ZeRO-3 fetching per module instead of per transformer block. Rank 0 writes the
+bf16, and in fp32 with ZeRO-3 fetching per module instead of per transformer block, and with LoRA (no gradient
+checkpointing) per block and per module. Rank 0 writes the
 updated weights to OUT/<setting>.pt; the test compares them with one plain-torch step on the mean loss over
 every label token of all 5 rows."""
 
@@ -24,7 +25,7 @@ def rows():
 
 def main(model: str, out: str) -> None:
     D.init("gloo", 120)
-    for setting in ("fp32", "bf16", "fp32-per-module"):
+    for setting in ("fp32", "bf16", "fp32-per-module", "fp32-lora", "fp32-lora-per-module"):
         step(model, out, setting)
     D.barrier()
     import torch.distributed as dist
@@ -37,7 +38,11 @@ def step(model: str, out: str, setting: str) -> None:
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "train_batch_size": 8,
           "optimizer": {"type": "SGD", "params": {"lr": 1.0}}, "zero_optimization": {"stage": 3},
           "gradient_clipping": 0.0, "bf16": {"enabled": dtype == "bf16"}, "zero_allow_untested_optimizer": True}
-    learner = Learner(model, ds, block_fetch=setting != "fp32-per-module")
+    from rft_ds.lora import LoraSpec
+
+    torch.manual_seed(0)  # the same LoRA A initialisation in every setting
+    learner = Learner(model, ds, lora=LoraSpec(r=4, alpha=8) if "lora" in setting else None,
+                      block_fetch=not setting.endswith("per-module"))
     all_rows = rows()
     mine = [all_rows[i] for i in ([0, 1, 2] if D.rank() == 0 else [3, 4])]
     micro = [np.array([0, 1]), np.array([2])] if D.rank() == 0 else [np.array([0, 1]), np.array([], np.int64)]
