@@ -150,9 +150,9 @@ def launch_world_size() -> int:
 
 def check_launch(cfg: RFTRunConfig, world: int, cuda: bool | None = None) -> Path | None:
     """The device rule (a rank without a usable GPU stops before anything loads; init applies it), the
-    backend, engine groups, the KV block size, and the resume target; returns the checkpoint to resume from. cuda: None is
-    this host as it is; True or False checks for a run on GPU or CPU nodes elsewhere (`rft-ds check
-    --device`), without this host's device count."""
+    backend, engine groups, the KV block size, and the resume target; returns the checkpoint to resume
+    from. cuda: None is this host as it is; True or False checks for a run on GPU or CPU nodes elsewhere
+    (`rft-ds check --device`), without this host's device count."""
     import torch
 
     from rft_ds.checkpoint import resolve_resume
