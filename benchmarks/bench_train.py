@@ -15,8 +15,8 @@ all ranks at once as in training), then trains the same rows (the demo's: its ch
   bf16-m32   new-bf16 with micro-batches of 32 rows (the others: 16)
 
 It prints, per setting: label tokens and all tokens trained per second (over ranks), model FLOPs
-utilisation against the peak of that dtype measured in the same launch (6 x body params x tokens + 6 x head params x the
-positions the head ran on), the step time split into forward, backward and optimizer (ZeRO-3's gathers
+utilisation against the peak of that dtype measured in the same launch (6 x body params x tokens + 6 x head
+params x the positions the head ran on), the step time split into forward, backward and optimizer (ZeRO-3's gathers
 are inside forward and backward), and each rank's RSS after it. Needs the demo model
 (python -m rft_ds.smollm2 .cache/smollm2-135m-instruct, or make demo once).
 """
@@ -108,7 +108,7 @@ def run_setting(name: str, rows, steps: int, world: int, threads: int, mb: int =
     params = {n: int(getattr(p, "ds_numel", p.numel())) for n, p in learner.module.named_parameters()}
     head = learner.module.config.vocab_size * learner.module.config.hidden_size
     body = sum(params.values()) - head  # tied embeddings: the head's weights are the embedding's
-    out = dict(setting=name, threads=threads, micro=mb, seconds=fwd + bwd + opt, forward=fwd, backward=bwd, optimizer=opt,
+    out = dict(setting=name, threads=threads, seconds=fwd + bwd + opt, forward=fwd, backward=bwd, optimizer=opt,
                tokens=n_tok, label_tokens=n_lab, flops=6 * body * n_tok + 6 * head * n_head,
                rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     del learner, engine
@@ -137,21 +137,21 @@ def rank_main(args) -> None:
     D.barrier()
     results = [dict(run_setting(name, rows, args.steps, world, default if threads == "default" else shared, mb),
                     peak=peak)]
-    per_rank = D.all_gather_object({"peak": peak, "results": results})
+    per_rank = D.all_gather_object(results)
     if D.is_main():
         print("RESULT " + json.dumps(per_rank), flush=True)
 
 
 def report(per_rank: list[dict], args) -> None:
     world = len(per_rank)
-    peak = {k: sum(r["peak"][k] for r in per_rank) for k in ("fp32", "bf16")}  # GFLOP/s, all ranks at once
+    peak = {k: sum(r[0]["peak"][k] for r in per_rank) for k in ("fp32", "bf16")}  # GFLOP/s, all ranks at once
     print(f"\n{world} ranks; matmul peak (2048^2, the ranks' threads, all ranks at once; first launch, each MFU uses "
           f"its own): fp32 {peak['fp32']:.0f}, bf16 {peak['bf16']:.0f} GFLOP/s in all\n")
     print(f"{'setting':>9} {'thr':>3} {'label tok/s':>11} {'tok/s':>7} {'MFU':>6} {'step s':>7} {'fwd':>6} {'bwd':>6} "
           f"{'opt':>6} {'RSS GB (per rank)':>18}")
-    base, first = None, per_rank[0]["results"][0]["setting"]
-    for i, name in enumerate(r["setting"] for r in per_rank[0]["results"]):
-        rs = [p["results"][i] for p in per_rank]
+    base, first = None, per_rank[0][0]["setting"]
+    for i, name in enumerate(r["setting"] for r in per_rank[0]):
+        rs = [p[i] for p in per_rank]
         wall = max(r["seconds"] for r in rs)
         lab, tok, flops = (sum(r[k] for r in rs) for k in ("label_tokens", "tokens", "flops"))
         own_peak = sum(r["peak"]["bf16" if "bf16" in name else "fp32"] for r in rs)  # this launch's
@@ -181,9 +181,8 @@ def main() -> None:
         if p.returncode != 0 or line is None:
             sys.exit(f"benchmark ranks failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
         per_setting.append(json.loads(line[len("RESULT "):]))
-    # one list per rank, the settings in order; each setting's matmul peak was measured in its own launch
-    report([{"peak": per_setting[0][r]["peak"], "results": [ps[r]["results"][0] for ps in per_setting]}
-            for r in range(args.nproc)], args)
+    # one list per rank, the settings in order, each with the matmul peak measured in its own launch
+    report([[ps[r][0] for ps in per_setting] for r in range(args.nproc)], args)
 
 
 if __name__ == "__main__":
