@@ -233,6 +233,9 @@ def main() -> int:
     ap.add_argument("--completion-len", type=int, default=384)
     ap.add_argument("--bucket-mb", type=float, default=64.0, help="WeightSync bucket (sampler.sync_bucket_mb)")
     ap.add_argument("--lora", type=int, default=0, help="LoRA rank on every linear layer (alpha = 2 x rank); 0: full")
+    ap.add_argument("--per-module", action="store_true", help="ZeRO-3 fetches per module (model.zero3_block_fetch "
+                    "false), the behaviour before per-block fetching")
+    ap.add_argument("--fused", action="store_true", help="torch's fused AdamW (optimizer params fused: true)")
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = ap.parse_args()
     if not 0 <= args.warmup < args.steps:
@@ -244,13 +247,15 @@ def main() -> int:
     failed: list[str] = []
     out: dict = {"lora_r": args.lora, "size": args.size, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
                  "transformers": transformers.__version__, "micro": args.micro, "steps": args.steps,
-                 "warmup": args.warmup, "seq": args.prompt_len + args.completion_len}
+                 "warmup": args.warmup, "seq": args.prompt_len + args.completion_len,
+                 "block_fetch": not args.per_module, "fused": args.fused}
     t0 = time.perf_counter()
     D.init("auto", 600)  # the device rule picks the GPU; nccl with CUDA, gloo without
     dev, world = D.device(), D.world_size()
     out["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     ds_path = ROOT / "ds_configs" / ("zero3_gpu.json" if dev.type == "cuda" else "zero3_cpu_bf16.json")
-    say(f"{out['device']} | {world} rank(s) | torch {torch.__version__} | size {args.size} | {ds_path.name}")
+    say(f"{out['device']} | {world} rank(s) | torch {torch.__version__} | size {args.size} | {ds_path.name} | "
+        f"{'per-module' if args.per_module else 'per-block'} fetch | {'fused' if args.fused else 'unfused'} AdamW")
 
     peak = None
     with section("peak", failed):
@@ -268,12 +273,15 @@ def main() -> int:
             out["build_s"] = time.perf_counter() - t
             ds = fill_ds_config(load_ds_config(ds_path), TrainConfig(micro_batch_size=args.micro,
                                 gradient_accumulation_steps=1, learning_rate=1e-5, warmup_steps=0), world)
+            if args.fused:
+                ds["optimizer"]["params"]["fused"] = True
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             t = time.perf_counter()
             from rft_ds.lora import LoraSpec
 
-            learner = Learner(str(Path(tmp) / "model"), ds, LoraSpec(r=args.lora, alpha=2 * args.lora) if args.lora else None)
+            learner = Learner(str(Path(tmp) / "model"), ds, LoraSpec(r=args.lora, alpha=2 * args.lora) if args.lora else None,
+                              block_fetch=not args.per_module)
             out["learner_init_s"] = time.perf_counter() - t
             say(f"train: model built in {out['build_s']:.1f}s, Learner (ZeRO-3) up in {out['learner_init_s']:.1f}s")
             train(learner, args, world, peak, out)
