@@ -4,8 +4,10 @@
 
 For each setting (all, or --setting's alone) a fresh launch (deepspeed launcher, gloo, ZeRO-3) first
 measures the machine's matmul peak with the threads it trains with (2048^2 torch matmuls, fp32 and bf16,
-all ranks at once as in training), then trains the same rows (the demo's: its chat-template prompts of
-2-digit additions, each answered by the number and EOS) for --steps optimizer steps:
+all ranks at once as in training), then trains the same rows for --steps optimizer steps: the demo's
+chat-template prompts of 2-digit additions, each with two right answers ("The answer is N." and "The sum
+of these two numbers is N.", EOS after each; stand-ins for the demo's sampled answers, ~10 tokens, two per
+problem as its method.max_per_prompt keeps), a problem's two rows in one micro-batch:
 
   old        fp32, the LM head and loss over every position (HF's loss), torch's default threads per rank,
              ZeRO-3 fetching per module, torch's unfused AdamW
@@ -13,6 +15,7 @@ all ranks at once as in training), then trains the same rows (the demo's: its ch
              transformer block one ZeRO-3 fetch (model.zero3_block_fetch), fused AdamW (the CPU presets)
   new-bf16   the same in bf16 compute with fp32 master weights (DeepSpeed's bf16 config)
   bf16-m32   new-bf16 with micro-batches of 32 rows (the others: 16)
+  bf16-m32-shared  bf16-m32 with a problem's two rows as one sequence, its prompt computed once (train.share_prompt)
 
 It prints, per setting: label tokens and all tokens trained per second (over ranks), model FLOPs
 utilisation against the peak of that dtype measured in the same launch (6 x body params x tokens + 6 x head
@@ -58,8 +61,9 @@ def demo_rows(tokenizer, n: int):
 
     items = train_prompts(n)
     recs = tokenize([x["prompt"] for x in items], [{} for _ in items], tokenizer, 256, "prompts", True, None)
-    return [build_row(r.token_ids, tokenizer(str(x["answer"]), add_special_tokens=False)["input_ids"], True,
-                      tokenizer.eos_token_id, 512) for r, x in zip(recs, items)]
+    return [[build_row(r.token_ids, tokenizer(answer.format(x["answer"]), add_special_tokens=False)["input_ids"],
+                       True, tokenizer.eos_token_id, 512)
+             for answer in ("The answer is {}.", "The sum of these two numbers is {}.")] for r, x in zip(recs, items)]
 
 
 def run_setting(name: str, rows, steps: int, world: int, threads: int, mb: int = 16) -> dict:
@@ -67,7 +71,7 @@ def run_setting(name: str, rows, steps: int, world: int, threads: int, mb: int =
     import torch
 
     from rft_ds import distributed as D
-    from rft_ds.experience import collate, label_tokens
+    from rft_ds.experience import collate, label_tokens, pack_rows, packed_lengths
     from rft_ds.learner import Learner, label_logprobs, label_positions
 
     torch.set_num_threads(threads)
@@ -77,14 +81,17 @@ def run_setting(name: str, rows, steps: int, world: int, threads: int, mb: int =
     learner = Learner(str(MODEL), ds, block_fetch=name != "old")
     engine = learner.engine
     engine.train()
-    mine = rows[D.rank()::world]
+    mine = [row for pair in rows[D.rank()::world] for row in pair]  # a problem's rows next to each other
     micro = [np.arange(i * mb, (i + 1) * mb) % len(mine) for i in range(steps)]
     total = D.all_reduce(torch.from_numpy(label_tokens(mine, micro, 1)), "sum").tolist()
     fwd = bwd = opt = 0.0
     n_tok = n_lab = n_head = 0
     for k, idx in enumerate(micro):
-        batch = {key: torch.from_numpy(v) for key, v in collate([mine[i] for i in idx], 0).items()}
-        t0 = time.perf_counter()
+        t0 = time.perf_counter()  # packing is inside the timed forward: the learner does it every micro-batch
+        if "shared" in name:
+            batch = {key: torch.from_numpy(v) for key, v in pack_rows([mine[i] for i in idx], 0)[0].items()}
+        else:
+            batch = {key: torch.from_numpy(v) for key, v in collate([mine[i] for i in idx], 0).items()}
         if name == "old":
             out = engine(**batch, use_cache=False)
             loss = out.loss
@@ -92,7 +99,7 @@ def run_setting(name: str, rows, steps: int, world: int, threads: int, mb: int =
         else:
             keep = label_positions(batch["labels"])
             out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
-                         use_cache=False)
+                         position_ids=batch.get("position_ids"), use_cache=False)
             logp, _ = label_logprobs(out.logits, batch["labels"], keep)
             loss = -logp.sum() * world / max(total[k], 1)
             n_head += len(keep) * len(idx)
@@ -103,7 +110,8 @@ def run_setting(name: str, rows, steps: int, world: int, threads: int, mb: int =
         t3 = time.perf_counter()
         if k:  # the first step warms up (allocations, DeepSpeed's first gathers)
             fwd, bwd, opt = fwd + t1 - t0, bwd + t2 - t1, opt + t3 - t2
-            n_tok += int(batch["attention_mask"].sum())
+            n_tok += sum(packed_lengths([mine[i] for i in idx])) if "shared" in name else \
+                int(batch["attention_mask"].sum())  # the tokens computed, padding not counted
             n_lab += int((batch["labels"][:, 1:] != -100).sum())
     params = {n: int(getattr(p, "ds_numel", p.numel())) for n, p in learner.module.named_parameters()}
     head = learner.module.config.vocab_size * learner.module.config.hidden_size
@@ -116,7 +124,8 @@ def run_setting(name: str, rows, steps: int, world: int, threads: int, mb: int =
     return out
 
 
-SETTINGS = (("old", "default", 16), ("new-fp32", "shared", 16), ("new-bf16", "shared", 16), ("bf16-m32", "shared", 32))
+SETTINGS = (("old", "default", 16), ("new-fp32", "shared", 16), ("new-bf16", "shared", 16), ("bf16-m32", "shared", 32),
+            ("bf16-m32-shared", "shared", 32))
 
 
 def rank_main(args) -> None:
@@ -132,7 +141,7 @@ def rank_main(args) -> None:
     torch.set_num_threads(shared)
     D.barrier()
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    rows = demo_rows(AutoTokenizer.from_pretrained(MODEL), 32 * args.steps * world)
+    rows = demo_rows(AutoTokenizer.from_pretrained(MODEL), 16 * args.steps * world)  # 2 rows each
     name, threads, mb = next(s for s in SETTINGS if s[0] == args.setting)
     D.barrier()
     results = [dict(run_setting(name, rows, args.steps, world, default if threads == "default" else shared, mb),
@@ -140,6 +149,8 @@ def rank_main(args) -> None:
     per_rank = D.all_gather_object(results)
     if D.is_main():
         print("RESULT " + json.dumps(per_rank), flush=True)
+    D.barrier()
+    torch.distributed.destroy_process_group()  # gloo can abort at interpreter exit with a live group
 
 
 def report(per_rank: list[dict], args) -> None:
@@ -147,7 +158,7 @@ def report(per_rank: list[dict], args) -> None:
     peak = {k: sum(r[0]["peak"][k] for r in per_rank) for k in ("fp32", "bf16")}  # GFLOP/s, all ranks at once
     print(f"\n{world} ranks; matmul peak (2048^2, the ranks' threads, all ranks at once; first launch, each MFU uses "
           f"its own): fp32 {peak['fp32']:.0f}, bf16 {peak['bf16']:.0f} GFLOP/s in all\n")
-    print(f"{'setting':>9} {'thr':>3} {'label tok/s':>11} {'tok/s':>7} {'MFU':>6} {'step s':>7} {'fwd':>6} {'bwd':>6} "
+    print(f"{'setting':>15} {'thr':>3} {'label tok/s':>11} {'tok/s':>7} {'MFU':>6} {'step s':>7} {'fwd':>6} {'bwd':>6} "
           f"{'opt':>6} {'RSS GB (per rank)':>18}")
     base, first = None, per_rank[0][0]["setting"]
     for i, name in enumerate(r["setting"] for r in per_rank[0]):
@@ -159,7 +170,7 @@ def report(per_rank: list[dict], args) -> None:
         steps = args.steps - 1
         base = base or lab / wall
         rss = " / ".join(f"{r['rss_gb']:.2f}" for r in rs)
-        print(f"{name:>9} {rs[0]['threads']:>3} {lab / wall:>11.1f} {tok / wall:>7.0f} {mfu:>6.2f} {wall / steps:>7.2f} "
+        print(f"{name:>15} {rs[0]['threads']:>3} {lab / wall:>11.1f} {tok / wall:>7.0f} {mfu:>6.2f} {wall / steps:>7.2f} "
               f"{max(r['forward'] for r in rs) / steps:>6.2f} {max(r['backward'] for r in rs) / steps:>6.2f} "
               f"{max(r['optimizer'] for r in rs) / steps:>6.2f} {rss:>18}   ({lab / wall / base:.2f}x {first})")
 

@@ -160,6 +160,9 @@ class TrainConfig:
     warmup_steps: int = 0
     max_seq_length: int = 512  # prompt + completion (+ EOS) per training row
     group_by_length: bool = True  # micro-batches of rows of similar length (less padding); kept on resume
+    # a prompt's rows share a micro-batch and are trained as one sequence, the prompt computed once under a
+    # prefix-tree mask (same loss, fewer tokens); models whose attention cannot take it train row by row
+    share_prompt: bool = True
     seed: int = 1000
     # auto: the packaged preset for the device (zero3_gpu.json with CUDA, zero3_cpu.json without); or a
     # preset's name (zero3_cpu_bf16.json, zero3_offload_cpu.json, ...), or a path to your own JSON

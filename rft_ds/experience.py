@@ -81,7 +81,8 @@ GROUP_WINDOW = 16  # micro-batches whose rows are sorted by length together (gro
 
 
 def plan_micro_batches(n_rows: int, steps: int, seed: int, epoch: int, rank: int, micro_batch_size: int,
-                       grad_accum: int, lengths: Sequence[int] | None = None) -> list[np.ndarray]:
+                       grad_accum: int, lengths: Sequence[int] | None = None,
+                       groups: Sequence[int] | None = None) -> list[np.ndarray]:
     """Indices into this rank's `n_rows` rows for each of its steps * grad_accum micro-batches, in order.
 
     A deterministic shuffle from (seed, epoch, rank), cut into that many micro-batches of nearly equal size
@@ -92,7 +93,12 @@ def plan_micro_batches(n_rows: int, steps: int, seed: int, epoch: int, rank: int
     With `lengths` (train.group_by_length), rows of similar length share a micro-batch, so little of it is
     padding: the shuffled rows are sorted by length within windows of GROUP_WINDOW micro-batches (as HF's
     LengthGroupedSampler does with its megabatches), cut, and the micro-batches shuffled again, so a step
-    is not always the window's longest rows."""
+    is not always the window's longest rows.
+
+    With `groups` (train.share_prompt: the prompt of each row), a prompt's rows come next to each other, so
+    they share a micro-batch and the learner computes their prompt once (pack_rows); only a micro-batch
+    boundary splits them. Without `groups` the plan is the same as before it existed (runs resumed from
+    then keep their plan)."""
     if steps == 0:
         return []
     n_micro = steps * grad_accum
@@ -100,21 +106,39 @@ def plan_micro_batches(n_rows: int, steps: int, seed: int, epoch: int, rank: int
         raise ValueError(f"{n_rows} rows do not fit {n_micro} micro-batches of {micro_batch_size}")
     rng = np.random.default_rng([seed, epoch, rank])
     perm = rng.permutation(n_rows)
+    # the sort key that keeps a group together: where the group first appears in the shuffle
+    together = np.arange(n_rows)
+    if groups is not None and n_rows:
+        _, inv = np.unique(np.asarray(groups)[perm], return_inverse=True)
+        first = np.full(inv.max() + 1, n_rows)
+        np.minimum.at(first, inv, np.arange(n_rows))
+        together = first[inv]
+        perm, together = perm[np.argsort(together, kind="stable")], np.sort(together, kind="stable")
     if lengths is None:
         return np.array_split(perm, n_micro)
     sizes = [len(mb) for mb in np.array_split(np.empty(n_rows), n_micro)]
-    length = np.asarray(lengths, dtype=np.int64)
+    length = np.asarray(lengths, dtype=np.int64)[perm]
+    if groups is not None and n_rows:  # a group sorts by its longest row, and stays together
+        longest = np.zeros(n_rows, np.int64)
+        np.maximum.at(longest, together, length)
+        length = longest[together]
     ends = np.cumsum(sizes)
     windows = [ends[i] for i in range(GROUP_WINDOW - 1, n_micro, GROUP_WINDOW)]
-    grouped = np.concatenate([w[np.argsort(-length[w], kind="stable")] for w in np.split(perm, windows)])
+    grouped = np.concatenate([perm[w][np.lexsort((together[w], -length[w]))]
+                              for w in np.split(np.arange(n_rows), windows)])
     micro = np.split(grouped, ends[:-1])
     return [micro[i] for i in rng.permutation(n_micro)]
 
 
-def padded_tokens(rows: Sequence["Row"], micro_batches: Sequence[np.ndarray]) -> tuple[int, int]:
-    """(tokens of the rows, tokens the learner computes): each micro-batch is padded to its longest row."""
-    real = sum(len(rows[i].input_ids) for mb in micro_batches for i in mb)
-    padded = sum(len(mb) * max(len(rows[i].input_ids) for i in mb) for mb in micro_batches if len(mb))
+def padded_tokens(rows: Sequence["Row"], micro_batches: Sequence[np.ndarray],
+                  share_prompt: bool = False) -> tuple[int, int]:
+    """(tokens the learner computes, the same with padding): each micro-batch is padded to its longest
+    sequence, a row, or with share_prompt a prompt's rows packed (pack_rows)."""
+    real = padded = 0
+    for mb in micro_batches:
+        if len(mb):
+            seqs = packed_lengths([rows[i] for i in mb]) if share_prompt else [len(rows[i].input_ids) for i in mb]
+            real, padded = real + sum(seqs), padded + len(seqs) * max(seqs)
     return int(real), int(padded)
 
 
@@ -175,3 +199,74 @@ def collate(rows: Sequence[Row], pad_id: int) -> dict[str, np.ndarray]:
         labels[i, : len(r.labels)] = r.labels
         attention[i, : len(r.input_ids)] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+def prompt_length(row: Row) -> int:
+    """Tokens before the first label: the row's prompt."""
+    labelled = np.flatnonzero(row.labels != IGNORE_INDEX)
+    return int(labelled[0]) if len(labelled) else len(row.labels)
+
+
+def _prompt_groups(rows: Sequence[Row]) -> list[list[int]]:
+    """Row indices grouped by identical prompt tokens, in order of first appearance; a row with no prompt
+    token stays alone (its first label would otherwise be predicted from another row's last token)."""
+    groups: dict[Any, list[int]] = {}
+    for i, r in enumerate(rows):
+        p = prompt_length(r)
+        groups.setdefault(r.input_ids[:p].tobytes() if p else ("alone", i), []).append(i)
+    return list(groups.values())
+
+
+def prompt_groups(rows: Sequence[Row]) -> np.ndarray:
+    """A number per row, the same for rows with the same prompt tokens (plan_micro_batches' groups)."""
+    out = np.zeros(len(rows), np.int64)
+    for g, members in enumerate(_prompt_groups(rows)):
+        out[members] = g
+    return out
+
+
+def packed_lengths(rows: Sequence[Row]) -> list[int]:
+    """The length of each sequence pack_rows makes of these rows."""
+    out = []
+    for members in _prompt_groups(rows):
+        p = prompt_length(rows[members[0]])
+        out.append(max(p - 1, 0) + sum(len(rows[i].input_ids) - max(p - 1, 0) for i in members))
+    return out
+
+
+def pack_rows(rows: Sequence[Row], pad_id: int) -> tuple[dict[str, np.ndarray], list[int]]:
+    """Rows of one prompt as one sequence, so the prompt is computed once, not once per row
+    (train.share_prompt): the prompt but its last token, then per row that last token and the row's
+    completion. A prefix-tree mask lets each segment see the shared prefix and itself, and each token keeps
+    its position in its own row, so every label is predicted from exactly what it sees in its own row: the
+    same loss. Each segment's first token carries no label, so no label is predicted across segments.
+
+    Returns the batch (input_ids, labels, position_ids: (B, L); attention_mask: (B, 1, L, L) bool, True =
+    may attend; right-padded, a padding token sees only itself) and the order of the rows in it: their
+    label tokens come out row-major in that order."""
+    seqs, order = [], []
+    for members in _prompt_groups(rows):
+        head = max(prompt_length(rows[members[0]]) - 1, 0)
+        ids, labels = [rows[members[0]].input_ids[:head]], [rows[members[0]].labels[:head]]
+        pos, seg = [np.arange(head)], [np.zeros(head, np.int64)]
+        for k, i in enumerate(members, start=1):
+            r = rows[i]
+            ids.append(r.input_ids[head:])
+            labels.append(r.labels[head:])
+            pos.append(np.arange(head, len(r.input_ids)))
+            seg.append(np.full(len(r.input_ids) - head, k))
+            order.append(i)
+        seqs.append(tuple(np.concatenate(x) for x in (ids, labels, pos, seg)))
+    width = max(len(s[0]) for s in seqs)
+    input_ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    labels = np.full((len(seqs), width), IGNORE_INDEX, dtype=np.int64)
+    position_ids = np.zeros((len(seqs), width), dtype=np.int64)
+    segment = np.full((len(seqs), width), -1, dtype=np.int64)  # 0: the shared prefix, k: row k, -1: padding
+    for b, (i, l, p, g) in enumerate(seqs):
+        input_ids[b, : len(i)], labels[b, : len(l)], position_ids[b, : len(p)], segment[b, : len(g)] = i, l, p, g
+    q, kv = segment[:, :, None], segment[:, None, :]
+    causal = np.tril(np.ones((width, width), dtype=bool))
+    mask = causal & (q >= 0) & ((kv == q) | (kv == 0) & (q > 0))
+    mask |= np.eye(width, dtype=bool)  # a padding query sees itself: no empty softmax row (NaN in backward)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "attention_mask": mask[:, None]}, order

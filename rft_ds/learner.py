@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from rft_ds.config import ConfigError, TrainConfig
-from rft_ds.experience import IGNORE_INDEX, Row, collate
+from rft_ds.experience import IGNORE_INDEX, Row, collate, pack_rows
 
 
 PRESETS = Path(__file__).resolve().parent / "ds_configs"  # shipped in the package: found from any directory
@@ -180,14 +180,32 @@ def mark_zero3_blocks(model: Any) -> list[str]:
     return sorted(c.__name__ for c in classes)
 
 
+def why_not_share_prompt(model: Any, trust_remote_code: bool) -> str | None:
+    """Why this model cannot train a prompt's rows as one sequence (pack_rows), or None when it can: its
+    attention must take the prefix-tree mask as given (sdpa or eager, no sliding window) and its positions
+    must come from position_ids (rotary embeddings), as in HF's own Llama, Qwen, Mistral, Gemma, Phi."""
+    cfg = model.config
+    if trust_remote_code:
+        return "the model's own code (trust_remote_code) may build its own mask"
+    if cfg._attn_implementation not in ("sdpa", "eager"):
+        return f"attention {cfg._attn_implementation!r} does not take a 4D mask (sdpa and eager do)"
+    if getattr(cfg, "sliding_window", None) is not None or any(t != "full_attention" for t in
+                                                                 getattr(cfg, "layer_types", None) or []):
+        return "sliding-window attention would be dropped by a 4D mask"
+    if not any(type(m).__name__.endswith("RotaryEmbedding") for m in model.modules()):
+        return "no rotary position embedding: positions may not follow position_ids"
+    return None
+
+
 class Learner:
     """Owns the DeepSpeed engine. `engine.module` is the HF model (parameters partitioned)."""
 
     def __init__(self, model_path: str, ds_config: dict, lora: Any = None, gradient_checkpointing: bool = False,
-                 trust_remote_code: bool = False, block_fetch: bool = True) -> None:
+                 trust_remote_code: bool = False, block_fetch: bool = True, share_prompt: bool = False) -> None:
         """lora: an rft_ds.lora.LoraSpec (None: every weight trains). Its A and B are plain parameters when
         peft makes them; deepspeed.initialize partitions them with the rest. block_fetch: under ZeRO-3,
-        gather a transformer block's parameters at once (mark_zero3_blocks)."""
+        gather a transformer block's parameters at once (mark_zero3_blocks). share_prompt: a prompt's rows
+        in a micro-batch are one sequence (pack_rows) where the model allows it (why_not_share_prompt)."""
         import deepspeed
         import torch
         from transformers import AutoModelForCausalLM
@@ -198,11 +216,15 @@ class Learner:
         dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else (
             torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.dtype = dtype
         if gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and ZeRO-3's hooks
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Not for a model's own code: a block that takes its hidden states by keyword would look to torch
         # like one without inputs, and its gradients would be reduced too early (below).
         self.zero3_blocks = mark_zero3_blocks(model) if block_fetch and not trust_remote_code else []
+        self.share_prompt_off = why_not_share_prompt(model, trust_remote_code) if share_prompt else "not asked"
+        self.share_prompt = self.share_prompt_off is None
+        self._eager = model.config._attn_implementation == "eager"
         if self.zero3_blocks and lora is not None:
             # ZeRO-3 reduces a marked block's gradients in a full backward hook, and torch fires that hook
             # as soon as the block's output gradient exists when no input of the block needs a gradient:
@@ -262,13 +284,21 @@ class Learner:
         scale = self.grad_accum * world_size / max(step_tokens, 1)
         for idx in micro_batches:
             batch_rows = [rows[i] for i in idx] or [Row(np.array([pad_id]), np.array([IGNORE_INDEX]))]
-            batch = {key: torch.from_numpy(v).to(self.device) for key, v in collate(batch_rows, pad_id).items()}
+            arrays, order = pack_rows(batch_rows, pad_id) if self.share_prompt else \
+                (collate(batch_rows, pad_id), list(range(len(batch_rows))))
+            batch = {key: torch.from_numpy(v).to(self.device) for key, v in arrays.items()}
+            mask = batch.pop("attention_mask")
+            if mask.dim() == 4 and self._eager:  # eager attention adds its mask: 0 where allowed
+                mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(
+                    ~mask, torch.finfo(self.dtype).min)
             keep = label_positions(batch["labels"])
-            out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              logits_to_keep=keep, use_cache=False)
-            logp, counts = label_logprobs(out.logits, batch["labels"], keep)
+            out = self.engine(input_ids=batch["input_ids"], attention_mask=mask,
+                              position_ids=batch.get("position_ids"), logits_to_keep=keep, use_cache=False)
+            logp, _ = label_logprobs(out.logits, batch["labels"], keep)
             if compare_logprobs and any(r.ref_logprobs is not None for r in batch_rows):
-                stats.add_logprob_diffs(logprob_diffs(logp.detach().cpu().numpy(), counts.cpu().tolist(), batch_rows))
+                ordered = [batch_rows[i] for i in order]  # the order their label tokens come out in
+                counts = [int((r.labels[1:] != IGNORE_INDEX).sum()) for r in ordered]
+                stats.add_logprob_diffs(logprob_diffs(logp.detach().cpu().numpy(), counts, ordered))
             ce = -logp.sum()
             self.engine.backward(ce * scale)
             self.engine.step()

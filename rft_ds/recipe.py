@@ -29,7 +29,8 @@ from rft_ds.config import ConfigError, RFTRunConfig, read_model_config, text_con
 from rft_ds.data import (PromptRecord, load_source, normalize, resolve_callable, shard, tokenize,
                          use_chat_template)
 from rft_ds.evaluation import EvalSet, best_metric, maj_at_k, parse_sets, pass_at_k
-from rft_ds.experience import Row, label_tokens, num_steps, padded_tokens, plan_micro_batches, rows_for_rank
+from rft_ds.experience import (Row, label_tokens, num_steps, padded_tokens, plan_micro_batches, prompt_groups,
+                               rows_for_rank)
 from rft_ds.faults import maybe_die
 from rft_ds.learner import TrainStats
 from rft_ds.metrics import MetricsLog, format_epoch, open_sinks, plain
@@ -350,7 +351,7 @@ def new_learner(cfg: RFTRunConfig, ds_config: dict) -> Any:
     from rft_ds.learner import Learner
 
     return Learner(cfg.model.model_path, ds_config, parse_lora(cfg.model.lora), cfg.model.gradient_checkpointing,
-                   cfg.model.trust_remote_code, cfg.model.zero3_block_fetch)
+                   cfg.model.trust_remote_code, cfg.model.zero3_block_fetch, cfg.train.share_prompt)
 
 
 def make_sampler(cfg: RFTRunConfig, learner: Any, tokenizer: Any, ds_config: dict, group: int,
@@ -402,6 +403,9 @@ class RunState:
     shard: str = "interleaved"  # how prompts are dealt to ranks (data.shard when the run started)
     # micro-batches grouped by row length (train.group_by_length when the run started; runs from before it: no)
     group_by_length: bool = False
+    # a prompt's rows next to each other in the plan (train.share_prompt when the run started, and the model
+    # allowed it; runs from before it: no)
+    share_prompt: bool = False
     epoch: int = 0  # the epoch in progress
     stage: str = "sample"  # the next stage to run in it (STAGES)
     cursor: int = 0  # position inside the stage: sampling chunks done, or micro-batches trained
@@ -546,6 +550,9 @@ def setup(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, me
     if D.is_main():
         (out / "config.yaml").write_text(yaml.safe_dump(_yaml_safe(cfg.to_dict()), sort_keys=False))
     learner = new_learner(cfg, ds_config)
+    if t.share_prompt and not learner.share_prompt:
+        console.say(f"[rft_ds] note: train.share_prompt is off for this model ({learner.share_prompt_off}): "
+                    "rows train one by one")
     sampler, weight_sync = make_sampler(cfg, learner, tokenizer, ds_config, group,
                                         list(stop_sequences if stop_sequences is not None else cfg.reward.stop_sequences))
     half = not (weight_sync and weight_sync.dtype == torch.float32)
@@ -566,7 +573,7 @@ def start_fresh(s: Setup) -> RunState:
     """A new run: a run id every rank shares, and the eval before training."""
     st = RunState(run_id=D.broadcast_object(uuid.uuid4().hex[:12] if D.is_main() else None),
                   prompts_digest=s.prompts_digest, shard=s.cfg.data.shard, pool=LocalPool(D.rank()),
-                  group_by_length=s.cfg.train.group_by_length)
+                  group_by_length=s.cfg.train.group_by_length, share_prompt=s.learner.share_prompt)
     _warn_foreign_best_model(s.out, st.run_id)
     if s.evals and s.cfg.train.eval_interval > 0:
         st.eval_before = _evaluate(s, -1)
@@ -649,8 +656,10 @@ def train(s: Setup, st: RunState, step: Any) -> bool:
     rows, n_rows, moved = _rows(s, st, table, keep)
     steps = num_steps(n_rows, D.world_size(), learner.micro_batch_size, learner.grad_accum)
     micro = plan_micro_batches(len(rows), steps, t.seed, st.epoch, D.rank(), learner.micro_batch_size,
-                               learner.grad_accum, [len(r.input_ids) for r in rows] if st.group_by_length else None)
-    st.local["padding"] = padded_tokens(rows, micro)  # the epoch's whole plan: the same after a resume
+                               learner.grad_accum, [len(r.input_ids) for r in rows] if st.group_by_length else None,
+                               prompt_groups(rows) if st.share_prompt else None)
+    # the epoch's whole plan: the same after a resume
+    st.local["padding"] = padded_tokens(rows, micro, learner.share_prompt)
     first = np.r_[True, table["prompt_id"][1:] != table["prompt_id"][:-1]] if len(table) else np.zeros(0, bool)
     st.record.update(
         pool_size=len(table), n_selected=int(keep.sum()), n_rows=n_rows, rows_moved=moved,
@@ -704,7 +713,7 @@ def _finish_train_record(s: Setup, st: RunState, step: Any, n_micro: int) -> Non
     real, padded = (sum(p[i] for *_, p in per_rank) for i in (0, 1))
     st.record.update(train_loss=sum(x for _, _, x, _, _, _ in per_rank) / n_loss if n_loss else None,
                      trained_tokens=sum(t for *_, t, _ in per_rank),
-                     padding_share=1 - real / padded if padded else 0.0,
+                     computed_tokens=real, padding_share=1 - real / padded if padded else 0.0,
                      train_steps_per_rank=[n // s.learner.grad_accum for _, n, *_ in per_rank],
                      lr=s.learner.lr(), selection_digest_per_rank=[d for d, *_ in per_rank])
     if s.weight_sync and step.grow and not st.record.get("restarted_from_base"):  # did the engine sample from the

@@ -68,7 +68,8 @@ def test_step_is_the_mean_over_every_label_token_of_all_ranks(tiny_model, tmp_pa
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
     out.loss.backward()  # one batch: HF's mean over its label tokens is the reference
-    for dtype, tol in (("fp32", 1e-5), ("bf16", 1e-2)):  # measured 7e-8 and 4e-3; the old normalisation: 0.11
+    for dtype, tol in (("fp32", 1e-5), ("bf16", 1e-2), ("fp32-shared", 1e-5), ("bf16-shared", 1e-2)):
+        # measured 7e-8 and 4e-3 (the old normalisation: 0.11); shared 6e-8 and 4e-3
         got = torch.load(tmp_path / f"{dtype}.pt")
         worst = max(float((got["weights"][k] - (prm.detach() - 1.0 * prm.grad)).abs().max())
                     for k, prm in model.named_parameters())
@@ -81,6 +82,10 @@ def test_step_is_the_mean_over_every_label_token_of_all_ranks(tiny_model, tmp_pa
     assert per_module["blocks"] == []
     worst = max(float((w - per_module["weights"][k]).abs().max()) for k, w in per_block["weights"].items())
     assert worst < 1e-6, worst  # measured 7e-8: float rounding (gradients reduced in another order)
+    # rank 0's two rows of one prompt as one sequence: the same step as row by row
+    shared = torch.load(tmp_path / "fp32-shared.pt")
+    worst = max(float((w - shared["weights"][k]).abs().max()) for k, w in per_block["weights"].items())
+    assert worst < 1e-6, worst  # measured 6e-8
     # LoRA without gradient checkpointing: every block's adapters get their gradient with per-block fetches
     # too (the first block's input comes from a frozen embedding: its gradients must not be reduced early)
     lora_block, lora_module = torch.load(tmp_path / "fp32-lora.pt"), torch.load(tmp_path / "fp32-lora-per-module.pt")

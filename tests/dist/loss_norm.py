@@ -1,7 +1,7 @@
 """2 ranks, ZeRO-3 (deepspeed launcher): one optimizer step of Learner.train_step with SGD (lr 1) over rows
 split unevenly (rank 0: 3 rows in 2 micro-batches; rank 1: 2 rows and an empty micro-batch), in fp32 and in
 bf16, in fp32 with ZeRO-3 fetching per module instead of per transformer block, and with LoRA (no gradient
-checkpointing) per block and per module. Rank 0 writes the updated weights to OUT/<setting>.pt; the test
+checkpointing) per block and per module, and with a prompt's rows trained as one sequence (fp32, bf16). Rank 0 writes the updated weights to OUT/<setting>.pt; the test
 compares them with one plain-torch step on the mean loss over every label token of all 5 rows."""
 
 import sys
@@ -14,7 +14,8 @@ from rft_ds import distributed as D
 from rft_ds.experience import build_row
 from rft_ds.learner import Learner
 
-ROWS = [([1, 2, 3], [4, 5, 6, 7], True), ([1], [8], False), ([2, 2], [9, 10, 11, 12, 13, 14], False),
+# rank 0's first micro-batch holds two rows of one prompt: shared in the *-shared settings (train.share_prompt)
+ROWS = [([1, 2, 3], [4, 5, 6, 7], True), ([1, 2, 3], [8], False), ([2, 2], [9, 10, 11, 12, 13, 14], False),
         ([3, 1, 2, 4], [5], True), ([5], [6, 7], False)]
 
 
@@ -24,7 +25,8 @@ def rows():
 
 def main(model: str, out: str) -> None:
     D.init("gloo", 120)
-    for setting in ("fp32", "bf16", "fp32-per-module", "fp32-lora", "fp32-lora-per-module"):
+    for setting in ("fp32", "bf16", "fp32-per-module", "fp32-lora", "fp32-lora-per-module", "fp32-shared",
+                    "bf16-shared"):
         step(model, out, setting)
     D.barrier()
     import torch.distributed as dist
@@ -41,7 +43,8 @@ def step(model: str, out: str, setting: str) -> None:
 
     torch.manual_seed(0)  # the same LoRA A initialisation in every setting
     learner = Learner(model, ds, lora=LoraSpec(r=4, alpha=8) if "lora" in setting else None,
-                      block_fetch=not setting.endswith("per-module"))
+                      block_fetch=not setting.endswith("per-module"), share_prompt=setting.endswith("shared"))
+    assert learner.share_prompt == setting.endswith("shared"), learner.share_prompt_off
     all_rows = rows()
     mine = [all_rows[i] for i in ([0, 1, 2] if D.rank() == 0 else [3, 4])]
     micro = [np.array([0, 1]), np.array([2])] if D.rank() == 0 else [np.array([0, 1]), np.array([], np.int64)]

@@ -1,0 +1,129 @@
+"""train.share_prompt: a prompt's rows trained as one sequence (experience.pack_rows) give every label the
+same log p and the model the same gradients as the rows one by one; the plan keeps a prompt's rows in one
+micro-batch; models whose attention cannot take the mask are recognised. No process group."""
+
+import numpy as np
+import pytest
+import torch
+
+from rft_ds.experience import (IGNORE_INDEX as I, build_row, collate, pack_rows, packed_lengths, padded_tokens,
+                               plan_micro_batches, prompt_groups)
+from rft_ds.learner import label_logprobs, label_positions, why_not_share_prompt
+
+
+def test_pack_rows_shares_the_prompt_and_keeps_each_rows_positions():
+    rows = [build_row([1, 2, 3], [4, 5], True, 9, 16), build_row([7], [8], False, 9, 16),
+            build_row([1, 2, 3], [6], False, 9, 16)]
+    b, order = pack_rows(rows, pad_id=0)
+    assert order == [0, 2, 1]  # label tokens come out as rows 0, 2 (same prompt), then 1
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 9, 3, 6], [7, 8, 0, 0, 0, 0, 0, 0]]
+    assert b["labels"].tolist() == [[I, I, I, 4, 5, 9, I, 6], [I, 8] + [I] * 6]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 2, 3], [0, 1, 0, 0, 0, 0, 0, 0]]
+    m = b["attention_mask"][:, 0].astype(int)
+    assert m.shape == (2, 8, 8)
+    assert m[0, 6].tolist() == [1, 1, 0, 0, 0, 0, 1, 0]  # row 2's copy of the last prompt token: prefix + itself
+    assert m[0, 7].tolist() == [1, 1, 0, 0, 0, 0, 1, 1]
+    assert m[0, 5].tolist() == [1, 1, 1, 1, 1, 1, 0, 0]  # row 0: its whole row, causal
+    assert m[1, 1].tolist() == [1, 1, 0, 0, 0, 0, 0, 0] and m[1, 4].tolist() == [0, 0, 0, 0, 1, 0, 0, 0]  # padding
+    assert packed_lengths(rows) == [8, 2] and prompt_groups(rows).tolist() == [0, 1, 0]
+    # the same label tokens, each once: what the loss normalisation counts
+    assert sorted(b["labels"][b["labels"] != I].tolist()) == sorted(
+        t for r in rows for t in r.labels[1:].tolist() if t != I)
+
+
+def test_a_row_without_prompt_stays_alone():
+    rows = [build_row([], [4, 5], True, 9, 16), build_row([], [4, 6], True, 9, 16)]
+    b, order = pack_rows(rows, pad_id=0)
+    assert order == [0, 1] and b["input_ids"].tolist() == [[4, 5, 9], [4, 6, 9]]
+    assert packed_lengths(rows) == [3, 3]
+
+
+def _rows(seed: int, vocab: int):
+    """Rows of 3 prompts (one 1 token long), 1-4 rows each, completions of 1-7 tokens, some ended by EOS."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, vocab, n).tolist() for n in (6, 1, 11)]
+    rows = []
+    for p in prompts:
+        for _ in range(rng.integers(1, 5)):
+            rows.append(build_row(p, rng.integers(3, vocab, rng.integers(1, 8)).tolist(), bool(rng.integers(2)), 2, 64))
+    return [rows[i] for i in rng.permutation(len(rows))]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rows_give_the_same_log_probs_and_gradients(tiny_model, attn):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=attn)
+    assert why_not_share_prompt(model, trust_remote_code=False) is None
+    rows = _rows(0, model.config.vocab_size)
+    assert len(packed_lengths(rows)) < len(rows)  # something is shared
+
+    b = {k: torch.from_numpy(v) for k, v in collate(rows, pad_id=0).items()}
+    keep = label_positions(b["labels"])
+    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], logits_to_keep=keep)
+    want, counts = label_logprobs(out.logits, b["labels"], keep)
+    (-want.sum()).backward()
+    want_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+
+    arrays, order = pack_rows(rows, pad_id=0)
+    p = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    mask = p["attention_mask"]
+    if attn == "eager":  # as the learner does: eager adds its mask
+        mask = torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)
+    keep = label_positions(p["labels"])
+    out = model(input_ids=p["input_ids"], attention_mask=mask, position_ids=p["position_ids"], logits_to_keep=keep)
+    got, _ = label_logprobs(out.logits, p["labels"], keep)
+    (-got.sum()).backward()
+    # the packed stream holds the rows in `order`: put the unpacked one in that order too
+    per_row = torch.split(want.detach(), counts.tolist())
+    assert torch.allclose(got.detach(), torch.cat([per_row[i] for i in order]), atol=1e-5)
+    for k, prm in model.named_parameters():
+        assert torch.allclose(prm.grad, want_grads[k], atol=1e-5, rtol=1e-4), k
+    # and the mask matters: without it, later rows would see earlier rows' completions
+    plain = model(input_ids=p["input_ids"], position_ids=p["position_ids"], logits_to_keep=keep)
+    assert not torch.allclose(label_logprobs(plain.logits, p["labels"], keep)[0], got.detach(), atol=1e-3)
+
+
+def test_plan_keeps_a_prompts_rows_in_one_micro_batch_and_every_rule():
+    rng = np.random.default_rng(1)
+    groups = np.repeat(np.arange(40), rng.integers(1, 4, 40))
+    n, micro = len(groups), 8
+    steps = -(-n // micro)
+    plan = plan_micro_batches(n, steps, 5, 0, 0, micro, 1, None, groups)
+    assert sorted(np.concatenate(plan).tolist()) == list(range(n))  # every row once
+    assert [len(mb) for mb in plan] == [len(mb) for mb in plan_micro_batches(n, steps, 5, 0, 0, micro, 1)]
+    seq = groups[np.concatenate(plan)]
+    assert (seq[1:] != seq[:-1]).sum() == 39  # each group one run in plan order: split only by a cut
+    split = sum(sum(np.isin(mb, np.flatnonzero(groups == g)).any() for mb in plan) > 1 for g in range(40))
+    assert split <= len(plan) - 1  # at most one group per cut between micro-batches
+    lengths = rng.integers(10, 90, n)
+    grouped = plan_micro_batches(n, steps, 5, 0, 0, micro, 1, lengths, groups)
+    assert sorted(np.concatenate(grouped).tolist()) == list(range(n))
+    together = sum(len(np.unique(groups[mb])) for mb in grouped)
+    alone = sum(len(np.unique(groups[mb])) for mb in plan_micro_batches(n, steps, 5, 0, 0, micro, 1, lengths))
+    assert together < alone  # fewer sequences to compute: prompts shared within micro-batches
+
+
+def test_padded_tokens_counts_packed_sequences():
+    rows = [build_row([1, 2, 3], [4, 5], True, 9, 16), build_row([1, 2, 3], [6], False, 9, 16),
+            build_row([7], [8], False, 9, 16)]
+    mb = [np.array([0, 1, 2])]
+    assert padded_tokens(rows, mb) == (6 + 4 + 2, 3 * 6)
+    assert padded_tokens(rows, mb, share_prompt=True) == (8 + 2, 2 * 8)
+
+
+def test_models_that_cannot_take_the_mask_are_named():
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, \
+        MistralForCausalLM
+
+    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=2)
+    llama = LlamaForCausalLM(LlamaConfig(**small))
+    assert why_not_share_prompt(llama, False) is None
+    assert "trust_remote_code" in why_not_share_prompt(llama, True)
+    llama.config._attn_implementation = "flash_attention_2"
+    assert "flash_attention_2" in why_not_share_prompt(llama, False)
+    assert "sliding" in why_not_share_prompt(MistralForCausalLM(MistralConfig(sliding_window=8, **small)), False)
+    assert "rotary" in why_not_share_prompt(GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1,
+                                                                       n_head=2)), False)
