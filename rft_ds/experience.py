@@ -118,10 +118,10 @@ def plan_micro_batches(n_rows: int, steps: int, seed: int, epoch: int, rank: int
         return np.array_split(perm, n_micro)
     sizes = [len(mb) for mb in np.array_split(np.empty(n_rows), n_micro)]
     length = np.asarray(lengths, dtype=np.int64)[perm]
-    if groups is not None and n_rows:  # a group sorts by its longest row, and stays together
-        longest = np.zeros(n_rows, np.int64)
-        np.maximum.at(longest, together, length)
-        length = longest[together]
+    if groups is not None and n_rows:  # a group sorts by its rows' tokens together (~ its packed length)
+        total = np.zeros(n_rows, np.int64)
+        np.add.at(total, together, length)
+        length = total[together]
     ends = np.cumsum(sizes)
     windows = [ends[i] for i in range(GROUP_WINDOW - 1, n_micro, GROUP_WINDOW)]
     grouped = np.concatenate([perm[w][np.lexsort((together[w], -length[w]))]
