@@ -71,14 +71,14 @@ def run_setting(name: str, rows, steps: int, world: int, threads: int, mb: int =
     import torch
 
     from rft_ds import distributed as D
-    from rft_ds.experience import collate, label_tokens, pack_rows, packed_lengths
+    from rft_ds.experience import collate, label_tokens, layout, sequence_lengths
     from rft_ds.learner import Learner, label_logprobs, label_positions
 
     torch.set_num_threads(threads)
     ds = common.ds_config(world, micro=mb)
     ds["bf16"] = {"enabled": "bf16" in name}
     ds["optimizer"]["params"]["fused"] = name != "old"
-    learner = Learner(str(MODEL), ds, block_fetch=name != "old")
+    learner = Learner(str(MODEL), ds, block_fetch=name != "old", share_prompt="shared" in name, max_seq_length=96)
     engine = learner.engine
     engine.train()
     mine = [row for pair in rows[D.rank()::world] for row in pair]  # a problem's rows next to each other
@@ -88,8 +88,8 @@ def run_setting(name: str, rows, steps: int, world: int, threads: int, mb: int =
     n_tok = n_lab = n_head = 0
     for k, idx in enumerate(micro):
         t0 = time.perf_counter()  # packing is inside the timed forward: the learner does it every micro-batch
-        if "shared" in name:
-            batch = {key: torch.from_numpy(v) for key, v in pack_rows([mine[i] for i in idx], 0)[0].items()}
+        if "shared" in name:  # as the learner lays a micro-batch out (packed where that pays)
+            batch = {key: torch.from_numpy(v) for key, v in layout([mine[i] for i in idx], 0, learner.pack)[0].items()}
         else:
             batch = {key: torch.from_numpy(v) for key, v in collate([mine[i] for i in idx], 0).items()}
         if name == "old":
@@ -110,8 +110,7 @@ def run_setting(name: str, rows, steps: int, world: int, threads: int, mb: int =
         t3 = time.perf_counter()
         if k:  # the first step warms up (allocations, DeepSpeed's first gathers)
             fwd, bwd, opt = fwd + t1 - t0, bwd + t2 - t1, opt + t3 - t2
-            n_tok += sum(packed_lengths([mine[i] for i in idx])) if "shared" in name else \
-                int(batch["attention_mask"].sum())  # the tokens computed, padding not counted
+            n_tok += sum(sequence_lengths([mine[i] for i in idx], learner.pack)[0])  # computed, padding not
             n_lab += int((batch["labels"][:, 1:] != -100).sum())
     params = {n: int(getattr(p, "ds_numel", p.numel())) for n, p in learner.module.named_parameters()}
     head = learner.module.config.vocab_size * learner.module.config.hidden_size

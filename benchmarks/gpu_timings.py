@@ -12,8 +12,10 @@
      optimizer) / the peak of (1), with model FLOPs per timed step
          6 * body_params * all_tokens            (body: every parameter but the tied embedding / LM head)
        + 6 * vocab * hidden * label_positions    (the head runs only where a label is: logits_to_keep)
-       + 12 * layers * heads * head_dim * seq^2 per row (attention scores and values, forward and backward,
-                                                 no causal discount: the PaLM convention);
+       + 12 * layers * heads * head_dim * seq^2 per computed sequence (attention scores and values, forward
+                                                 and backward, no causal discount: the PaLM convention);
+     with --per-prompt K --share, a prompt's K rows are one sequence (train.share_prompt, max_seq_length K
+     rows) where the learner's cost rule packs them, and the tokens and sequences counted are those computed;
   3. sync: the trained weights streamed through rft_ds.weight_sync.WeightSync (bucketed ZeRO-3 gathers) into a
      consumer that counts bytes and checks device and dtype; GB/s against a same-device copy_ of as many bytes.
 Each section has its own try/except; exit code 1 if any failed. The last line is `[gpu-timings] JSON {...}`.
@@ -108,13 +110,15 @@ def build_model(size: str, out: Path, dev: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def random_rows(n: int, prompt_len: int, completion_len: int, vocab: int, seed: int = 0) -> list:
-    """Rows built by rft_ds.experience.build_row from random ids: labels on the completion only, no EOS."""
+def random_rows(n: int, prompt_len: int, completion_len: int, vocab: int, seed: int = 0, per_prompt: int = 1) -> list:
+    """Rows built by rft_ds.experience.build_row from random ids: labels on the completion only, no EOS;
+    each prompt answered per_prompt times, its rows next to each other."""
     from rft_ds.experience import build_row
 
     rng = np.random.default_rng(seed)
-    return [build_row(rng.integers(3, vocab, prompt_len), rng.integers(3, vocab, completion_len), False, 2,
-                      prompt_len + completion_len) for _ in range(n)]
+    prompts = [rng.integers(3, vocab, prompt_len) for _ in range(-(-n // per_prompt))]
+    return [build_row(prompts[i // per_prompt], rng.integers(3, vocab, completion_len), False, 2,
+                      prompt_len + completion_len) for i in range(n)]
 
 
 def memory(dev: torch.device, key: str, out: dict) -> None:
@@ -129,11 +133,15 @@ def memory(dev: torch.device, key: str, out: dict) -> None:
 
 
 def train(learner, args, world: int, peak_tflops: float | None, out: dict) -> None:
-    """Time Learner.train_step, one micro-batch per optimizer step, as the recipe calls it."""
+    """Time Learner.train_step, one micro-batch per optimizer step, as the recipe calls it. The tokens (and so
+    the FLOPs) are those computed: with --share, a prompt's rows packed where that pays (sequence_lengths)."""
+    from rft_ds.experience import sequence_lengths
+
     cfg = learner.module.config
-    rows = random_rows(args.micro * args.steps, args.prompt_len, args.completion_len, cfg.vocab_size)
+    rows = random_rows(args.micro * args.steps, args.prompt_len, args.completion_len, cfg.vocab_size,
+                       per_prompt=args.per_prompt)
     label_per_step = args.micro * args.completion_len  # a row's first position is a prompt token: never a label
-    seconds, labels, tokens, losses = 0.0, 0, 0, []
+    seconds, labels, tokens, squares, losses = 0.0, 0, 0, 0, []
     for k in range(args.steps):
         idx = np.arange(k * args.micro, (k + 1) * args.micro)
         synchronize()
@@ -144,7 +152,9 @@ def train(learner, args, world: int, peak_tflops: float | None, out: dict) -> No
         if k >= args.warmup:  # the first steps allocate, and run DeepSpeed's first gathers
             seconds += time.perf_counter() - t
             labels += stats.tokens
-            tokens += stats.input_tokens
+            lengths, _ = sequence_lengths([rows[i] for i in idx], learner.pack)  # as the learner lays them out
+            tokens += sum(lengths)
+            squares += sum(n * n for n in lengths)
     timed = args.steps - args.warmup
     total = sum(int(getattr(p, "ds_numel", p.numel())) for p in learner.module.parameters())  # tied: once
     # LoRA: the 6x rule counts weight gradients of frozen weights too, so its MFU is an upper bound
@@ -153,7 +163,7 @@ def train(learner, args, world: int, peak_tflops: float | None, out: dict) -> No
     head = cfg.vocab_size * cfg.hidden_size
     body = total - head * (1 if cfg.tie_word_embeddings else 2)
     seq = args.prompt_len + args.completion_len
-    attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq**2 * args.micro * timed
+    attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * squares  # each computed sequence
     flops = 6 * body * tokens + 6 * head * labels + attn
     out.update(train_params=total, train_body_params=body, train_steps_timed=timed, train_seconds=seconds,
                train_step_ms=1e3 * seconds / timed, train_label_tokens_per_s=labels / seconds,
@@ -236,6 +246,8 @@ def main() -> int:
     ap.add_argument("--per-module", action="store_true", help="ZeRO-3 fetches per module (model.zero3_block_fetch "
                     "false), the behaviour before per-block fetching")
     ap.add_argument("--fused", action="store_true", help="torch's fused AdamW (optimizer params fused: true)")
+    ap.add_argument("--per-prompt", type=int, default=1, help="rows per prompt (consecutive: one micro-batch)")
+    ap.add_argument("--share", action="store_true", help="a prompt's rows as one sequence (train.share_prompt)")
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = ap.parse_args()
     if not 0 <= args.warmup < args.steps:
@@ -248,7 +260,8 @@ def main() -> int:
     out: dict = {"lora_r": args.lora, "size": args.size, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
                  "transformers": transformers.__version__, "micro": args.micro, "steps": args.steps,
                  "warmup": args.warmup, "seq": args.prompt_len + args.completion_len,
-                 "block_fetch": not args.per_module, "fused": args.fused}
+                 "block_fetch": not args.per_module, "fused": args.fused, "per_prompt": args.per_prompt,
+                 "share_prompt": args.share}
     t0 = time.perf_counter()
     D.init("auto", 600)  # the device rule picks the GPU; nccl with CUDA, gloo without
     dev, world = D.device(), D.world_size()
@@ -281,7 +294,8 @@ def main() -> int:
             from rft_ds.lora import LoraSpec
 
             learner = Learner(str(Path(tmp) / "model"), ds, LoraSpec(r=args.lora, alpha=2 * args.lora) if args.lora else None,
-                              block_fetch=not args.per_module)
+                              block_fetch=not args.per_module, share_prompt=args.share,
+                              max_seq_length=(args.prompt_len + args.completion_len) * args.per_prompt)
             out["learner_init_s"] = time.perf_counter() - t
             say(f"train: model built in {out['build_s']:.1f}s, Learner (ZeRO-3) up in {out['learner_init_s']:.1f}s")
             train(learner, args, world, peak, out)

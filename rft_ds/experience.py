@@ -131,13 +131,13 @@ def plan_micro_batches(n_rows: int, steps: int, seed: int, epoch: int, rank: int
 
 
 def padded_tokens(rows: Sequence["Row"], micro_batches: Sequence[np.ndarray],
-                  share_prompt: bool = False) -> tuple[int, int]:
+                  pack: "PackSpec | None" = None) -> tuple[int, int]:
     """(tokens the learner computes, the same with padding): each micro-batch is padded to its longest
-    sequence, a row, or with share_prompt a prompt's rows packed (pack_rows)."""
+    sequence, a row or a prompt's rows packed (sequence_lengths)."""
     real = padded = 0
     for mb in micro_batches:
         if len(mb):
-            seqs = packed_lengths([rows[i] for i in mb]) if share_prompt else [len(rows[i].input_ids) for i in mb]
+            seqs, _ = sequence_lengths([rows[i] for i in mb], pack)
             real, padded = real + sum(seqs), padded + len(seqs) * max(seqs)
     return int(real), int(padded)
 
@@ -225,27 +225,82 @@ def prompt_groups(rows: Sequence[Row]) -> np.ndarray:
     return out
 
 
-def packed_lengths(rows: Sequence[Row]) -> list[int]:
-    """The length of each sequence pack_rows makes of these rows."""
-    out = []
+@dataclass(frozen=True)
+class PackSpec:
+    """How the learner may pack a prompt's rows (train.share_prompt). max_len: no packed sequence is longer
+    (train.max_seq_length, as long as a row may be: memory and attention per sequence stay as without
+    packing). attn_ratio: the model's attention FLOPs per (query, key) pair over its other FLOPs per token
+    (2 * layers * heads * head_dim / body parameters), to price a micro-batch's layouts (layout_cost)."""
+
+    max_len: int
+    attn_ratio: float
+
+
+def pack_plan(rows: Sequence[Row], max_len: int) -> list[list[int]]:
+    """Row indices per packed sequence: a prompt's rows in order, a new sequence (the prompt again) whenever
+    the next row would make it longer than max_len; a row without a prompt token alone."""
+    seqs = []
     for members in _prompt_groups(rows):
-        p = prompt_length(rows[members[0]])
-        out.append(max(p - 1, 0) + sum(len(rows[i].input_ids) - max(p - 1, 0) for i in members))
-    return out
+        head = max(prompt_length(rows[members[0]]) - 1, 0)
+        cur, length = [], head
+        for i in members:
+            tail = len(rows[i].input_ids) - head
+            if cur and length + tail > max_len:
+                seqs.append(cur)
+                cur, length = [], head
+            cur.append(i)
+            length += tail
+        seqs.append(cur)
+    return seqs
 
 
-def pack_rows(rows: Sequence[Row], pad_id: int) -> tuple[dict[str, np.ndarray], list[int]]:
+def _packed_length(rows: Sequence[Row], members: Sequence[int]) -> int:
+    head = max(prompt_length(rows[members[0]]) - 1, 0)
+    return head + sum(len(rows[i].input_ids) - head for i in members)
+
+
+def layout_cost(lengths: Sequence[int], attn_ratio: float) -> float:
+    """What a micro-batch of sequences of these lengths costs, right-padded to the longest (padding is
+    computed too): tokens, plus attention over the whole padded square (sdpa with a mask does all of it)."""
+    width = max(lengths)
+    return len(lengths) * (width + attn_ratio * width * width)
+
+
+def sequence_lengths(rows: Sequence[Row], pack: PackSpec | None) -> tuple[list[int], bool]:
+    """The lengths of the sequences the learner computes for this micro-batch, and whether they are packed:
+    packed (pack_plan) when that costs less than row by row (layout_cost), so packing never slows a step:
+    long completions of one prompt would make fewer but much longer sequences, whose attention grows with
+    the square of their length."""
+    plain = [len(r.input_ids) for r in rows]
+    if pack is None or len(rows) < 2:
+        return plain, False
+    packed = [_packed_length(rows, m) for m in pack_plan(rows, pack.max_len)]
+    if len(packed) < len(plain) and layout_cost(packed, pack.attn_ratio) < layout_cost(plain, pack.attn_ratio):
+        return packed, True
+    return plain, False
+
+
+def layout(rows: Sequence[Row], pad_id: int, pack: PackSpec | None) -> tuple[dict[str, np.ndarray], list[int]]:
+    """The learner's batch for a micro-batch: pack_rows where sequence_lengths says packing pays, else
+    collate (a 2D attention mask); and the order the rows' label tokens come out in."""
+    if sequence_lengths(rows, pack)[1]:
+        return pack_rows(rows, pad_id, pack.max_len)
+    return collate(rows, pad_id), list(range(len(rows)))
+
+
+def pack_rows(rows: Sequence[Row], pad_id: int, max_len: int) -> tuple[dict[str, np.ndarray], list[int]]:
     """Rows of one prompt as one sequence, so the prompt is computed once, not once per row
     (train.share_prompt): the prompt but its last token, then per row that last token and the row's
     completion. A prefix-tree mask lets each segment see the shared prefix and itself, and each token keeps
     its position in its own row, so every label is predicted from exactly what it sees in its own row: the
-    same loss. Each segment's first token carries no label, so no label is predicted across segments.
+    same loss. Each segment's first token carries no label, so no label is predicted across segments. A
+    prompt with more rows than fit max_len tokens makes several sequences (pack_plan).
 
     Returns the batch (input_ids, labels, position_ids: (B, L); attention_mask: (B, 1, L, L) bool, True =
     may attend; right-padded, a padding token sees only itself) and the order of the rows in it: their
     label tokens come out row-major in that order."""
     seqs, order = [], []
-    for members in _prompt_groups(rows):
+    for members in pack_plan(rows, max_len):
         head = max(prompt_length(rows[members[0]]) - 1, 0)
         ids, labels = [rows[members[0]].input_ids[:head]], [rows[members[0]].labels[:head]]
         pos, seg = [np.arange(head)], [np.zeros(head, np.int64)]

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from rft_ds.config import ConfigError, TrainConfig
-from rft_ds.experience import IGNORE_INDEX, Row, collate, pack_rows
+from rft_ds.experience import IGNORE_INDEX, PackSpec, Row, layout
 
 
 PRESETS = Path(__file__).resolve().parent / "ds_configs"  # shipped in the package: found from any directory
@@ -197,15 +197,28 @@ def why_not_share_prompt(model: Any, trust_remote_code: bool) -> str | None:
     return None
 
 
+def attention_ratio(model: Any) -> float:
+    """Attention FLOPs per (query, key) pair over the FLOPs per token of every other weight the step runs
+    (both ~ forward + backward): 2 * layers * heads * head_dim / body parameters (PackSpec.attn_ratio)."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    total = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())  # ZeRO-3: partitioned
+    # the embedding costs no matmul, the head runs at label positions only (tied: one matrix for both)
+    embedding = cfg.vocab_size * cfg.hidden_size * (1 if getattr(cfg, "tie_word_embeddings", False) else 2)
+    return 2 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim / max(total - embedding, 1)
+
+
 class Learner:
     """Owns the DeepSpeed engine. `engine.module` is the HF model (parameters partitioned)."""
 
     def __init__(self, model_path: str, ds_config: dict, lora: Any = None, gradient_checkpointing: bool = False,
-                 trust_remote_code: bool = False, block_fetch: bool = True, share_prompt: bool = False) -> None:
+                 trust_remote_code: bool = False, block_fetch: bool = True, share_prompt: bool = False,
+                 max_seq_length: int = 512) -> None:
         """lora: an rft_ds.lora.LoraSpec (None: every weight trains). Its A and B are plain parameters when
         peft makes them; deepspeed.initialize partitions them with the rest. block_fetch: under ZeRO-3,
         gather a transformer block's parameters at once (mark_zero3_blocks). share_prompt: a prompt's rows
-        in a micro-batch are one sequence (pack_rows) where the model allows it (why_not_share_prompt)."""
+        in a micro-batch are one sequence of at most max_seq_length tokens (experience.layout), where the
+        model allows it (why_not_share_prompt) and it costs less."""
         import deepspeed
         import torch
         from transformers import AutoModelForCausalLM
@@ -224,6 +237,7 @@ class Learner:
         self.zero3_blocks = mark_zero3_blocks(model) if block_fetch and not trust_remote_code else []
         self.share_prompt_off = why_not_share_prompt(model, trust_remote_code) if share_prompt else "not asked"
         self.share_prompt = self.share_prompt_off is None
+        self.pack = PackSpec(max_seq_length, attention_ratio(model)) if self.share_prompt else None
         self._eager = model.config._attn_implementation == "eager"
         if self.zero3_blocks and lora is not None:
             # ZeRO-3 reduces a marked block's gradients in a full backward hook, and torch fires that hook
@@ -284,8 +298,7 @@ class Learner:
         scale = self.grad_accum * world_size / max(step_tokens, 1)
         for idx in micro_batches:
             batch_rows = [rows[i] for i in idx] or [Row(np.array([pad_id]), np.array([IGNORE_INDEX]))]
-            arrays, order = pack_rows(batch_rows, pad_id) if self.share_prompt else \
-                (collate(batch_rows, pad_id), list(range(len(batch_rows))))
+            arrays, order = layout(batch_rows, pad_id, self.pack)
             batch = {key: torch.from_numpy(v).to(self.device) for key, v in arrays.items()}
             mask = batch.pop("attention_mask")
             if mask.dim() == 4 and self._eager:  # eager attention adds its mask: 0 where allowed

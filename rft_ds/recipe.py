@@ -351,7 +351,8 @@ def new_learner(cfg: RFTRunConfig, ds_config: dict) -> Any:
     from rft_ds.learner import Learner
 
     return Learner(cfg.model.model_path, ds_config, parse_lora(cfg.model.lora), cfg.model.gradient_checkpointing,
-                   cfg.model.trust_remote_code, cfg.model.zero3_block_fetch, cfg.train.share_prompt)
+                   cfg.model.trust_remote_code, cfg.model.zero3_block_fetch, cfg.train.share_prompt,
+                   cfg.train.max_seq_length)
 
 
 def make_sampler(cfg: RFTRunConfig, learner: Any, tokenizer: Any, ds_config: dict, group: int,
@@ -659,7 +660,7 @@ def train(s: Setup, st: RunState, step: Any) -> bool:
                                learner.grad_accum, [len(r.input_ids) for r in rows] if st.group_by_length else None,
                                prompt_groups(rows) if st.share_prompt else None)
     # the epoch's whole plan: the same after a resume
-    st.local["padding"] = padded_tokens(rows, micro, learner.share_prompt)
+    st.local["padding"] = padded_tokens(rows, micro, learner.pack)
     first = np.r_[True, table["prompt_id"][1:] != table["prompt_id"][:-1]] if len(table) else np.zeros(0, bool)
     st.record.update(
         pool_size=len(table), n_selected=int(keep.sum()), n_rows=n_rows, rows_moved=moved,

@@ -6,15 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from rft_ds.experience import (IGNORE_INDEX as I, build_row, collate, pack_rows, packed_lengths, padded_tokens,
-                               plan_micro_batches, prompt_groups)
-from rft_ds.learner import label_logprobs, label_positions, why_not_share_prompt
+from rft_ds.experience import (IGNORE_INDEX as I, PackSpec, build_row, collate, layout, layout_cost, pack_plan, pack_rows,
+                               padded_tokens, plan_micro_batches, prompt_groups, sequence_lengths)
+from rft_ds.learner import attention_ratio, label_logprobs, label_positions, why_not_share_prompt
+
+FREE = PackSpec(max_len=64, attn_ratio=0.0)  # attention priced at nothing: packing pays whenever it shares
 
 
 def test_pack_rows_shares_the_prompt_and_keeps_each_rows_positions():
     rows = [build_row([1, 2, 3], [4, 5], True, 9, 16), build_row([7], [8], False, 9, 16),
             build_row([1, 2, 3], [6], False, 9, 16)]
-    b, order = pack_rows(rows, pad_id=0)
+    b, order = pack_rows(rows, pad_id=0, max_len=16)
     assert order == [0, 2, 1]  # label tokens come out as rows 0, 2 (same prompt), then 1
     assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 9, 3, 6], [7, 8, 0, 0, 0, 0, 0, 0]]
     assert b["labels"].tolist() == [[I, I, I, 4, 5, 9, I, 6], [I, 8] + [I] * 6]
@@ -25,7 +27,8 @@ def test_pack_rows_shares_the_prompt_and_keeps_each_rows_positions():
     assert m[0, 7].tolist() == [1, 1, 0, 0, 0, 0, 1, 1]
     assert m[0, 5].tolist() == [1, 1, 1, 1, 1, 1, 0, 0]  # row 0: its whole row, causal
     assert m[1, 1].tolist() == [1, 1, 0, 0, 0, 0, 0, 0] and m[1, 4].tolist() == [0, 0, 0, 0, 1, 0, 0, 0]  # padding
-    assert packed_lengths(rows) == [8, 2] and prompt_groups(rows).tolist() == [0, 1, 0]
+    assert sequence_lengths(rows, FREE) == ([8, 2], True) and prompt_groups(rows).tolist() == [0, 1, 0]
+    assert sequence_lengths(rows, None) == ([6, 2, 4], False)
     # the same label tokens, each once: what the loss normalisation counts
     assert sorted(b["labels"][b["labels"] != I].tolist()) == sorted(
         t for r in rows for t in r.labels[1:].tolist() if t != I)
@@ -33,9 +36,34 @@ def test_pack_rows_shares_the_prompt_and_keeps_each_rows_positions():
 
 def test_a_row_without_prompt_stays_alone():
     rows = [build_row([], [4, 5], True, 9, 16), build_row([], [4, 6], True, 9, 16)]
-    b, order = pack_rows(rows, pad_id=0)
+    b, order = pack_rows(rows, pad_id=0, max_len=16)
     assert order == [0, 1] and b["input_ids"].tolist() == [[4, 5, 9], [4, 6, 9]]
-    assert packed_lengths(rows) == [3, 3]
+    assert pack_plan(rows, 16) == [[0], [1]] and sequence_lengths(rows, FREE) == ([3, 3], False)
+
+
+def test_a_packed_sequence_is_never_longer_than_max_len():
+    rows = [build_row([1, 2, 3, 4], [5] * k, False, 9, 16) for k in (4, 3, 5, 2)]  # rows of 8, 7, 9, 6 tokens
+    assert pack_plan(rows, 16) == [[0, 1], [2, 3]]  # 3 + 5 + 4 = 12; + 6 > 16: the prompt again, 3 + 6 + 3
+    b, order = pack_rows(rows, pad_id=0, max_len=16)
+    assert b["input_ids"].shape == (2, 12) and order == [0, 1, 2, 3]
+    assert pack_plan(rows, 9) == [[0], [1], [2], [3]]  # nothing fits twice: rows as they are
+    assert sequence_lengths(rows, PackSpec(9, 0.0)) == ([8, 7, 9, 6], False)
+
+
+def test_packing_only_where_it_costs_less():
+    """Few long completions of one prompt make one long sequence: attention over its square can cost more
+    than the prompt tokens it saves (then rows stay rows); and packing must not widen a micro-batch so much
+    that its padding costs more than it saves."""
+    short_prompt = [build_row([1] * 8, [5] * 500, False, 9, 4096) for _ in range(4)]
+    assert sequence_lengths(short_prompt, PackSpec(4096, 0.0))[1]  # tokens alone: 4 x 508 > 1 x 2007
+    assert not sequence_lengths(short_prompt, PackSpec(4096, 1e-3))[1]  # 2007^2 attention: row by row
+    pair = [build_row([1] * 60, [5] * 10, False, 9, 256) for _ in range(2)]
+    others = [build_row([k] * 60, [5] * 10, False, 9, 256) for k in range(2, 10)]  # 8 rows of other prompts
+    # one pair among 8 rows: 9 sequences 81 wide (729) cost more than 10 rows 70 wide (700): rows stay rows
+    assert sequence_lengths(pair + others, PackSpec(256, 3e-4)) == ([70] * 10, False)
+    pairs = [build_row([k] * 60, [5] * 10, False, 9, 256) for k in range(5) for _ in range(2)]
+    assert sequence_lengths(pairs, PackSpec(256, 3e-4)) == ([81] * 5, True)  # every prompt twice: 405 < 700
+    assert layout_cost([81] * 5, 3e-4) < layout_cost([70] * 10, 3e-4)
 
 
 def _rows(seed: int, vocab: int):
@@ -56,7 +84,8 @@ def test_packed_rows_give_the_same_log_probs_and_gradients(tiny_model, attn):
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=attn)
     assert why_not_share_prompt(model, trust_remote_code=False) is None
     rows = _rows(0, model.config.vocab_size)
-    assert len(packed_lengths(rows)) < len(rows)  # something is shared
+    lengths, packed = sequence_lengths(rows, FREE)
+    assert packed and len(lengths) < len(rows)  # something is shared
 
     b = {k: torch.from_numpy(v) for k, v in collate(rows, pad_id=0).items()}
     keep = label_positions(b["labels"])
@@ -66,7 +95,7 @@ def test_packed_rows_give_the_same_log_probs_and_gradients(tiny_model, attn):
     want_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
 
-    arrays, order = pack_rows(rows, pad_id=0)
+    arrays, order = layout(rows, 0, FREE)
     p = {k: torch.from_numpy(v) for k, v in arrays.items()}
     mask = p["attention_mask"]
     if attn == "eager":  # as the learner does: eager adds its mask
@@ -110,7 +139,7 @@ def test_padded_tokens_counts_packed_sequences():
             build_row([7], [8], False, 9, 16)]
     mb = [np.array([0, 1, 2])]
     assert padded_tokens(rows, mb) == (6 + 4 + 2, 3 * 6)
-    assert padded_tokens(rows, mb, share_prompt=True) == (8 + 2, 2 * 8)
+    assert padded_tokens(rows, mb, FREE) == (8 + 2, 2 * 8)
 
 
 def test_models_that_cannot_take_the_mask_are_named():
@@ -121,6 +150,8 @@ def test_models_that_cannot_take_the_mask_are_named():
                  num_key_value_heads=2)
     llama = LlamaForCausalLM(LlamaConfig(**small))
     assert why_not_share_prompt(llama, False) is None
+    body = sum(p.numel() for p in llama.parameters()) - 2 * 64 * 16  # untied: embedding and head left out
+    assert attention_ratio(llama) == pytest.approx(2 * 1 * 2 * 8 / body)
     assert "trust_remote_code" in why_not_share_prompt(llama, True)
     llama.config._attn_implementation = "flash_attention_2"
     assert "flash_attention_2" in why_not_share_prompt(llama, False)
