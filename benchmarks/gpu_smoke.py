@@ -100,11 +100,12 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-# --- train label tokens, counted as the learner collates its micro-batches ---------------------------------
+# --- train label tokens, counted as the learner lays out its micro-batches -------------------------------
 
 class LabelTokenCounter:
     """Counts the label tokens (labels != -100) of every micro-batch this rank trains on, by wrapping the
-    `collate` the learner calls. Counting only: the batches are returned unchanged."""
+    `layout` the learner calls (rows one by one, or a prompt's rows packed). Counting only: the batches are
+    returned unchanged."""
 
     def __init__(self) -> None:
         self.tokens = 0
@@ -114,21 +115,21 @@ class LabelTokenCounter:
         from rft_ds import learner
         from rft_ds.experience import IGNORE_INDEX
 
-        original = getattr(learner, "collate", None)
+        original = getattr(learner, "layout", None)
         if original is None:  # the learner no longer collates through this name: tokens/s is not available
             yield
             return
 
-        def counted(rows, pad_id):
-            batch = original(rows, pad_id)
+        def counted(rows, pad_id, pack):
+            batch, order = original(rows, pad_id, pack)
             self.tokens += int((np.asarray(batch["labels"]) != IGNORE_INDEX).sum())
-            return batch
+            return batch, order
 
-        learner.collate = counted
+        learner.layout = counted
         try:
             yield
         finally:
-            learner.collate = original
+            learner.layout = original
 
 
 # --- the consumer of the weight sync: an HF "engine" that checks every tensor ------------------------------
@@ -421,7 +422,7 @@ def smoke(args) -> None:
         say(f"SUMMARY train: {label_tokens / train_s:.1f} label tokens/s ({label_tokens} label tokens in "
             f"{train_s:.2f}s of training, 3 epochs, {world} rank(s)) on {name}")
     else:
-        say(f"SUMMARY train: label tokens not counted (rft_ds.learner.collate not found); "
+        say(f"SUMMARY train: label tokens not counted (rft_ds.learner.layout not found); "
             f"{sum(r['n_rows'] for r in history) / train_s:.1f} rows/s on {name}")
     say(f"SUMMARY gather: {nbytes / gather_t / 1e9:.4f} GB/s ({nbytes / 2**20:.2f} MiB in {gather_t * 1e3:.1f} ms, "
         f"bucket {bucket_mb:g} MiB) vs device copy_ {nbytes / copy_t / 1e9:.2f} GB/s ({copy_t * 1e6:.1f} us), "

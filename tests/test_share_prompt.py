@@ -63,7 +63,13 @@ def test_packing_only_where_it_costs_less():
     assert sequence_lengths(pair + others, PackSpec(256, 3e-4)) == ([70] * 10, False)
     pairs = [build_row([k] * 60, [5] * 10, False, 9, 256) for k in range(5) for _ in range(2)]
     assert sequence_lengths(pairs, PackSpec(256, 3e-4)) == ([81] * 5, True)  # every prompt twice: 405 < 700
-    assert layout_cost([81] * 5, 3e-4) < layout_cost([70] * 10, 3e-4)
+    # the H200's case (a 1B shape, attn_ratio 6.7e-5, masked attention ~6x dearer per FLOP than the
+    # matmuls): 4 rows of 128 + 384 tokens ran 14 % slower packed, 4 rows of 384 + 128 1.30x faster
+    gpu = PackSpec(4096, 6.7e-5, masked_cost=6.0)
+    long_answers = [build_row([1] * 128, [5] * 384, False, 9, 512) for _ in range(4)]
+    long_prompts = [build_row([1] * 384, [5] * 128, False, 9, 512) for _ in range(4)]
+    assert not sequence_lengths(long_answers, gpu)[1] and sequence_lengths(long_prompts, gpu)[1]
+    assert sequence_lengths(long_answers, PackSpec(4096, 6.7e-5))[1]  # priced by FLOPs alone it would pack
 
 
 def _rows(seed: int, vocab: int):
