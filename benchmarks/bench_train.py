@@ -102,7 +102,7 @@ def run_setting(name: str, rows, steps: int, world: int, threads: int, mb: int =
                          position_ids=batch.get("position_ids"), use_cache=False)
             logp, _ = label_logprobs(out.logits, batch["labels"], keep)
             loss = -logp.sum() * world / max(total[k], 1)
-            n_head += len(keep) * len(idx)
+            n_head += len(keep) * batch["input_ids"].shape[0]  # sequences: packed rows share one
         t1 = time.perf_counter()
         engine.backward(loss)
         t2 = time.perf_counter()

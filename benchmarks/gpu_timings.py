@@ -12,10 +12,11 @@
      optimizer) / the peak of (1), with model FLOPs per timed step
          6 * body_params * all_tokens            (body: every parameter but the tied embedding / LM head)
        + 6 * vocab * hidden * label_positions    (the head runs only where a label is: logits_to_keep)
-       + 12 * layers * heads * head_dim * seq^2 per computed sequence (attention scores and values, forward
-                                                 and backward, no causal discount: the PaLM convention);
-     with --per-prompt K --share, a prompt's K rows are one sequence (train.share_prompt, max_seq_length K
-     rows) where the learner's cost rule packs them, and the tokens and sequences counted are those computed;
+       + 12 * layers * heads * head_dim * seq^2 per row (attention scores and values, forward and backward,
+                                                 no causal discount: the PaLM convention; attention_pairs);
+     with --per-prompt K --share, a prompt's K rows are one sequence (train.share_prompt) where the learner's
+     cost rule packs them, and the tokens counted are those computed. max_seq_length is K rows here, so all K
+     may pack; a run packs only as many rows as fit its train.max_seq_length;
   3. sync: the trained weights streamed through rft_ds.weight_sync.WeightSync (bucketed ZeRO-3 gathers) into a
      consumer that counts bytes and checks device and dtype; GB/s against a same-device copy_ of as many bytes.
 Each section has its own try/except; exit code 1 if any failed. The last line is `[gpu-timings] JSON {...}`.
@@ -132,6 +133,21 @@ def memory(dev: torch.device, key: str, out: dict) -> None:
         say(f"{key}: peak RSS {out[f'{key}_peak_rss_gib']:.2f} GiB (process lifetime)")
 
 
+def attention_pairs(rows, pack) -> int:
+    """The (query, key) pairs attention needs for these rows as the learner lays them out, without a causal
+    discount: a row's length squared; in a packed sequence, the shared prefix's h^2 and each segment's
+    s^2 + 2 h s (the pairs its mask lets through, not the whole square the kernel computes)."""
+    from rft_ds.experience import pack_plan, prompt_length, sequence_lengths
+
+    if not sequence_lengths(rows, pack)[1]:
+        return sum(len(r.input_ids) ** 2 for r in rows)
+    total = 0
+    for members in pack_plan(rows, pack.max_len):
+        h = max(prompt_length(rows[members[0]]) - 1, 0)
+        total += h * h + sum((len(rows[i].input_ids) - h) ** 2 + 2 * h * (len(rows[i].input_ids) - h) for i in members)
+    return total
+
+
 def train(learner, args, world: int, peak_tflops: float | None, out: dict) -> None:
     """Time Learner.train_step, one micro-batch per optimizer step, as the recipe calls it. The tokens (and so
     the FLOPs) are those computed: with --share, a prompt's rows packed where that pays (sequence_lengths)."""
@@ -154,7 +170,7 @@ def train(learner, args, world: int, peak_tflops: float | None, out: dict) -> No
             labels += stats.tokens
             lengths, _ = sequence_lengths([rows[i] for i in idx], learner.pack)  # as the learner lays them out
             tokens += sum(lengths)
-            squares += sum(n * n for n in lengths)
+            squares += attention_pairs([rows[i] for i in idx], learner.pack)
     timed = args.steps - args.warmup
     total = sum(int(getattr(p, "ds_numel", p.numel())) for p in learner.module.parameters())  # tied: once
     # LoRA: the 6x rule counts weight gradients of frozen weights too, so its MFU is an upper bound

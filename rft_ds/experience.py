@@ -232,11 +232,13 @@ class PackSpec:
     packing). attn_ratio: the model's attention FLOPs per (query, key) pair over its other FLOPs per token
     (2 * layers * heads * head_dim / body parameters), to price a micro-batch's layouts (layout_cost).
     masked_cost: how much more an attention FLOP costs under an explicit mask than the matmuls' FLOPs
-    (measured: ~6 on an H200, where a mask rules out the flash kernel; 1 on CPU)."""
+    (measured: ~6 on an H200, where a mask rules out the flash kernel; 1 on CPU). unmasked_share: the part
+    of the square computed without a mask (0.5: sdpa's causal kernels; 1: eager attention)."""
 
     max_len: int
     attn_ratio: float
     masked_cost: float = 1.0
+    unmasked_share: float = 0.5
 
 
 def pack_plan(rows: Sequence[Row], max_len: int) -> list[list[int]]:
@@ -269,7 +271,7 @@ def layout_cost(lengths: Sequence[int], pack: PackSpec, packed: bool) -> float:
     causal kernel computes half of it."""
     width = max(lengths)
     masked = packed or min(lengths) < width
-    attention = pack.attn_ratio * width * width * (pack.masked_cost if masked else 0.5)
+    attention = pack.attn_ratio * width * width * (pack.masked_cost if masked else pack.unmasked_share)
     return len(lengths) * (width + attention)
 
 

@@ -237,11 +237,13 @@ class Learner:
         self.zero3_blocks = mark_zero3_blocks(model) if block_fetch and not trust_remote_code else []
         self.share_prompt_off = why_not_share_prompt(model, trust_remote_code) if share_prompt else "not asked"
         self.share_prompt = self.share_prompt_off is None
-        # a mask costs the flash kernel on CUDA: masked attention measured ~6x the matmuls' cost per FLOP
-        # (H200, 1B shape: 4 rows of 128 + 384 tokens packed ran 14 % slower than row by row)
-        self.pack = PackSpec(max_seq_length, attention_ratio(model), 6.0 if torch.cuda.is_available() else 1.0) \
-            if self.share_prompt else None
         self._eager = model.config._attn_implementation == "eager"
+        # sdpa: a mask costs the flash kernel on CUDA, masked attention measured ~6x the matmuls' cost per
+        # FLOP (H200, 1B shape: 4 rows of 128 + 384 tokens packed ran 14 % slower than row by row). Eager
+        # attention computes the whole square with or without a mask.
+        masked_cost = 1.0 if self._eager or not torch.cuda.is_available() else 6.0
+        self.pack = PackSpec(max_seq_length, attention_ratio(model), masked_cost, 1.0 if self._eager else 0.5) \
+            if self.share_prompt else None
         if self.zero3_blocks and lora is not None:
             # ZeRO-3 reduces a marked block's gradients in a full backward hook, and torch fires that hook
             # as soon as the block's output gradient exists when no input of the block needs a gradient:

@@ -551,7 +551,7 @@ def setup(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, me
     if D.is_main():
         (out / "config.yaml").write_text(yaml.safe_dump(_yaml_safe(cfg.to_dict()), sort_keys=False))
     learner = new_learner(cfg, ds_config)
-    if t.share_prompt and not learner.share_prompt:
+    if t.share_prompt and not learner.share_prompt and D.is_main():
         console.say(f"[rft_ds] note: train.share_prompt is off for this model ({learner.share_prompt_off}): "
                     "rows train one by one")
     sampler, weight_sync = make_sampler(cfg, learner, tokenizer, ds_config, group,

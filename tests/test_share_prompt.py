@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from rft_ds.experience import (IGNORE_INDEX as I, PackSpec, build_row, collate, layout, layout_cost, pack_plan, pack_rows,
-                               padded_tokens, plan_micro_batches, prompt_groups, sequence_lengths)
+from rft_ds.experience import (IGNORE_INDEX as I, PackSpec, build_row, collate, layout, layout_cost, pack_plan,
+                               pack_rows, padded_tokens, plan_micro_batches, prompt_groups, sequence_lengths)
 from rft_ds.learner import attention_ratio, label_logprobs, label_positions, why_not_share_prompt
 
 FREE = PackSpec(max_len=64, attn_ratio=0.0)  # attention priced at nothing: packing pays whenever it shares
@@ -70,6 +70,9 @@ def test_packing_only_where_it_costs_less():
     long_prompts = [build_row([1] * 384, [5] * 128, False, 9, 512) for _ in range(4)]
     assert not sequence_lengths(long_answers, gpu)[1] and sequence_lengths(long_prompts, gpu)[1]
     assert sequence_lengths(long_answers, PackSpec(4096, 6.7e-5))[1]  # priced by FLOPs alone it would pack
+    # eager attention computes the whole square with or without a mask (sdpa's causal kernel: half of it)
+    assert layout_cost([512] * 4, PackSpec(4096, 1e-3, unmasked_share=1.0), False) == 4 * (512 + 1e-3 * 512 * 512)
+    assert layout_cost([512] * 4, PackSpec(4096, 1e-3), False) == 4 * (512 + 0.5e-3 * 512 * 512)
 
 
 def _rows(seed: int, vocab: int):

@@ -1,8 +1,9 @@
 """2 ranks, ZeRO-3 (deepspeed launcher): one optimizer step of Learner.train_step with SGD (lr 1) over rows
 split unevenly (rank 0: 3 rows in 2 micro-batches; rank 1: 2 rows and an empty micro-batch), in fp32 and in
-bf16, in fp32 with ZeRO-3 fetching per module instead of per transformer block, and with LoRA (no gradient
-checkpointing) per block and per module, and with a prompt's rows trained as one sequence (fp32, bf16). Rank 0 writes the updated weights to OUT/<setting>.pt; the test
-compares them with one plain-torch step on the mean loss over every label token of all 5 rows."""
+bf16, in fp32 with ZeRO-3 fetching per module instead of per transformer block, with LoRA (no gradient
+checkpointing) per block and per module, and with a prompt's rows trained as one sequence (fp32, bf16).
+Rank 0 writes the updated weights to OUT/<setting>.pt; the test compares them with one plain-torch step on
+the mean loss over every label token of all 5 rows."""
 
 import sys
 from pathlib import Path
