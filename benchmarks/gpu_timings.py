@@ -137,13 +137,13 @@ def attention_pairs(rows, pack) -> int:
     """The (query, key) pairs attention needs for these rows as the learner lays them out, without a causal
     discount: a row's length squared; in a packed sequence, the shared prefix's h^2 and each segment's
     s^2 + 2 h s (the pairs its mask lets through, not the whole square the kernel computes)."""
-    from rft_ds.experience import pack_plan, prompt_length, sequence_lengths
+    from rft_ds.experience import pack_plan, sequence_lengths, shared_head
 
     if not sequence_lengths(rows, pack)[1]:
         return sum(len(r.input_ids) ** 2 for r in rows)
     total = 0
     for members in pack_plan(rows, pack.max_len):
-        h = max(prompt_length(rows[members[0]]) - 1, 0)
+        h = shared_head(rows[members[0]])
         total += h * h + sum((len(rows[i].input_ids) - h) ** 2 + 2 * h * (len(rows[i].input_ids) - h) for i in members)
     return total
 

@@ -207,6 +207,12 @@ def prompt_length(row: Row) -> int:
     return int(labelled[0]) if len(labelled) else len(row.labels)
 
 
+def shared_head(row: Row) -> int:
+    """Tokens of the row's prompt that its packed sequence shares with the other rows of the prompt: all but
+    the last, which each row keeps so that it predicts the row's first label (none without a prompt)."""
+    return max(prompt_length(row) - 1, 0)
+
+
 def _prompt_groups(rows: Sequence[Row]) -> list[list[int]]:
     """Row indices grouped by identical prompt tokens, in order of first appearance; a row with no prompt
     token stays alone (its first label would otherwise be predicted from another row's last token)."""
@@ -246,7 +252,7 @@ def pack_plan(rows: Sequence[Row], max_len: int) -> list[list[int]]:
     the next row would make it longer than max_len; a row without a prompt token alone."""
     seqs = []
     for members in _prompt_groups(rows):
-        head = max(prompt_length(rows[members[0]]) - 1, 0)
+        head = shared_head(rows[members[0]])
         cur, length = [], head
         for i in members:
             tail = len(rows[i].input_ids) - head
@@ -260,7 +266,7 @@ def pack_plan(rows: Sequence[Row], max_len: int) -> list[list[int]]:
 
 
 def _packed_length(rows: Sequence[Row], members: Sequence[int]) -> int:
-    head = max(prompt_length(rows[members[0]]) - 1, 0)
+    head = shared_head(rows[members[0]])
     return head + sum(len(rows[i].input_ids) - head for i in members)
 
 
@@ -310,7 +316,7 @@ def pack_rows(rows: Sequence[Row], pad_id: int, max_len: int) -> tuple[dict[str,
     label tokens come out row-major in that order."""
     seqs, order = [], []
     for members in pack_plan(rows, max_len):
-        head = max(prompt_length(rows[members[0]]) - 1, 0)
+        head = shared_head(rows[members[0]])
         ids, labels = [rows[members[0]].input_ids[:head]], [rows[members[0]].labels[:head]]
         pos, seg = [np.arange(head)], [np.zeros(head, np.int64)]
         for k, i in enumerate(members, start=1):
