@@ -50,6 +50,9 @@ class RFTConfig:
     # ReST-EM's restart (Singh et al. 2023): each grow step trains its selection from the base weights (a fresh
     # optimizer and LR schedule too); the samples still come from the latest policy.
     restart_from_base: bool = False
+    # Completions cut by max_new_tokens (no EOS): keep (selectable like any other; trained without an EOS) or
+    # drop (never selected: DAPO's overlong filtering). Counted either way (truncated_share per grow epoch).
+    overlong: str = "keep"
 
     def __post_init__(self) -> None:
         # Keys given override the defaults, so `gen_kwargs.temperature=0.7` keeps max_new_tokens.
@@ -75,7 +78,11 @@ class ModelConfig:
     # LoRA adapters instead of full fine-tuning: {r, alpha, dropout, target_modules} (null: full). Defaults
     # r 16, alpha 32, dropout 0, target_modules "all-linear" (every linear layer but the LM head).
     lora: Optional[dict] = None
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more compute
+    # Recompute each block's activations in the backward pass: memory O(tokens x hidden) per block boundary instead
+    # of every activation, for ~1/3 more compute. auto: on for a micro-batch of more than
+    # gradient_checkpointing_tokens tokens (padding included), off below; true / false: always / never.
+    gradient_checkpointing: Any = "auto"
+    gradient_checkpointing_tokens: int = 8192
     # ZeRO-3 gathers each transformer block's parameters in one fetch (the model's _no_split_modules), not
     # one per linear layer: same math, fewer hooks and collectives. false: DeepSpeed's per-module fetch.
     zero3_block_fetch: bool = True
@@ -158,7 +165,12 @@ class TrainConfig:
     gradient_accumulation_steps: Optional[int] = None  # None: DeepSpeed JSON (1 if "auto" there)
     learning_rate: float = 1e-5
     warmup_steps: int = 0
-    max_seq_length: int = 512  # prompt + completion (+ EOS) per training row
+    # Tokens per training row (prompt + completion + EOS). auto: the longest prompt + method.gen_kwargs.max_new_tokens
+    # + 1, so no row is ever cut; an explicit value below that is refused at start-up (never a silent cut).
+    max_seq_length: Any = "auto"
+    # Label positions per chunk of the LM head and its log-softmax in the loss (rft_ds.logprobs): the transient
+    # is O(chunk x vocabulary), not O(label tokens x vocabulary). 0: every label position at once.
+    logprob_chunk: int = 1024
     group_by_length: bool = True  # micro-batches of rows of similar length (less padding); kept on resume
     # a prompt's rows share a micro-batch and are trained as one sequence, the prompt computed once under a
     # prefix-tree mask (same loss, fewer tokens); models whose attention cannot take it train row by row
@@ -433,6 +445,7 @@ def validate(cfg: RFTRunConfig) -> None:
     _require(m.max_per_prompt is None or (isinstance(m.max_per_prompt, int) and not isinstance(m.max_per_prompt, bool)
                                           and m.max_per_prompt >= 1),
              f"method.max_per_prompt must be null or an int >= 1, got {m.max_per_prompt!r}")
+    _require(m.overlong in ("keep", "drop"), f"method.overlong must be keep or drop, got {m.overlong!r}")
     _require(cfg.data.shard in ("interleaved", "contiguous"),
              f"data.shard must be 'interleaved' or 'contiguous', got {cfg.data.shard!r}")
     if cfg.train.eval_gen_kwargs is not None:
@@ -500,9 +513,19 @@ def validate(cfg: RFTRunConfig) -> None:
         _require(v is None or v >= 1, f"train.{name} must be >= 1, got {v}")
     _require(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}")
     _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
-    _require(t.max_seq_length >= 2, f"train.max_seq_length must be >= 2, got {t.max_seq_length}")
-    _require(t.max_seq_length > cfg.data.max_prompt_length,
-             f"train.max_seq_length ({t.max_seq_length}) must exceed data.max_prompt_length ({cfg.data.max_prompt_length})")
+    if t.max_seq_length != "auto":
+        _require(isinstance(t.max_seq_length, int) and not isinstance(t.max_seq_length, bool) and t.max_seq_length >= 2,
+                 f"train.max_seq_length must be auto or an int >= 2, got {t.max_seq_length!r}")
+        need = m.gen_kwargs["max_new_tokens"] + 2  # a prompt token, the completion, its EOS
+        _require(t.max_seq_length >= need,
+                 f"train.max_seq_length ({t.max_seq_length}) cannot hold a completion of method.gen_kwargs.max_new_tokens "
+                 f"({m.gen_kwargs['max_new_tokens']}) with its prompt and EOS: completions would be cut; use auto or >= {need}")
+    _require(isinstance(t.logprob_chunk, int) and t.logprob_chunk >= 0,
+             f"train.logprob_chunk must be an int >= 0 (0: no chunks), got {t.logprob_chunk!r}")
+    _require(cfg.model.gradient_checkpointing in ("auto", True, False),
+             f"model.gradient_checkpointing must be auto, true or false, got {cfg.model.gradient_checkpointing!r}")
+    _require(cfg.model.gradient_checkpointing_tokens >= 1,
+             f"model.gradient_checkpointing_tokens must be >= 1, got {cfg.model.gradient_checkpointing_tokens}")
     _require(t.eval_interval >= 0, f"train.eval_interval must be >= 0, got {t.eval_interval}")
     _require(t.save_interval >= 0, f"train.save_interval must be >= 0, got {t.save_interval}")
     _require(t.keep_last >= 1, f"train.keep_last must be >= 1, got {t.keep_last}")

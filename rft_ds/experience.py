@@ -142,6 +142,18 @@ def padded_tokens(rows: Sequence["Row"], micro_batches: Sequence[np.ndarray],
     return int(real), int(padded)
 
 
+def micro_batch_tokens(rows: Sequence["Row"], micro_batches: Sequence[np.ndarray],
+                       pack: "PackSpec | None" = None) -> np.ndarray:
+    """Tokens each micro-batch computes, padding included (its sequences x the longest): what its
+    activations scale with (gradient checkpointing decides on it)."""
+    out = np.zeros(len(micro_batches), np.int64)
+    for k, mb in enumerate(micro_batches):
+        if len(mb):
+            seqs, _ = sequence_lengths([rows[i] for i in mb], pack)
+            out[k] = len(seqs) * max(seqs)
+    return out
+
+
 def label_tokens(rows: Sequence[Row], micro_batches: Sequence[np.ndarray], grad_accum: int) -> np.ndarray:
     """This rank's label tokens per optimizer step (what the loss of a step is averaged over, summed over
     ranks). A row's first position is never predicted (HF's shift), so it is not counted."""

@@ -17,6 +17,7 @@ import numpy as np
 
 from rft_ds.config import ConfigError, TrainConfig
 from rft_ds.experience import IGNORE_INDEX, PackSpec, Row, layout
+from rft_ds.logprobs import DEFAULT_CHUNK, install, returns_head_output
 
 
 PRESETS = Path(__file__).resolve().parent / "ds_configs"  # shipped in the package: found from any directory
@@ -114,6 +115,7 @@ class TrainStats:
     ce_sum: float = 0.0
     tokens: int = 0
     input_tokens: int = 0  # every token of the rows trained on (prompts included), for throughput
+    checkpointed: int = 0  # micro-batches that ran with gradient checkpointing
     losses: list[float] = field(default_factory=list)
     logprob_abs_sum: float = 0.0
     logprob_abs_max: float = 0.0
@@ -123,6 +125,7 @@ class TrainStats:
         self.ce_sum += other.ce_sum
         self.tokens += other.tokens
         self.input_tokens += other.input_tokens
+        self.checkpointed += other.checkpointed
         self.losses += other.losses
         self.logprob_abs_sum += other.logprob_abs_sum
         self.logprob_abs_max = max(self.logprob_abs_max, other.logprob_abs_max)
@@ -133,6 +136,13 @@ class TrainStats:
             self.logprob_abs_sum += float(diffs.sum())
             self.logprob_abs_max = max(self.logprob_abs_max, float(diffs.max()))
             self.logprob_tokens += int(diffs.size)
+
+
+def checkpoint_plan(tokens: Sequence[int], above: int | None) -> list[bool]:
+    """Which micro-batches run with gradient checkpointing: those of more than `above` tokens (padding
+    included; 0: all, None: none). `tokens`: each micro-batch's largest size over the ranks, so every rank
+    decides the same (a rank that recomputes its forward gathers ZeRO-3 parameters the others would not)."""
+    return [above is not None and int(t) > above for t in tokens]
 
 
 def label_positions(labels: Any) -> Any:
@@ -211,14 +221,16 @@ def attention_ratio(model: Any) -> float:
 class Learner:
     """Owns the DeepSpeed engine. `engine.module` is the HF model (parameters partitioned)."""
 
-    def __init__(self, model_path: str, ds_config: dict, lora: Any = None, gradient_checkpointing: bool = False,
+    def __init__(self, model_path: str, ds_config: dict, lora: Any = None, checkpoint_above: int | None = None,
                  trust_remote_code: bool = False, block_fetch: bool = True, share_prompt: bool = False,
-                 max_seq_length: int = 512) -> None:
-        """lora: an rft_ds.lora.LoraSpec (None: every weight trains). Its A and B are plain parameters when
+                 max_seq_length: int = 512, logprob_chunk: int = DEFAULT_CHUNK) -> None:
+        """checkpoint_above: gradient checkpointing for a micro-batch of more tokens than this, padding included
+        (0: every micro-batch; None: never). lora: an rft_ds.lora.LoraSpec (None: every weight trains). Its A and B are plain parameters when
         peft makes them; deepspeed.initialize partitions them with the rest. block_fetch: under ZeRO-3,
         gather a transformer block's parameters at once (mark_zero3_blocks). share_prompt: a prompt's rows
         in a micro-batch are one sequence of at most max_seq_length tokens (experience.layout), where the
-        model allows it (why_not_share_prompt) and it costs less."""
+        model allows it (why_not_share_prompt) and it costs less. logprob_chunk: label positions per chunk of
+        the LM head and log-softmax (rft_ds.logprobs; 0: every label position at once, as before)."""
         import deepspeed
         import torch
         from transformers import AutoModelForCausalLM
@@ -230,7 +242,11 @@ class Learner:
             torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
         self.dtype = dtype
-        if gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and ZeRO-3's hooks
+        if isinstance(checkpoint_above, bool):
+            raise TypeError("checkpoint_above is a token count (0: always) or None (never), not a bool")
+        self.checkpoint_above = checkpoint_above
+        self._checkpointing = checkpoint_above is not None
+        if self._checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and ZeRO-3's hooks
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Not for a model's own code: a block that takes its hidden states by keyword would look to torch
         # like one without inputs, and its gradients would be reduced too early (below).
@@ -251,6 +267,9 @@ class Learner:
             # a gradient. An embedding output that needs a gradient (as gradient checkpointing makes it)
             # puts the hook after the block's own gradients.
             model.enable_input_require_grads()
+        # the LM head computes label log-probs in chunks (bounded memory); not when LoRA adapts the head itself
+        targets = lora.target_modules if lora is not None else ()
+        self.head = install(model, logprob_chunk) if logprob_chunk and "lm_head" not in targets else None
         if lora is not None:
             from rft_ds.lora import wrap
 
@@ -258,6 +277,9 @@ class Learner:
         self.lora = lora
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                               if p.requires_grad], config=ds_config)
+        self.head_off = None if self.head is not None else "not asked" if not logprob_chunk else "no linear LM head"
+        if self.head is not None and not returns_head_output(self.engine, self.head, self.device):
+            self.head, self.head_off = None, "the model changes its LM head's output (soft-capping or scaling)"
         self.micro_batch_size = ds_config["train_micro_batch_size_per_gpu"]
         self.grad_accum = ds_config["gradient_accumulation_steps"]
 
@@ -283,7 +305,8 @@ class Learner:
         return self.engine.device
 
     def train_step(self, rows: Sequence[Row], micro_batches: Sequence[np.ndarray], pad_id: int, step_tokens: int,
-                   world_size: int, compare_logprobs: bool = False) -> TrainStats:
+                   world_size: int, compare_logprobs: bool = False,
+                   checkpoint: Sequence[bool] | None = None) -> TrainStats:
         """One optimizer step: grad_accum micro-batches, DeepSpeed steps the optimizer after the last.
 
         The step's loss is the mean cross-entropy over all its label tokens, on every rank and in every
@@ -295,24 +318,23 @@ class Learner:
         gather, and add nothing.
 
         With compare_logprobs (the epoch's first step, before any update), the forwards also give the
-        stale-weight check its numbers (no extra forward pass)."""
+        stale-weight check its numbers (no extra forward pass). checkpoint: per micro-batch, whether it runs
+        with gradient checkpointing (checkpoint_plan: the same on every rank, as ZeRO-3's gathers must be)."""
         import torch
 
         self.engine.train()
         stats = TrainStats()
         scale = self.grad_accum * world_size / max(step_tokens, 1)
-        for idx in micro_batches:
+        for k, idx in enumerate(micro_batches):
             batch_rows = [rows[i] for i in idx] or [Row(np.array([pad_id]), np.array([IGNORE_INDEX]))]
             arrays, order = layout(batch_rows, pad_id, self.pack)
             batch = {key: torch.from_numpy(v).to(self.device) for key, v in arrays.items()}
             mask = batch.pop("attention_mask")
+            stats.checkpointed += self._set_checkpointing(bool(checkpoint is not None and checkpoint[k]))
             if mask.dim() == 4 and self._eager:  # eager attention adds its mask: 0 where allowed
                 mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(
                     ~mask, torch.finfo(self.dtype).min)
-            keep = label_positions(batch["labels"])
-            out = self.engine(input_ids=batch["input_ids"], attention_mask=mask,
-                              position_ids=batch.get("position_ids"), logits_to_keep=keep, use_cache=False)
-            logp, _ = label_logprobs(out.logits, batch["labels"], keep)
+            logp = self._label_logprobs(batch["input_ids"], mask, batch.get("position_ids"), batch["labels"])
             if compare_logprobs and any(r.ref_logprobs is not None for r in batch_rows):
                 ordered = [batch_rows[i] for i in order]  # the order their label tokens come out in
                 counts = [int((r.labels[1:] != IGNORE_INDEX).sum()) for r in ordered]
@@ -325,6 +347,31 @@ class Learner:
             stats.input_tokens += sum(len(rows[i].input_ids) for i in idx)
         stats.losses.append(stats.ce_sum / max(stats.tokens, 1))
         return stats
+
+    def _set_checkpointing(self, on: bool) -> bool:
+        """Gradient checkpointing on or off for the next micro-batch (the layers' flag, flipped only when it
+        changes; a learner built without it stays without). Whether it is on."""
+        on = on and self.checkpoint_above is not None
+        if on != self._checkpointing:
+            module = self.module.get_base_model() if hasattr(self.module, "get_base_model") else self.module
+            for m in module.modules():
+                if hasattr(m, "gradient_checkpointing") and hasattr(m, "_gradient_checkpointing_func"):
+                    m.gradient_checkpointing = on
+            self._checkpointing = on
+        return on
+
+    def _label_logprobs(self, input_ids: Any, mask: Any, position_ids: Any, labels: Any) -> Any:
+        """log p of every label token (row-major, with its graph): through the chunked head when there is one
+        (memory O(chunk x vocabulary)), else from the logits at the label positions."""
+        keep = label_positions(labels)
+        kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep,
+                      use_cache=False)
+        if self.head is not None:
+            with self.head.label_mode(labels[:, keep + 1]):
+                out = self.engine(**kwargs)
+            self.head.last = None  # only the start-up check reads it
+            return out.logits
+        return label_logprobs(self.engine(**kwargs).logits, labels, keep)[0]
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])

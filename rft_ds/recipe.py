@@ -29,17 +29,17 @@ from rft_ds.config import ConfigError, RFTRunConfig, read_model_config, text_con
 from rft_ds.data import (PromptRecord, load_source, normalize, resolve_callable, shard, tokenize,
                          use_chat_template)
 from rft_ds.evaluation import EvalSet, best_metric, maj_at_k, parse_sets, pass_at_k
-from rft_ds.experience import (Row, label_tokens, num_steps, padded_tokens, plan_micro_batches, prompt_groups,
-                               rows_for_rank)
+from rft_ds.experience import (Row, label_tokens, micro_batch_tokens, num_steps, padded_tokens, plan_micro_batches,
+                               prompt_groups, rows_for_rank)
 from rft_ds.faults import maybe_die
-from rft_ds.learner import TrainStats
+from rft_ds.learner import TrainStats, checkpoint_plan
 from rft_ds.metrics import MetricsLog, format_epoch, open_sinks, plain
 from rft_ds.pool import LocalPool
 from rft_ds.lora import check_lora, parse_lora, save_adapter
 from rft_ds.reward_terms import build_terms, check_arguments, function_term, load_reward_models
 from rft_ds.scoring import RewardError, gather_new_rows, gather_pool, score_shard, term_means
 from rft_ds.selection import (TABLE, cap_per_prompt, completion_digest, parse_pool_policy, schedule, select,
-                              selection_digest, update_pool)
+                              selection_digest, truncated, update_pool)
 from rft_ds.weight_sync import check_stale_weights
 
 
@@ -136,6 +136,7 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
     check_model(cfg)
     tokenizer = load_tokenizer(cfg)
     tokenize_prompts(cfg, tokenizer, train, evals)
+    row_limit(cfg, train)
     check_arguments(rewards, {k for m in train.metadata for k in m})
     for ev in evals:
         check_arguments(ev.rewards, {k for m in ev.prompts.metadata for k in m})
@@ -266,6 +267,24 @@ def tokenize_prompts(cfg: RFTRunConfig, tokenizer: Any, train: Prompts, evals: S
         p.texts, p.metadata = [r.text for r in p.records], [r.metadata for r in p.records]
 
 
+def row_limit(cfg: RFTRunConfig, train: Prompts) -> int:
+    """Tokens a training row may hold (train.max_seq_length), from the tokenized prompts: auto is the longest
+    prompt + method.gen_kwargs.max_new_tokens + its EOS, so no completion is ever cut; an explicit value below
+    that is refused here, before any model loads, naming both fields."""
+    lengths = [len(r.token_ids) for r in train.records]
+    longest = int(np.argmax(lengths)) if lengths else 0
+    new_tokens = cfg.method.gen_kwargs["max_new_tokens"]
+    need = (lengths[longest] if lengths else 0) + new_tokens + 1
+    limit = cfg.train.max_seq_length
+    if limit == "auto":
+        return need
+    if limit < need:
+        raise ConfigError(f"train.max_seq_length ({limit}) is shorter than prompt {longest} ({lengths[longest]} tokens) "
+                          f"+ method.gen_kwargs.max_new_tokens ({new_tokens}) + EOS = {need}: its completions would be "
+                          f"cut; set train.max_seq_length to auto or >= {need}")
+    return limit
+
+
 def check_resume_config(ckpt: Path | None, cfg: RFTRunConfig) -> None:
     """A resume with a changed field that matters (config.RESUME_FIELDS) is refused, in one line listing
     them, unless train.resume_force: the pools, schedule and seeds would no longer mean what they meant."""
@@ -346,13 +365,22 @@ def check_causal_lm(model_path: str, trust_remote_code: bool = False) -> None:
                           "(AutoModelForCausalLM cannot load it)")
 
 
-def new_learner(cfg: RFTRunConfig, ds_config: dict) -> Any:
-    """The DeepSpeed engine over the base model (model.model_path), as every run starts."""
+def new_learner(cfg: RFTRunConfig, ds_config: dict, max_len: int) -> Any:
+    """The DeepSpeed engine over the base model (model.model_path), as every run starts; rows of at most
+    max_len tokens (row_limit)."""
     from rft_ds.learner import Learner
 
-    return Learner(cfg.model.model_path, ds_config, parse_lora(cfg.model.lora), cfg.model.gradient_checkpointing,
-                   cfg.model.trust_remote_code, cfg.model.zero3_block_fetch, cfg.train.share_prompt,
-                   cfg.train.max_seq_length)
+    gc = cfg.model.gradient_checkpointing
+    # a prompt's rows packed into one sequence (train.share_prompt) make at most max_seq_length tokens; under
+    # auto, at least the 512 it used to default to, so short rows still share their prompt
+    pack_len = max_len if cfg.train.max_seq_length != "auto" else max(max_len, PACK_LEN_AUTO)
+    return Learner(cfg.model.model_path, ds_config, parse_lora(cfg.model.lora),
+                   cfg.model.gradient_checkpointing_tokens if gc == "auto" else 0 if gc else None,
+                   cfg.model.trust_remote_code, cfg.model.zero3_block_fetch, cfg.train.share_prompt, pack_len,
+                   cfg.train.logprob_chunk)
+
+
+PACK_LEN_AUTO = 512  # packed-sequence length under train.max_seq_length: auto, when the rows are shorter
 
 
 def make_sampler(cfg: RFTRunConfig, learner: Any, tokenizer: Any, ds_config: dict, group: int,
@@ -458,6 +486,7 @@ class Setup:
     job_end: float | None = None  # Slurm's end of the job (time.time()), when known
     universal: Path | None = None  # the resume checkpoint in DeepSpeed's universal form (another world size)
     ds_config: dict = field(default_factory=dict)  # the filled DeepSpeed config the learner was built with
+    max_len: int = 0  # tokens a training row may hold (row_limit: train.max_seq_length resolved)
 
 
 def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any = None, eval_prompts: Any = None,
@@ -550,7 +579,8 @@ def setup(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, me
     out = Path(t.output_dir)
     if D.is_main():
         (out / "config.yaml").write_text(yaml.safe_dump(_yaml_safe(cfg.to_dict()), sort_keys=False))
-    learner = new_learner(cfg, ds_config)
+    max_len = row_limit(cfg, train)
+    learner = new_learner(cfg, ds_config, max_len)
     if t.share_prompt and not learner.share_prompt and D.is_main():
         console.say(f"[rft_ds] note: train.share_prompt is off for this model ({learner.share_prompt_off}): "
                     "rows train one by one")
@@ -566,7 +596,7 @@ def setup(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, me
               dropout=has_dropout(learner.module.config),  # a noisy training forward: the stale check only logs
               prompts_digest=checkpoint.prompts_digest(train.texts, train.metadata),
               job_end=D.broadcast_object(job_end_time(os.environ) if D.is_main() else None), universal=universal,
-              ds_config=ds_config)
+              ds_config=ds_config, max_len=max_len)
     return s, ckpt
 
 
@@ -629,6 +659,8 @@ def score(s: Setup, st: RunState, grow: bool) -> None:
         st.table = update_pool(st.table, new, grow_step, parse_pool_policy(m.pool), s.cfg.selection.dedup)
         st.pool.keep_only(st.table)
         rec["n_sampled"], rec["sampled_tokens"] = len(new), int(new["length"].sum())
+        # cut by max_new_tokens, without an end: kept or never selected (method.overlong), counted either way
+        rec["truncated_share"] = float(truncated(new, m.gen_kwargs["max_new_tokens"]).mean()) if len(new) else 0.0
         if len(new):
             rec.update(sampled_reward_mean=float(new["score"].mean()), sampled_reward_max=float(new["score"].max()))
         rec["time_score"] = time.perf_counter() - t0
@@ -653,6 +685,8 @@ def train(s: Setup, st: RunState, step: Any) -> bool:
     t0 = time.perf_counter()
     table = st.table  # the pools: one row per completion, the same on every rank
     keep, thr = select(table["prompt_id"], table["score"], step.percentile, sel.strategy, sel.top_k, sel.min_score)
+    if s.cfg.method.overlong == "drop":  # DAPO's overlong filtering: a completion cut short is never trained on
+        keep &= ~truncated(table, s.cfg.method.gen_kwargs["max_new_tokens"])
     keep = cap_per_prompt(table["prompt_id"], table["score"], keep, s.cfg.method.max_per_prompt)
     rows, n_rows, moved = _rows(s, st, table, keep)
     steps = num_steps(n_rows, D.world_size(), learner.micro_batch_size, learner.grad_accum)
@@ -675,6 +709,9 @@ def train(s: Setup, st: RunState, step: Any) -> bool:
         s.sampler.sleep()  # GPU sleep mode: give the engine's memory to training (no-op otherwise)
     # what each optimizer step's loss is averaged over: its label tokens on every rank (one all_reduce)
     step_tokens = D.all_reduce(torch.from_numpy(label_tokens(rows, micro, learner.grad_accum)), "sum").tolist()
+    # gradient checkpointing where a micro-batch is long on any rank (the same choice on every rank)
+    checkpoint = checkpoint_plan(D.all_reduce(torch.from_numpy(micro_batch_tokens(rows, micro, learner.pack)),
+                                              "max").tolist(), learner.checkpoint_above)
     stats = st.local.setdefault("stats", TrainStats())
     pbar = progress.bar(total=len(micro), desc=f"epoch {st.epoch + 1}: train", show=s.show, unit="micro-batch")
     pbar.update(st.cursor)
@@ -684,7 +721,8 @@ def train(s: Setup, st: RunState, step: Any) -> bool:
         upto = min(st.cursor + learner.grad_accum, len(micro))
         one = learner.train_step(rows, micro[st.cursor:upto], s.tokenizer.pad_token_id,
                                  step_tokens[st.cursor // learner.grad_accum], D.world_size(),
-                                 compare_logprobs=st.cursor == 0 and not restarted)
+                                 compare_logprobs=st.cursor == 0 and not restarted,
+                                 checkpoint=checkpoint[st.cursor:upto])
         stats.add(one)
         pbar.update(upto - st.cursor)
         # refreshed every step: update() alone redraws at most every 0.1 s, and a leave=False bar is erased
@@ -708,6 +746,7 @@ def _finish_train_record(s: Setup, st: RunState, step: Any, n_micro: int) -> Non
     stats = st.local["stats"]
     per_rank = D.all_gather_object((st.record["selection_digest"], n_micro, stats.ce_sum, stats.tokens,
                                     stats.input_tokens, st.local.get("padding", (0, 0))))
+    st.record["checkpointed_micro_batches"] = stats.checkpointed  # the same on every rank (checkpoint_plan)
     if len({d for d, *_ in per_rank}) != 1 or len({n for _, n, *_ in per_rank}) != 1:
         raise D.RankError(f"epoch {st.epoch}: ranks disagree on the selection or step count: {per_rank}")
     n_loss = sum(c for _, _, _, c, _, _ in per_rank)
@@ -735,7 +774,7 @@ def restart_from_base(s: Setup) -> None:
     else:
         s.sampler.module = None
     s.learner.close()
-    s.learner = new_learner(s.cfg, s.ds_config)
+    s.learner = new_learner(s.cfg, s.ds_config, s.max_len)
     if dtype is not None:
         from rft_ds.weight_sync import WeightSync
 
@@ -749,7 +788,7 @@ def _rows(s: Setup, st: RunState, table: np.ndarray, keep: np.ndarray) -> tuple[
     this epoch with the sampler's log-probs for the stale-weight check."""
     fresh = _sampled_logprobs(_my_prompts(s, st), st.local.get("completions", [])) if s.contributes else {}
     return rows_for_rank(table[keep], st.pool, [r.token_ids for r in s.train.records], s.tokenizer.eos_token_id,
-                         s.cfg.train.max_seq_length, fresh)
+                         s.max_len, fresh)
 
 
 def sync(s: Setup, st: RunState) -> bool:

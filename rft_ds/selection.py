@@ -60,6 +60,12 @@ WIRE = np.dtype([("prompt_id", "<i4"), ("score", "<f8"), ("digest", "<u8"), ("le
 POOL_POLICIES = "accumulate | latest | window:K"
 
 
+def truncated(rows: np.ndarray, max_new_tokens: int) -> np.ndarray:
+    """Completions cut by the length limit: no EOS and max_new_tokens long (an EOS counts against the limit,
+    so one that ended by EOS is shorter; a stop sequence that ends exactly at the limit counts as cut)."""
+    return ~rows["eos"] & (rows["length"] >= max_new_tokens)
+
+
 def table(prompt_id: Sequence[int], score: Sequence[float], eos: Sequence[bool], tokens: Sequence[Sequence[int]] = (),
           *, digest: Sequence[int] | None = None, length: Sequence[int] | None = None, step: int | Sequence[int] = 0,
           owner: int | Sequence[int] = 0, slot: Sequence[int] | None = None) -> np.ndarray:

@@ -24,8 +24,8 @@ def test_rftconfig_is_the_seed_contract():
         "gen_kwargs", "start_percentile", "end_percentile", "n_improve_steps", "n_generations_per_prompt"]
     assert (c.start_percentile, c.end_percentile, c.n_improve_steps, c.n_generations_per_prompt) == (0.7, 0.95, 4, 32)
     # rft_ds's additions default to trlx's behaviour: the pools keep every grow step, no cap per prompt
-    assert [f for f in RFTConfig.__dataclass_fields__][5:] == ["pool", "max_per_prompt", "restart_from_base"]
-    assert (c.pool, c.max_per_prompt, c.restart_from_base) == ("accumulate", None, False)
+    assert [f for f in RFTConfig.__dataclass_fields__][5:] == ["pool", "max_per_prompt", "restart_from_base", "overlong"]
+    assert (c.pool, c.max_per_prompt, c.restart_from_base, c.overlong) == ("accumulate", None, False, "keep")
     assert RFTConfig({"max_new_tokens": 8}, 0.5, 0.9, 2, 4).n_generations_per_prompt == 4  # trlx's positional order
 
 
@@ -79,7 +79,12 @@ def test_shipped_configs_load():
     ({}, ["reward.stop_sequences=['']"], "reward.stop_sequences must be a list of non-empty strings"),
     ({}, ["train.seed=-1"], "train.seed must be >= 0"),
     ({}, ["train.dist_backend=mpi"], "train.dist_backend must be"),
-    ({}, ["data.max_prompt_length=600"], "train.max_seq_length (512) must exceed data.max_prompt_length (600)"),
+    ({}, ["train.max_seq_length=20"], "train.max_seq_length (20) cannot hold a completion of "
+                                      "method.gen_kwargs.max_new_tokens (32) with its prompt and EOS"),
+    ({}, ["train.max_seq_length=long"], "train.max_seq_length must be auto or an int >= 2"),
+    ({}, ["train.logprob_chunk=-1"], "train.logprob_chunk must be an int >= 0"),
+    ({}, ["model.gradient_checkpointing=sometimes"], "model.gradient_checkpointing must be auto, true or false"),
+    ({}, ["method.overlong=trim"], "method.overlong must be keep or drop"),
     ({"method": "notamapping"}, None, "method must be a mapping"),
 ])
 def test_config_errors(extra, overrides, needle):

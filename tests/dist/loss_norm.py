@@ -1,7 +1,10 @@
 """2 ranks, ZeRO-3 (deepspeed launcher): one optimizer step of Learner.train_step with SGD (lr 1) over rows
 split unevenly (rank 0: 3 rows in 2 micro-batches; rank 1: 2 rows and an empty micro-batch), in fp32 and in
 bf16, in fp32 with ZeRO-3 fetching per module instead of per transformer block, with LoRA (no gradient
-checkpointing) per block and per module, and with a prompt's rows trained as one sequence (fp32, bf16).
+checkpointing) per block and per module, and with a prompt's rows trained as one sequence (fp32, bf16); the
+label log-probs through the chunked LM head (the default: one chunk here), in chunks of 2 positions (-chunk2,
+recomputed in backward) and without it (-plain); with gradient checkpointing on every micro-batch (-gc) and
+on rank 0's first micro-batch alone (-gc-some: a plan that differs by micro-batch, the same on every rank).
 Rank 0 writes the updated weights to OUT/<setting>.pt; the test compares them with one plain-torch step on
 the mean loss over every label token of all 5 rows."""
 
@@ -27,7 +30,8 @@ def rows():
 def main(model: str, out: str) -> None:
     D.init("gloo", 120)
     for setting in ("fp32", "bf16", "fp32-per-module", "fp32-lora", "fp32-lora-per-module", "fp32-shared",
-                    "bf16-shared"):
+                    "bf16-shared", "fp32-plain", "fp32-chunk2", "fp32-shared-chunk2", "bf16-chunk2", "fp32-gc",
+                    "fp32-gc-some", "fp32-lora-gc-chunk2"):
         step(model, out, setting)
     D.barrier()
     import torch.distributed as dist
@@ -43,14 +47,20 @@ def step(model: str, out: str, setting: str) -> None:
     from rft_ds.lora import LoraSpec
 
     torch.manual_seed(0)  # the same LoRA A initialisation in every setting
+    chunk = 0 if setting.endswith("plain") else 2 if setting.endswith("chunk2") else 1024
     learner = Learner(model, ds, lora=LoraSpec(r=4, alpha=8) if "lora" in setting else None,
-                      block_fetch=not setting.endswith("per-module"), share_prompt=setting.endswith("shared"))
-    assert learner.share_prompt == setting.endswith("shared"), learner.share_prompt_off
+                      checkpoint_above=0 if "-gc" in setting else None,
+                      block_fetch=not setting.endswith("per-module"), share_prompt="shared" in setting,
+                      logprob_chunk=chunk)
+    assert learner.share_prompt == ("shared" in setting), learner.share_prompt_off
+    assert (learner.head is not None) == (chunk > 0), learner.head_off
     all_rows = rows()
     mine = [all_rows[i] for i in ([0, 1, 2] if D.rank() == 0 else [3, 4])]
     micro = [np.array([0, 1]), np.array([2])] if D.rank() == 0 else [np.array([0, 1]), np.array([], np.int64)]
     total = sum(int((r.labels[1:] != -100).sum()) for r in all_rows)
-    stats = learner.train_step(mine, micro, pad_id=0, step_tokens=total, world_size=2)
+    plan = [True, False] if setting.endswith("gc-some") else [True, True] if "-gc" in setting else None
+    stats = learner.train_step(mine, micro, pad_id=0, step_tokens=total, world_size=2, checkpoint=plan)
+    assert stats.checkpointed == sum(plan or [])
     state = {}
     for name, p in learner.module.named_parameters():
         import deepspeed
