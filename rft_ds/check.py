@@ -49,7 +49,7 @@ def check(cfg: RFTRunConfig, world: int, cuda: bool | None = None) -> tuple[list
     evals = attempt(recipe.load_eval_sets, cfg, sets, [] if rewards is FAILED else rewards) \
         if sets is not FAILED else FAILED
     attempt(recipe.check_output_dir, Path(cfg.train.output_dir), False)
-    attempt(recipe.deepspeed_config, cfg, world, cuda)
+    ds_config = attempt(recipe.deepspeed_config, cfg, world, cuda)
     model = Path(cfg.model.model_path)
     if cfg.model.build and not (model / "config.json").is_file():
         notes.append(f"model.model_path {model} is not there yet: model.build={cfg.model.build} makes it when the run "
@@ -64,9 +64,14 @@ def check(cfg: RFTRunConfig, world: int, cuda: bool | None = None) -> tuple[list
         return problems, notes
     if attempt(recipe.check_model, cfg, cuda) is FAILED:
         return problems, notes
+    if cfg.sampler.backend == "vllm" and ds_config is not FAILED:
+        attempt(recipe.engine_limits, cfg, ds_config, cuda)
     tokenizer = attempt(recipe.load_tokenizer, cfg)
     if tokenizer is not FAILED and train is not FAILED and evals is not FAILED:
-        if attempt(recipe.tokenize_prompts, cfg, tokenizer, train, evals) is not FAILED and rewards is not FAILED:
+        tokenized = attempt(recipe.tokenize_prompts, cfg, tokenizer, train, evals) is not FAILED
+        if tokenized:
+            attempt(recipe.row_limit, cfg, train)
+        if tokenized and rewards is not FAILED:
             attempt(check_arguments, rewards, {k for m in train.metadata for k in m})
             for ev in evals:
                 attempt(check_arguments, ev.rewards, {k for m in ev.prompts.metadata for k in m})

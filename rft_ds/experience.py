@@ -171,6 +171,7 @@ def rows_for_rank(selected: np.ndarray, pool: Any, prompts: Sequence[Sequence[in
     completions sampled here this epoch, for the stale-weight check. Returns (rows, rows over all ranks,
     rows moved)."""
     from rft_ds import distributed as D
+    from rft_ds.faults import maybe_dump_rows
 
     prompt_len = np.array([len(p) for p in prompts], dtype=np.int64)
     sel = selected[fits(prompt_len[selected["prompt_id"]], selected["length"], selected["eos"], max_len)]
@@ -181,10 +182,13 @@ def rows_for_rank(selected: np.ndarray, pool: Any, prompts: Sequence[Sequence[in
     def held_by(r: int, idx: np.ndarray) -> np.ndarray:
         return idx[sel["owner"][idx] == r]
 
+    built = []  # (tokens, eos, row): what faults.maybe_dump_rows writes for the tests, when asked
+
     def row(i: int, tokens: np.ndarray) -> Row:
         pid = int(sel["prompt_id"][i])
         r = build_row(prompts[pid], tokens, bool(sel["eos"][i]), eos_id, max_len)
         r.ref_logprobs = ref_logprobs.get((pid, int(sel["digest"][i])))
+        built.append((tokens, bool(sel["eos"][i]), r))
         return r
 
     stay = held_by(me, plan[me])
@@ -197,6 +201,7 @@ def rows_for_rank(selected: np.ndarray, pool: Any, prompts: Sequence[Sequence[in
                                   for idx in out], [int(sel["length"][idx].sum()) for idx in into])
         for idx, flat in zip(into, got):
             rows += [row(i, t) for i, t in zip(idx, np.split(flat, np.cumsum(sel["length"][idx])[:-1]))]
+    maybe_dump_rows(built)
     return rows, len(sel), moved
 
 

@@ -13,6 +13,9 @@ score, train, sync, checkpoint), rank RFT_DS_DIE_RANK (default 0) sends itself S
 (default: the first) it passes that point in that epoch: no handler, no cleanup, exactly what a node
 failure or the OOM killer does. RFT_DS_STOP_AT=<point>:<epoch>[:<n>] sends SIGUSR1 instead (rank
 RFT_DS_STOP_RANK): the real stop-signal path, at a chosen moment. Unset, each costs one dict lookup.
+
+maybe_dump_rows: for the tests that read trained rows back. With RFT_DS_DUMP_ROWS=<dir>, each rank writes the
+rows it builds (experience.rows_for_rank) beside the completion each came from, as the pool shard holds it.
 """
 
 from __future__ import annotations
@@ -81,3 +84,24 @@ def maybe_die(point: str, epoch: int) -> None:
 def maybe_corrupt(sync_number: int, first: bool, tensor: Any) -> None:
     if first and os.environ.get("RFT_DS_CORRUPT_SYNC") == str(sync_number):
         tensor.neg_()
+
+
+_dumps = [0]
+
+
+def maybe_dump_rows(built: list) -> None:
+    """built: (completion token ids, ended by EOS, Row) per row; written to RFT_DS_DUMP_ROWS/rank<r>-<k>.npz."""
+    out = os.environ.get("RFT_DS_DUMP_ROWS")
+    if not out:
+        return
+    import numpy as np
+
+    from rft_ds import distributed as D
+
+    _dumps[0] += 1
+    arrays = {}
+    for i, (tokens, eos, row) in enumerate(built):
+        arrays.update({f"completion{i}": np.asarray(tokens), f"eos{i}": np.asarray(eos),
+                       f"input_ids{i}": row.input_ids, f"labels{i}": row.labels})
+    os.makedirs(out, exist_ok=True)
+    np.savez(os.path.join(out, f"rank{D.rank()}-{_dumps[0]}.npz"), n=len(built), **arrays)

@@ -120,6 +120,8 @@ CASES = {
     "LoRA rank 0": (lambda d, m: ["model.lora={r: 0}"], "model.lora.r must be an int >= 1, got 0"),
     "LoRA target matches no module": (lambda d, m: ["model.lora={target_modules: [q_proj, attn]}"],
                                       "model.lora.target_modules: 'attn' matches no module of"),
+    "rows that would cut completions": (lambda d, m: ["train.max_seq_length=40", "method.gen_kwargs.max_new_tokens=38"],
+                                        "train.max_seq_length (40) is shorter than prompt"),
     "LoRA on what peft cannot wrap": (lambda d, m: ["model.lora={target_modules: [norm]}"],
                                       "model.lora: peft cannot wrap LlamaForCausalLM"),
 }
