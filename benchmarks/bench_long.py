@@ -2,16 +2,29 @@
 log-probs through the chunked LM head (train.logprob_chunk, rft_ds.logprobs) and without (every label
 position's logits at once, as before), and with gradient checkpointing; side by side in one command.
 
-    python benchmarks/bench_long.py [--tokens 512,2048,8192] [--vocab 49152,128256] [--layers 4] [--out FILE]
+    python benchmarks/bench_long.py [--tokens 512,2048,8192] [--vocab 49152,128256] [--layers 2] [--out FILE]
 
 Each setting is a fresh launch (deepspeed launcher, 1 CPU rank, ZeRO-3, bf16 compute with fp32 master weights,
 fused AdamW) of a random-init Llama of SmolLM2-135M's width (hidden 576, 9 heads of 64, 3 KV heads, MLP 1536,
-tied embeddings) with --layers of its 30 layers (the LM head's share of memory is what changes; fewer layers
+tied embeddings) with --layers (default 2) of its 30 layers (the LM head's share of memory is what changes; fewer layers
 keep an 8k-token step in minutes on 2 cores) and a 49k (SmolLM2's) or 128k (Llama 3's) vocabulary. A micro-batch
-is one row: a 64-token prompt and T completion tokens, all labels. Three steps: the first builds the optimizer
-state; then the peak RSS is reset (/proc/self/clear_refs) and the next two steps are measured: the transient is
-the peak RSS of the step minus the RSS before it (memory that lives only during the step: activations, logits,
-gradients), and label tokens/s over those two steps. Prints a table and the ratios plain / chunked.
+is one row: a 64-token prompt and T completion tokens, all labels. Two steps: the first builds the optimizer
+state; then the peak RSS is reset (/proc/self/clear_refs) and the second step is measured: the transient is
+its peak RSS minus the RSS before it (memory that lives only during the step: activations, logits, gradients),
+and its label tokens/s. Prints a table and the ratios plain / chunked.
+
+    python benchmarks/bench_long.py --grow [--new-tokens 2048] [--n 8] [--prompts 32]
+
+A grow step of the tiny model (the toy task, 2 ranks, ZeRO-3, a colocated vLLM engine per rank) whose
+completions are 90-100 % of --new-tokens long (min_new_tokens): sampled tokens/s, peak RSS per rank, and the
+bytes per sampled token of a checkpoint written after its first optimizer step (the pool shard holds every
+completion sampled: method.pool accumulate) in each rank's state file.
+
+    python benchmarks/bench_long.py --state [--state-tokens 10000000,100000000]
+
+A rank's state file as a mid-epoch checkpoint writes it (torch.save without its CRC, then fsync and the
+manifest's checksum: checkpoint.seal) for a pool shard and a grow step's samples of that many tokens in
+completions of 2k tokens: bytes per token and seconds.
 """
 
 from __future__ import annotations
@@ -68,9 +81,8 @@ def worker(args: argparse.Namespace) -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     before = rss_kb("VmRSS")
     t0 = time.perf_counter()
-    for _ in range(2):
-        step()
-    took = (time.perf_counter() - t0) / 2
+    step()
+    took = time.perf_counter() - t0
     peak = rss_kb("VmHWM")
     result = {"setting": args.setting, "vocab": vocab, "tokens": args.tokens, "layers": args.layers,
               "label_tokens": labels, "step_s": round(took, 3), "label_tok_s": round(labels / took, 1),
@@ -90,14 +102,107 @@ def model_for(vocab: int, layers: int) -> Path:
     return path
 
 
+def grow_step(args: argparse.Namespace) -> None:
+    """One grow epoch of the tiny model with long completions, then its numbers."""
+    import os
+    import subprocess
+    import tempfile
+
+    from rft_ds.distributed import free_port
+    from rft_ds.toy import build_tiny_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-long-grow-"))
+    build_tiny_model(tmp / "model", max_position_embeddings=args.new_tokens + 64)
+    lo = int(args.new_tokens * 0.9)
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           "launch/train.py", "--config", "launch/configs/tiny.yaml", f"model.model_path={tmp / 'model'}",
+           "model.build=null", f"train.output_dir={tmp / 'run'}", "train.epochs=1", "train.eval_interval=0",
+           "train.max_seq_length=auto", "train.save_every_steps=1", "train.save_final_model=false",
+           "train.save_best_model=false", f"method.n_generations_per_prompt={args.n}",
+           f"sampler.chunk_prompts={args.prompts}",
+           "method.gen_kwargs={max_new_tokens: %d, min_new_tokens: %d, do_sample: true}" % (args.new_tokens, lo)]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=common.ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    wall = time.perf_counter() - t0
+    if p.returncode:
+        print(p.stdout[-2000:], p.stderr[-2000:])
+        raise SystemExit(p.returncode)
+    rec = json.loads((tmp / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    ckpts = sorted((tmp / "run" / "checkpoints").glob("epoch_*"))
+    state = [f.stat().st_size for f in sorted(ckpts[0].glob("rank*.pt"))]
+    result = {"new_tokens": args.new_tokens, "n": args.n, "sampled": rec["n_sampled"],
+              "sampled_tokens": rec["sampled_tokens"], "sample_s": round(rec["time_sample"], 1),
+              "sampled_tok_s": round(rec["sampled_tokens"] / rec["time_sample"], 1),
+              "truncated_share": rec["truncated_share"], "train_s": round(rec["time_train"], 1),
+              "peak_rss_gb": rec["peak_rss_gb"], "checkpoint": ckpts[0].name, "state_bytes_per_rank": state,
+              "state_bytes_per_sampled_token": round(sum(state) / rec["sampled_tokens"], 2), "wall_s": round(wall, 1)}
+    print(json.dumps(result), flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps({"bench": "bench_long --grow", **result}) + "\n")
+
+
+def state_file(args: argparse.Namespace) -> None:
+    """A rank's checkpoint state file for pools and samples of N tokens: bytes per token and save seconds."""
+    import os
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from rft_ds.checkpoint import _without_zip_crc, seal
+    from rft_ds.pool import LocalPool
+    from rft_ds.samples import Samples
+    from rft_ds.sampling.base import Completion
+
+    rng = np.random.default_rng(0)
+    for total in map(int, args.state_tokens.split(",")):
+        length = 2048
+        n = total // length
+        flat = rng.integers(0, 128256, n * length, dtype=np.int32)
+        comps = [Completion(flat[i * length:(i + 1) * length], "eos") for i in range(n)]
+        for what in ("pool", "samples"):
+            if what == "pool":
+                obj = LocalPool(0)
+                obj.add(np.arange(n) // 8, rng.random(n), np.ones(n, bool), [c.token_ids for c in comps], step=0)
+            else:
+                obj = Samples()
+                for lo in range(0, n, 256 * 8):  # chunks of 256 prompts x 8 samples
+                    part = comps[lo:lo + 256 * 8]
+                    obj.add(lo // 8, [part[i:i + 8] for i in range(0, len(part), 8)])
+            (common.ROOT / ".cache").mkdir(exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=common.ROOT / ".cache") as d:
+                t0 = time.perf_counter()
+                with _without_zip_crc():
+                    torch.save({"local": {what: obj}}, Path(d) / "rank0.pt")
+                saved = time.perf_counter() - t0
+                seal(Path(d), ["rank0.pt"], 0)
+                took = time.perf_counter() - t0
+                size = os.path.getsize(Path(d) / "rank0.pt")
+            r = {"what": what, "tokens": n * length, "bytes_per_token": round(size / (n * length), 3),
+                 "torch_save_s": round(saved, 2), "save_fsync_checksum_s": round(took, 2)}
+            print(json.dumps(r), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps({"bench": "bench_long --state", **r}) + "\n")
+            del obj
+        del comps, flat
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="512,2048,8192")
     ap.add_argument("--vocab", default="49152,128256")
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="append the JSON results here")
+    ap.add_argument("--grow", action="store_true", help="a grow step of the tiny model with long completions")
+    ap.add_argument("--new-tokens", type=int, default=2048)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=32, help="--grow: prompts per sampling chunk")
+    ap.add_argument("--state", action="store_true", help="a rank's checkpoint state file at --state-tokens")
+    ap.add_argument("--state-tokens", default="10000000,100000000")
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--model")
     ap.add_argument("--setting")
@@ -106,6 +211,10 @@ def main() -> None:
     if args.worker:
         args.tokens = int(args.tokens)
         return worker(args)
+    if args.grow:
+        return grow_step(args)
+    if args.state:
+        return state_file(args)
     results = []
     for vocab in map(int, args.vocab.split(",")):
         model = model_for(vocab, args.layers)

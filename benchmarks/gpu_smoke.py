@@ -206,7 +206,7 @@ class HFEngine:
                                       max_new_tokens=gen_kwargs["max_new_tokens"],
                                       pad_token_id=self.tokenizer.pad_token_id, eos_token_id=sorted(self.eos_ids))
             c = finish_completion(seq[0, ids.shape[1]:].tolist(), self.eos_ids, (), self.tokenizer.decode)
-            out.append([Completion(list(c.token_ids), c.finish_reason) for _ in range(n)])
+            out.append([Completion(c.token_ids.copy(), c.finish_reason) for _ in range(n)])
         return out
 
     @torch.no_grad()

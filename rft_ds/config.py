@@ -128,7 +128,9 @@ class RewardConfig:
     # own copy, batched, in eval mode.
     reward_model: Optional[str] = None
     reward_model_batch_size: int = 16
-    reward_model_max_length: int = 512  # prompt + completion tokens; longer inputs keep their end
+    # prompt + completion tokens; a longer input loses the middle of its completion, never the prompt (counted
+    # as reward_<term>_truncated). Must exceed data.max_prompt_length.
+    reward_model_max_length: int = 512
     reward_model_label: Optional[int] = None  # None: the logit of a 1-label head; else softmax prob of this label
 
 
@@ -153,9 +155,12 @@ class SamplerConfig:
     parity_check: str = "first"  # first: after the first sync of every run; always; off
     parity_tolerance: Optional[float] = None  # max |logprob diff|; None: 1e-3 in fp32, 0.5 in bf16/fp16
     parity_probes: int = 4
-    # Stale-weight check, every grow step: mean |engine log p - training model log p| over the sampled tokens
-    # of this epoch's rows, from the first training forward. None: 1e-3 for an fp32 engine, 0.1 in bf16/fp16.
+    # Stale-weight check, every grow step: mean |engine log p - training model log p| over the tokens of a few
+    # completions per rank (stale_probes, each of another prompt of the first sampling chunk, drawn from the seed),
+    # the only ones the engine returns log-probs for; compared before the first update, in forwards without
+    # gradient. None: 1e-3 for an fp32 engine, 0.1 in bf16/fp16.
     stale_tolerance: Optional[float] = None
+    stale_probes: int = 8
 
 
 @dataclass
@@ -482,6 +487,7 @@ def validate(cfg: RFTRunConfig) -> None:
     _require(sp.parity_tolerance is None or sp.parity_tolerance > 0,
              f"sampler.parity_tolerance must be > 0, got {sp.parity_tolerance}")
     _require(sp.parity_probes >= 1, f"sampler.parity_probes must be >= 1, got {sp.parity_probes}")
+    _require(sp.stale_probes >= 1, f"sampler.stale_probes must be >= 1, got {sp.stale_probes}")
     _require(sp.stale_tolerance is None or sp.stale_tolerance > 0,
              f"sampler.stale_tolerance must be > 0, got {sp.stale_tolerance}")
     _require(all(isinstance(x, str) and x for x in cfg.reward.stop_sequences),
@@ -504,6 +510,15 @@ def validate(cfg: RFTRunConfig) -> None:
         isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in r.weights)),
              f"reward.weights must be a list of numbers, got {r.weights!r}")
     _require(cfg.data.max_prompt_length >= 1, f"data.max_prompt_length must be >= 1, got {cfg.data.max_prompt_length}")
+    # A reward model sees the whole prompt: its input must hold the longest prompt and some completion. Counted
+    # in the policy's tokens here; the reward model's own tokenizer may differ, so RewardModel checks again.
+    rm_lengths = [("reward.reward_model_max_length", r.reward_model_max_length)] if r.reward_model else []
+    rm_lengths += [(f"reward.functions[{i}].max_length", spec.get("max_length") or 512)  # 512: build_terms' default
+                   for i, spec in enumerate(r.functions) if isinstance(spec, dict) and spec.get("reward_model") is not None]
+    for name, ml in rm_lengths:
+        _require(isinstance(ml, int) and not isinstance(ml, bool) and ml > cfg.data.max_prompt_length,
+                 f"{name} ({ml!r}) must exceed data.max_prompt_length ({cfg.data.max_prompt_length}): the reward "
+                 "model must see each whole prompt and some of its completion")
 
     t = cfg.train
     _require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")

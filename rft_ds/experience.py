@@ -21,8 +21,7 @@ IGNORE_INDEX = -100
 class Row:
     input_ids: np.ndarray  # int64
     labels: np.ndarray  # int64, IGNORE_INDEX on the prompt
-    # The sampler's log p of each label token, for a completion this rank sampled this epoch (the
-    # stale-weight check); None otherwise.
+    # The sampler's log p of each label token: a probe of the stale-weight check (Learner.probe_diffs); else None.
     ref_logprobs: np.ndarray | None = None
 
 
@@ -162,14 +161,12 @@ def label_tokens(rows: Sequence[Row], micro_batches: Sequence[np.ndarray], grad_
         np.zeros(0, np.int64)
 
 
-def rows_for_rank(selected: np.ndarray, pool: Any, prompts: Sequence[Sequence[int]], eos_id: int, max_len: int,
-                  ref_logprobs: dict | None = None) -> tuple[list[Row], int, int]:
+def rows_for_rank(selected: np.ndarray, pool: Any, prompts: Sequence[Sequence[int]], eos_id: int,
+                  max_len: int) -> tuple[list[Row], int, int]:
     """Collective. This rank's training rows of the `selected` table rows (selection.TABLE, the same on every
     rank): those whose tokens its pool shard (pool.LocalPool) holds and balance_plan leaves here, then the
     ones the plan sends here, their token ids in one all_to_all (skipped on every rank when nothing moves;
-    the sizes follow from the table). `ref_logprobs`: {(prompt id, digest): the sampler's log p} of
-    completions sampled here this epoch, for the stale-weight check. Returns (rows, rows over all ranks,
-    rows moved)."""
+    the sizes follow from the table). Returns (rows, rows over all ranks, rows moved)."""
     from rft_ds import distributed as D
     from rft_ds.faults import maybe_dump_rows
 
@@ -177,7 +174,6 @@ def rows_for_rank(selected: np.ndarray, pool: Any, prompts: Sequence[Sequence[in
     sel = selected[fits(prompt_len[selected["prompt_id"]], selected["length"], selected["eos"], max_len)]
     world, me = D.world_size(), D.rank()
     plan = balance_plan(sel["owner"], world)
-    ref_logprobs = ref_logprobs or {}
 
     def held_by(r: int, idx: np.ndarray) -> np.ndarray:
         return idx[sel["owner"][idx] == r]
@@ -187,7 +183,6 @@ def rows_for_rank(selected: np.ndarray, pool: Any, prompts: Sequence[Sequence[in
     def row(i: int, tokens: np.ndarray) -> Row:
         pid = int(sel["prompt_id"][i])
         r = build_row(prompts[pid], tokens, bool(sel["eos"][i]), eos_id, max_len)
-        r.ref_logprobs = ref_logprobs.get((pid, int(sel["digest"][i])))
         built.append((tokens, bool(sel["eos"][i]), r))
         return r
 

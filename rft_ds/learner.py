@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from rft_ds.config import ConfigError, TrainConfig
-from rft_ds.experience import IGNORE_INDEX, PackSpec, Row, layout
+from rft_ds.experience import IGNORE_INDEX, PackSpec, Row, collate, layout
 from rft_ds.logprobs import DEFAULT_CHUNK, install, returns_head_output
 
 
@@ -305,8 +305,7 @@ class Learner:
         return self.engine.device
 
     def train_step(self, rows: Sequence[Row], micro_batches: Sequence[np.ndarray], pad_id: int, step_tokens: int,
-                   world_size: int, compare_logprobs: bool = False,
-                   checkpoint: Sequence[bool] | None = None) -> TrainStats:
+                   world_size: int, checkpoint: Sequence[bool] | None = None) -> TrainStats:
         """One optimizer step: grad_accum micro-batches, DeepSpeed steps the optimizer after the last.
 
         The step's loss is the mean cross-entropy over all its label tokens, on every rank and in every
@@ -317,9 +316,7 @@ class Learner:
         runs a one-token row with no label: its forward and backward still take part in every ZeRO-3
         gather, and add nothing.
 
-        With compare_logprobs (the epoch's first step, before any update), the forwards also give the
-        stale-weight check its numbers (no extra forward pass). checkpoint: per micro-batch, whether it runs
-        with gradient checkpointing (checkpoint_plan: the same on every rank, as ZeRO-3's gathers must be)."""
+        checkpoint: per micro-batch, whether it runs with gradient checkpointing (checkpoint_plan: the same on every rank, as ZeRO-3's gathers must be)."""
         import torch
 
         self.engine.train()
@@ -327,7 +324,7 @@ class Learner:
         scale = self.grad_accum * world_size / max(step_tokens, 1)
         for k, idx in enumerate(micro_batches):
             batch_rows = [rows[i] for i in idx] or [Row(np.array([pad_id]), np.array([IGNORE_INDEX]))]
-            arrays, order = layout(batch_rows, pad_id, self.pack)
+            arrays, _ = layout(batch_rows, pad_id, self.pack)
             batch = {key: torch.from_numpy(v).to(self.device) for key, v in arrays.items()}
             mask = batch.pop("attention_mask")
             stats.checkpointed += self._set_checkpointing(bool(checkpoint is not None and checkpoint[k]))
@@ -335,10 +332,6 @@ class Learner:
                 mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(
                     ~mask, torch.finfo(self.dtype).min)
             logp = self._label_logprobs(batch["input_ids"], mask, batch.get("position_ids"), batch["labels"])
-            if compare_logprobs and any(r.ref_logprobs is not None for r in batch_rows):
-                ordered = [batch_rows[i] for i in order]  # the order their label tokens come out in
-                counts = [int((r.labels[1:] != IGNORE_INDEX).sum()) for r in ordered]
-                stats.add_logprob_diffs(logprob_diffs(logp.detach().cpu().numpy(), counts, ordered))
             ce = -logp.sum()
             self.engine.backward(ce * scale)
             self.engine.step()
@@ -347,6 +340,26 @@ class Learner:
             stats.input_tokens += sum(len(rows[i].input_ids) for i in idx)
         stats.losses.append(stats.ce_sum / max(stats.tokens, 1))
         return stats
+
+    def probe_diffs(self, rows: Sequence[Row], pad_id: int, n_forwards: int) -> np.ndarray:
+        """Collective: |model log p - sampler log p| of every label token of `rows` (each carries the sampler's
+        log p of its completion: the stale-weight check's probes), before the epoch's first update. Forwards
+        without gradient, in eval mode (no dropout), through the chunked head; n_forwards on every rank (a
+        rank with fewer probes runs empty ones: every rank joins each of ZeRO-3's gathers)."""
+        import torch
+
+        per = -(-len(rows) // n_forwards) if rows else 1
+        diffs = []
+        self.engine.eval()
+        with torch.no_grad():
+            for k in range(n_forwards):
+                part = list(rows[k * per:(k + 1) * per]) or [Row(np.array([pad_id]), np.array([IGNORE_INDEX]))]
+                batch = {key: torch.from_numpy(v).to(self.device) for key, v in collate(part, pad_id).items()}
+                logp = self._label_logprobs(batch["input_ids"], batch["attention_mask"], None, batch["labels"])
+                counts = [int((r.labels[1:] != IGNORE_INDEX).sum()) for r in part]
+                diffs.append(logprob_diffs(logp.float().cpu().numpy(), counts, part))
+        self.engine.train()
+        return np.concatenate(diffs)
 
     def _set_checkpointing(self, on: bool) -> bool:
         """Gradient checkpointing on or off for the next micro-batch (the layers' flag, flipped only when it

@@ -86,6 +86,7 @@ def _eval(ax: Any, records: list[dict]) -> None:
     # the eval before training is kept in epoch 0's record as <key>_initial; drawn at x = 0
     before = {k[: -len("_initial")]: v for k, v in records[0].items() if k.startswith("eval_") and k.endswith("_initial")}
     keys = sorted({k for r in records for k, v in r.items() if k.startswith("eval_") and not k.endswith("_initial")
+                   and not k.endswith("_truncated")  # a count of cut inputs, not a score: metrics.jsonl has it
                    and isinstance(v, (int, float)) and not isinstance(v, bool)} - {"eval_reward_mean"})
     recs = ([{"epoch": -1, **before}] if before else []) + records
     _line(ax, recs, "eval_reward_mean", "eval reward (held out)")

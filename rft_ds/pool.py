@@ -29,7 +29,7 @@ class LocalPool:
     def add(self, prompt_id: Sequence[int], score: np.ndarray, eos: Sequence[bool], tokens: Sequence[Sequence[int]],
             step: int) -> np.ndarray:
         """Take ownership of newly scored completions; returns their TABLE rows (the slots they got)."""
-        toks = [np.asarray(t, dtype=np.int32) for t in tokens]
+        toks = [np.array(t, dtype=np.int32) for t in tokens]  # copies: no view keeps a sampling chunk alive
         rows = table(prompt_id, score, eos, toks, step=step, owner=self.rank,
                      slot=self.next_slot + np.arange(len(toks)))
         self.rows = np.concatenate([self.rows, rows])

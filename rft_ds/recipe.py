@@ -29,16 +29,17 @@ from rft_ds.config import ConfigError, RFTRunConfig, read_model_config, text_con
 from rft_ds.data import (PromptRecord, load_source, normalize, resolve_callable, shard, tokenize,
                          use_chat_template)
 from rft_ds.evaluation import EvalSet, best_metric, maj_at_k, parse_sets, pass_at_k
-from rft_ds.experience import (Row, label_tokens, micro_batch_tokens, num_steps, padded_tokens, plan_micro_batches,
+from rft_ds.experience import (Row, build_row, label_tokens, micro_batch_tokens, num_steps, padded_tokens, plan_micro_batches,
                                prompt_groups, rows_for_rank)
 from rft_ds.faults import maybe_die
 from rft_ds.learner import TrainStats, checkpoint_plan
 from rft_ds.metrics import MetricsLog, format_epoch, open_sinks, plain
 from rft_ds.pool import LocalPool
+from rft_ds.samples import Samples, pick_probes
 from rft_ds.lora import check_lora, parse_lora, save_adapter
 from rft_ds.reward_terms import build_terms, check_arguments, function_term, load_reward_models
 from rft_ds.scoring import RewardError, gather_new_rows, gather_pool, score_shard, term_means
-from rft_ds.selection import (TABLE, cap_per_prompt, completion_digest, parse_pool_policy, schedule, select,
+from rft_ds.selection import (TABLE, cap_per_prompt, parse_pool_policy, schedule, select,
                               selection_digest, truncated, update_pool)
 from rft_ds.weight_sync import check_stale_weights
 
@@ -134,6 +135,8 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
     ds_config = deepspeed_config(cfg, world)
     build_model(cfg)
     check_model(cfg)
+    if cfg.sampler.backend == "vllm":
+        engine_limits(cfg, ds_config)  # max_model_len and the CPU KV budget, from config.json, before any engine
     tokenizer = load_tokenizer(cfg)
     tokenize_prompts(cfg, tokenizer, train, evals)
     row_limit(cfg, train)
@@ -383,6 +386,27 @@ def new_learner(cfg: RFTRunConfig, ds_config: dict, max_len: int) -> Any:
 PACK_LEN_AUTO = 512  # packed-sequence length under train.max_seq_length: auto, when the rows are shorter
 
 
+def engine_limits(cfg: RFTRunConfig, ds_config: dict, cuda: bool | None = None) -> tuple[int, int | None]:
+    """The vLLM engine's (max_model_len, kv_cache_memory_bytes), checked from config.json before any engine
+    starts: a max_model_len shorter than the longest prompt + generation, or a CPU KV budget that cannot hold
+    one request's n samples, is refused. Unset on CPU, the budget grows with that need; on GPU
+    gpu_memory_utilization decides (None). prepare, `rft-ds check` and make_sampler call it; cuda as check_launch."""
+    import torch
+
+    from rft_ds.sampling.vllm import CPU_BLOCK_SIZE, check_max_model_len, kv_bytes_per_token, kv_cache_budget
+
+    sp, m = cfg.sampler, cfg.method
+    limit = prompt_limit(cfg)
+    max_len = check_max_model_len(sp.max_model_len, limit, longest_generation(cfg))
+    on_gpu = torch.cuda.is_available() if cuda is None else cuda
+    if on_gpu:
+        return max_len, sp.kv_cache_memory_bytes
+    dtype = str(engine_dtype(sp.dtype, ds_config)).removeprefix("torch.")
+    per_token = kv_bytes_per_token(cfg.model.model_path, dtype, sp.tensor_parallel_size)
+    return max_len, kv_cache_budget(sp.kv_cache_memory_bytes, per_token, sp.block_size or CPU_BLOCK_SIZE, max_len,
+                                    m.n_generations_per_prompt, limit, m.gen_kwargs["max_new_tokens"])
+
+
 def make_sampler(cfg: RFTRunConfig, learner: Any, tokenizer: Any, ds_config: dict, group: int,
                  stop_sequences: list[str]) -> tuple[Any, Any]:
     """The sampler for `sampler.backend`, and the WeightSync that feeds it (None when it samples from the
@@ -394,16 +418,20 @@ def make_sampler(cfg: RFTRunConfig, learner: Any, tokenizer: Any, ds_config: dic
 
         return HFSampler(learner.module, tokenizer, cfg.sampler.batch_size, stop_sequences, learner.device), None
 
-    from rft_ds.sampling.vllm import VLLMSampler
+    from rft_ds.sampling.vllm import CPU_KV_BYTES, VLLMSampler
     from rft_ds.weight_sync import WeightSync
 
     sp = cfg.sampler
+    max_model_len, kv_bytes = engine_limits(cfg, ds_config)
+    if sp.kv_cache_memory_bytes is None and kv_bytes is not None and kv_bytes > CPU_KV_BYTES and D.is_main():
+        console.say(f"[rft_ds] note: vLLM's KV cache on CPU is {kv_bytes / 2**30:.2f} GiB per rank, what "
+                    f"{cfg.method.n_generations_per_prompt} samples of the longest sequence take "
+                    "(sampler.kv_cache_memory_bytes sets it)")
     sampler = VLLMSampler(
         cfg.model.model_path, tokenizer, seed=_sample_seed(cfg.train.seed, -1, group, 2),
-        dtype=str(engine_dtype(sp.dtype, ds_config)).removeprefix("torch."),
-        max_model_len=sp.max_model_len or prompt_limit(cfg) + longest_generation(cfg),
+        dtype=str(engine_dtype(sp.dtype, ds_config)).removeprefix("torch."), max_model_len=max_model_len,
         tensor_parallel_size=sp.tensor_parallel_size, gpu_memory_utilization=sp.gpu_memory_utilization,
-        kv_cache_memory_bytes=sp.kv_cache_memory_bytes, block_size=sp.block_size, enforce_eager=sp.enforce_eager,
+        kv_cache_memory_bytes=kv_bytes, block_size=sp.block_size, enforce_eager=sp.enforce_eager,
         enable_sleep_mode=sp.enable_sleep_mode, stop_sequences=stop_sequences,
         trust_remote_code=cfg.model.trust_remote_code)
     return sampler, WeightSync(learner.module, sampler, sp.sync_bucket_mb, engine_dtype(sp.dtype, ds_config))
@@ -443,7 +471,8 @@ class RunState:
     eval_before: dict | None = None
     best: dict | None = None  # {"epoch", "metric", "value", "run_id"} of best_model/
     optimizer_steps: int = 0  # over the whole run (train.save_every_steps)
-    local: dict = field(default_factory=dict)  # this rank's: sampled completions of this grow step, losses so far
+    # this rank's: the grow step's samples (until scored), the stale check's probes (until compared), losses so far
+    local: dict = field(default_factory=dict)
     pool: LocalPool = field(default_factory=LocalPool)  # this rank's: tokens of the pool rows it owns
     table: np.ndarray = field(default_factory=lambda: np.zeros(0, TABLE))  # the pools, canonical, on every rank
 
@@ -618,19 +647,27 @@ def start_fresh(s: Setup) -> RunState:
 def sample(s: Setup, st: RunState) -> bool:
     """Grow step: N completions for each of this rank's prompts, one chunk of prompts at a time, each chunk
     seeded on its own so a run stopped between chunks samples the rest exactly as it would have.
-    Changes st.local["completions"], st.cursor, st.record["time_sample"]. True when the run must stop."""
+    Changes st.local["samples"] (samples.Samples: compact arrays), st.cursor, st.record["time_sample"] (and
+    "sampled_preemptions" with vLLM). True when the run must stop."""
     m, chunk = s.cfg.method, s.cfg.sampler.chunk_prompts
     mine = _my_prompts(s, st)
     n_chunks = _n_chunks(s)
-    done = st.local.setdefault("completions", [])
+    done = st.local.setdefault("samples", Samples())
     while st.cursor < n_chunks:
         maybe_die("sample", st.epoch)
         t0 = time.perf_counter()
         part = mine[st.cursor * chunk:(st.cursor + 1) * chunk]
         label = f"epoch {st.epoch + 1}: sample" + (f" {st.cursor + 1}/{n_chunks}" if n_chunks > 1 else "")
-        done += s.sampler.generate([r.token_ids for r in part], m.n_generations_per_prompt, m.gen_kwargs,
-                                   _sample_seed(s.cfg.train.seed, st.epoch, s.group, 0, st.cursor),
-                                   label if s.show else None, logprobs=s.weight_sync is not None)
+        # the sampler's log-probs for a few prompts of the first chunk: the stale-weight check's probes
+        probes = np.zeros(len(part), bool)
+        if s.weight_sync is not None and st.cursor == 0 and s.contributes:
+            probes[pick_probes(len(part), s.cfg.sampler.stale_probes, s.cfg.train.seed, st.epoch, s.group)] = True
+        done.add(st.cursor * chunk, s.sampler.generate([r.token_ids for r in part], m.n_generations_per_prompt,
+                                                       m.gen_kwargs, _sample_seed(s.cfg.train.seed, st.epoch, s.group,
+                                                                                  0, st.cursor),
+                                                       label if s.show else None, logprobs=probes.tolist()))
+        if s.cfg.sampler.backend == "vllm":  # this rank's engine only (no collective): rank 0's in metrics.jsonl
+            st.record["sampled_preemptions"] = st.record.get("sampled_preemptions", 0) + s.sampler.last_preemptions
         st.cursor += 1
         _add_time(st.record, "time_sample", time.perf_counter() - t0)
         if safe_point(s, st, time.perf_counter() - t0):
@@ -647,14 +684,18 @@ def score(s: Setup, st: RunState, grow: bool) -> None:
     if grow:
         maybe_die("score", st.epoch)
         t0 = time.perf_counter()
-        comps = st.local.get("completions", []) if s.contributes else []
-        pids = [r.id for r, cs in zip(_my_prompts(s, st), comps) for _ in cs]
-        tokens = [c.token_ids for cs in comps for c in cs]
+        samples = st.local.pop("samples", None) if s.contributes else None
+        samples = samples if samples is not None else Samples()
+        pids = np.array([r.id for r in _my_prompts(s, st)], dtype=np.int64)[samples.prompt].tolist()
+        tokens, eos = samples.tokens(), samples.eos
+        # the stale-weight check's probes outlive the samples until the first optimizer step: a few rows
+        st.local["probes"] = [(pids[i], tokens[i].copy(), bool(eos[i]), lp) for i, lp in samples.probes.items()]
         scores, _, parts = score_shard(s.rewards, pids, tokens, s.train.texts, s.train.metadata, s.tokenizer,
                                        s.stop_sequences, s.cfg.reward, f"epoch {st.epoch + 1}: score" if s.show else None)
         rec.update({f"sampled_{k}": v for k, v in term_means(s.rewards, parts).items()})
         grow_step = st.epoch // m.n_improve_steps
-        mine = st.pool.add(pids, scores, [c.eos for cs in comps for c in cs], tokens, grow_step)
+        mine = st.pool.add(pids, scores, eos, tokens, grow_step)
+        del samples, tokens  # the pool shard holds its own copy of what it keeps
         new = gather_new_rows(mine, grow_step)
         st.table = update_pool(st.table, new, grow_step, parse_pool_policy(m.pool), s.cfg.selection.dedup)
         st.pool.keep_only(st.table)
@@ -713,6 +754,12 @@ def train(s: Setup, st: RunState, step: Any) -> bool:
     checkpoint = checkpoint_plan(D.all_reduce(torch.from_numpy(micro_batch_tokens(rows, micro, learner.pack)),
                                               "max").tolist(), learner.checkpoint_above)
     stats = st.local.setdefault("stats", TrainStats())
+    if s.weight_sync and step.grow and st.cursor == 0 and not restarted:
+        # did the engine sample from the weights the learner has? its log p of a few of its completions vs the
+        # learner's, before any update (every rank joins: the forwards gather ZeRO-3 parameters)
+        n_forwards = -(-s.cfg.sampler.stale_probes // learner.micro_batch_size)
+        stats.add_logprob_diffs(learner.probe_diffs(_probe_rows(s, st), s.tokenizer.pad_token_id, n_forwards))
+    st.local.pop("probes", None)  # compared, or not to be compared: freed
     pbar = progress.bar(total=len(micro), desc=f"epoch {st.epoch + 1}: train", show=s.show, unit="micro-batch")
     pbar.update(st.cursor)
     while st.cursor < len(micro):
@@ -721,7 +768,6 @@ def train(s: Setup, st: RunState, step: Any) -> bool:
         upto = min(st.cursor + learner.grad_accum, len(micro))
         one = learner.train_step(rows, micro[st.cursor:upto], s.tokenizer.pad_token_id,
                                  step_tokens[st.cursor // learner.grad_accum], D.world_size(),
-                                 compare_logprobs=st.cursor == 0 and not restarted,
                                  checkpoint=checkpoint[st.cursor:upto])
         stats.add(one)
         pbar.update(upto - st.cursor)
@@ -784,11 +830,19 @@ def restart_from_base(s: Setup) -> None:
 
 
 def _rows(s: Setup, st: RunState, table: np.ndarray, keep: np.ndarray) -> tuple[list[Row], int, int]:
-    """This rank's training rows of the selected completions (experience.rows_for_rank), those it sampled
-    this epoch with the sampler's log-probs for the stale-weight check."""
-    fresh = _sampled_logprobs(_my_prompts(s, st), st.local.get("completions", [])) if s.contributes else {}
+    """This rank's training rows of the selected completions (experience.rows_for_rank)."""
     return rows_for_rank(table[keep], st.pool, [r.token_ids for r in s.train.records], s.tokenizer.eos_token_id,
-                         s.max_len, fresh)
+                         s.max_len)
+
+
+def _probe_rows(s: Setup, st: RunState) -> list[Row]:
+    """The stale-weight check's probes as rows, each with the sampler's log p of its completion (and EOS)."""
+    rows = []
+    for pid, tokens, eos, logprobs in st.local.get("probes", []):
+        row = build_row(s.train.records[pid].token_ids, tokens, eos, s.tokenizer.eos_token_id, s.max_len)
+        row.ref_logprobs = logprobs
+        rows.append(row)
+    return rows
 
 
 def sync(s: Setup, st: RunState) -> bool:
@@ -933,6 +987,10 @@ def load_checkpoint(s: Setup, ckpt: Path) -> RunState:
         pool, local = LocalPool.merge([m["pool"] for m in mine], D.rank()), {}
     else:
         pool, local = mine["pool"], mine["local"]
+    if "completions" in local:  # written before samples.Samples: Completion lists, their log-probs dropped
+        samples = Samples()
+        samples.add(0, [[dataclasses.replace(c, logprobs=None) for c in cs] for cs in local.pop("completions")])
+        local["samples"] = samples
     st = RunState(**shared, local=local, pool=pool, table=gather_pool(pool))
     if st.best is not None and _best_model_run(s.out) != st.run_id:  # best_model/ was overwritten by another run
         if D.is_main():
@@ -1024,13 +1082,6 @@ def has_dropout(model_config: Any) -> bool:
     cfg.update(cfg.get("text_config") or {})
     return any("dropout" in k and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
                for k, v in cfg.items())
-
-
-def _sampled_logprobs(records: Sequence[PromptRecord], comps: Sequence[Sequence[Any]]) -> dict:
-    """(prompt id, completion digest) -> the sampler's log p of its label tokens, for the stale-weight check.
-    Local to this rank and this epoch: nothing crosses ranks."""
-    return {(r.id, completion_digest(c.token_ids, c.eos)): np.asarray(c.logprobs, dtype=np.float64)
-            for r, cs in zip(records, comps) for c in cs if c.logprobs is not None}
 
 
 def _evaluate(s: Setup, epoch: int) -> dict:

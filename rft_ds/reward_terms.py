@@ -47,7 +47,7 @@ class RewardTerm:
     kwargs: dict = field(default_factory=dict)  # fixed extra keyword arguments from the config
     accepts: frozenset | None = None  # keyword names fn takes; None: any (it has **kwargs)
     timeout_s: float | None = None  # per call; None: reward.timeout_s
-    reward_model: dict | None = None  # {path, batch_size, max_length, label}
+    reward_model: dict | None = None  # {path, batch_size, max_length, label, max_length_field}
 
 
 def call_style(fn: Callable, name: str) -> tuple[str, frozenset | None]:
@@ -138,7 +138,8 @@ def build_terms(r: Any, reward_fn: Any = None) -> list[RewardTerm]:
             label = entry.get("label")
             check_reward_model(entry["reward_model"], label)
             rm = {"path": entry["reward_model"], "batch_size": entry.get("batch_size") or 16,
-                  "max_length": entry.get("max_length") or 512, "label": label}
+                  "max_length": entry.get("max_length") or 512, "label": label,
+                  "max_length_field": f"{what}_max_length" if what == "reward.reward_model" else f"{what}.max_length"}
             terms.append(RewardTerm(str(entry.get("name") or "reward_model"), None, reward_model=rm,
                                     batch_size=entry.get("batch_size")))
         else:
@@ -196,7 +197,8 @@ def load_reward_models(terms: Sequence[RewardTerm]) -> None:
     for t in terms:
         if t.reward_model is not None and t.fn is None:
             rm = t.reward_model
-            t.fn = RewardModel(rm["path"], rm["batch_size"], rm["max_length"], rm["label"])
+            t.fn = RewardModel(rm["path"], rm["batch_size"], rm["max_length"], rm["label"],
+                               max_length_field=rm.get("max_length_field", "reward.reward_model_max_length"))
             t.style, t.accepts = "trlx", None
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Any, Sequence
 
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
@@ -71,10 +72,16 @@ class RewardModel:
 
     The input is the conversation (prompt as user turn, output as assistant turn) through the reward
     model's chat template when it has one, else prompt + output. The score is the logit of a 1-label head,
-    or the probability of `label` for a classifier with several labels."""
+    or the probability of `label` for a classifier with several labels.
+
+    An input longer than max_length loses the middle of its completion, never the prompt: the model must
+    judge an answer with its question, and a long chain of thought ends with its answer. The completion's
+    first quarter of what fits and its end are kept (cut on the completion's token ids); such samples are
+    counted (`n_truncated`; the scorer reports them as reward_<term>_truncated). A prompt that leaves no
+    room for any completion token is an error naming `max_length_field`."""
 
     def __init__(self, path: str, batch_size: int = 16, max_length: int = 512, label: int | None = None,
-                 device: str | None = None) -> None:
+                 device: str | None = None, max_length_field: str = "reward.reward_model_max_length") -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -83,8 +90,8 @@ class RewardModel:
         check_reward_model(path, label)
         device = str(device or D.device())  # this rank's device (the device rule), not LOCAL_RANK as an ordinal
         self.device, self.batch_size, self.max_length, self.label = device, batch_size, max_length, label
+        self.path, self.max_length_field = path, max_length_field
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.tokenizer.truncation_side = "left"  # keep the end: the completion is what is judged
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -92,6 +99,8 @@ class RewardModel:
         if self.model.config.pad_token_id is None:  # it finds each row's last token by the pad id
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.chat = bool(getattr(self.tokenizer, "chat_template", None))
+        self.n_truncated = 0  # samples whose completion lost its middle, since this model was loaded
+        self._taken = 0  # n_truncated when take_truncated last ran
 
     def texts(self, prompts: list[str], outputs: list[str]) -> list[str]:
         if not self.chat:
@@ -99,17 +108,65 @@ class RewardModel:
         return [self.tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": o}],
                                                    tokenize=False) for p, o in zip(prompts, outputs)]
 
+    def _ids(self, prompts: list[str], outputs: list[str]) -> list[list[int]]:
+        # verbose=False: a long input is expected here (it is cut below), not worth transformers' warning
+        return self.tokenizer(self.texts(prompts, outputs), add_special_tokens=not self.chat, verbose=False)["input_ids"]
+
+    def encode(self, prompts: list[str], outputs: list[str], prompt_ids: Sequence[int] | None = None) -> list[list[int]]:
+        """Each sample's input ids, at most max_length: as tokenized whole when it fits (so a short sample
+        scores exactly as it always did), else with the middle of its completion cut out."""
+        ids = self._ids(prompts, outputs)
+        cut = 0
+        for i, row in enumerate(ids):
+            if len(row) > self.max_length:
+                pid = prompt_ids[i] if prompt_ids is not None else i
+                ids[i] = self._cut_middle(prompts[i], outputs[i], len(row), pid)
+                cut += 1
+        if cut:
+            if not self.n_truncated:
+                warnings.warn(f"rft_ds: the reward model {self.path} cut the middle out of {cut} completions to fit "
+                              f"{self.max_length_field}={self.max_length} (their prompt and end are kept); counted in "
+                              "the metrics as reward_<term>_truncated", stacklevel=2)
+            self.n_truncated += cut
+        return ids
+
+    def _cut_middle(self, prompt: str, output: str, full_len: int, pid: Any) -> list[int]:
+        """prompt + output's ids within max_length: the output keeps its first quarter of the tokens that fit
+        and the rest from its end. Re-encoded whole, since tokens may merge across the cut or the template;
+        each retry keeps fewer tokens, so it ends."""
+        def text(ids: list[int]) -> str:
+            return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+        out = self.tokenizer(output, add_special_tokens=False, verbose=False)["input_ids"]
+        keep = len(out) - (full_len - self.max_length)  # completion tokens that fit beside the prompt
+        while keep >= 1:
+            head = keep // 4
+            row = self._ids([prompt], [text(out[:head]) + text(out[len(out) - (keep - head):])])[0]
+            if len(row) <= self.max_length:
+                return row
+            keep -= len(row) - self.max_length
+        from rft_ds.config import ConfigError
+
+        alone = len(self._ids([prompt], [""])[0])
+        raise ConfigError(f"{self.max_length_field}={self.max_length} cannot hold prompt {pid} and any of its "
+                          f"completion: the prompt alone is {alone} reward-model tokens"
+                          f"{' with the chat template' if self.chat else ''}; raise {self.max_length_field}")
+
+    def take_truncated(self) -> int:
+        """Samples cut since the last call (the scorer reports them once per scoring)."""
+        n, self._taken = self.n_truncated - self._taken, self.n_truncated
+        return n
+
     def __call__(self, samples: list[str], prompts: list[str], outputs: list[str], **kwargs: Any) -> list[float]:
         import torch
 
-        texts = self.texts(prompts, outputs)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch: less padding
-        scores = [0.0] * len(texts)
+        ids = self.encode(prompts, outputs, kwargs.get("prompt_ids"))
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch: less padding
+        scores = [0.0] * len(ids)
         with torch.inference_mode():
             for lo in range(0, len(order), self.batch_size):
                 idx = order[lo:lo + self.batch_size]
-                enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_length,
-                                     return_tensors="pt", add_special_tokens=not self.chat).to(self.device)
+                enc = self.tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(self.device)
                 logits = self.model(**enc).logits.float()
                 vals = logits[:, 0] if self.label is None else logits.softmax(-1)[:, self.label]
                 for i, v in zip(idx, vals.tolist()):

@@ -15,9 +15,15 @@ from rft_ds.reward_terms import RewardError, RewardTerm, score_terms, validate_s
 from rft_ds.selection import canonical, from_wire, to_wire
 
 
+def as_ints(tokens: Any) -> list[int]:
+    """Token ids as Python ints (an int32 array's own elements are numpy scalars: a reward function may
+    serialise completion_ids as JSON)."""
+    return tokens.tolist() if isinstance(tokens, np.ndarray) else [int(t) for t in tokens]
+
+
 def decode_outputs(tokenizer: Any, tokens: Sequence[Sequence[int]], stop_sequences: Sequence[str] = ()) -> list[str]:
     """Completion text as reward_fn sees it: special tokens dropped, cut before a stop sequence (as trlx)."""
-    outputs = tokenizer.batch_decode([list(t) for t in tokens], skip_special_tokens=True)
+    outputs = tokenizer.batch_decode([as_ints(t) for t in tokens], skip_special_tokens=True)
     if stop_sequences:
         outputs = [min((o[: o.find(s)] for s in stop_sequences if s in o), key=len, default=o) for o in outputs]
     return outputs
@@ -38,23 +44,29 @@ def score_shard(terms: Sequence[RewardTerm], prompt_ids: Sequence[int], tokens: 
         samples = [p + o for p, o in zip(prompts, outputs)]
         meta_keys = sorted({k for p in set(pids) for k in metadata[p]})
         meta = {k: [metadata[p].get(k) for p in pids] for k in meta_keys}
-        scores, parts = score_terms(terms, samples, prompts, outputs, [list(t) for t in tokens], pids, meta, tokenizer,
+        scores, parts = score_terms(terms, samples, prompts, outputs, [as_ints(t) for t in tokens], pids, meta, tokenizer,
                                     rc.batch_size, rc.max_concurrency, rc.timeout_s, progress)
     return scores, outputs, parts
 
 
 def term_means(terms: Sequence[RewardTerm], parts: np.ndarray) -> dict[str, float]:
-    """Each term's mean over the samples it scored on all ranks (one all-reduce of 2 numbers per term), as
-    reward_<name>_mean; empty for a single term (its mean is the reward mean)."""
-    if len(terms) < 2:
+    """Each term's mean over the samples it scored on all ranks, as reward_<name>_mean (none for a single
+    term: its mean is the reward mean), and for each reward model the samples whose completion it cut to
+    fit its max_length since the last call, as reward_<name>_truncated (so nothing is cut unseen). One
+    all-reduce of 2 numbers per term and 1 per reward model; none for a single function term."""
+    models = [t for t in terms if t.reward_model is not None]  # from the config: the same on every rank
+    if len(terms) < 2 and not models:
         return {}
     import torch
 
     applied = ~np.isnan(parts)
-    local = np.concatenate([np.where(applied, parts, 0.0).sum(1), applied.sum(1)])
+    cut = [t.fn.take_truncated() if hasattr(t.fn, "take_truncated") else 0 for t in models]
+    local = np.concatenate([np.where(applied, parts, 0.0).sum(1), applied.sum(1), cut])
     tot = D.all_reduce(torch.from_numpy(local)).numpy()
     k = len(terms)
-    return {f"reward_{t.name}_mean": float(tot[i] / tot[k + i]) for i, t in enumerate(terms) if tot[k + i] > 0}
+    out = {f"reward_{t.name}_mean": float(tot[i] / tot[k + i]) for i, t in enumerate(terms) if k > 1 and tot[k + i] > 0}
+    out.update({f"reward_{t.name}_truncated": int(tot[2 * k + j]) for j, t in enumerate(models)})
+    return out
 
 
 def gather_new_rows(rows: np.ndarray, step: int) -> np.ndarray:

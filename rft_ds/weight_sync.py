@@ -165,7 +165,7 @@ def parity_check(module: torch.nn.Module, sampler: Any, probes: Sequence[Sequenc
     that completion. Returns the largest |difference|; raises ParityError (on every rank) past tolerance."""
     with D.all_ranks_or_fail("weight sync parity check (engine)"):  # local work only
         comps = sampler.generate(probes, 1, {"max_new_tokens": completion_len, "do_sample": False}, seed=0)
-        seqs = [list(p) + c[0].token_ids for p, c in zip(probes, comps)]
+        seqs = [list(p) + c[0].token_ids.tolist() for p, c in zip(probes, comps)]
         engine = sampler.prompt_logprobs(seqs)
     model = model_logprobs(module, seqs, pad_id, device)  # collective ZeRO-3 forward: every rank, same count
     worst = 0.0

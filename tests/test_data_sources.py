@@ -191,8 +191,8 @@ def test_chat_prompts_through_the_hf_sampler(tiny_model, tokenizer):
     greedy = {"max_new_tokens": 6, "do_sample": False}
     out = HFSampler(model, chat_tok, batch_size=2, device="cpu").generate([a.token_ids, b.token_ids], 1, greedy, seed=0)
     alone = HFSampler(model, chat_tok, batch_size=1, device="cpu").generate([a.token_ids], 1, greedy, seed=0)
-    assert [len(cs) for cs in out] == [1, 1] and all(c.token_ids for cs in out for c in cs)
-    assert out[0][0].token_ids == alone[0][0].token_ids  # left padding beside a shorter prompt changes nothing
+    assert [len(cs) for cs in out] == [1, 1] and all(len(c.token_ids) for cs in out for c in cs)
+    assert out[0][0].token_ids.tolist() == alone[0][0].token_ids.tolist()  # left padding beside a shorter prompt changes nothing
 
 
 def test_module_function_found_in_the_working_directory(tmp_path, monkeypatch):

@@ -97,6 +97,8 @@ def test_demo_config_on_tiny_model_with_reward_model(tmp_path, classifier):
     assert p.returncode == 0, out[-4000:]
     m = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in m] == [0, 1] and m[0]["n_sampled"] == 24 * 4
+    # counted, never silent: reward-model inputs cut to fit (none here) and rank 0's engine preemptions
+    assert m[0]["sampled_reward_reward_model_truncated"] == 0 and m[0]["sampled_preemptions"] >= 0
     # two eval sets scored by exact match (their own reward_fn), not by the reward model that trains
     for key in ("eval_add_accuracy", "eval_add_has_number", "eval_add_pass@4", "eval_add_maj@4", "eval_add_greedy_pass",
                 "eval_sub_accuracy", "eval_sub_reward_mean"):

@@ -82,7 +82,7 @@ def test_hf_sampler_on_cuda(tiny_model, tokenizer):
         # HF generate copes with CPU inputs by moving them itself, with this warning; ours must not need it
         assert not [w for w in caught if "device type different" in str(w.message)]
         model.cpu()
-    assert [c[0].token_ids for c in out] == [c[0].token_ids for c in cpu]
+    assert [c[0].token_ids.tolist() for c in out] == [c[0].token_ids.tolist() for c in cpu]
 
 
 def test_parity_check_inputs_follow_the_module(tiny_model, tokenizer):
@@ -151,4 +151,4 @@ def test_sampling_leaves_the_training_rng_alone(tiny_model, tokenizer):
     a = sampler.generate([[5, 6, 7]], 3, {"max_new_tokens": 5}, seed=9)
     assert torch.equal(torch.get_rng_state(), before)
     b = sampler.generate([[5, 6, 7]], 3, {"max_new_tokens": 5}, seed=9)
-    assert [c.token_ids for c in a[0]] == [c.token_ids for c in b[0]]  # and the seed alone decides the samples
+    assert [c.token_ids.tolist() for c in a[0]] == [c.token_ids.tolist() for c in b[0]]  # and the seed alone decides the samples

@@ -237,3 +237,26 @@ def test_reward_model_with_a_format_rule(classifier):
 
 def test_http_scorer_is_a_trl_term():
     assert call_style(HttpScorer("http://x/"), "remote") == ("trl", None)
+
+
+def test_reward_models_report_what_they_cut(classifier):
+    """Each reward model's cut inputs reach the metrics as reward_<name>_truncated, once per scoring."""
+    from rft_ds.scoring import term_means
+
+    terms = build_terms(RewardConfig(reward_model=str(classifier), functions=[
+        {"reward_model": str(classifier), "max_length": 48, "name": "short_rm"}]))
+    assert terms[0].reward_model["max_length_field"] == "reward.functions[0].max_length"
+    assert terms[1].reward_model["max_length_field"] == "reward.reward_model_max_length"
+    load_reward_models(terms)
+    outs = ["aa", " going up 1 2 3." * 60, " going up." * 10, "c"]  # with the prompt: 4, 843, 83 and 3 tokens
+    with pytest.warns(UserWarning, match="cut the middle"):
+        _, parts = score(terms, outs)
+    got = term_means(terms, parts)
+    assert got["reward_short_rm_truncated"] == 2 and got["reward_reward_model_truncated"] == 1
+    assert set(got) == {"reward_short_rm_mean", "reward_reward_model_mean", "reward_short_rm_truncated",
+                        "reward_reward_model_truncated"}
+    assert term_means(terms, parts)["reward_short_rm_truncated"] == 0  # counted once
+    assert term_means(terms[1:], parts[1:]) == {"reward_reward_model_truncated": 0}  # a single reward model too
+    assert term_means(build_terms(RewardConfig(reward_fn="tests.rewards:length_penalty")), parts[:1]) == {}
+    with pytest.raises(ConfigError, match=r"reward.functions\[0\].max_length=48 cannot hold prompt 5"):
+        terms[0].fn(None, ["p0 " * 30], ["x"], prompt_ids=[5])

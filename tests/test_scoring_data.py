@@ -72,9 +72,10 @@ def test_decode_and_stop_sequences(tokenizer):
     assert not c.eos
     eos = tokenizer.eos_token_id
     c = finish_completion([5, 6, eos, tokenizer.pad_token_id], {eos}, [], tokenizer.decode)
-    assert (c.token_ids, c.finish_reason, c.eos) == ([5, 6], "eos", True)
+    assert (c.token_ids.tolist(), c.finish_reason, c.eos) == ([5, 6], "eos", True)
     c = finish_completion([5, 6, 7], {eos}, [], tokenizer.decode)
-    assert (c.token_ids, c.finish_reason) == ([5, 6, 7], "length")
+    assert (c.token_ids.tolist(), c.finish_reason) == ([5, 6, 7], "length")
+    assert c.token_ids.dtype == np.int32  # 4 bytes a token from the start
 
 
 def test_sources_list_module_and_jsonl(tmp_path):

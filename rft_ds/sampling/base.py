@@ -6,14 +6,16 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Protocol, Sequence
 
+import numpy as np
+
 
 @dataclass
 class Completion:
-    token_ids: list[int]  # without the EOS token; including a matched stop sequence
+    token_ids: np.ndarray  # int32, without the EOS token; including a matched stop sequence
     finish_reason: str  # "eos" | "stop" (a stop sequence) | "length"
-    # The sampler's log p of each generated token (the EOS too, when it ended by EOS), when asked for: the
-    # stale-weight check compares them with the training model's. None when not asked or not available.
-    logprobs: list[float] | None = None
+    # The sampler's log p of each generated token (the EOS too, when it ended by EOS), float32, when asked for:
+    # the stale-weight check compares them with the training model's. None when not asked or not available.
+    logprobs: np.ndarray | None = None
 
     @property
     def eos(self) -> bool:
@@ -22,10 +24,12 @@ class Completion:
 
 class Sampler(Protocol):
     def generate(self, prompts: Sequence[Sequence[int]], n: int, gen_kwargs: dict[str, Any],
-                 seed: int, progress: str | None = None, logprobs: bool = False) -> list[list[Completion]]:
+                 seed: int, progress: str | None = None,
+                 logprobs: bool | Sequence[bool] = False) -> list[list[Completion]]:
         """n completions for each prompt (token ids in, token ids out), in prompt order; `progress`: the
-        label of a progress bar to show (None: none); `logprobs`: also return each sampled token's
-        log-probability (a sampler with its own copy of the weights; others may return None).
+        label of a progress bar to show (None: none); `logprobs` (for all prompts, or per prompt): also return
+        each sampled token's log-probability (a sampler with its own copy of the weights; others may return
+        None).
 
         Every rank calls it the same number of times, even with no prompts of its own (it may be
         collective). A sampler with its own copy of the weights also has load_weights(iterator),
@@ -51,8 +55,8 @@ def finish_completion(ids: Sequence[int], eos_ids: set[int], stop_sequences: Seq
             # the shortest prefix of tokens whose text contains the stop sequence
             for j in range(1, len(ids) + 1):
                 if len(decode(ids[:j])) >= end:
-                    return Completion(ids[:j], "stop")
-    return Completion(ids, "eos" if cut_eos else "length")
+                    return Completion(np.asarray(ids[:j], dtype=np.int32), "stop")
+    return Completion(np.asarray(ids, dtype=np.int32), "eos" if cut_eos else "length")
 
 
 @contextlib.contextmanager

