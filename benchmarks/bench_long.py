@@ -20,6 +20,11 @@ completions are 90-100 % of --new-tokens long (min_new_tokens): sampled tokens/s
 bytes per sampled token of a checkpoint written after its first optimizer step (the pool shard holds every
 completion sampled: method.pool accumulate) in each rank's state file.
 
+    python benchmarks/bench_long.py --activations [--tokens 1024,4096] [--layers 2]
+
+The bytes autograd keeps for the backward pass per token, layer and unit of hidden size (saved-tensor hooks,
+exact), with and without gradient checkpointing: where learner.ACTIVATION_BYTES comes from.
+
     python benchmarks/bench_long.py --state [--state-tokens 10000000,100000000]
 
 A rank's state file as a mid-epoch checkpoint writes it (torch.save without its CRC, then fsync and the
@@ -174,7 +179,7 @@ def state_file(args: argparse.Namespace) -> None:
             with tempfile.TemporaryDirectory(dir=common.ROOT / ".cache") as d:
                 t0 = time.perf_counter()
                 with _without_zip_crc():
-                    torch.save({"local": {what: obj}}, Path(d) / "rank0.pt")
+                    torch.save({"local": {what: obj}}, Path(d) / "rank0.pt", pickle_protocol=4)  # as checkpoint.save
                 saved = time.perf_counter() - t0
                 seal(Path(d), ["rank0.pt"], 0)
                 took = time.perf_counter() - t0
@@ -187,6 +192,41 @@ def state_file(args: argparse.Namespace) -> None:
                     f.write(json.dumps({"bench": "bench_long --state", **r}) + "\n")
             del obj
         del comps, flat
+
+
+def activations(args: argparse.Namespace) -> None:
+    """Bytes autograd keeps for the backward pass, per token, per layer and per unit of hidden size, counted
+    with saved-tensor hooks (exact, unlike RSS): the body of a bf16 Llama of SmolLM2-135M's shape, sdpa, with
+    and without gradient checkpointing (learner.ACTIVATION_BYTES)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers,
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=16384,
+                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16).train()
+    params = {p.data_ptr() for p in model.parameters()}
+    for gc in (False, True):
+        if gc:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for tokens in map(int, args.tokens.split(",")):
+            saved: dict = {}
+
+            def keep(t):
+                if t.data_ptr() not in params:  # a weight is not an activation
+                    saved[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+                model.model(input_ids=torch.randint(0, cfg.vocab_size, (1, tokens)))
+            per = sum(saved.values()) / tokens / args.layers / cfg.hidden_size
+            r = {"gradient_checkpointing": gc, "tokens": tokens, "layers": args.layers,
+                 "saved_mb": round(sum(saved.values()) / 2**20, 1), "bytes_per_token_layer_hidden": round(per, 2)}
+            print(json.dumps(r), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps({"bench": "bench_long --activations", **r}) + "\n")
 
 
 def main() -> None:
@@ -203,6 +243,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=32, help="--grow: prompts per sampling chunk")
     ap.add_argument("--state", action="store_true", help="a rank's checkpoint state file at --state-tokens")
     ap.add_argument("--state-tokens", default="10000000,100000000")
+    ap.add_argument("--activations", action="store_true", help="saved activations per token (exact)")
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--model")
     ap.add_argument("--setting")
@@ -215,6 +256,8 @@ def main() -> None:
         return grow_step(args)
     if args.state:
         return state_file(args)
+    if args.activations:
+        return activations(args)
     results = []
     for vocab in map(int, args.vocab.split(",")):
         model = model_for(vocab, args.layers)

@@ -633,6 +633,15 @@ def _without_zip_crc() -> Iterator[None]:
         put(before)
 
 
+def write_rank_state(path: Path, state: dict) -> None:
+    """A rank's own state file (its RNG, pool shard, samples). Pickle protocol 4, so the token arrays go in as
+    raw bytes: torch.save's default, protocol 2, writes bytes as latin-1 text, ~5 bytes per int32 token
+    instead of 4 and 3x slower to write."""
+    import torch
+
+    torch.save(state, path, pickle_protocol=4)
+
+
 def save(root: Path, name: str, engine: Any, state: dict | None, tokenizer: Any, keep_last: int,
          die_hook: Any = None, finalize_state: Callable[[float], dict] | None = None, local_state: Any = None,
          meta: dict | None = None) -> Saved:
@@ -665,7 +674,7 @@ def save(root: Path, name: str, engine: Any, state: dict | None, tokenizer: Any,
         # LoRA: the frozen base weights are not saved (they are the model_path's); the adapters and their
         # optimizer state are
         engine.save_checkpoint(str(tmp), tag="ds", save_latest=False, exclude_frozen_parameters=_has_frozen(engine))
-        torch.save({"rng": rng_state(), "local": local_state}, tmp / f"rank{rank}.pt")
+        write_rank_state(tmp / f"rank{rank}.pt", {"rng": rng_state(), "local": local_state})
         if main:
             engine.module.config.save_pretrained(tmp / "hf")
             if is_peft(engine.module):  # LoRA: what rft_ds.export needs to rebuild the adapter

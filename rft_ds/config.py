@@ -82,7 +82,8 @@ class ModelConfig:
     # of every activation, for ~1/3 more compute. auto: on for a micro-batch of more than
     # gradient_checkpointing_tokens tokens (padding included), off below; true / false: always / never.
     gradient_checkpointing: Any = "auto"
-    gradient_checkpointing_tokens: int = 8192
+    # null: the tokens whose activations would pass 2 GiB, from the model's shape (learner.checkpoint_tokens)
+    gradient_checkpointing_tokens: Optional[int] = None
     # ZeRO-3 gathers each transformer block's parameters in one fetch (the model's _no_split_modules), not
     # one per linear layer: same math, fewer hooks and collectives. false: DeepSpeed's per-module fetch.
     zero3_block_fetch: bool = True
@@ -539,7 +540,7 @@ def validate(cfg: RFTRunConfig) -> None:
              f"train.logprob_chunk must be an int >= 0 (0: no chunks), got {t.logprob_chunk!r}")
     _require(cfg.model.gradient_checkpointing in ("auto", True, False),
              f"model.gradient_checkpointing must be auto, true or false, got {cfg.model.gradient_checkpointing!r}")
-    _require(cfg.model.gradient_checkpointing_tokens >= 1,
+    _require(cfg.model.gradient_checkpointing_tokens is None or cfg.model.gradient_checkpointing_tokens >= 1,
              f"model.gradient_checkpointing_tokens must be >= 1, got {cfg.model.gradient_checkpointing_tokens}")
     _require(t.eval_interval >= 0, f"train.eval_interval must be >= 0, got {t.eval_interval}")
     _require(t.save_interval >= 0, f"train.save_interval must be >= 0, got {t.save_interval}")

@@ -38,9 +38,12 @@ def build_row(prompt_ids: Sequence[int], completion_ids: Sequence[int], eos: boo
 
 
 def fits(prompt_len: np.ndarray, length: np.ndarray, eos: np.ndarray, max_len: int) -> np.ndarray:
-    """Which completions make a row (build_row would not return None), from table columns alone, so every
-    rank counts the rows of every rank without their tokens."""
-    return (np.asarray(prompt_len) < max_len) & (np.asarray(length) + np.asarray(eos, dtype=np.int64) > 0)
+    """Which completions make a whole row: something to learn, and prompt + completion + EOS within max_len
+    (row_limit makes that every completion sampled under the run's config; one from before a forced change
+    of max_new_tokens is left out, counted as rows_not_fitting, never cut). From table columns alone, so
+    every rank counts the rows of every rank without their tokens."""
+    tail = np.asarray(length) + np.asarray(eos, dtype=np.int64)
+    return (tail > 0) & (np.asarray(prompt_len) + tail <= max_len)
 
 
 def num_steps(n_rows: int, world_size: int, micro_batch_size: int, grad_accum: int) -> int:

@@ -138,6 +138,22 @@ class TrainStats:
             self.logprob_tokens += int(diffs.size)
 
 
+# Activations autograd keeps per token, per layer, per unit of hidden size, in bf16: 46 without gradient
+# checkpointing, 5 with it (SmolLM2-135M's shape, sdpa; counted exactly with saved-tensor hooks:
+# benchmarks/bench_long.py --activations)
+ACTIVATION_BYTES = 46
+ACTIVATION_BUDGET = 2 * 2**30  # model.gradient_checkpointing: auto keeps at most this much of activations
+
+
+def checkpoint_tokens(model_config: dict, dtype_bytes: int, budget: int = ACTIVATION_BUDGET) -> int:
+    """The tokens of a micro-batch past which gradient checkpointing pays under model.gradient_checkpointing:
+    auto: where its stored activations, ACTIVATION_BYTES x hidden x layers per token (x2 in float32), would pass
+    `budget`. From config.json alone, so every rank decides the same: SmolLM2-135M ~2.7k tokens, a 7B Llama
+    ~360, the tiny test model never in practice. Pure."""
+    per_token = ACTIVATION_BYTES * dtype_bytes // 2 * model_config["hidden_size"] * model_config["num_hidden_layers"]
+    return max(1, budget // per_token)
+
+
 def checkpoint_plan(tokens: Sequence[int], above: int | None) -> list[bool]:
     """Which micro-batches run with gradient checkpointing: those of more than `above` tokens (padding
     included; 0: all, None: none). `tokens`: each micro-batch's largest size over the ranks, so every rank
@@ -244,6 +260,10 @@ class Learner:
         self.dtype = dtype
         if isinstance(checkpoint_above, bool):
             raise TypeError("checkpoint_above is a token count (0: always) or None (never), not a bool")
+        if checkpoint_above is not None and not model.supports_gradient_checkpointing:
+            if checkpoint_above == 0:  # asked for always (model.gradient_checkpointing: true)
+                raise ConfigError(f"model.gradient_checkpointing: true, but {type(model).__name__} does not support it")
+            checkpoint_above = None  # auto: without it
         self.checkpoint_above = checkpoint_above
         self._checkpointing = checkpoint_above is not None
         if self._checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and ZeRO-3's hooks
@@ -268,8 +288,8 @@ class Learner:
             # puts the hook after the block's own gradients.
             model.enable_input_require_grads()
         # the LM head computes label log-probs in chunks (bounded memory); not when LoRA adapts the head itself
-        targets = lora.target_modules if lora is not None else ()
-        self.head = install(model, logprob_chunk) if logprob_chunk and "lm_head" not in targets else None
+        self.head = install(model, logprob_chunk, lora.target_modules if lora is not None else ()) \
+            if logprob_chunk else None
         if lora is not None:
             from rft_ds.lora import wrap
 
@@ -316,7 +336,8 @@ class Learner:
         runs a one-token row with no label: its forward and backward still take part in every ZeRO-3
         gather, and add nothing.
 
-        checkpoint: per micro-batch, whether it runs with gradient checkpointing (checkpoint_plan: the same on every rank, as ZeRO-3's gathers must be)."""
+        checkpoint: per micro-batch, whether it runs with gradient checkpointing (checkpoint_plan: the
+        same on every rank, as ZeRO-3's gathers must be); None: only when built to checkpoint always."""
         import torch
 
         self.engine.train()
@@ -327,7 +348,8 @@ class Learner:
             arrays, _ = layout(batch_rows, pad_id, self.pack)
             batch = {key: torch.from_numpy(v).to(self.device) for key, v in arrays.items()}
             mask = batch.pop("attention_mask")
-            stats.checkpointed += self._set_checkpointing(bool(checkpoint is not None and checkpoint[k]))
+            stats.checkpointed += self._set_checkpointing(bool(checkpoint[k]) if checkpoint is not None
+                                                          else self.checkpoint_above == 0)
             if mask.dim() == 4 and self._eager:  # eager attention adds its mask: 0 where allowed
                 mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(
                     ~mask, torch.finfo(self.dtype).min)

@@ -15,7 +15,7 @@ the weight sync see nothing new. It computes plain logits unless `targets` are s
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -53,22 +53,32 @@ class ChunkedLogp(torch.autograd.Function):
         n, chunk = hidden.shape[0], ctx.chunk
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
-        grad_b = torch.zeros_like(bias) if need_b and bias is not None else None
+        # the weight's gradient sums over every chunk: in float32 when there are several (one rounding to the
+        # weight's dtype at the end, as one matmul over all positions does), in place when there is one
+        acc = torch.float32 if n > chunk else weight.dtype
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b and bias is not None else None
         for lo in range(0, n, chunk):
             h, g, t = hidden[lo:lo + chunk], grad[lo:lo + chunk, None].float(), targets[lo:lo + chunk, None]
             if lo + chunk >= n and last_probs is not None:
                 probs = last_probs
             else:
                 probs = F.linear(h, weight, bias).float().sub_(lse[lo:lo + chunk, None]).exp_()
-            dlogits = probs.mul_(-g).scatter_add_(-1, t, g).to(weight.dtype)
+            # in place, the saved last chunk's too: a second backward (retain_graph) is refused by autograd's
+            # version check, and no second chunk x vocabulary buffer is made
+            dlogits = probs.mul_(-g).scatter_add_(-1, t, g)
+            if grad_b is not None:
+                grad_b += dlogits.sum(dim=0)
+            dlogits = dlogits.to(weight.dtype)
             if need_h:
                 grad_h[lo:lo + chunk] = dlogits @ weight
             if need_w:
-                grad_w.addmm_(dlogits.t(), h)
-            if grad_b is not None:
-                grad_b += dlogits.sum(dim=0)
-        return grad_h, grad_w, grad_b, None, None
+                if acc == weight.dtype:
+                    grad_w.addmm_(dlogits.t(), h)
+                else:  # the chunk's product in the weight's dtype, added into float32 (no float32 copy of it)
+                    grad_w.add_(dlogits.t() @ h)
+        return (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
+                grad_b.to(bias.dtype) if grad_b is not None else None, None, None)
 
 
 def chunked_logp(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
@@ -110,26 +120,35 @@ class LabelLogprobHead(torch.nn.Module):
             self.targets = None
 
 
-def install(model: Any, chunk: int) -> LabelLogprobHead | None:
+def install(model: Any, chunk: int, lora_targets: Any = ()) -> LabelLogprobHead | None:
     """Put a LabelLogprobHead in place of the model's output layer (an nn.Linear), before DeepSpeed wraps
-    the model; None when the model has no such layer (its loss then takes the plain path)."""
+    the model; None when the model has no such layer, or LoRA adapts it (a list of `lora_targets` naming it,
+    by peft's suffix rule): its loss then takes the plain path."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) is not torch.nn.Linear:
+        return None
+    name = next(n for n, m in model.named_modules() if m is head)
+    if not isinstance(lora_targets, str) and any(name == t or name.endswith("." + t) for t in lora_targets or ()):
         return None
     new = LabelLogprobHead(head, chunk)
     model.set_output_embeddings(new)
     return new
 
 
-def returns_head_output(forward: Callable, head: LabelLogprobHead, device: Any) -> bool:
+def returns_head_output(forward: torch.nn.Module, head: LabelLogprobHead, device: Any) -> bool:
     """Whether the model's forward returns its LM head's output as it came, from one 2-token row without
     gradient (collective under ZeRO-3: every rank runs it, and gets the same answer). A model that soft-caps
     or scales its logits (Gemma 2, Cohere, Granite) would apply that to the label log-probs: it keeps the
     plain head."""
     ids = torch.zeros((1, 2), dtype=torch.long, device=device)
-    with torch.no_grad(), head.label_mode(torch.zeros((1, 1), dtype=torch.long, device=device)):
-        got = forward(input_ids=ids, logits_to_keep=torch.zeros(1, dtype=torch.long, device=device),
-                      use_cache=False).logits
-        last, head.last = head.last, None
+    was_training = forward.training
+    forward.eval()  # no dropout: the training RNG is not touched
+    try:
+        with torch.no_grad(), head.label_mode(torch.zeros((1, 1), dtype=torch.long, device=device)):
+            got = forward(input_ids=ids, logits_to_keep=torch.zeros(1, dtype=torch.long, device=device),
+                          use_cache=False).logits
+            last, head.last = head.last, None
+    finally:
+        forward.train(was_training)
     return last is not None and got.shape == last.shape and got.data_ptr() == last.data_ptr() \
         and bool(torch.equal(got, last))

@@ -373,12 +373,20 @@ def new_learner(cfg: RFTRunConfig, ds_config: dict, max_len: int) -> Any:
     max_len tokens (row_limit)."""
     from rft_ds.learner import Learner
 
+    from rft_ds.learner import checkpoint_tokens
+
     gc = cfg.model.gradient_checkpointing
+    if gc == "auto":
+        half = any(ds_config.get(k, {}).get("enabled") for k in ("bf16", "fp16"))
+        above = cfg.model.gradient_checkpointing_tokens or checkpoint_tokens(
+            text_config(read_model_config(cfg.model.model_path)), 2 if half else 4)
+    else:
+        above = 0 if gc else None
     # a prompt's rows packed into one sequence (train.share_prompt) make at most max_seq_length tokens; under
     # auto, at least the 512 it used to default to, so short rows still share their prompt
     pack_len = max_len if cfg.train.max_seq_length != "auto" else max(max_len, PACK_LEN_AUTO)
     return Learner(cfg.model.model_path, ds_config, parse_lora(cfg.model.lora),
-                   cfg.model.gradient_checkpointing_tokens if gc == "auto" else 0 if gc else None,
+                   above,
                    cfg.model.trust_remote_code, cfg.model.zero3_block_fetch, cfg.train.share_prompt, pack_len,
                    cfg.train.logprob_chunk)
 
@@ -506,7 +514,6 @@ class Setup:
     show: bool  # progress bars (rank 0)
     parity_tol: float
     stale_tol: float
-    dropout: bool
     prompts_digest: str
     started: float = field(default_factory=time.monotonic)
     last_save_at: float = field(default_factory=time.monotonic)
@@ -622,7 +629,6 @@ def setup(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, me
               sampler.stop_sequences, group, n_groups, contributes, progress.enabled(t.progress, D.is_main()),
               parity_tol=cfg.sampler.parity_tolerance or (0.5 if half else 1e-3),
               stale_tol=cfg.sampler.stale_tolerance or (0.1 if half else 1e-3),
-              dropout=has_dropout(learner.module.config),  # a noisy training forward: the stale check only logs
               prompts_digest=checkpoint.prompts_digest(train.texts, train.metadata),
               job_end=D.broadcast_object(job_end_time(os.environ) if D.is_main() else None), universal=universal,
               ds_config=ds_config, max_len=max_len)
@@ -660,7 +666,7 @@ def sample(s: Setup, st: RunState) -> bool:
         label = f"epoch {st.epoch + 1}: sample" + (f" {st.cursor + 1}/{n_chunks}" if n_chunks > 1 else "")
         # the sampler's log-probs for a few prompts of the first chunk: the stale-weight check's probes
         probes = np.zeros(len(part), bool)
-        if s.weight_sync is not None and st.cursor == 0 and s.contributes:
+        if s.weight_sync is not None and st.cursor == 0:  # every rank of an engine group asks alike
             probes[pick_probes(len(part), s.cfg.sampler.stale_probes, s.cfg.train.seed, st.epoch, s.group)] = True
         done.add(st.cursor * chunk, s.sampler.generate([r.token_ids for r in part], m.n_generations_per_prompt,
                                                        m.gen_kwargs, _sample_seed(s.cfg.train.seed, st.epoch, s.group,
@@ -684,8 +690,8 @@ def score(s: Setup, st: RunState, grow: bool) -> None:
     if grow:
         maybe_die("score", st.epoch)
         t0 = time.perf_counter()
-        samples = st.local.pop("samples", None) if s.contributes else None
-        samples = samples if samples is not None else Samples()
+        samples = st.local.pop("samples", None)  # a tensor-parallel peer drops its copy: its leader scores them
+        samples = samples if samples is not None and s.contributes else Samples()
         pids = np.array([r.id for r in _my_prompts(s, st)], dtype=np.int64)[samples.prompt].tolist()
         tokens, eos = samples.tokens(), samples.eos
         # the stale-weight check's probes outlive the samples until the first optimizer step: a few rows
@@ -725,9 +731,13 @@ def train(s: Setup, st: RunState, step: Any) -> bool:
     learner = s.learner
     t0 = time.perf_counter()
     table = st.table  # the pools: one row per completion, the same on every rank
-    keep, thr = select(table["prompt_id"], table["score"], step.percentile, sel.strategy, sel.top_k, sel.min_score)
-    if s.cfg.method.overlong == "drop":  # DAPO's overlong filtering: a completion cut short is never trained on
-        keep &= ~truncated(table, s.cfg.method.gen_kwargs["max_new_tokens"])
+    # DAPO's overlong filtering (method.overlong: drop): a completion cut short takes no part in selection, so it
+    # neither is trained on nor raises its prompt's threshold
+    usable = ~truncated(table, s.cfg.method.gen_kwargs["max_new_tokens"]) if s.cfg.method.overlong == "drop" else \
+        np.ones(len(table), bool)
+    keep, thr = np.zeros(len(table), bool), np.full(len(table), np.nan)
+    keep[usable], thr[usable] = select(table["prompt_id"][usable], table["score"][usable], step.percentile,
+                                       sel.strategy, sel.top_k, sel.min_score)
     keep = cap_per_prompt(table["prompt_id"], table["score"], keep, s.cfg.method.max_per_prompt)
     rows, n_rows, moved = _rows(s, st, table, keep)
     steps = num_steps(n_rows, D.world_size(), learner.micro_batch_size, learner.grad_accum)
@@ -736,14 +746,14 @@ def train(s: Setup, st: RunState, step: Any) -> bool:
                                prompt_groups(rows) if st.share_prompt else None)
     # the epoch's whole plan: the same after a resume
     st.local["padding"] = padded_tokens(rows, micro, learner.pack)
-    first = np.r_[True, table["prompt_id"][1:] != table["prompt_id"][:-1]] if len(table) else np.zeros(0, bool)
     st.record.update(
         pool_size=len(table), n_selected=int(keep.sum()), n_rows=n_rows, rows_moved=moved,
         n_prompts_kept=int(len(np.unique(table["prompt_id"][keep]))),
         reward_mean=float(table["score"].mean()) if len(table) else None,
         reward_max=float(table["score"].max()) if len(table) else None,
         selected_reward_mean=float(table["score"][keep].mean()) if keep.any() else None,
-        threshold_mean=float(thr[first].mean()) if len(table) else None,
+        threshold_mean=float(thr[usable][_firsts(table["prompt_id"][usable])].mean()) if usable.any() else None,
+        rows_not_fitting=int(keep.sum()) - n_rows,  # selected, but longer than a row may be (resume_force)
         train_steps=steps, selection_digest=selection_digest(table, keep))
     _add_time(st.record, "time_select", time.perf_counter() - t0)
     if s.weight_sync:
@@ -804,7 +814,7 @@ def _finish_train_record(s: Setup, st: RunState, step: Any, n_micro: int) -> Non
                      lr=s.learner.lr(), selection_digest_per_rank=[d for d, *_ in per_rank])
     if s.weight_sync and step.grow and not st.record.get("restarted_from_base"):  # did the engine sample from the
         # weights the learner trained from? (after a restart it did not, by design: it sampled the latest policy)
-        st.record.update(check_stale_weights(stats, s.stale_tol, enforce=not s.dropout))
+        st.record.update(check_stale_weights(stats, s.stale_tol))  # probes run in eval mode: no dropout
 
 
 def restart_from_base(s: Setup) -> None:
@@ -840,9 +850,15 @@ def _probe_rows(s: Setup, st: RunState) -> list[Row]:
     rows = []
     for pid, tokens, eos, logprobs in st.local.get("probes", []):
         row = build_row(s.train.records[pid].token_ids, tokens, eos, s.tokenizer.eos_token_id, s.max_len)
-        row.ref_logprobs = logprobs
-        rows.append(row)
+        if row is not None:  # an empty completion without EOS has no label
+            row.ref_logprobs = logprobs
+            rows.append(row)
     return rows
+
+
+def _firsts(prompt_id: np.ndarray) -> np.ndarray:
+    """The first row of each prompt in a table sorted by prompt."""
+    return np.r_[True, prompt_id[1:] != prompt_id[:-1]] if len(prompt_id) else np.zeros(0, bool)
 
 
 def sync(s: Setup, st: RunState) -> bool:
@@ -987,10 +1003,10 @@ def load_checkpoint(s: Setup, ckpt: Path) -> RunState:
         pool, local = LocalPool.merge([m["pool"] for m in mine], D.rank()), {}
     else:
         pool, local = mine["pool"], mine["local"]
-    if "completions" in local:  # written before samples.Samples: Completion lists, their log-probs dropped
-        samples = Samples()
-        samples.add(0, [[dataclasses.replace(c, logprobs=None) for c in cs] for cs in local.pop("completions")])
-        local["samples"] = samples
+    old = local.pop("completions", None)  # written before samples.Samples: Completion lists
+    if old is not None and shared["stage"] == "sample":  # still to be scored (their log-probs are not kept)
+        local["samples"] = Samples()
+        local["samples"].add(0, [[dataclasses.replace(c, logprobs=None) for c in cs] for cs in old])
     st = RunState(**shared, local=local, pool=pool, table=gather_pool(pool))
     if st.best is not None and _best_model_run(s.out) != st.run_id:  # best_model/ was overwritten by another run
         if D.is_main():
@@ -1074,14 +1090,6 @@ def _write_plots(out: Path, history: list[dict]) -> None:
         console.say(f"[rft_ds] plots: {paths[0].parent}/{{{','.join(p.stem for p in paths)}}}.png")
     except Exception as e:  # noqa: BLE001 - e.g. matplotlib missing; metrics.jsonl has it all
         console.say(f"[rft_ds] plots skipped ({type(e).__name__}: {e}); python -m rft_ds.plot {out} draws them later")
-
-
-def has_dropout(model_config: Any) -> bool:
-    """Any *dropout* probability > 0 in the model's config: its training forward is then random."""
-    cfg = model_config.to_dict()
-    cfg.update(cfg.get("text_config") or {})
-    return any("dropout" in k and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-               for k, v in cfg.items())
 
 
 def _evaluate(s: Setup, epoch: int) -> dict:

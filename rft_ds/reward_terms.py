@@ -370,6 +370,12 @@ def run_calls(t: RewardTerm, calls: list[dict], concurrency: int, timeout_s: flo
     return [t.fn(**kw) for kw in calls]
 
 
+def as_ints(tokens: Any) -> list[int]:
+    """Token ids as Python ints (an int32 array's own elements are numpy scalars: a reward function may
+    serialise completion_ids as JSON)."""
+    return tokens.tolist() if isinstance(tokens, np.ndarray) else [int(t) for t in tokens]
+
+
 def term_calls(t: RewardTerm, samples: list[str], prompts: list[str], outputs: list[str], completion_ids: list,
                prompt_ids: list[int], metadata: dict[str, list], tokenizer: Any, batch_size: int | None) -> list:
     """(slice, keyword arguments) of each call of t over these samples: trlx's or TRL's keywords plus the
@@ -379,7 +385,9 @@ def term_calls(t: RewardTerm, samples: list[str], prompts: list[str], outputs: l
     for lo in range(0, len(samples), step):
         sl = slice(lo, lo + step)
         if t.style == "trl":
-            kw = {"prompts": prompts[sl], "completions": outputs[sl], "completion_ids": completion_ids[sl]}
+            kw = {"prompts": prompts[sl], "completions": outputs[sl]}
+            if t.accepts is None or "completion_ids" in t.accepts:  # Python ints only where they are taken
+                kw["completion_ids"] = [as_ints(c) for c in completion_ids[sl]]
         else:
             kw = {"samples": samples[sl], "prompts": prompts[sl], "outputs": outputs[sl], "tokenizer": tokenizer,
                   "prompt_ids": prompt_ids[sl]}

@@ -11,19 +11,15 @@ import numpy as np
 from rft_ds import distributed as D
 from rft_ds.config import RewardConfig
 from rft_ds.pool import LocalPool
-from rft_ds.reward_terms import RewardError, RewardTerm, score_terms, validate_scores  # noqa: F401 (re-exported)
+from rft_ds.reward_terms import RewardError, RewardTerm, as_ints, score_terms, validate_scores  # noqa: F401 (re-exported)
 from rft_ds.selection import canonical, from_wire, to_wire
-
-
-def as_ints(tokens: Any) -> list[int]:
-    """Token ids as Python ints (an int32 array's own elements are numpy scalars: a reward function may
-    serialise completion_ids as JSON)."""
-    return tokens.tolist() if isinstance(tokens, np.ndarray) else [int(t) for t in tokens]
 
 
 def decode_outputs(tokenizer: Any, tokens: Sequence[Sequence[int]], stop_sequences: Sequence[str] = ()) -> list[str]:
     """Completion text as reward_fn sees it: special tokens dropped, cut before a stop sequence (as trlx)."""
-    outputs = tokenizer.batch_decode([as_ints(t) for t in tokens], skip_special_tokens=True)
+    outputs = []
+    for lo in range(0, len(tokens), 1024):  # Python ints for a batch at a time, not for a whole shard
+        outputs += tokenizer.batch_decode([as_ints(t) for t in tokens[lo:lo + 1024]], skip_special_tokens=True)
     if stop_sequences:
         outputs = [min((o[: o.find(s)] for s in stop_sequences if s in o), key=len, default=o) for o in outputs]
     return outputs
@@ -44,7 +40,7 @@ def score_shard(terms: Sequence[RewardTerm], prompt_ids: Sequence[int], tokens: 
         samples = [p + o for p, o in zip(prompts, outputs)]
         meta_keys = sorted({k for p in set(pids) for k in metadata[p]})
         meta = {k: [metadata[p].get(k) for p in pids] for k in meta_keys}
-        scores, parts = score_terms(terms, samples, prompts, outputs, [as_ints(t) for t in tokens], pids, meta, tokenizer,
+        scores, parts = score_terms(terms, samples, prompts, outputs, list(tokens), pids, meta, tokenizer,
                                     rc.batch_size, rc.max_concurrency, rc.timeout_s, progress)
     return scores, outputs, parts
 

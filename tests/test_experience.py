@@ -33,11 +33,13 @@ def test_collate_pads_right_and_masks_padding():
     assert b["labels"][0].tolist() == [IGNORE_INDEX, 2, IGNORE_INDEX, IGNORE_INDEX]
 
 
-def test_fits_matches_build_row():
+def test_fits_is_a_whole_row_with_something_to_learn():
+    """fits: build_row makes a row from it and cuts nothing (a completion that would be cut is left out)."""
     for plen in (1, 3, 8):
-        for length in (0, 1, 5):
+        for length in (0, 1, 4, 5):
             for eos in (False, True):
-                want = build_row([1] * plen, [2] * length, eos, 9, 8) is not None
+                row = build_row([1] * plen, [2] * length, eos, 9, 8)
+                want = row is not None and len(row.input_ids) == plen + length + eos
                 assert fits(np.array([plen]), np.array([length]), np.array([eos]), 8)[0] == want, (plen, length, eos)
 
 

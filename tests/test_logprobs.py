@@ -44,12 +44,14 @@ def test_chunks_give_the_full_log_softmax_and_its_gradients(chunk, bias):
 
 
 def test_bf16_chunks_match_the_plain_path_to_bf16_rounding():
+    """20 chunks of 2: the weight's gradient is summed over them in float32 and rounded once, as the plain
+    path's one matmul does (summed in bf16 chunk by chunk it would round 20 times)."""
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(40, 32, generator=g).bfloat16()
     weight = (torch.randn(300, 32, generator=g) * 0.2).bfloat16()
     targets = torch.randint(0, 300, (40,), generator=g)
     res = []
-    for fn in (_plain, lambda *a: chunked_logp(*a, chunk=6)):
+    for fn in (_plain, lambda *a: chunked_logp(*a, chunk=2)):
         hh, ww = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         out = fn(hh, ww, None, targets)
         (-out.sum()).backward()
@@ -164,3 +166,32 @@ def test_tied_embeddings_get_the_gradient_of_both_uses():
         (-logp.sum()).backward()
         grads.append(model.model.embed_tokens.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_a_second_backward_is_refused_and_a_lora_adapted_head_is_left_alone():
+    hidden = torch.randn(5, 4, requires_grad=True)
+    weight = torch.randn(7, 4, requires_grad=True)
+    out = chunked_logp(hidden, weight, None, torch.tensor([0, 1, 2, 3, 4]), chunk=2)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):  # never a wrong second gradient
+        out.sum().backward()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2)
+    assert install(LlamaForCausalLM(cfg), 4, ["q_proj", "lm_head"]) is None  # LoRA adapts the head: plain path
+    assert install(LlamaForCausalLM(cfg), 4, "all-linear") is not None  # peft's all-linear leaves the head out
+
+
+def test_auto_checkpointing_threshold_follows_the_model_shape():
+    """model.gradient_checkpointing: auto turns it on past the tokens whose activations would pass 2 GiB: from
+    config.json alone (every rank decides the same), fewer tokens for a wider, deeper model, half in float32."""
+    from rft_ds.learner import checkpoint_plan, checkpoint_tokens
+
+    smol = {"hidden_size": 576, "num_hidden_layers": 30}
+    llama7b = {"hidden_size": 4096, "num_hidden_layers": 32}
+    assert 2000 < checkpoint_tokens(smol, 2) < 3500 and 250 < checkpoint_tokens(llama7b, 2) < 500
+    assert checkpoint_tokens(smol, 4) == checkpoint_tokens(smol, 2) // 2
+    assert checkpoint_tokens({"hidden_size": 64, "num_hidden_layers": 2}, 4) > 100_000  # the tiny test model
+    assert checkpoint_plan([100, 5000, 4096], 4096) == [False, True, False]
+    assert checkpoint_plan([1, 2], 0) == [True, True] and checkpoint_plan([10**6], None) == [False]

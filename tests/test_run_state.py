@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rft_ds.config import RFTRunConfig, resume_changes
-from rft_ds.recipe import RunState, STAGES, _sample_seed, deadline_reached, has_dropout
+from rft_ds.recipe import RunState, STAGES, _sample_seed, deadline_reached
 from rft_ds.slurm import job_end_time, parse_end_time
 
 
@@ -38,13 +38,6 @@ def test_resume_changes_lists_the_fields_that_matter():
                                 "selection": {"strategy": "top_k"}, "data": {"system_prompt": "Be brief."}}).to_dict()
     assert resume_changes(a, b) == ["data.system_prompt (None -> 'Be brief.')", "method.n_generations_per_prompt (32 -> 8)",
                                     "selection.strategy ('per_prompt' -> 'top_k')", "train.seed (1000 -> 7)"]
-
-
-def test_dropout_is_read_from_the_model_config():
-    from transformers import LlamaConfig
-
-    assert not has_dropout(LlamaConfig(hidden_size=64, num_attention_heads=2, num_hidden_layers=1))
-    assert has_dropout(LlamaConfig(hidden_size=64, num_attention_heads=2, num_hidden_layers=1, attention_dropout=0.1))
 
 
 def test_sampling_chunks_have_their_own_streams():

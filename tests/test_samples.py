@@ -64,3 +64,20 @@ def test_probe_prompts_are_seeded_and_bounded():
     assert a.tolist() == pick_probes(256, 8, 1000, 2, 1).tolist()  # a resumed run picks the same
     assert a.tolist() != pick_probes(256, 8, 1000, 3, 1).tolist()
     assert pick_probes(5, 8, 1000, 0, 0).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_a_rank_state_file_holds_4_bytes_a_token(tmp_path):
+    """checkpoint.write_rank_state (what every mid-epoch checkpoint writes per rank): int32 tokens of a large
+    vocabulary as raw bytes, not as pickle protocol 2's latin-1 text (~5 bytes a token)."""
+    import torch
+
+    from rft_ds.checkpoint import write_rank_state
+
+    rng = np.random.default_rng(2)
+    pool = LocalPool(0)
+    tokens = [rng.integers(0, 128256, 2048).astype(np.int32) for _ in range(200)]
+    pool.add(np.arange(200) // 8, rng.random(200), np.ones(200, bool), tokens, step=0)
+    write_rank_state(tmp_path / "rank0.pt", {"local": {"pool": pool}})
+    assert (tmp_path / "rank0.pt").stat().st_size / (200 * 2048) < 4.05
+    back = torch.load(tmp_path / "rank0.pt", weights_only=False)["local"]["pool"]
+    assert all((a == b).all() for a, b in zip(back.tokens, tokens))

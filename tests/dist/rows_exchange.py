@@ -23,7 +23,9 @@ def main(case: str, out_dir: str) -> None:
     pool = LocalPool(me)
     # "skewed": rank 0 holds every completion, rank 1 none (its shard is empty); "few": one completion in all
     n = {"skewed": (40, 0), "few": (1, 0), "even": (20, 25)}[case][me]
-    toks = [rng.integers(5, 9, int(rng.integers(0, 6))) for _ in range(n)]
+    # lengths 0-5: with prompts of 3-6 tokens some rows do not fit max_len 8 and are left out, never cut;
+    # "few"'s one completion is a single token, so it makes a row
+    toks = [rng.integers(5, 9, 1 if case == "few" else int(rng.integers(0, 6))) for _ in range(n)]
     mine = pool.add(rng.integers(0, 12, n), rng.random(n), rng.random(n) < 0.5, toks, step=0)
     table = update_pool(np.zeros(0, mine.dtype), gather_new_rows(mine, 0), 0, parse_pool_policy("accumulate"), True)
     pool.keep_only(table)
@@ -38,7 +40,8 @@ def main(case: str, out_dir: str) -> None:
     held = {(r, int(slot)): t for r, (slots, tks) in enumerate(D.all_gather_object((pool.rows["slot"], pool.tokens)))
             for slot, t in zip(slots, tks)}
     ref = [build_row(prompts[int(t["prompt_id"])], held[int(t["owner"]), int(t["slot"])], bool(t["eos"]), 2, 8)
-           for t in table[keep]]
+           for t in table[keep]
+           if len(prompts[int(t["prompt_id"])]) + int(t["length"]) + int(t["eos"]) <= 8]  # whole rows only: none is cut
     Path(out_dir, f"rank{me}.json").write_text(json.dumps({"rows": [[r.input_ids.tolist(), r.labels.tolist()] for r in rows],
                                   "n_rows": n_rows, "moved": moved, "micro": len(micro),
                                   "digest": selection_digest(table, keep),
