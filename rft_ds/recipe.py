@@ -671,7 +671,7 @@ def sample(s: Setup, st: RunState) -> bool:
         done.add(st.cursor * chunk, s.sampler.generate([r.token_ids for r in part], m.n_generations_per_prompt,
                                                        m.gen_kwargs, _sample_seed(s.cfg.train.seed, st.epoch, s.group,
                                                                                   0, st.cursor),
-                                                       label if s.show else None, logprobs=probes.tolist()))
+                                                       label if s.show else None, logprobs=probes))
         if s.cfg.sampler.backend == "vllm":  # this rank's engine only (no collective): rank 0's in metrics.jsonl
             st.record["sampled_preemptions"] = st.record.get("sampled_preemptions", 0) + s.sampler.last_preemptions
         st.cursor += 1
@@ -692,10 +692,10 @@ def score(s: Setup, st: RunState, grow: bool) -> None:
         t0 = time.perf_counter()
         samples = st.local.pop("samples", None)  # a tensor-parallel peer drops its copy: its leader scores them
         samples = samples if samples is not None and s.contributes else Samples()
-        pids = np.array([r.id for r in _my_prompts(s, st)], dtype=np.int64)[samples.prompt].tolist()
+        pids = np.array([r.id for r in _my_prompts(s, st)], dtype=np.int64)[samples.prompt]
         tokens, eos = samples.tokens(), samples.eos
         # the stale-weight check's probes outlive the samples until the first optimizer step: a few rows
-        st.local["probes"] = [(pids[i], tokens[i].copy(), bool(eos[i]), lp) for i, lp in samples.probes.items()]
+        st.local["probes"] = [(int(pids[i]), tokens[i].copy(), bool(eos[i]), lp) for i, lp in samples.probes.items()]
         scores, _, parts = score_shard(s.rewards, pids, tokens, s.train.texts, s.train.metadata, s.tokenizer,
                                        s.stop_sequences, s.cfg.reward, f"epoch {st.epoch + 1}: score" if s.show else None)
         rec.update({f"sampled_{k}": v for k, v in term_means(s.rewards, parts).items()})
@@ -738,6 +738,8 @@ def train(s: Setup, st: RunState, step: Any) -> bool:
     keep, thr = np.zeros(len(table), bool), np.full(len(table), np.nan)
     keep[usable], thr[usable] = select(table["prompt_id"][usable], table["score"][usable], step.percentile,
                                        sel.strategy, sel.top_k, sel.min_score)
+    pid = table["prompt_id"][usable]
+    first = np.r_[True, pid[1:] != pid[:-1]] if len(pid) else np.zeros(0, bool)  # each usable prompt's first row
     keep = cap_per_prompt(table["prompt_id"], table["score"], keep, s.cfg.method.max_per_prompt)
     rows, n_rows, moved = _rows(s, st, table, keep)
     steps = num_steps(n_rows, D.world_size(), learner.micro_batch_size, learner.grad_accum)
@@ -752,7 +754,7 @@ def train(s: Setup, st: RunState, step: Any) -> bool:
         reward_mean=float(table["score"].mean()) if len(table) else None,
         reward_max=float(table["score"].max()) if len(table) else None,
         selected_reward_mean=float(table["score"][keep].mean()) if keep.any() else None,
-        threshold_mean=float(thr[usable][_firsts(table["prompt_id"][usable])].mean()) if usable.any() else None,
+        threshold_mean=float(thr[usable][first].mean()) if usable.any() else None,
         rows_not_fitting=int(keep.sum()) - n_rows,  # selected, but longer than a row may be (resume_force)
         train_steps=steps, selection_digest=selection_digest(table, keep))
     _add_time(st.record, "time_select", time.perf_counter() - t0)
@@ -855,10 +857,6 @@ def _probe_rows(s: Setup, st: RunState) -> list[Row]:
             rows.append(row)
     return rows
 
-
-def _firsts(prompt_id: np.ndarray) -> np.ndarray:
-    """The first row of each prompt in a table sorted by prompt."""
-    return np.r_[True, prompt_id[1:] != prompt_id[:-1]] if len(prompt_id) else np.zeros(0, bool)
 
 
 def sync(s: Setup, st: RunState) -> bool:
