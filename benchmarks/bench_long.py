@@ -20,6 +20,14 @@ completions are 90-100 % of --new-tokens long (min_new_tokens): sampled tokens/s
 bytes per sampled token of a checkpoint written after its first optimizer step (the pool shard holds every
 completion sampled: method.pool accumulate) in each rank's state file.
 
+    python benchmarks/bench_long.py --sp [--tokens 4096,16384] [--layers 2]
+
+Sequence parallelism (train.sequence_parallel): one row of T label tokens as one optimizer step on 2 CPU ranks
+(1 thread each), trained by one rank while the other runs an empty micro-batch (sp1: what data parallelism
+does with a single row) or by both, each on half its positions (sp2: Ulysses attention). Per rank: the step's
+transient memory (as above) and its time. The model: SmolLM2-135M's width with 8 heads of 64 and 4 KV heads
+(hidden 512: Ulysses splits the heads over the ranks, and 9 do not split in 2), chunked head, bf16.
+
     python benchmarks/bench_long.py --activations [--tokens 1024,4096] [--layers 2]
 
 The bytes autograd keeps for the backward pass per token, layer and unit of hidden size (saved-tensor hooks,
@@ -66,20 +74,24 @@ def worker(args: argparse.Namespace) -> None:
 
     D.init("gloo", 600)
     torch.set_num_threads(args.threads)
-    chunk, gc = SETTINGS[args.setting]
-    ds = common.ds_config(1, micro=1)
+    sp = int(args.setting[2:]) if args.setting.startswith("sp") else 1
+    chunk, gc = SETTINGS.get(args.setting, (1024, False))
+    ds = common.ds_config(D.world_size(), micro=1)
     ds["bf16"] = {"enabled": True}
     ds["optimizer"]["params"]["fused"] = True
     learner = Learner(args.model, ds, checkpoint_above=0 if gc else None, logprob_chunk=chunk, share_prompt=False,
-                      max_seq_length=64 + args.tokens)
+                      max_seq_length=64 + args.tokens, sequence_parallel=sp)
     rng = np.random.default_rng(0)
     vocab = learner.module.config.vocab_size
     row = build_row(rng.integers(3, vocab, 64).tolist(), rng.integers(3, vocab, args.tokens - 1).tolist(), True, 2,
                     64 + args.tokens)
     labels = int((row.labels[1:] != -100).sum())
 
+    # rank 0 trains the row; under sequence parallelism its whole group does, else the others run an empty one
+    mine = [row] if D.rank() < sp else []
+
     def step() -> None:
-        learner.train_step([row], [np.array([0])], pad_id=0, step_tokens=labels, world_size=1,
+        learner.train_step(mine, [np.arange(len(mine))], pad_id=0, step_tokens=labels, world_size=D.world_size(),
                            checkpoint=[gc])
 
     step()  # the optimizer state is built here
@@ -89,21 +101,25 @@ def worker(args: argparse.Namespace) -> None:
     step()
     took = time.perf_counter() - t0
     peak = rss_kb("VmHWM")
+    per_rank = D.all_gather_object((round(took, 3), round((peak - before) / 2**20, 3), round(before / 2**20, 3)))
+    took = max(t for t, _, _ in per_rank)
     result = {"setting": args.setting, "vocab": vocab, "tokens": args.tokens, "layers": args.layers,
               "label_tokens": labels, "step_s": round(took, 3), "label_tok_s": round(labels / took, 1),
-              "rss_before_gb": round(before / 2**20, 3), "transient_gb": round((peak - before) / 2**20, 3),
-              "head": learner.head is not None}
-    print("RESULT " + json.dumps(result), flush=True)
+              "rss_before_gb": max(b for *_, b in per_rank), "transient_gb": max(m for _, m, _ in per_rank),
+              "transient_gb_per_rank": [m for _, m, _ in per_rank], "head": learner.head is not None}
+    if D.rank() == 0:
+        print("RESULT " + json.dumps(result), flush=True)
 
 
-def model_for(vocab: int, layers: int) -> Path:
+def model_for(vocab: int, layers: int, heads: int = 9) -> Path:
+    """SmolLM2-135M's shape (9 heads of 64, 3 KV heads), or 8 heads of 64 and 4 KV heads (--sp)."""
     from rft_ds.toy import build_tiny_model
 
-    path = common.ROOT / ".cache" / f"bench-long-v{vocab}-l{layers}"
+    path = common.ROOT / ".cache" / (f"bench-long-v{vocab}-l{layers}" + ("" if heads == 9 else f"-h{heads}"))
     if not (path / "config.json").exists():
-        build_tiny_model(path, hidden_size=576, num_layers=layers, num_heads=9, head_dim=64, num_key_value_heads=3,
-                         intermediate_size=1536, vocab_size=vocab, tie_word_embeddings=True,
-                         max_position_embeddings=16384)
+        build_tiny_model(path, hidden_size=64 * heads, num_layers=layers, num_heads=heads, head_dim=64,
+                         num_key_value_heads=3 if heads == 9 else heads // 2, intermediate_size=1536,
+                         vocab_size=vocab, tie_word_embeddings=True, max_position_embeddings=32768)
     return path
 
 
@@ -244,6 +260,7 @@ def main() -> None:
     ap.add_argument("--state", action="store_true", help="a rank's checkpoint state file at --state-tokens")
     ap.add_argument("--state-tokens", default="10000000,100000000")
     ap.add_argument("--activations", action="store_true", help="saved activations per token (exact)")
+    ap.add_argument("--sp", action="store_true", help="one row on 2 ranks: alone vs sequence parallel")
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--model")
     ap.add_argument("--setting")
@@ -258,14 +275,16 @@ def main() -> None:
         return state_file(args)
     if args.activations:
         return activations(args)
+    if args.sp:
+        args.vocab, args.settings, args.threads = "49152", "sp1,sp2", 1
     results = []
     for vocab in map(int, args.vocab.split(",")):
-        model = model_for(vocab, args.layers)
+        model = model_for(vocab, args.layers, 8 if args.sp else 9)
         for tokens in map(int, args.tokens.split(",")):
             for setting in args.settings.split(","):
                 p = common.launch_captured(__file__, ["--worker", "--model", str(model), "--setting", setting,
                                                       "--tokens", str(tokens), "--layers", str(args.layers),
-                                                      "--threads", str(args.threads)], nproc=1)
+                                                      "--threads", str(args.threads)], nproc=2 if args.sp else 1)
                 found = [json.loads(line.split("RESULT ", 1)[1]) for line in p.stdout.splitlines() if "RESULT {" in line]
                 if p.returncode or not found:
                     r = {"setting": setting, "vocab": vocab, "tokens": tokens, "error": f"exit {p.returncode}: " +
@@ -281,6 +300,16 @@ def main() -> None:
         else:
             print(f"{r['vocab']:>7} {r['tokens']:>6} {r['setting']:>11} {r['step_s']:>7.2f} {r['label_tok_s']:>11.1f} "
                   f"{r['transient_gb']:>12.3f}")
+    if args.sp:
+        print("\nsp1 / sp2: the largest transient over the ranks, and the step's time (higher = sequence parallelism "
+              "saves more)")
+        by = {(r["tokens"], r["setting"]): r for r in results if "error" not in r}
+        for (tokens, setting), r in by.items():
+            if setting == "sp1" and (tokens, "sp2") in by:
+                o = by[(tokens, "sp2")]
+                print(f"  {tokens:>6} tokens: memory {r['transient_gb'] / max(o['transient_gb'], 1e-3):5.2f}x less, "
+                      f"time {r['step_s'] / o['step_s']:.3f}x less; per rank {r['transient_gb_per_rank']} -> "
+                      f"{o['transient_gb_per_rank']} GB")
     print("\nplain / chunked: transient memory (higher = chunking saves more), chunked / plain: label tokens/s")
     by = {(r["vocab"], r["tokens"], r["setting"]): r for r in results if "error" not in r}
     for (vocab, tokens, setting), r in by.items():

@@ -178,6 +178,10 @@ class TrainConfig:
     # is O(chunk x vocabulary), not O(label tokens x vocabulary). 0: every label position at once.
     logprob_chunk: int = 1024
     group_by_length: bool = True  # micro-batches of rows of similar length (less padding); kept on resume
+    # Ranks that train each row together, each computing 1/k of its positions (DeepSpeed's Ulysses attention:
+    # rft_ds/sequence_parallel.py), for rows whose activations pass one device's memory. The world size must be a
+    # multiple of it, and the model's attention heads split over it. 1: off.
+    sequence_parallel: int = 1
     # a prompt's rows share a micro-batch and are trained as one sequence, the prompt computed once under a
     # prefix-tree mask (same loss, fewer tokens); models whose attention cannot take it train row by row
     share_prompt: bool = True
@@ -542,6 +546,13 @@ def validate(cfg: RFTRunConfig) -> None:
              f"model.gradient_checkpointing must be auto, true or false, got {cfg.model.gradient_checkpointing!r}")
     _require(cfg.model.gradient_checkpointing_tokens is None or cfg.model.gradient_checkpointing_tokens >= 1,
              f"model.gradient_checkpointing_tokens must be >= 1, got {cfg.model.gradient_checkpointing_tokens}")
+    _require(isinstance(t.sequence_parallel, int) and not isinstance(t.sequence_parallel, bool)
+             and t.sequence_parallel >= 1, f"train.sequence_parallel must be an int >= 1, got {t.sequence_parallel!r}")
+    _require(t.sequence_parallel == 1 or cfg.sampler.backend == "vllm",
+             "train.sequence_parallel > 1 needs sampler.backend: vllm (the hf sampler generates with the learner's "
+             "model, whose attention is then split over ranks)")
+    _require(t.sequence_parallel == 1 or not cfg.model.trust_remote_code,
+             "train.sequence_parallel > 1 needs transformers' own model code, not model.trust_remote_code")
     _require(t.eval_interval >= 0, f"train.eval_interval must be >= 0, got {t.eval_interval}")
     _require(t.save_interval >= 0, f"train.save_interval must be >= 0, got {t.save_interval}")
     _require(t.keep_last >= 1, f"train.keep_last must be >= 1, got {t.keep_last}")
@@ -565,7 +576,7 @@ RESUME_FIELDS = ("model.model_path", "model.tokenizer_path", "model.lora", "data
                  "reward.reward_fn", "reward.functions", "reward.weights", "reward.url", "reward.reward_model",
                  "reward.reward_model_label", "sampler.backend",
                  "sampler.chunk_prompts", "train.seed", "train.max_seq_length", "train.micro_batch_size",
-                 "train.gradient_accumulation_steps")
+                 "train.gradient_accumulation_steps", "train.sequence_parallel")
 
 
 def resume_changes(saved: dict, now: dict) -> list[str]:
@@ -577,7 +588,8 @@ def resume_changes(saved: dict, now: dict) -> list[str]:
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and prefix == "" else {f"{prefix}{k}": v})
         return out
 
-    a, b = flat(saved), flat(now)
+    # a field newer than the checkpoint counts as its default there
+    a, b = {**flat(RFTRunConfig().to_dict()), **flat(saved)}, flat(now)
     keys = sorted(k for k in set(a) | set(b)
                   if any(k == f or (f.endswith(".*") and k.startswith(f[:-1])) for f in RESUME_FIELDS))
     return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys if a.get(k) != b.get(k)]

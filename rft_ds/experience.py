@@ -165,18 +165,22 @@ def label_tokens(rows: Sequence[Row], micro_batches: Sequence[np.ndarray], grad_
 
 
 def rows_for_rank(selected: np.ndarray, pool: Any, prompts: Sequence[Sequence[int]], eos_id: int,
-                  max_len: int) -> tuple[list[Row], int, int]:
+                  max_len: int, sp: int = 1) -> tuple[list[Row], int, int]:
     """Collective. This rank's training rows of the `selected` table rows (selection.TABLE, the same on every
     rank): those whose tokens its pool shard (pool.LocalPool) holds and balance_plan leaves here, then the
     ones the plan sends here, their token ids in one all_to_all (skipped on every rank when nothing moves;
-    the sizes follow from the table). Returns (rows, rows over all ranks, rows moved)."""
+    the sizes follow from the table). Returns (rows, rows over all ranks, row copies moved).
+
+    sp > 1 (train.sequence_parallel): the plan deals rows to groups of sp consecutive ranks, and every rank
+    of a group gets all of its group's rows, in the plan's order (each computes its shard of every row)."""
     from rft_ds import distributed as D
     from rft_ds.faults import maybe_dump_rows
 
     prompt_len = np.array([len(p) for p in prompts], dtype=np.int64)
     sel = selected[fits(prompt_len[selected["prompt_id"]], selected["length"], selected["eos"], max_len)]
     world, me = D.world_size(), D.rank()
-    plan = balance_plan(sel["owner"], world)
+    plan = balance_plan(sel["owner"] // sp, world // sp)
+    plan = [plan[r // sp] for r in range(world)]
 
     def held_by(r: int, idx: np.ndarray) -> np.ndarray:
         return idx[sel["owner"][idx] == r]
@@ -191,6 +195,7 @@ def rows_for_rank(selected: np.ndarray, pool: Any, prompts: Sequence[Sequence[in
 
     stay = held_by(me, plan[me])
     rows = [row(i, t) for i, t in zip(stay, pool.tokens_of(sel["slot"][stay]))]
+    got_idx = [stay]
     moved = sum(len(plan[r]) - len(held_by(r, plan[r])) for r in range(world))
     if moved:  # the same decision on every rank: the plan is
         out = [held_by(me, plan[r]) if r != me else stay[:0] for r in range(world)]
@@ -199,6 +204,10 @@ def rows_for_rank(selected: np.ndarray, pool: Any, prompts: Sequence[Sequence[in
                                   for idx in out], [int(sel["length"][idx].sum()) for idx in into])
         for idx, flat in zip(into, got):
             rows += [row(i, t) for i, t in zip(idx, np.split(flat, np.cumsum(sel["length"][idx])[:-1]))]
+            got_idx.append(idx)
+    if sp > 1:  # a group's ranks hold its rows in one order: the plan's
+        where = {int(i): k for k, i in enumerate(plan[me])}
+        rows = [rows[k] for k in np.argsort([where[int(i)] for i in np.concatenate(got_idx)], kind="stable")]
     maybe_dump_rows(built)
     return rows, len(sel), moved
 

@@ -173,12 +173,16 @@ def label_positions(labels: Any) -> Any:
 def label_logprobs(logits: Any, labels: Any, keep: Any) -> tuple[Any, Any]:
     """(log p of every label token, in row-major order, with its graph; label tokens per row), from the
     logits at positions `keep` (label_positions)."""
+    targets = labels[:, keep + 1]
+    return target_logprobs(logits, targets), (targets != IGNORE_INDEX).sum(dim=1)
+
+
+def target_logprobs(logits: Any, targets: Any) -> Any:
+    """log p of targets[b, j] under logits[b, j], wherever it is not IGNORE_INDEX (row-major, with its graph)."""
     import torch
 
-    targets = labels[:, keep + 1]
-    mask = targets != IGNORE_INDEX
-    logp = torch.log_softmax(logits[mask].float(), dim=-1).gather(-1, targets[mask][:, None])[:, 0]
-    return logp, mask.sum(dim=1)
+    labelled = targets != IGNORE_INDEX
+    return torch.log_softmax(logits[labelled].float(), dim=-1).gather(-1, targets[labelled][:, None])[:, 0]
 
 
 def logprob_diffs(logp: np.ndarray, counts: Sequence[int], rows: Sequence[Row]) -> np.ndarray:
@@ -239,14 +243,16 @@ class Learner:
 
     def __init__(self, model_path: str, ds_config: dict, lora: Any = None, checkpoint_above: int | None = None,
                  trust_remote_code: bool = False, block_fetch: bool = True, share_prompt: bool = False,
-                 max_seq_length: int = 512, logprob_chunk: int = DEFAULT_CHUNK) -> None:
+                 max_seq_length: int = 512, logprob_chunk: int = DEFAULT_CHUNK, sequence_parallel: int = 1) -> None:
         """checkpoint_above: gradient checkpointing for a micro-batch of more tokens than this, padding included
         (0: every micro-batch; None: never). lora: an rft_ds.lora.LoraSpec (None: every weight trains). Its A and B are plain parameters when
         peft makes them; deepspeed.initialize partitions them with the rest. block_fetch: under ZeRO-3,
         gather a transformer block's parameters at once (mark_zero3_blocks). share_prompt: a prompt's rows
         in a micro-batch are one sequence of at most max_seq_length tokens (experience.layout), where the
         model allows it (why_not_share_prompt) and it costs less. logprob_chunk: label positions per chunk of
-        the LM head and log-softmax (rft_ds.logprobs; 0: every label position at once, as before)."""
+        the LM head and log-softmax (rft_ds.logprobs; 0: every label position at once, as before).
+        sequence_parallel: ranks that train each row together, each on a shard of its positions
+        (rft_ds.sequence_parallel; collective: makes the groups); 1: none."""
         import deepspeed
         import torch
         from transformers import AutoModelForCausalLM
@@ -258,6 +264,17 @@ class Learner:
             torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
         self.dtype = dtype
+        self.sp = None
+        if sequence_parallel > 1:
+            from rft_ds import sequence_parallel as SP
+
+            impl = model.config._attn_implementation
+            if trust_remote_code or impl != "sdpa":
+                raise ConfigError(f"train.sequence_parallel={sequence_parallel} needs transformers' own model code "
+                                  f"with sdpa attention; {type(model).__name__} has "
+                                  f"{'its own code' if trust_remote_code else repr(impl)}")
+            self.sp = SP.group(sequence_parallel)
+            SP.install(model, self.sp)
         if isinstance(checkpoint_above, bool):
             raise TypeError("checkpoint_above is a token count (0: always) or None (never), not a bool")
         if checkpoint_above is not None and not model.supports_gradient_checkpointing:
@@ -271,7 +288,8 @@ class Learner:
         # Not for a model's own code: a block that takes its hidden states by keyword would look to torch
         # like one without inputs, and its gradients would be reduced too early (below).
         self.zero3_blocks = mark_zero3_blocks(model) if block_fetch and not trust_remote_code else []
-        self.share_prompt_off = why_not_share_prompt(model, trust_remote_code) if share_prompt else "not asked"
+        self.share_prompt_off = "not asked" if not share_prompt else \
+            "sequence parallelism attends without a mask" if self.sp else why_not_share_prompt(model, trust_remote_code)
         self.share_prompt = self.share_prompt_off is None
         self._eager = model.config._attn_implementation == "eager"
         # sdpa: a mask costs the flash kernel on CUDA, masked attention measured ~6x the matmuls' cost per
@@ -345,21 +363,31 @@ class Learner:
         scale = self.grad_accum * world_size / max(step_tokens, 1)
         for k, idx in enumerate(micro_batches):
             batch_rows = [rows[i] for i in idx] or [Row(np.array([pad_id]), np.array([IGNORE_INDEX]))]
-            arrays, _ = layout(batch_rows, pad_id, self.pack)
-            batch = {key: torch.from_numpy(v).to(self.device) for key, v in arrays.items()}
-            mask = batch.pop("attention_mask")
             stats.checkpointed += self._set_checkpointing(bool(checkpoint[k]) if checkpoint is not None
                                                           else self.checkpoint_above == 0)
-            if mask.dim() == 4 and self._eager:  # eager attention adds its mask: 0 where allowed
-                mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(
-                    ~mask, torch.finfo(self.dtype).min)
-            logp = self._label_logprobs(batch["input_ids"], mask, batch.get("position_ids"), batch["labels"])
+            if self.sp is not None:  # this rank's shard of the rows' positions; its group has the others
+                from rft_ds.sequence_parallel import shard
+
+                batch = {key: torch.from_numpy(v).to(self.device) for key, v in
+                         shard(batch_rows, pad_id, self.sp.size, self.sp.rank).items()}
+                keep = torch.nonzero((batch["targets"] != IGNORE_INDEX).any(dim=0)).flatten()
+                logp = self._logprobs_at(batch["input_ids"], None, batch["position_ids"], keep,
+                                         batch["targets"][:, keep])
+            else:
+                arrays, _ = layout(batch_rows, pad_id, self.pack)
+                batch = {key: torch.from_numpy(v).to(self.device) for key, v in arrays.items()}
+                mask = batch.pop("attention_mask")
+                if mask.dim() == 4 and self._eager:  # eager attention adds its mask: 0 where allowed
+                    mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(
+                        ~mask, torch.finfo(self.dtype).min)
+                logp = self._label_logprobs(batch["input_ids"], mask, batch.get("position_ids"), batch["labels"])
             ce = -logp.sum()
             self.engine.backward(ce * scale)
             self.engine.step()
             stats.ce_sum += float(ce.detach())
             stats.tokens += int(logp.numel())
-            stats.input_tokens += sum(len(rows[i].input_ids) for i in idx)
+            if self.sp is None or self.sp.rank == 0:  # a group's rows counted once
+                stats.input_tokens += sum(len(rows[i].input_ids) for i in idx)
         stats.losses.append(stats.ce_sum / max(stats.tokens, 1))
         return stats
 
@@ -396,17 +424,22 @@ class Learner:
         return on
 
     def _label_logprobs(self, input_ids: Any, mask: Any, position_ids: Any, labels: Any) -> Any:
-        """log p of every label token (row-major, with its graph): through the chunked head when there is one
-        (memory O(chunk x vocabulary)), else from the logits at the label positions."""
+        """log p of every label token (row-major, with its graph), from the positions that predict one."""
         keep = label_positions(labels)
+        return self._logprobs_at(input_ids, mask, position_ids, keep, labels[:, keep + 1])
+
+    def _logprobs_at(self, input_ids: Any, mask: Any, position_ids: Any, keep: Any, targets: Any) -> Any:
+        """log p of targets[b, j], the token that follows position keep[j] of row b, wherever it is not
+        IGNORE_INDEX (row-major, with its graph): through the chunked head when there is one (memory
+        O(chunk x vocabulary)), else from the logits at those positions."""
         kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep,
                       use_cache=False)
         if self.head is not None:
-            with self.head.label_mode(labels[:, keep + 1]):
+            with self.head.label_mode(targets):
                 out = self.engine(**kwargs)
             self.head.last = None  # only the start-up check reads it
             return out.logits
-        return label_logprobs(self.engine(**kwargs).logits, labels, keep)[0]
+        return target_logprobs(self.engine(**kwargs).logits, targets)
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])

@@ -33,6 +33,7 @@ from rft_ds.experience import (Row, build_row, label_tokens, micro_batch_tokens,
                                prompt_groups, rows_for_rank)
 from rft_ds.faults import maybe_die
 from rft_ds.learner import TrainStats, checkpoint_plan
+from rft_ds.sequence_parallel import why_not as why_not_sequence_parallel
 from rft_ds.metrics import MetricsLog, format_epoch, open_sinks, plain
 from rft_ds.pool import LocalPool
 from rft_ds.samples import Samples, pick_probes
@@ -166,6 +167,8 @@ def check_launch(cfg: RFTRunConfig, world: int, cuda: bool | None = None) -> Pat
     if cuda is None:
         D.local_device(os.environ, torch.cuda.device_count())
     D.resolve_backend(cfg.train.dist_backend, torch.cuda.device_count() if cuda is None else int(cuda))
+    if world % cfg.train.sequence_parallel:
+        raise ConfigError(f"train.sequence_parallel={cfg.train.sequence_parallel} must divide the world size {world}")
     if cfg.sampler.backend == "vllm":
         engine_group(0, world, cfg.sampler.tensor_parallel_size)
         check_block_size(cfg.sampler.block_size, on_cpu=not (torch.cuda.is_available() if cuda is None else cuda))
@@ -247,6 +250,10 @@ def check_model(cfg: RFTRunConfig, cuda: bool | None = None) -> None:
     if cuda is None:
         cuda = torch.cuda.is_available()
     check_causal_lm(cfg.model.model_path, cfg.model.trust_remote_code)
+    problem = why_not_sequence_parallel(text_config(read_model_config(cfg.model.model_path)),
+                                        cfg.train.sequence_parallel)
+    if problem:
+        raise ConfigError(f"train.sequence_parallel={cfg.train.sequence_parallel}: {problem}")
     lora = parse_lora(cfg.model.lora)
     if lora is not None:
         check_lora(lora, cfg.model.model_path, cfg.model.trust_remote_code)  # on the meta device: no weights read
@@ -388,7 +395,7 @@ def new_learner(cfg: RFTRunConfig, ds_config: dict, max_len: int) -> Any:
     return Learner(cfg.model.model_path, ds_config, parse_lora(cfg.model.lora),
                    above,
                    cfg.model.trust_remote_code, cfg.model.zero3_block_fetch, cfg.train.share_prompt, pack_len,
-                   cfg.train.logprob_chunk)
+                   cfg.train.logprob_chunk, cfg.train.sequence_parallel)
 
 
 PACK_LEN_AUTO = 512  # packed-sequence length under train.max_seq_length: auto, when the rows are shorter
@@ -742,8 +749,9 @@ def train(s: Setup, st: RunState, step: Any) -> bool:
     first = np.r_[True, pid[1:] != pid[:-1]] if len(pid) else np.zeros(0, bool)  # each usable prompt's first row
     keep = cap_per_prompt(table["prompt_id"], table["score"], keep, s.cfg.method.max_per_prompt)
     rows, n_rows, moved = _rows(s, st, table, keep)
-    steps = num_steps(n_rows, D.world_size(), learner.micro_batch_size, learner.grad_accum)
-    micro = plan_micro_batches(len(rows), steps, t.seed, st.epoch, D.rank(), learner.micro_batch_size,
+    sp = t.sequence_parallel  # a group of sp ranks trains the same rows, each on its shard of their positions
+    steps = num_steps(n_rows, D.world_size() // sp, learner.micro_batch_size, learner.grad_accum)
+    micro = plan_micro_batches(len(rows), steps, t.seed, st.epoch, D.rank() // sp, learner.micro_batch_size,
                                learner.grad_accum, [len(r.input_ids) for r in rows] if st.group_by_length else None,
                                prompt_groups(rows) if st.share_prompt else None)
     # the epoch's whole plan: the same after a resume
@@ -760,10 +768,12 @@ def train(s: Setup, st: RunState, step: Any) -> bool:
     _add_time(st.record, "time_select", time.perf_counter() - t0)
     if s.weight_sync:
         s.sampler.sleep()  # GPU sleep mode: give the engine's memory to training (no-op otherwise)
-    # what each optimizer step's loss is averaged over: its label tokens on every rank (one all_reduce)
-    step_tokens = D.all_reduce(torch.from_numpy(label_tokens(rows, micro, learner.grad_accum)), "sum").tolist()
-    # gradient checkpointing where a micro-batch is long on any rank (the same choice on every rank)
-    checkpoint = checkpoint_plan(D.all_reduce(torch.from_numpy(micro_batch_tokens(rows, micro, learner.pack)),
+    # what each optimizer step's loss is averaged over: its label tokens on every rank (one all_reduce; a
+    # sequence-parallel group's ranks each count the group's rows)
+    step_tokens = (D.all_reduce(torch.from_numpy(label_tokens(rows, micro, learner.grad_accum)), "sum") // sp).tolist()
+    # gradient checkpointing where a micro-batch is long on any rank (the same choice on every rank); a rank
+    # computes 1/sp of its group's positions
+    checkpoint = checkpoint_plan(D.all_reduce(torch.from_numpy(-(-micro_batch_tokens(rows, micro, learner.pack) // sp)),
                                               "max").tolist(), learner.checkpoint_above)
     stats = st.local.setdefault("stats", TrainStats())
     if s.weight_sync and step.grow and st.cursor == 0 and not restarted:
@@ -808,7 +818,7 @@ def _finish_train_record(s: Setup, st: RunState, step: Any, n_micro: int) -> Non
     if len({d for d, *_ in per_rank}) != 1 or len({n for _, n, *_ in per_rank}) != 1:
         raise D.RankError(f"epoch {st.epoch}: ranks disagree on the selection or step count: {per_rank}")
     n_loss = sum(c for _, _, _, c, _, _ in per_rank)
-    real, padded = (sum(p[i] for *_, p in per_rank) for i in (0, 1))
+    real, padded = (sum(p[i] for *_, p in per_rank) // s.cfg.train.sequence_parallel for i in (0, 1))
     st.record.update(train_loss=sum(x for _, _, x, _, _, _ in per_rank) / n_loss if n_loss else None,
                      trained_tokens=sum(t for *_, t, _ in per_rank),
                      computed_tokens=real, padding_share=1 - real / padded if padded else 0.0,
@@ -844,7 +854,7 @@ def restart_from_base(s: Setup) -> None:
 def _rows(s: Setup, st: RunState, table: np.ndarray, keep: np.ndarray) -> tuple[list[Row], int, int]:
     """This rank's training rows of the selected completions (experience.rows_for_rank)."""
     return rows_for_rank(table[keep], st.pool, [r.token_ids for r in s.train.records], s.tokenizer.eos_token_id,
-                         s.max_len)
+                         s.max_len, s.cfg.train.sequence_parallel)
 
 
 def _probe_rows(s: Setup, st: RunState) -> list[Row]:

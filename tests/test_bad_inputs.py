@@ -128,6 +128,11 @@ CASES = {
                             "sampler.kv_cache_memory_bytes=1048576 cannot hold 32 samples"),
     "rows that would cut completions": (lambda d, m: ["train.max_seq_length=40", "method.gen_kwargs.max_new_tokens=38"],
                                         "train.max_seq_length (40) is shorter than prompt"),
+    "sequence parallel not dividing world": (lambda d, m: ["train.sequence_parallel=3"],
+                                             "train.sequence_parallel=3 must divide the world size 2"),
+    "sequence parallel over heads that do not split": (
+        lambda d, m: ["train.sequence_parallel=2", f"model.model_path={heads_config(m, d / 'heads3', 3)}"],
+        "train.sequence_parallel=2: the model's 3 attention heads do not split over 2 ranks"),
     "LoRA on what peft cannot wrap": (lambda d, m: ["model.lora={target_modules: [norm]}"],
                                       "model.lora: peft cannot wrap LlamaForCausalLM"),
 }
@@ -136,6 +141,13 @@ CASES = {
 def broken_config(tiny_model: Path, dst: Path) -> Path:
     shutil.copytree(tiny_model, dst)
     (dst / "config.json").write_text('{"model_type": "llama",')
+    return dst
+
+
+def heads_config(tiny_model: Path, dst: Path, heads: int) -> Path:
+    shutil.copytree(tiny_model, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": heads, "num_key_value_heads": heads}))
     return dst
 
 

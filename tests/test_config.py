@@ -85,6 +85,9 @@ def test_shipped_configs_load():
     ({}, ["train.logprob_chunk=-1"], "train.logprob_chunk must be an int >= 0"),
     ({}, ["model.gradient_checkpointing=sometimes"], "model.gradient_checkpointing must be auto, true or false"),
     ({}, ["method.overlong=trim"], "method.overlong must be keep or drop"),
+    ({}, ["train.sequence_parallel=0"], "train.sequence_parallel must be an int >= 1, got 0"),
+    ({}, ["train.sequence_parallel=2", "sampler.backend=hf"], "train.sequence_parallel > 1 needs sampler.backend: vllm"),
+    ({}, ["train.sequence_parallel=2", "model.trust_remote_code=true"], "needs transformers' own model code"),
     ({"method": "notamapping"}, None, "method must be a mapping"),
 ])
 def test_config_errors(extra, overrides, needle):

@@ -236,7 +236,9 @@ def test_long_completions_train_on_whole_rows(tmp_path):
     """Completions of 250-340 tokens (min_new_tokens 250, max_new_tokens 340: about half end by EOS) on 2 ranks
     with train.max_seq_length: auto. Every trained row, read back (RFT_DS_DUMP_ROWS), is its prompt, its whole
     completion as sampled and, where it ended by EOS, the EOS: nothing cut; those cut by max_new_tokens are
-    counted (truncated_share)."""
+    counted (truncated_share). Under sequence parallelism over both ranks (train.sequence_parallel=2), as the
+    longest rows would train: each rank gets every row, computes half of each, and the stale-weight check's
+    probes pass."""
     import numpy as np
 
     from rft_ds.toy import build_tiny_model
@@ -244,25 +246,29 @@ def test_long_completions_train_on_whole_rows(tmp_path):
     build_tiny_model(tmp_path / "model", max_position_embeddings=1024)  # the toy model's 256 positions are too few
     dump = tmp_path / "rows"
     p, secs = launch(tmp_path, "model.build=null", "train.epochs=1", "train.eval_interval=0", "train.max_seq_length=auto",
-                     "method.n_generations_per_prompt=4", "train.save_final_model=false",
+                     "method.n_generations_per_prompt=4", "train.save_final_model=false", "train.sequence_parallel=2",
                      "method.gen_kwargs={max_new_tokens: 340, min_new_tokens: 250, do_sample: true, temperature: 1.0}",
                      timeout=400, env_extra={"RFT_DS_DUMP_ROWS": str(dump)})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     from transformers import AutoTokenizer
 
     eos_id = AutoTokenizer.from_pretrained(tmp_path / "model").eos_token_id
-    n_rows, ended, longest = 0, 0, 0
-    for f in sorted(dump.glob("rank*.npz")):
-        z = np.load(f)
-        for i in range(int(z["n"])):
-            comp, eos, ids, labels = (z[f"{k}{i}"] for k in ("completion", "eos", "input_ids", "labels"))
-            tail = np.r_[comp, [eos_id] if eos else []]
-            prompt = len(ids) - len(tail)
-            assert 250 <= len(comp) <= 340 and prompt > 0
-            assert (ids[prompt:] == tail).all() and (labels[prompt:] == tail).all() and (labels[:prompt] == -100).all()
-            n_rows, ended, longest = n_rows + 1, ended + bool(eos), max(longest, len(ids))
+    n_rows, ended, longest, tokens = 0, 0, 0, 0
+    z, other = (np.load(dump / f"rank{r}-1.npz") for r in (0, 1))
+    assert sorted(z[f"input_ids{i}"].tobytes() for i in range(int(z["n"]))) == \
+        sorted(other[f"input_ids{i}"].tobytes() for i in range(int(other["n"])))  # one group: the same rows
+    for i in range(int(z["n"])):
+        comp, eos, ids, labels = (z[f"{k}{i}"] for k in ("completion", "eos", "input_ids", "labels"))
+        tail = np.r_[comp, [eos_id] if eos else []]
+        prompt = len(ids) - len(tail)
+        assert 250 <= len(comp) <= 340 and prompt > 0
+        assert (ids[prompt:] == tail).all() and (labels[prompt:] == tail).all() and (labels[:prompt] == -100).all()
+        n_rows, ended, longest = n_rows + 1, ended + bool(eos), max(longest, len(ids))
+        tokens += len(ids)
     m = read_metrics(tmp_path)
     assert n_rows == m[0]["n_rows"] > 0 and 0 < ended < n_rows and longest > 250, (n_rows, ended, longest)
     assert 0 < m[0]["truncated_share"] < 1 and m[0]["train_loss"] > 0
+    assert m[0]["trained_tokens"] == tokens  # a group's rows counted once, not once per rank
+    assert m[0]["stale_logprob_tokens"] > 0 and m[0]["stale_logprob_mean_diff"] < 1e-3, m[0]  # probes: per rank
     print(f"long completions: {secs:.0f}s, {n_rows} rows up to {longest} tokens, {ended} ended by EOS, "
           f"truncated_share {m[0]['truncated_share']:.2f}")

@@ -103,3 +103,12 @@ def test_step_is_the_mean_over_every_label_token_of_all_ranks(tiny_model, tmp_pa
     lora_both = torch.load(tmp_path / "fp32-lora-gc-chunk2.pt")
     worst = max(float((w - lora_both["weights"][k]).abs().max()) for k, w in lora_block["weights"].items())
     assert worst < 1e-6, worst
+    # sequence parallelism: both ranks train all 5 rows, each on half of every row's positions (a label's
+    # predicting position and the label itself on different ranks; a shard of padding): the same step as the
+    # plain one on the mean over every label token, each label token counted on exactly one rank
+    for setting in ("fp32-sp2", "fp32-sp2-gc-chunk2"):
+        got = torch.load(tmp_path / f"{setting}.pt")
+        worst = max(float((got["weights"][k] - (prm.detach() - 1.0 * prm.grad)).abs().max())
+                    for k, prm in model.named_parameters())
+        assert worst < 1e-5, (setting, worst)
+        assert sum(got["tokens_per_rank"]) == 16 and min(got["tokens_per_rank"]) > 0, got["tokens_per_rank"]

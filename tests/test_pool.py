@@ -79,10 +79,11 @@ def test_merge_for_another_world_size():
     assert len(LocalPool.merge([], rank=3)) == 0  # a new rank beyond the old world
 
 
-@pytest.mark.parametrize("case", ["skewed", "few", "even"])
+@pytest.mark.parametrize("case", ["skewed", "few", "even", "even-sp2"])
 def test_rows_exchange_between_two_ranks(case, tmp_path):
     """Real gloo ranks: the selected rows end up balanced across ranks, each row once, tokens and all, and
-    both ranks run the same number of micro-batches."""
+    both ranks run the same number of micro-batches. Under sequence parallelism (-sp2: one group of both
+    ranks) each rank gets every row, in the same order, and the same micro-batches."""
     import json
     import subprocess
     import sys
@@ -99,7 +100,11 @@ def test_rows_exchange_between_two_ranks(case, tmp_path):
     assert a["digest"] == b["digest"] and a["n_rows"] == b["n_rows"] and a["micro"] == b["micro"] > 0
     sizes = [len(a["rows"]), len(b["rows"])]
     got = sorted(map(json.dumps, a["rows"] + b["rows"]))
-    if case == "few":
+    if case == "even-sp2":
+        assert a["rows"] == b["rows"] and a["plan"] == b["plan"] and len(a["rows"]) == a["n_rows"] > 0
+        assert a["moved"] > 0  # each rank got the rows the other holds
+        got = sorted(map(json.dumps, a["rows"]))
+    elif case == "few":
         assert sizes == [1, 0] and a["moved"] == 0  # rank 1 runs its step on an empty micro-batch
     else:
         assert max(sizes) - min(sizes) <= 1 and sum(sizes) == a["n_rows"]

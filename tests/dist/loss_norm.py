@@ -4,7 +4,10 @@ bf16, in fp32 with ZeRO-3 fetching per module instead of per transformer block, 
 checkpointing) per block and per module, and with a prompt's rows trained as one sequence (fp32, bf16); the
 label log-probs through the chunked LM head (the default: one chunk here), in chunks of 2 positions (-chunk2,
 recomputed in backward) and without it (-plain); with gradient checkpointing on rank 0's first micro-batch
-alone (-gc-some: a plan that differs by micro-batch, the same on every rank) and on every one (-lora-gc-chunk2).
+alone (-gc-some: a plan that differs by micro-batch, the same on every rank) and on every one (-lora-gc-chunk2);
+and under sequence parallelism over both ranks (-sp2: each rank computes half the positions of all 5 rows, in
+micro-batches of 4 rows and of 1 row of odd length, whose shards are padded; -sp2-gc-chunk2 with gradient
+checkpointing and the chunked head).
 Rank 0 writes the updated weights to OUT/<setting>.pt; the test compares them with one plain-torch step on
 the mean loss over every label token of all 5 rows."""
 
@@ -30,7 +33,7 @@ def rows():
 def main(model: str, out: str) -> None:
     D.init("gloo", 120)
     for setting in ("fp32", "bf16", "fp32-per-module", "fp32-lora", "fp32-lora-per-module", "fp32-shared",
-                    "bf16-shared", "fp32-plain", "fp32-shared-chunk2", "fp32-gc-some", "fp32-lora-gc-chunk2"):
+                    "bf16-shared", "fp32-plain", "fp32-shared-chunk2", "fp32-gc-some", "fp32-lora-gc-chunk2", "fp32-sp2", "fp32-sp2-gc-chunk2"):
         step(model, out, setting)
     D.barrier()
     import torch.distributed as dist
@@ -40,7 +43,9 @@ def main(model: str, out: str) -> None:
 
 def step(model: str, out: str, setting: str) -> None:
     dtype = setting.split("-")[0]
-    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "train_batch_size": 8,
+    sp = 2 if "-sp2" in setting else 1
+    mb = 4 if sp > 1 else 2
+    ds = {"train_micro_batch_size_per_gpu": mb, "gradient_accumulation_steps": 2, "train_batch_size": mb * 4,
           "optimizer": {"type": "SGD", "params": {"lr": 1.0}}, "zero_optimization": {"stage": 3},
           "gradient_clipping": 0.0, "bf16": {"enabled": dtype == "bf16"}, "zero_allow_untested_optimizer": True}
     from rft_ds.lora import LoraSpec
@@ -50,12 +55,14 @@ def step(model: str, out: str, setting: str) -> None:
     learner = Learner(model, ds, lora=LoraSpec(r=4, alpha=8) if "lora" in setting else None,
                       checkpoint_above=0 if "-gc" in setting else None,
                       block_fetch=not setting.endswith("per-module"), share_prompt="shared" in setting,
-                      logprob_chunk=chunk)
+                      logprob_chunk=chunk, sequence_parallel=sp)
     assert learner.share_prompt == ("shared" in setting), learner.share_prompt_off
     assert (learner.head is not None) == (chunk > 0), learner.head_off
     all_rows = rows()
     mine = [all_rows[i] for i in ([0, 1, 2] if D.rank() == 0 else [3, 4])]
     micro = [np.array([0, 1]), np.array([2])] if D.rank() == 0 else [np.array([0, 1]), np.array([], np.int64)]
+    if sp > 1:  # both ranks: every row, the same micro-batches
+        mine, micro = all_rows, [np.array([0, 1, 2, 3]), np.array([4])]
     total = sum(int((r.labels[1:] != -100).sum()) for r in all_rows)
     plan = [True, False] if setting.endswith("gc-some") else [True, True] if "-gc" in setting else None
     stats = learner.train_step(mine, micro, pad_id=0, step_tokens=total, world_size=2, checkpoint=plan)
@@ -66,8 +73,11 @@ def step(model: str, out: str, setting: str) -> None:
 
         with deepspeed.zero.GatheredParameters([p]):
             state[name] = p.detach().float().clone()
+    tokens = D.all_gather_object(stats.tokens)
+    learner.close()
     if D.rank() == 0:
-        torch.save({"weights": state, "ce_sum": stats.ce_sum, "tokens": stats.tokens, "blocks": learner.zero3_blocks},
+        torch.save({"weights": state, "ce_sum": stats.ce_sum, "tokens": stats.tokens, "blocks": learner.zero3_blocks,
+                    "tokens_per_rank": tokens},
                    Path(out) / f"{setting}.pt")
 
 

@@ -1,6 +1,7 @@
 """2 ranks over gloo (torchrun): pool shards -> compact table all-gather -> selection -> rows where the tokens
 are, the surplus moved by one all_to_all. Each rank writes what it got to OUT_DIR/rank<r>.json (lines of two
-processes on one pipe can interleave)."""
+processes on one pipe can interleave). A case ending in -sp2 deals the rows to one sequence-parallel group of
+both ranks (train.sequence_parallel=2): each gets every row."""
 
 import json
 import sys
@@ -18,6 +19,8 @@ from rft_ds.selection import parse_pool_policy, select, selection_digest, update
 def main(case: str, out_dir: str) -> None:
     D.init("gloo", 120)
     me = D.rank()
+    sp = 2 if case.endswith("-sp2") else 1
+    case = case.removesuffix("-sp2")
     rng = np.random.default_rng(100 + me)
     prompts = [[1] * (3 + p % 4) for p in range(12)]
     pool = LocalPool(me)
@@ -33,9 +36,9 @@ def main(case: str, out_dir: str) -> None:
     keep, _ = select(table["prompt_id"], table["score"], 0.0 if case == "few" else 0.5, min_score=0.0 if case == "few" else None)
     if case == "few":
         keep[:] = True
-    rows, n_rows, moved = rows_for_rank(table[keep], pool, prompts, eos_id=2, max_len=8)
-    steps = num_steps(n_rows, D.world_size(), 4, 1)
-    micro = plan_micro_batches(len(rows), steps, 0, 0, me, 4, 1)
+    rows, n_rows, moved = rows_for_rank(table[keep], pool, prompts, eos_id=2, max_len=8, sp=sp)
+    steps = num_steps(n_rows, D.world_size() // sp, 4, 1)
+    micro = plan_micro_batches(len(rows), steps, 0, 0, me // sp, 4, 1)
     # the reference: every row built from every rank's tokens (gathered here for the test only)
     held = {(r, int(slot)): t for r, (slots, tks) in enumerate(D.all_gather_object((pool.rows["slot"], pool.tokens)))
             for slot, t in zip(slots, tks)}
@@ -44,6 +47,7 @@ def main(case: str, out_dir: str) -> None:
            if len(prompts[int(t["prompt_id"])]) + int(t["length"]) + int(t["eos"]) <= 8]  # whole rows only: none is cut
     Path(out_dir, f"rank{me}.json").write_text(json.dumps({"rows": [[r.input_ids.tolist(), r.labels.tolist()] for r in rows],
                                   "n_rows": n_rows, "moved": moved, "micro": len(micro),
+                                  "plan": [m.tolist() for m in micro],
                                   "digest": selection_digest(table, keep),
                                   "ref": [[r.input_ids.tolist(), r.labels.tolist()] for r in ref if r is not None]}))
 
