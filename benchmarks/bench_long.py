@@ -310,6 +310,7 @@ def main() -> None:
                 print(f"  {tokens:>6} tokens: memory {r['transient_gb'] / max(o['transient_gb'], 1e-3):5.2f}x less, "
                       f"time {r['step_s'] / o['step_s']:.3f}x less; per rank {r['transient_gb_per_rank']} -> "
                       f"{o['transient_gb_per_rank']} GB")
+        return
     print("\nplain / chunked: transient memory (higher = chunking saves more), chunked / plain: label tokens/s")
     by = {(r["vocab"], r["tokens"], r["setting"]): r for r in results if "error" not in r}
     for (vocab, tokens, setting), r in by.items():
