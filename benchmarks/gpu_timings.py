@@ -16,7 +16,10 @@
                                                  no causal discount: the PaLM convention; attention_pairs);
      with --per-prompt K --share, a prompt's K rows are one sequence (train.share_prompt) where the learner's
      cost rule packs them, and the tokens counted are those computed. max_seq_length is K rows here, so all K
-     may pack; a run packs only as many rows as fit its train.max_seq_length;
+     may pack; a run packs only as many rows as fit its train.max_seq_length; --logprob-chunk and --gc set the
+     label log-probs' chunk (0: all at once) and gradient checkpointing, for long rows (issue 28):
+         ... gpu_timings.py --size 1b --micro 1 --completion-len 4096 --logprob-chunk 0|1024 [--gc]
+     and the train section's peak GPU memory compares them;
   3. sync: the trained weights streamed through rft_ds.weight_sync.WeightSync (bucketed ZeRO-3 gathers) into a
      consumer that counts bytes and checks device and dtype; GB/s against a same-device copy_ of as many bytes.
 Each section has its own try/except; exit code 1 if any failed. The last line is `[gpu-timings] JSON {...}`.
@@ -93,14 +96,15 @@ def matmul_peak(dev: torch.device) -> float:
     return 2 * n**3 * iters / best / 1e12
 
 
-def build_model(size: str, out: Path, dev: torch.device) -> None:
-    """A random-init Llama of `size`, saved in bf16 (what the learner loads). Built on the device, where
-    initialising a billion parameters takes a second, before any ZeRO-3 setting exists to partition it."""
+def build_model(size: str, out: Path, dev: torch.device, positions: int = 2048) -> None:
+    """A random-init Llama of `size` with `positions` positions, saved in bf16 (what the learner loads). Built
+    on the device, where initialising a billion parameters takes a second, before any ZeRO-3 setting exists
+    to partition it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = SIZES[size]
     config = LlamaConfig(**shape, head_dim=shape["hidden_size"] // shape["num_attention_heads"],
-                         tie_word_embeddings=True, max_position_embeddings=2048,
+                         tie_word_embeddings=True, max_position_embeddings=positions,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
     with torch.device(dev):
@@ -264,6 +268,10 @@ def main() -> int:
     ap.add_argument("--fused", action="store_true", help="torch's fused AdamW (optimizer params fused: true)")
     ap.add_argument("--per-prompt", type=int, default=1, help="rows per prompt (consecutive: one micro-batch)")
     ap.add_argument("--share", action="store_true", help="a prompt's rows as one sequence (train.share_prompt)")
+    ap.add_argument("--logprob-chunk", type=int, default=1024, help="train.logprob_chunk (0: every label position's "
+                    "logits at once, as before issue 28)")
+    ap.add_argument("--gc", action="store_true", help="gradient checkpointing on every micro-batch "
+                    "(model.gradient_checkpointing: true)")
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = ap.parse_args()
     if not 0 <= args.warmup < args.steps:
@@ -277,7 +285,7 @@ def main() -> int:
                  "transformers": transformers.__version__, "micro": args.micro, "steps": args.steps,
                  "warmup": args.warmup, "seq": args.prompt_len + args.completion_len,
                  "block_fetch": not args.per_module, "fused": args.fused, "per_prompt": args.per_prompt,
-                 "share_prompt": args.share}
+                 "share_prompt": args.share, "logprob_chunk": args.logprob_chunk, "gradient_checkpointing": args.gc}
     t0 = time.perf_counter()
     D.init("auto", 600)  # the device rule picks the GPU; nccl with CUDA, gloo without
     dev, world = D.device(), D.world_size()
@@ -298,7 +306,7 @@ def main() -> int:
             from rft_ds.learner import Learner, fill_ds_config, load_ds_config
 
             t = time.perf_counter()
-            build_model(args.size, Path(tmp) / "model", dev)
+            build_model(args.size, Path(tmp) / "model", dev, max(2048, args.prompt_len + args.completion_len))
             out["build_s"] = time.perf_counter() - t
             ds = fill_ds_config(load_ds_config(ds_path), TrainConfig(micro_batch_size=args.micro,
                                 gradient_accumulation_steps=1, learning_rate=1e-5, warmup_steps=0), world)
@@ -311,7 +319,8 @@ def main() -> int:
 
             learner = Learner(str(Path(tmp) / "model"), ds, LoraSpec(r=args.lora, alpha=2 * args.lora) if args.lora else None,
                               block_fetch=not args.per_module, share_prompt=args.share,
-                              max_seq_length=(args.prompt_len + args.completion_len) * args.per_prompt)
+                              max_seq_length=(args.prompt_len + args.completion_len) * args.per_prompt,
+                              checkpoint_above=0 if args.gc else None, logprob_chunk=args.logprob_chunk)
             out["learner_init_s"] = time.perf_counter() - t
             say(f"train: model built in {out['build_s']:.1f}s, Learner (ZeRO-3) up in {out['learner_init_s']:.1f}s")
             train(learner, args, world, peak, out)

@@ -24,7 +24,7 @@ def check(cfg: RFTRunConfig, world: int, cuda: bool | None = None) -> tuple[list
     run; a note is what check could not look at (a model that model.build makes at start)."""
     from rft_ds import recipe
     from rft_ds.evaluation import best_metric, parse_sets
-    from rft_ds.reward_terms import build_terms, check_arguments
+    from rft_ds.reward_terms import build_terms, check_arguments, check_prompts
 
     problems: list[str] = []
     notes: list[str] = []
@@ -73,6 +73,9 @@ def check(cfg: RFTRunConfig, world: int, cuda: bool | None = None) -> tuple[list
             attempt(recipe.row_limit, cfg, train)
         if tokenized and rewards is not FAILED:
             attempt(check_arguments, rewards, {k for m in train.metadata for k in m})
-            for ev in evals:
+            attempt(check_prompts, rewards, train.metadata, "data.prompts")
+            for i, ev in enumerate(evals):
                 attempt(check_arguments, ev.rewards, {k for m in ev.prompts.metadata for k in m})
+                attempt(check_prompts, ev.rewards, ev.prompts.metadata,
+                        "eval_prompts" if cfg.eval.sets is None else f"eval.sets[{i}]")
     return problems, notes

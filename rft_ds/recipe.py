@@ -38,7 +38,7 @@ from rft_ds.metrics import MetricsLog, format_epoch, open_sinks, plain
 from rft_ds.pool import LocalPool
 from rft_ds.samples import Samples, pick_probes
 from rft_ds.lora import check_lora, parse_lora, save_adapter
-from rft_ds.reward_terms import build_terms, check_arguments, function_term, load_reward_models
+from rft_ds.reward_terms import build_terms, check_arguments, check_prompts, function_term, load_reward_models
 from rft_ds.scoring import RewardError, gather_new_rows, gather_pool, score_shard, term_means
 from rft_ds.selection import (TABLE, cap_per_prompt, parse_pool_policy, schedule, select,
                               selection_digest, truncated, update_pool)
@@ -142,8 +142,10 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
     tokenize_prompts(cfg, tokenizer, train, evals)
     row_limit(cfg, train)
     check_arguments(rewards, {k for m in train.metadata for k in m})
-    for ev in evals:
+    check_prompts(rewards, train.metadata, "data.prompts")
+    for i, ev in enumerate(evals):
         check_arguments(ev.rewards, {k for m in ev.prompts.metadata for k in m})
+        check_prompts(ev.rewards, ev.prompts.metadata, "eval_prompts" if cfg.eval.sets is None else f"eval.sets[{i}]")
     return rewards, train, evals, best, tokenizer, ds_config, ckpt
 
 

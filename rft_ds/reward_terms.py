@@ -48,6 +48,10 @@ class RewardTerm:
     accepts: frozenset | None = None  # keyword names fn takes; None: any (it has **kwargs)
     timeout_s: float | None = None  # per call; None: reward.timeout_s
     reward_model: dict | None = None  # {path, batch_size, max_length, label, max_length_field}
+    # what fn counts besides its scores (fn.reports, e.g. ("timeouts", "errors"): it returns rft_ds.rewards.Scores),
+    # and the sums since the scorer last took them (reward_<name>_<count> in the metrics)
+    reports: tuple = ()
+    counts: dict = field(default_factory=dict)
 
 
 def call_style(fn: Callable, name: str) -> tuple[str, frozenset | None]:
@@ -99,7 +103,7 @@ def _term(fn: Callable, spec: Any, entry: dict, what: str) -> RewardTerm:
     if bs is not None and (not isinstance(bs, int) or isinstance(bs, bool) or bs < 1):
         raise ConfigError(f"{what}.batch_size must be an int >= 1, got {bs!r}")
     return RewardTerm(name, fn, style=style, is_async=is_async, executor=executor, batch_size=bs, kwargs=kwargs,
-                      accepts=accepts)
+                      accepts=accepts, reports=tuple(getattr(fn, "reports", ())))
 
 
 def build_terms(r: Any, reward_fn: Any = None) -> list[RewardTerm]:
@@ -188,6 +192,20 @@ def check_arguments(terms: Sequence[RewardTerm], metadata_keys: set) -> None:
         if missing:
             raise ConfigError(f"reward term {t.name} requires {missing[0]!r}, which is neither a {t.style} argument "
                               "nor a metadata field of the prompts")
+
+
+def check_prompts(terms: Sequence[RewardTerm], metadata: Sequence[dict], where: str) -> None:
+    """A term that can tell bad prompts before any sample exists (its fn.check_metadata: a code task without
+    tests, a math reference that does not parse) says so in one line naming the prompt, before any model
+    loads."""
+    for t in terms:
+        check = getattr(t.fn, "check_metadata", None)
+        if check is None:
+            continue
+        try:
+            check(metadata, **t.kwargs)
+        except ValueError as e:
+            raise ConfigError(f"{where}: reward term {t.name}: {e}") from None
 
 
 def load_reward_models(terms: Sequence[RewardTerm]) -> None:
@@ -423,6 +441,9 @@ def score_terms(terms: Sequence[RewardTerm], samples: list[str], prompts: list[s
         for (sl, _), got in zip(calls, raw):
             parts[k, sl] = validate_scores(got, len(samples[sl]), prompt_ids[sl], outputs[sl], t.name, sl.start,
                                            allow_none=True)
+            for key, n in (getattr(got, "counts", None) or {}).items():  # rft_ds.rewards.Scores: across executors
+                if key in t.reports:
+                    t.counts[key] = t.counts.get(key, 0) + int(n)
             pbar.update(len(samples[sl]))
     pbar.close()
     return combine(parts, [t.weight for t in terms], [t.name for t in terms], prompt_ids, outputs), parts

@@ -59,6 +59,182 @@ def numeric_match(samples: list[str], prompts: list[str], outputs: list[str], an
     return scores
 
 
+class Scores(list):
+    """A reward function's scores with counts of what went wrong on the way (a verifier's timeouts and
+    errors). Return it instead of a list, and name the counts in the function's `reports` attribute: the
+    scorer sums them over calls, executors and ranks into reward_<term>_<count>, so a failure is counted,
+    never a silent 0. A list, so it passes every check a list passes and pickles across the process
+    executor."""
+
+    def __init__(self, scores: Sequence[Any], **counts: int) -> None:
+        super().__init__(scores)
+        self.counts = counts
+
+
+def math_verify(samples: list[str], prompts: list[str], outputs: list[str], answer_key: str = "answer",
+                timeout_s: float = 5.0, workers: int = 2, **kwargs: Any) -> Scores:
+    """1.0 when the completion's final answer equals the reference mathematically, else 0.0 (HF's math-verify:
+    1/2 = 0.5 = \\frac{1}{2}, sets, intervals, equations). The answer is the one the completion marks
+    (rft_ds.answers: \\boxed{}, <answer>, ####, "the answer is"); in a completion that marks none,
+    math-verify's own pick (its last LaTeX or plain expression: "$\\frac{6}{4}$" is 3/2, not the last number 4).
+
+    Each comparison runs in a verifier worker process (rft_ds.verifier; `workers` per process, started once)
+    under a hard limit of `timeout_s` (+ grace): one that hangs is cut off, scored 0.0 and counted as
+    reward_<term>_timeouts; one that raises (or a reference that does not parse) as reward_<term>_errors.
+    The same in every executor: inline (the default; the workers are its parallelism), thread or process."""
+    from rft_ds import verifier
+    from rft_ds.answers import final_answer
+
+    answers = _answers(kwargs, len(outputs), answer_key)
+    checks = []
+    for out, ref in zip(outputs, answers):
+        found = final_answer(out, MARKED)
+        checks.append([str(ref), found if found is not None else out, found is not None])
+    verdicts = verifier.pool(("math_verify",), workers).run("rft_ds.rewards:math_equal", checks, timeout_s)
+    scores = [1.0 if status == "ok" and value else 0.0 for status, value in verdicts]
+    return Scores(scores, timeouts=sum(status == "timeout" for status, _ in verdicts),
+                  errors=sum(status == "error" for status, _ in verdicts))
+
+
+def _check_math_references(metadata: Sequence[dict], answer_key: str = "answer", workers: int = 2,
+                           timeout_s: float = 5.0, **kwargs: Any) -> None:
+    """Before any model loads: every prompt has a reference, and up to 64 of them, spread over the set, parse
+    as math (all of a million would take minutes; one that slips through is counted as an error)."""
+    from rft_ds import verifier
+
+    missing = next((i for i, m in enumerate(metadata) if m.get(answer_key) is None), None)
+    if missing is not None:
+        raise ValueError(f"prompt {missing} has no {answer_key!r} metadata (the reference answer)")
+    picked = sorted({round(k * (len(metadata) - 1) / 63) for k in range(64)}) if len(metadata) > 64 else \
+        range(len(metadata))
+    refs = [str(metadata[i][answer_key]) for i in picked]
+    got = verifier.pool(("math_verify",), workers).run("rft_ds.rewards:parses_as_math", [[r] for r in refs], timeout_s)
+    for i, ref, (status, value) in zip(picked, refs, got):
+        if not (status == "ok" and value):
+            raise ValueError(f"prompt {i}'s reference answer {ref[:60]!r} does not parse as math"
+                             + (f" ({status})" if status != "ok" else ""))
+
+
+def parses_as_math(reference: str) -> bool:
+    """Whether math-verify reads `reference` as math, not only as text (runs in a verifier worker)."""
+    from math_verify import parse
+
+    return any(not isinstance(g, str) for g in parse(f"\\boxed{{{reference}}}", parsing_timeout=None))
+
+
+math_verify.reports = ("timeouts", "errors")
+math_verify.check_metadata = _check_math_references
+MARKED = ("boxed", "tagged", "hashes", "stated")  # the answers a completion marks as such
+
+
+def math_equal(reference: str, answer: str, extracted: bool) -> bool:
+    """math-verify's verdict on one answer; runs in a verifier worker, whose limits replace math-verify's own
+    timeouts (signal-based, so off here). extracted: `answer` is the final answer alone (parsed as if
+    boxed), else a whole completion for math-verify to search."""
+    from math_verify import parse, verify
+
+    gold = parse(f"\\boxed{{{reference}}}", parsing_timeout=None, raise_on_error=True)
+    if all(isinstance(g, str) for g in gold):  # math-verify's fallback keeps the raw text: not math
+        raise ValueError(f"the reference answer {reference[:60]!r} does not parse as math")
+    got = parse(f"\\boxed{{{answer}}}" if extracted else answer, parsing_timeout=None, raise_on_error=True)
+    return bool(got) and bool(verify(gold, got, timeout_seconds=None, raise_on_error=True))
+
+
+_FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+
+
+def extract_code(completion: str) -> str:
+    """The program a completion writes: its last fenced code block (```python ... ```), else all of it."""
+    blocks = _FENCE.findall(completion)
+    return blocks[-1] if blocks else completion
+
+
+def harness(solution: str, test: str | None = None, entry_point: str | None = None,
+                 test_list: Sequence[str] | None = None, setup: str | None = None) -> str:
+    """The sandbox's main.py: read the token from stdin, run the solution, then the tests, and print the token
+    (with the count of asserts passed, for test_list) only if it gets there: an early sys.exit(0) or a crash
+    is a failure. HumanEval: `test` defines check(candidate), called on `entry_point`; MBPP: `test_list` of
+    assert lines, each counted alone, after `setup` (test_setup_code)."""
+    lines = ["import sys as _sys", "def _rft_ds_main():", "    token = _sys.stdin.readline().strip()",
+             "    ns = {'__name__': '__main__'}",
+             f"    exec(compile({solution!r}, 'solution.py', 'exec'), ns)"]
+    if setup:
+        lines.append(f"    exec(compile({setup!r}, 'setup.py', 'exec'), ns)")
+    if test_list is not None:
+        lines += ["    passed = 0", f"    for t in {list(test_list)!r}:", "        try:",
+                  "            exec(compile(t, 'test.py', 'exec'), ns)", "            passed += 1",
+                  "        except Exception:", "            pass", "    print(token, passed, flush=True)"]
+    else:
+        lines += [f"    exec(compile({test!r}, 'test.py', 'exec'), ns)", f"    ns['check'](ns[{entry_point!r}])",
+                  "    print(token, 1, flush=True)"]
+    return "\n".join(lines + ["_rft_ds_main()", ""])
+
+
+def code_tests(samples: list[str], prompts: list[str], outputs: list[str], score: str = "all",
+               timeout_s: float = 10.0, memory_mb: int = 1024, processes: int = 32, workers: int = 4,
+               **kwargs: Any) -> Scores:
+    """Run each completion's program against its task's tests in a sandbox (rft_ds.sandbox: its own directory,
+    uid and network namespace as root; CPU, memory, file-size and process limits; a wall-clock timeout; every
+    process it left killed). Tests from the prompt's metadata: HumanEval's `test` + `entry_point` (the
+    completion may be the function's body: the prompt goes first when the program does not define
+    entry_point), or MBPP's `test_list` of asserts (+ `test_setup_code`). score: all (1.0 when every test
+    passes) or share (the share of test_list's asserts that pass). Runs `workers` sandboxes at a time; a run
+    past timeout_s scores 0 and is counted (reward_<term>_timeouts), one the sandbox could not start too
+    (..._errors)."""
+    import secrets
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rft_ds import sandbox
+
+    if score not in ("all", "share"):
+        raise ValueError(f"code_tests: score must be all or share, got {score!r}")
+    n = len(outputs)
+    tests, entries, lists = (kwargs.get(k) or [None] * n for k in ("test", "entry_point", "test_list"))
+    setups = kwargs.get("test_setup_code") or [None] * n
+    jobs = []
+    for i, out in enumerate(outputs):
+        if lists[i] is None and (tests[i] is None or entries[i] is None):
+            raise ValueError(f"code_tests: sample {i} (prompt {prompts[i][:40]!r}) has no tests: give its prompt "
+                             "test + entry_point (HumanEval) or test_list (MBPP) metadata")
+        code = extract_code(out)
+        if lists[i] is None and f"def {entries[i]}" not in code:
+            code = prompts[i] + code  # HumanEval: the completion is the body of the prompt's function
+        jobs.append((harness(code, tests[i], entries[i], lists[i], setups[i]),
+                     len(lists[i]) if lists[i] is not None else 1))
+    limits = sandbox.Limits(timeout_s=timeout_s, cpu_s=max(1, int(timeout_s)), memory_mb=memory_mb,
+                            processes=processes)
+
+    def one(job: tuple[str, int]) -> tuple[str, float]:
+        program, total = job
+        token = secrets.token_hex(16)
+        got = sandbox.run(program, limits, stdin=token + "\n")
+        passed = 0
+        for line in got.output.splitlines():
+            if line.startswith(token):
+                passed = int(line.split()[1])
+        if got.status != "passed":
+            passed = 0 if got.status in ("timeout", "error") or score == "all" else passed
+        share = passed / total if total else 0.0
+        return got.status, (share if score == "share" else float(got.status == "passed" and passed == total))
+
+    with ThreadPoolExecutor(max(1, min(workers, len(jobs)))) as ex:
+        results = list(ex.map(one, jobs))
+    return Scores([v for _, v in results], timeouts=sum(st == "timeout" for st, _ in results),
+                  errors=sum(st == "error" for st, _ in results))
+
+
+def _check_code_tests(metadata: Sequence[dict], **kwargs: Any) -> None:
+    """Before any model loads: every prompt has tests (HumanEval's test + entry_point, or MBPP's test_list)."""
+    for i, m in enumerate(metadata):
+        if not (m.get("test_list") or (m.get("test") and m.get("entry_point"))):
+            raise ValueError(f"prompt {i} has no tests: give it test + entry_point (HumanEval) or test_list (MBPP) "
+                             "metadata")
+
+
+code_tests.reports = ("timeouts", "errors")
+code_tests.check_metadata = _check_code_tests
+
+
 def accuracy(samples: list[str], prompts: list[str], outputs: list[str], **kwargs: Any) -> dict[str, float]:
     """metric_fn for numeric tasks: the share of exactly right answers and of outputs with any number."""
     scores = numeric_match(samples, prompts, outputs, **kwargs)

@@ -47,21 +47,26 @@ def score_shard(terms: Sequence[RewardTerm], prompt_ids: Sequence[int], tokens: 
 
 def term_means(terms: Sequence[RewardTerm], parts: np.ndarray) -> dict[str, float]:
     """Each term's mean over the samples it scored on all ranks, as reward_<name>_mean (none for a single
-    term: its mean is the reward mean), and for each reward model the samples whose completion it cut to
-    fit its max_length since the last call, as reward_<name>_truncated (so nothing is cut unseen). One
-    all-reduce of 2 numbers per term and 1 per reward model; none for a single function term."""
+    term: its mean is the reward mean); for each reward model the samples whose completion it cut to fit
+    its max_length since the last call, as reward_<name>_truncated (so nothing is cut unseen); and what a
+    term reports besides its scores (a verifier's timeouts and errors) since the last call, as
+    reward_<name>_<count>. One all-reduce of 2 numbers per term, 1 per reward model and 1 per reported
+    count; none for a single function term that reports nothing."""
     models = [t for t in terms if t.reward_model is not None]  # from the config: the same on every rank
-    if len(terms) < 2 and not models:
+    reported = [(t, key) for t in terms for key in t.reports]  # the functions': the same on every rank
+    if len(terms) < 2 and not models and not reported:
         return {}
     import torch
 
     applied = ~np.isnan(parts)
     cut = [t.fn.take_truncated() if hasattr(t.fn, "take_truncated") else 0 for t in models]
-    local = np.concatenate([np.where(applied, parts, 0.0).sum(1), applied.sum(1), cut])
+    counts = [t.counts.pop(key, 0) for t, key in reported]
+    local = np.concatenate([np.where(applied, parts, 0.0).sum(1), applied.sum(1), cut, counts])
     tot = D.all_reduce(torch.from_numpy(local)).numpy()
-    k = len(terms)
+    k, m = len(terms), len(models)
     out = {f"reward_{t.name}_mean": float(tot[i] / tot[k + i]) for i, t in enumerate(terms) if k > 1 and tot[k + i] > 0}
     out.update({f"reward_{t.name}_truncated": int(tot[2 * k + j]) for j, t in enumerate(models)})
+    out.update({f"reward_{t.name}_{key}": int(tot[2 * k + m + j]) for j, (t, key) in enumerate(reported)})
     return out
 
 

@@ -133,6 +133,12 @@ CASES = {
     "sequence parallel over heads that do not split": (
         lambda d, m: ["train.sequence_parallel=2", f"model.model_path={heads_config(m, d / 'heads3', 3)}"],
         "train.sequence_parallel=2: the model's 3 attention heads do not split over 2 ranks"),
+    "math reference that does not parse": (
+        lambda d, m: ["reward.reward_fn=rft_ds.rewards:math_verify", "data.eval_prompts=null",
+                      f"data.prompts={math_prompts(d)}"],
+        "data.prompts: reward term math_verify: prompt 1's reference answer 'not \\\\frac{valid' does not parse as math"),
+    "code task without tests": (lambda d, m: ["reward.reward_fn=rft_ds.rewards:code_tests"],
+                                "data.prompts: reward term code_tests: prompt 0 has no tests"),
     "LoRA on what peft cannot wrap": (lambda d, m: ["model.lora={target_modules: [norm]}"],
                                       "model.lora: peft cannot wrap LlamaForCausalLM"),
 }
@@ -142,6 +148,11 @@ def broken_config(tiny_model: Path, dst: Path) -> Path:
     shutil.copytree(tiny_model, dst)
     (dst / "config.json").write_text('{"model_type": "llama",')
     return dst
+
+
+def math_prompts(d: Path) -> str:
+    rows = [{"prompt": "half of 1?", "answer": "1/2"}, {"prompt": "x?", "answer": "not \\frac{valid"}]
+    return write(d / "math.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def heads_config(tiny_model: Path, dst: Path, heads: int) -> Path:
