@@ -18,15 +18,20 @@ _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
 
 
 def boxed(text: str) -> str | None:
-    """The content of the last \\boxed{...} (or \\fbox{...}), nested braces included."""
-    starts = [m.end() for m in _BOXED.finditer(text)]
+    """The content of the last closed \\boxed{...} (or \\fbox{...}), nested braces included. One pass over the
+    braces (a stack), so a degenerate completion of thousands of unclosed boxes costs linear time."""
+    starts = [m.end() - 1 for m in _BOXED.finditer(text)]  # each box's opening brace
+    if not starts:
+        return None
+    closes, stack = {}, []
+    for m in re.finditer(r"[{}]", text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif stack:
+            closes[stack.pop()] = m.start()
     for start in reversed(starts):
-        depth, i = 1, start
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            return text[start:i - 1].strip() or None
+        if start in closes:
+            return text[start + 1:closes[start]].strip() or None
     return None
 
 

@@ -108,11 +108,15 @@ def _check_math_references(metadata: Sequence[dict], answer_key: str = "answer",
     picked = sorted({round(k * (len(metadata) - 1) / 63) for k in range(64)}) if len(metadata) > 64 else \
         range(len(metadata))
     refs = [str(metadata[i][answer_key]) for i in picked]
-    got = verifier.pool(("math_verify",), workers).run("rft_ds.rewards:parses_as_math", [[r] for r in refs], timeout_s)
+    try:
+        got = verifier.pool(("math_verify",), workers).run("rft_ds.rewards:parses_as_math", [[r] for r in refs],
+                                                           timeout_s)
+    except RuntimeError as e:  # a worker that cannot start (math-verify missing, ...)
+        raise ValueError(f"the math verifier cannot start: {e}") from None
     for i, ref, (status, value) in zip(picked, refs, got):
-        if not (status == "ok" and value):
-            raise ValueError(f"prompt {i}'s reference answer {ref[:60]!r} does not parse as math"
-                             + (f" ({status})" if status != "ok" else ""))
+        # a timeout says nothing about the reference (a loaded node): only a clear "no" refuses the run
+        if (status == "ok" and not value) or status == "error":
+            raise ValueError(f"prompt {i}'s reference answer {ref[:60]!r} does not parse as math")
 
 
 def parses_as_math(reference: str) -> bool:
@@ -137,7 +141,12 @@ def math_equal(reference: str, answer: str, extracted: bool) -> bool:
     if all(isinstance(g, str) for g in gold):  # math-verify's fallback keeps the raw text: not math
         raise ValueError(f"the reference answer {reference[:60]!r} does not parse as math")
     got = parse(f"\\boxed{{{answer}}}" if extracted else answer, parsing_timeout=None, raise_on_error=True)
-    return bool(got) and bool(verify(gold, got, timeout_seconds=None, raise_on_error=True))
+    if got and verify(gold, got, timeout_seconds=None, raise_on_error=True):
+        return True
+    if extracted:  # the marked text may carry words ("the answer is 72 clips"): math-verify's own reading of it
+        got = parse(answer, parsing_timeout=None, raise_on_error=True)
+        return bool(got) and bool(verify(gold, got, timeout_seconds=None, raise_on_error=True))
+    return False
 
 
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
@@ -153,7 +162,8 @@ def harness(solution: str, test: str | None = None, entry_point: str | None = No
                  test_list: Sequence[str] | None = None, setup: str | None = None) -> str:
     """The sandbox's main.py: read the token from stdin, run the solution, then the tests, and print the token
     (with the count of asserts passed, for test_list) only if it gets there: an early sys.exit(0) or a crash
-    is a failure. HumanEval: `test` defines check(candidate), called on `entry_point`; MBPP: `test_list` of
+    is a failure. The token is in the same interpreter as the solution, so a program that looks through
+    the harness's frames can forge a pass: this catches accidents and shallow hacks, not an adversary. HumanEval: `test` defines check(candidate), called on `entry_point`; MBPP: `test_list` of
     assert lines, each counted alone, after `setup` (test_setup_code)."""
     lines = ["import sys as _sys", "def _rft_ds_main():", "    token = _sys.stdin.readline().strip()",
              "    ns = {'__name__': '__main__'}",
@@ -193,29 +203,32 @@ def code_tests(samples: list[str], prompts: list[str], outputs: list[str], score
     setups = kwargs.get("test_setup_code") or [None] * n
     jobs = []
     for i, out in enumerate(outputs):
-        if lists[i] is None and (tests[i] is None or entries[i] is None):
+        if not lists[i] and (tests[i] is None or entries[i] is None):
             raise ValueError(f"code_tests: sample {i} (prompt {prompts[i][:40]!r}) has no tests: give its prompt "
                              "test + entry_point (HumanEval) or test_list (MBPP) metadata")
         code = extract_code(out)
-        if lists[i] is None and f"def {entries[i]}" not in code:
+        if not lists[i] and f"def {entries[i]}" not in code:
             code = prompts[i] + code  # HumanEval: the completion is the body of the prompt's function
-        jobs.append((harness(code, tests[i], entries[i], lists[i], setups[i]),
-                     len(lists[i]) if lists[i] is not None else 1))
+        jobs.append((harness(code, tests[i], entries[i], lists[i] or None, setups[i]), len(lists[i] or [1])))
     limits = sandbox.Limits(timeout_s=timeout_s, cpu_s=max(1, int(timeout_s)), memory_mb=memory_mb,
                             processes=processes)
 
     def one(job: tuple[str, int]) -> tuple[str, float]:
         program, total = job
         token = secrets.token_hex(16)
-        got = sandbox.run(program, limits, stdin=token + "\n")
+        try:
+            got = sandbox.run(program, limits, stdin=token + "\n")
+        except Exception:  # noqa: BLE001 - the sandbox could not run it: counted, not a stopped run
+            return "error", 0.0
         passed = 0
-        for line in got.output.splitlines():
-            if line.startswith(token):
-                passed = int(line.split()[1])
-        if got.status != "passed":
-            passed = 0 if got.status in ("timeout", "error") or score == "all" else passed
-        share = passed / total if total else 0.0
-        return got.status, (share if score == "share" else float(got.status == "passed" and passed == total))
+        lines = [line.split() for line in got.output.splitlines() if line.startswith(token)]
+        if got.status == "passed" and lines:  # the harness's own line: the token, then the asserts passed
+            try:
+                passed = min(max(int(lines[0][1]), 0), total)
+            except (IndexError, ValueError):
+                passed = 0
+        share = passed / total
+        return got.status, (share if score == "share" else float(passed == total))
 
     with ThreadPoolExecutor(max(1, min(workers, len(jobs)))) as ex:
         results = list(ex.map(one, jobs))
@@ -226,7 +239,7 @@ def code_tests(samples: list[str], prompts: list[str], outputs: list[str], score
 def _check_code_tests(metadata: Sequence[dict], **kwargs: Any) -> None:
     """Before any model loads: every prompt has tests (HumanEval's test + entry_point, or MBPP's test_list)."""
     for i, m in enumerate(metadata):
-        if not (m.get("test_list") or (m.get("test") and m.get("entry_point"))):
+        if not (m.get("test_list") or (m.get("test") and m.get("entry_point"))):  # an empty test_list: none
             raise ValueError(f"prompt {i} has no tests: give it test + entry_point (HumanEval) or test_list (MBPP) "
                              "metadata")
 

@@ -6,16 +6,20 @@ and then execs the program, so the parent, with its threads, never runs code bet
 - memory, file size, processes: RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_NPROC (an allocation of 10 GB fails, a
   fork bomb stops at the limit);
 - files: a temporary directory of its own as working directory, HOME and TMPDIR, removed afterwards.
-  As root the program runs as an unprivileged uid of its own (UID_BASE + slot, one per concurrent run), so
-  it can write nowhere else (`rm -rf ~` empties its own home) and RLIMIT_NPROC counts its processes alone;
+  As root the program runs as an unprivileged uid of its own (one of UIDS from UID_BASE, held by one run at
+  a time on the machine through a lock file), so it can write nowhere but its home and the world-writable
+  directories (its files there are removed after the run), `rm -rf ~` empties its own home, and
+  RLIMIT_NPROC counts its processes alone;
 - network: as root, a new network namespace with no interface up (connecting anywhere fails). Not root: the
   network is the host's, said in the README; user namespaces are not assumed;
-- leftovers: as root, after the run every process of its uid is killed (kill(-1) from that uid), so a child
-  that left the process group (setsid, a daemon) dies too; not root, its process group is killed.
+- leftovers: the launcher is the program's subreaper: after the run it kills every process of the uid (as
+  root: kill(-1) from that uid) and every orphan it inherited (a setsid daemon), and reaps them all (a
+  zombie would keep counting against the uid's process limit).
 
-It contains what models write by accident or by reward hacking within Python (loops, bombs, allocations,
-deletes, `sys.exit(0)` before the tests: the verdict needs the harness's own token on stdout, which the
-program never sees); it is not a boundary against kernel exploits (use a VM or gVisor for hostile users).
+It contains what models write by accident (loops, bombs, allocations, deletes, connections, daemons) and
+shallow reward hacks (`sys.exit(0)` before the tests: the verdict needs the harness's token on stdout); a
+program that searches the harness's frames for the token can forge a pass, and it is not a boundary against
+kernel exploits (use a VM or gVisor for hostile users).
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -53,33 +56,47 @@ class Outcome:
     seconds: float
 
 
-_slots = threading.Semaphore(64)
-_free: list[int] = list(range(64))
-_free_lock = threading.Lock()
+UIDS = 4096  # uids UID_BASE ... UID_BASE + UIDS - 1, each held by one run at a time on the machine
+_LOCKS = os.path.join(tempfile.gettempdir(), "rft_ds-sandbox-uids")
 
 
-def _take_slot() -> int:
-    _slots.acquire()
-    with _free_lock:
-        return _free.pop()
+def _claim_uid() -> tuple[int, int]:
+    """(uid, a descriptor holding its lock): a uid no other run on this machine uses now, whatever process
+    or rank runs it (an flock on a file per uid; a crashed holder's lock goes with it). Tried from a random
+    start: concurrent runs rarely probe the same uids."""
+    import fcntl
 
-
-def _give_slot(k: int) -> None:
-    with _free_lock:
-        _free.append(k)
-    _slots.release()
+    os.makedirs(_LOCKS, mode=0o700, exist_ok=True)
+    start = secrets.randbelow(UIDS)
+    while True:
+        for k in range(UIDS):
+            uid = UID_BASE + (start + k) % UIDS
+            fd = os.open(os.path.join(_LOCKS, str(uid)), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            if running_as(uid):  # a run whose launcher was killed left something: not this one
+                os.close(fd)
+                continue
+            return uid, fd
+        time.sleep(0.1)
 
 
 def running_as(uid: int) -> list[int]:
-    """The live processes of `uid` (a zombie is dead: it waits for a parent that may never reap it)."""
+    """The live processes whose real uid is `uid` (from /proc/PID/status: a process made non-dumpable shows its
+    /proc entry as root's; a zombie is dead, it waits for a parent that may never reap it)."""
     out = []
     for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
         try:
-            if pid.isdigit() and os.stat(f"/proc/{pid}").st_uid == uid:
-                with open(f"/proc/{pid}/stat") as f:
-                    if f.read().rsplit(")", 1)[1].split()[0] != "Z":
-                        out.append(int(pid))
-        except OSError:
+            with open(f"/proc/{pid}/status") as f:
+                status = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+            if int(status["Uid"].split()[0]) == uid and not status["State"].strip().startswith("Z"):
+                out.append(int(pid))
+        except (OSError, KeyError, ValueError):
             pass  # gone meanwhile
     return out
 
@@ -88,13 +105,13 @@ def run(program: str, limits: Limits = Limits(), stdin: str = "") -> Outcome:
     """Run `program` (Python source) in a sandbox; passed when it exits 0 *and* prints `stdin`'s first line
     (a token only the harness knows: code_tests sends a fresh one), else failed, or timeout."""
     root = os.geteuid() == 0
-    slot = _take_slot()
-    uid = UID_BASE + slot
-    base = tempfile.mkdtemp(prefix="rft_ds-sandbox-")  # the program's home inside, its output beside it
-    home = os.path.join(base, "home")
-    os.mkdir(home)
+    uid, lock = _claim_uid() if root else (None, None)
+    base = None
     t0 = time.monotonic()
     try:
+        base = tempfile.mkdtemp(prefix="rft_ds-sandbox-")  # the program's home inside, its output beside it
+        home = os.path.join(base, "home")
+        os.mkdir(home)
         with open(os.path.join(home, "main.py"), "w") as f:
             f.write(program)
         if root:
@@ -132,8 +149,10 @@ def run(program: str, limits: Limits = Limits(), stdin: str = "") -> Outcome:
                 status = "passed" if proc.returncode == 0 and (token is None or token in tail) else "failed"
         return Outcome(status, tail[-2000:], time.monotonic() - t0)
     finally:
-        shutil.rmtree(base, ignore_errors=True)
-        _give_slot(slot)
+        if base is not None:
+            shutil.rmtree(base, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)  # the uid is free again (the launcher left nothing of it running)
 
 
 KILL_GRACE_S = 10.0  # how long the launcher may take to clear a run out after its timeout
@@ -182,42 +201,91 @@ def _child(a: Any, python: str) -> None:
             os.setuid(a.uid)
         # -I: isolated (no user site, no PYTHON* variables); -S: no site-packages either: the standard library
         os.execv(python, [python, "-I", "-S", "main.py"])
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - whatever it is, the child must not return into the launcher
         print(f"rft_ds sandbox: cannot set up: {e}", file=sys.stderr, flush=True)
     os._exit(SETUP_FAILED)
 
 
 def _clear(uid: int | None, pgid: int) -> None:
-    """Kill everything of the run: as root every process of its uid (kill(-1) from a child that takes the uid:
-    Linux spares the sender), repeated while a fork bomb still forks; else its process group."""
-    for _ in range(50):
-        if uid is None:
+    """Kill everything of the run. As root: kill(-1) from a child that takes the uid (it reaches every process
+    of the uid, however it hid: another session, a /proc entry made root's by PR_SET_DUMPABLE; Linux spares
+    the sender), until /proc shows none of the uid alive (not kill's ESRCH: a sandboxed kernel may answer 0
+    with nothing to signal), then the uid's files in the shared temporary directories. Then, either way,
+    every child left to this subreaper (what escaped the process group)."""
+    if uid is not None:
+        for _ in range(1000):  # a fork bomb forks while it is being killed: again until none is left
+            pid = os.fork()  # this launcher is single-threaded: fork is safe here
+            if pid == 0:
+                try:
+                    os.setgid(uid)
+                    os.setuid(uid)
+                    os.kill(-1, signal.SIGKILL)
+                finally:
+                    os._exit(0)
+            os.waitpid(pid, 0)
+            _reap_all(block=False)  # the killed orphans are ours: reaped, they stop counting
+            if not running_as(uid):
+                break
+        _remove_files_of(uid)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    while True:  # children of this subreaper: the program's orphans, wherever their group
+        mine = _children()
+        if not mine:
+            return
+        for pid in mine:
             try:
-                os.killpg(pgid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            return
-        if not running_as(uid):
-            return
-        pid = os.fork()  # this launcher is single-threaded: fork is safe here
-        if pid == 0:
-            try:
-                os.setgid(uid)
-                os.setuid(uid)
-                os.kill(-1, signal.SIGKILL)
-            finally:
-                os._exit(0)
-        os.waitpid(pid, 0)
+        _reap_all(block=False)
         time.sleep(0.01)
 
 
-def _reap_all() -> None:
+def _children() -> list[int]:
+    me, out = os.getpid(), []
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit():
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[1]) == me and fields[0] != "Z":
+                    out.append(int(pid))
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def _remove_files_of(uid: int) -> None:
+    """What the uid left in the directories every user may write (top level: where a program puts them)."""
+    for d in ("/tmp", "/var/tmp", "/dev/shm"):
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                if e.stat(follow_symlinks=False).st_uid != uid:
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    shutil.rmtree(e.path, ignore_errors=True)
+                else:
+                    os.unlink(e.path)
+            except OSError:
+                pass
+
+
+def _reap_all(block: bool = True) -> None:
     """Wait for every child left: as a subreaper, the run's orphans are ours (no zombie keeps its uid's
-    process count, which would starve the slot's next run)."""
+    process count, which would starve the uid's next run)."""
     while True:
         try:
-            os.waitpid(-1, 0)
+            pid, _ = os.waitpid(-1, 0 if block else os.WNOHANG)
         except ChildProcessError:
+            return
+        if pid == 0:
             return
 
 
@@ -247,11 +315,12 @@ def _launch(args: list[str]) -> None:
             pid, status = os.waitpid(-1, 0)
             if pid == child:
                 code = os.waitstatus_to_exitcode(status)
+        _WAITING[0] = False  # from here a SIGTERM changes nothing: everything is cleared anyway
     except _Stopped:
         stopped = True
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _WAITING[0] = False
     _clear(a.uid, child)
-    _reap_all()
+    _reap_all(block=False)
     os._exit(124 if stopped else (code if code is not None and code >= 0 else 1))
 
 
@@ -262,8 +331,12 @@ class _Stopped(Exception):
     pass
 
 
+_WAITING = [True]
+
+
 def _stop(signum: int, frame: Any) -> None:
-    raise _Stopped()  # raised, not flagged: a flag would leave waitpid waiting (PEP 475 retries it)
+    if _WAITING[0]:
+        raise _Stopped()  # raised, not flagged: a flag would leave waitpid waiting (PEP 475 retries it)
 
 
 if __name__ == "__main__":

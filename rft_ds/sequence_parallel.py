@@ -35,9 +35,17 @@ class SPGroup:
 def why_not(model_config: dict, size: int) -> str | None:
     """Why train.sequence_parallel=size cannot run this model (from its config.json, before it loads), or None.
     Ulysses splits the heads over the group: query heads must divide, key/value heads divide or be
-    replicated (fewer of them than ranks). Pure."""
+    replicated (fewer of them than ranks). It attends with plain causal sdpa over the whole row, so a model
+    whose attention is anything else (a sliding window, chunks, layers of several kinds) would train on
+    other attention than it samples with: refused. Pure."""
     if size == 1:
         return None
+    if model_config.get("sliding_window") and model_config.get("use_sliding_window", True):
+        return f"its sliding-window attention (sliding_window {model_config['sliding_window']}) would run as full attention"
+    if any(t != "full_attention" for t in model_config.get("layer_types") or []):
+        return "its layers of other attention than full (layer_types) would run as full attention"
+    if model_config.get("attention_chunk_size"):
+        return "its chunked attention (attention_chunk_size) would run as full attention"
     heads = model_config.get("num_attention_heads")
     kv = model_config.get("num_key_value_heads") or heads
     if not heads:
@@ -110,9 +118,15 @@ def install(model: Any, sp: SPGroup) -> None:
             by_batch[b] = UlyssesSPAttentionHF(
                 core, batch_size=b, attn_head_count=cfg.num_attention_heads,
                 attn_head_size=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-                kv_head_count=cfg.num_key_value_heads, num_hidden_layers=cfg.num_hidden_layers,
-                process_group=sp.group, seq_length_is_variable=True, disable_in_eval=True)
-        return by_batch[b](module, query, key, value, None, *args, **kwargs)
+                kv_head_count=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+                num_hidden_layers=cfg.num_hidden_layers, process_group=sp.group, seq_length_is_variable=True,
+                disable_in_eval=True)
+        groups = getattr(module, "num_key_value_groups", None)
+        try:
+            return by_batch[b](module, query, key, value, None, *args, **kwargs)
+        finally:  # Ulysses rewrites it when it replicates key/value heads; eval forwards (no Ulysses) need it
+            if groups is not None:
+                module.num_key_value_groups = groups
 
     AttentionInterface.register(ATTENTION, attention)
     model.set_attn_implementation(ATTENTION)

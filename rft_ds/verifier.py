@@ -22,7 +22,6 @@ import atexit
 import importlib
 import json
 import os
-import queue
 import select
 import signal
 import subprocess
@@ -32,6 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
+PR_SET_PDEATHSIG = 1
 START_TIMEOUT_S = 120.0  # a worker's start, imports included (a cold disk, a loaded node)
 
 
@@ -63,12 +63,18 @@ class Worker:
                                f"{reply!r}")
 
     def _read(self, timeout_s: float) -> dict | None:
-        """The worker's next line; None when it says nothing within timeout_s; {"status": "died"} at EOF."""
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
-        if not ready:
+        """The worker's next line; None when it says nothing within timeout_s; {"status": "died"} at EOF or on
+        a line that is not the protocol's. poll, not select: a rank with vLLM and torch may hold more than
+        1024 descriptors."""
+        poller = select.poll()
+        poller.register(self.proc.stdout, select.POLLIN | select.POLLHUP)
+        if not poller.poll(timeout_s * 1000):
             return None
         line = self.proc.stdout.readline()
-        return json.loads(line) if line else {"status": "died"}
+        try:
+            return json.loads(line) if line else {"status": "died"}
+        except ValueError:
+            return {"status": "died"}
 
     def check(self, fn: str, args: list, soft_s: float) -> tuple[str, Any]:
         """(status, value) of fn(*args): ok, timeout, or error (the check raised, or the worker died: then it
@@ -110,39 +116,40 @@ class VerifierPool:
 
     def __init__(self, preload: Sequence[str] = (), workers: int = 2, memory_mb: int | None = 4096) -> None:
         self.preload, self.workers, self.memory_mb = tuple(preload), workers, memory_mb
-        self._idle: queue.Queue[Worker] = queue.Queue()
-        self._started = 0
-        self._lock = threading.Lock()
+        self._idle: list[Worker] = []
+        self._started = 0  # workers alive or starting
+        self._cond = threading.Condition()
         self._all: list[Worker] = []
         atexit.register(self.close)
 
     def _take(self) -> Worker:
-        with self._lock:
-            try:
-                return self._idle.get_nowait()
-            except queue.Empty:
-                spawn = self._started < self.workers
-                if spawn:
-                    self._started += 1
-        if not spawn:
-            return self._idle.get()
+        """An idle worker, or a new one while fewer than `workers` exist; else wait for either (a worker that
+        dies frees its place: a waiter then starts the replacement)."""
+        with self._cond:
+            while not self._idle and self._started >= self.workers:
+                self._cond.wait()
+            if self._idle:
+                return self._idle.pop()
+            self._started += 1
         try:
-            w = Worker(self.preload, self.memory_mb)
+            w = _SPAWNER.submit(Worker, self.preload, self.memory_mb).result()
         except BaseException:
-            with self._lock:
+            with self._cond:
                 self._started -= 1
+                self._cond.notify()
             raise
-        with self._lock:
+        with self._cond:
             self._all.append(w)
         return w
 
     def _give_back(self, w: Worker) -> None:
-        if w.alive():
-            self._idle.put(w)
-            return
-        with self._lock:  # killed (timeout) or dead: its slot is free for a new one
-            self._started -= 1
-            self._all.remove(w)
+        with self._cond:
+            if w.alive():
+                self._idle.append(w)
+            else:  # killed (timeout) or dead: its place is free for a new one
+                self._started -= 1
+                self._all.remove(w)
+            self._cond.notify()
 
     def check(self, fn: str, args: list, soft_s: float) -> tuple[str, Any]:
         w = self._take()
@@ -159,13 +166,16 @@ class VerifierPool:
             return list(ex.map(lambda a: self.check(fn, list(a), soft_s), args))
 
     def close(self) -> None:
-        with self._lock:
-            workers, self._all = self._all, []
+        with self._cond:
+            workers, self._all, self._idle = self._all, [], []
             self._started = 0
         for w in workers:
             w.kill()
 
 
+# Workers are started from this one long-lived thread: a worker's parent-death signal follows the thread that
+# started it, and a pool's check threads come and go.
+_SPAWNER = ThreadPoolExecutor(1, thread_name_prefix="rft_ds-verifier-spawner")
 _POOLS: dict[tuple, VerifierPool] = {}
 _POOLS_LOCK = threading.Lock()
 
@@ -192,6 +202,11 @@ def _on_alarm(signum: int, frame: Any) -> None:
 
 def serve(preload: Sequence[str], memory_mb: int | None, out: Any) -> None:
     """The worker's loop: one check per line of stdin until EOF, each reply a line on `out`."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # dies with its rank, even mid-check
+    if os.getppid() == 1:  # the rank was gone before the line above
+        os._exit(0)
     if memory_mb:
         import resource
 
@@ -228,5 +243,8 @@ if __name__ == "__main__":
     ap.add_argument("--preload", default="")
     ap.add_argument("--memory-mb", type=int, default=None)
     a = ap.parse_args()
-    protocol, sys.stdout = sys.stdout, sys.stderr  # a check's own prints must not corrupt the protocol
+    # the protocol gets its own descriptor; fd 1 becomes stderr, so a check's prints (Python's or a C
+    # library's) never reach the parent's pipe
+    protocol = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     serve([m for m in a.preload.split(",") if m], a.memory_mb, protocol)

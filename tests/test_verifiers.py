@@ -54,6 +54,8 @@ def test_final_answer_prefers_what_the_model_marked():
     ("\\boxed{[0, 1)}", "[0,1)", True),
     ("\\boxed{\\sqrt{2}/2}", "\\frac{1}{\\sqrt{2}}", True),
     ("The answer is 0.49.", "1/2", False),
+    ("So the answer is 72 clips.", "72", True),  # words after the marked answer
+    ("#### 5 apples", "5", True),
     ("\\boxed{x^2 + 1}", "x^2 - 1", False),
     ("I cannot tell", "3", False),
     ("we get $\\frac{6}{4}$ in the end", "3/2", True),  # no marked answer: math-verify's own last expression
@@ -61,6 +63,23 @@ def test_final_answer_prefers_what_the_model_marked():
 def test_math_verify_compares_mathematically(output, reference, right):
     got = math_verify(None, None, [output], answer=[reference], timeout_s=5.0)
     assert list(got) == [float(right)] and got.counts == {"timeouts": 0, "errors": 0}
+
+
+def test_a_pool_whose_workers_all_die_serves_the_threads_still_waiting():
+    pool = VerifierPool(workers=2, memory_mb=None)
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(pool.check("builtins:pow", [9, 9**9], 0.3)))
+               for _ in range(3)]  # each check is killed at its hard limit: the third waits for a new worker
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert out == [("timeout", None)] * 3 and not any(t.is_alive() for t in threads)
+    pool.close()
+
+
+def test_boxed_is_linear_on_degenerate_text():
+    assert boxed("\\boxed{" * 40000 + "\\boxed{7}") == "7"  # 40k unclosed boxes: one pass, not 40k
 
 
 def test_verifier_pool_contains_hangs_crashes_and_memory():
