@@ -50,7 +50,8 @@ DATA_FILE_BUILDERS = {".json": "json", ".csv": "csv", ".parquet": "parquet", ".a
 
 def load_source(source: Any, what: str, prompt_field: str = "prompt", split: str = "train") -> list:
     """Prompts from a list; "module:function"; a .jsonl file; an HF `datasets` Dataset or DatasetDict (its
-    `split`); a `save_to_disk` directory; or local data files (.json/.csv/.parquet/.arrow/.txt, globs too)."""
+    `split`); a `save_to_disk` directory; local data files (.json/.csv/.parquet/.arrow/.txt, globs too); or
+    a reasoning-gym task, "reasoning_gym:<task>?size=2000&seed=1" (rft_ds.tasks.reasoning_gym)."""
     if isinstance(source, (list, tuple)):
         return list(source)
     if _is_hf_dataset(source):
@@ -60,6 +61,10 @@ def load_source(source: Any, what: str, prompt_field: str = "prompt", split: str
     if not isinstance(source, str):
         raise DataError(f"{what} must be a list, a datasets.Dataset, a file or directory path, or 'module:function', "
                         f"got {type(source).__name__}")
+    if source.startswith("reasoning_gym:"):  # reasoning_gym:<task>?size=..&seed=..: generated, not read
+        from rft_ds.tasks import reasoning_gym
+
+        return reasoning_gym(source, what)
     if source.endswith(".jsonl"):
         return _read_jsonl(Path(source), what, prompt_field)
     path = Path(source)

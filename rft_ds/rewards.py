@@ -149,6 +149,55 @@ def math_equal(reference: str, answer: str, extracted: bool) -> bool:
     return False
 
 
+def reasoning_gym(samples: list[str], prompts: list[str], outputs: list[str], rg_task: Sequence[str] = (),
+                  rg_config: Sequence[str] = (), rg_entry: Sequence[str] = (), timeout_s: float = 5.0,
+                  workers: int = 2, **kwargs: Any) -> Scores:
+    """The task's own scorer (reasoning-gym's score_answer, partial credit included) on the completion's answer:
+    its last <answer>...</answer> (reasoning-gym's convention, which its default system prompt asks for),
+    else a \\boxed{}, '####' or 'the answer is' one. Prompts from data.prompts: reasoning_gym:<task>?...
+    (rft_ds.tasks.reasoning_gym), which carry the task, its config and the entry. Scored in verifier workers
+    (rft_ds.verifier): a scorer that hangs is cut off at timeout_s, scored 0 and counted
+    (reward_<term>_timeouts), one that raises too (..._errors)."""
+    from rft_ds import verifier
+    from rft_ds.answers import final_answer
+
+    checks = [[task, config, final_answer(out, RG_ORDER), entry]
+              for out, task, config, entry in zip(outputs, rg_task, rg_config, rg_entry)]
+    verdicts = verifier.pool(("reasoning_gym",), workers).run("rft_ds.rewards:rg_score", checks, timeout_s)
+    return Scores([float(value) if status == "ok" else 0.0 for status, value in verdicts],
+                  timeouts=sum(status == "timeout" for status, _ in verdicts),
+                  errors=sum(status == "error" for status, _ in verdicts))
+
+
+RG_ORDER = ("tagged", "boxed", "hashes", "stated")
+_RG_DATASETS: dict[tuple[str, str], Any] = {}
+
+
+def rg_score(task: str, config: str, answer: str | None, entry: str) -> float:
+    """reasoning-gym's score of `answer` on `entry` (runs in a verifier worker; the task's dataset object made
+    once per config)."""
+    import json
+
+    import reasoning_gym as rg
+
+    if (task, config) not in _RG_DATASETS:
+        _RG_DATASETS[(task, config)] = rg.create_dataset(task, **json.loads(config))
+    score = _RG_DATASETS[(task, config)].score_answer(answer, json.loads(entry))
+    return float(score or 0.0)
+
+
+def _check_reasoning_gym(metadata: Sequence[dict], **kwargs: Any) -> None:
+    """Before any model loads: every prompt carries what the task's scorer needs."""
+    for i, m in enumerate(metadata):
+        if not all(m.get(k) for k in ("rg_task", "rg_config", "rg_entry")):
+            raise ValueError(f"prompt {i} has no reasoning-gym task metadata (rg_task, rg_config, rg_entry): take the "
+                             "prompts from 'reasoning_gym:<task>?size=..&seed=..'")
+
+
+reasoning_gym.reports = ("timeouts", "errors")
+reasoning_gym.check_metadata = _check_reasoning_gym
+
+
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
 

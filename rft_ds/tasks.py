@@ -26,3 +26,62 @@ def human_eval() -> list[dict]:
         rows = [json.loads(line) for line in f if line.strip()]
     return [{"prompt": r["prompt"], "test": r["test"], "entry_point": r["entry_point"], "task_id": r["task_id"]}
             for r in rows]
+
+
+PREFIX = "reasoning_gym:"
+
+
+def parse_reasoning_gym(spec: str) -> tuple[str, dict]:
+    """'reasoning_gym:<task>?size=2000&seed=1&<config field>=<value>' -> (task, config). Values are read as
+    YAML scalars (2000 an int, 0.5 a float, true a bool). Pure."""
+    import yaml
+
+    body = spec[len(PREFIX):]
+    task, _, query = body.partition("?")
+    config = {}
+    for part in filter(None, query.split("&")):
+        key, eq, value = part.partition("=")
+        if not eq or not key:
+            raise ValueError(f"{spec!r}: expected key=value after '?', got {part!r}")
+        config[key] = yaml.safe_load(value)
+    return task.strip(), config
+
+
+def reasoning_gym(spec: str, what: str = "prompts") -> list[dict]:
+    """A reasoning-gym task's procedurally generated problems (reasoning-gym 0.1.25, pinned): each a prompt
+    (the question) with `answer` (the task's reference), `rg_task`, `rg_config` and `rg_entry` (the entry as
+    JSON: what rft_ds.rewards:reasoning_gym hands back to the task's own score_answer). Another seed gives
+    other problems: an eval set. One-line errors for a missing package, an unknown task or a bad config."""
+    from rft_ds.data import DataError
+
+    try:
+        task, config = parse_reasoning_gym(spec)
+    except ValueError as e:
+        raise DataError(f"{what}: {e}") from None
+    try:
+        import reasoning_gym as rg
+        from reasoning_gym.factory import DATASETS
+    except ImportError as e:
+        raise DataError(f"{what}: {spec!r} needs the reasoning-gym package ({e}); make venv installs it") from None
+    if task not in DATASETS:
+        import difflib
+
+        near = difflib.get_close_matches(task, DATASETS, n=3, cutoff=0.5)
+        raise DataError(f"{what}: reasoning_gym task {task!r} is unknown"
+                        + (f"; did you mean {', '.join(near)}?" if near else "")
+                        + f" ({len(DATASETS)} tasks: python -c 'import reasoning_gym.factory as f; print(sorted(f.DATASETS))')")
+    try:
+        ds = rg.create_dataset(task, **config)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise DataError(f"{what}: reasoning_gym task {task} does not take config {config}: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    rows = []
+    for i, entry in enumerate(ds):
+        try:
+            dumped = json.dumps(entry)
+        except (TypeError, ValueError):
+            raise DataError(f"{what}: reasoning_gym task {task}'s entry {i} is not JSON (its metadata holds "
+                            "Python objects): this task cannot be scored in a verifier worker") from None
+        rows.append({"prompt": entry["question"], "answer": str(entry["answer"]), "rg_task": task,
+                     "rg_config": json.dumps(config, sort_keys=True), "rg_entry": dumped})
+    return rows

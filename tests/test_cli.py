@@ -171,3 +171,15 @@ def test_check_for_gpu_nodes_from_a_cpu_host(env, capsys):
     assert rc == 0, problems
     rc, problems, _ = run_check(capsys, *args, "--device", "cpu")
     assert rc == 1 and len(problems) == 2 and "nccl" in problems[0] and "head_dim 24" in problems[1], problems
+
+
+@pytest.mark.parametrize("config", ["math.yaml", "reasoning_gym.yaml"])
+def test_example_configs_pass_check(config, env, capsys):
+    """The example configs for verifiers (launch/configs/) pass every check before model load: their
+    reasoning-gym prompts generate, math-verify reads their references, the reward terms get their metadata
+    (on the tiny model: its 256 positions take 16 new tokens)."""
+    tmp, model = env
+    rc = cli.main(["check", f"launch/configs/{config}", f"model.model_path={model}", "model.build=null",
+                   f"train.output_dir={tmp / 'out'}", "method.gen_kwargs.max_new_tokens=16"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err[-2000:]

@@ -126,3 +126,33 @@ def test_scores_are_a_list_that_keeps_its_counts_across_pickling():
 
     s = pickle.loads(pickle.dumps(Scores([1.0, 0.0], timeouts=2)))
     assert s == [1.0, 0.0] and s.counts == {"timeouts": 2} and isinstance(s, list)
+
+
+def test_reasoning_gym_spec_parsing():
+    from rft_ds.tasks import parse_reasoning_gym
+
+    assert parse_reasoning_gym("reasoning_gym:chain_sum?size=20&seed=3&p=0.5&flag=true") == \
+        ("chain_sum", {"size": 20, "seed": 3, "p": 0.5, "flag": True})
+    assert parse_reasoning_gym("reasoning_gym:gcd") == ("gcd", {})
+    with pytest.raises(ValueError, match="expected key=value"):
+        parse_reasoning_gym("reasoning_gym:gcd?size")
+
+
+@pytest.mark.parametrize("spec", ["reasoning_gym:basic_arithmetic?size=6&seed=1",
+                                  "reasoning_gym:letter_counting?size=6&seed=1",
+                                  "reasoning_gym:polynomial_equations?size=4&seed=1"])
+def test_reasoning_gym_tasks_scored_by_their_own_scorer(spec):
+    from rft_ds.rewards import reasoning_gym
+    from rft_ds.tasks import reasoning_gym as load
+
+    rows = load(spec)
+    other = load(spec.replace("seed=1", "seed=2"))
+    assert [r["prompt"] for r in rows] != [r["prompt"] for r in other]  # another seed: other problems (eval)
+    meta = {k: [r[k] for r in rows] * 3 for k in ("rg_task", "rg_config", "rg_entry")}
+    outs = ([f"Let me think.\n<answer>{r['answer']}</answer>" for r in rows]  # the task's own answer format
+            + [f"I conclude \\boxed{{{r['answer']}}}" for r in rows]  # another marked answer
+            + ["<answer>certainly wrong</answer>"] * len(rows))
+    got = reasoning_gym(None, [r["prompt"] for r in rows] * 3, outs, **meta)
+    n = len(rows)
+    assert list(got)[:2 * n] == [1.0] * (2 * n) and max(list(got)[2 * n:]) < 1.0
+    assert got.counts == {"timeouts": 0, "errors": 0}
