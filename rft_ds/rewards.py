@@ -212,8 +212,9 @@ def harness(solution: str, test: str | None = None, entry_point: str | None = No
     """The sandbox's main.py: read the token from stdin, run the solution, then the tests, and print the token
     (with the count of asserts passed, for test_list) only if it gets there: an early sys.exit(0) or a crash
     is a failure. The token is in the same interpreter as the solution, so a program that looks through
-    the harness's frames can forge a pass: this catches accidents and shallow hacks, not an adversary. HumanEval: `test` defines check(candidate), called on `entry_point`; MBPP: `test_list` of
-    assert lines, each counted alone, after `setup` (test_setup_code)."""
+    the harness's frames can forge a pass: this catches accidents and shallow hacks, not an adversary.
+    HumanEval: `test` defines check(candidate), called on `entry_point`; MBPP: `test_list` of assert lines,
+    each counted alone, after `setup` (test_setup_code)."""
     lines = ["import sys as _sys", "def _rft_ds_main():", "    token = _sys.stdin.readline().strip()",
              "    ns = {'__name__': '__main__'}",
              f"    exec(compile({solution!r}, 'solution.py', 'exec'), ns)"]

@@ -41,7 +41,8 @@ def why_not(model_config: dict, size: int) -> str | None:
     if size == 1:
         return None
     if model_config.get("sliding_window") and model_config.get("use_sliding_window", True):
-        return f"its sliding-window attention (sliding_window {model_config['sliding_window']}) would run as full attention"
+        return (f"its sliding-window attention (sliding_window {model_config['sliding_window']}) would run as "
+                "full attention")
     if any(t != "full_attention" for t in model_config.get("layer_types") or []):
         return "its layers of other attention than full (layer_types) would run as full attention"
     if model_config.get("attention_chunk_size"):

