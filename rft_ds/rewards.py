@@ -182,7 +182,9 @@ def rg_score(task: str, config: str, answer: str | None, entry: str) -> float:
 
     if (task, config) not in _RG_DATASETS:
         _RG_DATASETS[(task, config)] = rg.create_dataset(task, **json.loads(config))
-    score = _RG_DATASETS[(task, config)].score_answer(answer, json.loads(entry))
+    from rft_ds.tasks import load_entry
+
+    score = _RG_DATASETS[(task, config)].score_answer(answer, load_entry(entry))
     return float(score or 0.0)
 
 

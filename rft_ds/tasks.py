@@ -50,7 +50,7 @@ def parse_reasoning_gym(spec: str) -> tuple[str, dict]:
 def reasoning_gym(spec: str, what: str = "prompts") -> list[dict]:
     """A reasoning-gym task's procedurally generated problems (reasoning-gym 0.1.25, pinned): each a prompt
     (the question) with `answer` (the task's reference), `rg_task`, `rg_config` and `rg_entry` (the entry as
-    JSON: what rft_ds.rewards:reasoning_gym hands back to the task's own score_answer). Another seed gives
+    text, dump_entry: what rft_ds.rewards:reasoning_gym hands back to the task's own score_answer). Another seed gives
     other problems: an eval set. One-line errors for a missing package, an unknown task or a bad config."""
     from rft_ds.data import DataError
 
@@ -77,12 +77,29 @@ def reasoning_gym(spec: str, what: str = "prompts") -> list[dict]:
         raise DataError(f"{what}: reasoning_gym task {task} does not take config {config}: "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     rows = []
-    for i, entry in enumerate(ds):
-        try:
-            dumped = json.dumps(entry)
-        except (TypeError, ValueError):
-            raise DataError(f"{what}: reasoning_gym task {task}'s entry {i} is not JSON (its metadata holds "
-                            "Python objects): this task cannot be scored in a verifier worker") from None
+    for entry in ds:
         rows.append({"prompt": entry["question"], "answer": str(entry["answer"]), "rg_task": task,
-                     "rg_config": json.dumps(config, sort_keys=True), "rg_entry": dumped})
+                     "rg_config": json.dumps(config, sort_keys=True), "rg_entry": dump_entry(entry)})
     return rows
+
+
+def dump_entry(entry: dict) -> str:
+    """A reasoning-gym entry as text for the verifier workers' JSON protocol: JSON where it is (most tasks),
+    else pickled (some tasks' metadata holds Fractions, sets, ...: gsm_symbolic's entry 28 at seed 5)."""
+    try:
+        return json.dumps(entry)
+    except (TypeError, ValueError):
+        import base64
+        import pickle
+
+        return "pickle:" + base64.b64encode(pickle.dumps(entry, protocol=4)).decode()
+
+
+def load_entry(text: str) -> dict:
+    """dump_entry's inverse (the entry comes from this run's own prompt generation)."""
+    if text.startswith("pickle:"):
+        import base64
+        import pickle
+
+        return pickle.loads(base64.b64decode(text[len("pickle:"):]))
+    return json.loads(text)
