@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import common
+
+ROOT = common.ROOT
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 COT_BOXED = "Think step by step, then give the final answer as \\boxed{answer}."
@@ -100,9 +99,7 @@ def main() -> None:
         print(f"{r['candidate']:<24} {r['pass@1']:>7.3f} {r[f'pass@{args.n}']:>7.3f} {r['greedy']:>7.3f} "
               f"{r['mean_tokens']:>7.1f} {r['truncated']:>6.2f} {r['sample_s']:>6.1f}")
     if args.out:
-        with open(args.out, "a") as f:
-            for r in results:
-                f.write(json.dumps({"bench": "bench_base_pass", **r}) + "\n")
+        common.append_rows(args.out, [{"bench": "bench_base_pass", **r} for r in results])
 
 
 if __name__ == "__main__":
