@@ -92,11 +92,3 @@ def final_answer(text: str, order: Sequence[str] = DEFAULT_ORDER) -> str | None:
             return found
     return None
 
-
-def check_order(order: Sequence[str], where: str) -> None:
-    """A one-line error naming `where` for an unknown finder name."""
-    from rft_ds.config import ConfigError
-
-    unknown = [n for n in order if n not in FINDERS]
-    if unknown or not order:
-        raise ConfigError(f"{where}: answer finders must be some of {', '.join(FINDERS)}, got {list(order)!r}")

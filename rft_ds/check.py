@@ -76,6 +76,5 @@ def check(cfg: RFTRunConfig, world: int, cuda: bool | None = None) -> tuple[list
             attempt(check_prompts, rewards, train.metadata, "data.prompts")
             for i, ev in enumerate(evals):
                 attempt(check_arguments, ev.rewards, {k for m in ev.prompts.metadata for k in m})
-                attempt(check_prompts, ev.rewards, ev.prompts.metadata,
-                        "eval_prompts" if cfg.eval.sets is None else f"eval.sets[{i}]")
+                attempt(check_prompts, ev.rewards, ev.prompts.metadata, recipe.eval_where(cfg, i))
     return problems, notes

@@ -145,7 +145,7 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
     check_prompts(rewards, train.metadata, "data.prompts")
     for i, ev in enumerate(evals):
         check_arguments(ev.rewards, {k for m in ev.prompts.metadata for k in m})
-        check_prompts(ev.rewards, ev.prompts.metadata, "eval_prompts" if cfg.eval.sets is None else f"eval.sets[{i}]")
+        check_prompts(ev.rewards, ev.prompts.metadata, eval_where(cfg, i))
     return rewards, train, evals, best, tokenizer, ds_config, ckpt
 
 
@@ -189,12 +189,17 @@ def load_prompts(cfg: RFTRunConfig, prompts: Any) -> Prompts:
                               d.metadata_fields))
 
 
+def eval_where(cfg: RFTRunConfig, i: int) -> str:
+    """How errors name eval set i: data.eval_prompts' one set, or eval.sets[i]."""
+    return "eval_prompts" if cfg.eval.sets is None else f"eval.sets[{i}]"
+
+
 def load_eval_sets(cfg: RFTRunConfig, sets: Sequence[EvalSet], rewards: list) -> list[EvalData]:
     """Each eval set's prompts read and checked, and its functions resolved (a set without its own
     reward_fn shares the run's reward terms)."""
     d, out = cfg.data, []
     for i, es in enumerate(sets):
-        where = "eval_prompts" if cfg.eval.sets is None else f"eval.sets[{i}]"
+        where = eval_where(cfg, i)
         data = Prompts(*normalize(load_source(es.prompts, where, d.prompt_field, es.split), where, d.prompt_field,
                                   d.metadata_fields))
         terms = rewards if es.reward_fn is None else [function_term(es.reward_fn, f"{where}.reward_fn")]
@@ -868,7 +873,6 @@ def _probe_rows(s: Setup, st: RunState) -> list[Row]:
             row.ref_logprobs = logprobs
             rows.append(row)
     return rows
-
 
 
 def sync(s: Setup, st: RunState) -> bool:

@@ -70,6 +70,12 @@ class Scores(list):
         super().__init__(scores)
         self.counts = counts
 
+    @classmethod
+    def from_verdicts(cls, verdicts: Sequence[tuple[str, float]]) -> "Scores":
+        """The scores of (status, score) pairs, counting the statuses "timeout" and "error" (a verifier's)."""
+        return cls([score for _, score in verdicts], timeouts=sum(status == "timeout" for status, _ in verdicts),
+                   errors=sum(status == "error" for status, _ in verdicts))
+
 
 def math_verify(samples: list[str], prompts: list[str], outputs: list[str], answer_key: str = "answer",
                 timeout_s: float = 5.0, workers: int = 2, **kwargs: Any) -> Scores:
@@ -91,9 +97,7 @@ def math_verify(samples: list[str], prompts: list[str], outputs: list[str], answ
         found = final_answer(out, MARKED)
         checks.append([str(ref), found if found is not None else out, found is not None])
     verdicts = verifier.pool(("math_verify",), workers).run("rft_ds.rewards:math_equal", checks, timeout_s)
-    scores = [1.0 if status == "ok" and value else 0.0 for status, value in verdicts]
-    return Scores(scores, timeouts=sum(status == "timeout" for status, _ in verdicts),
-                  errors=sum(status == "error" for status, _ in verdicts))
+    return Scores.from_verdicts([(status, 1.0 if status == "ok" and value else 0.0) for status, value in verdicts])
 
 
 def _check_math_references(metadata: Sequence[dict], answer_key: str = "answer", workers: int = 2,
@@ -164,9 +168,7 @@ def reasoning_gym(samples: list[str], prompts: list[str], outputs: list[str], rg
     checks = [[task, config, final_answer(out, RG_ORDER), entry]
               for out, task, config, entry in zip(outputs, rg_task, rg_config, rg_entry)]
     verdicts = verifier.pool(("reasoning_gym",), workers).run("rft_ds.rewards:rg_score", checks, timeout_s)
-    return Scores([float(value) if status == "ok" else 0.0 for status, value in verdicts],
-                  timeouts=sum(status == "timeout" for status, _ in verdicts),
-                  errors=sum(status == "error" for status, _ in verdicts))
+    return Scores.from_verdicts([(status, float(value) if status == "ok" else 0.0) for status, value in verdicts])
 
 
 RG_ORDER = ("tagged", "boxed", "hashes", "stated")
@@ -284,8 +286,7 @@ def code_tests(samples: list[str], prompts: list[str], outputs: list[str], score
 
     with ThreadPoolExecutor(max(1, min(workers, len(jobs)))) as ex:
         results = list(ex.map(one, jobs))
-    return Scores([v for _, v in results], timeouts=sum(st == "timeout" for st, _ in results),
-                  errors=sum(st == "error" for st, _ in results))
+    return Scores.from_verdicts(results)
 
 
 def _check_code_tests(metadata: Sequence[dict], **kwargs: Any) -> None:
