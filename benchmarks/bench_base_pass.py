@@ -28,11 +28,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 COT_BOXED = "Think step by step, then give the final answer as \\boxed{answer}."
 COT_TAGS = "Think step by step, then give only the final answer as <answer>answer here</answer>."
 COT_STATED = "Think step by step. End with: The answer is <number>."
+COT_EXAMPLE = ("Think step by step, then end with: The answer is <number>.\n"
+               "Example: What is 23 + 48? Ones: 3 + 8 = 11, write 1, carry 1. Tens: 2 + 4 + 1 = 7. The answer is 71.")
+COT_PLACES = "Add the ones, then the tens, step by step. End with: The answer is <number>."
 
 # name: (prompt source, system prompt, reward function)
 CANDIDATES = {
     "add2 boxed": ("rft_ds.arith:train_prompts", COT_BOXED, "math_verify"),
     "add2 stated": ("rft_ds.arith:train_prompts", COT_STATED, "math_verify"),
+    # the same problems without the prompt's own "Answer with just the number." (make demo-reasoning's)
+    "add2 cot stated": ("rft_ds.arith:cot_train_prompts", COT_STATED, "math_verify"),
+    "sub2 cot stated": ("rft_ds.arith:cot_eval_subtraction", COT_STATED, "math_verify"),
+    "add2 cot example": ("rft_ds.arith:cot_train_prompts", COT_EXAMPLE, "math_verify"),
+    "add2 cot places": ("rft_ds.arith:cot_train_prompts", COT_PLACES, "math_verify"),
+    "times table cot example": ("rft_ds.arith:cot_times_table", COT_EXAMPLE, "math_verify"),
     "chain_sum boxed": ("reasoning_gym:chain_sum?size={n}&seed=5&min_terms=2&max_terms=3", COT_BOXED, "math_verify"),
     "chain_sum tags": ("reasoning_gym:chain_sum?size={n}&seed=5&min_terms=2&max_terms=3", COT_TAGS, "reasoning_gym"),
     "basic_arithmetic boxed": ("reasoning_gym:basic_arithmetic?size={n}&seed=5&min_terms=2&max_terms=2&min_digits=1"

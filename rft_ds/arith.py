@@ -14,6 +14,7 @@ from typing import Any
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 TEMPLATE = "What is {a} {op} {b}? Answer with just the number."
+COT_TEMPLATE = "What is {a} {op} {b}?"  # the reasoning demo's: how to answer is the system prompt's to say
 EVAL_SHARE = 5  # one problem in 5 belongs to the eval split
 
 
@@ -21,7 +22,8 @@ def _is_eval(a: int, op: str, b: int) -> bool:
     return int.from_bytes(hashlib.blake2b(f"{a}{op}{b}".encode(), digest_size=4).digest(), "little") % EVAL_SHARE == 0
 
 
-def problems(n: int, split: str = "train", seed: int = 0, digits: int = 2, ops: str = "+") -> list[dict[str, Any]]:
+def problems(n: int, split: str = "train", seed: int = 0, digits: int = 2, ops: str = "+",
+             template: str = TEMPLATE) -> list[dict[str, Any]]:
     """n distinct problems of one split, each {"prompt", "answer"}; the same for the same arguments."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
@@ -40,7 +42,7 @@ def problems(n: int, split: str = "train", seed: int = 0, digits: int = 2, ops: 
             continue
         seen.add(key)
         a, op, b = key
-        out.append({"prompt": TEMPLATE.format(a=a, op=op, b=b), "answer": str(OPS[op](a, b))})
+        out.append({"prompt": template.format(a=a, op=op, b=b), "answer": str(OPS[op](a, b))})
     return out
 
 
@@ -56,3 +58,30 @@ def eval_subtraction(n: int = 64, seed: int = 0) -> list[dict[str, Any]]:
     """A neighbouring task the demo never trains on (2-digit subtraction): its second eval set, where
     forgetting, or transfer, shows."""
     return problems(n, "eval", seed, 2, "-")
+
+
+# The reasoning demo's sets (`make demo-reasoning`): the same problems and splits, asked without "just the
+# number", so that the system prompt's "think step by step" is the only instruction on how to answer.
+def cot_train_prompts(n: int = 128, seed: int = 0) -> list[dict[str, Any]]:
+    return problems(n, "train", seed, 2, "+", COT_TEMPLATE)
+
+
+def cot_eval_prompts(n: int = 64, seed: int = 0) -> list[dict[str, Any]]:
+    return problems(n, "eval", seed, 2, "+", COT_TEMPLATE)
+
+
+def cot_eval_subtraction(n: int = 64, seed: int = 0) -> list[dict[str, Any]]:
+    return problems(n, "eval", seed, 2, "-", COT_TEMPLATE)
+
+
+def cot_times_table() -> list[dict[str, Any]]:
+    """The 64 products a * b for a, b in 2..9: a neighbouring skill the base model mostly has (so forgetting
+    has room to show, which 2-digit subtraction, near 0 before training, does not)."""
+    return [{"prompt": COT_TEMPLATE.format(a=a, op="*", b=b), "answer": str(a * b)}
+            for a in range(2, 10) for b in range(2, 10)]
+
+
+def cot_replay_prompts(n: int = 64, seed: int = 0) -> list[dict[str, Any]]:
+    """Neighbouring skills for data.replay_prompts: subtraction and multiplication from the train split, so
+    no forgetting-set problem is among them."""
+    return problems(n, "train", seed, 2, "-*", COT_TEMPLATE)

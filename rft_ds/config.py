@@ -53,6 +53,9 @@ class RFTConfig:
     # Completions cut by max_new_tokens (no EOS): keep (selectable like any other; trained without an EOS) or
     # drop (never selected: DAPO's overlong filtering). Counted either way (truncated_share per grow epoch).
     overlong: str = "keep"
+    # With data.replay_prompts: the share of each epoch's training rows that are the base model's own answers
+    # to those prompts (rft_ds/replay.py), against forgetting what the run does not train.
+    replay_share: float = 0.1
 
     def __post_init__(self) -> None:
         # Keys given override the defaults, so `gen_kwargs.temperature=0.7` keeps max_new_tokens.
@@ -107,6 +110,9 @@ class DataConfig:
     # similar prompts) or contiguous (blocks, as rft_ds did before: reproduces its samples). A run keeps
     # the plan it started with when resumed.
     shard: str = "interleaved"
+    # Prompts whose base-model answers are replayed as method.replay_share of each epoch's rows (any source
+    # above; formatted as the training prompts). Sampled once, at the start of a fresh run. null: no replay.
+    replay_prompts: Any = None
 
 
 @dataclass
@@ -452,6 +458,8 @@ def validate(cfg: RFTRunConfig) -> None:
         parse_pool_policy(m.pool)
     except ValueError as e:
         raise ConfigError(f"method.pool {e}") from None
+    _require(isinstance(m.replay_share, (int, float)) and not isinstance(m.replay_share, bool)
+             and 0.0 <= m.replay_share < 1.0, f"method.replay_share must be in [0, 1), got {m.replay_share!r}")
     _require(m.max_per_prompt is None or (isinstance(m.max_per_prompt, int) and not isinstance(m.max_per_prompt, bool)
                                           and m.max_per_prompt >= 1),
              f"method.max_per_prompt must be null or an int >= 1, got {m.max_per_prompt!r}")
@@ -572,7 +580,8 @@ def validate(cfg: RFTRunConfig) -> None:
 # What a resume must not change silently: fields that decide which completions are sampled, how they are
 # selected and what the model trains on. A field here ending in ".*" covers its whole section.
 RESUME_FIELDS = ("model.model_path", "model.tokenizer_path", "model.lora", "data.prompt_field", "data.metadata_fields",
-                 "data.apply_chat_template", "data.system_prompt", "data.max_prompt_length", "data.shard", "method.*", "selection.*",
+                 "data.apply_chat_template", "data.system_prompt", "data.max_prompt_length", "data.shard",
+                 "data.replay_prompts", "method.*", "selection.*",
                  "reward.reward_fn", "reward.functions", "reward.weights", "reward.url", "reward.reward_model",
                  "reward.reward_model_label", "sampler.backend",
                  "sampler.chunk_prompts", "train.seed", "train.max_seq_length", "train.micro_batch_size",

@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 
 from rft_ds import distributed as D
-from rft_ds import console, progress
+from rft_ds import console, progress, replay
 from rft_ds.config import ConfigError, RFTRunConfig, read_model_config, text_config
 from rft_ds.data import (PromptRecord, load_source, normalize, resolve_callable, shard, tokenize,
                          use_chat_template)
@@ -50,6 +50,7 @@ class Prompts:
     texts: list[str]
     metadata: list[dict]
     records: list[PromptRecord] = field(default_factory=list)
+    replay: "Prompts | None" = None  # the training prompts' data.replay_prompts (rft_ds/replay.py)
 
 
 @dataclass
@@ -185,8 +186,12 @@ def load_prompts(cfg: RFTRunConfig, prompts: Any) -> Prompts:
     src = prompts if prompts is not None else d.prompts
     if src is None:
         raise ConfigError("data.prompts is required")
-    return Prompts(*normalize(load_source(src, "prompts", d.prompt_field, d.split), "prompts", d.prompt_field,
-                              d.metadata_fields))
+    train = Prompts(*normalize(load_source(src, "prompts", d.prompt_field, d.split), "prompts", d.prompt_field,
+                               d.metadata_fields))
+    if d.replay_prompts is not None:
+        train.replay = Prompts(*normalize(load_source(d.replay_prompts, "data.replay_prompts", d.prompt_field, d.split),
+                                          "data.replay_prompts", d.prompt_field, d.metadata_fields))
+    return train
 
 
 def eval_where(cfg: RFTRunConfig, i: int) -> str:
@@ -278,6 +283,7 @@ def tokenize_prompts(cfg: RFTRunConfig, tokenizer: Any, train: Prompts, evals: S
     chat = use_chat_template(tokenizer, d.apply_chat_template)
     sets = [(train, "prompts")] + [(ev.prompts, "eval_prompts" if cfg.eval.sets is None else f"eval.sets[{i}].prompts")
                                    for i, ev in enumerate(evals)]
+    sets += [(train.replay, "data.replay_prompts")] if train.replay is not None else []
     for p, where in sets:
         p.records = tokenize(p.texts, p.metadata, tokenizer, limit, where, chat, d.system_prompt)
         # chat prompts: reward functions get the last user message as the prompt, the messages as a keyword
@@ -288,7 +294,7 @@ def row_limit(cfg: RFTRunConfig, train: Prompts) -> int:
     """Tokens a training row may hold (train.max_seq_length), from the tokenized prompts: auto is the longest
     prompt + method.gen_kwargs.max_new_tokens + its EOS, so no completion is ever cut; an explicit value below
     that is refused here, before any model loads, naming both fields."""
-    lengths = [len(r.token_ids) for r in train.records]
+    lengths = [len(r.token_ids) for r in train.records + (train.replay.records if train.replay is not None else [])]
     longest = int(np.argmax(lengths)) if lengths else 0
     new_tokens = cfg.method.gen_kwargs["max_new_tokens"]
     need = (lengths[longest] if lengths else 0) + new_tokens + 1
@@ -496,6 +502,7 @@ class RunState:
     # this rank's: the grow step's samples (until scored), the stale check's probes (until compared), losses so far
     local: dict = field(default_factory=dict)
     pool: LocalPool = field(default_factory=LocalPool)  # this rank's: tokens of the pool rows it owns
+    replay: dict | None = None  # the base model's answers to data.replay_prompts (replay.pack), the same on every rank
     table: np.ndarray = field(default_factory=lambda: np.zeros(0, TABLE))  # the pools, canonical, on every rank
 
     def shared(self) -> dict:
@@ -655,6 +662,12 @@ def start_fresh(s: Setup) -> RunState:
                   prompts_digest=s.prompts_digest, shard=s.cfg.data.shard, pool=LocalPool(D.rank()),
                   group_by_length=s.cfg.train.group_by_length, share_prompt=s.learner.share_prompt)
     _warn_foreign_best_model(s.out, st.run_id)
+    if s.train.replay is not None:  # before any update: the base model's answers
+        t0 = time.perf_counter()
+        st.replay = replay.sample_set(s.sampler, s.train.replay.records, s.group, s.n_groups, s.contributes,
+                                      s.cfg.method.gen_kwargs, _sample_seed(s.cfg.train.seed, -1, s.group, 2),
+                                      "replay: sample" if s.show else None)
+        st.record["time_replay_sample"] = time.perf_counter() - t0
     if s.evals and s.cfg.train.eval_interval > 0:
         st.eval_before = _evaluate(s, -1)
         if s.best is not None:
@@ -757,14 +770,18 @@ def train(s: Setup, st: RunState, step: Any) -> bool:
     keep = cap_per_prompt(table["prompt_id"], table["score"], keep, s.cfg.method.max_per_prompt)
     rows, n_rows, moved = _rows(s, st, table, keep)
     sp = t.sequence_parallel  # a group of sp ranks trains the same rows, each on its shard of their positions
-    steps = num_steps(n_rows, D.world_size() // sp, learner.micro_batch_size, learner.grad_accum)
+    n_replay = 0
+    if st.replay is not None:  # method.replay_share of the epoch's rows: the base model's answers
+        extra, n_replay = _replay_rows(s, st, n_rows, len(rows))
+        rows += extra
+    steps = num_steps(n_rows + n_replay, D.world_size() // sp, learner.micro_batch_size, learner.grad_accum)
     micro = plan_micro_batches(len(rows), steps, t.seed, st.epoch, D.rank() // sp, learner.micro_batch_size,
                                learner.grad_accum, [len(r.input_ids) for r in rows] if st.group_by_length else None,
                                prompt_groups(rows) if st.share_prompt else None)
     # the epoch's whole plan: the same after a resume
     st.local["padding"] = padded_tokens(rows, micro, learner.pack)
     st.record.update(
-        pool_size=len(table), n_selected=int(keep.sum()), n_rows=n_rows, rows_moved=moved,
+        pool_size=len(table), n_selected=int(keep.sum()), n_rows=n_rows, rows_moved=moved, replay_rows=n_replay,
         n_prompts_kept=int(len(np.unique(table["prompt_id"][keep]))),
         reward_mean=float(table["score"].mean()) if len(table) else None,
         reward_max=float(table["score"].max()) if len(table) else None,
@@ -862,6 +879,20 @@ def _rows(s: Setup, st: RunState, table: np.ndarray, keep: np.ndarray) -> tuple[
     """This rank's training rows of the selected completions (experience.rows_for_rank)."""
     return rows_for_rank(table[keep], st.pool, [r.token_ids for r in s.train.records], s.tokenizer.eos_token_id,
                          s.max_len, s.cfg.train.sequence_parallel)
+
+
+def _replay_rows(s: Setup, st: RunState, n_rows: int, n_mine: int) -> tuple[list[Row], int]:
+    """Collective (one small all_gather of row counts): this rank's replay rows of the epoch (replay.draw),
+    dealt so that every group of ranks ends within one row of the others; and the epoch's replay rows in all."""
+    sp = s.cfg.train.sequence_parallel
+    picks = replay.draw(n_rows, len(st.replay["prompt"]), s.cfg.method.replay_share, s.cfg.train.seed, st.epoch)
+    counts = D.all_gather_object(n_mine)[::sp]  # every rank of a group holds the group's rows
+    mine = picks[replay.deal(counts, len(picks))[D.rank() // sp]]
+    prompts = s.train.replay.records
+    rows = [build_row(prompts[st.replay["prompt"][i]].token_ids, tokens, bool(st.replay["eos"][i]),
+                      s.tokenizer.eos_token_id, s.max_len)
+            for i, tokens in zip(mine, replay.completions(st.replay, mine))]
+    return [r for r in rows if r is not None], len(picks)
 
 
 def _probe_rows(s: Setup, st: RunState) -> list[Row]:

@@ -28,6 +28,18 @@ def human_eval() -> list[dict]:
             for r in rows]
 
 
+def human_eval_train() -> list[dict]:
+    """3 in 4 of HumanEval's problems (those whose index is not a multiple of 4): launch/configs/code.yaml's
+    offline training set, so the example runs anywhere. Training on a benchmark spoils it as a benchmark:
+    for a real run, train on MBPP or your own tasks and evaluate on all of human_eval."""
+    return [p for i, p in enumerate(human_eval()) if i % 4]
+
+
+def human_eval_held_out() -> list[dict]:
+    """The other 1 in 4 (41 problems): code.yaml's eval set, never trained on there."""
+    return human_eval()[::4]
+
+
 PREFIX = "reasoning_gym:"
 
 

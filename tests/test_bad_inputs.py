@@ -137,6 +137,11 @@ CASES = {
         lambda d, m: ["reward.reward_fn=rft_ds.rewards:math_verify", "data.eval_prompts=null",
                       f"data.prompts={math_prompts(d)}"],
         "data.prompts: reward term math_verify: prompt 1's reference answer 'not \\\\frac{valid' does not parse as math"),
+    "replay prompts missing": (lambda d, m: [f"data.replay_prompts={d / 'r.jsonl'}"], "data.replay_prompts: "),
+    "replay prompt too long": (
+        lambda d, m: [f"data.replay_prompts={write(d / 'rl.jsonl', json.dumps({'prompt': 'abc say k: ' * 20}))}"],
+        "data.replay_prompts[0] is 121 tokens, longer than the limit of 32"),
+    "replay share out of range": (lambda d, m: ["method.replay_share=1.0"], "method.replay_share must be in [0, 1), got 1.0"),
     "unknown reasoning-gym task": (lambda d, m: ["data.prompts=reasoning_gym:chainsum?size=4"],
                                    "prompts: reasoning_gym task 'chainsum' is unknown; did you mean chain_sum"),
     "reasoning-gym reward on other prompts": (lambda d, m: ["reward.reward_fn=rft_ds.rewards:reasoning_gym"],

@@ -4,6 +4,7 @@ table; the installed script is on the venv's PATH."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,8 +92,6 @@ def test_rft_ds_is_installed_on_the_venv_path(tmp_path):
 def test_a_library_error_reaches_the_quiet_console_with_the_log_path(tmp_path, tiny_model):
     """Weights transformers cannot read: the error is raised inside a library after the console went quiet;
     its first line and the log's path reach the terminal, the traceback is in the log."""
-    import shutil
-
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
     (model / "model.safetensors").write_bytes(b"\x00" * 64)
@@ -111,8 +110,6 @@ def test_a_library_error_reaches_the_quiet_console_with_the_log_path(tmp_path, t
 
 def remote_code_model(tiny_model: Path, dst: Path) -> Path:
     """The tiny Llama as a model with its own code (auto_map): what model.trust_remote_code is for."""
-    import shutil
-
     shutil.copytree(tiny_model, dst)
     (dst / "configuration_rfttoy.py").write_text(
         "from transformers import LlamaConfig\n\n\nclass RftToyConfig(LlamaConfig):\n    model_type = 'rft_toy'\n")
@@ -160,8 +157,6 @@ def test_check_for_gpu_nodes_from_a_cpu_host(env, capsys):
     there; --device cpu (or this CPU host) refuses both."""
     tmp, model = env
     hd = tmp / "hd"
-    import shutil
-
     shutil.copytree(model, hd)
     c = json.loads((hd / "config.json").read_text())
     c["head_dim"] = 24
@@ -173,7 +168,7 @@ def test_check_for_gpu_nodes_from_a_cpu_host(env, capsys):
     assert rc == 1 and len(problems) == 2 and "nccl" in problems[0] and "head_dim 24" in problems[1], problems
 
 
-@pytest.mark.parametrize("config", ["math.yaml", "reasoning_gym.yaml"])
+@pytest.mark.parametrize("config", ["math.yaml", "reasoning_gym.yaml", "reasoning.yaml"])
 def test_example_configs_pass_check(config, env, capsys):
     """The example configs for verifiers (launch/configs/) pass every check before model load: their
     reasoning-gym prompts generate, math-verify reads their references, the reward terms get their metadata
@@ -181,5 +176,21 @@ def test_example_configs_pass_check(config, env, capsys):
     tmp, model = env
     rc = cli.main(["check", f"launch/configs/{config}", f"model.model_path={model}", "model.build=null",
                    f"train.output_dir={tmp / 'out'}", "method.gen_kwargs.max_new_tokens=16"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err[-2000:]
+
+
+def test_code_example_config_passes_check(env, capsys):
+    """launch/configs/code.yaml: HumanEval's split loads, every prompt has its tests (code_tests' start-up
+    check). The tiny tokenizer spells code in many more tokens than SmolLM2's, so its model gets 8192
+    positions here and the prompt limit is raised to match."""
+    tmp, model = env
+    big = tmp / "long_model"
+    shutil.copytree(model, big)
+    c = json.loads((big / "config.json").read_text())
+    c["max_position_embeddings"] = 8192
+    (big / "config.json").write_text(json.dumps(c))
+    rc = cli.main(["check", "launch/configs/code.yaml", f"model.model_path={big}", "model.build=null",
+                   f"train.output_dir={tmp / 'out'}", "method.gen_kwargs.max_new_tokens=16", "data.max_prompt_length=4096"])
     out = capsys.readouterr()
     assert rc == 0, out.err[-2000:]

@@ -24,8 +24,10 @@ def test_rftconfig_is_the_seed_contract():
         "gen_kwargs", "start_percentile", "end_percentile", "n_improve_steps", "n_generations_per_prompt"]
     assert (c.start_percentile, c.end_percentile, c.n_improve_steps, c.n_generations_per_prompt) == (0.7, 0.95, 4, 32)
     # rft_ds's additions default to trlx's behaviour: the pools keep every grow step, no cap per prompt
-    assert [f for f in RFTConfig.__dataclass_fields__][5:] == ["pool", "max_per_prompt", "restart_from_base", "overlong"]
-    assert (c.pool, c.max_per_prompt, c.restart_from_base, c.overlong) == ("accumulate", None, False, "keep")
+    assert [f for f in RFTConfig.__dataclass_fields__][5:] == ["pool", "max_per_prompt", "restart_from_base", "overlong",
+                                                                "replay_share"]
+    assert (c.pool, c.max_per_prompt, c.restart_from_base, c.overlong, c.replay_share) == \
+        ("accumulate", None, False, "keep", 0.1)
     assert RFTConfig({"max_new_tokens": 8}, 0.5, 0.9, 2, 4).n_generations_per_prompt == 4  # trlx's positional order
 
 

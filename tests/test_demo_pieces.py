@@ -33,6 +33,20 @@ def test_arith_splits_are_disjoint_and_reproducible():
         arith.problems(100, "eval", digits=1, ops="*")
 
 
+def test_reasoning_demo_sets_ask_only_the_question_and_stay_apart():
+    """make demo-reasoning's sets: the same generator without "Answer with just the number" (the system
+    prompt says how to answer); the replay prompts never hold a forgetting-set problem."""
+    train, add, sub = arith.cot_train_prompts(), arith.cot_eval_prompts(), arith.cot_eval_subtraction()
+    replay = arith.cot_replay_prompts()
+    assert (len(train), len(add), len(sub), len(replay)) == (128, 64, 64, 64)
+    assert all(re.fullmatch(r"What is \d\d [-+*] \d\d\?", p["prompt"]) for p in train + add + sub + replay)
+    assert not {p["prompt"] for p in train} & {p["prompt"] for p in add}
+    assert not {p["prompt"] for p in replay} & {p["prompt"] for p in sub}
+    assert {p["prompt"].split()[3] for p in replay} == {"-", "*"}
+    table = arith.cot_times_table()
+    assert len({p["prompt"] for p in table}) == 64 and table[-1] == {"prompt": "What is 9 * 9?", "answer": "81"}
+
+
 def test_smollm2_missing_package_is_one_clear_error(monkeypatch):
     import importlib.util
 

@@ -98,7 +98,9 @@ def test_elastic_positions():
 # ---- slow: real runs killed with SIGKILL and resumed ------------------------------------------------
 
 COMMON = ["train.epochs=6", "train.save_interval=1", "train.keep_last=2", "method.n_generations_per_prompt=8",
-          "train.eval_interval=2", "sampler.chunk_prompts=8"]
+          "train.eval_interval=2", "sampler.chunk_prompts=8",
+          # the base model's answers replayed as a quarter of each epoch's rows: a resume replays the same
+          "data.replay_prompts=rft_ds.toy:eval_prompts", "method.replay_share=0.25"]
 
 
 
@@ -173,6 +175,8 @@ def test_stop_or_kill_anywhere_then_resume_gives_identical_weights(tmp_path):
     for k in a:
         assert (a[k] == b[k]).all(), f"{k} differs after stop/kill/resume"
     assert _metrics(ref) == _metrics(run)  # the whole history, the resumed epochs included
+    # a quarter of the rows (n_rows + replay_rows), at most the 32 replay prompts
+    assert all(m["replay_rows"] == min(32, round(m["n_rows"] / 3)) for m in _metrics(ref))
     saved = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["time_checkpoint"] > 0 and r["time_epoch"] >= r["time_checkpoint"] for r in saved)  # (vi)
 
@@ -199,7 +203,7 @@ def _launch(n: int, run: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(n), "--master_port", str(free_port()),
            "launch/train.py", "--config", "launch/configs/tiny.yaml", f"model.model_path={run.parent / 'model'}",
            f"train.output_dir={run}", "train.save_interval=1", "method.n_generations_per_prompt=4",
-           "train.eval_interval=0", "train.plots=false", *extra]
+           "train.eval_interval=0", "train.plots=false", "data.replay_prompts=rft_ds.toy:eval_prompts", *extra]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
@@ -224,7 +228,7 @@ def test_elastic_resume_on_another_world_size(tmp_path):
     def same_end(a: Path, b: Path) -> dict:
         ma, mb = _metrics(a), _metrics(b)
         assert ma[:-1] == mb[:-1]  # the restored history
-        for key in ("pool_size", "n_selected", "n_rows", "selection_digest", "train_steps"):
+        for key in ("pool_size", "n_selected", "n_rows", "selection_digest", "train_steps", "replay_rows"):
             assert ma[-1][key] == mb[-1][key], key  # the same pools (every old rank's shard) and selection
         # Which rows make up each optimizer step depends on which rank holds them (rows are trained where
         # their tokens are), so the loss and weights after the resume differ from the same-size resume's.
