@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rft_ds import cli
-from tests.test_bad_inputs import CASES
+from tests.test_bad_inputs import CASES, copy_model
 from tests.test_bad_inputs import env as no_model_load  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,11 +156,7 @@ def test_check_for_gpu_nodes_from_a_cpu_host(env, capsys):
     """--device cuda checks a GPU job from a login node: NCCL and a head size only vLLM on CPU refuses are fine
     there; --device cpu (or this CPU host) refuses both."""
     tmp, model = env
-    hd = tmp / "hd"
-    shutil.copytree(model, hd)
-    c = json.loads((hd / "config.json").read_text())
-    c["head_dim"] = 24
-    (hd / "config.json").write_text(json.dumps(c))
+    hd = copy_model(model, tmp / "hd", edit_config=lambda c: c.update(head_dim=24))
     args = [f"model.model_path={hd}", "model.build=null", "train.dist_backend=nccl"]
     rc, problems, _ = run_check(capsys, *args, "--device", "cuda")
     assert rc == 0, problems
@@ -185,12 +181,9 @@ def test_code_example_config_passes_check(env, capsys):
     check). The tiny tokenizer spells code in many more tokens than SmolLM2's, so its model gets 8192
     positions here and the prompt limit is raised to match."""
     tmp, model = env
-    big = tmp / "long_model"
-    shutil.copytree(model, big)
-    c = json.loads((big / "config.json").read_text())
-    c["max_position_embeddings"] = 8192
-    (big / "config.json").write_text(json.dumps(c))
+    big = copy_model(model, tmp / "long_model", edit_config=lambda c: c.update(max_position_embeddings=8192))
     rc = cli.main(["check", "launch/configs/code.yaml", f"model.model_path={big}", "model.build=null",
-                   f"train.output_dir={tmp / 'out'}", "method.gen_kwargs.max_new_tokens=16", "data.max_prompt_length=4096"])
+                   f"train.output_dir={tmp / 'out'}", "method.gen_kwargs.max_new_tokens=16",
+                   "data.max_prompt_length=4096"])
     out = capsys.readouterr()
     assert rc == 0, out.err[-2000:]
