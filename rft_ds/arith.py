@@ -63,14 +63,17 @@ def eval_subtraction(n: int = 64, seed: int = 0) -> list[dict[str, Any]]:
 # The reasoning demo's sets (`make demo-reasoning`): the same problems and splits, asked without "just the
 # number", so that the system prompt's "think step by step" is the only instruction on how to answer.
 def cot_train_prompts(n: int = 128, seed: int = 0) -> list[dict[str, Any]]:
+    """The reasoning demo's training problems: 2-digit additions of the train split."""
     return problems(n, "train", seed, 2, "+", COT_TEMPLATE)
 
 
 def cot_eval_prompts(n: int = 64, seed: int = 0) -> list[dict[str, Any]]:
+    """Its held-out additions: the eval split, never trained on."""
     return problems(n, "eval", seed, 2, "+", COT_TEMPLATE)
 
 
 def cot_eval_subtraction(n: int = 64, seed: int = 0) -> list[dict[str, Any]]:
+    """2-digit subtractions of the eval split (the base model, with a chain of thought: 0.03 greedy)."""
     return problems(n, "eval", seed, 2, "-", COT_TEMPLATE)
 
 

@@ -46,6 +46,9 @@ def check(cfg: RFTRunConfig, world: int, cuda: bool | None = None) -> tuple[list
     if sets is not FAILED and cfg.train.save_best_model:
         attempt(best_metric, cfg.train.best_metric, sets)
     train = attempt(recipe.load_prompts, cfg, None)
+    replay = attempt(recipe.load_replay_prompts, cfg)  # its own step: a bad replay source hides nothing else
+    if train is not FAILED:
+        train.replay = None if replay is FAILED else replay
     evals = attempt(recipe.load_eval_sets, cfg, sets, [] if rewards is FAILED else rewards) \
         if sets is not FAILED else FAILED
     attempt(recipe.check_output_dir, Path(cfg.train.output_dir), False)

@@ -275,15 +275,15 @@ class RFTRunConfig:
         """Plain values for config.yaml, checkpoints and dashboards. Prompts given as objects (a list, a
         datasets.Dataset) are summarised, not copied into every checkpoint; prompts_digest covers them."""
         data = self.data
-        saved = data.prompts, data.eval_prompts, self.eval.sets
-        data.prompts, data.eval_prompts = (_describe_source(s) for s in saved[:2])
+        saved = data.prompts, data.eval_prompts, data.replay_prompts, self.eval.sets
+        data.prompts, data.eval_prompts, data.replay_prompts = (_describe_source(s) for s in saved[:3])
         if isinstance(self.eval.sets, list):
             self.eval.sets = [{**d, "prompts": _describe_source(d.get("prompts"))} if isinstance(d, dict) else d
                               for d in self.eval.sets]
         try:
             return dataclasses.asdict(self)
         finally:
-            data.prompts, data.eval_prompts, self.eval.sets = saved
+            data.prompts, data.eval_prompts, data.replay_prompts, self.eval.sets = saved
 
 
 def beside(value: Any, base: Path) -> Any:
@@ -306,6 +306,7 @@ def inputs_beside(cfg: "RFTRunConfig", base: Path) -> None:
     cfg.model.tokenizer_path = beside(cfg.model.tokenizer_path, base)
     cfg.data.prompts = beside(cfg.data.prompts, base)
     cfg.data.eval_prompts = beside(cfg.data.eval_prompts, base)
+    cfg.data.replay_prompts = beside(cfg.data.replay_prompts, base)
     cfg.train.deepspeed_config = beside(cfg.train.deepspeed_config, base)
 
 

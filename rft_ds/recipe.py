@@ -132,6 +132,7 @@ def prepare(cfg: RFTRunConfig, reward_fn: Any, prompts: Any, eval_prompts: Any, 
     sets = parse_sets(cfg, eval_prompts, metric_fn)
     best = best_metric(cfg.train.best_metric, sets) if cfg.train.save_best_model else None
     train = load_prompts(cfg, prompts)
+    train.replay = load_replay_prompts(cfg)
     evals = load_eval_sets(cfg, sets, rewards)
     check_output_dir(Path(cfg.train.output_dir))
     ds_config = deepspeed_config(cfg, world)
@@ -186,12 +187,19 @@ def load_prompts(cfg: RFTRunConfig, prompts: Any) -> Prompts:
     src = prompts if prompts is not None else d.prompts
     if src is None:
         raise ConfigError("data.prompts is required")
-    train = Prompts(*normalize(load_source(src, "prompts", d.prompt_field, d.split), "prompts", d.prompt_field,
-                               d.metadata_fields))
-    if d.replay_prompts is not None:
-        train.replay = Prompts(*normalize(load_source(d.replay_prompts, "data.replay_prompts", d.prompt_field, d.split),
-                                          "data.replay_prompts", d.prompt_field, d.metadata_fields))
-    return train
+    return Prompts(*normalize(load_source(src, "prompts", d.prompt_field, d.split), "prompts", d.prompt_field,
+                              d.metadata_fields))
+
+
+def load_replay_prompts(cfg: RFTRunConfig) -> Prompts | None:
+    """data.replay_prompts, read and checked (None: no replay). Only the prompt is read: no reward scores
+    them, so data.metadata_fields does not apply."""
+    d = cfg.data
+    if d.replay_prompts is None:
+        return None
+    texts, _ = normalize(load_source(d.replay_prompts, "data.replay_prompts", d.prompt_field, d.split),
+                         "data.replay_prompts", d.prompt_field, [])
+    return Prompts(texts, [{} for _ in texts])
 
 
 def eval_where(cfg: RFTRunConfig, i: int) -> str:
@@ -294,15 +302,17 @@ def row_limit(cfg: RFTRunConfig, train: Prompts) -> int:
     """Tokens a training row may hold (train.max_seq_length), from the tokenized prompts: auto is the longest
     prompt + method.gen_kwargs.max_new_tokens + its EOS, so no completion is ever cut; an explicit value below
     that is refused here, before any model loads, naming both fields."""
-    lengths = [len(r.token_ids) for r in train.records + (train.replay.records if train.replay is not None else [])]
-    longest = int(np.argmax(lengths)) if lengths else 0
+    sets = [("prompt", train.records)] + ([("data.replay_prompts", train.replay.records)] if train.replay else [])
+    # the longest prompt of the training and replay sets (ties: the first), and how an error names it
+    lengths, where, longest = max(((len(r.token_ids), name, i) for name, records in sets for i, r in enumerate(records)),
+                                  key=lambda x: x[0], default=(0, "prompt", 0))
     new_tokens = cfg.method.gen_kwargs["max_new_tokens"]
-    need = (lengths[longest] if lengths else 0) + new_tokens + 1
+    need = lengths + new_tokens + 1
     limit = cfg.train.max_seq_length
     if limit == "auto":
         return need
     if limit < need:
-        raise ConfigError(f"train.max_seq_length ({limit}) is shorter than prompt {longest} ({lengths[longest]} tokens) "
+        raise ConfigError(f"train.max_seq_length ({limit}) is shorter than {where} {longest} ({lengths} tokens) "
                           f"+ method.gen_kwargs.max_new_tokens ({new_tokens}) + EOS = {need}: its completions would be "
                           f"cut; set train.max_seq_length to auto or >= {need}")
     return limit
@@ -502,7 +512,8 @@ class RunState:
     # this rank's: the grow step's samples (until scored), the stale check's probes (until compared), losses so far
     local: dict = field(default_factory=dict)
     pool: LocalPool = field(default_factory=LocalPool)  # this rank's: tokens of the pool rows it owns
-    replay: dict | None = None  # the base model's answers to data.replay_prompts (replay.pack), the same on every rank
+    # the base model's answers to data.replay_prompts (replay.pack, + "digest" of those prompts), on every rank
+    replay: dict | None = None
     table: np.ndarray = field(default_factory=lambda: np.zeros(0, TABLE))  # the pools, canonical, on every rank
 
     def shared(self) -> dict:
@@ -662,11 +673,12 @@ def start_fresh(s: Setup) -> RunState:
                   prompts_digest=s.prompts_digest, shard=s.cfg.data.shard, pool=LocalPool(D.rank()),
                   group_by_length=s.cfg.train.group_by_length, share_prompt=s.learner.share_prompt)
     _warn_foreign_best_model(s.out, st.run_id)
-    if s.train.replay is not None:  # before any update: the base model's answers
+    if s.train.replay is not None and s.cfg.method.replay_share > 0:  # before any update: the base model's answers
         t0 = time.perf_counter()
         st.replay = replay.sample_set(s.sampler, s.train.replay.records, s.group, s.n_groups, s.contributes,
                                       s.cfg.method.gen_kwargs, _sample_seed(s.cfg.train.seed, -1, s.group, 2),
                                       "replay: sample" if s.show else None)
+        st.replay["digest"] = replay_digest(s)
         st.record["time_replay_sample"] = time.perf_counter() - t0
     if s.evals and s.cfg.train.eval_interval > 0:
         st.eval_before = _evaluate(s, -1)
@@ -884,8 +896,11 @@ def _rows(s: Setup, st: RunState, table: np.ndarray, keep: np.ndarray) -> tuple[
 def _replay_rows(s: Setup, st: RunState, n_rows: int, n_mine: int) -> tuple[list[Row], int]:
     """Collective (one small all_gather of row counts): this rank's replay rows of the epoch (replay.draw),
     dealt so that every group of ranks ends within one row of the others; and the epoch's replay rows in all."""
-    sp = s.cfg.train.sequence_parallel
-    picks = replay.draw(n_rows, len(st.replay["prompt"]), s.cfg.method.replay_share, s.cfg.train.seed, st.epoch)
+    sp, rp = s.cfg.train.sequence_parallel, st.replay
+    usable = np.arange(len(rp["prompt"]))  # method.overlong: drop leaves out what max_new_tokens cut, as for the pools
+    if s.cfg.method.overlong == "drop":
+        usable = usable[rp["eos"] | (rp["length"] < s.cfg.method.gen_kwargs["max_new_tokens"])]
+    picks = usable[replay.draw(n_rows, len(usable), s.cfg.method.replay_share, s.cfg.train.seed, st.epoch)]
     counts = D.all_gather_object(n_mine)[::sp]  # every rank of a group holds the group's rows
     mine = picks[replay.deal(counts, len(picks))[D.rank() // sp]]
     prompts = s.train.replay.records
@@ -893,6 +908,13 @@ def _replay_rows(s: Setup, st: RunState, n_rows: int, n_mine: int) -> tuple[list
                       s.tokenizer.eos_token_id, s.max_len)
             for i, tokens in zip(mine, replay.completions(st.replay, mine))]
     return [r for r in rows if r is not None], len(picks)
+
+
+def replay_digest(s: Setup) -> str:
+    """What the replay set's answers were sampled for: a resume must find the same prompts at the same places."""
+    from rft_ds.checkpoint import prompts_digest
+
+    return prompts_digest(s.train.replay.texts, [])
 
 
 def _probe_rows(s: Setup, st: RunState) -> list[Row]:
@@ -1053,6 +1075,8 @@ def load_checkpoint(s: Setup, ckpt: Path) -> RunState:
         local["samples"] = Samples()
         local["samples"].add(0, [[dataclasses.replace(c, logprobs=None) for c in cs] for cs in old])
     st = RunState(**shared, local=local, pool=pool, table=gather_pool(pool))
+    wants = s.train.replay is not None and s.cfg.method.replay_share > 0
+    replay.check_resume(st.replay, replay_digest(s) if wants else None, str(ckpt))
     if st.best is not None and _best_model_run(s.out) != st.run_id:  # best_model/ was overwritten by another run
         if D.is_main():
             console.say(f"[rft_ds] note: {s.out / 'best_model'} is not this run's ({st.run_id}); the next eval rewrites it")

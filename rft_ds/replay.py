@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rft_ds.config import ConfigError
+
 
 def pack(prompt: Sequence[int], eos: Sequence[bool], tokens: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
     """The replay set as arrays, ordered by replay prompt: 4 bytes a token, 9 a completion."""
@@ -29,17 +31,28 @@ def pack(prompt: Sequence[int], eos: Sequence[bool], tokens: Sequence[Sequence[i
             "tokens": np.concatenate(toks) if toks else np.zeros(0, np.int32)}
 
 
+def check_resume(saved: dict | None, digest: str | None, ckpt: str) -> None:
+    """A checkpoint's replay set (saved) against this run's replay prompts (their digest; None: no replay).
+    The base model's answers exist only from a fresh start, so a resume cannot add, drop or swap them."""
+    if saved is None and digest is not None:
+        raise ConfigError(f"data.replay_prompts: {ckpt} was written without replay, and the base model's answers are "
+                          "sampled at a fresh start only: start a new run to replay them")
+    if saved is not None and saved.get("digest") != digest:
+        raise ConfigError(f"data.replay_prompts: {ckpt} replays the base model's answers to other prompts than these "
+                          "(or method.replay_share is 0 now): resume with the replay prompts it was started with")
+
+
 def completions(replay: dict[str, np.ndarray], picks: np.ndarray) -> list[np.ndarray]:
     """Token ids of the replay set's completions `picks` (views)."""
     starts = np.r_[0, np.cumsum(replay["length"], dtype=np.int64)[:-1]]
     return [replay["tokens"][starts[i]:starts[i] + replay["length"][i]] for i in picks]
 
 
-def draw(n_selected: int, n_replay: int, share: float, seed: int, epoch: int) -> np.ndarray:
-    """Which replay completions an epoch trains on: `share` of the epoch's rows (the n_selected selected plus
+def draw(n_rows: int, n_replay: int, share: float, seed: int, epoch: int) -> np.ndarray:
+    """Which replay completions an epoch trains on: `share` of the epoch's rows (its n_rows selected rows plus
     these), at most the whole set, none when nothing was selected. Seeded by (seed, epoch): every rank draws
     the same, and a resumed run too."""
-    k = min(n_replay, round(share * n_selected / (1.0 - share))) if n_selected and share > 0 else 0
+    k = min(n_replay, round(share * n_rows / (1.0 - share))) if n_rows and share > 0 else 0
     if k <= 0:
         return np.zeros(0, np.int64)
     return np.sort(np.random.default_rng([seed, epoch, 11]).choice(n_replay, size=k, replace=False))

@@ -141,6 +141,10 @@ CASES = {
     "replay prompt too long": (
         lambda d, m: [f"data.replay_prompts={write(d / 'rl.jsonl', json.dumps({'prompt': 'abc say k: ' * 20}))}"],
         "data.replay_prompts[0] is 121 tokens, longer than the limit of 32"),
+    "replay prompt too long for a row": (
+        lambda d, m: [f"data.replay_prompts={write(d / 'rr.jsonl', json.dumps({'prompt': 'abc say k: ' * 4}))}",
+                      "train.max_seq_length=40", "method.gen_kwargs.max_new_tokens=16"],
+        "train.max_seq_length (40) is shorter than data.replay_prompts 0 ("),
     "replay share out of range": (lambda d, m: ["method.replay_share=1.0"], "method.replay_share must be in [0, 1), got 1.0"),
     "unknown reasoning-gym task": (lambda d, m: ["data.prompts=reasoning_gym:chainsum?size=4"],
                                    "prompts: reasoning_gym task 'chainsum' is unknown; did you mean chain_sum"),

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from rft_ds import replay
+from rft_ds.config import ConfigError, RFTRunConfig
 
 
 def test_pack_orders_by_prompt_and_completions_round_trip():
@@ -46,3 +47,25 @@ def test_deal_ends_every_group_within_one_row(counts, n):
 
 def test_deal_fills_the_short_groups_first():
     assert [p.tolist() for p in replay.deal([5, 4, 5, 4], 2)] == [[], [0], [], [1]]
+
+
+def test_a_resume_keeps_the_replay_set_it_started_with():
+    saved = {**replay.pack([0], [True], [[5]]), "digest": "abc"}
+    replay.check_resume(saved, "abc", "ckpt")
+    replay.check_resume(None, None, "ckpt")
+    with pytest.raises(ConfigError, match="^data.replay_prompts: ckpt was written without replay"):
+        replay.check_resume(None, "abc", "ckpt")
+    for digest in ("other", None):  # other prompts, or replay turned off
+        with pytest.raises(ConfigError, match="^data.replay_prompts: ckpt replays the base model's answers to other"):
+            replay.check_resume(saved, digest, "ckpt")
+
+
+def test_replay_prompts_in_config_files_and_dumps(tmp_path):
+    """Relative to the YAML like the other prompt files; given as a Python list, summarised in config.yaml."""
+    (tmp_path / "r.jsonl").write_text('{"prompt": "a"}\n')
+    (tmp_path / "run.yaml").write_text("model: {model_path: m}\ndata: {prompts: rft_ds.toy:train_prompts, "
+                                       "replay_prompts: r.jsonl}\n")
+    assert RFTRunConfig.load_yaml(tmp_path / "run.yaml").data.replay_prompts == str(tmp_path / "r.jsonl")
+    cfg = RFTRunConfig.from_dict({"model": {"model_path": "m"}, "data": {"replay_prompts": ["a", "b", "c"]}})
+    assert cfg.to_dict()["data"]["replay_prompts"] == "<list of 3 prompts, given in Python>"
+    assert cfg.data.replay_prompts == ["a", "b", "c"]
