@@ -9,10 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from rft_ds.checkpoint import CheckpointError
-from rft_ds.config import ConfigError, RFTRunConfig
-from rft_ds.data import DataError
-from rft_ds.reward_terms import RewardError
+from rft_ds.config import RFTRunConfig
+from rft_ds.errors import CheckpointError, ConfigError, DataError, RewardError
 
 PROBLEMS = (ConfigError, DataError, RewardError, CheckpointError)
 FAILED = object()

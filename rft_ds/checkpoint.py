@@ -52,17 +52,13 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from rft_ds.config import ConfigError
+from rft_ds.errors import CheckpointError, ConfigError
 
 MANIFEST = "manifest.json"
 # The run state's layout (meta.json "format"): 1 epoch-boundary checkpoints before RunState, 2 the pools in
 # rank 0's shared state, 3 a pool shard per rank.
 STATE_FORMAT = 3
 MANIFEST_FORMAT = 2  # 1 (implicit): {"files": {path: {"size", "blake2b"}}}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed from; the message says why."""
 
 
 def checkpoint_name(epoch: int, stage: int = 0, cursor: int = 0) -> str:

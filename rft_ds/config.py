@@ -19,11 +19,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from rft_ds.errors import ConfigError  # noqa: F401 (raised here, and imported from here by older code)
 from rft_ds.selection import parse_pool_policy
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the field."""
 
 
 DEFAULT_GEN_KWARGS: dict[str, Any] = {"max_new_tokens": 32, "do_sample": True, "temperature": 1.0}

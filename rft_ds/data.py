@@ -9,12 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from rft_ds.errors import DataError  # noqa: F401 (raised here; imported from here too)
+
 # Keyword names reward_fn already receives; metadata may not shadow them.
 RESERVED_KEYS = {"samples", "prompts", "outputs", "tokenizer", "prompt_ids"}
-
-
-class DataError(ValueError):
-    """Bad prompt data; the message names the prompt, file line or field."""
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Mapping
 import torch
 import torch.distributed as dist
 
-from rft_ds.config import ConfigError
+from rft_ds.errors import ConfigError
 
 
 class RankError(RuntimeError):

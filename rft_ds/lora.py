@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rft_ds.config import ConfigError
+from rft_ds.errors import ConfigError
 
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
 PREFIX = "base_model.model."  # what PeftModel puts before the base model's parameter names

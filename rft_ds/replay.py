@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rft_ds.config import ConfigError
+from rft_ds.errors import ConfigError
 
 
 def pack(prompt: Sequence[int], eos: Sequence[bool], tokens: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:

@@ -23,12 +23,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from rft_ds.config import ConfigError
+from rft_ds.errors import ConfigError, RewardError
 from rft_ds.data import resolve_callable
-
-
-class RewardError(ValueError):
-    """A reward term misbehaved; the message names the term and the sample."""
 
 
 ENTRY_KEYS = ("fn", "reward_model", "url", "name", "batch_size", "executor", "kwargs", "max_length", "label")
