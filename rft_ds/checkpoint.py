@@ -53,6 +53,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from rft_ds.errors import CheckpointError, ConfigError
+from rft_ds.files import replacing_dir  # noqa: F401 (export.py and older code import it from here)
 
 MANIFEST = "manifest.json"
 # The run state's layout (meta.json "format"): 1 epoch-boundary checkpoints before RunState, 2 the pools in
@@ -512,22 +513,6 @@ def prompts_digest(texts: list[str], metadata: list[dict]) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps([texts, metadata], sort_keys=True, default=str).encode())
     return h.hexdigest()
-
-
-@contextlib.contextmanager
-def replacing_dir(out: str | Path) -> Iterator[Path]:
-    """Write a directory into the yielded `<out>.tmp`, then put it at `out`. The old `out` is moved aside
-    and removed only after the rename, so at every moment `out` is a whole directory (old or new) or,
-    briefly, absent with the old one intact beside it as `<out>.old`. A failed write leaves `out` as it was."""
-    out = Path(out)
-    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-write
-    yield tmp
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def prune(root: Path, keep_last: int, new: Path) -> list[Path]:

@@ -450,7 +450,7 @@ class Learner:
         written merged (W + scale * B @ A), under the base model's names: it loads without peft."""
         import deepspeed
 
-        from rft_ds.checkpoint import replacing_dir
+        from rft_ds.files import replacing_dir
         from rft_ds.lora import is_peft, merged, sync_items
 
         state = {}

@@ -176,7 +176,7 @@ def save_adapter(module: Any, out_dir: str | Path, is_main: bool) -> None:
     PeftModel.from_pretrained loads. Collective: the adapter's ZeRO-3 partitions are gathered on every rank."""
     import deepspeed
 
-    from rft_ds.checkpoint import replacing_dir
+    from rft_ds.files import replacing_dir
 
     state = {}
     for n, p in module.named_parameters():
