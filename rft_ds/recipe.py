@@ -192,10 +192,10 @@ def load_prompts(cfg: RFTRunConfig, prompts: Any) -> Prompts:
 
 
 def load_replay_prompts(cfg: RFTRunConfig) -> Prompts | None:
-    """data.replay_prompts, read and checked (None: no replay). Only the prompt is read: no reward scores
-    them, so data.metadata_fields does not apply."""
+    """data.replay_prompts, read and checked (None: no replay, also at method.replay_share 0). Only the prompt
+    is read: no reward scores them, so data.metadata_fields does not apply."""
     d = cfg.data
-    if d.replay_prompts is None:
+    if d.replay_prompts is None or cfg.method.replay_share == 0:
         return None
     texts, _ = normalize(load_source(d.replay_prompts, "data.replay_prompts", d.prompt_field, d.split),
                          "data.replay_prompts", d.prompt_field, [])
@@ -673,7 +673,7 @@ def start_fresh(s: Setup) -> RunState:
                   prompts_digest=s.prompts_digest, shard=s.cfg.data.shard, pool=LocalPool(D.rank()),
                   group_by_length=s.cfg.train.group_by_length, share_prompt=s.learner.share_prompt)
     _warn_foreign_best_model(s.out, st.run_id)
-    if s.train.replay is not None and s.cfg.method.replay_share > 0:  # before any update: the base model's answers
+    if s.train.replay is not None:  # before any update: the base model's answers
         t0 = time.perf_counter()
         st.replay = replay.sample_set(s.sampler, s.train.replay.records, s.group, s.n_groups, s.contributes,
                                       s.cfg.method.gen_kwargs, _sample_seed(s.cfg.train.seed, -1, s.group, 2),
@@ -899,14 +899,14 @@ def _replay_rows(s: Setup, st: RunState, n_rows: int, n_mine: int) -> tuple[list
     sp, rp = s.cfg.train.sequence_parallel, st.replay
     usable = np.arange(len(rp["prompt"]))  # method.overlong: drop leaves out what max_new_tokens cut, as for the pools
     if s.cfg.method.overlong == "drop":
-        usable = usable[rp["eos"] | (rp["length"] < s.cfg.method.gen_kwargs["max_new_tokens"])]
+        usable = usable[~truncated(rp, s.cfg.method.gen_kwargs["max_new_tokens"])]
     picks = usable[replay.draw(n_rows, len(usable), s.cfg.method.replay_share, s.cfg.train.seed, st.epoch)]
     counts = D.all_gather_object(n_mine)[::sp]  # every rank of a group holds the group's rows
     mine = picks[replay.deal(counts, len(picks))[D.rank() // sp]]
     prompts = s.train.replay.records
-    rows = [build_row(prompts[st.replay["prompt"][i]].token_ids, tokens, bool(st.replay["eos"][i]),
-                      s.tokenizer.eos_token_id, s.max_len)
-            for i, tokens in zip(mine, replay.completions(st.replay, mine))]
+    rows = [build_row(prompts[rp["prompt"][i]].token_ids, tokens, bool(rp["eos"][i]), s.tokenizer.eos_token_id,
+                      s.max_len)
+            for i, tokens in zip(mine, replay.completions(rp, mine))]
     return [r for r in rows if r is not None], len(picks)
 
 
@@ -1075,8 +1075,7 @@ def load_checkpoint(s: Setup, ckpt: Path) -> RunState:
         local["samples"] = Samples()
         local["samples"].add(0, [[dataclasses.replace(c, logprobs=None) for c in cs] for cs in old])
     st = RunState(**shared, local=local, pool=pool, table=gather_pool(pool))
-    wants = s.train.replay is not None and s.cfg.method.replay_share > 0
-    replay.check_resume(st.replay, replay_digest(s) if wants else None, str(ckpt))
+    replay.check_resume(st.replay, replay_digest(s) if s.train.replay is not None else None, str(ckpt))
     if st.best is not None and _best_model_run(s.out) != st.run_id:  # best_model/ was overwritten by another run
         if D.is_main():
             console.say(f"[rft_ds] note: {s.out / 'best_model'} is not this run's ({st.run_id}); the next eval rewrites it")
