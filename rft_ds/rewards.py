@@ -387,7 +387,7 @@ class RewardModel:
             if len(row) <= self.max_length:
                 return row
             keep -= len(row) - self.max_length
-        from rft_ds.config import ConfigError
+        from rft_ds.errors import ConfigError
 
         alone = len(self._ids([prompt], [""])[0])
         raise ConfigError(f"{self.max_length_field}={self.max_length} cannot hold prompt {pid} and any of its "

