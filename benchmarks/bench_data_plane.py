@@ -143,13 +143,13 @@ def old_path(pids, toks, eos, scores, prompt_ids, max_len, world):
 
 def rank_main(args) -> None:
     from rft_ds import distributed as D
-    from rft_ds.data import shard
+    from rft_ds.data import deal_prompts
 
     D.init("gloo", 1800)
     count_bytes()
     me, world = D.rank(), D.world_size()
     prompt_ids = [[1] * (8 + p % 24) for p in range(args.prompts)]  # prompt token ids (lengths 8..31)
-    data = synthetic(list(shard(args.prompts, me, world)), args.n, args.tokens, me, args.scores)
+    data = synthetic(list(deal_prompts(args.prompts, me, world)), args.n, args.tokens, me, args.scores)
     max_len = 32 + args.tokens + 1
     out = {}
     for name, fn in (("new", new_path), ("old", old_path)):

@@ -22,7 +22,7 @@ def worker(shape: str, ns: list[int], n_prompts: int, max_new: int, out: str) ->
     from transformers import AutoTokenizer
 
     from rft_ds import distributed as D
-    from rft_ds.data import shard
+    from rft_ds.data import deal_prompts
     from rft_ds.learner import Learner
     from rft_ds.sampling.hf import HFSampler
     from rft_ds.sampling.vllm import VLLMSampler
@@ -34,7 +34,7 @@ def worker(shape: str, ns: list[int], n_prompts: int, max_new: int, out: str) ->
     tok = AutoTokenizer.from_pretrained(path)
     learner = Learner(str(path), common.ds_config(world))
     prompts = [tok(p["prompt"])["input_ids"] for p in train_prompts(n_prompts)]
-    mine = [prompts[i] for i in shard(len(prompts), rank, world)]
+    mine = [prompts[i] for i in deal_prompts(len(prompts), rank, world)]
     gk = {"max_new_tokens": max_new, "min_new_tokens": max_new, "do_sample": True, "temperature": 1.0}
     hf = HFSampler(learner.module, tok, batch_size=len(mine))
     t = time.perf_counter()

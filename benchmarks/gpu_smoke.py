@@ -303,7 +303,7 @@ def smoke(args) -> None:
         check(latest.is_file(), f"first run: no checkpoint written ({latest} missing)")
         ckpt = latest.parent / latest.read_text().strip()
         meta = ckpt / "meta.json"
-        check(meta.is_file() and json.loads(meta.read_text()).get("position") == [2, 0, 0],
+        check(meta.is_file() and json.loads(meta.read_text()).get("position") == [2, "sample", 0],
               f"first run: the latest checkpoint {ckpt} is not a complete checkpoint after epoch 1")
     first_history = first.history
     say(f"run 1: epochs 0-1 in {time.perf_counter() - t0:.1f}s, losses "

@@ -14,7 +14,7 @@ from rft_ds.faults import SIGNALS
 
 SIGNALS.install()
 
-from rft_ds.cli import EXIT_STOPPED, is_collective_failure, train  # noqa: E402,F401 (re-exported for tests)
+from rft_ds.cli import EXIT_STOPPED, is_collective_failure, train_rank  # noqa: E402,F401 (re-exported for tests)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=6")
     args = ap.parse_args(argv)
-    return train(args.config, args.overrides, args.resume, args.resume_force, args.verbose)
+    return train_rank(args.config, args.overrides, args.resume, args.resume_force, args.verbose)
 
 
 if __name__ == "__main__":

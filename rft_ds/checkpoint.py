@@ -2,12 +2,12 @@
 
 Layout of `<output_dir>/checkpoints/`:
     epoch_00004/            one complete checkpoint (after epoch 4)
-    epoch_00005.s1.c000012/ one taken inside epoch 5: at stage 1 (train), after 12 micro-batches
+    epoch_00005.train.c000012/ one taken inside epoch 5: in its train stage, after 12 micro-batches
         ds/...              DeepSpeed save_checkpoint: per rank r its ZeRO-3 partitions
                             (zero_pp_rank_{r}_mp_rank_00_model_states.pt, [bf16_]zero_pp_rank_{r}_mp_rank_00_optim_states.pt:
                             fp32 master weights, optimizer state)
         zero_to_fp32.py ... DeepSpeed's recovery scripts (rank 0)
-        rft_state.pt        the shared run state (rft_ds.recipe.RunState): position, metrics history, best
+        rft_state.pt        the shared run state (rft_ds.run_state.RunState): position, metrics history, best
         rank{r}.pt          rank r's RNG states (python, numpy, torch, cuda) and its own run state: its pool
                             shard (the token ids and table rows of the completions it owns), its sampling
                             and training progress
@@ -54,34 +54,39 @@ import numpy as np
 
 from rft_ds.errors import CheckpointError, ConfigError
 from rft_ds.files import replacing_dir  # noqa: F401 (export.py and older code import it from here)
+from rft_ds.run_state import STAGES, elastic, stage_of
 
 MANIFEST = "manifest.json"
 # The run state's layout (meta.json "format"): 1 epoch-boundary checkpoints before RunState, 2 the pools in
-# rank 0's shared state, 3 a pool shard per rank.
-STATE_FORMAT = 3
+# rank 0's shared state, 3 a pool shard per rank, 4 stages named in positions (score a stage of its own).
+STATE_FORMAT = 4
+READS_FORMATS = (3, 4)  # format 3: the same state, its stages numbered (run_state.FORMAT3_STAGES)
 MANIFEST_FORMAT = 2  # 1 (implicit): {"files": {path: {"size", "blake2b"}}}
 
 
-def checkpoint_name(epoch: int, stage: int = 0, cursor: int = 0) -> str:
+def checkpoint_name(epoch: int, stage: str = "sample", cursor: int = 0) -> str:
     """The directory of a checkpoint taken at run position (epoch, stage, cursor): the next thing the run does.
-    At an epoch boundary, (e + 1, 0, 0), it is `epoch_<e>` ("after epoch e"); inside epoch e, at stage k and
-    position c in it (a sampling chunk, a micro-batch), `epoch_<e>.s<k>.c<c>`."""
-    if stage == 0 and cursor == 0:
+    At an epoch boundary, (e + 1, "sample", 0), it is `epoch_<e>` ("after epoch e"); inside epoch e, at a stage
+    and position c in it (a sampling chunk, a micro-batch), `epoch_<e>.<stage>.c<c>`."""
+    if stage == STAGES[0] and cursor == 0:
         return f"epoch_{epoch - 1:05d}"
-    return f"epoch_{epoch:05d}.s{stage}.c{cursor:06d}"
+    return f"epoch_{epoch:05d}.{stage}.c{cursor:06d}"
 
 
-_NAME = re.compile(r"epoch_(\d+)(?:\.s(\d+)\.c(\d+))?")
+# state format 3 named a stage by its number (run_state.FORMAT3_STAGES): epoch_00005.s1.c000012
+_NAME = re.compile(r"epoch_(\d+)(?:\.(?:s(\d+)|(" + "|".join(STAGES) + r"))\.c(\d+))?")
 
 
 def position_of(name: str) -> tuple[int, int, int] | None:
-    """checkpoint_name's inverse: the run position a checkpoint directory resumes at (None: not one)."""
+    """checkpoint_name's inverse, for ordering: the run position a checkpoint directory resumes at, its stage
+    as its index in STAGES (None: not a checkpoint's name)."""
     m = _NAME.fullmatch(name)
     if not m:
         return None
-    if m.group(2) is None:
+    if m.group(4) is None:
         return int(m.group(1)) + 1, 0, 0
-    return int(m.group(1)), int(m.group(2)), int(m.group(3))
+    stage = m.group(3) or stage_of(int(m.group(2)))
+    return int(m.group(1)), STAGES.index(stage), int(m.group(4))
 
 
 def _fsync(path: Path) -> None:
@@ -295,7 +300,7 @@ def check_complete(ckpt: Path) -> str | None:
     if "meta.json" not in m.files:
         return "not an rft_ds checkpoint (no meta.json in its manifest)"
     try:
-        int(read_meta(ckpt)["world_size"])
+        written_by(ckpt)
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"unreadable meta.json ({e})"
     return None
@@ -388,25 +393,18 @@ def _explicit(resume: str) -> Path:
 
 def _format_problem(ckpt: Path) -> str | None:
     fmt = read_meta(ckpt).get("format", 1)
-    if fmt != STATE_FORMAT:
-        return (f"checkpoint {ckpt} has run-state format {fmt}, this rft_ds reads format {STATE_FORMAT} (written "
+    if fmt not in READS_FORMATS:
+        return (f"checkpoint {ckpt} has run-state format {fmt}, this rft_ds reads format "
+                f"{' or '.join(map(str, READS_FORMATS))} (written "
                 "by another version): resume it with that version, or start a new run")
     return None
 
 
-def elastic(position: tuple[int, int, int] | list[int]) -> bool:
-    """Whether a checkpoint at this run position resumes on another world size: at an epoch's start, or after
-    its training (sync, eval, end). Inside sampling or training the position is per rank (its prompt shard,
-    its micro-batch plan), so only the world size that wrote it can continue from there."""
-    _, stage, cursor = position
-    return (stage == 0 and cursor == 0) or stage >= 2
-
-
-def _world_problem(ckpt: Path, written_by: int, world_size: int) -> str | None:
-    if written_by == world_size or elastic(read_meta(ckpt).get("position", (0, 1, 1))):
+def _world_problem(ckpt: Path, writers: int, world_size: int) -> str | None:
+    if writers == world_size or elastic(read_meta(ckpt).get("position", (0, 1, 1))):
         return None
-    return (f"checkpoint {ckpt} was taken inside a sampling or training stage by {written_by} ranks; this run has "
-            f"{world_size}. A position inside those stages is per rank: resume it with {written_by} ranks (a "
+    return (f"checkpoint {ckpt} was taken inside a sampling or training stage by {writers} ranks; this run has "
+            f"{world_size}. A position inside those stages is per rank: resume it with {writers} ranks (a "
             "checkpoint at an epoch's end, or after training, resumes on any number)")
 
 
@@ -421,7 +419,7 @@ def resolve_resume(resume: str | None, output_dir: str | Path, world_size: int) 
         problem = check_complete(ckpt)
         if problem is not None:
             raise CheckpointError(f"--resume {resume}: not a complete rft_ds checkpoint: {problem}")
-        problem = _format_problem(ckpt) or _world_problem(ckpt, read_meta(ckpt)["world_size"], world_size)
+        problem = _format_problem(ckpt) or _world_problem(ckpt, written_by(ckpt), world_size)
         if problem:
             raise CheckpointError(problem)
         return ckpt
@@ -431,7 +429,7 @@ def resolve_resume(resume: str | None, output_dir: str | Path, world_size: int) 
             hard = _format_problem(ckpt)
             if hard:
                 raise CheckpointError(hard)
-            problem = _world_problem(ckpt, read_meta(ckpt)["world_size"], world_size)
+            problem = _world_problem(ckpt, written_by(ckpt), world_size)
             if problem is None:
                 return ckpt
         warnings.warn(f"rft_ds: skipping checkpoint {ckpt}: {problem}", stacklevel=2)
@@ -476,7 +474,7 @@ def agree_on_resume(resume: str | None, output_dir: str | Path, world_size: int 
             cands = []
             for c in paths:
                 problem = check_complete(c)
-                cands.append((str(c), problem, None if problem else int(read_meta(c)["world_size"])))
+                cands.append((str(c), problem, None if problem else written_by(c)))
             plan = ("ok", cands)
         except Exception as e:  # noqa: BLE001 - every rank raises it, below
             plan = ("error", str(e) if isinstance(e, CheckpointError) else f"--resume {resume}: {type(e).__name__}: {e}")
@@ -484,13 +482,13 @@ def agree_on_resume(resume: str | None, output_dir: str | Path, world_size: int 
     if status == "error":
         raise CheckpointError(body)
     explicit = resume != "auto"
-    for path, problem, written_by in body:
+    for path, problem, writers in body:
         ckpt = Path(path)
         if problem is None:
             hard = _format_problem(ckpt)
             if hard:
                 raise CheckpointError(hard)
-            problem = _world_problem(ckpt, written_by, world)
+            problem = _world_problem(ckpt, writers, world)
         if problem is None:
             problem = _verdicts(ckpt, rank, D.world_size())  # the work is split over the ranks there are
             if problem is None:
@@ -507,6 +505,11 @@ def agree_on_resume(resume: str | None, output_dir: str | Path, world_size: int 
 
 def read_meta(ckpt: Path) -> dict:
     return json.loads((Path(ckpt) / "meta.json").read_text())
+
+
+def written_by(ckpt: Path) -> int:
+    """The world size (ranks) that wrote a checkpoint."""
+    return int(read_meta(ckpt)["world_size"])
 
 
 def prompts_digest(texts: list[str], metadata: list[dict]) -> str:
@@ -768,9 +771,9 @@ def load(ckpt: Path, engine: Any, verified: bool = False, universal: Path | None
     if universal is not None:
         if mine.is_file():
             set_rng_state(torch.load(mine, weights_only=False)["rng"])
-        written_by = read_meta(ckpt)["world_size"]
+        written = written_by(ckpt)
         return shared, [torch.load(Path(ckpt) / f"rank{r}.pt", weights_only=False)["local"]
-                        for r in range(D.rank(), written_by, D.world_size())]
+                        for r in range(D.rank(), written, D.world_size())]
     mine = torch.load(mine, weights_only=False)
     set_rng_state(mine["rng"])
     return shared, mine["local"]

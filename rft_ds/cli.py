@@ -41,7 +41,7 @@ def rank_label() -> str:
     return os.environ.get("RANK") or os.environ.get("SLURM_PROCID", "0")
 
 
-def train(config: str, overrides: list[str], resume: str | None = None, resume_force: bool = False,
+def train_rank(config: str, overrides: list[str], resume: str | None = None, resume_force: bool = False,
           verbose: bool = False) -> int:
     """One rank of a run: its exit code (0 done, 3 stopped with a checkpoint, 2 bad input, 1 failure).
     Unless verbose, everything but rft_ds's own lines goes to <output_dir>/logs/rank<r>.log (console.py)."""
@@ -68,7 +68,7 @@ def train(config: str, overrides: list[str], resume: str | None = None, resume_f
             console.say(f"[rft_ds] each rank's full output (vLLM, DeepSpeed, transformers, ...): {log.parent}/rank<r>.log;"
                         " --verbose shows it here")
     try:
-        return _train(cfg, resume, rank)
+        return _train_and_report(cfg, resume, rank)
     except Exception as e:  # noqa: BLE001 - an error inside a library: its first line here, the rest in the log
         if log is None:
             raise
@@ -80,7 +80,8 @@ def train(config: str, overrides: list[str], resume: str | None = None, resume_f
         return 1
 
 
-def _train(cfg: Any, resume: str | None, rank: str) -> int:
+def _train_and_report(cfg: Any, resume: str | None, rank: str) -> int:
+    """rft_ds.train on this rank; a known error as one line and its exit code."""
     from rft_ds import console
     from rft_ds.checkpoint import CheckpointError
     from rft_ds.config import ConfigError
@@ -128,7 +129,7 @@ def check(config: str, overrides: list[str], world: int | None, device: str = "a
         print(f"rft_ds: problem: {e}", file=sys.stderr)
         return 1
     if world is None:
-        from rft_ds.recipe import launch_world_size
+        from rft_ds.preflight import launch_world_size
 
         world = launch_world_size()
     problems, notes = run_checks(cfg, world, {"auto": None, "cuda": True, "cpu": False}[device])
@@ -214,7 +215,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "train":
-        return train(args.config, args.overrides, args.resume, args.resume_force, args.verbose)
+        return train_rank(args.config, args.overrides, args.resume, args.resume_force, args.verbose)
     if args.command == "check":
         return check(args.config, args.overrides, args.world_size, args.device)
     if args.command == "export":

@@ -572,6 +572,15 @@ def validate(cfg: RFTRunConfig) -> None:
         best_metric(t.best_metric, sets)
 
 
+def yaml_safe(d: Any) -> Any:
+    """A config dict as YAML and JSON can hold it: a callable given through the API becomes its repr."""
+    if isinstance(d, dict):
+        return {k: yaml_safe(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [yaml_safe(v) for v in d]
+    return d if isinstance(d, (str, int, float, bool, type(None))) else repr(d)
+
+
 # What a resume must not change silently: fields that decide which completions are sampled, how they are
 # selected and what the model trains on. A field here ending in ".*" covers its whole section.
 RESUME_FIELDS = ("model.model_path", "model.tokenizer_path", "model.lora", "data.prompt_field", "data.metadata_fields",

@@ -23,6 +23,18 @@ class PromptRecord:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class PromptSet:
+    """One set of prompts as a run holds it: the training prompts, an eval set's, or the replay prompts.
+    `texts` and `metadata` are read and checked first (`normalize`); `records` are filled by tokenizing them,
+    which also replaces a chat prompt's text by its last user message (what reward functions get)."""
+
+    texts: list[str]
+    metadata: list[dict]
+    records: list[PromptRecord] = field(default_factory=list)
+    replay: "PromptSet | None" = None  # the training prompts' data.replay_prompts (rft_ds/replay.py)
+
+
 def import_object(spec: str, what: str) -> Any:
     """Import "package.module:attr" (how YAML names reward_fn, metric_fn and prompt sources). Modules are
     found as `python -m` finds them: installed packages, and the working directory (searched last, so a
@@ -246,8 +258,9 @@ def tokenize(texts: Sequence[str | list], metas: Sequence[dict], tokenizer: Any,
     return records
 
 
-def shard(n: int, rank: int, world_size: int, plan: str = "interleaved") -> range:
-    """This rank's prompts; ranks differ by at most one. interleaved: every world_size-th prompt, so a
+def deal_prompts(n: int, rank: int, world_size: int, plan: str = "interleaved") -> range:
+    """The prompt positions dealt to one rank (an engine group) of n prompts, by data.shard's plan; ranks
+    differ by at most one. interleaved: every world_size-th prompt, so a
     dataset sorted by length or source spreads over all ranks; contiguous: one block per rank."""
     if plan == "interleaved":
         return range(rank, n, world_size)

@@ -1,4 +1,4 @@
-"""Evaluation sets: what each one samples, and the math of its metrics. Everything here is pure.
+"""Evaluation: the math of each set's metrics (pure), and the driver that samples, scores and reduces a set.
 
 A run evaluates one or more named sets (`eval.sets`). Each set samples `n_samples` completions per prompt
 and reports, under the key prefix `eval_` (the set named "eval") or `eval_<name>_` (any other set):
@@ -12,12 +12,25 @@ and reports, under the key prefix `eval_` (the set named "eval") or `eval_<name>
     <metric>             what the set's metric_fn returns, over its samples
 
 `train.best_metric: "<set>/<metric>"` picks best_model/ (higher is better); "auto" picks a low-noise one.
+The sets are parsed with the config (config.parse_sets).
+
+Each rank samples its share of a set's prompts and scores them where they were sampled; per prompt, pass@k
+and maj@k are summed, and one all_reduce of those named sums (a few numbers per set) gives the means.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, Hashable, Sequence
+
+import numpy as np
+
+from rft_ds import distributed as D
+from rft_ds.data import PromptSet, deal_prompts
+from rft_ds.errors import ConfigError, RewardError
+from rft_ds.samples import sample_seed
+from rft_ds.scoring import score_shard, term_means
 
 from rft_ds.config import EvalSet, best_metric, parse_sets  # noqa: F401 (parsed with the config; imported from here too)
 
@@ -55,3 +68,133 @@ def maj_at_k(answers: Sequence[Hashable | None], passed: Sequence[bool], k: int)
         # an answer passes when its samples do (the same answer may be worded so one passes: their share)
         total += sum(sum(pp for x, pp in zip(a, p) if x == w) / votes[w] for w in winners) / len(winners)
     return total / groups
+
+
+@dataclass
+class EvalData:
+    """One eval set, ready: its spec (config.EvalSet), tokenized prompts and resolved callables."""
+
+    spec: EvalSet
+    prompts: PromptSet
+    rewards: list  # its own reward_fn as a term, or the run's reward terms
+    metric_fn: Any
+    answer_fn: Any
+
+
+@dataclass
+class EvalContext:
+    """Where and how this rank samples and scores an eval: its engine, its engine group, the run's reward
+    settings. The recipe builds it once from its setup."""
+
+    sampler: Any
+    tokenizer: Any
+    stop_sequences: list[str]
+    reward_cfg: Any  # config.RewardConfig
+    seed: int  # train.seed
+    plan: str  # how prompts are dealt to engine groups (the run state's data.shard)
+    group: int
+    n_groups: int
+    contributes: bool  # False on a tensor-parallel peer: its group leader scores the same completions
+    show: bool  # progress bars
+
+
+def evaluate(evals: Sequence[EvalData], ctx: EvalContext, epoch: int) -> dict[str, Any]:
+    """Collective: every eval set, in order, as one dict of all their metrics (EvalSet.key names them).
+    epoch -1 is the eval before training."""
+    result: dict[str, Any] = {}
+    for i, ev in enumerate(evals):
+        result.update(evaluate_set(ev, ctx, sample_seed(ctx.seed, epoch, ctx.group, 1 if i == 0 else 10 + i)))
+    return result
+
+
+def evaluate_set(ev: EvalData, ctx: EvalContext, seed: int) -> dict[str, Any]:
+    """n_samples completions per prompt of this rank's share (and with greedy: one at do_sample false),
+    scored where they were sampled; the sums reduced in one all_reduce. metric_fn runs once, on rank 0, on
+    every output (gathered to rank 0 only)."""
+    import torch
+
+    spec = ev.spec
+    mine = [ev.prompts.records[i] for i in deal_prompts(len(ev.prompts.records), ctx.group, ctx.n_groups, ctx.plan)]
+    pids, scores, outputs, parts, spans = _sample_and_score(ev, ctx, mine, spec.n_samples, spec.gen_kwargs, seed, "")
+    sums = {"reward": float(scores.sum()), "samples": float(len(scores)), "prompts": float(len(spans))}
+    with D.all_ranks_or_fail(f"eval set {spec.name}: pass@k / maj@k"):  # answer_fn is the user's code
+        passed = scores >= spec.pass_threshold
+        answers = [ev.answer_fn(o) for o in outputs] if spec.maj_k else []
+        for k in spec.pass_k:
+            sums[f"pass@{k}"] = sum(pass_at_k(b - a, int(passed[a:b].sum()), k) for a, b in spans)
+        for k in spec.maj_k:
+            sums[f"maj@{k}"] = sum(maj_at_k(answers[a:b], passed[a:b].tolist(), k) for a, b in spans)
+    if spec.greedy:
+        _, g_scores, _, _, _ = _sample_and_score(ev, ctx, mine, 1, {**spec.gen_kwargs, "do_sample": False}, seed,
+                                                 " greedy")
+        sums.update(greedy_reward=float(g_scores.sum()), greedy_passed=float((g_scores >= spec.pass_threshold).sum()),
+                    greedy_samples=float(len(g_scores)))
+    total = dict(zip(sums, D.all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()))
+    result: dict[str, Any] = {spec.key("reward_mean"): total["reward"] / max(total["samples"], 1)}
+    for name in [f"pass@{k}" for k in spec.pass_k] + [f"maj@{k}" for k in spec.maj_k]:
+        result[spec.key(name)] = total[name] / max(total["prompts"], 1)
+    if spec.greedy:
+        result[spec.key("greedy_reward_mean")] = total["greedy_reward"] / max(total["greedy_samples"], 1)
+        result[spec.key("greedy_pass")] = total["greedy_passed"] / max(total["greedy_samples"], 1)
+    result.update({spec.key(k): v for k, v in term_means(ev.rewards, parts).items()})
+    if ev.metric_fn is not None:
+        result.update({spec.key(k): v for k, v in _metric_fn(ev, pids, outputs).items()})
+    return result
+
+
+def _sample_and_score(ev: EvalData, ctx: EvalContext, mine: list, n: int, gen_kwargs: dict, seed: int,
+                      what: str) -> tuple[list[int], np.ndarray, list[str], np.ndarray, list[tuple[int, int]]]:
+    """n completions of each of this rank's prompts, scored: (prompt id per sample, scores, outputs, each
+    term's scores, each prompt's span of samples). Every rank of an engine group generates (its collectives
+    need all); only the group's leader scores and counts them."""
+    name = "eval" if ev.spec.name == "eval" else f"eval {ev.spec.name}"
+    comps = ctx.sampler.generate([r.token_ids for r in mine], n, gen_kwargs, seed,
+                                f"{name}: sample{what}" if ctx.show else None)
+    if not ctx.contributes:
+        mine, comps = [], []
+    pids = [r.id for r, cs in zip(mine, comps) for _ in cs]
+    scores, outputs, parts = score_shard(ev.rewards, pids, [c.token_ids for cs in comps for c in cs], ev.prompts.texts,
+                                         ev.prompts.metadata, ctx.tokenizer, ctx.stop_sequences, ctx.reward_cfg,
+                                         f"{name}: score{what}" if ctx.show else None)
+    ends = np.cumsum([len(cs) for cs in comps]).tolist()
+    return pids, scores, outputs, parts, list(zip([0] + ends[:-1], ends))
+
+
+def _metric_fn(ev: EvalData, pids: list[int], outputs: list[str]) -> dict:
+    """Collective: the set's metric_fn, once, on rank 0, over every rank's outputs in prompt order; its dict
+    broadcast to every rank."""
+    gathered = D.gather_object((pids, outputs))
+    extra = None
+    with D.all_ranks_or_fail(f"eval set {ev.spec.name}: metric_fn"):
+        if D.is_main():
+            pairs = sorted((p, o) for ps, os_ in gathered for p, o in zip(ps, os_))
+            pids, outputs = [p for p, _ in pairs], [o for _, o in pairs]
+            data = ev.prompts
+            prompts = [data.texts[p] for p in pids]
+            meta = {k: [data.metadata[p].get(k) for p in pids] for k in sorted({k for p in pids for k in data.metadata[p]})}
+            extra = ev.metric_fn(samples=[p + o for p, o in zip(prompts, outputs)], prompts=prompts, outputs=outputs,
+                                 **meta)
+            if not isinstance(extra, dict):
+                raise RewardError(f"metric_fn of eval set {ev.spec.name} must return a dict, got {type(extra).__name__}")
+    return D.broadcast_object(extra)
+
+
+def best_key(best: tuple[EvalSet, str], record: dict) -> str:
+    """The record key of train.best_metric; a metric_fn key that never appeared is an error naming it."""
+    spec, metric = best
+    key = spec.key(metric)
+    if not isinstance(record.get(key), (int, float)) or isinstance(record.get(key), bool):
+        raise ConfigError(f"train.best_metric {spec.name}/{metric}: eval set {spec.name} reported no number {key}; it "
+                          f"reported {', '.join(k for k in record if k.startswith(spec.key('')))}")
+    return key
+
+
+def summary(evals: Sequence[EvalData], result: dict) -> str:
+    """One short line per eval: each set's reward mean and first pass@k / greedy numbers."""
+    parts = []
+    for ev in evals:
+        spec = ev.spec
+        shown = ["reward_mean"] + [m for m in spec.metrics()[1:] if m.startswith(("pass@", "maj@", "greedy_pass"))]
+        nums = " ".join(f"{m.replace('_mean', '')} {result[spec.key(m)]:.4f}" for m in shown if spec.key(m) in result)
+        parts.append(f"{spec.name}: {nums}")
+    return " | ".join(parts)

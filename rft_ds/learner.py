@@ -145,6 +145,16 @@ ACTIVATION_BYTES = 46
 ACTIVATION_BUDGET = 2 * 2**30  # model.gradient_checkpointing: auto keeps at most this much of activations
 
 
+def training_dtype(ds_config: dict) -> Any:
+    """The dtype the model trains in, as the DeepSpeed config says: bf16, fp16, or else float32. The one place
+    that reads it (the learner's weights, the activation estimate, the engine's auto dtype)."""
+    import torch
+
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    return torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32
+
+
 def checkpoint_tokens(model_config: dict, dtype_bytes: int, budget: int = ACTIVATION_BUDGET) -> int:
     """The tokens of a micro-batch past which gradient checkpointing pays under model.gradient_checkpointing:
     auto: where its stored activations, ACTIVATION_BYTES x hidden x layers per token (x2 in float32), would pass
@@ -260,8 +270,7 @@ class Learner:
 
         # Kept alive so from_pretrained loads straight into ZeRO-3 partitions (no full copy per rank).
         self._hf_ds = HfDeepSpeedConfig(ds_config)
-        dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else (
-            torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
+        dtype = training_dtype(ds_config)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
         self.dtype = dtype
         self.sp = None

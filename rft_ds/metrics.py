@@ -133,3 +133,22 @@ def format_epoch(r: dict, epochs: int, eval_key: str = "eval_reward_mean") -> st
         parts.append(f"{'eval' if eval_key == 'eval_reward_mean' else eval_key[5:]} {r[eval_key]:.3f}")
     parts.append(f"{r['time_epoch']:.1f}s" + (f" (checkpoint {r['time_checkpoint']:.1f}s)" if "time_checkpoint" in r else ""))
     return " | ".join(parts)
+
+
+def memory_gb() -> dict[str, float]:
+    """Collective (one all_reduce of 3 numbers): the largest of any rank's RSS now, its peak RSS so far
+    (start-up included), and with CUDA its peak allocated GPU memory so far, in GiB."""
+    import resource
+
+    import psutil
+    import torch
+
+    from rft_ds import distributed as D
+
+    gib = 2**30
+    now = psutil.Process().memory_info().rss
+    # Linux reports KiB, and updates the high-water mark lazily: it can lag the RSS read just before
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, now)
+    gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    now, peak, gpu = D.all_reduce(torch.tensor([now, peak, gpu], dtype=torch.float64), "max").tolist()
+    return {"rss_gb": now / gib, "peak_rss_gb": peak / gib, **({"gpu_peak_gb": gpu / gib} if gpu else {})}

@@ -78,3 +78,10 @@ def pick_probes(n_prompts: int, k: int, seed: int, epoch: int, rank: int) -> np.
     if k >= n_prompts:
         return np.arange(n_prompts)
     return np.sort(np.random.default_rng([seed, epoch, rank, 7]).choice(n_prompts, size=k, replace=False))
+
+
+def sample_seed(seed: int, epoch: int, group: int, stream: int, chunk: int = 0) -> int:
+    """Independent, far-apart sampling seeds per (epoch, engine group, stream, sampling chunk): nearby seeds
+    overlap in samplers. epoch is -1 before training (the eval before it, the replay set), hence the +1.
+    Streams: 0 training samples, 1 the first eval set, 10 + i eval set i > 0, 2 the engine's own seed."""
+    return int(np.random.SeedSequence([seed, epoch + 1, group, stream] + ([chunk] if chunk else [])).generate_state(1)[0])

@@ -225,7 +225,7 @@ def test_wandb_asked_for_but_not_installed(env, monkeypatch):
     import importlib.util as iu
 
     from rft_ds.config import ConfigError
-    from rft_ds.recipe import check_metric_sinks, tensorboard_on
+    from rft_ds.preflight import check_metric_sinks, tensorboard_on
 
     real = iu.find_spec
     monkeypatch.setattr(iu, "find_spec", lambda name, *a: None if name in ("wandb", "tensorboard") else real(name, *a))
@@ -256,7 +256,7 @@ def test_changed_config_refuses_resume_before_model_load(env, monkeypatch, capsy
     --resume-force accepts it (the run then gets as far as the process group)."""
     from rft_ds.checkpoint import STATE_FORMAT, write_manifest
     from rft_ds.config import RFTRunConfig
-    from rft_ds.recipe import _yaml_safe
+    from rft_ds.config import yaml_safe as _yaml_safe
 
     tmp, model = env
     args = ["--config", str(ROOT / "launch/configs/tiny.yaml"), "--verbose", f"model.model_path={model}",

@@ -208,9 +208,9 @@ def gap(module):  # largest |weight - base weight| over the gathered parameters
         return max((p.detach() - base[n]).abs().max().item() for n, p in params)
 real = recipe.restart_from_base
 def spy(s):
-    before = gap(s.learner.module)
+    before = gap(s.rt.learner.module)
     real(s)
-    seen.append((before, gap(s.learner.module)))
+    seen.append((before, gap(s.rt.learner.module)))
 recipe.restart_from_base = spy
 res = rft_ds.train(reward_fn=toy.reward_fn, prompts=toy.train_prompts(16), config={{
     "model": {{"model_path": model}},

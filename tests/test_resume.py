@@ -91,6 +91,9 @@ def test_resume_argument_errors(tmp_path):
 def test_elastic_positions():
     from rft_ds.checkpoint import elastic
 
+    assert elastic((3, "sample", 0)) and all(elastic((3, s, 0)) for s in ("sync", "eval", "end"))
+    assert not elastic((3, "sample", 2)) and not elastic((3, "score", 0)) and not elastic((3, "train", 0))
+    # meta.json of state format 3: the stages by number, score not among them
     assert elastic((3, 0, 0)) and elastic((3, 2, 0)) and elastic((3, 3, 0)) and elastic((3, 4, 0))
     assert not elastic((3, 0, 2)) and not elastic((3, 1, 0)) and not elastic((3, 1, 5))
 
@@ -149,18 +152,18 @@ def test_stop_or_kill_anywhere_then_resume_gives_identical_weights(tmp_path):
     # 1. SIGUSR1 on rank 0 before the 2nd sampling chunk of epoch 2 (a grow step): saved after that chunk
     p = _run(run, env={"RFT_DS_STOP_AT": "sample:2:2"})
     assert p.returncode == 3, p.stdout[-3000:] + p.stderr[-3000:]
-    assert _latest(run) == "epoch_00002.s0.c000002"
+    assert _latest(run) == "epoch_00002.sample.c000002"
     # 2. resume, SIGKILL while scoring epoch 2: the mid-sampling checkpoint stays the latest
     p = _run(run, "--resume", "auto", env={"RFT_DS_DIE_AT": "score:2"})
-    assert p.returncode != 0 and _latest(run) == "epoch_00002.s0.c000002"
+    assert p.returncode != 0 and _latest(run) == "epoch_00002.sample.c000002"
     assert "at epoch 3/6 (sample 2)" in p.stdout
     # 3. resume, SIGUSR1 on rank 1 before the 2nd optimizer step of epoch 2: saved after it
     p = _run(run, "train.resume=auto", env={"RFT_DS_STOP_AT": "train:2:2", "RFT_DS_STOP_RANK": "1"})
     assert p.returncode == 3, p.stdout[-3000:] + p.stderr[-3000:]
-    assert _latest(run) == "epoch_00002.s1.c000002"
+    assert _latest(run) == "epoch_00002.train.c000002"
     # 4. resume with a checkpoint every 2 optimizer steps, SIGKILL at the sync of epoch 3
     p = _run(run, "train.resume=auto", "train.save_every_steps=2", env={"RFT_DS_DIE_AT": "sync:3"})
-    assert p.returncode != 0 and _latest(run).startswith("epoch_00003.s1.c"), _latest(run)
+    assert p.returncode != 0 and _latest(run).startswith("epoch_00003.train.c"), _latest(run)
     # 5. resume, SIGKILL while writing the checkpoint after epoch 4: never loaded, the previous one stays
     p = _run(run, "train.resume=auto", env={"RFT_DS_DIE_AT": "checkpoint:5"})
     assert p.returncode != 0 and _latest(run) == "epoch_00003"

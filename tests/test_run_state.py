@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from rft_ds.config import RFTRunConfig, resume_changes
-from rft_ds.recipe import RunState, STAGES, _sample_seed, deadline_reached
+from rft_ds.recipe import deadline_reached
+from rft_ds.run_state import STAGES, RunState, advance
+from rft_ds.samples import sample_seed
 from rft_ds.slurm import job_end_time, parse_end_time
 
 
@@ -41,15 +43,41 @@ def test_resume_changes_lists_the_fields_that_matter():
 
 
 def test_sampling_chunks_have_their_own_streams():
-    seeds = {_sample_seed(1000, e, r, stream, c) for e in (0, 1) for r in (0, 1) for stream in (0, 1) for c in (0, 1, 2)}
+    seeds = {sample_seed(1000, e, r, stream, c) for e in (0, 1) for r in (0, 1) for stream in (0, 1) for c in (0, 1, 2)}
     assert len(seeds) == 24
 
 
 def test_run_state_position_orders_stages():
+    from rft_ds.checkpoint import checkpoint_name, position_of
+
     st = RunState(run_id="x", prompts_digest="d", epoch=3, stage="train", cursor=12)
-    assert st.position() == (3, STAGES.index("train"), 12)
-    assert RunState(run_id="x", prompts_digest="d", epoch=3, stage="eval").position() > st.position()
+    assert st.position() == (3, "train", 12) and checkpoint_name(*st.position()) == "epoch_00003.train.c000012"
+    later = RunState(run_id="x", prompts_digest="d", epoch=3, stage="eval").position()
+    assert position_of(checkpoint_name(*later)) > position_of(checkpoint_name(*st.position()))
+    assert position_of(checkpoint_name(4, "sample", 0)) == (4, 0, 0) and checkpoint_name(4) == "epoch_00003"
+    # state format 3 numbered the stages without score: its names still order among the new ones
+    assert position_of("epoch_00003.s1.c000012") == position_of("epoch_00003.train.c000012")
+    assert position_of("epoch_00003.s0.c000002") < position_of("epoch_00003.score.c000000") < \
+        position_of("epoch_00003.s1.c000001")
     assert not {"local", "pool", "table"} & set(st.shared())  # per rank, or rebuilt from every rank's pool
+
+
+def test_stages_advance_in_table_order():
+    """The loop's order is STAGES; after the last stage, the next epoch starts with an empty record."""
+    st = RunState(run_id="x", prompts_digest="d", epoch=2, record={"a": 1}, local={"b": 2})
+    seen = []
+    for _ in STAGES:
+        seen.append(st.stage)
+        st.cursor = 5
+        advance(st)
+    assert tuple(seen) == STAGES == ("sample", "score", "train", "sync", "eval", "end")
+    assert (st.epoch, st.stage, st.cursor, st.record, st.local) == (3, "sample", 0, {}, {})
+
+
+def test_every_stage_has_its_function():
+    from rft_ds.recipe import STAGE_FNS, Outcome
+
+    assert tuple(STAGE_FNS) == STAGES and {Outcome.DONE, Outcome.STOPPED} == set(Outcome)
 
 
 def test_cuda_rng_state_is_saved_and_restored():
@@ -94,7 +122,8 @@ def test_best_model_belongs_to_a_run(tmp_path, capsys):
     """(v) best_model/ says which run wrote it; another run's is never taken for this one's."""
     import json
 
-    from rft_ds.recipe import _best_model_run, _warn_foreign_best_model
+    from rft_ds.artifacts import best_model_run as _best_model_run
+    from rft_ds.artifacts import warn_foreign_best_model as _warn_foreign_best_model
 
     assert _best_model_run(tmp_path) is None  # none yet
     (tmp_path / "best_model").mkdir()

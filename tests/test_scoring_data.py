@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from rft_ds.data import DataError, load_source, normalize, shard, tokenize
+from rft_ds.data import DataError, deal_prompts, load_source, normalize, tokenize
 from rft_ds.distributed import RankError, all_ranks_or_fail
 from rft_ds.sampling.base import finish_completion
 from rft_ds.config import RewardConfig
@@ -128,11 +128,11 @@ def test_prompt_too_long(tokenizer):
 def test_shard_balanced_and_complete(plan):
     for n in (0, 1, 5, 64):
         for w in (1, 2, 3):
-            parts = [list(shard(n, r, w, plan)) for r in range(w)]
+            parts = [list(deal_prompts(n, r, w, plan)) for r in range(w)]
             assert sorted(sum(parts, [])) == list(range(n))
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
-    assert list(shard(7, 1, 3)) == [1, 4]  # interleaved: a sorted dataset's long tail spreads over all ranks
-    assert list(shard(7, 1, 3, "contiguous")) == [3, 4]
+    assert list(deal_prompts(7, 1, 3)) == [1, 4]  # interleaved: a sorted dataset's long tail spreads over all ranks
+    assert list(deal_prompts(7, 1, 3, "contiguous")) == [3, 4]
 
 
 def test_toy_reward():

@@ -45,15 +45,15 @@ def test_head_dim_vllm_cpu_cannot_serve_is_refused_before_any_engine(tmp_path):
 def test_unservable_model_fails_in_prepare(tmp_path):
     """The full entry point refuses it before the process group, DeepSpeed or vLLM start."""
     from rft_ds.config import RFTRunConfig
-    from rft_ds.recipe import prepare
+    from rft_ds.preflight import Inputs, prepare
     from rft_ds.toy import build_tiny_model, reward_fn
 
     model = build_tiny_model(tmp_path / "m", hidden_size=48, num_heads=2)  # head_dim 24
     cfg = RFTRunConfig.from_dict({"model": {"model_path": str(model)}, "train": {"output_dir": str(tmp_path / "o")}})
     with pytest.raises(ConfigError, match="head_dim 24"):
-        prepare(cfg, reward_fn, ["a say b:"], None, None)
+        prepare(cfg, Inputs(reward_fn, ["a say b:"]))
     cfg.sampler.backend = "hf"  # the HF sampler has no such limit
-    prepare(cfg, reward_fn, ["a say b:"], None, None)
+    prepare(cfg, Inputs(reward_fn, ["a say b:"]))
 
 
 def test_engine_groups_for_tensor_parallel():
@@ -109,7 +109,7 @@ def test_kv_cache_arithmetic(tmp_path):
 
 
 def test_check_refuses_engine_limits_before_any_engine(tiny_model, tmp_path, monkeypatch):
-    """`rft-ds check` (and prepare, through recipe.engine_limits) refuses them from config.json alone."""
+    """`rft-ds check` (and prepare, through preflight.engine_limits) refuses them from config.json alone."""
     from rft_ds.check import check
     from rft_ds.config import RFTRunConfig
 
