@@ -93,11 +93,11 @@ def new_path(pids, toks, eos, scores, prompt_ids, max_len, world):
     from rft_ds.experience import num_steps, plan_micro_batches, rows_for_rank
     from rft_ds.pool import LocalPool
     from rft_ds.scoring import gather_new_rows
-    from rft_ds.selection import TABLE, parse_pool_policy, select, selection_digest, update_pool
+    from rft_ds.selection import TABLE_ROW, parse_pool_policy, select, selection_digest, update_pool
 
     pool = LocalPool(D.rank())
     mine = pool.add(pids, scores, eos, toks, step=0)
-    table = update_pool(np.zeros(0, TABLE), gather_new_rows(mine, 0), 0, parse_pool_policy("accumulate"), True)
+    table = update_pool(np.zeros(0, TABLE_ROW), gather_new_rows(mine, 0), 0, parse_pool_policy("accumulate"), True)
     pool.keep_only(table)
     keep, _ = select(table["prompt_id"], table["score"], 0.9)
     rows, n_rows, moved = rows_for_rank(table[keep], pool, prompt_ids, 0, max_len)
@@ -113,7 +113,7 @@ def old_path(pids, toks, eos, scores, prompt_ids, max_len, world):
     to ranks with wrap-around."""
     from rft_ds import distributed as D
     from rft_ds.experience import build_row, num_steps
-    from rft_ds.selection import completion_digest, select, table, selection_digest
+    from rft_ds.selection import completion_digest, select, table_rows, selection_digest
 
     local = {"prompt_id": pids, "score": scores, "eos": eos, "tokens": toks,
              "digest": np.array([completion_digest(t, e) for t, e in zip(toks, eos)], dtype=np.uint64)}
@@ -136,7 +136,7 @@ def old_path(pids, toks, eos, scores, prompt_ids, max_len, world):
     perm = np.random.default_rng([0, 0]).permutation(len(rows))
     slots = perm[np.arange(steps * world * 8) % len(rows)].reshape(steps, world, 8)[:, D.rank(), :]
     held = pid.nbytes + score.nbytes + eo.nbytes + dig.nbytes + sum(t.nbytes + 112 for t in tk)
-    digest = selection_digest(table(pid, score, eo, digest=dig, length=np.zeros(len(pid))), keep)
+    digest = selection_digest(table_rows(pid, score, eo, digest=dig, length=np.zeros(len(pid))), keep)
     return dict(digest=digest, n_selected=int(keep.sum()), n_rows=len(rows), moved=None, rows_here=len(rows),
                 micro=len(slots), pool_bytes=held, table_rows=len(pid))
 

@@ -166,7 +166,7 @@ def label_tokens(rows: Sequence[Row], micro_batches: Sequence[np.ndarray], grad_
 
 def rows_for_rank(selected: np.ndarray, pool: Any, prompts: Sequence[Sequence[int]], eos_id: int,
                   max_len: int, sp: int = 1) -> tuple[list[Row], int, int]:
-    """Collective. This rank's training rows of the `selected` table rows (selection.TABLE, the same on every
+    """Collective. This rank's training rows of the `selected` table rows (selection.TABLE_ROW, the same on every
     rank): those whose tokens its pool shard (pool.LocalPool) holds and balance_plan leaves here, then the
     ones the plan sends here, their token ids in one all_to_all (skipped on every rank when nothing moves;
     the sizes follow from the table). Returns (rows, rows over all ranks, row copies moved).

@@ -375,10 +375,10 @@ class Learner:
             stats.checkpointed += self._set_checkpointing(bool(checkpoint[k]) if checkpoint is not None
                                                           else self.checkpoint_above == 0)
             if self.sp is not None:  # this rank's shard of the rows' positions; its group has the others
-                from rft_ds.sequence_parallel import shard
+                from rft_ds.sequence_parallel import positions_of_rank
 
                 batch = {key: torch.from_numpy(v).to(self.device) for key, v in
-                         shard(batch_rows, pad_id, self.sp.size, self.sp.rank).items()}
+                         positions_of_rank(batch_rows, pad_id, self.sp.size, self.sp.rank).items()}
                 keep = torch.nonzero((batch["targets"] != IGNORE_INDEX).any(dim=0)).flatten()
                 logp = self._logprobs_at(batch["input_ids"], None, batch["position_ids"], keep,
                                          batch["targets"][:, keep])

@@ -1,6 +1,6 @@
 """This rank's pool shard: the token ids of the completions it sampled that are still in the pools.
 
-The global score table (selection.TABLE) says which completions the pools hold; each row names its owner
+The global score table (selection.TABLE_ROW) says which completions the pools hold; each row names its owner
 rank and its slot there. Only the owner keeps the tokens, so a rank's pool memory is its share of the
 completions, and the tokens cross ranks only for the few rows the balancing plan moves (experience.py).
 """
@@ -11,15 +11,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rft_ds.selection import TABLE, table
+from rft_ds.selection import TABLE_ROW, table_rows
 
 
 class LocalPool:
-    """Rows of the global table this rank owns (TABLE, sorted by slot) and their token ids."""
+    """Rows of the global table this rank owns (TABLE_ROW, sorted by slot) and their token ids."""
 
     def __init__(self, rank: int = 0) -> None:
         self.rank = rank
-        self.rows = np.zeros(0, TABLE)
+        self.rows = np.zeros(0, TABLE_ROW)
         self.tokens: list[np.ndarray] = []
         self.next_slot = 0  # slots only grow: a slot names one completion for the whole run
 
@@ -28,9 +28,9 @@ class LocalPool:
 
     def add(self, prompt_id: Sequence[int], score: np.ndarray, eos: Sequence[bool], tokens: Sequence[Sequence[int]],
             step: int) -> np.ndarray:
-        """Take ownership of newly scored completions; returns their TABLE rows (the slots they got)."""
+        """Take ownership of newly scored completions; returns their table rows (the slots they got)."""
         toks = [np.array(t, dtype=np.int32) for t in tokens]  # copies: no view keeps a sampling chunk alive
-        rows = table(prompt_id, score, eos, toks, step=step, owner=self.rank,
+        rows = table_rows(prompt_id, score, eos, toks, step=step, owner=self.rank,
                      slot=self.next_slot + np.arange(len(toks)))
         self.rows = np.concatenate([self.rows, rows])
         self.tokens += toks

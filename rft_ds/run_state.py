@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rft_ds.pool import LocalPool
-from rft_ds.selection import TABLE
+from rft_ds.selection import TABLE_ROW
 
 STAGES = ("sample", "score", "train", "sync", "eval", "end")  # an epoch's stages, in order
 # What checkpoints of state format 3 numbered their stages by (names `epoch_<e>.s<k>.c<c>`, meta.json
@@ -51,7 +51,7 @@ class RunState:
     pool: LocalPool = field(default_factory=LocalPool)  # this rank's: tokens of the pool rows it owns
     # the base model's answers to data.replay_prompts (replay.pack, + "digest" of those prompts), on every rank
     replay: dict | None = None
-    table: np.ndarray = field(default_factory=lambda: np.zeros(0, TABLE))  # the pools' scores, on every rank
+    table: np.ndarray = field(default_factory=lambda: np.zeros(0, TABLE_ROW))  # the pools' scores, on every rank
 
     def shared(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in PER_RANK}

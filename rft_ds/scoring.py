@@ -71,7 +71,7 @@ def term_means(terms: Sequence[RewardTerm], parts: np.ndarray) -> dict[str, floa
 
 
 def gather_new_rows(rows: np.ndarray, step: int) -> np.ndarray:
-    """Every rank's new TABLE rows, in rank order, the same on every rank. Sent: at most 25 bytes per
+    """Every rank's new table rows, in rank order, the same on every rank. Sent: at most 25 bytes per
     completion (selection.WIRE, compressed) and the rank's first slot; never token ids."""
     first_slot = int(rows["slot"][0]) if len(rows) else 0
     return from_wire(D.all_gather_object((first_slot, *to_wire(rows))), step)

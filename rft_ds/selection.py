@@ -51,7 +51,7 @@ def completion_digest(token_ids: Sequence[int], eos: bool) -> int:
 
 # The global score table: one fixed-width row per completion in the pools, the same on every rank. Token ids
 # are not in it: they stay on the rank that sampled them (`owner`, in its pool shard under `slot`).
-TABLE = np.dtype([("prompt_id", "<i8"), ("score", "<f8"), ("digest", "<u8"), ("length", "<i4"), ("eos", "?"),
+TABLE_ROW = np.dtype([("prompt_id", "<i8"), ("score", "<f8"), ("digest", "<u8"), ("length", "<i4"), ("eos", "?"),
                   ("step", "<i4"), ("owner", "<i4"), ("slot", "<i8")])
 # What a rank sends for each new completion (25 bytes before compression): owner and slot follow from who
 # sent it and where in its list, and step is the grow step every rank is in.
@@ -66,12 +66,12 @@ def truncated(rows: np.ndarray, max_new_tokens: int) -> np.ndarray:
     return ~rows["eos"] & (rows["length"] >= max_new_tokens)
 
 
-def table(prompt_id: Sequence[int], score: Sequence[float], eos: Sequence[bool], tokens: Sequence[Sequence[int]] = (),
+def table_rows(prompt_id: Sequence[int], score: Sequence[float], eos: Sequence[bool], tokens: Sequence[Sequence[int]] = (),
           *, digest: Sequence[int] | None = None, length: Sequence[int] | None = None, step: int | Sequence[int] = 0,
           owner: int | Sequence[int] = 0, slot: Sequence[int] | None = None) -> np.ndarray:
-    """A TABLE from columns; digest and length come from `tokens` when not given."""
+    """Table rows (TABLE_ROW) from columns; digest and length come from `tokens` when not given."""
     n = len(prompt_id)
-    t = np.zeros(n, TABLE)
+    t = np.zeros(n, TABLE_ROW)
     t["prompt_id"], t["score"], t["eos"] = prompt_id, score, eos
     t["digest"] = digest if digest is not None else [completion_digest(k, e) for k, e in zip(tokens, eos)]
     t["length"] = length if length is not None else [len(k) for k in tokens]
@@ -89,17 +89,17 @@ def to_wire(rows: np.ndarray) -> tuple[int, bytes]:
 
 
 def from_wire(parts: Sequence[tuple[int, int, bytes]], step: int) -> np.ndarray:
-    """The TABLE rows of what every rank sent ((its first slot, to_wire(its rows)), in rank order)."""
+    """The table rows of what every rank sent ((its first slot, to_wire(its rows)), in rank order)."""
     out = []
     for owner, (first_slot, n, payload) in enumerate(parts):
         buf, at = zlib.decompress(payload), 0
-        t = np.zeros(n, TABLE)
+        t = np.zeros(n, TABLE_ROW)
         for name in WIRE.names:
             t[name] = np.frombuffer(buf, WIRE[name], n, at)
             at += n * WIRE[name].itemsize
         t["step"], t["owner"], t["slot"] = step, owner, first_slot + np.arange(n)
         out.append(t)
-    return np.concatenate(out) if out else np.zeros(0, TABLE)
+    return np.concatenate(out) if out else np.zeros(0, TABLE_ROW)
 
 
 def canonical(rows: np.ndarray, dedup: bool = True) -> np.ndarray:

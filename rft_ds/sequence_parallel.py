@@ -58,7 +58,7 @@ def why_not(model_config: dict, size: int) -> str | None:
     return None
 
 
-def shard(rows: Sequence[Row], pad_id: int, size: int, rank: int) -> dict[str, np.ndarray]:
+def positions_of_rank(rows: Sequence[Row], pad_id: int, size: int, rank: int) -> dict[str, np.ndarray]:
     """This rank's positions of a micro-batch: the rows right-padded to a multiple of `size`, cut into `size`
     contiguous shards. Returns input_ids, position_ids (the row's own positions: attention is causal over
     them) and targets, the token each position predicts (labels shifted by one *before* the cut, so the

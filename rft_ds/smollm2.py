@@ -85,8 +85,8 @@ def build(path: str | Path) -> Path:
 
 
 def ensure(path: str | Path) -> Path:
-    """Build once per file system: every rank may call it at once, on any node (rft_ds.once)."""
-    from rft_ds.once import build_once
+    """Build once per file system: every rank may call it at once, on any node (rft_ds.locked_build)."""
+    from rft_ds.locked_build import build_once
 
     return build_once(path, is_built, build, f"the SmolLM2 model at {path}")
 

@@ -114,8 +114,8 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, hidden_size: int
 
 
 def ensure_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
-    """Build once per file system: every rank may call it at once, on any node (rft_ds.once)."""
-    from rft_ds.once import build_once
+    """Build once per file system: every rank may call it at once, on any node (rft_ds.locked_build)."""
+    from rft_ds.locked_build import build_once
 
     return build_once(path, lambda p: (p / "config.json").exists(), lambda p: build_tiny_model(p, seed=seed),
                       f"the tiny model at {path}")

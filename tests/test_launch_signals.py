@@ -1,4 +1,4 @@
-"""rft_ds.launch: stop signals reach the ranks through the deepspeed launcher; exit 3, a checkpoint, no orphans."""
+"""rft_ds.safe_launch: stop signals reach the ranks through the deepspeed launcher; exit 3, a checkpoint, no orphans."""
 
 import os
 import signal
@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from rft_ds.distributed import free_port
-from rft_ds.launch import _Requests, catches, rank_pids
+from rft_ds.safe_launch import _Requests, catches, rank_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -22,7 +22,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 def test_ranks_are_the_children_of_launch_py():
     script = ["launch/train.py", "--config", "c.yaml"]
     rows = [
-        (10, 1, ["python", "-m", "rft_ds.launch", "--num_gpus", "2", *script]),
+        (10, 1, ["python", "-m", "rft_ds.safe_launch", "--num_gpus", "2", *script]),
         (11, 10, ["python", "-m", "deepspeed.launcher.runner", "--num_gpus", "2", *script]),  # names the script
         (12, 11, ["python", "-u", "-m", "deepspeed.launcher.launch", "--world_info=e30=", *script]),  # so does it
         (13, 12, ["python", "-u", "launch/train.py", "--local_rank=0", "--config", "c.yaml"]),
@@ -75,7 +75,7 @@ sys.exit(3)
 
 
 def _start(*args: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "rft_ds.launch", "--num_gpus", "2", "--master_port", str(free_port()), *args]
+    cmd = [sys.executable, "-m", "rft_ds.safe_launch", "--num_gpus", "2", "--master_port", str(free_port()), *args]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env=ENV)
 
@@ -125,7 +125,7 @@ def test_a_signal_before_the_ranks_handle_it_is_held_then_forwarded_once(tmp_pat
         proc.send_signal(signal.SIGUSR1)  # would be lost: the ranks still ignore SIGUSR1
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 3, out[-3000:]
-        assert out.count("stop signal received") == 2 and out.count("[rft_ds.launch] stop requested") == 1
+        assert out.count("stop signal received") == 2 and out.count("[rft_ds.safe_launch] stop requested") == 1
         assert not _running(tree)
     finally:
         _cleanup(proc, tree)
@@ -146,7 +146,7 @@ def test_second_sigterm_terminates_everything(tmp_path):
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 128 + signal.SIGTERM and time.time() - t0 < 20, out[-3000:]
-        assert "[rft_ds.launch] terminating" in out and not _running(tree)
+        assert "[rft_ds.safe_launch] terminating" in out and not _running(tree)
     finally:
         _cleanup(proc, tree)
 
@@ -200,7 +200,7 @@ def test_stop_signal_through_the_launcher_checkpoints_and_exits_3(tmp_path, mode
         text = "".join(lines) + out
         assert proc.returncode == 3, text[-3000:]
         assert "stop signal received" in text
-        assert text.count("[rft_ds.launch] stop requested") == 1
+        assert text.count("[rft_ds.safe_launch] stop requested") == 1
         latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
         assert (latest / "manifest.json").is_file()
         assert not (run / "final_model").exists()

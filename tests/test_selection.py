@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from rft_ds.selection import (TABLE, cap_per_prompt, canonical, completion_digest, from_wire, parse_pool_policy,
-                              schedule, select, selection_digest, table, to_wire, update_pool)
+from rft_ds.selection import (TABLE_ROW, cap_per_prompt, canonical, completion_digest, from_wire, parse_pool_policy,
+                              schedule, select, selection_digest, table_rows, to_wire, update_pool)
 
 
 # ---- schedule -------------------------------------------------------------------------------------
@@ -113,12 +113,12 @@ def test_top_k_ties_broken_by_input_order_deterministically():
 
 def make_rows(rng, n, n_prompts, vocab=5, length=3, owner=0, step=0):
     tokens = [rng.integers(0, vocab, length) for _ in range(n)]
-    return table(rng.integers(0, n_prompts, n), rng.integers(0, 3, n).astype(float), rng.random(n) < 0.5, tokens,
+    return table_rows(rng.integers(0, n_prompts, n), rng.integers(0, 3, n).astype(float), rng.random(n) < 0.5, tokens,
                  owner=owner, step=step), tokens
 
 
 def test_dedup_by_completion_token_ids():
-    s = table([0, 0, 0, 1], [0.2, 0.7, 0.1, 0.2], [True, True, False, True], [[5, 6], [5, 6], [5, 6], [5, 6]])
+    s = table_rows([0, 0, 0, 1], [0.2, 0.7, 0.1, 0.2], [True, True, False, True], [[5, 6], [5, 6], [5, 6], [5, 6]])
     c = canonical(s)
     # (0,[5,6],eos) twice -> once with the best score; the non-EOS copy is a different completion
     assert len(c) == 3
@@ -147,10 +147,10 @@ def test_wire_rows_are_at_most_25_bytes_and_round_trip():
     c["slot"] += 7
     wire = [(int(x["slot"][0]) if len(x) else 0, *to_wire(x)) for x in (a, b, c)]
     back = from_wire(wire, step=0)
-    assert back.dtype == TABLE and (back == np.concatenate([a, b, c])).all()
+    assert back.dtype == TABLE_ROW and (back == np.concatenate([a, b, c])).all()
     # a grow step's rows: N per prompt, binary rewards: the columns compress to the digests and little more
     n = 32 * 500
-    rows = table(np.repeat(np.arange(500), 32), (rng.random(n) < 0.3).astype(float), rng.random(n) < 0.9,
+    rows = table_rows(np.repeat(np.arange(500), 32), (rng.random(n) < 0.3).astype(float), rng.random(n) < 0.9,
                  digest=rng.integers(0, 2**63, n), length=rng.integers(0, 256, n))
     count, payload = to_wire(rows)
     assert count == n and len(payload) < 12 * n
@@ -173,7 +173,7 @@ def legacy_select(steps, percentile, strategy, dedup):
             order = order[first]
         pid, score, digest = pid[order], score[order], digest[order]
     keep, _ = select(pid, score, percentile, strategy=strategy, top_k=3)
-    h = table(pid, score, np.zeros(len(pid), bool), digest=digest, length=np.zeros(len(pid)))
+    h = table_rows(pid, score, np.zeros(len(pid), bool), digest=digest, length=np.zeros(len(pid)))
     return selection_digest(h, keep), int(keep.sum())
 
 
@@ -181,7 +181,7 @@ def legacy_select(steps, percentile, strategy, dedup):
 @pytest.mark.parametrize("strategy", ["per_prompt", "top_k", "global"])
 def test_accumulate_selects_what_the_gathered_pools_did(strategy, dedup):
     rng = np.random.default_rng(7)
-    steps, pool, slots = [], np.zeros(0, TABLE), [0, 0, 0]
+    steps, pool, slots = [], np.zeros(0, TABLE_ROW), [0, 0, 0]
     for g in range(3):  # three grow steps on three ranks, small vocab: many duplicates, many ties
         parts = []
         for r in range(3):
@@ -201,10 +201,10 @@ def test_pool_policies():
     for bad in ("window", "window:0", "window:-1", "window:x", "newest", "", None):
         with pytest.raises(ValueError, match="accumulate | latest | window:K"):
             parse_pool_policy(bad)
-    rows = {g: table([0, 1], [float(g), 1.0], [True, True], [[g, 9], [g, 8]], step=g, slot=[2 * g, 2 * g + 1])
+    rows = {g: table_rows([0, 1], [float(g), 1.0], [True, True], [[g, 9], [g, 8]], step=g, slot=[2 * g, 2 * g + 1])
             for g in range(4)}
     for policy, want in (("accumulate", {0, 1, 2, 3}), ("latest", {3}), ("window:2", {2, 3}), ("window:9", {0, 1, 2, 3})):
-        pool = np.zeros(0, TABLE)
+        pool = np.zeros(0, TABLE_ROW)
         for g in range(4):
             pool = update_pool(pool, rows[g], g, parse_pool_policy(policy), dedup=True)
         assert set(pool["step"].tolist()) == want, policy
@@ -212,14 +212,14 @@ def test_pool_policies():
 
 
 def test_window_keeps_a_completion_while_any_copy_is_in_it():
-    first = table([0], [0.9], [True], [[1, 2]], step=0, slot=[0])
-    again = table([0], [0.5], [True], [[1, 2]], step=1, slot=[1])
-    pool = update_pool(np.zeros(0, TABLE), first, 0, 2, True)
+    first = table_rows([0], [0.9], [True], [[1, 2]], step=0, slot=[0])
+    again = table_rows([0], [0.5], [True], [[1, 2]], step=1, slot=[1])
+    pool = update_pool(np.zeros(0, TABLE_ROW), first, 0, 2, True)
     pool = update_pool(pool, again, 1, 2, True)
     assert len(pool) == 1 and pool["score"][0] == 0.9 and pool["step"][0] == 1  # best score, newest step
-    pool = update_pool(pool, np.zeros(0, TABLE), 2, 2, True)
+    pool = update_pool(pool, np.zeros(0, TABLE_ROW), 2, 2, True)
     assert len(pool) == 1  # sampled at step 1: still in a 2-step window at step 2
-    assert len(update_pool(pool, np.zeros(0, TABLE), 3, 2, True)) == 0
+    assert len(update_pool(pool, np.zeros(0, TABLE_ROW), 3, 2, True)) == 0
 
 
 def test_max_per_prompt_keeps_the_best_with_deterministic_ties():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from rft_ds.experience import IGNORE_INDEX, build_row, collate
-from rft_ds.sequence_parallel import shard, why_not
+from rft_ds.sequence_parallel import positions_of_rank, why_not
 
 
 def _rows():
@@ -16,7 +16,7 @@ def _rows():
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
 def test_shards_make_the_batch_with_labels_shifted_before_the_cut(size):
     rows = _rows()
-    parts = [shard(rows, 0, size, k) for k in range(size)]
+    parts = [positions_of_rank(rows, 0, size, k) for k in range(size)]
     whole = {key: np.concatenate([p[key] for p in parts], axis=1) for key in parts[0]}
     width = whole["input_ids"].shape[1]
     assert width % size == 0 and width - size < 8 <= width  # padded to the next multiple of size
@@ -32,7 +32,7 @@ def test_shards_make_the_batch_with_labels_shifted_before_the_cut(size):
 
 def test_a_label_across_the_cut_is_predicted_on_the_earlier_rank():
     row = build_row([5], [6, 7], False, 2, 64)  # ids 5 6 7, width 3 -> 4 over 2 ranks: [5 6 | 7 pad]
-    first, second = shard([row], 0, 2, 0), shard([row], 0, 2, 1)
+    first, second = positions_of_rank([row], 0, 2, 0), positions_of_rank([row], 0, 2, 1)
     assert first["targets"].tolist() == [[6, 7]]  # position 1 (token 6) predicts 7, which rank 1 holds
     assert second["input_ids"].tolist() == [[7, 0]] and second["targets"].tolist() == [[IGNORE_INDEX] * 2]
 

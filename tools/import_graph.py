@@ -4,6 +4,9 @@ circles (strongly connected components of more than one module) and each module'
 
     python tools/import_graph.py            # modules, lines, imports; then the circles
     python tools/import_graph.py --check    # exit 1 when there is a circle
+
+A module's layer is 0 when it imports nothing of rft_ds, else one above the highest module it imports; an
+import inside a circle has no layer to go down to, so each such edge is a back-arrow.
 """
 
 from __future__ import annotations
@@ -78,19 +81,38 @@ def circles(g: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def layers(g: dict[str, set[str]]) -> dict[str, int]:
+    """Each module's layer; edges inside a circle are left out (they are the back-arrows)."""
+    inside = {m: set(c) for c in circles(g) for m in c}
+    down = {m: {x for x in deps if x not in inside.get(m, set())} for m, deps in g.items()}
+    memo: dict[str, int] = {}
+
+    def layer(m: str) -> int:
+        if m not in memo:
+            memo[m] = 1 + max((layer(x) for x in down[m]), default=-1)
+        return memo[m]
+
+    return {m: layer(m) for m in g}
+
+
 def main() -> int:
     g = graph()
     found = circles(g)
     if "--check" not in sys.argv:
-        for m in sorted(g):
+        level = layers(g)
+        for m in sorted(g, key=lambda m: (level[m], m)):
             path = ROOT.parent / (m.replace(".", "/") + ".py")
             if not path.exists():
                 path = ROOT.parent / m.replace(".", "/") / "__init__.py"
             lines = len(path.read_text().splitlines())
-            print(f"{m:32s} {lines:5d}  -> {', '.join(sorted(x.removeprefix('rft_ds.') for x in g[m])) or '-'}")
+            print(f"{level[m]:2d} {m:32s} {lines:5d}  -> {', '.join(sorted(x.removeprefix('rft_ds.') for x in g[m])) or '-'}")
+    back = sorted((a, b) for c in found for a in c for b in g[a] if b in c)
     for c in found:
         print("circle:", " <-> ".join(c))
-    print(f"{len(g)} modules, {len(found)} circle(s)")
+    for a, b in back:
+        print(f"back-arrow: {a} -> {b}")
+    print(f"{len(g)} modules on {max(layers(g).values()) + 1} layers, {len(found)} circle(s), {len(back)} import(s) "
+          "inside circles")
     return 1 if found and "--check" in sys.argv else 0
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rft_ds.once import build_once, exclusive
+from rft_ds.locked_build import build_once, exclusive
 
 
 def _build(path: Path) -> None:

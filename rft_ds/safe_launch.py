@@ -1,7 +1,7 @@
-"""`python -m rft_ds.launch [deepspeed launcher args] launch/train.py --config CONFIG [overrides]`
+"""`python -m rft_ds.safe_launch [deepspeed launcher args] launch/train.py --config CONFIG [overrides]`
 
 The `deepspeed` launcher, made safe to stop. Same arguments as the `deepspeed` command, e.g.
-`python -m rft_ds.launch --num_gpus 2 launch/train.py --config launch/configs/tiny.yaml train.epochs=6`.
+`python -m rft_ds.safe_launch --num_gpus 2 launch/train.py --config launch/configs/tiny.yaml train.epochs=6`.
 
 Why: the ranks stop gracefully on SIGTERM or SIGUSR1 (rft_ds.faults.StopSignals: stop at the next safe
 point, checkpoint, exit 3), but the launcher between them and the signal gets in the way. SIGUSR1 (Slurm's
@@ -84,7 +84,7 @@ def _become_subreaper() -> None:
 
 
 def _say(msg: str) -> None:
-    print(f"[rft_ds.launch] {msg}", file=sys.stderr, flush=True)
+    print(f"[rft_ds.safe_launch] {msg}", file=sys.stderr, flush=True)
 
 
 def _alive(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
