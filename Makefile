@@ -7,7 +7,7 @@ REQ    := requirements/$(DEVICE).txt
 STAMP  := $(VENV)/.installed-$(DEVICE)-$(shell cat $(REQ) pyproject.toml | sha1sum | cut -c1-12)
 ARGS   ?=
 
-.PHONY: venv demo demo-reasoning demo-tiny gpu-smoke test test-fast clean
+.PHONY: venv demo demo-reasoning demo-tiny gpu-smoke lint test test-fast clean
 
 venv: $(STAMP)
 
@@ -49,6 +49,11 @@ SMOKE_NPROC  = $(if $(filter command line environment,$(origin NPROC)),$(NPROC),
 
 gpu-smoke:
 	$(SMOKE_PY) -m deepspeed.launcher.runner --num_gpus $(SMOKE_NPROC) benchmarks/gpu_smoke.py $(ARGS)
+
+# ruff: lint (pyproject.toml [tool.ruff]) and formatting, checked, nothing rewritten; `ruff format .` fixes the latter
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: venv
 	$(PY) -m pytest -q -rs --durations=25

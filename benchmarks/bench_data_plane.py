@@ -25,9 +25,8 @@ import sys
 import threading
 import time
 
-import numpy as np
-
 import common
+import numpy as np
 
 COUNT = {"sent": 0, "received": 0}
 
@@ -58,7 +57,7 @@ def count_bytes() -> None:
 class PeakRSS:
     """Peak resident memory above the start of a `with` block, sampled every 5 ms."""
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         import psutil
 
         self.proc, self.peak, self.done = psutil.Process(), 0, False
@@ -103,8 +102,16 @@ def new_path(pids, toks, eos, scores, prompt_ids, max_len, world):
     rows, n_rows, moved = rows_for_rank(table[keep], pool, prompt_ids, 0, max_len)
     micro = plan_micro_batches(len(rows), num_steps(n_rows, world, 8, 1), 0, 0, D.rank(), 8, 1)
     held = table.nbytes + sum(t.nbytes + 112 for t in pool.tokens)  # 112: a numpy array's own header
-    return dict(digest=selection_digest(table, keep), n_selected=int(keep.sum()), n_rows=n_rows, moved=moved,
-                rows_here=len(rows), micro=len(micro), pool_bytes=held, table_rows=len(table))
+    return dict(
+        digest=selection_digest(table, keep),
+        n_selected=int(keep.sum()),
+        n_rows=n_rows,
+        moved=moved,
+        rows_here=len(rows),
+        micro=len(micro),
+        pool_bytes=held,
+        table_rows=len(table),
+    )
 
 
 def old_path(pids, toks, eos, scores, prompt_ids, max_len, world):
@@ -113,10 +120,15 @@ def old_path(pids, toks, eos, scores, prompt_ids, max_len, world):
     to ranks with wrap-around."""
     from rft_ds import distributed as D
     from rft_ds.experience import build_row, num_steps
-    from rft_ds.selection import completion_digest, select, table_rows, selection_digest
+    from rft_ds.selection import completion_digest, select, selection_digest, table_rows
 
-    local = {"prompt_id": pids, "score": scores, "eos": eos, "tokens": toks,
-             "digest": np.array([completion_digest(t, e) for t, e in zip(toks, eos)], dtype=np.uint64)}
+    local = {
+        "prompt_id": pids,
+        "score": scores,
+        "eos": eos,
+        "tokens": toks,
+        "digest": np.array([completion_digest(t, e) for t, e in zip(toks, eos)], dtype=np.uint64),
+    }
     parts = D.all_gather_object(local)
     pid = np.concatenate([p["prompt_id"] for p in parts])
     score = np.concatenate([p["score"] for p in parts])
@@ -130,15 +142,26 @@ def old_path(pids, toks, eos, scores, prompt_ids, max_len, world):
     pid, score, eo, dig = pid[order], score[order], eo[order], dig[order]
     tk = [tk[i] for i in order]
     keep, _ = select(pid, score, 0.9)
-    rows = [r for i in np.flatnonzero(keep)
-            if (r := build_row(prompt_ids[pid[i]], tk[i], bool(eo[i]), 0, max_len)) is not None]
+    rows = [
+        r
+        for i in np.flatnonzero(keep)
+        if (r := build_row(prompt_ids[pid[i]], tk[i], bool(eo[i]), 0, max_len)) is not None
+    ]
     steps = num_steps(len(rows), world, 8, 1)
     perm = np.random.default_rng([0, 0]).permutation(len(rows))
     slots = perm[np.arange(steps * world * 8) % len(rows)].reshape(steps, world, 8)[:, D.rank(), :]
     held = pid.nbytes + score.nbytes + eo.nbytes + dig.nbytes + sum(t.nbytes + 112 for t in tk)
     digest = selection_digest(table_rows(pid, score, eo, digest=dig, length=np.zeros(len(pid))), keep)
-    return dict(digest=digest, n_selected=int(keep.sum()), n_rows=len(rows), moved=None, rows_here=len(rows),
-                micro=len(slots), pool_bytes=held, table_rows=len(pid))
+    return dict(
+        digest=digest,
+        n_selected=int(keep.sum()),
+        n_rows=len(rows),
+        moved=None,
+        rows_here=len(rows),
+        micro=len(slots),
+        pool_bytes=held,
+        table_rows=len(pid),
+    )
 
 
 def rank_main(args) -> None:
@@ -175,26 +198,36 @@ def fmt_bytes(n: float) -> str:
 
 def report(results: dict[int, dict], args) -> None:
     world = len(results)
-    print(f"\nP={args.prompts} prompts x N={args.n} x T={args.tokens} tokens, {world} ranks (gloo), {args.scores} "
-          "scores\n")
-    print(f"{'rank':>4} {'path':>4} {'sent':>10} {'received':>10} {'peak RSS':>10} {'pool held':>10} {'seconds':>8} "
-          f"{'rows here':>9} {'moved':>6} {'selection digest':>17}")
+    print(
+        f"\nP={args.prompts} prompts x N={args.n} x T={args.tokens} tokens, {world} ranks (gloo), {args.scores} "
+        "scores\n"
+    )
+    print(
+        f"{'rank':>4} {'path':>4} {'sent':>10} {'received':>10} {'peak RSS':>10} {'pool held':>10} {'seconds':>8} "
+        f"{'rows here':>9} {'moved':>6} {'selection digest':>17}"
+    )
     for r, res in sorted(results.items()):
         for name in ("old", "new"):
             x = res[name]
-            print(f"{r:>4} {name:>4} {fmt_bytes(x['sent']):>10} {fmt_bytes(x['received']):>10} "
-                  f"{fmt_bytes(x['peak_rss']):>10} {fmt_bytes(x['pool_bytes']):>10} {x['seconds']:>8.2f} "
-                  f"{x['rows_here']:>9} {str(x['moved']):>6} {x['digest']:>17}")
+            print(
+                f"{r:>4} {name:>4} {fmt_bytes(x['sent']):>10} {fmt_bytes(x['received']):>10} "
+                f"{fmt_bytes(x['peak_rss']):>10} {fmt_bytes(x['pool_bytes']):>10} {x['seconds']:>8.2f} "
+                f"{x['rows_here']:>9} {str(x['moved']):>6} {x['digest']:>17}"
+            )
     digests = {res[p]["digest"] for res in results.values() for p in ("old", "new")}
-    print(f"\nselected set: {'the same in both paths on every rank' if len(digests) == 1 else 'DIFFERENT'} "
-          f"({results[0]['new']['n_selected']} completions, {results[0]['new']['n_rows']} rows)")
+    print(
+        f"\nselected set: {'the same in both paths on every rank' if len(digests) == 1 else 'DIFFERENT'} "
+        f"({results[0]['new']['n_selected']} completions, {results[0]['new']['n_rows']} rows)"
+    )
     old_rx = max(res["old"]["received"] for res in results.values())
     new_rx = max(res["new"]["received"] for res in results.values())
     old_mem = max(res["old"]["pool_bytes"] for res in results.values())
     new_mem = max(res["new"]["pool_bytes"] for res in results.values())
-    print(f"bytes received per rank, new/old: 1/{old_rx / new_rx:.0f}; pool memory per rank, new/old: "
-          f"{new_mem / old_mem:.3f}; seconds, old/new: "
-          f"{max(r['old']['seconds'] for r in results.values()) / max(r['new']['seconds'] for r in results.values()):.1f}x")
+    print(
+        f"bytes received per rank, new/old: 1/{old_rx / new_rx:.0f}; pool memory per rank, new/old: "
+        f"{new_mem / old_mem:.3f}; seconds, old/new: "
+        f"{max(r['old']['seconds'] for r in results.values()) / max(r['new']['seconds'] for r in results.values()):.1f}x"
+    )
 
     # Projection from the measured per-completion sizes.
     total = args.prompts * args.n
@@ -204,17 +237,23 @@ def report(results: dict[int, dict], args) -> None:
     new_item = new_rx / others  # its 25-byte row, plus its share of the moved rows' tokens and of the padding
     held_old = old_mem / total
     held_new_overhead = (new_mem - total * 45) / (total / world) - 4 * args.tokens  # per owned completion
-    print(f"\nmeasured per completion: old wire {old_item:.0f} B (tokens {4 * args.tokens} B + {old_overhead:.0f} B); "
-          f"new wire {new_item:.1f} B (its compressed row + its share of the moved rows); held: old {held_old:.0f} B on every "
-          f"rank, new a 45 B table row on every rank + tokens + {held_new_overhead:.0f} B on the owner")
+    print(
+        f"\nmeasured per completion: old wire {old_item:.0f} B (tokens {4 * args.tokens} B + {old_overhead:.0f} B); "
+        f"new wire {new_item:.1f} B (its compressed row + its share of the moved rows); held: old {held_old:.0f} B on every "
+        f"rank, new a 45 B table row on every rank + tokens + {held_new_overhead:.0f} B on the owner"
+    )
     W, P, N, T = 64, 100_000, 32, 300
     c = P * N
     old_t, held_new_t = old_overhead + 4 * T, c * 45 + c / W * (4 * T + held_new_overhead)
-    print(f"\nprojection: {W} ranks x {P} prompts x {N} x {T} tokens = {c / 1e6:.1f} M completions per grow step "
-          f"(new wire per completion as measured, moved rows included)")
+    print(
+        f"\nprojection: {W} ranks x {P} prompts x {N} x {T} tokens = {c / 1e6:.1f} M completions per grow step "
+        f"(new wire per completion as measured, moved rows included)"
+    )
     print(f"{'':>38} {'old':>10} {'new':>10}")
-    print(f"{'received per rank per grow step':>38} {fmt_bytes(c * (W - 1) / W * old_t):>10} "
-          f"{fmt_bytes(c * (W - 1) / W * new_item):>10}")
+    print(
+        f"{'received per rank per grow step':>38} {fmt_bytes(c * (W - 1) / W * old_t):>10} "
+        f"{fmt_bytes(c * (W - 1) / W * new_item):>10}"
+    )
     print(f"{'pool memory per rank, 1 grow step':>38} {fmt_bytes(c * old_t):>10} {fmt_bytes(held_new_t):>10}")
     print(f"{'... 4 grow steps (pool: accumulate)':>38} {fmt_bytes(4 * c * old_t):>10} {fmt_bytes(4 * held_new_t):>10}")
 
@@ -231,11 +270,21 @@ def main() -> None:
         return rank_main(args)
     from rft_ds.distributed import free_port
 
-    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", str(args.world),
-           "--master_port", str(free_port()), __file__, *sys.argv[1:]]
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "torchrun"),
+        "--nproc_per_node",
+        str(args.world),
+        "--master_port",
+        str(free_port()),
+        __file__,
+        *sys.argv[1:],
+    ]
     p = subprocess.run(cmd, cwd=common.ROOT, capture_output=True, text=True)
-    results = {int(line.split()[1]): json.loads(line.split(" ", 2)[2]) for line in p.stdout.splitlines()
-               if line.startswith("RESULT ")}
+    results = {
+        int(line.split()[1]): json.loads(line.split(" ", 2)[2])
+        for line in p.stdout.splitlines()
+        if line.startswith("RESULT ")
+    }
     if p.returncode != 0 or len(results) != args.world:
         sys.exit(f"benchmark ranks failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     report(results, args)

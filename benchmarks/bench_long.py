@@ -79,20 +79,29 @@ def worker(args: argparse.Namespace) -> None:
     ds = common.ds_config(D.world_size(), micro=1)
     ds["bf16"] = {"enabled": True}
     ds["optimizer"]["params"]["fused"] = True
-    learner = Learner(args.model, ds, checkpoint_above=0 if gc else None, logprob_chunk=chunk, share_prompt=False,
-                      max_seq_length=64 + args.tokens, sequence_parallel=sp)
+    learner = Learner(
+        args.model,
+        ds,
+        checkpoint_above=0 if gc else None,
+        logprob_chunk=chunk,
+        share_prompt=False,
+        max_seq_length=64 + args.tokens,
+        sequence_parallel=sp,
+    )
     rng = np.random.default_rng(0)
     vocab = learner.module.config.vocab_size
-    row = build_row(rng.integers(3, vocab, 64).tolist(), rng.integers(3, vocab, args.tokens - 1).tolist(), True, 2,
-                    64 + args.tokens)
+    row = build_row(
+        rng.integers(3, vocab, 64).tolist(), rng.integers(3, vocab, args.tokens - 1).tolist(), True, 2, 64 + args.tokens
+    )
     labels = int((row.labels[1:] != -100).sum())
 
     # rank 0 trains the row; under sequence parallelism its whole group does, else the others run an empty one
     mine = [row] if D.rank() < sp else []
 
     def step() -> None:
-        learner.train_step(mine, [np.arange(len(mine))], pad_id=0, step_tokens=labels, world_size=D.world_size(),
-                           checkpoint=[gc])
+        learner.train_step(
+            mine, [np.arange(len(mine))], pad_id=0, step_tokens=labels, world_size=D.world_size(), checkpoint=[gc]
+        )
 
     step()  # the optimizer state is built here
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
@@ -103,10 +112,19 @@ def worker(args: argparse.Namespace) -> None:
     peak = rss_kb("VmHWM")
     per_rank = D.all_gather_object((round(took, 3), round((peak - before) / 2**20, 3), round(before / 2**20, 3)))
     took = max(t for t, _, _ in per_rank)
-    result = {"setting": args.setting, "vocab": vocab, "tokens": args.tokens, "layers": args.layers,
-              "label_tokens": labels, "step_s": round(took, 3), "label_tok_s": round(labels / took, 1),
-              "rss_before_gb": max(b for *_, b in per_rank), "transient_gb": max(m for _, m, _ in per_rank),
-              "transient_gb_per_rank": [m for _, m, _ in per_rank], "head": learner.head is not None}
+    result = {
+        "setting": args.setting,
+        "vocab": vocab,
+        "tokens": args.tokens,
+        "layers": args.layers,
+        "label_tokens": labels,
+        "step_s": round(took, 3),
+        "label_tok_s": round(labels / took, 1),
+        "rss_before_gb": max(b for *_, b in per_rank),
+        "transient_gb": max(m for _, m, _ in per_rank),
+        "transient_gb_per_rank": [m for _, m, _ in per_rank],
+        "head": learner.head is not None,
+    }
     if D.rank() == 0:
         print("RESULT " + json.dumps(result), flush=True)
 
@@ -117,9 +135,18 @@ def model_for(vocab: int, layers: int, heads: int = 9) -> Path:
 
     path = common.ROOT / ".cache" / (f"bench-long-v{vocab}-l{layers}" + ("" if heads == 9 else f"-h{heads}"))
     if not (path / "config.json").exists():
-        build_tiny_model(path, hidden_size=64 * heads, num_layers=layers, num_heads=heads, head_dim=64,
-                         num_key_value_heads=3 if heads == 9 else heads // 2, intermediate_size=1536,
-                         vocab_size=vocab, tie_word_embeddings=True, max_position_embeddings=32768)
+        build_tiny_model(
+            path,
+            hidden_size=64 * heads,
+            num_layers=layers,
+            num_heads=heads,
+            head_dim=64,
+            num_key_value_heads=3 if heads == 9 else heads // 2,
+            intermediate_size=1536,
+            vocab_size=vocab,
+            tie_word_embeddings=True,
+            max_position_embeddings=32768,
+        )
     return path
 
 
@@ -135,13 +162,28 @@ def grow_step(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-long-grow-"))
     build_tiny_model(tmp / "model", max_position_embeddings=args.new_tokens + 64)
     lo = int(args.new_tokens * 0.9)
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           "launch/train.py", "--config", "launch/configs/tiny.yaml", f"model.model_path={tmp / 'model'}",
-           "model.build=null", f"train.output_dir={tmp / 'run'}", "train.epochs=1", "train.eval_interval=0",
-           "train.max_seq_length=auto", "train.save_every_steps=1", "train.save_final_model=false",
-           "train.save_best_model=false", f"method.n_generations_per_prompt={args.n}",
-           f"sampler.chunk_prompts={args.prompts}",
-           "method.gen_kwargs={max_new_tokens: %d, min_new_tokens: %d, do_sample: true}" % (args.new_tokens, lo)]
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "launch/train.py",
+        "--config",
+        "launch/configs/tiny.yaml",
+        f"model.model_path={tmp / 'model'}",
+        "model.build=null",
+        f"train.output_dir={tmp / 'run'}",
+        "train.epochs=1",
+        "train.eval_interval=0",
+        "train.max_seq_length=auto",
+        "train.save_every_steps=1",
+        "train.save_final_model=false",
+        "train.save_best_model=false",
+        f"method.n_generations_per_prompt={args.n}",
+        f"sampler.chunk_prompts={args.prompts}",
+        f"method.gen_kwargs={{max_new_tokens: {args.new_tokens}, min_new_tokens: {lo}, do_sample: true}}",
+    ]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=common.ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     wall = time.perf_counter() - t0
@@ -151,12 +193,21 @@ def grow_step(args: argparse.Namespace) -> None:
     rec = json.loads((tmp / "run" / "metrics.jsonl").read_text().splitlines()[0])
     ckpts = sorted((tmp / "run" / "checkpoints").glob("epoch_*"))
     state = [f.stat().st_size for f in sorted(ckpts[0].glob("rank*.pt"))]
-    result = {"new_tokens": args.new_tokens, "n": args.n, "sampled": rec["n_sampled"],
-              "sampled_tokens": rec["sampled_tokens"], "sample_s": round(rec["time_sample"], 1),
-              "sampled_tok_s": round(rec["sampled_tokens"] / rec["time_sample"], 1),
-              "truncated_share": rec["truncated_share"], "train_s": round(rec["time_train"], 1),
-              "peak_rss_gb": rec["peak_rss_gb"], "checkpoint": ckpts[0].name, "state_bytes_per_rank": state,
-              "state_bytes_per_sampled_token": round(sum(state) / rec["sampled_tokens"], 2), "wall_s": round(wall, 1)}
+    result = {
+        "new_tokens": args.new_tokens,
+        "n": args.n,
+        "sampled": rec["n_sampled"],
+        "sampled_tokens": rec["sampled_tokens"],
+        "sample_s": round(rec["time_sample"], 1),
+        "sampled_tok_s": round(rec["sampled_tokens"] / rec["time_sample"], 1),
+        "truncated_share": rec["truncated_share"],
+        "train_s": round(rec["time_train"], 1),
+        "peak_rss_gb": rec["peak_rss_gb"],
+        "checkpoint": ckpts[0].name,
+        "state_bytes_per_rank": state,
+        "state_bytes_per_sampled_token": round(sum(state) / rec["sampled_tokens"], 2),
+        "wall_s": round(wall, 1),
+    }
     print(json.dumps(result), flush=True)
     if args.out:
         with open(args.out, "a") as f:
@@ -181,7 +232,7 @@ def state_file(args: argparse.Namespace) -> None:
         length = 2048
         n = total // length
         flat = rng.integers(0, 128256, n * length, dtype=np.int32)
-        comps = [Completion(flat[i * length:(i + 1) * length], "eos") for i in range(n)]
+        comps = [Completion(flat[i * length : (i + 1) * length], "eos") for i in range(n)]
         for what in ("pool", "samples"):
             if what == "pool":
                 obj = LocalPool(0)
@@ -189,8 +240,8 @@ def state_file(args: argparse.Namespace) -> None:
             else:
                 obj = Samples()
                 for lo in range(0, n, 256 * 8):  # chunks of 256 prompts x 8 samples
-                    part = comps[lo:lo + 256 * 8]
-                    obj.add(lo // 8, [part[i:i + 8] for i in range(0, len(part), 8)])
+                    part = comps[lo : lo + 256 * 8]
+                    obj.add(lo // 8, [part[i : i + 8] for i in range(0, len(part), 8)])
             (common.ROOT / ".cache").mkdir(exist_ok=True)
             with tempfile.TemporaryDirectory(dir=common.ROOT / ".cache") as d:
                 t0 = time.perf_counter()
@@ -200,8 +251,13 @@ def state_file(args: argparse.Namespace) -> None:
                 seal(Path(d), ["rank0.pt"], 0)
                 took = time.perf_counter() - t0
                 size = os.path.getsize(Path(d) / "rank0.pt")
-            r = {"what": what, "tokens": n * length, "bytes_per_token": round(size / (n * length), 3),
-                 "torch_save_s": round(saved, 2), "save_fsync_checksum_s": round(took, 2)}
+            r = {
+                "what": what,
+                "tokens": n * length,
+                "bytes_per_token": round(size / (n * length), 3),
+                "torch_save_s": round(saved, 2),
+                "save_fsync_checksum_s": round(took, 2),
+            }
             print(json.dumps(r), flush=True)
             if args.out:
                 with open(args.out, "a") as f:
@@ -217,9 +273,17 @@ def activations(args: argparse.Namespace) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers,
-                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=16384,
-                      attn_implementation="sdpa")
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=args.layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        max_position_embeddings=16384,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(torch.bfloat16).train()
     params = {p.data_ptr() for p in model.parameters()}
@@ -237,8 +301,13 @@ def activations(args: argparse.Namespace) -> None:
             with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
                 model.model(input_ids=torch.randint(0, cfg.vocab_size, (1, tokens)))
             per = sum(saved.values()) / tokens / args.layers / cfg.hidden_size
-            r = {"gradient_checkpointing": gc, "tokens": tokens, "layers": args.layers,
-                 "saved_mb": round(sum(saved.values()) / 2**20, 1), "bytes_per_token_layer_hidden": round(per, 2)}
+            r = {
+                "gradient_checkpointing": gc,
+                "tokens": tokens,
+                "layers": args.layers,
+                "saved_mb": round(sum(saved.values()) / 2**20, 1),
+                "bytes_per_token_layer_hidden": round(per, 2),
+            }
             print(json.dumps(r), flush=True)
             if args.out:
                 with open(args.out, "a") as f:
@@ -282,13 +351,33 @@ def main() -> None:
         model = model_for(vocab, args.layers, 8 if args.sp else 9)
         for tokens in map(int, args.tokens.split(",")):
             for setting in args.settings.split(","):
-                p = common.launch_captured(__file__, ["--worker", "--model", str(model), "--setting", setting,
-                                                      "--tokens", str(tokens), "--layers", str(args.layers),
-                                                      "--threads", str(args.threads)], nproc=2 if args.sp else 1)
-                found = [json.loads(line.split("RESULT ", 1)[1]) for line in p.stdout.splitlines() if "RESULT {" in line]
+                p = common.launch_captured(
+                    __file__,
+                    [
+                        "--worker",
+                        "--model",
+                        str(model),
+                        "--setting",
+                        setting,
+                        "--tokens",
+                        str(tokens),
+                        "--layers",
+                        str(args.layers),
+                        "--threads",
+                        str(args.threads),
+                    ],
+                    nproc=2 if args.sp else 1,
+                )
+                found = [
+                    json.loads(line.split("RESULT ", 1)[1]) for line in p.stdout.splitlines() if "RESULT {" in line
+                ]
                 if p.returncode or not found:
-                    r = {"setting": setting, "vocab": vocab, "tokens": tokens, "error": f"exit {p.returncode}: " +
-                         (p.stderr.strip().splitlines() or ["?"])[-1][:200]}
+                    r = {
+                        "setting": setting,
+                        "vocab": vocab,
+                        "tokens": tokens,
+                        "error": f"exit {p.returncode}: " + (p.stderr.strip().splitlines() or ["?"])[-1][:200],
+                    }
                 else:
                     r = found[0]
                 results.append(r)
@@ -298,26 +387,34 @@ def main() -> None:
         if "error" in r:
             print(f"{r['vocab']:>7} {r['tokens']:>6} {r['setting']:>11}  {r['error']}")
         else:
-            print(f"{r['vocab']:>7} {r['tokens']:>6} {r['setting']:>11} {r['step_s']:>7.2f} {r['label_tok_s']:>11.1f} "
-                  f"{r['transient_gb']:>12.3f}")
+            print(
+                f"{r['vocab']:>7} {r['tokens']:>6} {r['setting']:>11} {r['step_s']:>7.2f} {r['label_tok_s']:>11.1f} "
+                f"{r['transient_gb']:>12.3f}"
+            )
     if args.sp:
-        print("\nsp1 / sp2: the largest transient over the ranks, and the step's time (higher = sequence parallelism "
-              "saves more)")
+        print(
+            "\nsp1 / sp2: the largest transient over the ranks, and the step's time (higher = sequence parallelism "
+            "saves more)"
+        )
         by = {(r["tokens"], r["setting"]): r for r in results if "error" not in r}
         for (tokens, setting), r in by.items():
             if setting == "sp1" and (tokens, "sp2") in by:
                 o = by[(tokens, "sp2")]
-                print(f"  {tokens:>6} tokens: memory {r['transient_gb'] / max(o['transient_gb'], 1e-3):5.2f}x less, "
-                      f"time {r['step_s'] / o['step_s']:.3f}x less; per rank {r['transient_gb_per_rank']} -> "
-                      f"{o['transient_gb_per_rank']} GB")
+                print(
+                    f"  {tokens:>6} tokens: memory {r['transient_gb'] / max(o['transient_gb'], 1e-3):5.2f}x less, "
+                    f"time {r['step_s'] / o['step_s']:.3f}x less; per rank {r['transient_gb_per_rank']} -> "
+                    f"{o['transient_gb_per_rank']} GB"
+                )
         return
     print("\nplain / chunked: transient memory (higher = chunking saves more), chunked / plain: label tokens/s")
     by = {(r["vocab"], r["tokens"], r["setting"]): r for r in results if "error" not in r}
     for (vocab, tokens, setting), r in by.items():
         if setting == "plain" and (vocab, tokens, "chunked") in by:
             c = by[(vocab, tokens, "chunked")]
-            print(f"  vocab {vocab:>6} x {tokens:>5} tokens: memory {r['transient_gb'] / max(c['transient_gb'], 1e-3):5.2f}x "
-                  f"less, speed {c['label_tok_s'] / r['label_tok_s']:.3f}")
+            print(
+                f"  vocab {vocab:>6} x {tokens:>5} tokens: memory {r['transient_gb'] / max(c['transient_gb'], 1e-3):5.2f}x "
+                f"less, speed {c['label_tok_s'] / r['label_tok_s']:.3f}"
+            )
     if args.out:
         with open(args.out, "a") as f:
             for r in results:

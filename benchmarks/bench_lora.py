@@ -121,11 +121,15 @@ def run_setting(name: str, rows: list, tokenizer: Any, args: argparse.Namespace)
     t = time.perf_counter()
     learner = Learner(str(MODEL), ds, lora=spec)
     params = list(learner.module.parameters())
-    out: dict = {"setting": name, "init_s": time.perf_counter() - t, "params": sum(map(numel, params)),
-                 "trainable": sum(numel(p) for p in params if p.requires_grad)}
+    out: dict = {
+        "setting": name,
+        "init_s": time.perf_counter() - t,
+        "params": sum(map(numel, params)),
+        "trainable": sum(numel(p) for p in params if p.requires_grad),
+    }
     del params
 
-    mine = rows[D.rank()::world]
+    mine = rows[D.rank() :: world]
     micro = [np.arange(k * MICRO, (k + 1) * MICRO) % len(mine) for k in range(args.steps)]
     step_tokens = D.all_reduce(torch.from_numpy(label_tokens(mine, micro, 1)), "sum").tolist()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -158,11 +162,16 @@ def report(per_rank: list[list[dict]], args: argparse.Namespace) -> None:
     """Rank 0: one row per setting; times are the slowest rank's, token counts summed over ranks."""
     world, timed = len(per_rank), args.steps - args.warmup
     mib = 2**20
-    out = [MARK, f"{world} ranks (gloo, CPU), ZeRO-3 bf16, micro-batch {MICRO}, {timed} timed steps of {args.steps}; "
-                 "per-rank figures read rank 0 / rank 1 / ...; `lora` ran first (peak RSS is the process's)"]
-    head = (f"{'setting':>7} | {'trainable params':>18} | {'optimizer MiB/rank':>18} | {'step s':>6} | "
-            f"{'label tok/s':>11} | {'sync1 MiB / s':>14} | {'sync2 MiB / s':>14} | {'checkpoint MiB':>16} | "
-            f"{'peak RSS GiB per rank':>21}")
+    out = [
+        MARK,
+        f"{world} ranks (gloo, CPU), ZeRO-3 bf16, micro-batch {MICRO}, {timed} timed steps of {args.steps}; "
+        "per-rank figures read rank 0 / rank 1 / ...; `lora` ran first (peak RSS is the process's)",
+    ]
+    head = (
+        f"{'setting':>7} | {'trainable params':>18} | {'optimizer MiB/rank':>18} | {'step s':>6} | "
+        f"{'label tok/s':>11} | {'sync1 MiB / s':>14} | {'sync2 MiB / s':>14} | {'checkpoint MiB':>16} | "
+        f"{'peak RSS GiB per rank':>21}"
+    )
     out += [head, "-" * len(head)]
     for i, name in enumerate(SETTINGS):
         rs = [p[i] for p in per_rank]
@@ -173,14 +182,27 @@ def report(per_rank: list[list[dict]], args: argparse.Namespace) -> None:
         ckpt = f"{ck['bytes'] / mib:.0f} (ds/ {ck['ds_bytes'] / mib:.0f})"
         rss = " / ".join(f"{r['peak_rss_gib']:.2f}" for r in rs)
         trainable = f"{rs[0]['trainable'] / 1e6:.2f}M of {rs[0]['params'] / 1e6:.1f}M"
-        out.append(f"{name:>7} | {trainable:>18} | {opt:>18} | {wall / timed:>6.2f} | "
-                   f"{sum(r['label_tokens'] for r in rs) / wall:>11.1f} | {sync[0]:>14} | {sync[1]:>14} | "
-                   f"{ckpt:>16} | {rss:>21}")
+        out.append(
+            f"{name:>7} | {trainable:>18} | {opt:>18} | {wall / timed:>6.2f} | "
+            f"{sum(r['label_tokens'] for r in rs) / wall:>11.1f} | {sync[0]:>14} | {sync[1]:>14} | "
+            f"{ckpt:>16} | {rss:>21}"
+        )
     for i, name in enumerate(SETTINGS):
         now = " / ".join(f"{p[i]['rss_gib']:.2f} -> {p[i]['rss_freed_gib']:.2f}" for p in per_rank)
         out.append(f"{name}: current RSS GiB per rank (psutil), engine alive -> freed: {now}")
-    out.append("JSON " + json.dumps({"world": world, "steps": args.steps, "warmup": args.warmup, "micro": MICRO,
-                                    "settings": list(SETTINGS), "per_rank": per_rank}))
+    out.append(
+        "JSON "
+        + json.dumps(
+            {
+                "world": world,
+                "steps": args.steps,
+                "warmup": args.warmup,
+                "micro": MICRO,
+                "settings": list(SETTINGS),
+                "per_rank": per_rank,
+            }
+        )
+    )
     print("\n".join(out), flush=True)  # one write: the other ranks' and the launcher's lines stay outside it
 
 
@@ -220,7 +242,7 @@ def main() -> None:
     end = next((i for i, x in enumerate(lines) if x.startswith("JSON ") and start is not None and i > start), None)
     if p.returncode != 0 or start is None or end is None:
         sys.exit(f"benchmark ranks failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    print("\n".join(lines[start + 1:end + 1]))
+    print("\n".join(lines[start + 1 : end + 1]))
 
 
 if __name__ == "__main__":

@@ -65,13 +65,27 @@ def rate(kind: str, url: str, n: int, concurrency: int) -> float:
         rc = RewardConfig(url=url, max_concurrency=concurrency, batch_size=1)
     else:
         fn = async_judge if kind == "async" else sleepy_judge
-        rc = RewardConfig(functions=[{"fn": fn, "executor": "inline" if kind == "async" else "thread"}],
-                          max_concurrency=concurrency, batch_size=1)
+        rc = RewardConfig(
+            functions=[{"fn": fn, "executor": "inline" if kind == "async" else "thread"}],
+            max_concurrency=concurrency,
+            batch_size=1,
+        )
     terms = build_terms(rc)
     outs = [f"answer {i}" for i in range(n)]
     t0 = time.perf_counter()
-    scores, _ = score_terms(terms, outs, [""] * n, outs, [[0]] * n, list(range(n)), {}, None, rc.batch_size,
-                            rc.max_concurrency, rc.timeout_s)
+    scores, _ = score_terms(
+        terms,
+        outs,
+        [""] * n,
+        outs,
+        [[0]] * n,
+        list(range(n)),
+        {},
+        None,
+        rc.batch_size,
+        rc.max_concurrency,
+        rc.timeout_s,
+    )
     secs = time.perf_counter() - t0
     assert scores.tolist() == [float(len(o)) for o in outs]
     return n / secs

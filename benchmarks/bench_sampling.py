@@ -64,7 +64,13 @@ def worker(shape: str, ns: list[int], n_prompts: int, max_new: int, out: str) ->
     vllm_n(1)  # warm-up: first-call allocations
     rows = []
     for n in ns:
-        r = {"shape": shape, "n": n, "prompts": n_prompts, "max_new_tokens": max_new, "vllm_engine_start_s": engine_start}
+        r = {
+            "shape": shape,
+            "n": n,
+            "prompts": n_prompts,
+            "max_new_tokens": max_new,
+            "vllm_engine_start_s": engine_start,
+        }
         for name, fn in (("a_trlx_sequential", trlx_way), ("b_hf_num_return_sequences", hf_nrs), ("c_vllm", vllm_n)):
             secs, tokens = timed(lambda: fn(n))
             r[name] = {"seconds": secs, "tokens": tokens, "tokens_per_s": tokens / secs}
@@ -72,10 +78,12 @@ def worker(shape: str, ns: list[int], n_prompts: int, max_new: int, out: str) ->
         r["c_over_b"] = r["c_vllm"]["tokens_per_s"] / r["b_hf_num_return_sequences"]["tokens_per_s"]
         rows.append(r)
         if rank == 0:
-            print(f"[bench] {shape} N={n}: trlx {r['a_trlx_sequential']['tokens_per_s']:.0f} tok/s, "
-                  f"HF n={n} {r['b_hf_num_return_sequences']['tokens_per_s']:.0f} tok/s, "
-                  f"vLLM {r['c_vllm']['tokens_per_s']:.0f} tok/s | (c)/(a) {r['c_over_a']:.1f}x, (c)/(b) {r['c_over_b']:.1f}x",
-                  flush=True)
+            print(
+                f"[bench] {shape} N={n}: trlx {r['a_trlx_sequential']['tokens_per_s']:.0f} tok/s, "
+                f"HF n={n} {r['b_hf_num_return_sequences']['tokens_per_s']:.0f} tok/s, "
+                f"vLLM {r['c_vllm']['tokens_per_s']:.0f} tok/s | (c)/(a) {r['c_over_a']:.1f}x, (c)/(b) {r['c_over_b']:.1f}x",
+                flush=True,
+            )
     common.append_rows(out, rows)
 
 
@@ -94,8 +102,20 @@ def main() -> None:
         return
     for shape in args.shape:
         common.model_dir(shape)  # build once, before the ranks start
-        common.launch("benchmarks/bench_sampling.py", "--worker", "--shape", shape, "--samples-per-prompt", *map(str, args.samples_per_prompt),
-                      "--prompts", str(args.prompts), "--max-new-tokens", str(args.max_new_tokens), "--out", args.out)
+        common.launch(
+            "benchmarks/bench_sampling.py",
+            "--worker",
+            "--shape",
+            shape,
+            "--samples-per-prompt",
+            *map(str, args.samples_per_prompt),
+            "--prompts",
+            str(args.prompts),
+            "--max-new-tokens",
+            str(args.max_new_tokens),
+            "--out",
+            args.out,
+        )
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ import argparse
 import time
 import tracemalloc
 
+import common  # noqa: F401  (puts the repo on sys.path)
 import numpy as np
 
-import common  # noqa: F401  (puts the repo on sys.path)
 from rft_ds.selection import select
 
 
@@ -38,8 +38,10 @@ def main() -> None:
                 dt = time.perf_counter() - t
                 peak = tracemalloc.get_traced_memory()[1]
                 tracemalloc.stop()
-                print(f"{n:>10} {n_prompts:>9} {strategy:>10} {dt:>9.3f} {dt / n * 1e9:>9.1f} {peak / 2**20:>9.1f}",
-                      flush=True)
+                print(
+                    f"{n:>10} {n_prompts:>9} {strategy:>10} {dt:>9.3f} {dt / n * 1e9:>9.1f} {peak / 2**20:>9.1f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -57,19 +57,32 @@ def worker(shape: str, buckets: list[float], out: str) -> None:
             pass
         gather = torch.tensor([time.perf_counter() - t])
         dist.all_reduce(gather, op=dist.ReduceOp.MAX)
-        r = {"shape": shape, "model_bytes": total, "bucket_mb": mb, "n_buckets": st.n_buckets,
-             "sync_s": float(sec), "sync_bytes_per_s": total / float(sec), "memcpy_s": memcpy_s,
-             "memcpy_bytes_per_s": total / memcpy_s, "sync_over_memcpy": memcpy_s / float(sec),
-             "gather_copy_s": float(gather), "engine_load_s": float(sec) - float(gather),
-             "peak_extra_bytes": st.peak_extra_bytes, "peak_over_bucket": st.peak_extra_bytes / (mb * 2**20),
-             "peak_over_model": st.peak_extra_bytes / total}
+        r = {
+            "shape": shape,
+            "model_bytes": total,
+            "bucket_mb": mb,
+            "n_buckets": st.n_buckets,
+            "sync_s": float(sec),
+            "sync_bytes_per_s": total / float(sec),
+            "memcpy_s": memcpy_s,
+            "memcpy_bytes_per_s": total / memcpy_s,
+            "sync_over_memcpy": memcpy_s / float(sec),
+            "gather_copy_s": float(gather),
+            "engine_load_s": float(sec) - float(gather),
+            "peak_extra_bytes": st.peak_extra_bytes,
+            "peak_over_bucket": st.peak_extra_bytes / (mb * 2**20),
+            "peak_over_model": st.peak_extra_bytes / total,
+        }
         rows.append(r)
         if rank == 0:
-            print(f"[bench] {shape} ({total / 2**20:.1f} MiB) bucket {mb:g} MiB: sync {r['sync_s'] * 1e3:.1f} ms "
-                  f"= {r['sync_bytes_per_s'] / 2**30:.2f} GiB/s, memcpy {r['memcpy_bytes_per_s'] / 2**30:.2f} GiB/s, "
-                  f"ratio {r['sync_over_memcpy']:.2f} (gather+copy {r['gather_copy_s'] * 1e3:.0f} ms, vLLM load "
-                  f"{r['engine_load_s'] * 1e3:.0f} ms); peak extra {st.peak_extra_bytes / 2**20:.1f} MiB "
-                  f"({r['peak_over_model']:.2f} of the model)", flush=True)
+            print(
+                f"[bench] {shape} ({total / 2**20:.1f} MiB) bucket {mb:g} MiB: sync {r['sync_s'] * 1e3:.1f} ms "
+                f"= {r['sync_bytes_per_s'] / 2**30:.2f} GiB/s, memcpy {r['memcpy_bytes_per_s'] / 2**30:.2f} GiB/s, "
+                f"ratio {r['sync_over_memcpy']:.2f} (gather+copy {r['gather_copy_s'] * 1e3:.0f} ms, vLLM load "
+                f"{r['engine_load_s'] * 1e3:.0f} ms); peak extra {st.peak_extra_bytes / 2**20:.1f} MiB "
+                f"({r['peak_over_model']:.2f} of the model)",
+                flush=True,
+            )
     common.append_rows(out, rows)
 
 
@@ -86,8 +99,16 @@ def main() -> None:
         return
     for shape in args.shape:
         common.model_dir(shape)
-        common.launch("benchmarks/bench_sync.py", "--worker", "--shape", shape, "--bucket-mb",
-                      *map(str, args.bucket_mb), "--out", args.out)
+        common.launch(
+            "benchmarks/bench_sync.py",
+            "--worker",
+            "--shape",
+            shape,
+            "--bucket-mb",
+            *map(str, args.bucket_mb),
+            "--out",
+            args.out,
+        )
 
 
 if __name__ == "__main__":

@@ -61,9 +61,19 @@ def demo_rows(tokenizer, n: int):
 
     items = train_prompts(n)
     recs = tokenize([x["prompt"] for x in items], [{} for _ in items], tokenizer, 256, "prompts", True, None)
-    return [[build_row(r.token_ids, tokenizer(answer.format(x["answer"]), add_special_tokens=False)["input_ids"],
-                       True, tokenizer.eos_token_id, 512)
-             for answer in ("The answer is {}.", "The sum of these two numbers is {}.")] for r, x in zip(recs, items)]
+    return [
+        [
+            build_row(
+                r.token_ids,
+                tokenizer(answer.format(x["answer"]), add_special_tokens=False)["input_ids"],
+                True,
+                tokenizer.eos_token_id,
+                512,
+            )
+            for answer in ("The answer is {}.", "The sum of these two numbers is {}.")
+        ]
+        for r, x in zip(recs, items)
+    ]
 
 
 def run_setting(name: str, rows, steps: int, world: int, threads: int, mb: int = 16) -> dict:
@@ -81,7 +91,7 @@ def run_setting(name: str, rows, steps: int, world: int, threads: int, mb: int =
     learner = Learner(str(MODEL), ds, block_fetch=name != "old", share_prompt="shared" in name, max_seq_length=96)
     engine = learner.engine
     engine.train()
-    mine = [row for pair in rows[D.rank()::world] for row in pair]  # a problem's rows next to each other
+    mine = [row for pair in rows[D.rank() :: world] for row in pair]  # a problem's rows next to each other
     micro = [np.arange(i * mb, (i + 1) * mb) % len(mine) for i in range(steps)]
     total = D.all_reduce(torch.from_numpy(label_tokens(mine, micro, 1)), "sum").tolist()
     fwd = bwd = opt = 0.0
@@ -98,8 +108,13 @@ def run_setting(name: str, rows, steps: int, world: int, threads: int, mb: int =
             n_head += int(batch["input_ids"].numel())
         else:
             keep = label_positions(batch["labels"])
-            out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
-                         position_ids=batch.get("position_ids"), use_cache=False)
+            out = engine(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                logits_to_keep=keep,
+                position_ids=batch.get("position_ids"),
+                use_cache=False,
+            )
             logp, _ = label_logprobs(out.logits, batch["labels"], keep)
             loss = -logp.sum() * world / max(total[k], 1)
             n_head += len(keep) * batch["input_ids"].shape[0]  # sequences: packed rows share one
@@ -115,16 +130,30 @@ def run_setting(name: str, rows, steps: int, world: int, threads: int, mb: int =
     params = {n: int(getattr(p, "ds_numel", p.numel())) for n, p in learner.module.named_parameters()}
     head = learner.module.config.vocab_size * learner.module.config.hidden_size
     body = sum(params.values()) - head  # tied embeddings: the head's weights are the embedding's
-    out = dict(setting=name, threads=threads, seconds=fwd + bwd + opt, forward=fwd, backward=bwd, optimizer=opt,
-               tokens=n_tok, label_tokens=n_lab, flops=6 * body * n_tok + 6 * head * n_head,
-               rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    out = dict(
+        setting=name,
+        threads=threads,
+        seconds=fwd + bwd + opt,
+        forward=fwd,
+        backward=bwd,
+        optimizer=opt,
+        tokens=n_tok,
+        label_tokens=n_lab,
+        flops=6 * body * n_tok + 6 * head * n_head,
+        rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    )
     del learner, engine
     gc.collect()
     return out
 
 
-SETTINGS = (("old", "default", 16), ("new-fp32", "shared", 16), ("new-bf16", "shared", 16), ("bf16-m32", "shared", 32),
-            ("bf16-m32-shared", "shared", 32))
+SETTINGS = (
+    ("old", "default", 16),
+    ("new-fp32", "shared", 16),
+    ("new-bf16", "shared", 16),
+    ("bf16-m32", "shared", 32),
+    ("bf16-m32-shared", "shared", 32),
+)
 
 
 def rank_main(args) -> None:
@@ -143,8 +172,9 @@ def rank_main(args) -> None:
     rows = demo_rows(AutoTokenizer.from_pretrained(MODEL), 16 * args.steps * world)  # 2 rows each
     name, threads, mb = next(s for s in SETTINGS if s[0] == args.setting)
     D.barrier()
-    results = [dict(run_setting(name, rows, args.steps, world, default if threads == "default" else shared, mb),
-                    peak=peak)]
+    results = [
+        dict(run_setting(name, rows, args.steps, world, default if threads == "default" else shared, mb), peak=peak)
+    ]
     per_rank = D.all_gather_object(results)
     if D.is_main():
         print("RESULT " + json.dumps(per_rank), flush=True)
@@ -155,10 +185,14 @@ def rank_main(args) -> None:
 def report(per_rank: list[dict], args) -> None:
     world = len(per_rank)
     peak = {k: sum(r[0]["peak"][k] for r in per_rank) for k in ("fp32", "bf16")}  # GFLOP/s, all ranks at once
-    print(f"\n{world} ranks; matmul peak (2048^2, the ranks' threads, all ranks at once; first launch, each MFU uses "
-          f"its own): fp32 {peak['fp32']:.0f}, bf16 {peak['bf16']:.0f} GFLOP/s in all\n")
-    print(f"{'setting':>15} {'thr':>3} {'label tok/s':>11} {'tok/s':>7} {'MFU':>6} {'step s':>7} {'fwd':>6} {'bwd':>6} "
-          f"{'opt':>6} {'RSS GB (per rank)':>18}")
+    print(
+        f"\n{world} ranks; matmul peak (2048^2, the ranks' threads, all ranks at once; first launch, each MFU uses "
+        f"its own): fp32 {peak['fp32']:.0f}, bf16 {peak['bf16']:.0f} GFLOP/s in all\n"
+    )
+    print(
+        f"{'setting':>15} {'thr':>3} {'label tok/s':>11} {'tok/s':>7} {'MFU':>6} {'step s':>7} {'fwd':>6} {'bwd':>6} "
+        f"{'opt':>6} {'RSS GB (per rank)':>18}"
+    )
     base, first = None, per_rank[0][0]["setting"]
     for i, name in enumerate(r["setting"] for r in per_rank[0]):
         rs = [p[i] for p in per_rank]
@@ -169,9 +203,11 @@ def report(per_rank: list[dict], args) -> None:
         steps = args.steps - 1
         base = base or lab / wall
         rss = " / ".join(f"{r['rss_gb']:.2f}" for r in rs)
-        print(f"{name:>15} {rs[0]['threads']:>3} {lab / wall:>11.1f} {tok / wall:>7.0f} {mfu:>6.2f} {wall / steps:>7.2f} "
-              f"{max(r['forward'] for r in rs) / steps:>6.2f} {max(r['backward'] for r in rs) / steps:>6.2f} "
-              f"{max(r['optimizer'] for r in rs) / steps:>6.2f} {rss:>18}   ({lab / wall / base:.2f}x {first})")
+        print(
+            f"{name:>15} {rs[0]['threads']:>3} {lab / wall:>11.1f} {tok / wall:>7.0f} {mfu:>6.2f} {wall / steps:>7.2f} "
+            f"{max(r['forward'] for r in rs) / steps:>6.2f} {max(r['backward'] for r in rs) / steps:>6.2f} "
+            f"{max(r['optimizer'] for r in rs) / steps:>6.2f} {rss:>18}   ({lab / wall / base:.2f}x {first})"
+        )
 
 
 def main() -> None:
@@ -190,7 +226,7 @@ def main() -> None:
         line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
         if p.returncode != 0 or line is None:
             sys.exit(f"benchmark ranks failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-        per_setting.append(json.loads(line[len("RESULT "):]))
+        per_setting.append(json.loads(line[len("RESULT ") :]))
     # one list per rank, the settings in order, each with the matmul peak measured in its own launch
     report([[ps[r][0] for ps in per_setting] for r in range(args.nproc)], args)
 

@@ -16,8 +16,17 @@ SHAPES = {
     "tiny": dict(hidden_size=64, num_layers=2, num_heads=2),
     "small": dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024),
     "medium": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1536, vocab_size=8192),
-    "smol": dict(hidden_size=576, num_layers=30, num_heads=9, head_dim=64, num_key_value_heads=3,
-                 intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048),
+    "smol": dict(
+        hidden_size=576,
+        num_layers=30,
+        num_heads=9,
+        head_dim=64,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+    ),
 }
 
 
@@ -29,11 +38,14 @@ def model_dir(shape: str) -> Path:
         kw = dict(SHAPES[shape])
         if "head_dim" not in kw:
             kw["head_dim"] = kw["hidden_size"] // kw["num_heads"]
-        build_tiny_model(path, hidden_size=kw.pop("hidden_size"), num_layers=kw.pop("num_layers"),
-                         num_heads=kw.pop("num_heads"), **kw)
+        build_tiny_model(
+            path,
+            hidden_size=kw.pop("hidden_size"),
+            num_layers=kw.pop("num_layers"),
+            num_heads=kw.pop("num_heads"),
+            **kw,
+        )
     return path
-
-
 
 
 def launch(script: str, *args: str, nproc: int = 2) -> None:
@@ -71,5 +83,8 @@ def ds_config(world: int, micro: int = 4) -> dict:
     from rft_ds.config import TrainConfig
     from rft_ds.learner import fill_ds_config, load_ds_config
 
-    return fill_ds_config(load_ds_config(ROOT / "ds_configs" / "zero3_cpu.json"),
-                          TrainConfig(micro_batch_size=micro, learning_rate=1e-4), world)
+    return fill_ds_config(
+        load_ds_config(ROOT / "ds_configs" / "zero3_cpu.json"),
+        TrainConfig(micro_batch_size=micro, learning_rate=1e-4),
+        world,
+    )

@@ -53,7 +53,6 @@ from rft_ds.sampling.base import Completion, finish_completion  # noqa: E402
 from rft_ds.scoring import RewardError  # noqa: E402
 from rft_ds.weight_sync import ParityError, WeightSync, parity_check  # noqa: E402
 
-
 EXPECTED_ERRORS = (ConfigError, DataError, RewardError, D.RankError, CheckpointError, ParityError)
 
 
@@ -87,6 +86,7 @@ def stage(name: str):
 
 # --- the device --------------------------------------------------------------------------------------------
 
+
 def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -101,6 +101,7 @@ def synchronize() -> None:
 
 
 # --- train label tokens, counted as the learner lays out its micro-batches -------------------------------
+
 
 class LabelTokenCounter:
     """Counts the label tokens (labels != -100) of every micro-batch this rank trains on, by wrapping the
@@ -134,6 +135,7 @@ class LabelTokenCounter:
 
 # --- the consumer of the weight sync: an HF "engine" that checks every tensor ------------------------------
 
+
 class HFEngine:
     """A plain (non-ZeRO) copy of the model on this rank's device, standing in for a vLLM engine: it takes
     the sync's (name, tensor) stream into itself (`load_weights`), checking each tensor, and offers the
@@ -146,8 +148,10 @@ class HFEngine:
         if is_deepspeed_zero3_enabled():  # a learner's ZeRO-3 setting still alive would partition this copy
             unset_hf_deepspeed_config()
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(dev).eval()
-        check(not any(hasattr(p, "ds_id") for p in self.model.parameters()),
-              "the engine's copy of the model came out ZeRO-3 partitioned")
+        check(
+            not any(hasattr(p, "ds_id") for p in self.model.parameters()),
+            "the engine's copy of the model came out ZeRO-3 partitioned",
+        )
         self.tokenizer, self.dtype, self.device = tokenizer, dtype, dev
         self.eos_ids = {tokenizer.eos_token_id}
         self.expected = dict(self.model.named_parameters())  # what a sync must deliver, each exactly once
@@ -194,18 +198,24 @@ class HFEngine:
         return sorted(set(self.expected) - set(self.received))
 
     @torch.no_grad()
-    def generate(self, prompts, n: int, gen_kwargs: dict, seed: int, progress=None,
-                 logprobs: bool = False) -> list[list[Completion]]:
+    def generate(
+        self, prompts, n: int, gen_kwargs: dict, seed: int, progress=None, logprobs: bool = False
+    ) -> list[list[Completion]]:
         """Greedy completions (all n the same); enough for the parity check's probes. No per-token log-probs
         (`logprobs` is accepted and ignored, as the Sampler contract allows)."""
         check(not gen_kwargs.get("do_sample", True) or n == 0, "HFEngine.generate is greedy only")
         out = []
         for p in prompts:
             ids = torch.tensor([list(p)], dtype=torch.long, device=self.device)
-            seq = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                      max_new_tokens=gen_kwargs["max_new_tokens"],
-                                      pad_token_id=self.tokenizer.pad_token_id, eos_token_id=sorted(self.eos_ids))
-            c = finish_completion(seq[0, ids.shape[1]:].tolist(), self.eos_ids, (), self.tokenizer.decode)
+            seq = self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=gen_kwargs["max_new_tokens"],
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=sorted(self.eos_ids),
+            )
+            c = finish_completion(seq[0, ids.shape[1] :].tolist(), self.eos_ids, (), self.tokenizer.decode)
             out.append([Completion(c.token_ids.copy(), c.finish_reason) for _ in range(n)])
         return out
 
@@ -231,39 +241,69 @@ class Drain:
 
 # --- the run -----------------------------------------------------------------------------------------------
 
+
 def pick_ds_config(cuda: bool, override: str | None = None) -> Path:
     """ds_configs/zero3_gpu.json with CUDA, zero3_cpu.json without (or --ds-config). Both use torch's AdamW
     (`torch_adam: true`): DeepSpeed's FusedAdam would need nvcc, which a bare torch machine lacks."""
-    return Path(override).resolve() if override else ROOT / "ds_configs" / ("zero3_gpu.json" if cuda else "zero3_cpu.json")
+    return (
+        Path(override).resolve() if override else ROOT / "ds_configs" / ("zero3_gpu.json" if cuda else "zero3_cpu.json")
+    )
 
 
 def run_config(model_dir: Path, run_dir: Path, ds_config: Path, backend: str, epochs: int, args) -> dict:
-    lora = {"lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj", "down_proj"]},
-            "gradient_checkpointing": True} if args.lora else {}
+    lora = (
+        {
+            "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+            "gradient_checkpointing": True,
+        }
+        if args.lora
+        else {}
+    )
     return {
         "model": {"model_path": str(model_dir), **lora},
         "data": {"max_prompt_length": 32},
-        "method": {"gen_kwargs": {"max_new_tokens": args.max_new_tokens, "do_sample": True, "temperature": 1.0},
-                   "start_percentile": 0.7, "end_percentile": 0.95, "n_improve_steps": 2,
-                   "n_generations_per_prompt": args.generations},
+        "method": {
+            "gen_kwargs": {"max_new_tokens": args.max_new_tokens, "do_sample": True, "temperature": 1.0},
+            "start_percentile": 0.7,
+            "end_percentile": 0.95,
+            "n_improve_steps": 2,
+            "n_generations_per_prompt": args.generations,
+        },
         "sampler": {"backend": "hf", "batch_size": 16},
-        "train": {"epochs": epochs, "micro_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 3e-3,
-                  "warmup_steps": 2, "max_seq_length": 64, "seed": 1000, "deepspeed_config": str(ds_config),
-                  "dist_backend": backend, "dist_timeout_s": 300, "output_dir": str(run_dir), "eval_interval": 1,
-                  "eval_gen_kwargs": {"max_new_tokens": args.max_new_tokens, "do_sample": False},
-                  "save_interval": 1, "progress": False, "tensorboard": False, "plots": False},
+        "train": {
+            "epochs": epochs,
+            "micro_batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 3e-3,
+            "warmup_steps": 2,
+            "max_seq_length": 64,
+            "seed": 1000,
+            "deepspeed_config": str(ds_config),
+            "dist_backend": backend,
+            "dist_timeout_s": 300,
+            "output_dir": str(run_dir),
+            "eval_interval": 1,
+            "eval_gen_kwargs": {"max_new_tokens": args.max_new_tokens, "do_sample": False},
+            "save_interval": 1,
+            "progress": False,
+            "tensorboard": False,
+            "plots": False,
+        },
     }
 
 
 def check_history(history: list[dict], epochs: int, what: str) -> None:
-    check([r.get("epoch") for r in history] == list(range(epochs)),
-          f"{what}: history has epochs {[r.get('epoch') for r in history]}, expected {list(range(epochs))}")
+    check(
+        [r.get("epoch") for r in history] == list(range(epochs)),
+        f"{what}: history has epochs {[r.get('epoch') for r in history]}, expected {list(range(epochs))}",
+    )
     for r in history:
         loss = r.get("train_loss")
         check(loss is not None and math.isfinite(loss), f"{what}: epoch {r['epoch']} train_loss is {loss!r}")
         check(r.get("train_steps", 0) > 0, f"{what}: epoch {r['epoch']} ran no optimizer step")
-        check(len(set(r["selection_digest_per_rank"])) == 1,
-              f"{what}: ranks selected differently in epoch {r['epoch']}")
+        check(
+            len(set(r["selection_digest_per_rank"])) == 1, f"{what}: ranks selected differently in epoch {r['epoch']}"
+        )
     check("eval_reward_mean_initial" in history[0], f"{what}: no eval before training")
     check("eval_reward_mean" in history[-1], f"{what}: no eval after the last epoch")
 
@@ -295,39 +335,60 @@ def smoke(args) -> None:
     counter = LabelTokenCounter()
     t0 = time.perf_counter()
     with stage("RFT run, epochs 0-1 (hf sampler, ZeRO-3, checkpoint every epoch)"), counter.counting():
-        first = rft_ds.train(reward_fn=toy.reward_fn, prompts=prompts, eval_prompts=evals, metric_fn=toy.metric_fn,
-                             config=run_config(model_dir, run_dir, ds_config, backend, 2, args))
+        first = rft_ds.train(
+            reward_fn=toy.reward_fn,
+            prompts=prompts,
+            eval_prompts=evals,
+            metric_fn=toy.metric_fn,
+            config=run_config(model_dir, run_dir, ds_config, backend, 2, args),
+        )
     with stage("checking the first run"):
         check_history(first.history, 2, "first run")
         latest = run_dir / "checkpoints" / "latest"
         check(latest.is_file(), f"first run: no checkpoint written ({latest} missing)")
         ckpt = latest.parent / latest.read_text().strip()
         meta = ckpt / "meta.json"
-        check(meta.is_file() and json.loads(meta.read_text()).get("position") == [2, "sample", 0],
-              f"first run: the latest checkpoint {ckpt} is not a complete checkpoint after epoch 1")
+        check(
+            meta.is_file() and json.loads(meta.read_text()).get("position") == [2, "sample", 0],
+            f"first run: the latest checkpoint {ckpt} is not a complete checkpoint after epoch 1",
+        )
     first_history = first.history
-    say(f"run 1: epochs 0-1 in {time.perf_counter() - t0:.1f}s, losses "
-        f"{[round(r['train_loss'], 4) for r in first_history]}, checkpoint {ckpt}")
+    say(
+        f"run 1: epochs 0-1 in {time.perf_counter() - t0:.1f}s, losses "
+        f"{[round(r['train_loss'], 4) for r in first_history]}, checkpoint {ckpt}"
+    )
     del first
     gc.collect()
 
     t0 = time.perf_counter()
     with stage("RFT resume to epoch 2 (resume=auto)"), counter.counting():
-        result = rft_ds.train(reward_fn=toy.reward_fn, prompts=prompts, eval_prompts=evals, metric_fn=toy.metric_fn,
-                              config=run_config(model_dir, run_dir, ds_config, backend, 3, args), resume="auto")
+        result = rft_ds.train(
+            reward_fn=toy.reward_fn,
+            prompts=prompts,
+            eval_prompts=evals,
+            metric_fn=toy.metric_fn,
+            config=run_config(model_dir, run_dir, ds_config, backend, 3, args),
+            resume="auto",
+        )
     history = result.history
     with stage("checking the resumed run"):
-        check(result.resumed_from is not None and Path(result.resumed_from).resolve() == ckpt.resolve(),
-              f"the second run did not resume from {ckpt} (resumed_from={result.resumed_from})")
+        check(
+            result.resumed_from is not None and Path(result.resumed_from).resolve() == ckpt.resolve(),
+            f"the second run did not resume from {ckpt} (resumed_from={result.resumed_from})",
+        )
         check_history(history, 3, "resumed run")
         for key in ("train_loss", "selection_digest", "eval_reward_mean"):
-            check([r.get(key) for r in history[:2]] == [r.get(key) for r in first_history],
-                  f"resumed run: epochs 0-1 {key} differ from the first run's")
+            check(
+                [r.get(key) for r in history[:2]] == [r.get(key) for r in first_history],
+                f"resumed run: epochs 0-1 {key} differ from the first run's",
+            )
         on_disk = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         check(on_disk == [0, 1, 2], f"metrics.jsonl has epochs {on_disk}, expected [0, 1, 2]")
-    say(f"run 2: resumed from {ckpt.name}, epoch 2 in {time.perf_counter() - t0:.1f}s; losses "
+    say(
+        f"run 2: resumed from {ckpt.name}, epoch 2 in {time.perf_counter() - t0:.1f}s; losses "
         f"{[round(r['train_loss'], 4) for r in history]}, eval reward {history[0]['eval_reward_mean_initial']:.3f} "
-        f"-> {history[-1]['eval_reward_mean']:.3f}")
+        f"-> {history[-1]['eval_reward_mean']:.3f}"
+    )
 
     # 3. The weight sync into a checking HF engine, then the parity check against it.
     tok = result.tokenizer
@@ -353,18 +414,29 @@ def smoke(args) -> None:
             engine.received.clear()  # a new sync: each tensor once again
             engine.bytes = 0
             second = sync.sync()
-            check(second.bytes == engine.bytes, f"sync counted {second.bytes} bytes, the engine received {engine.bytes}")
+            check(
+                second.bytes == engine.bytes, f"sync counted {second.bytes} bytes, the engine received {engine.bytes}"
+            )
             check(not engine.problems, f"{len(engine.problems)} bad tensor(s): " + "; ".join(engine.problems[:5]))
-            check(second.bytes < stats.bytes, f"the second LoRA sync sent {second.bytes} bytes, the first {stats.bytes}")
+            check(
+                second.bytes < stats.bytes, f"the second LoRA sync sent {second.bytes} bytes, the first {stats.bytes}"
+            )
             diff = parity_check(result.model, engine, probes, completion_len, tolerance, tok.pad_token_id, probe_texts)
             check((run_dir / "final_adapter" / "adapter_config.json").is_file(), "no final_adapter/ written")
-        say(f"LoRA: second sync {second.bytes / 2**20:.3f} MiB of the first's {stats.bytes / 2**20:.3f} MiB; parity "
-            f"after it {diff:.2g}")
-        check(stale > diff, f"the engine agrees as well with the untrained weights (max |logprob diff| {stale:.3g}) "
-                            f"as with the trained ones ({diff:.3g}): did training or the sync change anything?")
+        say(
+            f"LoRA: second sync {second.bytes / 2**20:.3f} MiB of the first's {stats.bytes / 2**20:.3f} MiB; parity "
+            f"after it {diff:.2g}"
+        )
+        check(
+            stale > diff,
+            f"the engine agrees as well with the untrained weights (max |logprob diff| {stale:.3g}) "
+            f"as with the trained ones ({diff:.3g}): did training or the sync change anything?",
+        )
     if stale <= tolerance:
-        say(f"note: the untrained weights differ by only {stale:.3g} <= tolerance {tolerance:g}: this short run "
-            "trained too little for the parity check to tell them from the trained ones")
+        say(
+            f"note: the untrained weights differ by only {stale:.3g} <= tolerance {tolerance:g}: this short run "
+            "trained too little for the parity check to tell them from the trained ones"
+        )
     with stage("engine weights against final_model"):
         if D.is_main():  # the run's own HF export of the same trained weights: must be bit-identical
             from safetensors.torch import load_file
@@ -372,11 +444,15 @@ def smoke(args) -> None:
             saved = load_file(str(run_dir / "final_model" / "model.safetensors"))
             for name, p in engine.expected.items():
                 if name in saved:
-                    check(torch.equal(p.detach().cpu(), saved[name].to(p.dtype)),
-                          f"{name}: the synced engine differs from final_model")
-    say(f"weight sync: {first_tensors} tensors, {stats.bytes / 2**20:.2f} MiB in {stats.n_buckets} bucket(s) of "
+                    check(
+                        torch.equal(p.detach().cpu(), saved[name].to(p.dtype)),
+                        f"{name}: the synced engine differs from final_model",
+                    )
+    say(
+        f"weight sync: {first_tensors} tensors, {stats.bytes / 2**20:.2f} MiB in {stats.n_buckets} bucket(s) of "
         f"{bucket_mb:g} MiB, each name/shape/dtype/device checked; parity max |logprob diff| {diff:.2g} "
-        f"(tolerance {tolerance:g}; {stale:.2g} before the sync)")
+        f"(tolerance {tolerance:g}; {stale:.2g} before the sync)"
+    )
 
     # 4. Numbers. Gather: the same stream drained, best of 3, slowest rank; baseline: copy_ of as many bytes.
     with stage("timing the gather and a device copy"):
@@ -407,26 +483,36 @@ def smoke(args) -> None:
     train_s = sum(r["time_train"] for r in history)
     if cuda:
         peaks = D.all_gather_object(torch.cuda.max_memory_allocated())
-        peak_line = f"peak GPU memory: {max(peaks) / 2**30:.3f} GiB max_memory_allocated (max of {world} rank(s): " \
-                    f"{', '.join(f'{p / 2**20:.0f}' for p in peaks)} MiB)"
+        peak_line = (
+            f"peak GPU memory: {max(peaks) / 2**30:.3f} GiB max_memory_allocated (max of {world} rank(s): "
+            f"{', '.join(f'{p / 2**20:.0f}' for p in peaks)} MiB)"
+        )
     else:
         peaks = D.all_gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
-        peak_line = f"peak memory: {max(peaks) / 2**30:.3f} GiB peak RSS (max of {world} rank(s): " \
-                    f"{', '.join(f'{p / 2**20:.0f}' for p in peaks)} MiB)"
+        peak_line = (
+            f"peak memory: {max(peaks) / 2**30:.3f} GiB peak RSS (max of {world} rank(s): "
+            f"{', '.join(f'{p / 2**20:.0f}' for p in peaks)} MiB)"
+        )
 
     with stage("checking that vLLM was never imported"):
         check(sys.modules.get("vllm") is None, "vllm was imported on the HF path (sys.modules has it)")
 
     name = device_name()
     if label_tokens:
-        say(f"SUMMARY train: {label_tokens / train_s:.1f} label tokens/s ({label_tokens} label tokens in "
-            f"{train_s:.2f}s of training, 3 epochs, {world} rank(s)) on {name}")
+        say(
+            f"SUMMARY train: {label_tokens / train_s:.1f} label tokens/s ({label_tokens} label tokens in "
+            f"{train_s:.2f}s of training, 3 epochs, {world} rank(s)) on {name}"
+        )
     else:
-        say(f"SUMMARY train: label tokens not counted (rft_ds.learner.layout not found); "
-            f"{sum(r['n_rows'] for r in history) / train_s:.1f} rows/s on {name}")
-    say(f"SUMMARY gather: {nbytes / gather_t / 1e9:.4f} GB/s ({nbytes / 2**20:.2f} MiB in {gather_t * 1e3:.1f} ms, "
+        say(
+            f"SUMMARY train: label tokens not counted (rft_ds.learner.layout not found); "
+            f"{sum(r['n_rows'] for r in history) / train_s:.1f} rows/s on {name}"
+        )
+    say(
+        f"SUMMARY gather: {nbytes / gather_t / 1e9:.4f} GB/s ({nbytes / 2**20:.2f} MiB in {gather_t * 1e3:.1f} ms, "
         f"bucket {bucket_mb:g} MiB) vs device copy_ {nbytes / copy_t / 1e9:.2f} GB/s ({copy_t * 1e6:.1f} us), "
-        f"ratio {copy_t / gather_t:.4f} on {name}")
+        f"ratio {copy_t / gather_t:.4f} on {name}"
+    )
     say(f"SUMMARY {peak_line} on {name}")
 
 
@@ -439,10 +525,16 @@ def main() -> int:
     ap.add_argument("--generations", type=int, default=8, help="completions per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--bucket-mb", type=float, default=SamplerConfig.sync_bucket_mb)
-    ap.add_argument("--ds-config", default=None, help="DeepSpeed JSON (default: ds_configs/zero3_gpu.json with "
-                                                      "CUDA, ds_configs/zero3_cpu.json without)")
-    ap.add_argument("--lora", action="store_true", help="LoRA (r 8 on q/v/down projections) with gradient "
-                                                         "checkpointing; checks the partial second sync")
+    ap.add_argument(
+        "--ds-config",
+        default=None,
+        help="DeepSpeed JSON (default: ds_configs/zero3_gpu.json with CUDA, ds_configs/zero3_cpu.json without)",
+    )
+    ap.add_argument(
+        "--lora",
+        action="store_true",
+        help="LoRA (r 8 on q/v/down projections) with gradient checkpointing; checks the partial second sync",
+    )
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = ap.parse_args()
 

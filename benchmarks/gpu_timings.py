@@ -50,12 +50,32 @@ from rft_ds import distributed as D  # noqa: E402
 
 # SmolLM2-135M's and Llama-3.2-1B's shapes (head_dim 64 both), all with tied embeddings.
 SIZES = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=2, vocab_size=512),
-    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                 num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=512,
+    ),
+    "135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        rope_theta=100000.0,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+    ),
 }
 
 
@@ -103,9 +123,15 @@ def build_model(size: str, out: Path, dev: torch.device, positions: int = 2048) 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = SIZES[size]
-    config = LlamaConfig(**shape, head_dim=shape["hidden_size"] // shape["num_attention_heads"],
-                         tie_word_embeddings=True, max_position_embeddings=positions,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = LlamaConfig(
+        **shape,
+        head_dim=shape["hidden_size"] // shape["num_attention_heads"],
+        tie_word_embeddings=True,
+        max_position_embeddings=positions,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     with torch.device(dev):
         model = LlamaForCausalLM(config)
@@ -122,8 +148,12 @@ def random_rows(n: int, prompt_len: int, completion_len: int, vocab: int, seed: 
 
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(3, vocab, prompt_len) for _ in range(-(-n // per_prompt))]
-    return [build_row(prompts[i // per_prompt], rng.integers(3, vocab, completion_len), False, 2,
-                      prompt_len + completion_len) for i in range(n)]
+    return [
+        build_row(
+            prompts[i // per_prompt], rng.integers(3, vocab, completion_len), False, 2, prompt_len + completion_len
+        )
+        for i in range(n)
+    ]
 
 
 def memory(dev: torch.device, key: str, out: dict) -> None:
@@ -158,8 +188,9 @@ def train(learner, args, world: int, peak_tflops: float | None, out: dict) -> No
     from rft_ds.experience import sequence_lengths
 
     cfg = learner.module.config
-    rows = random_rows(args.micro * args.steps, args.prompt_len, args.completion_len, cfg.vocab_size,
-                       per_prompt=args.per_prompt)
+    rows = random_rows(
+        args.micro * args.steps, args.prompt_len, args.completion_len, cfg.vocab_size, per_prompt=args.per_prompt
+    )
     label_per_step = args.micro * args.completion_len  # a row's first position is a prompt token: never a label
     seconds, labels, tokens, squares, losses = 0.0, 0, 0, 0, []
     for k in range(args.steps):
@@ -178,24 +209,38 @@ def train(learner, args, world: int, peak_tflops: float | None, out: dict) -> No
     timed = args.steps - args.warmup
     total = sum(int(getattr(p, "ds_numel", p.numel())) for p in learner.module.parameters())  # tied: once
     # LoRA: the 6x rule counts weight gradients of frozen weights too, so its MFU is an upper bound
-    out["train_trainable_params"] = sum(int(getattr(p, "ds_numel", p.numel())) for p in learner.module.parameters()
-                                        if p.requires_grad)
+    out["train_trainable_params"] = sum(
+        int(getattr(p, "ds_numel", p.numel())) for p in learner.module.parameters() if p.requires_grad
+    )
     head = cfg.vocab_size * cfg.hidden_size
     body = total - head * (1 if cfg.tie_word_embeddings else 2)
     seq = args.prompt_len + args.completion_len
     attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * squares  # each computed sequence
     flops = 6 * body * tokens + 6 * head * labels + attn
-    out.update(train_params=total, train_body_params=body, train_steps_timed=timed, train_seconds=seconds,
-               train_step_ms=1e3 * seconds / timed, train_label_tokens_per_s=labels / seconds,
-               train_tokens_per_s=tokens / seconds, train_tflops=flops / seconds / 1e12,
-               train_loss_first=losses[0], train_loss_last=losses[-1], attn_impl=cfg._attn_implementation)
+    out.update(
+        train_params=total,
+        train_body_params=body,
+        train_steps_timed=timed,
+        train_seconds=seconds,
+        train_step_ms=1e3 * seconds / timed,
+        train_label_tokens_per_s=labels / seconds,
+        train_tokens_per_s=tokens / seconds,
+        train_tflops=flops / seconds / 1e12,
+        train_loss_first=losses[0],
+        train_loss_last=losses[-1],
+        attn_impl=cfg._attn_implementation,
+    )
     if peak_tflops:
         out["train_mfu"] = out["train_tflops"] / peak_tflops
-    say(f"train: {total / 1e6:.1f}M params ({body / 1e6:.1f}M body), micro {args.micro} x {seq} tokens, "
-        f"{timed} timed steps of {out['train_step_ms']:.1f} ms, {cfg._attn_implementation} attention")
-    say(f"train: {out['train_label_tokens_per_s']:.0f} label tokens/s, {out['train_tokens_per_s']:.0f} tokens/s, "
+    say(
+        f"train: {total / 1e6:.1f}M params ({body / 1e6:.1f}M body), micro {args.micro} x {seq} tokens, "
+        f"{timed} timed steps of {out['train_step_ms']:.1f} ms, {cfg._attn_implementation} attention"
+    )
+    say(
+        f"train: {out['train_label_tokens_per_s']:.0f} label tokens/s, {out['train_tokens_per_s']:.0f} tokens/s, "
         f"{out['train_tflops']:.2f} TFLOP/s, MFU {out.get('train_mfu', float('nan')):.3f}; "
-        f"loss {losses[0]:.3f} -> {losses[-1]:.3f} (ln vocab {np.log(cfg.vocab_size):.3f})")
+        f"loss {losses[0]:.3f} -> {losses[-1]:.3f} (ln vocab {np.log(cfg.vocab_size):.3f})"
+    )
 
 
 class CountingConsumer:
@@ -245,12 +290,21 @@ def sync(learner, dev: torch.device, bucket_mb: float, out: dict) -> None:
         synchronize()
         copy = min(copy, time.perf_counter() - t)
     del src, dst
-    out.update(sync_mib=stats.bytes / 2**20, sync_tensors=consumer.names, sync_buckets=stats.n_buckets,
-               sync_bucket_mb=bucket_mb, sync_seconds=best, sync_gb_per_s=stats.bytes / best / 1e9,
-               copy_gb_per_s=stats.bytes / copy / 1e9, sync_peak_extra_mib=stats.peak_extra_bytes / 2**20)
-    say(f"sync: {out['sync_mib']:.1f} MiB in {consumer.names} tensors, {stats.n_buckets} bucket(s) of {bucket_mb:g} MiB, "
+    out.update(
+        sync_mib=stats.bytes / 2**20,
+        sync_tensors=consumer.names,
+        sync_buckets=stats.n_buckets,
+        sync_bucket_mb=bucket_mb,
+        sync_seconds=best,
+        sync_gb_per_s=stats.bytes / best / 1e9,
+        copy_gb_per_s=stats.bytes / copy / 1e9,
+        sync_peak_extra_mib=stats.peak_extra_bytes / 2**20,
+    )
+    say(
+        f"sync: {out['sync_mib']:.1f} MiB in {consumer.names} tensors, {stats.n_buckets} bucket(s) of {bucket_mb:g} MiB, "
         f"{best * 1e3:.1f} ms = {out['sync_gb_per_s']:.2f} GB/s vs copy_ {out['copy_gb_per_s']:.2f} GB/s "
-        f"({out['sync_gb_per_s'] / out['copy_gb_per_s']:.3f} of it)")
+        f"({out['sync_gb_per_s'] / out['copy_gb_per_s']:.3f} of it)"
+    )
 
 
 def main() -> int:
@@ -263,15 +317,25 @@ def main() -> int:
     ap.add_argument("--completion-len", type=int, default=384)
     ap.add_argument("--bucket-mb", type=float, default=64.0, help="WeightSync bucket (sampler.sync_bucket_mb)")
     ap.add_argument("--lora", type=int, default=0, help="LoRA rank on every linear layer (alpha = 2 x rank); 0: full")
-    ap.add_argument("--per-module", action="store_true", help="ZeRO-3 fetches per module (model.zero3_block_fetch "
-                    "false), the behaviour before per-block fetching")
+    ap.add_argument(
+        "--per-module",
+        action="store_true",
+        help="ZeRO-3 fetches per module (model.zero3_block_fetch false), the behaviour before per-block fetching",
+    )
     ap.add_argument("--fused", action="store_true", help="torch's fused AdamW (optimizer params fused: true)")
     ap.add_argument("--per-prompt", type=int, default=1, help="rows per prompt (consecutive: one micro-batch)")
     ap.add_argument("--share", action="store_true", help="a prompt's rows as one sequence (train.share_prompt)")
-    ap.add_argument("--logprob-chunk", type=int, default=1024, help="train.logprob_chunk (0: every label position's "
-                    "logits at once, as before issue 28)")
-    ap.add_argument("--gc", action="store_true", help="gradient checkpointing on every micro-batch "
-                    "(model.gradient_checkpointing: true)")
+    ap.add_argument(
+        "--logprob-chunk",
+        type=int,
+        default=1024,
+        help="train.logprob_chunk (0: every label position's logits at once, as before issue 28)",
+    )
+    ap.add_argument(
+        "--gc",
+        action="store_true",
+        help="gradient checkpointing on every micro-batch (model.gradient_checkpointing: true)",
+    )
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = ap.parse_args()
     if not 0 <= args.warmup < args.steps:
@@ -281,18 +345,32 @@ def main() -> int:
     import transformers
 
     failed: list[str] = []
-    out: dict = {"lora_r": args.lora, "size": args.size, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                 "transformers": transformers.__version__, "micro": args.micro, "steps": args.steps,
-                 "warmup": args.warmup, "seq": args.prompt_len + args.completion_len,
-                 "block_fetch": not args.per_module, "fused": args.fused, "per_prompt": args.per_prompt,
-                 "share_prompt": args.share, "logprob_chunk": args.logprob_chunk, "gradient_checkpointing": args.gc}
+    out: dict = {
+        "lora_r": args.lora,
+        "size": args.size,
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+        "micro": args.micro,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "seq": args.prompt_len + args.completion_len,
+        "block_fetch": not args.per_module,
+        "fused": args.fused,
+        "per_prompt": args.per_prompt,
+        "share_prompt": args.share,
+        "logprob_chunk": args.logprob_chunk,
+        "gradient_checkpointing": args.gc,
+    }
     t0 = time.perf_counter()
     D.init("auto", 600)  # the device rule picks the GPU; nccl with CUDA, gloo without
     dev, world = D.device(), D.world_size()
     out["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     ds_path = ROOT / "ds_configs" / ("zero3_gpu.json" if dev.type == "cuda" else "zero3_cpu_bf16.json")
-    say(f"{out['device']} | {world} rank(s) | torch {torch.__version__} | size {args.size} | {ds_path.name} | "
-        f"{'per-module' if args.per_module else 'per-block'} fetch | {'fused' if args.fused else 'unfused'} AdamW")
+    say(
+        f"{out['device']} | {world} rank(s) | torch {torch.__version__} | size {args.size} | {ds_path.name} | "
+        f"{'per-module' if args.per_module else 'per-block'} fetch | {'fused' if args.fused else 'unfused'} AdamW"
+    )
 
     peak = None
     with section("peak", failed):
@@ -308,8 +386,13 @@ def main() -> int:
             t = time.perf_counter()
             build_model(args.size, Path(tmp) / "model", dev, max(2048, args.prompt_len + args.completion_len))
             out["build_s"] = time.perf_counter() - t
-            ds = fill_ds_config(load_ds_config(ds_path), TrainConfig(micro_batch_size=args.micro,
-                                gradient_accumulation_steps=1, learning_rate=1e-5, warmup_steps=0), world)
+            ds = fill_ds_config(
+                load_ds_config(ds_path),
+                TrainConfig(
+                    micro_batch_size=args.micro, gradient_accumulation_steps=1, learning_rate=1e-5, warmup_steps=0
+                ),
+                world,
+            )
             if args.fused:
                 ds["optimizer"]["params"]["fused"] = True
             if dev.type == "cuda":
@@ -317,10 +400,16 @@ def main() -> int:
             t = time.perf_counter()
             from rft_ds.lora import LoraSpec
 
-            learner = Learner(str(Path(tmp) / "model"), ds, LoraSpec(r=args.lora, alpha=2 * args.lora) if args.lora else None,
-                              block_fetch=not args.per_module, share_prompt=args.share,
-                              max_seq_length=(args.prompt_len + args.completion_len) * args.per_prompt,
-                              checkpoint_above=0 if args.gc else None, logprob_chunk=args.logprob_chunk)
+            learner = Learner(
+                str(Path(tmp) / "model"),
+                ds,
+                LoraSpec(r=args.lora, alpha=2 * args.lora) if args.lora else None,
+                block_fetch=not args.per_module,
+                share_prompt=args.share,
+                max_seq_length=(args.prompt_len + args.completion_len) * args.per_prompt,
+                checkpoint_above=0 if args.gc else None,
+                logprob_chunk=args.logprob_chunk,
+            )
             out["learner_init_s"] = time.perf_counter() - t
             say(f"train: model built in {out['build_s']:.1f}s, Learner (ZeRO-3) up in {out['learner_init_s']:.1f}s")
             train(learner, args, world, peak, out)

@@ -21,8 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Rejection fine-tuning under DeepSpeed ZeRO-3.")
     ap.add_argument("--config", required=True, help="run config YAML")
     ap.add_argument("--resume", default=None, help="'auto' (newest intact checkpoint in train.output_dir) or a path")
-    ap.add_argument("--resume-force", action="store_true",
-                    help="resume even though fields that matter (seed, method, selection, model, data) changed")
+    ap.add_argument(
+        "--resume-force",
+        action="store_true",
+        help="resume even though fields that matter (seed, method, selection, model, data) changed",
+    )
     ap.add_argument("--verbose", action="store_true", help="every library's output on the terminal (train.verbose)")
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=6")

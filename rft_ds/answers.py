@@ -31,7 +31,7 @@ def boxed(text: str) -> str | None:
             closes[stack.pop()] = m.start()
     for start in reversed(starts):
         if start in closes:
-            return text[start + 1:closes[start]].strip() or None
+            return text[start + 1 : closes[start]].strip() or None
     return None
 
 
@@ -46,7 +46,7 @@ def tagged(text: str, tag: str = "answer") -> str | None:
     opened = text.rfind(f"<{tag}>")
     if opened < 0:
         return None
-    body = text[opened + len(tag) + 2:]
+    body = text[opened + len(tag) + 2 :]
     closed = body.find(f"</{tag}>")
     return (body[:closed] if closed >= 0 else body).strip() or None
 
@@ -56,7 +56,7 @@ def stated(text: str) -> str | None:
     found = list(_STATED.finditer(text))
     if not found:
         return None
-    rest = text[found[-1].end():].split("\n", 1)[0]
+    rest = text[found[-1].end() :].split("\n", 1)[0]
     rest = boxed(rest) or re.split(r"\.(?:\s|$)", rest, maxsplit=1)[0]
     return rest.strip().strip("$").strip() or None
 
@@ -76,7 +76,11 @@ def first_line(text: str) -> str | None:
 
 
 FINDERS: dict[str, Callable[[str], str | None]] = {
-    "boxed": boxed, "hashes": hashes, "tagged": tagged, "stated": stated, "last_number": last_number,
+    "boxed": boxed,
+    "hashes": hashes,
+    "tagged": tagged,
+    "stated": stated,
+    "last_number": last_number,
     "first_line": first_line,
 }
 DEFAULT_ORDER = ("boxed", "tagged", "hashes", "stated", "last_number")
@@ -91,4 +95,3 @@ def final_answer(text: str, order: Sequence[str] = DEFAULT_ORDER) -> str | None:
         if found is not None:
             return found
     return None
-

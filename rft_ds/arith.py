@@ -22,8 +22,9 @@ def _is_eval(a: int, op: str, b: int) -> bool:
     return int.from_bytes(hashlib.blake2b(f"{a}{op}{b}".encode(), digest_size=4).digest(), "little") % EVAL_SHARE == 0
 
 
-def problems(n: int, split: str = "train", seed: int = 0, digits: int = 2, ops: str = "+",
-             template: str = TEMPLATE) -> list[dict[str, Any]]:
+def problems(
+    n: int, split: str = "train", seed: int = 0, digits: int = 2, ops: str = "+", template: str = TEMPLATE
+) -> list[dict[str, Any]]:
     """n distinct problems of one split, each {"prompt", "answer"}; the same for the same arguments."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
@@ -80,8 +81,11 @@ def cot_eval_subtraction(n: int = 64, seed: int = 0) -> list[dict[str, Any]]:
 def cot_times_table() -> list[dict[str, Any]]:
     """The 64 products a * b for a, b in 2..9: a neighbouring skill the base model mostly has (so forgetting
     has room to show, which 2-digit subtraction, near 0 before training, does not)."""
-    return [{"prompt": COT_TEMPLATE.format(a=a, op="*", b=b), "answer": str(a * b)}
-            for a in range(2, 10) for b in range(2, 10)]
+    return [
+        {"prompt": COT_TEMPLATE.format(a=a, op="*", b=b), "answer": str(a * b)}
+        for a in range(2, 10)
+        for b in range(2, 10)
+    ]
 
 
 def cot_replay_prompts(n: int = 64, seed: int = 0) -> list[dict[str, Any]]:

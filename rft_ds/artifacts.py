@@ -39,11 +39,15 @@ def best_model_run(out: Path) -> str | None:
 def warn_foreign_best_model(out: Path, run_id: str) -> None:
     """best_model/ of another (abandoned) run is not this run's best: say so; the first eval replaces it."""
     if D.is_main() and (out / "best_model").is_dir():
-        console.say(f"[rft_ds] note: {out / 'best_model'} holds run {best_model_run(out) or 'unknown'}'s weights, not "
-                    f"this run's ({run_id}); this run's first eval replaces it")
+        console.say(
+            f"[rft_ds] note: {out / 'best_model'} holds run {best_model_run(out) or 'unknown'}'s weights, not "
+            f"this run's ({run_id}); this run's first eval replaces it"
+        )
 
 
-def resumed_best(saved: dict | None, out: Path, run_id: str, metric_key: str | None, metric_name: str | None) -> dict | None:
+def resumed_best(
+    saved: dict | None, out: Path, run_id: str, metric_key: str | None, metric_name: str | None
+) -> dict | None:
     """The run state's best on resume: kept when best_model/ is still this run's and was picked by today's
     train.best_metric (metric_key, None: no best_model/), else None (the next eval rewrites it), said once."""
     if saved is not None and best_model_run(out) != run_id:  # best_model/ was overwritten by another run
@@ -51,12 +55,18 @@ def resumed_best(saved: dict | None, out: Path, run_id: str, metric_key: str | N
             console.say(f"[rft_ds] note: {out / 'best_model'} is not this run's ({run_id}); the next eval rewrites it")
         return None
     if saved is not None and "metric" not in saved:  # written before train.best_metric existed
-        saved = {"epoch": saved["epoch"], "metric": "eval_reward_mean", "value": saved["eval_reward_mean"],
-                 "run_id": saved["run_id"]}
+        saved = {
+            "epoch": saved["epoch"],
+            "metric": "eval_reward_mean",
+            "value": saved["eval_reward_mean"],
+            "run_id": saved["run_id"],
+        }
     if saved is not None and saved["metric"] != metric_key:
         if D.is_main() and metric_key is not None:
-            console.say(f"[rft_ds] note: best_model/ was picked by {saved['metric']}, now train.best_metric is "
-                        f"{metric_name}; the next eval rewrites it")
+            console.say(
+                f"[rft_ds] note: best_model/ was picked by {saved['metric']}, now train.best_metric is "
+                f"{metric_name}; the next eval rewrites it"
+            )
         return None
     return saved
 

@@ -27,19 +27,30 @@ def new_learner(cfg: RFTRunConfig, ds_config: dict, max_len: int) -> Any:
     if gc == "auto":
         dtype_bytes = torch.empty(0, dtype=training_dtype(ds_config)).element_size()
         above = cfg.model.gradient_checkpointing_tokens or checkpoint_tokens(
-            text_config(read_model_config(cfg.model.model_path)), dtype_bytes)
+            text_config(read_model_config(cfg.model.model_path)), dtype_bytes
+        )
     else:
         above = 0 if gc else None
     # a prompt's rows packed into one sequence (train.share_prompt) make at most max_seq_length tokens; under
     # auto, at least the 512 it used to default to, so short rows still share their prompt
     pack_len = max_len if cfg.train.max_seq_length != "auto" else max(max_len, PACK_LEN_AUTO)
-    return Learner(cfg.model.model_path, ds_config, parse_lora(cfg.model.lora), above, cfg.model.trust_remote_code,
-                   cfg.model.zero3_block_fetch, cfg.train.share_prompt, pack_len, cfg.train.logprob_chunk,
-                   cfg.train.sequence_parallel)
+    return Learner(
+        cfg.model.model_path,
+        ds_config,
+        parse_lora(cfg.model.lora),
+        above,
+        cfg.model.trust_remote_code,
+        cfg.model.zero3_block_fetch,
+        cfg.train.share_prompt,
+        pack_len,
+        cfg.train.logprob_chunk,
+        cfg.train.sequence_parallel,
+    )
 
 
-def make_sampler(cfg: RFTRunConfig, learner: Any, tokenizer: Any, ds_config: dict, group: int,
-                 stop_sequences: list[str]) -> tuple[Any, Any]:
+def make_sampler(
+    cfg: RFTRunConfig, learner: Any, tokenizer: Any, ds_config: dict, group: int, stop_sequences: list[str]
+) -> tuple[Any, Any]:
     """The sampler for `sampler.backend`, and the WeightSync that feeds it (None when it samples from the
     training module itself)."""
     if cfg.sampler.backend == "hf":
@@ -53,14 +64,24 @@ def make_sampler(cfg: RFTRunConfig, learner: Any, tokenizer: Any, ds_config: dic
     sp = cfg.sampler
     max_model_len, kv_bytes = engine_limits(cfg, ds_config)
     if sp.kv_cache_memory_bytes is None and kv_bytes is not None and kv_bytes > CPU_KV_BYTES and D.is_main():
-        console.say(f"[rft_ds] note: vLLM's KV cache on CPU is {kv_bytes / 2**30:.2f} GiB per rank, what "
-                    f"{cfg.method.n_generations_per_prompt} samples of the longest sequence take "
-                    "(sampler.kv_cache_memory_bytes sets it)")
+        console.say(
+            f"[rft_ds] note: vLLM's KV cache on CPU is {kv_bytes / 2**30:.2f} GiB per rank, what "
+            f"{cfg.method.n_generations_per_prompt} samples of the longest sequence take "
+            "(sampler.kv_cache_memory_bytes sets it)"
+        )
     sampler = VLLMSampler(
-        cfg.model.model_path, tokenizer, seed=sample_seed(cfg.train.seed, -1, group, 2),
-        dtype=str(engine_dtype(sp.dtype, ds_config)).removeprefix("torch."), max_model_len=max_model_len,
-        tensor_parallel_size=sp.tensor_parallel_size, gpu_memory_utilization=sp.gpu_memory_utilization,
-        kv_cache_memory_bytes=kv_bytes, block_size=sp.block_size, enforce_eager=sp.enforce_eager,
-        enable_sleep_mode=sp.enable_sleep_mode, stop_sequences=stop_sequences,
-        trust_remote_code=cfg.model.trust_remote_code)
+        cfg.model.model_path,
+        tokenizer,
+        seed=sample_seed(cfg.train.seed, -1, group, 2),
+        dtype=str(engine_dtype(sp.dtype, ds_config)).removeprefix("torch."),
+        max_model_len=max_model_len,
+        tensor_parallel_size=sp.tensor_parallel_size,
+        gpu_memory_utilization=sp.gpu_memory_utilization,
+        kv_cache_memory_bytes=kv_bytes,
+        block_size=sp.block_size,
+        enforce_eager=sp.enforce_eager,
+        enable_sleep_mode=sp.enable_sleep_mode,
+        stop_sequences=stop_sequences,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
     return sampler, WeightSync(learner.module, sampler, sp.sync_bucket_mb, engine_dtype(sp.dtype, ds_config))

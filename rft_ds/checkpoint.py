@@ -4,8 +4,8 @@ Layout of `<output_dir>/checkpoints/`:
     epoch_00004/            one complete checkpoint (after epoch 4)
     epoch_00005.train.c000012/ one taken inside epoch 5: in its train stage, after 12 micro-batches
         ds/...              DeepSpeed save_checkpoint: per rank r its ZeRO-3 partitions
-                            (zero_pp_rank_{r}_mp_rank_00_model_states.pt, [bf16_]zero_pp_rank_{r}_mp_rank_00_optim_states.pt:
-                            fp32 master weights, optimizer state)
+                            (zero_pp_rank_{r}_mp_rank_00_model_states.pt,
+                            [bf16_]zero_pp_rank_{r}_mp_rank_00_optim_states.pt: fp32 master weights, optimizer state)
         zero_to_fp32.py ... DeepSpeed's recovery scripts (rank 0)
         rft_state.pt        the shared run state (rft_ds.run_state.RunState): position, metrics history, best
         rank{r}.pt          rank r's RNG states (python, numpy, torch, cuda) and its own run state: its pool
@@ -99,6 +99,7 @@ def _fsync(path: Path) -> None:
 
 # --- checksums --------------------------------------------------------------------------------------
 
+
 def _default_hash() -> str:
     try:
         import xxhash  # noqa: F401
@@ -139,9 +140,11 @@ def file_digest(path: Path, hash_name: str = HASH) -> tuple[int, str]:
 
 # --- which rank owns which file ---------------------------------------------------------------------
 
-_RANK_FILES = (re.compile(r"(?:^|/)(?:rng_)?rank(\d+)\.pt$"),
-               # DeepSpeed ZeRO-3: zero_pp_rank_{dp}_mp_rank_{mp}_model_states.pt, {bf16_}zero_pp_rank_..._optim_states.pt
-               re.compile(r"(?:^|/)(?:[A-Za-z0-9]+_)?zero_pp_rank_(\d+)_mp_rank_\d+_(?:model|optim)_states\.pt$"))
+_RANK_FILES = (
+    re.compile(r"(?:^|/)(?:rng_)?rank(\d+)\.pt$"),
+    # DeepSpeed ZeRO-3: zero_pp_rank_{dp}_mp_rank_{mp}_model_states.pt, {bf16_}zero_pp_rank_..._optim_states.pt
+    re.compile(r"(?:^|/)(?:[A-Za-z0-9]+_)?zero_pp_rank_(\d+)_mp_rank_\d+_(?:model|optim)_states\.pt$"),
+)
 
 
 def rank_of_file(rel: str, world_size: int) -> int | None:
@@ -156,8 +159,11 @@ def rank_of_file(rel: str, world_size: int) -> int | None:
 
 def _all_files(ckpt: Path) -> list[str]:
     """Every file under ckpt (relative, '/'-separated) except the manifest."""
-    return sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*")
-                  if p.is_file() and p.name not in (MANIFEST, MANIFEST + ".tmp"))
+    return sorted(
+        p.relative_to(ckpt).as_posix()
+        for p in ckpt.rglob("*")
+        if p.is_file() and p.name not in (MANIFEST, MANIFEST + ".tmp")
+    )
 
 
 def rank_files(ckpt: Path, rank: int, world_size: int) -> list[str]:
@@ -211,8 +217,12 @@ def cover(ckpt: Path, claims: list[tuple[str, dict[str, dict]]], hash_name: str 
 
 
 def _write_manifest_file(ckpt: Path, files: dict[str, dict], hash_name: str, world_size: int) -> None:
-    body = {"format": MANIFEST_FORMAT, "hash": hash_name, "world_size": world_size,
-            "files": {rel: files[rel] for rel in sorted(files)}}
+    body = {
+        "format": MANIFEST_FORMAT,
+        "hash": hash_name,
+        "world_size": world_size,
+        "files": {rel: files[rel] for rel in sorted(files)},
+    }
     tmp = ckpt / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(body, indent=1))
     _fsync(tmp)
@@ -225,8 +235,9 @@ def _fsync_dirs(ckpt: Path) -> None:
         _fsync(d)
 
 
-def write_manifest(ckpt: Path, sealed: dict[str, dict] | None = None, world_size: int = 1,
-                   hash_name: str = HASH) -> None:
+def write_manifest(
+    ckpt: Path, sealed: dict[str, dict] | None = None, world_size: int = 1, hash_name: str = HASH
+) -> None:
     """One process: seal every file under ckpt not already in `sealed` (as rank 0's), fsync every directory,
     then write the manifest (itself fsynced)."""
     files = cover(ckpt, [(hash_name, dict(sealed or {}))], hash_name)
@@ -235,6 +246,7 @@ def write_manifest(ckpt: Path, sealed: dict[str, dict] | None = None, world_size
 
 
 # --- reading and verifying ----------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class Manifest:
@@ -246,8 +258,11 @@ class Manifest:
         """The files `rank` verifies: those it sealed (format 2); in a format-1 manifest (no owners), every
         world_size-th file, so the work is still split."""
         rels = sorted(self.files)
-        return [rel for i, rel in enumerate(rels)
-                if (self.files[rel][2] if self.files[rel][2] is not None else i) % world_size == rank]
+        return [
+            rel
+            for i, rel in enumerate(rels)
+            if (self.files[rel][2] if self.files[rel][2] is not None else i) % world_size == rank
+        ]
 
 
 def read_manifest(ckpt: Path) -> Manifest | str:
@@ -350,8 +365,11 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if position_of(p.name) is not None and p.is_dir()),
-                  key=lambda p: position_of(p.name), reverse=True)
+    return sorted(
+        (p for p in root.iterdir() if position_of(p.name) is not None and p.is_dir()),
+        key=lambda p: position_of(p.name),
+        reverse=True,
+    )
 
 
 def _latest_name(root: Path) -> str | None:
@@ -394,18 +412,22 @@ def _explicit(resume: str) -> Path:
 def _format_problem(ckpt: Path) -> str | None:
     fmt = read_meta(ckpt).get("format", 1)
     if fmt not in READS_FORMATS:
-        return (f"checkpoint {ckpt} has run-state format {fmt}, this rft_ds reads format "
-                f"{' or '.join(map(str, READS_FORMATS))} (written "
-                "by another version): resume it with that version, or start a new run")
+        return (
+            f"checkpoint {ckpt} has run-state format {fmt}, this rft_ds reads format "
+            f"{' or '.join(map(str, READS_FORMATS))} (written "
+            "by another version): resume it with that version, or start a new run"
+        )
     return None
 
 
 def _world_problem(ckpt: Path, writers: int, world_size: int) -> str | None:
     if writers == world_size or elastic(read_meta(ckpt).get("position", (0, 1, 1))):
         return None
-    return (f"checkpoint {ckpt} was taken inside a sampling or training stage by {writers} ranks; this run has "
-            f"{world_size}. A position inside those stages is per rank: resume it with {writers} ranks (a "
-            "checkpoint at an epoch's end, or after training, resumes on any number)")
+    return (
+        f"checkpoint {ckpt} was taken inside a sampling or training stage by {writers} ranks; this run has "
+        f"{world_size}. A position inside those stages is per rank: resume it with {writers} ranks (a "
+        "checkpoint at an epoch's end, or after training, resumes on any number)"
+    )
 
 
 def resolve_resume(resume: str | None, output_dir: str | Path, world_size: int) -> Path | None:
@@ -477,7 +499,10 @@ def agree_on_resume(resume: str | None, output_dir: str | Path, world_size: int 
                 cands.append((str(c), problem, None if problem else written_by(c)))
             plan = ("ok", cands)
         except Exception as e:  # noqa: BLE001 - every rank raises it, below
-            plan = ("error", str(e) if isinstance(e, CheckpointError) else f"--resume {resume}: {type(e).__name__}: {e}")
+            plan = (
+                "error",
+                str(e) if isinstance(e, CheckpointError) else f"--resume {resume}: {type(e).__name__}: {e}",
+            )
     status, body = D.broadcast_object(plan)
     if status == "error":
         raise CheckpointError(body)
@@ -496,10 +521,14 @@ def agree_on_resume(resume: str | None, output_dir: str | Path, world_size: int 
         if explicit:
             raise CheckpointError(f"--resume {resume}: not a complete rft_ds checkpoint: {problem}")
         if main:
-            warnings.warn(f"rft_ds: skipping checkpoint {ckpt}: {problem}; falling back to the previous complete "
-                          f"checkpoint", stacklevel=2)
+            warnings.warn(
+                f"rft_ds: skipping checkpoint {ckpt}: {problem}; falling back to the previous complete checkpoint",
+                stacklevel=2,
+            )
     if main and body:
-        warnings.warn(f"rft_ds: no intact checkpoint in {Path(output_dir) / 'checkpoints'}: starting fresh", stacklevel=2)
+        warnings.warn(
+            f"rft_ds: no intact checkpoint in {Path(output_dir) / 'checkpoints'}: starting fresh", stacklevel=2
+        )
     return None
 
 
@@ -527,10 +556,11 @@ def prune(root: Path, keep_last: int, new: Path) -> list[Path]:
     root, new = Path(root), Path(new)
     upto = position_of(new.name)
     keep = {new.name, _latest_name(root)}
-    complete = [c for c in checkpoint_dirs(root)
-                if (upto is None or position_of(c.name) <= upto) and check_complete(c) is None]
+    complete = [
+        c for c in checkpoint_dirs(root) if (upto is None or position_of(c.name) <= upto) and check_complete(c) is None
+    ]
     removed = []
-    for c in complete[max(keep_last, 1):]:
+    for c in complete[max(keep_last, 1) :]:
         if c.name in keep:
             continue
         doomed = root / f".tmp-pruned-{c.name}"
@@ -558,6 +588,7 @@ def _publish(root: Path, tmp: Path, final: Path) -> None:
 
 # --- save / load (collective: every rank calls them) ----------------------------------------------
 
+
 class _WriteFailed(OSError):
     pass
 
@@ -572,19 +603,24 @@ def _free_space_note(root: Path) -> str:
 def _writing(root: Path):
     """Re-raise a write error with the free space on its disk: torch's writer reports a full disk as
     'unexpected pos 64 vs 0', which names neither the disk nor the cause."""
+
     @contextlib.contextmanager
     def guard():
         try:
             yield
         except Exception as e:  # noqa: BLE001 - re-raised with context
-            raise _WriteFailed(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} "
-                               f"({_free_space_note(root)})") from e
+            raise _WriteFailed(
+                f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} "
+                f"({_free_space_note(root)})"
+            ) from e
+
     return guard()
 
 
 @dataclasses.dataclass(frozen=True)
 class Saved:
     """What `save` did, on this rank."""
+
     path: Path
     seconds: float  # the whole save, start to return
     shards_seconds: float  # until every rank's files were written, fsynced and checksummed (finalize_state's arg)
@@ -626,9 +662,18 @@ def write_rank_state(path: Path, state: dict) -> None:
     torch.save(state, path, pickle_protocol=4)
 
 
-def save(root: Path, name: str, engine: Any, state: dict | None, tokenizer: Any, keep_last: int,
-         die_hook: Any = None, finalize_state: Callable[[float], dict] | None = None, local_state: Any = None,
-         meta: dict | None = None) -> Saved:
+def save(
+    root: Path,
+    name: str,
+    engine: Any,
+    state: dict | None,
+    tokenizer: Any,
+    keep_last: int,
+    die_hook: Any = None,
+    finalize_state: Callable[[float], dict] | None = None,
+    local_state: Any = None,
+    meta: dict | None = None,
+) -> Saved:
     """Write checkpoint `name` (checkpoint_name of the run position) atomically. Collective: every rank calls it.
 
     `state` is the shared run state (rank 0's copy is saved); `local_state` this rank's own part, saved with its
@@ -691,8 +736,16 @@ def save(root: Path, name: str, engine: Any, state: dict | None, tokenizer: Any,
             _write_manifest_file(tmp, files, HASH, world)
             _publish(root, tmp, final)
             prune(root, keep_last, final)  # only after the new one is complete
-    return Saved(final, time.perf_counter() - t0, shards_s, seal_s, sum(e["size"] for e in sealed.values()),
-                 sum(e["size"] for _, c in claims for e in c.values()), shared, HASH)
+    return Saved(
+        final,
+        time.perf_counter() - t0,
+        shards_s,
+        seal_s,
+        sum(e["size"] for e in sealed.values()),
+        sum(e["size"] for _, c in claims for e in c.values()),
+        shared,
+        HASH,
+    )
 
 
 def universal_copy(ckpt: Path, timeout_s: float = 6 * 3600) -> Path:
@@ -717,9 +770,17 @@ def universal_copy(ckpt: Path, timeout_s: float = 6 * 3600) -> Path:
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            ds_to_universal(argparse.Namespace(input_folder=str(ckpt / "ds"), output_folder=str(tmp / "ds"),
-                                               num_extract_workers=2, num_merge_workers=1, keep_temp_folder=False,
-                                               strict=True, inject_missing_state=False))
+            ds_to_universal(
+                argparse.Namespace(
+                    input_folder=str(ckpt / "ds"),
+                    output_folder=str(tmp / "ds"),
+                    num_extract_workers=2,
+                    num_merge_workers=1,
+                    keep_temp_folder=False,
+                    strict=True,
+                    inject_missing_state=False,
+                )
+            )
             tmp.rename(out)
         except Exception as e:  # noqa: BLE001 - told to the waiting ranks, then raised
             failed.parent.mkdir(parents=True, exist_ok=True)
@@ -762,8 +823,13 @@ def load(ckpt: Path, engine: Any, verified: bool = False, universal: Path | None
         if problem is not None:
             raise CheckpointError(f"checkpoint {ckpt} is damaged: {problem}")
     source = Path(universal or ckpt)
-    path, _ = engine.load_checkpoint(str(source), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True,
-                                     load_module_strict=not _has_frozen(engine))
+    path, _ = engine.load_checkpoint(
+        str(source),
+        tag="ds",
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+        load_module_strict=not _has_frozen(engine),
+    )
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {source / 'ds'}")
     shared = torch.load(Path(ckpt) / "rft_state.pt", weights_only=False)
@@ -772,8 +838,10 @@ def load(ckpt: Path, engine: Any, verified: bool = False, universal: Path | None
         if mine.is_file():
             set_rng_state(torch.load(mine, weights_only=False)["rng"])
         written = written_by(ckpt)
-        return shared, [torch.load(Path(ckpt) / f"rank{r}.pt", weights_only=False)["local"]
-                        for r in range(D.rank(), written, D.world_size())]
+        return shared, [
+            torch.load(Path(ckpt) / f"rank{r}.pt", weights_only=False)["local"]
+            for r in range(D.rank(), written, D.world_size())
+        ]
     mine = torch.load(mine, weights_only=False)
     set_rng_state(mine["rng"])
     return shared, mine["local"]
@@ -801,5 +869,7 @@ def set_rng_state(s: dict) -> None:
 
 def check_compatible(state: dict, digest: str) -> None:
     if state.get("prompts_digest") != digest:
-        raise ConfigError("the prompts differ from the ones this checkpoint was trained on: its pools are keyed by "
-                          "prompt position, so it cannot be resumed with other data")
+        raise ConfigError(
+            "the prompts differ from the ones this checkpoint was trained on: its pools are keyed by "
+            "prompt position, so it cannot be resumed with other data"
+        )

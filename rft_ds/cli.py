@@ -41,8 +41,9 @@ def rank_label() -> str:
     return os.environ.get("RANK") or os.environ.get("SLURM_PROCID", "0")
 
 
-def train_rank(config: str, overrides: list[str], resume: str | None = None, resume_force: bool = False,
-          verbose: bool = False) -> int:
+def train_rank(
+    config: str, overrides: list[str], resume: str | None = None, resume_force: bool = False, verbose: bool = False
+) -> int:
     """One rank of a run: its exit code (0 done, 3 stopped with a checkpoint, 2 bad input, 1 failure).
     Unless verbose, everything but rft_ds's own lines goes to <output_dir>/logs/rank<r>.log (console.py)."""
     SIGNALS.install()
@@ -61,12 +62,18 @@ def train_rank(config: str, overrides: list[str], resume: str | None = None, res
         try:
             console.redirect(log)
         except OSError as e:
-            print(f"rft_ds: error (rank {rank}): train.output_dir {cfg.train.output_dir} is not writable: "
-                  f"{e.strerror or e}", file=sys.stderr, flush=True)
+            print(
+                f"rft_ds: error (rank {rank}): train.output_dir {cfg.train.output_dir} is not writable: "
+                f"{e.strerror or e}",
+                file=sys.stderr,
+                flush=True,
+            )
             return 2
         if rank == "0":
-            console.say(f"[rft_ds] each rank's full output (vLLM, DeepSpeed, transformers, ...): {log.parent}/rank<r>.log;"
-                        " --verbose shows it here")
+            console.say(
+                f"[rft_ds] each rank's full output (vLLM, DeepSpeed, transformers, ...): {log.parent}/rank<r>.log;"
+                " --verbose shows it here"
+            )
     try:
         return _train_and_report(cfg, resume, rank)
     except Exception as e:  # noqa: BLE001 - an error inside a library: its first line here, the rest in the log
@@ -103,8 +110,10 @@ def _train_and_report(cfg: Any, resume: str | None, rank: str) -> int:
         from rft_ds.distributed import lost_ranks
 
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        console.error(f"rft_ds: error (rank {rank}): lost contact with {lost_ranks()} during a collective "
-                      f"(process-group timeout train.dist_timeout_s): {first}")
+        console.error(
+            f"rft_ds: error (rank {rank}): lost contact with {lost_ranks()} during a collective "
+            f"(process-group timeout train.dist_timeout_s): {first}"
+        )
         return 1
     if result.stopped_early:
         return EXIT_STOPPED
@@ -112,8 +121,10 @@ def _train_and_report(cfg: Any, resume: str | None, rank: str) -> int:
         last = result.history[-1]
         for key, before in (result.eval_before or {}).items():  # each eval number, before -> after
             if isinstance(before, (int, float)) and isinstance(last.get(key), (int, float)):
-                console.say(f"[rft_ds] held-out {key[5:].replace('_', ' ')}: {before:.4f} before -> {last[key]:.4f} "
-                            f"after {len(result.history)} epochs")
+                console.say(
+                    f"[rft_ds] held-out {key[5:].replace('_', ' ')}: {before:.4f} before -> {last[key]:.4f} "
+                    f"after {len(result.history)} epochs"
+                )
         console.say(f"[rft_ds] metrics in {result.output_dir / 'metrics.jsonl'}")
     return 0
 
@@ -142,16 +153,24 @@ def check(config: str, overrides: list[str], world: int | None, device: str = "a
     return 1 if problems else 0
 
 
-RUN_COLUMNS = (("epoch", "epoch"), ("step", None), ("p", "percentile"), ("sampled", "n_sampled"),
-               ("kept", None), ("reward", "reward_mean"), ("loss", "train_loss"))
+RUN_COLUMNS = (
+    ("epoch", "epoch"),
+    ("step", None),
+    ("p", "percentile"),
+    ("sampled", "n_sampled"),
+    ("kept", None),
+    ("reward", "reward_mean"),
+    ("loss", "train_loss"),
+)
 
 
 def eval_columns(records: list[dict]) -> list[str]:
     """The eval numbers worth a column: each set's reward mean, pass@1, greedy pass rate and accuracy."""
     keys = {k for r in records for k in r if k.startswith("eval_") and not k.endswith("_initial")}
     wanted = ("reward_mean", "pass@1", "greedy_pass", "accuracy")
-    return sorted(k for k in keys if k.endswith(wanted) and not k.startswith("eval_reward_")
-                  or k in ("eval_reward_mean",))
+    return sorted(
+        k for k in keys if k.endswith(wanted) and not k.startswith("eval_reward_") or k in ("eval_reward_mean",)
+    )
 
 
 def runs_table(records: list[dict]) -> str:
@@ -162,11 +181,19 @@ def runs_table(records: list[dict]) -> str:
     head = [name for name, _ in RUN_COLUMNS] + [k[5:] for k in evals] + ["time_s"]
     rows = []
     if records and any(k.endswith("_initial") for k in records[0]):
-        rows.append(["before"] + [""] * (len(RUN_COLUMNS) - 1) + [fmt(records[0].get(k + "_initial")) for k in evals] + [""])
+        rows.append(
+            ["before"] + [""] * (len(RUN_COLUMNS) - 1) + [fmt(records[0].get(k + "_initial")) for k in evals] + [""]
+        )
     for r in records:
-        row = [str(r["epoch"] + 1), "grow" if r.get("grow_step") else "improve", fmt(r.get("percentile")),
-               str(r.get("n_sampled", "")), f"{r.get('n_selected', '')}/{r.get('pool_size', '')}",
-               fmt(r.get("reward_mean")), fmt(r.get("train_loss"))]
+        row = [
+            str(r["epoch"] + 1),
+            "grow" if r.get("grow_step") else "improve",
+            fmt(r.get("percentile")),
+            str(r.get("n_sampled", "")),
+            f"{r.get('n_selected', '')}/{r.get('pool_size', '')}",
+            fmt(r.get("reward_mean")),
+            fmt(r.get("train_loss")),
+        ]
         rows.append(row + [fmt(r.get(k)) for k in evals] + [fmt(r.get("time_epoch"), ".1f")])
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [head, *rows])
@@ -192,15 +219,22 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="run config YAML")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=6")
     t.add_argument("--resume", default=None, help="'auto' (newest intact checkpoint in train.output_dir) or a path")
-    t.add_argument("--resume-force", action="store_true",
-                   help="resume even though fields that matter (seed, method, selection, model, data) changed")
+    t.add_argument(
+        "--resume-force",
+        action="store_true",
+        help="resume even though fields that matter (seed, method, selection, model, data) changed",
+    )
     t.add_argument("--verbose", action="store_true", help="every library's output on the terminal (train.verbose)")
     c = sub.add_parser("check", help="validate a config, its data, rewards, model directory and resume target")
     c.add_argument("config")
     c.add_argument("overrides", nargs="*")
     c.add_argument("--world-size", type=int, default=None, help="ranks the run will have (default: WORLD_SIZE or 1)")
-    c.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                   help="the nodes the run will have (auto: this host's; cuda: check a GPU job from a login node)")
+    c.add_argument(
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        default="auto",
+        help="the nodes the run will have (auto: this host's; cuda: check a GPU job from a login node)",
+    )
     e = sub.add_parser("export", help="a checkpoint -> a Hugging Face model directory")
     e.add_argument("checkpoint", help="a checkpoint dir, a checkpoints/ dir (uses latest) or a run's output_dir")
     e.add_argument("out")

@@ -23,12 +23,18 @@ from rft_ds.errors import ConfigError  # noqa: F401 (raised here, and imported f
 from rft_ds.lora import parse_lora
 from rft_ds.selection import parse_pool_policy
 
-
 DEFAULT_GEN_KWARGS: dict[str, Any] = {"max_new_tokens": 32, "do_sample": True, "temperature": 1.0}
 
 # Keys accepted in gen_kwargs, in HF `generate` names. Both samplers translate exactly these.
-GEN_KWARGS_KEYS = {"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k",
-                   "repetition_penalty"}
+GEN_KWARGS_KEYS = {
+    "max_new_tokens",
+    "min_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+}
 
 
 @dataclass
@@ -246,7 +252,7 @@ class RFTRunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @classmethod
-    def from_dict(cls, d: dict, overrides: list[str] | None = None) -> "RFTRunConfig":
+    def from_dict(cls, d: dict, overrides: list[str] | None = None) -> RFTRunConfig:
         d = dict(d or {})
         for o in overrides or []:
             apply_override(d, o)
@@ -255,7 +261,7 @@ class RFTRunConfig:
         return cfg
 
     @classmethod
-    def load_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "RFTRunConfig":
+    def load_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RFTRunConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
@@ -276,8 +282,10 @@ class RFTRunConfig:
         saved = data.prompts, data.eval_prompts, data.replay_prompts, self.eval.sets
         data.prompts, data.eval_prompts, data.replay_prompts = (_describe_source(s) for s in saved[:3])
         if isinstance(self.eval.sets, list):
-            self.eval.sets = [{**d, "prompts": _describe_source(d.get("prompts"))} if isinstance(d, dict) else d
-                              for d in self.eval.sets]
+            self.eval.sets = [
+                {**d, "prompts": _describe_source(d.get("prompts"))} if isinstance(d, dict) else d
+                for d in self.eval.sets
+            ]
         try:
             return dataclasses.asdict(self)
         finally:
@@ -296,7 +304,7 @@ def beside(value: Any, base: Path) -> Any:
     return str(base / value) if found else value
 
 
-def inputs_beside(cfg: "RFTRunConfig", base: Path) -> None:
+def inputs_beside(cfg: RFTRunConfig, base: Path) -> None:
     """Let a YAML config name its inputs (model, tokenizer, prompt files, DeepSpeed JSON) relative to its own
     directory, so it runs from any working directory; paths relative to the working directory keep
     working. Outputs (train.output_dir) stay relative to the working directory."""
@@ -431,11 +439,15 @@ def validate_gen_kwargs(gk: dict, name: str) -> None:
     for k in ("temperature", "top_p", "repetition_penalty"):
         if k in gk:
             v = gk[k]
-            _require(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-                     f"{name}.{k} must be a number, got {v!r}")
+            _require(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                f"{name}.{k} must be a number, got {v!r}",
+            )
     if "temperature" in gk:
-        _require(gk["temperature"] > 0 or not gk.get("do_sample", True),
-                 f"{name}.temperature must be > 0 when sampling, got {gk['temperature']}")
+        _require(
+            gk["temperature"] > 0 or not gk.get("do_sample", True),
+            f"{name}.temperature must be > 0 when sampling, got {gk['temperature']}",
+        )
     if "top_p" in gk:
         _require(0 < gk["top_p"] <= 1, f"{name}.top_p must be in (0, 1], got {gk['top_p']}")
     if "do_sample" in gk:
@@ -447,88 +459,140 @@ def validate(cfg: RFTRunConfig) -> None:
     m = cfg.method
     _require(0.0 <= m.start_percentile <= 1.0, f"method.start_percentile must be in [0, 1], got {m.start_percentile}")
     _require(0.0 <= m.end_percentile <= 1.0, f"method.end_percentile must be in [0, 1], got {m.end_percentile}")
-    _require(m.start_percentile <= m.end_percentile,
-             f"method.start_percentile ({m.start_percentile}) must be <= method.end_percentile ({m.end_percentile})")
+    _require(
+        m.start_percentile <= m.end_percentile,
+        f"method.start_percentile ({m.start_percentile}) must be <= method.end_percentile ({m.end_percentile})",
+    )
     _require(m.n_improve_steps >= 1, f"method.n_improve_steps must be >= 1, got {m.n_improve_steps}")
-    _require(m.n_generations_per_prompt >= 1,
-             f"method.n_generations_per_prompt must be >= 1, got {m.n_generations_per_prompt}")
+    _require(
+        m.n_generations_per_prompt >= 1,
+        f"method.n_generations_per_prompt must be >= 1, got {m.n_generations_per_prompt}",
+    )
     validate_gen_kwargs(m.gen_kwargs, "method.gen_kwargs")
     try:
         parse_pool_policy(m.pool)
     except ValueError as e:
         raise ConfigError(f"method.pool {e}") from None
-    _require(isinstance(m.replay_share, (int, float)) and not isinstance(m.replay_share, bool)
-             and 0.0 <= m.replay_share < 1.0, f"method.replay_share must be in [0, 1), got {m.replay_share!r}")
-    _require(m.max_per_prompt is None or (isinstance(m.max_per_prompt, int) and not isinstance(m.max_per_prompt, bool)
-                                          and m.max_per_prompt >= 1),
-             f"method.max_per_prompt must be null or an int >= 1, got {m.max_per_prompt!r}")
+    _require(
+        isinstance(m.replay_share, (int, float))
+        and not isinstance(m.replay_share, bool)
+        and 0.0 <= m.replay_share < 1.0,
+        f"method.replay_share must be in [0, 1), got {m.replay_share!r}",
+    )
+    _require(
+        m.max_per_prompt is None
+        or (isinstance(m.max_per_prompt, int) and not isinstance(m.max_per_prompt, bool) and m.max_per_prompt >= 1),
+        f"method.max_per_prompt must be null or an int >= 1, got {m.max_per_prompt!r}",
+    )
     _require(m.overlong in ("keep", "drop"), f"method.overlong must be keep or drop, got {m.overlong!r}")
-    _require(cfg.data.shard in ("interleaved", "contiguous"),
-             f"data.shard must be 'interleaved' or 'contiguous', got {cfg.data.shard!r}")
+    _require(
+        cfg.data.shard in ("interleaved", "contiguous"),
+        f"data.shard must be 'interleaved' or 'contiguous', got {cfg.data.shard!r}",
+    )
     if cfg.train.eval_gen_kwargs is not None:
         validate_gen_kwargs({**m.gen_kwargs, **cfg.train.eval_gen_kwargs}, "train.eval_gen_kwargs")
 
     s = cfg.selection
-    _require(s.strategy in ("per_prompt", "global", "top_k"),
-             f"selection.strategy must be one of per_prompt, global, top_k, got {s.strategy!r}")
+    _require(
+        s.strategy in ("per_prompt", "global", "top_k"),
+        f"selection.strategy must be one of per_prompt, global, top_k, got {s.strategy!r}",
+    )
     _require(s.top_k >= 1, f"selection.top_k must be >= 1, got {s.top_k}")
 
     _require(bool(cfg.model.model_path), "model.model_path is required")
     parse_lora(cfg.model.lora)
-    _require(cfg.model.build in (None, "tiny", "smollm2"),
-             f"model.build must be null, 'tiny' or 'smollm2', got {cfg.model.build!r}")
+    _require(
+        cfg.model.build in (None, "tiny", "smollm2"),
+        f"model.build must be null, 'tiny' or 'smollm2', got {cfg.model.build!r}",
+    )
     sp = cfg.sampler
     _require(sp.backend in ("vllm", "hf"), f"sampler.backend must be 'vllm' or 'hf', got {sp.backend!r}")
     _require(sp.batch_size >= 1, f"sampler.batch_size must be >= 1, got {sp.batch_size}")
-    _require(sp.dtype in ("auto", "float32", "bfloat16", "float16"),
-             f"sampler.dtype must be auto, float32, bfloat16 or float16, got {sp.dtype!r}")
-    _require(sp.max_model_len is None or sp.max_model_len >= 2, f"sampler.max_model_len must be >= 2, got {sp.max_model_len}")
+    _require(
+        sp.dtype in ("auto", "float32", "bfloat16", "float16"),
+        f"sampler.dtype must be auto, float32, bfloat16 or float16, got {sp.dtype!r}",
+    )
+    _require(
+        sp.max_model_len is None or sp.max_model_len >= 2, f"sampler.max_model_len must be >= 2, got {sp.max_model_len}"
+    )
     _require(sp.tensor_parallel_size >= 1, f"sampler.tensor_parallel_size must be >= 1, got {sp.tensor_parallel_size}")
-    _require(0 < sp.gpu_memory_utilization < 1,
-             f"sampler.gpu_memory_utilization must be in (0, 1), got {sp.gpu_memory_utilization}")
-    _require(sp.block_size is None or (isinstance(sp.block_size, int) and sp.block_size > 0),
-             f"sampler.block_size must be a positive integer, got {sp.block_size!r}")
-    _require(sp.kv_cache_memory_bytes is None or sp.kv_cache_memory_bytes >= 2**20,
-             f"sampler.kv_cache_memory_bytes must be >= 1 MiB, got {sp.kv_cache_memory_bytes}")
+    _require(
+        0 < sp.gpu_memory_utilization < 1,
+        f"sampler.gpu_memory_utilization must be in (0, 1), got {sp.gpu_memory_utilization}",
+    )
+    _require(
+        sp.block_size is None or (isinstance(sp.block_size, int) and sp.block_size > 0),
+        f"sampler.block_size must be a positive integer, got {sp.block_size!r}",
+    )
+    _require(
+        sp.kv_cache_memory_bytes is None or sp.kv_cache_memory_bytes >= 2**20,
+        f"sampler.kv_cache_memory_bytes must be >= 1 MiB, got {sp.kv_cache_memory_bytes}",
+    )
     _require(sp.sync_bucket_mb > 0, f"sampler.sync_bucket_mb must be > 0, got {sp.sync_bucket_mb}")
     _require(sp.chunk_prompts >= 1, f"sampler.chunk_prompts must be >= 1, got {sp.chunk_prompts}")
-    _require(sp.parity_check in ("first", "always", "off"),
-             f"sampler.parity_check must be first, always or off, got {sp.parity_check!r}")
-    _require(sp.parity_tolerance is None or sp.parity_tolerance > 0,
-             f"sampler.parity_tolerance must be > 0, got {sp.parity_tolerance}")
+    _require(
+        sp.parity_check in ("first", "always", "off"),
+        f"sampler.parity_check must be first, always or off, got {sp.parity_check!r}",
+    )
+    _require(
+        sp.parity_tolerance is None or sp.parity_tolerance > 0,
+        f"sampler.parity_tolerance must be > 0, got {sp.parity_tolerance}",
+    )
     _require(sp.parity_probes >= 1, f"sampler.parity_probes must be >= 1, got {sp.parity_probes}")
     _require(sp.stale_probes >= 1, f"sampler.stale_probes must be >= 1, got {sp.stale_probes}")
-    _require(sp.stale_tolerance is None or sp.stale_tolerance > 0,
-             f"sampler.stale_tolerance must be > 0, got {sp.stale_tolerance}")
-    _require(all(isinstance(x, str) and x for x in cfg.reward.stop_sequences),
-             "reward.stop_sequences must be a list of non-empty strings")
+    _require(
+        sp.stale_tolerance is None or sp.stale_tolerance > 0,
+        f"sampler.stale_tolerance must be > 0, got {sp.stale_tolerance}",
+    )
+    _require(
+        all(isinstance(x, str) and x for x in cfg.reward.stop_sequences),
+        "reward.stop_sequences must be a list of non-empty strings",
+    )
     for name in ("reward_fn", "metric_fn"):
         v = getattr(cfg.reward, name)
-        _require(v is None or (":" in v and all(v.split(":", 1))),
-                 f"reward.{name} must look like 'module:function', got {v!r}")
+        _require(
+            v is None or (":" in v and all(v.split(":", 1))),
+            f"reward.{name} must look like 'module:function', got {v!r}",
+        )
     r = cfg.reward
     _require(r.batch_size is None or r.batch_size >= 1, f"reward.batch_size must be >= 1, got {r.batch_size}")
-    _require(r.reward_model_batch_size >= 1, f"reward.reward_model_batch_size must be >= 1, got {r.reward_model_batch_size}")
-    _require(r.reward_model_max_length >= 2, f"reward.reward_model_max_length must be >= 2, got {r.reward_model_max_length}")
+    _require(
+        r.reward_model_batch_size >= 1, f"reward.reward_model_batch_size must be >= 1, got {r.reward_model_batch_size}"
+    )
+    _require(
+        r.reward_model_max_length >= 2, f"reward.reward_model_max_length must be >= 2, got {r.reward_model_max_length}"
+    )
     _require(r.max_concurrency >= 1, f"reward.max_concurrency must be >= 1, got {r.max_concurrency}")
     _require(r.timeout_s is None or r.timeout_s > 0, f"reward.timeout_s must be > 0, got {r.timeout_s}")
     _require(r.http_retries >= 0, f"reward.http_retries must be >= 0, got {r.http_retries}")
     for i, spec in enumerate(r.functions):
-        _require(callable(spec) or (isinstance(spec, str) and ":" in spec) or isinstance(spec, dict),
-                 f"reward.functions[{i}] must be 'module:function' or a mapping, got {spec!r}")
-    _require(r.weights is None or (isinstance(r.weights, list) and all(
-        isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in r.weights)),
-             f"reward.weights must be a list of numbers, got {r.weights!r}")
+        _require(
+            callable(spec) or (isinstance(spec, str) and ":" in spec) or isinstance(spec, dict),
+            f"reward.functions[{i}] must be 'module:function' or a mapping, got {spec!r}",
+        )
+    _require(
+        r.weights is None
+        or (
+            isinstance(r.weights, list)
+            and all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in r.weights)
+        ),
+        f"reward.weights must be a list of numbers, got {r.weights!r}",
+    )
     _require(cfg.data.max_prompt_length >= 1, f"data.max_prompt_length must be >= 1, got {cfg.data.max_prompt_length}")
     # A reward model sees the whole prompt: its input must hold the longest prompt and some completion. Counted
     # in the policy's tokens here; the reward model's own tokenizer may differ, so RewardModel checks again.
     rm_lengths = [("reward.reward_model_max_length", r.reward_model_max_length)] if r.reward_model else []
-    rm_lengths += [(f"reward.functions[{i}].max_length", spec.get("max_length") or 512)  # 512: build_terms' default
-                   for i, spec in enumerate(r.functions) if isinstance(spec, dict) and spec.get("reward_model") is not None]
+    rm_lengths += [
+        (f"reward.functions[{i}].max_length", spec.get("max_length") or 512)  # 512: build_terms' default
+        for i, spec in enumerate(r.functions)
+        if isinstance(spec, dict) and spec.get("reward_model") is not None
+    ]
     for name, ml in rm_lengths:
-        _require(isinstance(ml, int) and not isinstance(ml, bool) and ml > cfg.data.max_prompt_length,
-                 f"{name} ({ml!r}) must exceed data.max_prompt_length ({cfg.data.max_prompt_length}): the reward "
-                 "model must see each whole prompt and some of its completion")
+        _require(
+            isinstance(ml, int) and not isinstance(ml, bool) and ml > cfg.data.max_prompt_length,
+            f"{name} ({ml!r}) must exceed data.max_prompt_length ({cfg.data.max_prompt_length}): the reward "
+            "model must see each whole prompt and some of its completion",
+        )
 
     t = cfg.train
     _require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
@@ -539,32 +603,52 @@ def validate(cfg: RFTRunConfig) -> None:
     _require(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}")
     _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     if t.max_seq_length != "auto":
-        _require(isinstance(t.max_seq_length, int) and not isinstance(t.max_seq_length, bool) and t.max_seq_length >= 2,
-                 f"train.max_seq_length must be auto or an int >= 2, got {t.max_seq_length!r}")
+        _require(
+            isinstance(t.max_seq_length, int) and not isinstance(t.max_seq_length, bool) and t.max_seq_length >= 2,
+            f"train.max_seq_length must be auto or an int >= 2, got {t.max_seq_length!r}",
+        )
         need = m.gen_kwargs["max_new_tokens"] + 2  # a prompt token, the completion, its EOS
-        _require(t.max_seq_length >= need,
-                 f"train.max_seq_length ({t.max_seq_length}) cannot hold a completion of method.gen_kwargs.max_new_tokens "
-                 f"({m.gen_kwargs['max_new_tokens']}) with its prompt and EOS: completions would be cut; use auto or >= {need}")
-    _require(isinstance(t.logprob_chunk, int) and t.logprob_chunk >= 0,
-             f"train.logprob_chunk must be an int >= 0 (0: no chunks), got {t.logprob_chunk!r}")
-    _require(cfg.model.gradient_checkpointing in ("auto", True, False),
-             f"model.gradient_checkpointing must be auto, true or false, got {cfg.model.gradient_checkpointing!r}")
-    _require(cfg.model.gradient_checkpointing_tokens is None or cfg.model.gradient_checkpointing_tokens >= 1,
-             f"model.gradient_checkpointing_tokens must be >= 1, got {cfg.model.gradient_checkpointing_tokens}")
-    _require(isinstance(t.sequence_parallel, int) and not isinstance(t.sequence_parallel, bool)
-             and t.sequence_parallel >= 1, f"train.sequence_parallel must be an int >= 1, got {t.sequence_parallel!r}")
-    _require(t.sequence_parallel == 1 or cfg.sampler.backend == "vllm",
-             "train.sequence_parallel > 1 needs sampler.backend: vllm (the hf sampler generates with the learner's "
-             "model, whose attention is then split over ranks)")
-    _require(t.sequence_parallel == 1 or not cfg.model.trust_remote_code,
-             "train.sequence_parallel > 1 needs transformers' own model code, not model.trust_remote_code")
+        _require(
+            t.max_seq_length >= need,
+            f"train.max_seq_length ({t.max_seq_length}) cannot hold a completion of method.gen_kwargs.max_new_tokens "
+            f"({m.gen_kwargs['max_new_tokens']}) with its prompt and EOS: completions would be cut; use auto or "
+            f">= {need}",
+        )
+    _require(
+        isinstance(t.logprob_chunk, int) and t.logprob_chunk >= 0,
+        f"train.logprob_chunk must be an int >= 0 (0: no chunks), got {t.logprob_chunk!r}",
+    )
+    _require(
+        cfg.model.gradient_checkpointing in ("auto", True, False),
+        f"model.gradient_checkpointing must be auto, true or false, got {cfg.model.gradient_checkpointing!r}",
+    )
+    _require(
+        cfg.model.gradient_checkpointing_tokens is None or cfg.model.gradient_checkpointing_tokens >= 1,
+        f"model.gradient_checkpointing_tokens must be >= 1, got {cfg.model.gradient_checkpointing_tokens}",
+    )
+    _require(
+        isinstance(t.sequence_parallel, int) and not isinstance(t.sequence_parallel, bool) and t.sequence_parallel >= 1,
+        f"train.sequence_parallel must be an int >= 1, got {t.sequence_parallel!r}",
+    )
+    _require(
+        t.sequence_parallel == 1 or cfg.sampler.backend == "vllm",
+        "train.sequence_parallel > 1 needs sampler.backend: vllm (the hf sampler generates with the learner's "
+        "model, whose attention is then split over ranks)",
+    )
+    _require(
+        t.sequence_parallel == 1 or not cfg.model.trust_remote_code,
+        "train.sequence_parallel > 1 needs transformers' own model code, not model.trust_remote_code",
+    )
     _require(t.eval_interval >= 0, f"train.eval_interval must be >= 0, got {t.eval_interval}")
     _require(t.save_interval >= 0, f"train.save_interval must be >= 0, got {t.save_interval}")
     _require(t.keep_last >= 1, f"train.keep_last must be >= 1, got {t.keep_last}")
     _require(t.save_every_steps >= 0, f"train.save_every_steps must be >= 0, got {t.save_every_steps}")
     _require(t.save_every_minutes >= 0, f"train.save_every_minutes must be >= 0, got {t.save_every_minutes}")
     _require(t.save_before_end_s >= 0, f"train.save_before_end_s must be >= 0, got {t.save_before_end_s}")
-    _require(t.dist_backend in ("auto", "gloo", "nccl"), f"train.dist_backend must be auto, gloo or nccl, got {t.dist_backend!r}")
+    _require(
+        t.dist_backend in ("auto", "gloo", "nccl"),
+        f"train.dist_backend must be auto, gloo or nccl, got {t.dist_backend!r}",
+    )
     _require(t.dist_timeout_s >= 1, f"train.dist_timeout_s must be >= 1, got {t.dist_timeout_s}")
     _require(bool(t.output_dir), "train.output_dir is required")
     sets = parse_sets(cfg)  # the API's eval_prompts, when given, are checked again in prepare
@@ -583,18 +667,39 @@ def yaml_safe(d: Any) -> Any:
 
 # What a resume must not change silently: fields that decide which completions are sampled, how they are
 # selected and what the model trains on. A field here ending in ".*" covers its whole section.
-RESUME_FIELDS = ("model.model_path", "model.tokenizer_path", "model.lora", "data.prompt_field", "data.metadata_fields",
-                 "data.apply_chat_template", "data.system_prompt", "data.max_prompt_length", "data.shard",
-                 "data.replay_prompts", "method.*", "selection.*",
-                 "reward.reward_fn", "reward.functions", "reward.weights", "reward.url", "reward.reward_model",
-                 "reward.reward_model_label", "sampler.backend",
-                 "sampler.chunk_prompts", "train.seed", "train.max_seq_length", "train.micro_batch_size",
-                 "train.gradient_accumulation_steps", "train.sequence_parallel")
+RESUME_FIELDS = (
+    "model.model_path",
+    "model.tokenizer_path",
+    "model.lora",
+    "data.prompt_field",
+    "data.metadata_fields",
+    "data.apply_chat_template",
+    "data.system_prompt",
+    "data.max_prompt_length",
+    "data.shard",
+    "data.replay_prompts",
+    "method.*",
+    "selection.*",
+    "reward.reward_fn",
+    "reward.functions",
+    "reward.weights",
+    "reward.url",
+    "reward.reward_model",
+    "reward.reward_model_label",
+    "sampler.backend",
+    "sampler.chunk_prompts",
+    "train.seed",
+    "train.max_seq_length",
+    "train.micro_batch_size",
+    "train.gradient_accumulation_steps",
+    "train.sequence_parallel",
+)
 
 
 def resume_changes(saved: dict, now: dict) -> list[str]:
     """The RESUME_FIELDS whose value differs between the checkpoint's config and this run's, as
     'field (old -> new)'. Pure: both are RFTRunConfig.to_dict() forms."""
+
     def flat(d: dict, prefix: str = "") -> dict:
         out = {}
         for k, v in d.items():
@@ -603,8 +708,9 @@ def resume_changes(saved: dict, now: dict) -> list[str]:
 
     # a field newer than the checkpoint counts as its default there
     a, b = {**flat(RFTRunConfig().to_dict()), **flat(saved)}, flat(now)
-    keys = sorted(k for k in set(a) | set(b)
-                  if any(k == f or (f.endswith(".*") and k.startswith(f[:-1])) for f in RESUME_FIELDS))
+    keys = sorted(
+        k for k in set(a) | set(b) if any(k == f or (f.endswith(".*") and k.startswith(f[:-1])) for f in RESUME_FIELDS)
+    )
     return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys if a.get(k) != b.get(k)]
 
 
@@ -612,8 +718,20 @@ def resume_changes(saved: dict, now: dict) -> list[str]:
 # config; their metrics' math and the driver that runs them are in rft_ds/evaluation.py.
 
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
-SET_KEYS = ("name", "prompts", "split", "reward_fn", "metric_fn", "answer_fn", "n_samples", "gen_kwargs", "greedy",
-            "pass_k", "maj_k", "pass_threshold")
+SET_KEYS = (
+    "name",
+    "prompts",
+    "split",
+    "reward_fn",
+    "metric_fn",
+    "answer_fn",
+    "n_samples",
+    "gen_kwargs",
+    "greedy",
+    "pass_k",
+    "maj_k",
+    "pass_threshold",
+)
 
 
 @dataclass
@@ -654,9 +772,13 @@ def parse_sets(cfg: RFTRunConfig, eval_prompts: Any = None, metric_fn: Any = Non
         if legacy is None:
             return []
         gk = {**base, **(cfg.train.eval_gen_kwargs or {})}
-        one = {"name": "eval", "prompts": legacy, "split": cfg.data.eval_split,
-               "metric_fn": metric_fn if metric_fn is not None else cfg.reward.metric_fn,
-               "gen_kwargs": cfg.train.eval_gen_kwargs or {}}
+        one = {
+            "name": "eval",
+            "prompts": legacy,
+            "split": cfg.data.eval_split,
+            "metric_fn": metric_fn if metric_fn is not None else cfg.reward.metric_fn,
+            "gen_kwargs": cfg.train.eval_gen_kwargs or {},
+        }
         return [_parse_set(one, base, "eval", gk)]
     if legacy is not None:
         where = "the eval_prompts argument" if eval_prompts is not None else "data.eval_prompts"
@@ -695,14 +817,18 @@ def _parse_set(d: Any, base_gen: dict, where: str, merged: dict | None = None) -
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ConfigError(f"{where}.n_samples must be an int >= 1, got {n!r}")
     if n > 1 and not sampled:
-        raise ConfigError(f"{where}.n_samples is {n} but its gen_kwargs do not sample (do_sample: false): "
-                          "every completion would be the same")
+        raise ConfigError(
+            f"{where}.n_samples is {n} but its gen_kwargs do not sample (do_sample: false): "
+            "every completion would be the same"
+        )
     greedy = d.get("greedy", False)
     if not isinstance(greedy, bool):
         raise ConfigError(f"{where}.greedy must be true or false, got {greedy!r}")
     if greedy and not sampled:
-        raise ConfigError(f"{where}.greedy: true would repeat its own completions: its gen_kwargs already do not "
-                          "sample (do_sample: false), so reward_mean and pass@1 are the greedy numbers")
+        raise ConfigError(
+            f"{where}.greedy: true would repeat its own completions: its gen_kwargs already do not "
+            "sample (do_sample: false), so reward_mean and pass@1 are the greedy numbers"
+        )
     thr = d.get("pass_threshold", 1.0)
     if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not math.isfinite(thr):
         raise ConfigError(f"{where}.pass_threshold must be a number, got {thr!r}")
@@ -718,8 +844,20 @@ def _parse_set(d: Any, base_gen: dict, where: str, merged: dict | None = None) -
     split = d.get("split", "test")
     if not isinstance(split, str):
         raise ConfigError(f"{where}.split must be a string, got {split!r}")
-    return EvalSet(name, d["prompts"], split, d.get("reward_fn"), d.get("metric_fn"), answer_fn, n, gk, greedy,
-                   pass_k, maj_k, float(thr))
+    return EvalSet(
+        name,
+        d["prompts"],
+        split,
+        d.get("reward_fn"),
+        d.get("metric_fn"),
+        answer_fn,
+        n,
+        gk,
+        greedy,
+        pass_k,
+        maj_k,
+        float(thr),
+    )
 
 
 def _ks(value: Any, default: list[int], n: int, where: str) -> list[int]:
@@ -745,14 +883,17 @@ def best_metric(setting: str, sets: Sequence[EvalSet]) -> tuple[EvalSet, str] | 
             return s, "greedy_reward_mean"
         if not s.sampled or s.n_samples >= 4:
             return s, "reward_mean"
-        raise ConfigError(f"train.best_metric auto: eval set {s.name!r} samples {s.n_samples} completion(s) per prompt "
-                          "at do_sample true, too noisy to pick best_model/ by; set its greedy: true or n_samples >= 4, "
-                          "name a metric (train.best_metric: <set>/<metric>), or train.save_best_model: false")
+        raise ConfigError(
+            f"train.best_metric auto: eval set {s.name!r} samples {s.n_samples} completion(s) per prompt "
+            "at do_sample true, too noisy to pick best_model/ by; set its greedy: true or n_samples >= 4, "
+            "name a metric (train.best_metric: <set>/<metric>), or train.save_best_model: false"
+        )
     name, sep, metric = setting.partition("/")
     by_name = {s.name: s for s in sets}
     if not sep or not metric or name not in by_name:
-        raise ConfigError(f"train.best_metric must be 'auto' or '<set>/<metric>' with a set of "
-                          f"{', '.join(by_name)}, got {setting!r}")
+        raise ConfigError(
+            f"train.best_metric must be 'auto' or '<set>/<metric>' with a set of {', '.join(by_name)}, got {setting!r}"
+        )
     s = by_name[name]
     if metric not in s.metrics() and s.metric_fn is None:
         raise ConfigError(f"train.best_metric {setting!r}: set {name!r} reports {', '.join(s.metrics())}")

@@ -32,7 +32,7 @@ class PromptSet:
     texts: list[str]
     metadata: list[dict]
     records: list[PromptRecord] = field(default_factory=list)
-    replay: "PromptSet | None" = None  # the training prompts' data.replay_prompts (rft_ds/replay.py)
+    replay: PromptSet | None = None  # the training prompts' data.replay_prompts (rft_ds/replay.py)
 
 
 def import_object(spec: str, what: str) -> Any:
@@ -69,8 +69,10 @@ def load_source(source: Any, what: str, prompt_field: str = "prompt", split: str
     if isinstance(source, Path):
         source = str(source)
     if not isinstance(source, str):
-        raise DataError(f"{what} must be a list, a datasets.Dataset, a file or directory path, or 'module:function', "
-                        f"got {type(source).__name__}")
+        raise DataError(
+            f"{what} must be a list, a datasets.Dataset, a file or directory path, or 'module:function', "
+            f"got {type(source).__name__}"
+        )
     if source.startswith("reasoning_gym:"):  # reasoning_gym:<task>?size=..&seed=..: generated, not read
         from rft_ds.tasks import reasoning_gym
 
@@ -91,8 +93,10 @@ def load_source(source: Any, what: str, prompt_field: str = "prompt", split: str
         if not isinstance(items, (list, tuple)):
             raise DataError(f"{what}: {source} must return a list or a datasets.Dataset, got {type(items).__name__}")
         return list(items)
-    raise DataError(f"{what}: {source!r} is not a directory, a data file ({', '.join(['.jsonl', *DATA_FILE_BUILDERS])}) "
-                    "or 'module:function'")
+    raise DataError(
+        f"{what}: {source!r} is not a directory, a data file ({', '.join(['.jsonl', *DATA_FILE_BUILDERS])}) "
+        "or 'module:function'"
+    )
 
 
 def _is_hf_dataset(obj: Any) -> bool:
@@ -102,15 +106,19 @@ def _is_hf_dataset(obj: Any) -> bool:
 def _rows(ds: Any, what: str, split: str) -> list[dict]:
     if type(ds).__name__ == "DatasetDict":
         if split not in ds:
-            raise DataError(f"{what}: the dataset has splits {sorted(ds)}, not {split!r} (data.split / data.eval_split)")
+            raise DataError(
+                f"{what}: the dataset has splits {sorted(ds)}, not {split!r} (data.split / data.eval_split)"
+            )
         ds = ds[split]
     return ds.to_list()
 
 
 def _load_from_disk(path: Path, what: str, split: str) -> list[dict]:
     if not ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
-        raise DataError(f"{what}: directory {path} is not a dataset saved with save_to_disk "
-                        "(no dataset_info.json or dataset_dict.json)")
+        raise DataError(
+            f"{what}: directory {path} is not a dataset saved with save_to_disk "
+            "(no dataset_info.json or dataset_dict.json)"
+        )
     import datasets
 
     try:
@@ -159,8 +167,9 @@ def _read_jsonl(path: Path, what: str, prompt_field: str) -> list:
     return items
 
 
-def normalize(items: Sequence, what: str, prompt_field: str = "prompt",
-              metadata_fields: Sequence[str] | None = None) -> tuple[list, list[dict]]:
+def normalize(
+    items: Sequence, what: str, prompt_field: str = "prompt", metadata_fields: Sequence[str] | None = None
+) -> tuple[list, list[dict]]:
     """trlx accepts strings or dicts with the prompt plus metadata; return (texts, metadata). A prompt may
     also be a list of chat messages ({"role", "content"}), kept as that list until `tokenize` renders it.
     metadata_fields: the fields passed on to reward_fn/metric_fn (None: every field but the prompt)."""
@@ -187,8 +196,10 @@ def normalize(items: Sequence, what: str, prompt_field: str = "prompt",
         if isinstance(text, (list, tuple)):
             text = check_messages(text, f"{what}[{i}]")
             if "messages" in meta:
-                raise DataError(f"{what}[{i}] metadata key 'messages' is reserved: reward functions get a chat "
-                                "prompt's messages under that name")
+                raise DataError(
+                    f"{what}[{i}] metadata key 'messages' is reserved: reward functions get a chat "
+                    "prompt's messages under that name"
+                )
         elif not isinstance(text, str):
             raise DataError(f"{what}[{i}] must be a string or a list of chat messages, got {type(text).__name__}")
         if not text:
@@ -236,8 +247,15 @@ def format_prompt(text: str | list, tokenizer: Any, chat: bool, system_prompt: s
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def tokenize(texts: Sequence[str | list], metas: Sequence[dict], tokenizer: Any, max_len: int, what: str,
-             chat: bool = False, system_prompt: str | None = None) -> list[PromptRecord]:
+def tokenize(
+    texts: Sequence[str | list],
+    metas: Sequence[dict],
+    tokenizer: Any,
+    max_len: int,
+    what: str,
+    chat: bool = False,
+    system_prompt: str | None = None,
+) -> list[PromptRecord]:
     """Token ids of each prompt. With a chat template the template adds the special tokens itself. A chat
     prompt (a list of messages) needs the template; its record's text is its last user message and its
     metadata gains the messages, so reward functions see both."""
@@ -245,13 +263,17 @@ def tokenize(texts: Sequence[str | list], metas: Sequence[dict], tokenizer: Any,
     for i, (text, meta) in enumerate(zip(texts, metas)):
         if isinstance(text, list):
             if not chat:
-                raise DataError(f"{what}[{i}] is a list of chat messages, which needs the tokenizer's chat template "
-                                "(data.apply_chat_template is false, or the tokenizer has none)")
+                raise DataError(
+                    f"{what}[{i}] is a list of chat messages, which needs the tokenizer's chat template "
+                    "(data.apply_chat_template is false, or the tokenizer has none)"
+                )
             meta = {**meta, "messages": text}
         ids = tokenizer(format_prompt(text, tokenizer, chat, system_prompt), add_special_tokens=not chat)["input_ids"]
         if len(ids) > max_len:
-            raise DataError(f"{what}[{i}] is {len(ids)} tokens, longer than the limit of {max_len} "
-                            "(data.max_prompt_length, and the model's positions minus max_new_tokens)")
+            raise DataError(
+                f"{what}[{i}] is {len(ids)} tokens, longer than the limit of {max_len} "
+                "(data.max_prompt_length, and the model's positions minus max_new_tokens)"
+            )
         if not ids:
             raise DataError(f"{what}[{i}] tokenizes to no tokens")
         records.append(PromptRecord(i, chat_text(text) if isinstance(text, list) else text, list(ids), meta))

@@ -38,13 +38,17 @@ class RendezvousError(RankError):
 def rendezvous_problem(env: Mapping[str, str], timeout_s: int, e: BaseException) -> str:
     """One line naming what was tried, for a failed init of the process group."""
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-    iface = ", ".join(f"{k}={env[k]}" for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if env.get(k)) or \
-        "GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME unset"
-    return (f"rank {env.get('RANK', '?')} of {env.get('WORLD_SIZE', '?')} on {socket.gethostname()} could not join the "
-            f"process group at MASTER_ADDR={env.get('MASTER_ADDR')} MASTER_PORT={env.get('MASTER_PORT')} within "
-            f"train.dist_timeout_s={timeout_s} ({iface}): {type(e).__name__}: {first}. MASTER_ADDR must be the first "
-            "node's address as every node reaches it; on several interfaces set GLOO_SOCKET_IFNAME (CPU) or "
-            "NCCL_SOCKET_IFNAME (GPU) to the one between the nodes")
+    iface = (
+        ", ".join(f"{k}={env[k]}" for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if env.get(k))
+        or "GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME unset"
+    )
+    return (
+        f"rank {env.get('RANK', '?')} of {env.get('WORLD_SIZE', '?')} on {socket.gethostname()} could not join the "
+        f"process group at MASTER_ADDR={env.get('MASTER_ADDR')} MASTER_PORT={env.get('MASTER_PORT')} within "
+        f"train.dist_timeout_s={timeout_s} ({iface}): {type(e).__name__}: {first}. MASTER_ADDR must be the first "
+        "node's address as every node reaches it; on several interfaces set GLOO_SOCKET_IFNAME (CPU) or "
+        "NCCL_SOCKET_IFNAME (GPU) to the one between the nodes"
+    )
 
 
 class DeviceError(ConfigError):
@@ -100,8 +104,11 @@ def local_device(env: Mapping[str, str], cuda_count: int) -> str:
     Raises DeviceError, the same on every rank of a node, when the ranks outnumber the GPUs."""
     if cuda_count <= 0:
         return "cpu"
-    visible = f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']!r}" if "CUDA_VISIBLE_DEVICES" in env else \
-        "CUDA_VISIBLE_DEVICES unset"
+    visible = (
+        f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']!r}"
+        if "CUDA_VISIBLE_DEVICES" in env
+        else "CUDA_VISIBLE_DEVICES unset"
+    )
     launcher = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE")
     if launcher:
         local, n_local, who = int(env.get("LOCAL_RANK", "0")), int(launcher), "the launcher"
@@ -112,8 +119,10 @@ def local_device(env: Mapping[str, str], cuda_count: int) -> str:
     else:
         local, n_local, who = int(env.get("LOCAL_RANK", "0")), None, "this process"
     if n_local is not None and n_local > cuda_count:
-        raise DeviceError(f"{who} started {n_local} ranks on this node but only {cuda_count} GPU(s) are visible "
-                          f"({visible}); start one rank per GPU (srun: --gpus-per-task=1 or --gpus-per-node={n_local})")
+        raise DeviceError(
+            f"{who} started {n_local} ranks on this node but only {cuda_count} GPU(s) are visible "
+            f"({visible}); start one rank per GPU (srun: --gpus-per-task=1 or --gpus-per-node={n_local})"
+        )
     if local >= cuda_count:
         raise DeviceError(f"local rank {local} has no GPU: only {cuda_count} visible ({visible})")
     return f"cuda:{local}"
@@ -124,9 +133,11 @@ def resolve_backend(requested: str, cuda_count: int) -> str:
     if requested == "auto":
         return "nccl" if cuda_count > 0 else "gloo"
     if requested == "nccl" and cuda_count <= 0:
-        raise DeviceError("train.dist_backend=nccl but no CUDA device is visible on this host "
-                          f"(torch {torch.__version__}, CUDA {'built' if torch.backends.cuda.is_built() else 'not built'})"
-                          "; use train.dist_backend=gloo (or auto) on CPU")
+        raise DeviceError(
+            "train.dist_backend=nccl but no CUDA device is visible on this host "
+            f"(torch {torch.__version__}, CUDA {'built' if torch.backends.cuda.is_built() else 'not built'})"
+            "; use train.dist_backend=gloo (or auto) on CPU"
+        )
     return requested
 
 
@@ -203,8 +214,10 @@ def _release_deepspeed_shm() -> None:
     Once every rank has mapped every buffer (init returned everywhere: the barrier), the names can go;
     the mappings stay valid for the rest of the run, and nothing is left behind even after a kill -9."""
     shm = Path("/dev/shm")
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_" \
-           f"{os.environ.get('MASTER_PORT', '')}_{rank()}"
+    name = (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+        f"{os.environ.get('MASTER_PORT', '')}_{rank()}"
+    )
     if world_size() > 1 and os.environ.get("LOCAL_SIZE") == str(world_size()):  # DeepSpeed's own condition
         barrier()
         (shm / name).unlink(missing_ok=True)
@@ -321,8 +334,12 @@ def all_to_all_int32(send: list, recv_sizes: list[int]) -> list:
     dev = comm_device()
     flat = np.concatenate([np.asarray(a, dtype=np.int32) for a in send]) if send else np.zeros(0, np.int32)
     out = torch.empty(int(sum(recv_sizes)), dtype=torch.int32, device=dev)
-    dist.all_to_all_single(out, torch.from_numpy(flat).to(dev), output_split_sizes=[int(n) for n in recv_sizes],
-                           input_split_sizes=[len(a) for a in send])
+    dist.all_to_all_single(
+        out,
+        torch.from_numpy(flat).to(dev),
+        output_split_sizes=[int(n) for n in recv_sizes],
+        input_split_sizes=[len(a) for a in send],
+    )
     return np.split(out.cpu().numpy(), np.cumsum(recv_sizes)[:-1])
 
 

@@ -27,12 +27,12 @@ from typing import Any, Hashable, Sequence
 import numpy as np
 
 from rft_ds import distributed as D
+from rft_ds.config import EvalSet, best_metric, parse_sets  # noqa: F401 (parsed with the config; imported from here too)
 from rft_ds.data import PromptSet, deal_prompts
 from rft_ds.errors import ConfigError, RewardError
 from rft_ds.samples import sample_seed
 from rft_ds.scoring import score_shard, term_means
 
-from rft_ds.config import EvalSet, best_metric, parse_sets  # noqa: F401 (parsed with the config; imported from here too)
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """The unbiased pass@k of one prompt with c passing samples out of n (Chen et al. 2021):
@@ -59,7 +59,7 @@ def maj_at_k(answers: Sequence[Hashable | None], passed: Sequence[bool], k: int)
         raise ValueError(f"maj@{k} needs at least {k} samples, got {len(answers)}")
     total = 0.0
     for g in range(groups):
-        a, p = answers[g * k:(g + 1) * k], passed[g * k:(g + 1) * k]
+        a, p = answers[g * k : (g + 1) * k], passed[g * k : (g + 1) * k]
         votes = Counter(x for x in a if x is not None)
         if not votes:
             continue
@@ -125,10 +125,14 @@ def evaluate_set(ev: EvalData, ctx: EvalContext, seed: int) -> dict[str, Any]:
         for k in spec.maj_k:
             sums[f"maj@{k}"] = sum(maj_at_k(answers[a:b], passed[a:b].tolist(), k) for a, b in spans)
     if spec.greedy:
-        _, g_scores, _, _, _ = _sample_and_score(ev, ctx, mine, 1, {**spec.gen_kwargs, "do_sample": False}, seed,
-                                                 " greedy")
-        sums.update(greedy_reward=float(g_scores.sum()), greedy_passed=float((g_scores >= spec.pass_threshold).sum()),
-                    greedy_samples=float(len(g_scores)))
+        _, g_scores, _, _, _ = _sample_and_score(
+            ev, ctx, mine, 1, {**spec.gen_kwargs, "do_sample": False}, seed, " greedy"
+        )
+        sums.update(
+            greedy_reward=float(g_scores.sum()),
+            greedy_passed=float((g_scores >= spec.pass_threshold).sum()),
+            greedy_samples=float(len(g_scores)),
+        )
     total = dict(zip(sums, D.all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()))
     result: dict[str, Any] = {spec.key("reward_mean"): total["reward"] / max(total["samples"], 1)}
     for name in [f"pass@{k}" for k in spec.pass_k] + [f"maj@{k}" for k in spec.maj_k]:
@@ -142,20 +146,30 @@ def evaluate_set(ev: EvalData, ctx: EvalContext, seed: int) -> dict[str, Any]:
     return result
 
 
-def _sample_and_score(ev: EvalData, ctx: EvalContext, mine: list, n: int, gen_kwargs: dict, seed: int,
-                      what: str) -> tuple[list[int], np.ndarray, list[str], np.ndarray, list[tuple[int, int]]]:
+def _sample_and_score(
+    ev: EvalData, ctx: EvalContext, mine: list, n: int, gen_kwargs: dict, seed: int, what: str
+) -> tuple[list[int], np.ndarray, list[str], np.ndarray, list[tuple[int, int]]]:
     """n completions of each of this rank's prompts, scored: (prompt id per sample, scores, outputs, each
     term's scores, each prompt's span of samples). Every rank of an engine group generates (its collectives
     need all); only the group's leader scores and counts them."""
     name = "eval" if ev.spec.name == "eval" else f"eval {ev.spec.name}"
-    comps = ctx.sampler.generate([r.token_ids for r in mine], n, gen_kwargs, seed,
-                                f"{name}: sample{what}" if ctx.show else None)
+    comps = ctx.sampler.generate(
+        [r.token_ids for r in mine], n, gen_kwargs, seed, f"{name}: sample{what}" if ctx.show else None
+    )
     if not ctx.contributes:
         mine, comps = [], []
     pids = [r.id for r, cs in zip(mine, comps) for _ in cs]
-    scores, outputs, parts = score_shard(ev.rewards, pids, [c.token_ids for cs in comps for c in cs], ev.prompts.texts,
-                                         ev.prompts.metadata, ctx.tokenizer, ctx.stop_sequences, ctx.reward_cfg,
-                                         f"{name}: score{what}" if ctx.show else None)
+    scores, outputs, parts = score_shard(
+        ev.rewards,
+        pids,
+        [c.token_ids for cs in comps for c in cs],
+        ev.prompts.texts,
+        ev.prompts.metadata,
+        ctx.tokenizer,
+        ctx.stop_sequences,
+        ctx.reward_cfg,
+        f"{name}: score{what}" if ctx.show else None,
+    )
     ends = np.cumsum([len(cs) for cs in comps]).tolist()
     return pids, scores, outputs, parts, list(zip([0] + ends[:-1], ends))
 
@@ -171,11 +185,16 @@ def _metric_fn(ev: EvalData, pids: list[int], outputs: list[str]) -> dict:
             pids, outputs = [p for p, _ in pairs], [o for _, o in pairs]
             data = ev.prompts
             prompts = [data.texts[p] for p in pids]
-            meta = {k: [data.metadata[p].get(k) for p in pids] for k in sorted({k for p in pids for k in data.metadata[p]})}
-            extra = ev.metric_fn(samples=[p + o for p, o in zip(prompts, outputs)], prompts=prompts, outputs=outputs,
-                                 **meta)
+            meta = {
+                k: [data.metadata[p].get(k) for p in pids] for k in sorted({k for p in pids for k in data.metadata[p]})
+            }
+            extra = ev.metric_fn(
+                samples=[p + o for p, o in zip(prompts, outputs)], prompts=prompts, outputs=outputs, **meta
+            )
             if not isinstance(extra, dict):
-                raise RewardError(f"metric_fn of eval set {ev.spec.name} must return a dict, got {type(extra).__name__}")
+                raise RewardError(
+                    f"metric_fn of eval set {ev.spec.name} must return a dict, got {type(extra).__name__}"
+                )
     return D.broadcast_object(extra)
 
 
@@ -184,8 +203,10 @@ def best_key(best: tuple[EvalSet, str], record: dict) -> str:
     spec, metric = best
     key = spec.key(metric)
     if not isinstance(record.get(key), (int, float)) or isinstance(record.get(key), bool):
-        raise ConfigError(f"train.best_metric {spec.name}/{metric}: eval set {spec.name} reported no number {key}; it "
-                          f"reported {', '.join(k for k in record if k.startswith(spec.key('')))}")
+        raise ConfigError(
+            f"train.best_metric {spec.name}/{metric}: eval set {spec.name} reported no number {key}; it "
+            f"reported {', '.join(k for k in record if k.startswith(spec.key('')))}"
+        )
     return key
 
 

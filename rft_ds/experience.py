@@ -25,8 +25,9 @@ class Row:
     ref_logprobs: np.ndarray | None = None
 
 
-def build_row(prompt_ids: Sequence[int], completion_ids: Sequence[int], eos: bool, eos_id: int,
-              max_len: int) -> Row | None:
+def build_row(
+    prompt_ids: Sequence[int], completion_ids: Sequence[int], eos: bool, eos_id: int, max_len: int
+) -> Row | None:
     """prompt ⊕ completion ⊕ (EOS if it ended by EOS); labels only on the completion part.
     Truncated on the right to max_len; None when nothing is left to learn."""
     completion = list(completion_ids) + ([eos_id] if eos else [])
@@ -69,12 +70,12 @@ def balance_plan(owner: np.ndarray, world_size: int) -> list[np.ndarray]:
     share[np.argsort(-counts, kind="stable")[: n % world_size]] += 1
     by_owner = np.argsort(owner, kind="stable")  # one pass, not one per rank: rows in order within a rank
     rows_of = np.split(by_owner, np.cumsum(counts)[:-1])
-    surplus = np.concatenate([rows_of[r][share[r]:] for r in range(world_size)])
+    surplus = np.concatenate([rows_of[r][share[r] :] for r in range(world_size)])
     at = 0
     for r in range(world_size):
         kept = rows_of[r][: share[r]]
         need = share[r] - len(kept)
-        plan[r] = np.concatenate([kept, surplus[at:at + need]])
+        plan[r] = np.concatenate([kept, surplus[at : at + need]])
         at += need
     return plan
 
@@ -82,9 +83,17 @@ def balance_plan(owner: np.ndarray, world_size: int) -> list[np.ndarray]:
 GROUP_WINDOW = 16  # micro-batches whose rows are sorted by length together (group_by_length)
 
 
-def plan_micro_batches(n_rows: int, steps: int, seed: int, epoch: int, rank: int, micro_batch_size: int,
-                       grad_accum: int, lengths: Sequence[int] | None = None,
-                       groups: Sequence[int] | None = None) -> list[np.ndarray]:
+def plan_micro_batches(
+    n_rows: int,
+    steps: int,
+    seed: int,
+    epoch: int,
+    rank: int,
+    micro_batch_size: int,
+    grad_accum: int,
+    lengths: Sequence[int] | None = None,
+    groups: Sequence[int] | None = None,
+) -> list[np.ndarray]:
     """Indices into this rank's `n_rows` rows for each of its steps * grad_accum micro-batches, in order.
 
     A deterministic shuffle from (seed, epoch, rank), cut into that many micro-batches of nearly equal size
@@ -126,14 +135,16 @@ def plan_micro_batches(n_rows: int, steps: int, seed: int, epoch: int, rank: int
         length = total[together]
     ends = np.cumsum(sizes)
     windows = [ends[i] for i in range(GROUP_WINDOW - 1, n_micro, GROUP_WINDOW)]
-    grouped = np.concatenate([perm[w][np.lexsort((together[w], -length[w]))]
-                              for w in np.split(np.arange(n_rows), windows)])
+    grouped = np.concatenate(
+        [perm[w][np.lexsort((together[w], -length[w]))] for w in np.split(np.arange(n_rows), windows)]
+    )
     micro = np.split(grouped, ends[:-1])
     return [micro[i] for i in rng.permutation(n_micro)]
 
 
-def padded_tokens(rows: Sequence["Row"], micro_batches: Sequence[np.ndarray],
-                  pack: "PackSpec | None" = None) -> tuple[int, int]:
+def padded_tokens(
+    rows: Sequence[Row], micro_batches: Sequence[np.ndarray], pack: PackSpec | None = None
+) -> tuple[int, int]:
     """(tokens the learner computes, the same with padding): each micro-batch is padded to its longest
     sequence, a row or a prompt's rows packed (sequence_lengths)."""
     real = padded = 0
@@ -144,8 +155,9 @@ def padded_tokens(rows: Sequence["Row"], micro_batches: Sequence[np.ndarray],
     return int(real), int(padded)
 
 
-def micro_batch_tokens(rows: Sequence["Row"], micro_batches: Sequence[np.ndarray],
-                       pack: "PackSpec | None" = None) -> np.ndarray:
+def micro_batch_tokens(
+    rows: Sequence[Row], micro_batches: Sequence[np.ndarray], pack: PackSpec | None = None
+) -> np.ndarray:
     """Tokens each micro-batch computes, padding included (its sequences x the longest): what its
     activations scale with (gradient checkpointing decides on it)."""
     out = np.zeros(len(micro_batches), np.int64)
@@ -160,12 +172,16 @@ def label_tokens(rows: Sequence[Row], micro_batches: Sequence[np.ndarray], grad_
     """This rank's label tokens per optimizer step (what the loss of a step is averaged over, summed over
     ranks). A row's first position is never predicted (HF's shift), so it is not counted."""
     per_micro = [sum(int((rows[i].labels[1:] != IGNORE_INDEX).sum()) for i in idx) for idx in micro_batches]
-    return np.asarray(per_micro, dtype=np.int64).reshape(-1, grad_accum).sum(axis=1) if per_micro else \
-        np.zeros(0, np.int64)
+    return (
+        np.asarray(per_micro, dtype=np.int64).reshape(-1, grad_accum).sum(axis=1)
+        if per_micro
+        else np.zeros(0, np.int64)
+    )
 
 
-def rows_for_rank(selected: np.ndarray, pool: Any, prompts: Sequence[Sequence[int]], eos_id: int,
-                  max_len: int, sp: int = 1) -> tuple[list[Row], int, int]:
+def rows_for_rank(
+    selected: np.ndarray, pool: Any, prompts: Sequence[Sequence[int]], eos_id: int, max_len: int, sp: int = 1
+) -> tuple[list[Row], int, int]:
     """Collective. This rank's training rows of the `selected` table rows (selection.TABLE_ROW, the same on every
     rank): those whose tokens its pool shard (pool.LocalPool) holds and balance_plan leaves here, then the
     ones the plan sends here, their token ids in one all_to_all (skipped on every rank when nothing moves;
@@ -200,8 +216,10 @@ def rows_for_rank(selected: np.ndarray, pool: Any, prompts: Sequence[Sequence[in
     if moved:  # the same decision on every rank: the plan is
         out = [held_by(me, plan[r]) if r != me else stay[:0] for r in range(world)]
         into = [held_by(r, plan[me]) if r != me else stay[:0] for r in range(world)]
-        got = D.all_to_all_int32([np.concatenate([np.zeros(0, np.int32)] + pool.tokens_of(sel["slot"][idx]))
-                                  for idx in out], [int(sel["length"][idx].sum()) for idx in into])
+        got = D.all_to_all_int32(
+            [np.concatenate([np.zeros(0, np.int32)] + pool.tokens_of(sel["slot"][idx])) for idx in out],
+            [int(sel["length"][idx].sum()) for idx in into],
+        )
         for idx, flat in zip(into, got):
             rows += [row(i, t) for i, t in zip(idx, np.split(flat, np.cumsum(sel["length"][idx])[:-1]))]
             got_idx.append(idx)
@@ -356,11 +374,15 @@ def pack_rows(rows: Sequence[Row], pad_id: int, max_len: int) -> tuple[dict[str,
     labels = np.full((len(seqs), width), IGNORE_INDEX, dtype=np.int64)
     position_ids = np.zeros((len(seqs), width), dtype=np.int64)
     segment = np.full((len(seqs), width), -1, dtype=np.int64)  # 0: the shared prefix, k: row k, -1: padding
-    for b, (i, l, p, g) in enumerate(seqs):
-        input_ids[b, : len(i)], labels[b, : len(l)], position_ids[b, : len(p)], segment[b, : len(g)] = i, l, p, g
+    for b, (i, lab, p, g) in enumerate(seqs):
+        input_ids[b, : len(i)], labels[b, : len(lab)], position_ids[b, : len(p)], segment[b, : len(g)] = i, lab, p, g
     q, kv = segment[:, :, None], segment[:, None, :]
     causal = np.tril(np.ones((width, width), dtype=bool))
     mask = causal & (q >= 0) & ((kv == q) | (kv == 0) & (q > 0))
     mask |= np.eye(width, dtype=bool)  # a padding query sees itself: no empty softmax row (NaN in backward)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "attention_mask": mask[:, None]}, order
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "attention_mask": mask[:, None],
+    }, order

@@ -46,8 +46,10 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")}
     if set(missing) - tied or unexpected:
-        raise CheckpointError(f"{ckpt}: weights do not match the model config (missing {sorted(set(missing) - tied)[:3]}, "
-                              f"unexpected {sorted(unexpected)[:3]})")
+        raise CheckpointError(
+            f"{ckpt}: weights do not match the model config (missing {sorted(set(missing) - tied)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]})"
+        )
     if tied:
         model.tie_weights()
     with replacing_dir(out) as tmp:
@@ -75,14 +77,18 @@ def _export_lora(ckpt: Path, out: Path, state: dict, trust: bool = False) -> Pat
     pc = PeftConfig.from_pretrained(ckpt / "hf")
     base = Path(pc.base_model_name_or_path or "")
     if not (base / "config.json").is_file():
-        raise CheckpointError(f"{ckpt}: a LoRA checkpoint needs its base model, and {base} (the run's "
-                              "model.model_path) is not a model directory")
+        raise CheckpointError(
+            f"{ckpt}: a LoRA checkpoint needs its base model, and {base} (the run's "
+            "model.model_path) is not a model directory"
+        )
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=trust), pc)
     lora = {k for k, _ in model.named_parameters() if "lora_" in k}
     missing = sorted(lora - set(state))
     if missing or set(state) - lora:
-        raise CheckpointError(f"{ckpt}: the adapters do not match the LoRA config (missing {missing[:3]}, "
-                              f"unexpected {sorted(set(state) - lora)[:3]})")
+        raise CheckpointError(
+            f"{ckpt}: the adapters do not match the LoRA config (missing {missing[:3]}, "
+            f"unexpected {sorted(set(state) - lora)[:3]})"
+        )
     model.load_state_dict(state, strict=False)
     with replacing_dir(out) as tmp:
         model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)

@@ -40,7 +40,7 @@ class StopSignals:
     def installed(self) -> bool:
         return bool(self._previous)
 
-    def install(self) -> "StopSignals":
+    def install(self) -> StopSignals:
         if not self.installed:
             self.received = None
             for sig in STOP_SIGNALS:
@@ -75,8 +75,10 @@ def maybe_die(point: str, epoch: int) -> None:
 
     n = _passes[point, epoch] = _passes.get((point, epoch), 0) + 1
     here = {f"{point}:{epoch}:{n}"} | ({f"{point}:{epoch}"} if n == 1 else set())
-    for var, rank_var, sig in (("RFT_DS_DIE_AT", "RFT_DS_DIE_RANK", signal.SIGKILL),
-                               ("RFT_DS_STOP_AT", "RFT_DS_STOP_RANK", signal.SIGUSR1)):
+    for var, rank_var, sig in (
+        ("RFT_DS_DIE_AT", "RFT_DS_DIE_RANK", signal.SIGKILL),
+        ("RFT_DS_STOP_AT", "RFT_DS_STOP_RANK", signal.SIGUSR1),
+    ):
         if os.environ.get(var) in here and str(D.rank()) == os.environ.get(rank_var, "0"):
             os.kill(os.getpid(), sig)
 
@@ -101,7 +103,13 @@ def maybe_dump_rows(built: list) -> None:
     _dumps[0] += 1
     arrays = {}
     for i, (tokens, eos, row) in enumerate(built):
-        arrays.update({f"completion{i}": np.asarray(tokens), f"eos{i}": np.asarray(eos),
-                       f"input_ids{i}": row.input_ids, f"labels{i}": row.labels})
+        arrays.update(
+            {
+                f"completion{i}": np.asarray(tokens),
+                f"eos{i}": np.asarray(eos),
+                f"input_ids{i}": row.input_ids,
+                f"labels{i}": row.labels,
+            }
+        )
     os.makedirs(out, exist_ok=True)
     np.savez(os.path.join(out, f"rank{D.rank()}-{_dumps[0]}.npz"), n=len(built), **arrays)

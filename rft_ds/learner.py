@@ -19,7 +19,6 @@ from rft_ds.config import ConfigError, TrainConfig
 from rft_ds.experience import IGNORE_INDEX, PackSpec, Row, collate, layout
 from rft_ds.logprobs import DEFAULT_CHUNK, install, returns_head_output
 
-
 PRESETS = Path(__file__).resolve().parent / "ds_configs"  # shipped in the package: found from any directory
 
 
@@ -62,10 +61,12 @@ def fill_ds_config(ds: dict, train: TrainConfig, world_size: int) -> dict:
         if v == "auto":
             return run_value if run_value is not None else default
         if not isinstance(v, int) or v < 1:
-            raise ConfigError(f"deepspeed config {key} must be a positive int or \"auto\", got {v!r}")
+            raise ConfigError(f'deepspeed config {key} must be a positive int or "auto", got {v!r}')
         if run_value is not None and run_value != v:
-            raise ConfigError(f"train.{'micro_batch_size' if 'micro' in key else 'gradient_accumulation_steps'}="
-                              f"{run_value} contradicts deepspeed config {key}={v}")
+            raise ConfigError(
+                f"train.{'micro_batch_size' if 'micro' in key else 'gradient_accumulation_steps'}="
+                f"{run_value} contradicts deepspeed config {key}={v}"
+            )
         return v
 
     mb = pick("train_micro_batch_size_per_gpu", train.micro_batch_size, 8)
@@ -75,8 +76,10 @@ def fill_ds_config(ds: dict, train: TrainConfig, world_size: int) -> dict:
     if tbs == "auto":
         ds["train_batch_size"] = mb * ga * world_size
     elif tbs != mb * ga * world_size:
-        raise ConfigError(f"deepspeed config train_batch_size={tbs} must equal micro_batch_size ({mb}) x "
-                          f"gradient_accumulation_steps ({ga}) x world size ({world_size}) = {mb * ga * world_size}")
+        raise ConfigError(
+            f"deepspeed config train_batch_size={tbs} must equal micro_batch_size ({mb}) x "
+            f"gradient_accumulation_steps ({ga}) x world size ({world_size}) = {mb * ga * world_size}"
+        )
 
     stage = ds.get("zero_optimization", {}).get("stage")
     if stage != 3:
@@ -85,15 +88,18 @@ def fill_ds_config(ds: dict, train: TrainConfig, world_size: int) -> dict:
     if opt.get("lr", "auto") == "auto":
         opt["lr"] = train.learning_rate
     sched = ds.get("scheduler", {}).get("params", {})
-    if ds.get("scheduler", {}).get("type") == "WarmupLR" and sched.get("warmup_num_steps") == "auto" \
-            and train.warmup_steps == 0:
+    if (
+        ds.get("scheduler", {}).get("type") == "WarmupLR"
+        and sched.get("warmup_num_steps") == "auto"
+        and train.warmup_steps == 0
+    ):
         del ds["scheduler"]  # no warmup asked: constant LR (DeepSpeed's WarmupLR cannot do 0 steps)
     for key, value in (("warmup_max_lr", train.learning_rate), ("warmup_num_steps", train.warmup_steps)):
         if sched.get(key) == "auto":
             sched[key] = value
     leftover = [k for k, v in _walk(ds) if v == "auto"]
     if leftover:
-        raise ConfigError(f"deepspeed config has \"auto\" values rft_ds cannot fill: {', '.join(leftover)}")
+        raise ConfigError(f'deepspeed config has "auto" values rft_ds cannot fill: {", ".join(leftover)}')
     return ds
 
 
@@ -121,7 +127,7 @@ class TrainStats:
     logprob_abs_max: float = 0.0
     logprob_tokens: int = 0
 
-    def add(self, other: "TrainStats") -> None:
+    def add(self, other: TrainStats) -> None:
         self.ce_sum += other.ce_sum
         self.tokens += other.tokens
         self.input_tokens += other.input_tokens
@@ -201,7 +207,7 @@ def logprob_diffs(logp: np.ndarray, counts: Sequence[int], rows: Sequence[Row]) 
     for row, n in zip(rows, counts):
         if row.ref_logprobs is not None:
             m = min(n, len(row.ref_logprobs))
-            diffs.append(np.abs(logp[start:start + m] - row.ref_logprobs[:m]))
+            diffs.append(np.abs(logp[start : start + m] - row.ref_logprobs[:m]))
         start += n
     return np.concatenate(diffs) if diffs else np.zeros(0)
 
@@ -229,8 +235,9 @@ def why_not_share_prompt(model: Any, trust_remote_code: bool) -> str | None:
         return "the model's own code (trust_remote_code) may build its own mask"
     if cfg._attn_implementation not in ("sdpa", "eager"):
         return f"attention {cfg._attn_implementation!r} does not take a 4D mask (sdpa and eager do)"
-    if getattr(cfg, "sliding_window", None) is not None or any(t != "full_attention" for t in
-                                                                 getattr(cfg, "layer_types", None) or []):
+    if getattr(cfg, "sliding_window", None) is not None or any(
+        t != "full_attention" for t in getattr(cfg, "layer_types", None) or []
+    ):
         return "sliding-window attention would be dropped by a 4D mask"
     if not any(type(m).__name__.endswith("RotaryEmbedding") for m in model.modules()):
         return "no rotary position embedding: positions may not follow position_ids"
@@ -251,16 +258,27 @@ def attention_ratio(model: Any) -> float:
 class Learner:
     """Owns the DeepSpeed engine. `engine.module` is the HF model (parameters partitioned)."""
 
-    def __init__(self, model_path: str, ds_config: dict, lora: Any = None, checkpoint_above: int | None = None,
-                 trust_remote_code: bool = False, block_fetch: bool = True, share_prompt: bool = False,
-                 max_seq_length: int = 512, logprob_chunk: int = DEFAULT_CHUNK, sequence_parallel: int = 1) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        ds_config: dict,
+        lora: Any = None,
+        checkpoint_above: int | None = None,
+        trust_remote_code: bool = False,
+        block_fetch: bool = True,
+        share_prompt: bool = False,
+        max_seq_length: int = 512,
+        logprob_chunk: int = DEFAULT_CHUNK,
+        sequence_parallel: int = 1,
+    ) -> None:
         """checkpoint_above: gradient checkpointing for a micro-batch of more tokens than this, padding included
-        (0: every micro-batch; None: never). lora: an rft_ds.lora.LoraSpec (None: every weight trains). Its A and B are plain parameters when
-        peft makes them; deepspeed.initialize partitions them with the rest. block_fetch: under ZeRO-3,
-        gather a transformer block's parameters at once (mark_zero3_blocks). share_prompt: a prompt's rows
-        in a micro-batch are one sequence of at most max_seq_length tokens (experience.layout), where the
-        model allows it (why_not_share_prompt) and it costs less. logprob_chunk: label positions per chunk of
-        the LM head and log-softmax (rft_ds.logprobs; 0: every label position at once, as before).
+        (0: every micro-batch; None: never). lora: an rft_ds.lora.LoraSpec (None: every weight trains). Its A
+        and B are plain parameters when peft makes them; deepspeed.initialize partitions them with the rest.
+        block_fetch: under ZeRO-3, gather a transformer block's parameters at once (mark_zero3_blocks).
+        share_prompt: a prompt's rows in a micro-batch are one sequence of at most max_seq_length tokens
+        (experience.layout), where the model allows it (why_not_share_prompt) and it costs less. logprob_chunk:
+        label positions per chunk of the LM head and log-softmax (rft_ds.logprobs; 0: every label position at
+        once, as before).
         sequence_parallel: ranks that train each row together, each on a shard of its positions
         (rft_ds.sequence_parallel; collective: makes the groups); 1: none."""
         import deepspeed
@@ -279,9 +297,11 @@ class Learner:
 
             impl = model.config._attn_implementation
             if trust_remote_code or impl != "sdpa":
-                raise ConfigError(f"train.sequence_parallel={sequence_parallel} needs transformers' own model code "
-                                  f"with sdpa attention; {type(model).__name__} has "
-                                  f"{'its own code' if trust_remote_code else repr(impl)}")
+                raise ConfigError(
+                    f"train.sequence_parallel={sequence_parallel} needs transformers' own model code "
+                    f"with sdpa attention; {type(model).__name__} has "
+                    f"{'its own code' if trust_remote_code else repr(impl)}"
+                )
             self.sp = SP.group(sequence_parallel)
             SP.install(model, self.sp)
         if isinstance(checkpoint_above, bool):
@@ -297,16 +317,24 @@ class Learner:
         # Not for a model's own code: a block that takes its hidden states by keyword would look to torch
         # like one without inputs, and its gradients would be reduced too early (below).
         self.zero3_blocks = mark_zero3_blocks(model) if block_fetch and not trust_remote_code else []
-        self.share_prompt_off = "not asked" if not share_prompt else \
-            "sequence parallelism attends without a mask" if self.sp else why_not_share_prompt(model, trust_remote_code)
+        self.share_prompt_off = (
+            "not asked"
+            if not share_prompt
+            else "sequence parallelism attends without a mask"
+            if self.sp
+            else why_not_share_prompt(model, trust_remote_code)
+        )
         self.share_prompt = self.share_prompt_off is None
         self._eager = model.config._attn_implementation == "eager"
         # sdpa: a mask costs the flash kernel on CUDA, masked attention measured ~6x the matmuls' cost per
         # FLOP (H200, 1B shape: 4 rows of 128 + 384 tokens packed ran 14 % slower than row by row). Eager
         # attention computes the whole square with or without a mask.
         masked_cost = 1.0 if self._eager or not torch.cuda.is_available() else 6.0
-        self.pack = PackSpec(max_seq_length, attention_ratio(model), masked_cost, 1.0 if self._eager else 0.5) \
-            if self.share_prompt else None
+        self.pack = (
+            PackSpec(max_seq_length, attention_ratio(model), masked_cost, 1.0 if self._eager else 0.5)
+            if self.share_prompt
+            else None
+        )
         if self.zero3_blocks and lora is not None:
             # ZeRO-3 reduces a marked block's gradients in a full backward hook, and torch fires that hook
             # as soon as the block's output gradient exists when no input of the block needs a gradient:
@@ -315,15 +343,17 @@ class Learner:
             # puts the hook after the block's own gradients.
             model.enable_input_require_grads()
         # the LM head computes label log-probs in chunks (bounded memory); not when LoRA adapts the head itself
-        self.head = install(model, logprob_chunk, lora.target_modules if lora is not None else ()) \
-            if logprob_chunk else None
+        self.head = (
+            install(model, logprob_chunk, lora.target_modules if lora is not None else ()) if logprob_chunk else None
+        )
         if lora is not None:
             from rft_ds.lora import wrap
 
             model = wrap(model, lora)
         self.lora = lora
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
-                                                                              if p.requires_grad], config=ds_config)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config
+        )
         self.head_off = None if self.head is not None else "not asked" if not logprob_chunk else "no linear LM head"
         if self.head is not None and not returns_head_output(self.engine, self.head, self.device):
             self.head, self.head_off = None, "the model changes its LM head's output (soft-capping or scaling)"
@@ -351,8 +381,15 @@ class Learner:
         """Where the engine computes (the device rule's choice): every input goes here first."""
         return self.engine.device
 
-    def train_step(self, rows: Sequence[Row], micro_batches: Sequence[np.ndarray], pad_id: int, step_tokens: int,
-                   world_size: int, checkpoint: Sequence[bool] | None = None) -> TrainStats:
+    def train_step(
+        self,
+        rows: Sequence[Row],
+        micro_batches: Sequence[np.ndarray],
+        pad_id: int,
+        step_tokens: int,
+        world_size: int,
+        checkpoint: Sequence[bool] | None = None,
+    ) -> TrainStats:
         """One optimizer step: grad_accum micro-batches, DeepSpeed steps the optimizer after the last.
 
         The step's loss is the mean cross-entropy over all its label tokens, on every rank and in every
@@ -372,23 +409,28 @@ class Learner:
         scale = self.grad_accum * world_size / max(step_tokens, 1)
         for k, idx in enumerate(micro_batches):
             batch_rows = [rows[i] for i in idx] or [Row(np.array([pad_id]), np.array([IGNORE_INDEX]))]
-            stats.checkpointed += self._set_checkpointing(bool(checkpoint[k]) if checkpoint is not None
-                                                          else self.checkpoint_above == 0)
+            stats.checkpointed += self._set_checkpointing(
+                bool(checkpoint[k]) if checkpoint is not None else self.checkpoint_above == 0
+            )
             if self.sp is not None:  # this rank's shard of the rows' positions; its group has the others
                 from rft_ds.sequence_parallel import positions_of_rank
 
-                batch = {key: torch.from_numpy(v).to(self.device) for key, v in
-                         positions_of_rank(batch_rows, pad_id, self.sp.size, self.sp.rank).items()}
+                batch = {
+                    key: torch.from_numpy(v).to(self.device)
+                    for key, v in positions_of_rank(batch_rows, pad_id, self.sp.size, self.sp.rank).items()
+                }
                 keep = torch.nonzero((batch["targets"] != IGNORE_INDEX).any(dim=0)).flatten()
-                logp = self._logprobs_at(batch["input_ids"], None, batch["position_ids"], keep,
-                                         batch["targets"][:, keep])
+                logp = self._logprobs_at(
+                    batch["input_ids"], None, batch["position_ids"], keep, batch["targets"][:, keep]
+                )
             else:
                 arrays, _ = layout(batch_rows, pad_id, self.pack)
                 batch = {key: torch.from_numpy(v).to(self.device) for key, v in arrays.items()}
                 mask = batch.pop("attention_mask")
                 if mask.dim() == 4 and self._eager:  # eager attention adds its mask: 0 where allowed
                     mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(
-                        ~mask, torch.finfo(self.dtype).min)
+                        ~mask, torch.finfo(self.dtype).min
+                    )
                 logp = self._label_logprobs(batch["input_ids"], mask, batch.get("position_ids"), batch["labels"])
             ce = -logp.sum()
             self.engine.backward(ce * scale)
@@ -412,7 +454,7 @@ class Learner:
         self.engine.eval()
         with torch.no_grad():
             for k in range(n_forwards):
-                part = list(rows[k * per:(k + 1) * per]) or [Row(np.array([pad_id]), np.array([IGNORE_INDEX]))]
+                part = list(rows[k * per : (k + 1) * per]) or [Row(np.array([pad_id]), np.array([IGNORE_INDEX]))]
                 batch = {key: torch.from_numpy(v).to(self.device) for key, v in collate(part, pad_id).items()}
                 logp = self._label_logprobs(batch["input_ids"], batch["attention_mask"], None, batch["labels"])
                 counts = [int((r.labels[1:] != IGNORE_INDEX).sum()) for r in part]
@@ -441,8 +483,9 @@ class Learner:
         """log p of targets[b, j], the token that follows position keep[j] of row b, wherever it is not
         IGNORE_INDEX (row-major, with its graph): through the chunked head when there is one (memory
         O(chunk x vocabulary)), else from the logits at those positions."""
-        kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep,
-                      use_cache=False)
+        kwargs = dict(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep, use_cache=False
+        )
         if self.head is not None:
             with self.head.label_mode(targets):
                 out = self.engine(**kwargs)

@@ -29,8 +29,10 @@ def exclusive(path: Path, timeout_s: float, what: str) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"waited {timeout_s:.0f} s for {lock}: another process is still building "
-                                       f"{what} (delete the lock file if no such process exists)") from None
+                    raise TimeoutError(
+                        f"waited {timeout_s:.0f} s for {lock}: another process is still building "
+                        f"{what} (delete the lock file if no such process exists)"
+                    ) from None
                 time.sleep(0.5)
         try:
             yield
@@ -38,8 +40,13 @@ def exclusive(path: Path, timeout_s: float, what: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def build_once(path: str | Path, is_built: Callable[[Path], bool], build: Callable[[Path], object],
-               what: str, timeout_s: float = 1800) -> Path:
+def build_once(
+    path: str | Path,
+    is_built: Callable[[Path], bool],
+    build: Callable[[Path], object],
+    what: str,
+    timeout_s: float = 1800,
+) -> Path:
     """`build(path)` unless `is_built(path)`, by one process at a time. `build` must write a temporary
     `<path>.tmp*` and rename it into place; the leftovers of a builder that died (an hour ago or more: on a
     file system whose locks are local to each node another node may be building now) are removed first."""

@@ -30,18 +30,24 @@ class ChunkedLogp(torch.autograd.Function):
     cast to the head's dtype before its matmuls, as autograd does on the plain path."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        chunk: int,
+    ) -> torch.Tensor:
         n = hidden.shape[0]
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
         probs = None
         for lo in range(0, n, chunk):
-            logits = F.linear(hidden[lo:lo + chunk], weight, bias).float()
-            lse[lo:lo + chunk] = torch.logsumexp(logits, dim=-1)
-            out[lo:lo + chunk] = logits.gather(-1, targets[lo:lo + chunk, None])[:, 0] - lse[lo:lo + chunk]
+            logits = F.linear(hidden[lo : lo + chunk], weight, bias).float()
+            lse[lo : lo + chunk] = torch.logsumexp(logits, dim=-1)
+            out[lo : lo + chunk] = logits.gather(-1, targets[lo : lo + chunk, None])[:, 0] - lse[lo : lo + chunk]
             if lo + chunk >= n:  # the last chunk's probabilities: its backward needs no recompute
-                probs = logits.sub_(lse[lo:lo + chunk, None]).exp_()
+                probs = logits.sub_(lse[lo : lo + chunk, None]).exp_()
         ctx.chunk = chunk
         ctx.has_bias = bias is not None
         ctx.save_for_backward(hidden, weight, bias, targets, lse, probs)
@@ -57,13 +63,15 @@ class ChunkedLogp(torch.autograd.Function):
         # weight's dtype at the end, as one matmul over all positions does), in place when there is one
         acc = torch.float32 if n > chunk else weight.dtype
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b and bias is not None else None
+        grad_b = (
+            torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b and bias is not None else None
+        )
         for lo in range(0, n, chunk):
-            h, g, t = hidden[lo:lo + chunk], grad[lo:lo + chunk, None].float(), targets[lo:lo + chunk, None]
+            h, g, t = hidden[lo : lo + chunk], grad[lo : lo + chunk, None].float(), targets[lo : lo + chunk, None]
             if lo + chunk >= n and last_probs is not None:
                 probs = last_probs
             else:
-                probs = F.linear(h, weight, bias).float().sub_(lse[lo:lo + chunk, None]).exp_()
+                probs = F.linear(h, weight, bias).float().sub_(lse[lo : lo + chunk, None]).exp_()
             # in place, the saved last chunk's too: a second backward (retain_graph) is refused by autograd's
             # version check, and no second chunk x vocabulary buffer is made
             dlogits = probs.mul_(-g).scatter_add_(-1, t, g)
@@ -71,18 +79,28 @@ class ChunkedLogp(torch.autograd.Function):
                 grad_b += dlogits.sum(dim=0)
             dlogits = dlogits.to(weight.dtype)
             if need_h:
-                grad_h[lo:lo + chunk] = dlogits @ weight
+                grad_h[lo : lo + chunk] = dlogits @ weight
             if need_w:
                 if acc == weight.dtype:
                     grad_w.addmm_(dlogits.t(), h)
                 else:  # the chunk's product in the weight's dtype, added into float32 (no float32 copy of it)
                     grad_w.add_(dlogits.t() @ h)
-        return (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
-                grad_b.to(bias.dtype) if grad_b is not None else None, None, None)
+        return (
+            grad_h,
+            grad_w.to(weight.dtype) if grad_w is not None else None,
+            grad_b.to(bias.dtype) if grad_b is not None else None,
+            None,
+            None,
+        )
 
 
-def chunked_logp(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                 chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def chunked_logp(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    chunk: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
     """log p of each target (float32, with its graph) from hidden states (N, H) through a head (V, H)."""
     return ChunkedLogp.apply(hidden, weight, bias, targets, max(int(chunk), 1))
 
@@ -145,10 +163,15 @@ def returns_head_output(forward: torch.nn.Module, head: LabelLogprobHead, device
     forward.eval()  # no dropout: the training RNG is not touched
     try:
         with torch.no_grad(), head.label_mode(torch.zeros((1, 1), dtype=torch.long, device=device)):
-            got = forward(input_ids=ids, logits_to_keep=torch.zeros(1, dtype=torch.long, device=device),
-                          use_cache=False).logits
+            got = forward(
+                input_ids=ids, logits_to_keep=torch.zeros(1, dtype=torch.long, device=device), use_cache=False
+            ).logits
             last, head.last = head.last, None
     finally:
         forward.train(was_training)
-    return last is not None and got.shape == last.shape and got.data_ptr() == last.data_ptr() \
+    return (
+        last is not None
+        and got.shape == last.shape
+        and got.data_ptr() == last.data_ptr()
         and bool(torch.equal(got, last))
+    )

@@ -55,15 +55,23 @@ def parse_lora(d: Any) -> LoraSpec | None:
         raise ConfigError(f"model.lora.dropout must be in [0, 1), got {spec.dropout!r}")
     t = spec.target_modules
     if not (t == "all-linear" or (isinstance(t, list) and t and all(isinstance(x, str) and x for x in t))):
-        raise ConfigError(f"model.lora.target_modules must be 'all-linear' or a non-empty list of module names, got {t!r}")
+        raise ConfigError(
+            f"model.lora.target_modules must be 'all-linear' or a non-empty list of module names, got {t!r}"
+        )
     return spec
 
 
 def peft_config(spec: LoraSpec) -> Any:
     from peft import LoraConfig
 
-    return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.target_modules,
-                      task_type="CAUSAL_LM", bias="none")
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=spec.target_modules,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
 
 
 def check_lora(spec: LoraSpec, model_path: str, trust_remote_code: bool = False) -> None:
@@ -79,15 +87,20 @@ def check_lora(spec: LoraSpec, model_path: str, trust_remote_code: bool = False)
     if isinstance(spec.target_modules, list):
         for t in spec.target_modules:
             if not any(n == t or n.endswith("." + t) for n in names):
-                leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                                 if isinstance(m, torch.nn.Linear)})
-                raise ConfigError(f"model.lora.target_modules: {t!r} matches no module of {model_path} "
-                                  f"(its linear layers: {', '.join(leaves)})")
+                leaves = sorted(
+                    {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+                )
+                raise ConfigError(
+                    f"model.lora.target_modules: {t!r} matches no module of {model_path} "
+                    f"(its linear layers: {', '.join(leaves)})"
+                )
     try:
         wrap(model, spec)
     except Exception as e:  # noqa: BLE001 - peft's reasons are many; its first line is what the user needs
-        raise ConfigError(f"model.lora: peft cannot wrap {type(model).__name__} from {model_path}: "
-                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise ConfigError(
+            f"model.lora: peft cannot wrap {type(model).__name__} from {model_path}: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
 
 
 def wrap(model: Any, spec: LoraSpec) -> Any:
@@ -105,7 +118,7 @@ def is_peft(module: Any) -> bool:
 def hf_name(name: str) -> str:
     """A peft parameter name -> the base model's (what vLLM and from_pretrained expect)."""
     if name.startswith(PREFIX):
-        name = name[len(PREFIX):]
+        name = name[len(PREFIX) :]
     return name.replace(".base_layer.", ".")
 
 
@@ -153,8 +166,11 @@ def sync_items(module: Any) -> list[SyncItem]:
         name = hf_name(n)
         if id(p) in adapted:
             layer = adapted[id(p)]
-            items.append(SyncItem(name, [p, layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight],
-                                  float(layer.scaling[ADAPTER])))
+            items.append(
+                SyncItem(
+                    name, [p, layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight], float(layer.scaling[ADAPTER])
+                )
+            )
         else:
             parent = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
             items.append(SyncItem(name, [p], static=parent not in resend and len(_shape(p)) >= 2))

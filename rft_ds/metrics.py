@@ -30,8 +30,9 @@ class MetricsLog:
     """Appends to <output_dir>/metrics.jsonl; a fresh run starts a fresh file, a resumed one the checkpoint's
     history. Only rank 0 writes."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool, history: list[dict] | None = None,
-                 sinks: list | None = None) -> None:
+    def __init__(
+        self, output_dir: str | Path, enabled: bool, history: list[dict] | None = None, sinks: list | None = None
+    ) -> None:
         self.path = Path(output_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.history: list[dict] = list(history or [])
@@ -67,8 +68,9 @@ def scalars(record: dict) -> dict[str, float]:
     for k, v in record.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or k == "epoch" or k.endswith("_initial"):
             continue  # *_initial: the eval before training, logged as step 0 by log_initial_eval
-        group, name = ("eval", k[5:]) if k.startswith("eval_") else ("time", k[5:]) if k.startswith("time_") \
-            else ("train", k)
+        group, name = (
+            ("eval", k[5:]) if k.startswith("eval_") else ("time", k[5:]) if k.startswith("time_") else ("train", k)
+        )
         out[f"{group}/{name}"] = float(v)
     return out
 
@@ -109,8 +111,15 @@ class WandbSink:
         self.run.finish()
 
 
-def open_sinks(output_dir: Path, tensorboard: bool, wandb: bool, wandb_project: str, wandb_run_name: str | None,
-               config: dict, start_epoch: int) -> list:
+def open_sinks(
+    output_dir: Path,
+    tensorboard: bool,
+    wandb: bool,
+    wandb_project: str,
+    wandb_run_name: str | None,
+    config: dict,
+    start_epoch: int,
+) -> list:
     sinks: list = []
     if tensorboard:
         sinks.append(TensorBoardSink(output_dir / "tensorboard", purge_step=start_epoch + 1 if start_epoch else None))
@@ -126,12 +135,20 @@ def fmt(v: Any, spec: str = ".3f") -> str:
 
 def format_epoch(r: dict, epochs: int, eval_key: str = "eval_reward_mean") -> str:
     """One console line per epoch; eval_key: the eval number shown (train.best_metric's, when there is one)."""
-    parts = [f"epoch {r['epoch'] + 1}/{epochs}", "grow" if r["grow_step"] else "improve",
-             f"p={r['percentile']:.3f}", f"sampled {r['n_sampled']}", f"kept {r['n_selected']}/{r['pool_size']}",
-             f"reward {fmt(r['reward_mean'])}", f"loss {fmt(r['train_loss'])}"]
+    parts = [
+        f"epoch {r['epoch'] + 1}/{epochs}",
+        "grow" if r["grow_step"] else "improve",
+        f"p={r['percentile']:.3f}",
+        f"sampled {r['n_sampled']}",
+        f"kept {r['n_selected']}/{r['pool_size']}",
+        f"reward {fmt(r['reward_mean'])}",
+        f"loss {fmt(r['train_loss'])}",
+    ]
     if r.get(eval_key) is not None:
         parts.append(f"{'eval' if eval_key == 'eval_reward_mean' else eval_key[5:]} {r[eval_key]:.3f}")
-    parts.append(f"{r['time_epoch']:.1f}s" + (f" (checkpoint {r['time_checkpoint']:.1f}s)" if "time_checkpoint" in r else ""))
+    parts.append(
+        f"{r['time_epoch']:.1f}s" + (f" (checkpoint {r['time_checkpoint']:.1f}s)" if "time_checkpoint" in r else "")
+    )
     return " | ".join(parts)
 
 

@@ -58,10 +58,12 @@ def _reward(ax: Any, records: list[dict]) -> None:
     _line(ax, records, "sampled_reward_max", "sampled max", linestyle="--", marker="^")
     _line(ax, records, "selected_reward_mean", "kept mean")
     _line(ax, records, "reward_mean", "pool mean", alpha=0.6)
-    terms = sorted({k for r in records for k in r if k.startswith("sampled_reward_") and k.endswith("_mean")}
-                   - {"sampled_reward_mean"})
+    terms = sorted(
+        {k for r in records for k in r if k.startswith("sampled_reward_") and k.endswith("_mean")}
+        - {"sampled_reward_mean"}
+    )
     for k in terms:  # each reward term's own mean (runs with several terms), unweighted
-        _line(ax, records, k, f"term {k[len('sampled_reward_'):-len('_mean')]}", linestyle=":", alpha=0.8)
+        _line(ax, records, k, f"term {k[len('sampled_reward_') : -len('_mean')]}", linestyle=":", alpha=0.8)
     ax.set_title("reward of completions")
 
 
@@ -84,10 +86,22 @@ def _kept(ax: Any, records: list[dict]) -> None:
 
 def _eval(ax: Any, records: list[dict]) -> None:
     # the eval before training is kept in epoch 0's record as <key>_initial; drawn at x = 0
-    before = {k[: -len("_initial")]: v for k, v in records[0].items() if k.startswith("eval_") and k.endswith("_initial")}
-    keys = sorted({k for r in records for k, v in r.items() if k.startswith("eval_") and not k.endswith("_initial")
-                   and not k.endswith("_truncated")  # a count of cut inputs, not a score: metrics.jsonl has it
-                   and isinstance(v, (int, float)) and not isinstance(v, bool)} - {"eval_reward_mean"})
+    before = {
+        k[: -len("_initial")]: v for k, v in records[0].items() if k.startswith("eval_") and k.endswith("_initial")
+    }
+    keys = sorted(
+        {
+            k
+            for r in records
+            for k, v in r.items()
+            if k.startswith("eval_")
+            and not k.endswith("_initial")
+            and not k.endswith("_truncated")  # a count of cut inputs, not a score: metrics.jsonl has it
+            and isinstance(v, (int, float))
+            and not isinstance(v, bool)
+        }
+        - {"eval_reward_mean"}
+    )
     recs = ([{"epoch": -1, **before}] if before else []) + records
     _line(ax, recs, "eval_reward_mean", "eval reward (held out)")
     for i, k in enumerate(keys):  # past matplotlib's 10 colours, another line style: no two lines alike
@@ -114,7 +128,13 @@ def _time(ax: Any, records: list[dict]) -> None:
 
 
 DRAW: dict[str, Callable[[Any, list[dict]], None]] = {
-    "reward": _reward, "threshold": _threshold, "kept": _kept, "eval": _eval, "loss": _loss, "time": _time}
+    "reward": _reward,
+    "threshold": _threshold,
+    "kept": _kept,
+    "eval": _eval,
+    "loss": _loss,
+    "time": _time,
+}
 
 
 def _finish(ax: Any) -> None:

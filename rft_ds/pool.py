@@ -26,12 +26,19 @@ class LocalPool:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def add(self, prompt_id: Sequence[int], score: np.ndarray, eos: Sequence[bool], tokens: Sequence[Sequence[int]],
-            step: int) -> np.ndarray:
+    def add(
+        self,
+        prompt_id: Sequence[int],
+        score: np.ndarray,
+        eos: Sequence[bool],
+        tokens: Sequence[Sequence[int]],
+        step: int,
+    ) -> np.ndarray:
         """Take ownership of newly scored completions; returns their table rows (the slots they got)."""
         toks = [np.array(t, dtype=np.int32) for t in tokens]  # copies: no view keeps a sampling chunk alive
-        rows = table_rows(prompt_id, score, eos, toks, step=step, owner=self.rank,
-                     slot=self.next_slot + np.arange(len(toks)))
+        rows = table_rows(
+            prompt_id, score, eos, toks, step=step, owner=self.rank, slot=self.next_slot + np.arange(len(toks))
+        )
         self.rows = np.concatenate([self.rows, rows])
         self.tokens += toks
         self.next_slot += len(toks)
@@ -63,7 +70,7 @@ class LocalPool:
         self.tokens = np.split(state["flat"], np.cumsum(self.rows["length"])[:-1]) if len(self.rows) else []
 
     @staticmethod
-    def merge(shards: Sequence["LocalPool"], rank: int) -> "LocalPool":
+    def merge(shards: Sequence[LocalPool], rank: int) -> LocalPool:
         """One shard from several (an elastic resume: this rank takes over those old ranks' shards), owned by
         `rank` with fresh slots in (old owner, old slot) order."""
         out = LocalPool(rank)
@@ -71,5 +78,5 @@ class LocalPool:
             if len(shard):
                 r = shard.rows
                 out.add(r["prompt_id"], r["score"], r["eos"], shard.tokens, step=0)
-                out.rows["step"][-len(r):] = r["step"]
+                out.rows["step"][-len(r) :] = r["step"]
         return out

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from rft_ds import distributed as D
-from rft_ds.config import (EvalSet, RFTRunConfig, best_metric, parse_sets, read_model_config, text_config,
-                           yaml_safe)
+from rft_ds.config import EvalSet, RFTRunConfig, best_metric, parse_sets, read_model_config, text_config, yaml_safe
 from rft_ds.data import PromptSet, load_source, normalize, resolve_callable, tokenize, use_chat_template
 from rft_ds.errors import ConfigError
 from rft_ds.evaluation import EvalData
@@ -63,11 +62,18 @@ def _call(fn: Callable, *args: Any) -> Any:
     return fn(*args)
 
 
-def steps(cfg: RFTRunConfig, world: int, inputs: Inputs, cuda: bool | None = None, attempt: Callable = _call,
-          notes: list[str] | None = None) -> Prepared | None:
+def steps(
+    cfg: RFTRunConfig,
+    world: int,
+    inputs: Inputs,
+    cuda: bool | None = None,
+    attempt: Callable = _call,
+    notes: list[str] | None = None,
+) -> Prepared | None:
     """The start-up steps in order. attempt(fn, *args) runs one (a run: plainly; `rft-ds check`: recording its
     problem and returning FAILED). notes given (check) means nothing is built or written: a model that
     model.build would make is a note, and the steps that need it wait for the run. cuda as check_launch."""
+
     def ok(*results: Any) -> bool:
         return all(r is not FAILED for r in results)
 
@@ -86,8 +92,10 @@ def steps(cfg: RFTRunConfig, world: int, inputs: Inputs, cuda: bool | None = Non
     ds_config = attempt(deepspeed_config, cfg, world, cuda)
     model = Path(cfg.model.model_path)
     if check_only and cfg.model.build and not (model / "config.json").is_file():
-        notes.append(f"model.model_path {model} is not there yet: model.build={cfg.model.build} makes it when the run "
-                     "starts, so its checks (causal LM, LoRA targets, tokenizer, prompt lengths) wait until then")
+        notes.append(
+            f"model.model_path {model} is not there yet: model.build={cfg.model.build} makes it when the run "
+            "starts, so its checks (causal LM, LoRA targets, tokenizer, prompt lengths) wait until then"
+        )
         if cfg.model.build == "smollm2":
             attempt(check_smollm2_build)
         return None
@@ -149,8 +157,10 @@ def check_resume_config(ckpt: Path | None, cfg: RFTRunConfig) -> None:
     saved = read_meta(ckpt).get("config") if ckpt is not None else None
     changes = resume_changes(saved, yaml_safe(cfg.to_dict())) if saved else []
     if changes and not cfg.train.resume_force:
-        raise ConfigError(f"checkpoint {ckpt} was written with another config: {'; '.join(changes)}; resume with "
-                          "--resume-force (train.resume_force=true) to accept the change")
+        raise ConfigError(
+            f"checkpoint {ckpt} was written with another config: {'; '.join(changes)}; resume with "
+            "--resume-force (train.resume_force=true) to accept the change"
+        )
 
 
 def check_metric_sinks(t: Any) -> None:
@@ -159,7 +169,9 @@ def check_metric_sinks(t: Any) -> None:
     if t.wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError("train.wandb is true but the wandb package is not installed (pip install wandb)")
     if t.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("train.tensorboard is true but the tensorboard package is not installed (pip install tensorboard)")
+        raise ConfigError(
+            "train.tensorboard is true but the tensorboard package is not installed (pip install tensorboard)"
+        )
 
 
 def tensorboard_on(setting: bool | None) -> bool:
@@ -174,8 +186,9 @@ def load_prompts(cfg: RFTRunConfig, prompts: Any) -> PromptSet:
     src = prompts if prompts is not None else d.prompts
     if src is None:
         raise ConfigError("data.prompts is required")
-    return PromptSet(*normalize(load_source(src, "prompts", d.prompt_field, d.split), "prompts", d.prompt_field,
-                              d.metadata_fields))
+    return PromptSet(
+        *normalize(load_source(src, "prompts", d.prompt_field, d.split), "prompts", d.prompt_field, d.metadata_fields)
+    )
 
 
 def load_replay_prompts(cfg: RFTRunConfig) -> PromptSet | None:
@@ -184,8 +197,12 @@ def load_replay_prompts(cfg: RFTRunConfig) -> PromptSet | None:
     d = cfg.data
     if d.replay_prompts is None or cfg.method.replay_share == 0:
         return None
-    texts, _ = normalize(load_source(d.replay_prompts, "data.replay_prompts", d.prompt_field, d.split),
-                         "data.replay_prompts", d.prompt_field, [])
+    texts, _ = normalize(
+        load_source(d.replay_prompts, "data.replay_prompts", d.prompt_field, d.split),
+        "data.replay_prompts",
+        d.prompt_field,
+        [],
+    )
     return PromptSet(texts, [{} for _ in texts])
 
 
@@ -200,8 +217,11 @@ def load_eval_sets(cfg: RFTRunConfig, sets: Sequence[EvalSet], rewards: list) ->
     d, out = cfg.data, []
     for i, es in enumerate(sets):
         where = eval_where(cfg, i)
-        data = PromptSet(*normalize(load_source(es.prompts, where, d.prompt_field, es.split), where, d.prompt_field,
-                                  d.metadata_fields))
+        data = PromptSet(
+            *normalize(
+                load_source(es.prompts, where, d.prompt_field, es.split), where, d.prompt_field, d.metadata_fields
+            )
+        )
         terms = rewards if es.reward_fn is None else [function_term(es.reward_fn, f"{where}.reward_fn")]
         metric = resolve_callable(es.metric_fn, "reward.metric_fn" if cfg.eval.sets is None else f"{where}.metric_fn")
         out.append(EvalData(es, data, terms, metric, resolve_callable(es.answer_fn, f"{where}.answer_fn")))
@@ -257,8 +277,9 @@ def check_model(cfg: RFTRunConfig, cuda: bool | None = None) -> None:
     if cuda is None:
         cuda = torch.cuda.is_available()
     check_causal_lm(cfg.model.model_path, cfg.model.trust_remote_code)
-    problem = why_not_sequence_parallel(text_config(read_model_config(cfg.model.model_path)),
-                                        cfg.train.sequence_parallel)
+    problem = why_not_sequence_parallel(
+        text_config(read_model_config(cfg.model.model_path)), cfg.train.sequence_parallel
+    )
     if problem:
         raise ConfigError(f"train.sequence_parallel={cfg.train.sequence_parallel}: {problem}")
     lora = parse_lora(cfg.model.lora)
@@ -279,12 +300,16 @@ def check_causal_lm(model_path: str, trust_remote_code: bool = False) -> None:
     model_type = config.get("model_type")
     if "AutoModelForCausalLM" in (config.get("auto_map") or {}) and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         if not trust_remote_code:
-            raise ConfigError(f"model.model_path {model_path}: model type {model_type!r} comes with its own code "
-                              f"({config['auto_map']['AutoModelForCausalLM']}); set model.trust_remote_code: true to run it")
+            raise ConfigError(
+                f"model.model_path {model_path}: model type {model_type!r} comes with its own code "
+                f"({config['auto_map']['AutoModelForCausalLM']}); set model.trust_remote_code: true to run it"
+            )
         return
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ConfigError(f"model.model_path {model_path}: model type {model_type!r} is not a causal LM "
-                          "(AutoModelForCausalLM cannot load it)")
+        raise ConfigError(
+            f"model.model_path {model_path}: model type {model_type!r} is not a causal LM "
+            "(AutoModelForCausalLM cannot load it)"
+        )
 
 
 def load_tokenizer(cfg: RFTRunConfig) -> Any:
@@ -301,8 +326,10 @@ def load_tokenizer(cfg: RFTRunConfig) -> Any:
 
 def longest_generation(cfg: RFTRunConfig) -> int:
     sets = cfg.eval.sets if isinstance(cfg.eval.sets, list) else []
-    return max([cfg.method.gen_kwargs["max_new_tokens"], (cfg.train.eval_gen_kwargs or {}).get("max_new_tokens", 0)]
-               + [(d.get("gen_kwargs") or {}).get("max_new_tokens", 0) for d in sets if isinstance(d, dict)])
+    return max(
+        [cfg.method.gen_kwargs["max_new_tokens"], (cfg.train.eval_gen_kwargs or {}).get("max_new_tokens", 0)]
+        + [(d.get("gen_kwargs") or {}).get("max_new_tokens", 0) for d in sets if isinstance(d, dict)]
+    )
 
 
 def model_max_positions(model_path: str) -> int | None:
@@ -316,8 +343,10 @@ def prompt_limit(cfg: RFTRunConfig) -> int:
         return cfg.data.max_prompt_length
     room = positions - longest_generation(cfg)
     if room < 1:
-        raise ConfigError(f"max_new_tokens ({longest_generation(cfg)}) leaves no room for a prompt in the model's "
-                          f"{positions} positions")
+        raise ConfigError(
+            f"max_new_tokens ({longest_generation(cfg)}) leaves no room for a prompt in the model's "
+            f"{positions} positions"
+        )
     return min(cfg.data.max_prompt_length, room)
 
 
@@ -338,8 +367,15 @@ def engine_limits(cfg: RFTRunConfig, ds_config: dict, cuda: bool | None = None) 
         return max_len, sp.kv_cache_memory_bytes
     dtype = str(engine_dtype(sp.dtype, ds_config)).removeprefix("torch.")
     per_token = kv_bytes_per_token(cfg.model.model_path, dtype, sp.tensor_parallel_size)
-    return max_len, kv_cache_budget(sp.kv_cache_memory_bytes, per_token, sp.block_size or CPU_BLOCK_SIZE, max_len,
-                                    m.n_generations_per_prompt, limit, m.gen_kwargs["max_new_tokens"])
+    return max_len, kv_cache_budget(
+        sp.kv_cache_memory_bytes,
+        per_token,
+        sp.block_size or CPU_BLOCK_SIZE,
+        max_len,
+        m.n_generations_per_prompt,
+        limit,
+        m.gen_kwargs["max_new_tokens"],
+    )
 
 
 def tokenize_prompts(cfg: RFTRunConfig, tokenizer: Any, prompts: PromptSet, evals: Sequence[EvalData]) -> None:
@@ -348,8 +384,10 @@ def tokenize_prompts(cfg: RFTRunConfig, tokenizer: Any, prompts: PromptSet, eval
     d = cfg.data
     limit = prompt_limit(cfg)
     chat = use_chat_template(tokenizer, d.apply_chat_template)
-    sets = [(prompts, "prompts")] + [(ev.prompts, "eval_prompts" if cfg.eval.sets is None else f"eval.sets[{i}].prompts")
-                                     for i, ev in enumerate(evals)]
+    sets = [(prompts, "prompts")] + [
+        (ev.prompts, "eval_prompts" if cfg.eval.sets is None else f"eval.sets[{i}].prompts")
+        for i, ev in enumerate(evals)
+    ]
     sets += [(prompts.replay, "data.replay_prompts")] if prompts.replay is not None else []
     for p, where in sets:
         p.records = tokenize(p.texts, p.metadata, tokenizer, limit, where, chat, d.system_prompt)
@@ -363,17 +401,22 @@ def row_limit(cfg: RFTRunConfig, prompts: PromptSet) -> int:
     that is refused here, before any model loads, naming both fields."""
     sets = [("prompt", prompts.records)] + ([("data.replay_prompts", prompts.replay.records)] if prompts.replay else [])
     # the longest prompt of the training and replay sets (ties: the first), and how an error names it
-    lengths, where, longest = max(((len(r.token_ids), name, i) for name, records in sets for i, r in enumerate(records)),
-                                  key=lambda x: x[0], default=(0, "prompt", 0))
+    lengths, where, longest = max(
+        ((len(r.token_ids), name, i) for name, records in sets for i, r in enumerate(records)),
+        key=lambda x: x[0],
+        default=(0, "prompt", 0),
+    )
     new_tokens = cfg.method.gen_kwargs["max_new_tokens"]
     need = lengths + new_tokens + 1
     limit = cfg.train.max_seq_length
     if limit == "auto":
         return need
     if limit < need:
-        raise ConfigError(f"train.max_seq_length ({limit}) is shorter than {where} {longest} ({lengths} tokens) "
-                          f"+ method.gen_kwargs.max_new_tokens ({new_tokens}) + EOS = {need}: its completions would be "
-                          f"cut; set train.max_seq_length to auto or >= {need}")
+        raise ConfigError(
+            f"train.max_seq_length ({limit}) is shorter than {where} {longest} ({lengths} tokens) "
+            f"+ method.gen_kwargs.max_new_tokens ({new_tokens}) + EOS = {need}: its completions would be "
+            f"cut; set train.max_seq_length to auto or >= {need}"
+        )
     return limit
 
 
@@ -403,7 +446,8 @@ def check_shared_output(out: Path, wait_s: float = 30.0) -> None:
                     raise ConfigError(
                         f"train.output_dir {out} is not shared between the nodes: rank {D.rank()} on "
                         f"{hosts[D.rank()]} does not see the file rank {r} on {hosts[r]} wrote there; put it on a "
-                        "file system every node mounts (NFS, Lustre, ...): checkpoints and resume need one directory")
+                        "file system every node mounts (NFS, Lustre, ...): checkpoints and resume need one directory"
+                    )
                 time.sleep(1)
     finally:
         D.barrier()  # nobody removes a marker before every rank has looked

@@ -13,14 +13,23 @@ def enabled(setting: bool | None, is_main: bool) -> bool:
     return sys.stderr.isatty() if setting is None else bool(setting)
 
 
-def bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", show: bool = True,
-        unit: str = "it") -> Any:
+def bar(
+    iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", show: bool = True, unit: str = "it"
+) -> Any:
     from tqdm.auto import tqdm
 
     from rft_ds import console
 
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not show, leave=False, dynamic_ncols=True,
-                file=console.err())
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        disable=not show,
+        leave=False,
+        dynamic_ncols=True,
+        file=console.err(),
+    )
 
 
 def vllm_bar(desc: str) -> Callable[..., Any]:

@@ -31,12 +31,21 @@ import yaml
 
 from rft_ds import artifacts, console, evaluation, progress, replay
 from rft_ds import distributed as D
-from rft_ds.build import new_learner, make_sampler
+from rft_ds.build import make_sampler, new_learner
 from rft_ds.config import EvalSet, RFTRunConfig, yaml_safe
 from rft_ds.data import PromptRecord, PromptSet, deal_prompts
 from rft_ds.evaluation import EvalData, best_key
-from rft_ds.experience import (Row, build_row, label_tokens, micro_batch_tokens, num_steps, padded_tokens,
-                               plan_micro_batches, prompt_groups, rows_for_rank)
+from rft_ds.experience import (
+    Row,
+    build_row,
+    label_tokens,
+    micro_batch_tokens,
+    num_steps,
+    padded_tokens,
+    plan_micro_batches,
+    prompt_groups,
+    rows_for_rank,
+)
 from rft_ds.faults import maybe_die
 from rft_ds.learner import TrainStats, checkpoint_plan
 from rft_ds.metrics import MetricsLog, format_epoch, memory_gb, open_sinks, plain
@@ -46,8 +55,15 @@ from rft_ds.reward_terms import load_reward_models
 from rft_ds.run_state import STAGES, RunState, advance
 from rft_ds.samples import Samples, pick_probes, sample_seed
 from rft_ds.scoring import gather_new_rows, gather_pool, score_shard, term_means
-from rft_ds.selection import (cap_per_prompt, parse_pool_policy, schedule, select, selection_digest, truncated,
-                              update_pool)
+from rft_ds.selection import (
+    cap_per_prompt,
+    parse_pool_policy,
+    schedule,
+    select,
+    selection_digest,
+    truncated,
+    update_pool,
+)
 from rft_ds.weight_sync import check_stale_weights
 
 
@@ -117,8 +133,14 @@ class Setup:
     max_len: int  # tokens a training row may hold (train.max_seq_length resolved)
 
 
-def run(cfg: RFTRunConfig, reward_fn: Callable | str | None = None, prompts: Any = None, eval_prompts: Any = None,
-        metric_fn: Callable | str | None = None, stop_sequences: Sequence[str] | None = None) -> RFTResult:
+def run(
+    cfg: RFTRunConfig,
+    reward_fn: Callable | str | None = None,
+    prompts: Any = None,
+    eval_prompts: Any = None,
+    metric_fn: Callable | str | None = None,
+    stop_sequences: Sequence[str] | None = None,
+) -> RFTResult:
     from rft_ds.faults import SIGNALS
 
     # First thing (unless launch/train.py did it before its imports): a SIGUSR1/SIGTERM during start-up would
@@ -144,8 +166,10 @@ def _run(cfg: RFTRunConfig, inputs: Inputs, stop_sequences: Sequence[str] | None
     if ckpt is None and st.eval_before:
         log.log_initial_eval(st.eval_before)
     if st.epoch >= t.epochs and D.is_main():  # a finished run resumed with nothing left to do: say so
-        console.say(f"[rft_ds] {ckpt} is the end of epoch {st.epoch}: nothing left to train for train.epochs={t.epochs} "
-                    "(raise train.epochs to continue)")
+        console.say(
+            f"[rft_ds] {ckpt} is the end of epoch {st.epoch}: nothing left to train for train.epochs={t.epochs} "
+            "(raise train.epochs to continue)"
+        )
     stopped = False
     s.rt.last_safe_point = time.monotonic()
     while st.epoch < t.epochs and not stopped:
@@ -173,8 +197,9 @@ def _run(cfg: RFTRunConfig, inputs: Inputs, stop_sequences: Sequence[str] | None
     return RFTResult(cfg, s.rt.learner.engine, s.tokenizer, log.history, st.eval_before, s.out, stopped, ckpt)
 
 
-def setup(cfg: RFTRunConfig, inputs: Inputs, stop_sequences: Sequence[str] | None,
-          signals: Any) -> tuple[Setup, Path | None]:
+def setup(
+    cfg: RFTRunConfig, inputs: Inputs, stop_sequences: Sequence[str] | None, signals: Any
+) -> tuple[Setup, Path | None]:
     """Start-up checks (preflight.prepare: no model yet) -> process group -> resume target agreed -> reward
     model -> learner (DeepSpeed ZeRO-3) -> sampler and weight sync. Returns the setup and the checkpoint to
     resume from."""
@@ -195,8 +220,9 @@ def setup(cfg: RFTRunConfig, inputs: Inputs, stop_sequences: Sequence[str] | Non
     if ckpt is not None and checkpoint.written_by(ckpt) != D.world_size():  # elastic resume
         universal = checkpoint.universal_copy(ckpt)
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
-    group, n_groups, contributes = engine_group(D.rank(), D.world_size(), cfg.sampler.tensor_parallel_size
-                                                if cfg.sampler.backend == "vllm" else 1)
+    group, n_groups, contributes = engine_group(
+        D.rank(), D.world_size(), cfg.sampler.tensor_parallel_size if cfg.sampler.backend == "vllm" else 1
+    )
     if any(r.reward_model for r in p.rewards):
         with D.all_ranks_or_fail("loading the reward model"):  # a rank that cannot load it stops them all
             load_reward_models(p.rewards)  # eval sets without their own reward_fn share these terms
@@ -208,46 +234,86 @@ def setup(cfg: RFTRunConfig, inputs: Inputs, stop_sequences: Sequence[str] | Non
         (out / "config.yaml").write_text(yaml.safe_dump(yaml_safe(cfg.to_dict()), sort_keys=False))
     learner = new_learner(cfg, ds_config, p.max_len)
     if t.share_prompt and not learner.share_prompt and D.is_main():
-        console.say(f"[rft_ds] note: train.share_prompt is off for this model ({learner.share_prompt_off}): "
-                    "rows train one by one")
-    sampler, weight_sync = make_sampler(cfg, learner, p.tokenizer, ds_config, group,
-                                        list(stop_sequences if stop_sequences is not None else cfg.reward.stop_sequences))
+        console.say(
+            f"[rft_ds] note: train.share_prompt is off for this model ({learner.share_prompt_off}): "
+            "rows train one by one"
+        )
+    sampler, weight_sync = make_sampler(
+        cfg,
+        learner,
+        p.tokenizer,
+        ds_config,
+        group,
+        list(stop_sequences if stop_sequences is not None else cfg.reward.stop_sequences),
+    )
     half = not (weight_sync and weight_sync.dtype == torch.float32)
     # bf16/fp16: the engine's logits are rounded to half precision, and one bf16 step of a logit near 32-64 is
     # 0.25, so a 30-layer model legitimately differs by ~0.1-0.2 (SmolLM2-135M: 0.04-0.12 measured)
-    s = Setup(cfg, p.rewards, p.prompts, p.evals, p.best, p.tokenizer, sampler, Runtime(learner, weight_sync), signals,
-              out, sampler.stop_sequences, group, n_groups, contributes, progress.enabled(t.progress, D.is_main()),
-              parity_tol=cfg.sampler.parity_tolerance or (0.5 if half else 1e-3),
-              stale_tol=cfg.sampler.stale_tolerance or (0.1 if half else 1e-3),
-              prompts_digest=checkpoint.prompts_digest(p.prompts.texts, p.prompts.metadata),
-              job_end=D.broadcast_object(job_end_time(os.environ) if D.is_main() else None), universal=universal,
-              ds_config=ds_config, max_len=p.max_len)
+    s = Setup(
+        cfg,
+        p.rewards,
+        p.prompts,
+        p.evals,
+        p.best,
+        p.tokenizer,
+        sampler,
+        Runtime(learner, weight_sync),
+        signals,
+        out,
+        sampler.stop_sequences,
+        group,
+        n_groups,
+        contributes,
+        progress.enabled(t.progress, D.is_main()),
+        parity_tol=cfg.sampler.parity_tolerance or (0.5 if half else 1e-3),
+        stale_tol=cfg.sampler.stale_tolerance or (0.1 if half else 1e-3),
+        prompts_digest=checkpoint.prompts_digest(p.prompts.texts, p.prompts.metadata),
+        job_end=D.broadcast_object(job_end_time(os.environ) if D.is_main() else None),
+        universal=universal,
+        ds_config=ds_config,
+        max_len=p.max_len,
+    )
     return s, ckpt
 
 
 def start_fresh(s: Setup) -> RunState:
     """A new run: a run id every rank shares, the replay set's answers, and the eval before training."""
-    st = RunState(run_id=D.broadcast_object(uuid.uuid4().hex[:12] if D.is_main() else None),
-                  prompts_digest=s.prompts_digest, shard=s.cfg.data.shard, pool=LocalPool(D.rank()),
-                  group_by_length=s.cfg.train.group_by_length, share_prompt=s.rt.learner.share_prompt)
+    st = RunState(
+        run_id=D.broadcast_object(uuid.uuid4().hex[:12] if D.is_main() else None),
+        prompts_digest=s.prompts_digest,
+        shard=s.cfg.data.shard,
+        pool=LocalPool(D.rank()),
+        group_by_length=s.cfg.train.group_by_length,
+        share_prompt=s.rt.learner.share_prompt,
+    )
     artifacts.warn_foreign_best_model(s.out, st.run_id)
     if s.prompts.replay is not None:  # before any update: the base model's answers
         t0 = time.perf_counter()
-        st.replay = replay.sample_set(s.sampler, s.prompts.replay.records, s.group, s.n_groups, s.contributes,
-                                      s.cfg.method.gen_kwargs, sample_seed(s.cfg.train.seed, -1, s.group, 2),
-                                      "replay: sample" if s.show else None)
+        st.replay = replay.sample_set(
+            s.sampler,
+            s.prompts.replay.records,
+            s.group,
+            s.n_groups,
+            s.contributes,
+            s.cfg.method.gen_kwargs,
+            sample_seed(s.cfg.train.seed, -1, s.group, 2),
+            "replay: sample" if s.show else None,
+        )
         st.replay["digest"] = replay_digest(s)
         st.record["time_replay_sample"] = time.perf_counter() - t0
     if s.evals and s.cfg.train.eval_interval > 0:
         st.eval_before = evaluation.evaluate(s.evals, _eval_context(s, st), -1)
         if s.best is not None:
-            best_key(s.best, st.eval_before)  # a best_metric that metric_fn does not report fails now, not after an epoch
+            best_key(
+                s.best, st.eval_before
+            )  # a best_metric that metric_fn does not report fails now, not after an epoch
         if D.is_main():
             console.say(f"[rft_ds] eval before training: {evaluation.summary(s.evals, st.eval_before)}")
     return st
 
 
 # --- the stages: each takes (setup, state), changes the state fields its docstring names, returns an Outcome
+
 
 def sample(s: Setup, st: RunState) -> Outcome:
     """Grow steps: N completions for each of this rank's prompts, one chunk of prompts at a time, each chunk
@@ -263,15 +329,24 @@ def sample(s: Setup, st: RunState) -> Outcome:
     while st.cursor < n_chunks:
         maybe_die("sample", st.epoch)
         t0 = time.perf_counter()
-        part = mine[st.cursor * chunk:(st.cursor + 1) * chunk]
+        part = mine[st.cursor * chunk : (st.cursor + 1) * chunk]
         label = f"epoch {st.epoch + 1}: sample" + (f" {st.cursor + 1}/{n_chunks}" if n_chunks > 1 else "")
         # the sampler's log-probs for a few prompts of the first chunk: the stale-weight check's probes
         probes = np.zeros(len(part), bool)
         if s.rt.weight_sync is not None and st.cursor == 0:  # every rank of an engine group asks alike
             probes[pick_probes(len(part), s.cfg.sampler.stale_probes, s.cfg.train.seed, st.epoch, s.group)] = True
         seed = sample_seed(s.cfg.train.seed, st.epoch, s.group, 0, st.cursor)
-        done.add(st.cursor * chunk, s.sampler.generate([r.token_ids for r in part], m.n_generations_per_prompt,
-                                                       m.gen_kwargs, seed, label if s.show else None, logprobs=probes))
+        done.add(
+            st.cursor * chunk,
+            s.sampler.generate(
+                [r.token_ids for r in part],
+                m.n_generations_per_prompt,
+                m.gen_kwargs,
+                seed,
+                label if s.show else None,
+                logprobs=probes,
+            ),
+        )
         if s.cfg.sampler.backend == "vllm":  # this rank's engine only (no collective): rank 0's in metrics.jsonl
             st.record["sampled_preemptions"] = st.record.get("sampled_preemptions", 0) + s.sampler.last_preemptions
         st.cursor += 1
@@ -297,8 +372,17 @@ def score(s: Setup, st: RunState) -> Outcome:
     tokens, eos = samples.tokens(), samples.eos
     # the stale-weight check's probes outlive the samples until the first optimizer step: a few rows
     st.local["probes"] = [(int(pids[i]), tokens[i].copy(), bool(eos[i]), lp) for i, lp in samples.probes.items()]
-    scores, _, parts = score_shard(s.rewards, pids, tokens, s.prompts.texts, s.prompts.metadata, s.tokenizer,
-                                   s.stop_sequences, s.cfg.reward, f"epoch {st.epoch + 1}: score" if s.show else None)
+    scores, _, parts = score_shard(
+        s.rewards,
+        pids,
+        tokens,
+        s.prompts.texts,
+        s.prompts.metadata,
+        s.tokenizer,
+        s.stop_sequences,
+        s.cfg.reward,
+        f"epoch {st.epoch + 1}: score" if s.show else None,
+    )
     rec.update({f"sampled_{k}": v for k, v in term_means(s.rewards, parts).items()})
     grow_step = st.epoch // m.n_improve_steps
     mine = st.pool.add(pids, scores, eos, tokens, grow_step)
@@ -334,36 +418,60 @@ def learn(s: Setup, st: RunState) -> Outcome:
     table = st.table  # the pools: one row per completion, the same on every rank
     # DAPO's overlong filtering (method.overlong: drop): a completion cut short takes no part in selection, so it
     # neither is trained on nor raises its prompt's threshold
-    usable = ~truncated(table, s.cfg.method.gen_kwargs["max_new_tokens"]) if s.cfg.method.overlong == "drop" else \
-        np.ones(len(table), bool)
+    usable = (
+        ~truncated(table, s.cfg.method.gen_kwargs["max_new_tokens"])
+        if s.cfg.method.overlong == "drop"
+        else np.ones(len(table), bool)
+    )
     keep, thr = np.zeros(len(table), bool), np.full(len(table), np.nan)
-    keep[usable], thr[usable] = select(table["prompt_id"][usable], table["score"][usable], step.percentile,
-                                       sel.strategy, sel.top_k, sel.min_score)
+    keep[usable], thr[usable] = select(
+        table["prompt_id"][usable], table["score"][usable], step.percentile, sel.strategy, sel.top_k, sel.min_score
+    )
     pid = table["prompt_id"][usable]
     first = np.r_[True, pid[1:] != pid[:-1]] if len(pid) else np.zeros(0, bool)  # each usable prompt's first row
     keep = cap_per_prompt(table["prompt_id"], table["score"], keep, s.cfg.method.max_per_prompt)
-    rows, n_rows, moved = rows_for_rank(table[keep], st.pool, [r.token_ids for r in s.prompts.records],
-                                        s.tokenizer.eos_token_id, s.max_len, t.sequence_parallel)
+    rows, n_rows, moved = rows_for_rank(
+        table[keep],
+        st.pool,
+        [r.token_ids for r in s.prompts.records],
+        s.tokenizer.eos_token_id,
+        s.max_len,
+        t.sequence_parallel,
+    )
     sp = t.sequence_parallel  # a group of sp ranks trains the same rows, each on its shard of their positions
     n_replay = 0
     if st.replay is not None:  # method.replay_share of the epoch's rows: the base model's answers
         extra, n_replay = _replay_rows(s, st, n_rows, len(rows))
         rows += extra
     steps = num_steps(n_rows + n_replay, D.world_size() // sp, learner.micro_batch_size, learner.grad_accum)
-    micro = plan_micro_batches(len(rows), steps, t.seed, st.epoch, D.rank() // sp, learner.micro_batch_size,
-                               learner.grad_accum, [len(r.input_ids) for r in rows] if st.group_by_length else None,
-                               prompt_groups(rows) if st.share_prompt else None)
+    micro = plan_micro_batches(
+        len(rows),
+        steps,
+        t.seed,
+        st.epoch,
+        D.rank() // sp,
+        learner.micro_batch_size,
+        learner.grad_accum,
+        [len(r.input_ids) for r in rows] if st.group_by_length else None,
+        prompt_groups(rows) if st.share_prompt else None,
+    )
     # the epoch's whole plan: the same after a resume
     st.local["padding"] = padded_tokens(rows, micro, learner.pack)
     st.record.update(
-        pool_size=len(table), n_selected=int(keep.sum()), n_rows=n_rows, rows_moved=moved, replay_rows=n_replay,
+        pool_size=len(table),
+        n_selected=int(keep.sum()),
+        n_rows=n_rows,
+        rows_moved=moved,
+        replay_rows=n_replay,
         n_prompts_kept=int(len(np.unique(table["prompt_id"][keep]))),
         reward_mean=float(table["score"].mean()) if len(table) else None,
         reward_max=float(table["score"].max()) if len(table) else None,
         selected_reward_mean=float(table["score"][keep].mean()) if keep.any() else None,
         threshold_mean=float(thr[usable][first].mean()) if usable.any() else None,
         rows_not_fitting=int(keep.sum()) - n_rows,  # selected, but longer than a row may be (resume_force)
-        train_steps=steps, selection_digest=selection_digest(table, keep))
+        train_steps=steps,
+        selection_digest=selection_digest(table, keep),
+    )
     _add_time(st.record, "time_select", time.perf_counter() - t0)
     if s.rt.weight_sync:
         s.sampler.sleep()  # GPU sleep mode: give the engine's memory to training (no-op otherwise)
@@ -372,8 +480,10 @@ def learn(s: Setup, st: RunState) -> Outcome:
     step_tokens = (D.all_reduce(torch.from_numpy(label_tokens(rows, micro, learner.grad_accum)), "sum") // sp).tolist()
     # gradient checkpointing where a micro-batch is long on any rank (the same choice on every rank); a rank
     # computes 1/sp of its group's positions
-    checkpoint = checkpoint_plan(D.all_reduce(torch.from_numpy(-(-micro_batch_tokens(rows, micro, learner.pack) // sp)),
-                                              "max").tolist(), learner.checkpoint_above)
+    checkpoint = checkpoint_plan(
+        D.all_reduce(torch.from_numpy(-(-micro_batch_tokens(rows, micro, learner.pack) // sp)), "max").tolist(),
+        learner.checkpoint_above,
+    )
     stats = st.local.setdefault("stats", TrainStats())
     if s.rt.weight_sync and step.grow and st.cursor == 0 and not restarted:
         # did the engine sample from the weights the learner has? its log p of a few of its completions vs the
@@ -387,9 +497,14 @@ def learn(s: Setup, st: RunState) -> Outcome:
         maybe_die("train", st.epoch)
         t1 = time.perf_counter()
         upto = min(st.cursor + learner.grad_accum, len(micro))
-        one = learner.train_step(rows, micro[st.cursor:upto], s.tokenizer.pad_token_id,
-                                 step_tokens[st.cursor // learner.grad_accum], D.world_size(),
-                                 checkpoint=checkpoint[st.cursor:upto])
+        one = learner.train_step(
+            rows,
+            micro[st.cursor : upto],
+            s.tokenizer.pad_token_id,
+            step_tokens[st.cursor // learner.grad_accum],
+            D.world_size(),
+            checkpoint=checkpoint[st.cursor : upto],
+        )
         stats.add(one)
         pbar.update(upto - st.cursor)
         # refreshed every step: update() alone redraws at most every 0.1 s, and a leave=False bar is erased
@@ -412,8 +527,9 @@ def sync(s: Setup, st: RunState) -> Outcome:
     if s.rt.weight_sync:
         maybe_die("sync", st.epoch)
         stats = s.rt.weight_sync.sync()
-        st.record.update(time_sync=stats.seconds, sync_bytes=stats.bytes,
-                         sync_peak_extra_mb=stats.peak_extra_bytes / 2**20)
+        st.record.update(
+            time_sync=stats.seconds, sync_bytes=stats.bytes, sync_peak_extra_mb=stats.peak_extra_bytes / 2**20
+        )
         check = s.cfg.sampler.parity_check
         if check == "always" or (check == "first" and s.rt.weight_sync.n_syncs == 1):
             st.record["parity_max_diff"] = check_parity(s)
@@ -440,25 +556,38 @@ def end_epoch(s: Setup, st: RunState) -> Outcome:
     """Close the epoch's record: its totals, its memory, into st.history (the loop then checkpoints when one
     is due and logs it). Changes st.history."""
     step = _step(s, st)
-    rec = {"epoch": st.epoch, "grow_step": step.grow, "percentile": step.percentile,
-           **dict.fromkeys(("time_sample", "time_score", "time_select", "time_train"), 0.0), **st.record}
+    rec = {
+        "epoch": st.epoch,
+        "grow_step": step.grow,
+        "percentile": step.percentile,
+        **dict.fromkeys(("time_sample", "time_score", "time_select", "time_train"), 0.0),
+        **st.record,
+    }
     if st.epoch == 0 and st.eval_before:  # the eval before training, metric_fn's numbers included
         rec.update({f"{k}_initial": v for k, v in st.eval_before.items()})
     rec["time_epoch"] = sum(v for k, v in rec.items() if k.startswith("time_") and k != "time_epoch")
     # the figure peers compare: tokens sampled and trained per second and device, over the epoch's wall time
-    rec["tokens_per_s_per_device"] = (rec.get("sampled_tokens", 0) + rec.get("trained_tokens", 0)) / \
-        max(rec["time_epoch"], 1e-9) / D.world_size()
+    rec["tokens_per_s_per_device"] = (
+        (rec.get("sampled_tokens", 0) + rec.get("trained_tokens", 0)) / max(rec["time_epoch"], 1e-9) / D.world_size()
+    )
     rec.update(memory_gb())
     st.history.append(plain(rec))
     return Outcome.DONE
 
 
 STAGE_FNS: dict[str, Callable[[Setup, RunState], Outcome]] = {
-    "sample": sample, "score": score, "train": learn, "sync": sync, "eval": evaluate, "end": end_epoch}
+    "sample": sample,
+    "score": score,
+    "train": learn,
+    "sync": sync,
+    "eval": evaluate,
+    "end": end_epoch,
+}
 assert tuple(STAGE_FNS) == STAGES
 
 
 # --- safe points and the run state on disk
+
 
 def safe_point(s: Setup, st: RunState, save: bool = False) -> Outcome:
     """Collective, at a point where a checkpoint can be taken (between sampling chunks, optimizer steps and
@@ -470,13 +599,19 @@ def safe_point(s: Setup, st: RunState, save: bool = False) -> Outcome:
     t, rt = s.cfg.train, s.rt
     now = time.monotonic()
     rt.longest_step_s = max(rt.longest_step_s, now - rt.last_safe_point)
-    periodic = save or bool(t.save_every_steps and st.stage == "train" and st.cursor
-                            and st.optimizer_steps % t.save_every_steps == 0) or \
-        bool(t.save_every_minutes and now - rt.last_save_at >= 60 * t.save_every_minutes)
-    deadline = s.job_end is not None and deadline_reached(time.time(), s.job_end, rt.longest_step_s, rt.last_save_s,
-                                                          t.save_before_end_s)
-    stop_flag, save_flag = D.all_reduce(torch.tensor([int(s.signals.received is not None or deadline),
-                                                      int(periodic)]), "max").tolist()
+    periodic = (
+        save
+        or bool(
+            t.save_every_steps and st.stage == "train" and st.cursor and st.optimizer_steps % t.save_every_steps == 0
+        )
+        or bool(t.save_every_minutes and now - rt.last_save_at >= 60 * t.save_every_minutes)
+    )
+    deadline = s.job_end is not None and deadline_reached(
+        time.time(), s.job_end, rt.longest_step_s, rt.last_save_s, t.save_before_end_s
+    )
+    stop_flag, save_flag = D.all_reduce(
+        torch.tensor([int(s.signals.received is not None or deadline), int(periodic)]), "max"
+    ).tolist()
     if stop_flag or save_flag:
         save_checkpoint(s, st)
         if deadline and D.is_main():
@@ -504,11 +639,23 @@ def save_checkpoint(s: Setup, st: RunState) -> None:
             st.history[-1]["time_epoch"] += seconds
         return st.shared()
 
-    checkpoint.save(s.out / "checkpoints", checkpoint.checkpoint_name(*st.position()), s.rt.learner.engine, None,
-                    s.tokenizer, s.cfg.train.keep_last, die_hook=maybe_die, finalize_state=finalize,
-                    local_state={"pool": st.pool, "local": st.local},
-                    meta={"run_id": st.run_id, "position": list(st.position()), "config": yaml_safe(s.cfg.to_dict()),
-                          "shard": {"plan": st.shard, "groups": s.n_groups}})
+    checkpoint.save(
+        s.out / "checkpoints",
+        checkpoint.checkpoint_name(*st.position()),
+        s.rt.learner.engine,
+        None,
+        s.tokenizer,
+        s.cfg.train.keep_last,
+        die_hook=maybe_die,
+        finalize_state=finalize,
+        local_state={"pool": st.pool, "local": st.local},
+        meta={
+            "run_id": st.run_id,
+            "position": list(st.position()),
+            "config": yaml_safe(s.cfg.to_dict()),
+            "shard": {"plan": st.shard, "groups": s.n_groups},
+        },
+    )
     s.rt.last_save_s = time.perf_counter() - t0
     s.rt.last_save_at = time.monotonic()
     if boundary:
@@ -534,8 +681,13 @@ def load_checkpoint(s: Setup, ckpt: Path) -> RunState:
         local["samples"].add(0, [[dataclasses.replace(c, logprobs=None) for c in cs] for cs in old])
     st = RunState(**shared, local=local, pool=pool, table=gather_pool(pool))
     replay.check_resume(st.replay, replay_digest(s) if s.prompts.replay is not None else None, str(ckpt))
-    st.best = artifacts.resumed_best(st.best, s.out, st.run_id, s.best[0].key(s.best[1]) if s.best else None,
-                                     f"{s.best[0].name}/{s.best[1]}" if s.best else None)
+    st.best = artifacts.resumed_best(
+        st.best,
+        s.out,
+        st.run_id,
+        s.best[0].key(s.best[1]) if s.best else None,
+        f"{s.best[0].name}/{s.best[1]}" if s.best else None,
+    )
     if s.rt.weight_sync:
         s.rt.weight_sync.sync()
         if s.cfg.sampler.parity_check != "off":
@@ -543,30 +695,46 @@ def load_checkpoint(s: Setup, ckpt: Path) -> RunState:
             if D.is_main():
                 console.say(f"[rft_ds] engine synced from the checkpoint; parity max |logprob diff| {diff:.2g}")
     if D.is_main():
-        console.say(f"[rft_ds] resumed from {ckpt} at epoch {st.epoch + 1}/{s.cfg.train.epochs} ({st.stage}"
-                    + (f" {st.cursor}" if st.cursor else "") + ")"
-                    + (f" on {D.world_size()} ranks, written by {checkpoint.written_by(ckpt)}" if s.universal else ""))
+        console.say(
+            f"[rft_ds] resumed from {ckpt} at epoch {st.epoch + 1}/{s.cfg.train.epochs} ({st.stage}"
+            + (f" {st.cursor}" if st.cursor else "")
+            + ")"
+            + (f" on {D.world_size()} ranks, written by {checkpoint.written_by(ckpt)}" if s.universal else "")
+        )
     return st
 
 
 # --- helpers of the stages
 
+
 def _finish_train_record(s: Setup, st: RunState, grow: bool, n_micro: int) -> None:
     """Every rank ran the same steps on the same selection (checked, not assumed); the loss is the mean over
     every label token the epoch trained on; the stale-weight check's verdict (grow steps with an engine)."""
     stats = st.local["stats"]
-    per_rank = D.all_gather_object((st.record["selection_digest"], n_micro, stats.ce_sum, stats.tokens,
-                                    stats.input_tokens, st.local.get("padding", (0, 0))))
+    per_rank = D.all_gather_object(
+        (
+            st.record["selection_digest"],
+            n_micro,
+            stats.ce_sum,
+            stats.tokens,
+            stats.input_tokens,
+            st.local.get("padding", (0, 0)),
+        )
+    )
     st.record["checkpointed_micro_batches"] = stats.checkpointed  # the same on every rank (checkpoint_plan)
     if len({d for d, *_ in per_rank}) != 1 or len({n for _, n, *_ in per_rank}) != 1:
         raise D.RankError(f"epoch {st.epoch}: ranks disagree on the selection or step count: {per_rank}")
     n_loss = sum(c for _, _, _, c, _, _ in per_rank)
     real, padded = (sum(p[i] for *_, p in per_rank) // s.cfg.train.sequence_parallel for i in (0, 1))
-    st.record.update(train_loss=sum(x for _, _, x, _, _, _ in per_rank) / n_loss if n_loss else None,
-                     trained_tokens=sum(t for *_, t, _ in per_rank),
-                     computed_tokens=real, padding_share=1 - real / padded if padded else 0.0,
-                     train_steps_per_rank=[n // s.rt.learner.grad_accum for _, n, *_ in per_rank],
-                     lr=s.rt.learner.lr(), selection_digest_per_rank=[d for d, *_ in per_rank])
+    st.record.update(
+        train_loss=sum(x for _, _, x, _, _, _ in per_rank) / n_loss if n_loss else None,
+        trained_tokens=sum(t for *_, t, _ in per_rank),
+        computed_tokens=real,
+        padding_share=1 - real / padded if padded else 0.0,
+        train_steps_per_rank=[n // s.rt.learner.grad_accum for _, n, *_ in per_rank],
+        lr=s.rt.learner.lr(),
+        selection_digest_per_rank=[d for d, *_ in per_rank],
+    )
     if s.rt.weight_sync and grow and not st.record.get("restarted_from_base"):  # did the engine sample from the
         # weights the learner trained from? (after a restart it did not, by design: it sampled the latest policy)
         st.record.update(check_stale_weights(stats, s.stale_tol))  # probes run in eval mode: no dropout
@@ -606,9 +774,10 @@ def _replay_rows(s: Setup, st: RunState, n_rows: int, n_mine: int) -> tuple[list
     counts = D.all_gather_object(n_mine)[::sp]  # every rank of a group holds the group's rows
     mine = picks[replay.deal(counts, len(picks))[D.rank() // sp]]
     prompts = s.prompts.replay.records
-    rows = [build_row(prompts[rp["prompt"][i]].token_ids, tokens, bool(rp["eos"][i]), s.tokenizer.eos_token_id,
-                      s.max_len)
-            for i, tokens in zip(mine, replay.completions(rp, mine))]
+    rows = [
+        build_row(prompts[rp["prompt"][i]].token_ids, tokens, bool(rp["eos"][i]), s.tokenizer.eos_token_id, s.max_len)
+        for i, tokens in zip(mine, replay.completions(rp, mine))
+    ]
     return [r for r in rows if r is not None], len(picks)
 
 
@@ -634,9 +803,16 @@ def check_parity(s: Setup) -> float:
     from rft_ds.weight_sync import parity_check
 
     probes = s.prompts.records[: s.cfg.sampler.parity_probes]
-    return parity_check(s.rt.learner.module, s.sampler, [r.token_ids for r in probes],
-                        min(8, s.cfg.method.gen_kwargs["max_new_tokens"]), s.parity_tol, s.tokenizer.pad_token_id,
-                        [r.text for r in probes], s.rt.learner.device)
+    return parity_check(
+        s.rt.learner.module,
+        s.sampler,
+        [r.token_ids for r in probes],
+        min(8, s.cfg.method.gen_kwargs["max_new_tokens"]),
+        s.parity_tol,
+        s.tokenizer.pad_token_id,
+        [r.text for r in probes],
+        s.rt.learner.device,
+    )
 
 
 def _step(s: Setup, st: RunState) -> Any:
@@ -657,8 +833,18 @@ def _n_chunks(s: Setup) -> int:
 
 
 def _eval_context(s: Setup, st: RunState) -> evaluation.EvalContext:
-    return evaluation.EvalContext(s.sampler, s.tokenizer, s.stop_sequences, s.cfg.reward, s.cfg.train.seed, st.shard,
-                                  s.group, s.n_groups, s.contributes, s.show)
+    return evaluation.EvalContext(
+        s.sampler,
+        s.tokenizer,
+        s.stop_sequences,
+        s.cfg.reward,
+        s.cfg.train.seed,
+        st.shard,
+        s.group,
+        s.n_groups,
+        s.contributes,
+        s.show,
+    )
 
 
 def _shown_metric(s: Setup) -> str:
@@ -672,5 +858,16 @@ def _add_time(rec: dict, key: str, seconds: float) -> None:
 
 def _sinks(s: Setup, start_epoch: int) -> list:
     t = s.cfg.train
-    return open_sinks(s.out, tensorboard_on(t.tensorboard), t.wandb, t.wandb_project, t.wandb_run_name,
-                      yaml_safe(s.cfg.to_dict()), start_epoch) if D.is_main() else []
+    return (
+        open_sinks(
+            s.out,
+            tensorboard_on(t.tensorboard),
+            t.wandb,
+            t.wandb_project,
+            t.wandb_run_name,
+            yaml_safe(s.cfg.to_dict()),
+            start_epoch,
+        )
+        if D.is_main()
+        else []
+    )

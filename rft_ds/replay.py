@@ -25,27 +25,33 @@ def pack(prompt: Sequence[int], eos: Sequence[bool], tokens: Sequence[Sequence[i
     """The replay set as arrays, ordered by replay prompt: 4 bytes a token, 9 a completion."""
     order = np.argsort(np.asarray(prompt, dtype=np.int64), kind="stable")
     toks = [np.asarray(tokens[i], dtype=np.int32) for i in order]
-    return {"prompt": np.asarray(prompt, dtype=np.int32)[order] if len(order) else np.zeros(0, np.int32),
-            "eos": np.asarray(eos, dtype=bool)[order] if len(order) else np.zeros(0, bool),
-            "length": np.array([len(t) for t in toks], dtype=np.int32),
-            "tokens": np.concatenate(toks) if toks else np.zeros(0, np.int32)}
+    return {
+        "prompt": np.asarray(prompt, dtype=np.int32)[order] if len(order) else np.zeros(0, np.int32),
+        "eos": np.asarray(eos, dtype=bool)[order] if len(order) else np.zeros(0, bool),
+        "length": np.array([len(t) for t in toks], dtype=np.int32),
+        "tokens": np.concatenate(toks) if toks else np.zeros(0, np.int32),
+    }
 
 
 def check_resume(saved: dict | None, digest: str | None, ckpt: str) -> None:
     """A checkpoint's replay set (saved) against this run's replay prompts (their digest; None: no replay).
     The base model's answers exist only from a fresh start, so a resume cannot add, drop or swap them."""
     if saved is None and digest is not None:
-        raise ConfigError(f"data.replay_prompts: {ckpt} was written without replay, and the base model's answers are "
-                          "sampled at a fresh start only: start a new run to replay them")
+        raise ConfigError(
+            f"data.replay_prompts: {ckpt} was written without replay, and the base model's answers are "
+            "sampled at a fresh start only: start a new run to replay them"
+        )
     if saved is not None and saved.get("digest") != digest:
-        raise ConfigError(f"data.replay_prompts: {ckpt} replays the base model's answers to other prompts than these "
-                          "(or method.replay_share is 0 now): resume with the replay prompts it was started with")
+        raise ConfigError(
+            f"data.replay_prompts: {ckpt} replays the base model's answers to other prompts than these "
+            "(or method.replay_share is 0 now): resume with the replay prompts it was started with"
+        )
 
 
 def completions(replay: dict[str, np.ndarray], picks: np.ndarray) -> list[np.ndarray]:
     """Token ids of the replay set's completions `picks` (views)."""
     starts = np.r_[0, np.cumsum(replay["length"], dtype=np.int64)[:-1]]
-    return [replay["tokens"][starts[i]:starts[i] + replay["length"][i]] for i in picks]
+    return [replay["tokens"][starts[i] : starts[i] + replay["length"][i]] for i in picks]
 
 
 def draw(n_rows: int, n_replay: int, share: float, seed: int, epoch: int) -> np.ndarray:
@@ -69,16 +75,31 @@ def deal(counts: Sequence[int], n: int) -> list[np.ndarray]:
     return [np.flatnonzero(owner == g) for g in range(len(counts))]
 
 
-def sample_set(sampler: Any, records: Sequence[Any], group: int, n_groups: int, contributes: bool,
-               gen_kwargs: dict, seed: int, label: str | None) -> dict[str, np.ndarray]:
+def sample_set(
+    sampler: Any,
+    records: Sequence[Any],
+    group: int,
+    n_groups: int,
+    contributes: bool,
+    gen_kwargs: dict,
+    seed: int,
+    label: str | None,
+) -> dict[str, np.ndarray]:
     """Collective: one completion per replay prompt from the engine as it is (the base model, at a fresh
     start), each engine group sampling its share; every rank returns the whole set (pack)."""
     from rft_ds import distributed as D
 
     mine = np.arange(group, len(records), n_groups)
     outs = sampler.generate([records[i].token_ids for i in mine], 1, gen_kwargs, seed, label)
-    part = ([int(i) for i in mine], [o[0].finish_reason == "eos" for o in outs],
-            [np.asarray(o[0].token_ids, dtype=np.int32) for o in outs]) if contributes else ([], [], [])
+    part = (
+        (
+            [int(i) for i in mine],
+            [o[0].finish_reason == "eos" for o in outs],
+            [np.asarray(o[0].token_ids, dtype=np.int32) for o in outs],
+        )
+        if contributes
+        else ([], [], [])
+    )
     prompt, eos, tokens = [], [], []
     for p, e, t in D.all_gather_object(part):
         prompt += p

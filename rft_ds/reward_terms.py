@@ -23,9 +23,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from rft_ds.errors import ConfigError, RewardError
 from rft_ds.data import resolve_callable
-
+from rft_ds.errors import ConfigError, RewardError
 
 ENTRY_KEYS = ("fn", "reward_model", "url", "name", "batch_size", "executor", "kwargs", "max_length", "label")
 EXECUTORS = ("inline", "thread", "process")
@@ -57,18 +56,24 @@ def call_style(fn: Callable, name: str) -> tuple[str, frozenset | None]:
     except (TypeError, ValueError):  # a builtin without a signature: trlx's keywords, as always
         return "trlx", None
     open_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    names = frozenset(n for n, p in params.items()
-                      if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
+    names = frozenset(
+        n
+        for n, p in params.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    )
     if "completions" in names:
         return "trl", None if open_kw else names
     if names & {"samples", "outputs"} or (open_kw and not names):
         return "trlx", None if open_kw else names
-    raise ConfigError(f"reward term {name}: cannot tell how to call it from its parameters {sorted(params)}: name "
-                      "them (samples, prompts, outputs, **kwargs) as trlx does or (prompts, completions, **kwargs) as TRL")
+    raise ConfigError(
+        f"reward term {name}: cannot tell how to call it from its parameters {sorted(params)}: name "
+        "them (samples, prompts, outputs, **kwargs) as trlx does or (prompts, completions, **kwargs) as TRL"
+    )
 
 
 def _is_async(fn: Callable) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+    # an object whose __call__ is async (callable() would not say)
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))  # noqa: B004
 
 
 def _label(fn: Any, spec: Any) -> str:
@@ -90,16 +95,27 @@ def _term(fn: Callable, spec: Any, entry: dict, what: str) -> RewardTerm:
         try:
             pickle.dumps(fn)
         except Exception:
-            raise ConfigError(f"{what}: executor process needs a function importable by name ('module:function'), "
-                              f"and {name} cannot be pickled") from None
+            raise ConfigError(
+                f"{what}: executor process needs a function importable by name ('module:function'), "
+                f"and {name} cannot be pickled"
+            ) from None
     kwargs = entry.get("kwargs") or {}
     if not isinstance(kwargs, dict):
         raise ConfigError(f"{what}.kwargs must be a mapping, got {type(kwargs).__name__}")
     bs = entry.get("batch_size")
     if bs is not None and (not isinstance(bs, int) or isinstance(bs, bool) or bs < 1):
         raise ConfigError(f"{what}.batch_size must be an int >= 1, got {bs!r}")
-    return RewardTerm(name, fn, style=style, is_async=is_async, executor=executor, batch_size=bs, kwargs=kwargs,
-                      accepts=accepts, reports=tuple(getattr(fn, "reports", ())))
+    return RewardTerm(
+        name,
+        fn,
+        style=style,
+        is_async=is_async,
+        executor=executor,
+        batch_size=bs,
+        kwargs=kwargs,
+        accepts=accepts,
+        reports=tuple(getattr(fn, "reports", ())),
+    )
 
 
 def build_terms(r: Any, reward_fn: Any = None) -> list[RewardTerm]:
@@ -115,8 +131,17 @@ def build_terms(r: Any, reward_fn: Any = None) -> list[RewardTerm]:
             entries.append((f, "reward.reward_fn" + (f"[{i}]" if isinstance(given, (list, tuple)) else "")))
     entries += [(spec, f"reward.functions[{i}]") for i, spec in enumerate(r.functions)]
     if r.reward_model:
-        entries.append(({"reward_model": r.reward_model, "batch_size": r.reward_model_batch_size,
-                         "max_length": r.reward_model_max_length, "label": r.reward_model_label}, "reward.reward_model"))
+        entries.append(
+            (
+                {
+                    "reward_model": r.reward_model,
+                    "batch_size": r.reward_model_batch_size,
+                    "max_length": r.reward_model_max_length,
+                    "label": r.reward_model_label,
+                },
+                "reward.reward_model",
+            )
+        )
     if r.url:
         entries.append(({"url": r.url}, "reward.url"))
     if not entries:
@@ -137,11 +162,18 @@ def build_terms(r: Any, reward_fn: Any = None) -> list[RewardTerm]:
         elif "reward_model" in kinds:
             label = entry.get("label")
             check_reward_model(entry["reward_model"], label)
-            rm = {"path": entry["reward_model"], "batch_size": entry.get("batch_size") or 16,
-                  "max_length": entry.get("max_length") or 512, "label": label,
-                  "max_length_field": f"{what}_max_length" if what == "reward.reward_model" else f"{what}.max_length"}
-            terms.append(RewardTerm(str(entry.get("name") or "reward_model"), None, reward_model=rm,
-                                    batch_size=entry.get("batch_size")))
+            rm = {
+                "path": entry["reward_model"],
+                "batch_size": entry.get("batch_size") or 16,
+                "max_length": entry.get("max_length") or 512,
+                "label": label,
+                "max_length_field": f"{what}_max_length" if what == "reward.reward_model" else f"{what}.max_length",
+            }
+            terms.append(
+                RewardTerm(
+                    str(entry.get("name") or "reward_model"), None, reward_model=rm, batch_size=entry.get("batch_size")
+                )
+            )
         else:
             url = entry["url"]
             if not isinstance(url, str) or not re.match(r"https?://[^/\s]+", url):
@@ -153,8 +185,10 @@ def build_terms(r: Any, reward_fn: Any = None) -> list[RewardTerm]:
 
     weights = r.weights if r.weights is not None else [1.0] * len(terms)
     if len(weights) != len(terms):
-        raise ConfigError(f"reward.weights has {len(weights)} entries for {len(terms)} reward terms "
-                          f"({', '.join(t.name for t in terms)})")
+        raise ConfigError(
+            f"reward.weights has {len(weights)} entries for {len(terms)} reward terms "
+            f"({', '.join(t.name for t in terms)})"
+        )
     seen: dict[str, int] = {}
     for t, w in zip(terms, weights):
         if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
@@ -177,17 +211,27 @@ def check_arguments(terms: Sequence[RewardTerm], metadata_keys: set) -> None:
     for t in terms:
         if t.fn is None or t.accepts is None:
             continue
-        offered = set(t.kwargs) | metadata_keys | ({"samples", "prompts", "outputs", "tokenizer", "prompt_ids"}
-                                                    if t.style == "trlx" else {"prompts", "completions", "completion_ids"})
+        offered = (
+            set(t.kwargs)
+            | metadata_keys
+            | (
+                {"samples", "prompts", "outputs", "tokenizer", "prompt_ids"}
+                if t.style == "trlx"
+                else {"prompts", "completions", "completion_ids"}
+            )
+        )
         try:
             params = inspect.signature(t.fn).parameters
         except (TypeError, ValueError):
             continue
-        missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n in t.accepts
-                   and n not in offered]
+        missing = [
+            n for n, p in params.items() if p.default is inspect.Parameter.empty and n in t.accepts and n not in offered
+        ]
         if missing:
-            raise ConfigError(f"reward term {t.name} requires {missing[0]!r}, which is neither a {t.style} argument "
-                              "nor a metadata field of the prompts")
+            raise ConfigError(
+                f"reward term {t.name} requires {missing[0]!r}, which is neither a {t.style} argument "
+                "nor a metadata field of the prompts"
+            )
 
 
 def check_prompts(terms: Sequence[RewardTerm], metadata: Sequence[dict], where: str) -> None:
@@ -211,12 +255,18 @@ def load_reward_models(terms: Sequence[RewardTerm]) -> None:
     for t in terms:
         if t.reward_model is not None and t.fn is None:
             rm = t.reward_model
-            t.fn = RewardModel(rm["path"], rm["batch_size"], rm["max_length"], rm["label"],
-                               max_length_field=rm.get("max_length_field", "reward.reward_model_max_length"))
+            t.fn = RewardModel(
+                rm["path"],
+                rm["batch_size"],
+                rm["max_length"],
+                rm["label"],
+                max_length_field=rm.get("max_length_field", "reward.reward_model_max_length"),
+            )
             t.style, t.accepts = "trlx", None
 
 
 # ---- validating what a term returned ----
+
 
 def describe_sample(i: int, prompt_ids: Sequence[int], outputs: Sequence[str], offset: int = 0) -> str:
     out = outputs[i] if i < len(outputs) else ""
@@ -241,8 +291,15 @@ def _number(v: Any) -> float | None:
     return None
 
 
-def validate_scores(raw: Any, n: int, prompt_ids: Sequence[int], outputs: Sequence[str], fn_name: str = "reward_fn",
-                    offset: int = 0, allow_none: bool = False) -> np.ndarray:
+def validate_scores(
+    raw: Any,
+    n: int,
+    prompt_ids: Sequence[int],
+    outputs: Sequence[str],
+    fn_name: str = "reward_fn",
+    offset: int = 0,
+    allow_none: bool = False,
+) -> np.ndarray:
     """Float64 scores from what a term returned (NaN where it returned None and None is allowed), or a
     RewardError naming the first bad sample."""
     if hasattr(raw, "detach"):
@@ -260,29 +317,35 @@ def validate_scores(raw: Any, n: int, prompt_ids: Sequence[int], outputs: Sequen
             continue
         x = _number(v)
         if x is None:
-            raise RewardError(f"{fn_name} returned {type(v).__name__} {v!r} for "
-                              f"{describe_sample(i, prompt_ids, outputs, offset)}; scores must be real numbers")
+            raise RewardError(
+                f"{fn_name} returned {type(v).__name__} {v!r} for "
+                f"{describe_sample(i, prompt_ids, outputs, offset)}; scores must be real numbers"
+            )
         if not math.isfinite(x):
-            raise RewardError(f"{fn_name} returned {x} for {describe_sample(i, prompt_ids, outputs, offset)}; "
-                              "scores must be finite")
+            raise RewardError(
+                f"{fn_name} returned {x} for {describe_sample(i, prompt_ids, outputs, offset)}; scores must be finite"
+            )
         out[i] = x
     return out
 
 
-def combine(parts: np.ndarray, weights: Sequence[float], names: Sequence[str], prompt_ids: Sequence[int],
-            outputs: Sequence[str]) -> np.ndarray:
+def combine(
+    parts: np.ndarray, weights: Sequence[float], names: Sequence[str], prompt_ids: Sequence[int], outputs: Sequence[str]
+) -> np.ndarray:
     """Per sample: the weighted sum of the terms that scored it (parts: [terms, samples], NaN = did not
     apply). A sample no term scored is an error naming it."""
     applied = ~np.isnan(parts)
     if parts.shape[1] and not applied.any(0).all():
         i = int(np.flatnonzero(~applied.any(0))[0])
-        raise RewardError(f"no reward term scored {describe_sample(i, prompt_ids, outputs)}: "
-                          f"{', '.join(names)} all returned None")
+        raise RewardError(
+            f"no reward term scored {describe_sample(i, prompt_ids, outputs)}: {', '.join(names)} all returned None"
+        )
     w = np.asarray(weights, dtype=np.float64)[:, None]
     return np.where(applied, parts * w, 0.0).sum(0)
 
 
 # ---- calling a term: inline, awaited, in threads, in processes ----
+
 
 class _TimedOut(Exception):
     def __init__(self, index: int) -> None:
@@ -337,6 +400,7 @@ def _call_kw(fn: Callable, kw: dict) -> Any:
 
 def _awaited(fn: Callable, calls: list[dict], concurrency: int, timeout_s: float | None) -> list:
     """Await fn(**kw) for every call, at most `concurrency` in flight, each within timeout_s."""
+
     async def main() -> list:
         sem = asyncio.Semaphore(concurrency)
 
@@ -390,8 +454,17 @@ def as_ints(tokens: Any) -> list[int]:
     return tokens.tolist() if isinstance(tokens, np.ndarray) else [int(t) for t in tokens]
 
 
-def term_calls(t: RewardTerm, samples: list[str], prompts: list[str], outputs: list[str], completion_ids: list,
-               prompt_ids: list[int], metadata: dict[str, list], tokenizer: Any, batch_size: int | None) -> list:
+def term_calls(
+    t: RewardTerm,
+    samples: list[str],
+    prompts: list[str],
+    outputs: list[str],
+    completion_ids: list,
+    prompt_ids: list[int],
+    metadata: dict[str, list],
+    tokenizer: Any,
+    batch_size: int | None,
+) -> list:
     """(slice, keyword arguments) of each call of t over these samples: trlx's or TRL's keywords plus the
     prompts' metadata and the entry's fixed kwargs, cut to what t accepts when it takes no **kwargs."""
     step = t.batch_size or batch_size or len(samples) or 1
@@ -403,8 +476,13 @@ def term_calls(t: RewardTerm, samples: list[str], prompts: list[str], outputs: l
             if t.accepts is None or "completion_ids" in t.accepts:  # Python ints only where they are taken
                 kw["completion_ids"] = [as_ints(c) for c in completion_ids[sl]]
         else:
-            kw = {"samples": samples[sl], "prompts": prompts[sl], "outputs": outputs[sl], "tokenizer": tokenizer,
-                  "prompt_ids": prompt_ids[sl]}
+            kw = {
+                "samples": samples[sl],
+                "prompts": prompts[sl],
+                "outputs": outputs[sl],
+                "tokenizer": tokenizer,
+                "prompt_ids": prompt_ids[sl],
+            }
         kw.update({k: v[sl] for k, v in metadata.items()})
         kw.update(t.kwargs)
         if t.accepts is not None:
@@ -413,10 +491,20 @@ def term_calls(t: RewardTerm, samples: list[str], prompts: list[str], outputs: l
     return calls
 
 
-def score_terms(terms: Sequence[RewardTerm], samples: list[str], prompts: list[str], outputs: list[str],
-                completion_ids: list, prompt_ids: list[int], metadata: dict[str, list], tokenizer: Any,
-                batch_size: int | None = None, max_concurrency: int = 8, timeout_s: float | None = None,
-                progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def score_terms(
+    terms: Sequence[RewardTerm],
+    samples: list[str],
+    prompts: list[str],
+    outputs: list[str],
+    completion_ids: list,
+    prompt_ids: list[int],
+    metadata: dict[str, list],
+    tokenizer: Any,
+    batch_size: int | None = None,
+    max_concurrency: int = 8,
+    timeout_s: float | None = None,
+    progress: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(combined scores [n], each term's scores [terms, n] with NaN where it did not apply)."""
     from rft_ds.progress import bar
 
@@ -432,11 +520,14 @@ def score_terms(terms: Sequence[RewardTerm], samples: list[str], prompts: list[s
             raw = run_calls(t, [kw for _, kw in calls], max_concurrency, None if limit == math.inf else limit)
         except _TimedOut as e:
             sl = calls[e.index][0]
-            raise RewardError(f"reward term {t.name} timed out after {limit:g} s (reward.timeout_s) on a call of "
-                              f"{len(samples[sl])} samples from {describe_sample(sl.start, prompt_ids, outputs)}") from None
+            raise RewardError(
+                f"reward term {t.name} timed out after {limit:g} s (reward.timeout_s) on a call of "
+                f"{len(samples[sl])} samples from {describe_sample(sl.start, prompt_ids, outputs)}"
+            ) from None
         for (sl, _), got in zip(calls, raw):
-            parts[k, sl] = validate_scores(got, len(samples[sl]), prompt_ids[sl], outputs[sl], t.name, sl.start,
-                                           allow_none=True)
+            parts[k, sl] = validate_scores(
+                got, len(samples[sl]), prompt_ids[sl], outputs[sl], t.name, sl.start, allow_none=True
+            )
             for key, n in (getattr(got, "counts", None) or {}).items():  # rft_ds.rewards.Scores: across executors
                 if key in t.reports:
                     t.counts[key] = t.counts.get(key, 0) + int(n)
@@ -446,6 +537,7 @@ def score_terms(terms: Sequence[RewardTerm], samples: list[str], prompts: list[s
 
 
 # ---- a remote scorer ----
+
 
 class HttpScorer:
     """A reward server over HTTP: POST {"prompts", "completions", "metadata"} as JSON, read the scores (a JSON
@@ -462,8 +554,9 @@ class HttpScorer:
         for attempt in range(self.retries + 1):
             why = None
             try:
-                req = urllib.request.Request(self.url, data=body, method="POST",
-                                             headers={"Content-Type": "application/json"})
+                req = urllib.request.Request(
+                    self.url, data=body, method="POST", headers={"Content-Type": "application/json"}
+                )
                 with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                     reply = resp.read()
                 break
@@ -474,12 +567,13 @@ class HttpScorer:
             except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as e:
                 reason = getattr(e, "reason", e)
                 if isinstance(reason, TimeoutError) or "timed out" in str(reason):
-                    raise RewardError(f"reward.url {self.url}: no reply within {self.timeout_s:g} s "
-                                      "(reward.timeout_s)") from None
+                    raise RewardError(
+                        f"reward.url {self.url}: no reply within {self.timeout_s:g} s (reward.timeout_s)"
+                    ) from None
                 why = f"{type(reason).__name__}: {reason}"
             if attempt == self.retries:
                 raise RewardError(f"reward.url {self.url}: {why} after {attempt + 1} tries")
-            time.sleep(self.backoff_s * 2 ** attempt)
+            time.sleep(self.backoff_s * 2**attempt)
         try:
             got = json.loads(reply)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -487,6 +581,8 @@ class HttpScorer:
         if isinstance(got, dict):
             got = got.get("rewards", got.get("scores"))
         if not isinstance(got, list):
-            raise RewardError(f"reward.url {self.url}: the reply holds no list of scores "
-                              "(a JSON list, or an object with 'rewards' or 'scores')")
+            raise RewardError(
+                f"reward.url {self.url}: the reply holds no list of scores "
+                "(a JSON list, or an object with 'rewards' or 'scores')"
+            )
         return got

@@ -27,8 +27,9 @@ def last_number(text: str) -> float | None:
 
 def _answers(kwargs: dict, n: int, key: str) -> Sequence[Any]:
     if key not in kwargs:
-        raise KeyError(f"the prompts have no {key!r} metadata: give each prompt a dict with the reference answer "
-                       f"under {key!r}")
+        raise KeyError(
+            f"the prompts have no {key!r} metadata: give each prompt a dict with the reference answer under {key!r}"
+        )
     answers = kwargs[key]
     if len(answers) != n:
         raise ValueError(f"{key!r} metadata has {len(answers)} entries for {n} outputs")
@@ -39,23 +40,31 @@ def normalize_text(s: str) -> str:
     return " ".join(str(s).strip().lower().split()).rstrip(".")
 
 
-def exact_match(samples: list[str], prompts: list[str], outputs: list[str], answer_key: str = "answer",
-                **kwargs: Any) -> list[float]:
+def exact_match(
+    samples: list[str], prompts: list[str], outputs: list[str], answer_key: str = "answer", **kwargs: Any
+) -> list[float]:
     """1.0 when the output equals the reference answer after trimming, lower-casing and collapsing spaces."""
     answers = _answers(kwargs, len(outputs), answer_key)
     return [float(normalize_text(o) == normalize_text(a)) for o, a in zip(outputs, answers)]
 
 
-def numeric_match(samples: list[str], prompts: list[str], outputs: list[str], answer_key: str = "answer",
-                  rel_tol: float = 1e-6, **kwargs: Any) -> list[float]:
+def numeric_match(
+    samples: list[str],
+    prompts: list[str],
+    outputs: list[str],
+    answer_key: str = "answer",
+    rel_tol: float = 1e-6,
+    **kwargs: Any,
+) -> list[float]:
     """1.0 when the last number in the output equals the reference number (how GSM8K-style answers are graded)."""
     answers = _answers(kwargs, len(outputs), answer_key)
     scores = []
     for out, ans in zip(outputs, answers):
         ref = ans if isinstance(ans, (int, float)) else last_number(str(ans))
         got = last_number(out)
-        scores.append(float(ref is not None and got is not None and math.isclose(got, float(ref), rel_tol=rel_tol,
-                                                                                abs_tol=1e-9)))
+        scores.append(
+            float(ref is not None and got is not None and math.isclose(got, float(ref), rel_tol=rel_tol, abs_tol=1e-9))
+        )
     return scores
 
 
@@ -71,14 +80,24 @@ class Scores(list):
         self.counts = counts
 
     @classmethod
-    def from_verdicts(cls, verdicts: Sequence[tuple[str, float]]) -> "Scores":
+    def from_verdicts(cls, verdicts: Sequence[tuple[str, float]]) -> Scores:
         """The scores of (status, score) pairs, counting the statuses "timeout" and "error" (a verifier's)."""
-        return cls([score for _, score in verdicts], timeouts=sum(status == "timeout" for status, _ in verdicts),
-                   errors=sum(status == "error" for status, _ in verdicts))
+        return cls(
+            [score for _, score in verdicts],
+            timeouts=sum(status == "timeout" for status, _ in verdicts),
+            errors=sum(status == "error" for status, _ in verdicts),
+        )
 
 
-def math_verify(samples: list[str], prompts: list[str], outputs: list[str], answer_key: str = "answer",
-                timeout_s: float = 5.0, workers: int = 2, **kwargs: Any) -> Scores:
+def math_verify(
+    samples: list[str],
+    prompts: list[str],
+    outputs: list[str],
+    answer_key: str = "answer",
+    timeout_s: float = 5.0,
+    workers: int = 2,
+    **kwargs: Any,
+) -> Scores:
     """1.0 when the completion's final answer equals the reference mathematically, else 0.0 (HF's math-verify:
     1/2 = 0.5 = \\frac{1}{2}, sets, intervals, equations). The answer is the one the completion marks
     (rft_ds.answers: \\boxed{}, <answer>, ####, "the answer is"); in a completion that marks none,
@@ -100,8 +119,9 @@ def math_verify(samples: list[str], prompts: list[str], outputs: list[str], answ
     return Scores.from_verdicts([(status, 1.0 if status == "ok" and value else 0.0) for status, value in verdicts])
 
 
-def _check_math_references(metadata: Sequence[dict], answer_key: str = "answer", workers: int = 2,
-                           timeout_s: float = 5.0, **kwargs: Any) -> None:
+def _check_math_references(
+    metadata: Sequence[dict], answer_key: str = "answer", workers: int = 2, timeout_s: float = 5.0, **kwargs: Any
+) -> None:
     """Before any model loads: every prompt has a reference, and up to 64 of them, spread over the set, parse
     as math (all of a million would take minutes; one that slips through is counted as an error)."""
     from rft_ds import verifier
@@ -109,12 +129,14 @@ def _check_math_references(metadata: Sequence[dict], answer_key: str = "answer",
     missing = next((i for i, m in enumerate(metadata) if m.get(answer_key) is None), None)
     if missing is not None:
         raise ValueError(f"prompt {missing} has no {answer_key!r} metadata (the reference answer)")
-    picked = sorted({round(k * (len(metadata) - 1) / 63) for k in range(64)}) if len(metadata) > 64 else \
-        range(len(metadata))
+    picked = (
+        sorted({round(k * (len(metadata) - 1) / 63) for k in range(64)}) if len(metadata) > 64 else range(len(metadata))
+    )
     refs = [str(metadata[i][answer_key]) for i in picked]
     try:
-        got = verifier.pool(("math_verify",), workers).run("rft_ds.rewards:parses_as_math", [[r] for r in refs],
-                                                           timeout_s)
+        got = verifier.pool(("math_verify",), workers).run(
+            "rft_ds.rewards:parses_as_math", [[r] for r in refs], timeout_s
+        )
     except RuntimeError as e:  # a worker that cannot start (math-verify missing, ...)
         raise ValueError(f"the math verifier cannot start: {e}") from None
     for i, ref, (status, value) in zip(picked, refs, got):
@@ -153,9 +175,17 @@ def math_equal(reference: str, answer: str, extracted: bool) -> bool:
     return False
 
 
-def reasoning_gym(samples: list[str], prompts: list[str], outputs: list[str], rg_task: Sequence[str] = (),
-                  rg_config: Sequence[str] = (), rg_entry: Sequence[str] = (), timeout_s: float = 5.0,
-                  workers: int = 2, **kwargs: Any) -> Scores:
+def reasoning_gym(
+    samples: list[str],
+    prompts: list[str],
+    outputs: list[str],
+    rg_task: Sequence[str] = (),
+    rg_config: Sequence[str] = (),
+    rg_entry: Sequence[str] = (),
+    timeout_s: float = 5.0,
+    workers: int = 2,
+    **kwargs: Any,
+) -> Scores:
     """The task's own scorer (reasoning-gym's score_answer, partial credit included) on the completion's answer:
     its last <answer>...</answer> (reasoning-gym's convention, which its default system prompt asks for),
     else a \\boxed{}, '####' or 'the answer is' one. Prompts from data.prompts: reasoning_gym:<task>?...
@@ -165,8 +195,10 @@ def reasoning_gym(samples: list[str], prompts: list[str], outputs: list[str], rg
     from rft_ds import verifier
     from rft_ds.answers import final_answer
 
-    checks = [[task, config, final_answer(out, RG_ORDER), entry]
-              for out, task, config, entry in zip(outputs, rg_task, rg_config, rg_entry)]
+    checks = [
+        [task, config, final_answer(out, RG_ORDER), entry]
+        for out, task, config, entry in zip(outputs, rg_task, rg_config, rg_entry)
+    ]
     verdicts = verifier.pool(("reasoning_gym",), workers).run("rft_ds.rewards:rg_score", checks, timeout_s)
     return Scores.from_verdicts([(status, float(value) if status == "ok" else 0.0) for status, value in verdicts])
 
@@ -194,8 +226,10 @@ def _check_reasoning_gym(metadata: Sequence[dict], **kwargs: Any) -> None:
     """Before any model loads: every prompt carries what the task's scorer needs."""
     for i, m in enumerate(metadata):
         if not all(m.get(k) for k in ("rg_task", "rg_config", "rg_entry")):
-            raise ValueError(f"prompt {i} has no reasoning-gym task metadata (rg_task, rg_config, rg_entry): take the "
-                             "prompts from 'reasoning_gym:<task>?size=..&seed=..'")
+            raise ValueError(
+                f"prompt {i} has no reasoning-gym task metadata (rg_task, rg_config, rg_entry): take the "
+                "prompts from 'reasoning_gym:<task>?size=..&seed=..'"
+            )
 
 
 reasoning_gym.reports = ("timeouts", "errors")
@@ -211,32 +245,59 @@ def extract_code(completion: str) -> str:
     return blocks[-1] if blocks else completion
 
 
-def harness(solution: str, test: str | None = None, entry_point: str | None = None,
-                 test_list: Sequence[str] | None = None, setup: str | None = None) -> str:
+def harness(
+    solution: str,
+    test: str | None = None,
+    entry_point: str | None = None,
+    test_list: Sequence[str] | None = None,
+    setup: str | None = None,
+) -> str:
     """The sandbox's main.py: read the token from stdin, run the solution, then the tests, and print the token
     (with the count of asserts passed, for test_list) only if it gets there: an early sys.exit(0) or a crash
     is a failure. The token is in the same interpreter as the solution, so a program that looks through
     the harness's frames can forge a pass: this catches accidents and shallow hacks, not an adversary.
     HumanEval: `test` defines check(candidate), called on `entry_point`; MBPP: `test_list` of assert lines,
     each counted alone, after `setup` (test_setup_code)."""
-    lines = ["import sys as _sys", "def _rft_ds_main():", "    token = _sys.stdin.readline().strip()",
-             "    ns = {'__name__': '__main__'}",
-             f"    exec(compile({solution!r}, 'solution.py', 'exec'), ns)"]
+    lines = [
+        "import sys as _sys",
+        "def _rft_ds_main():",
+        "    token = _sys.stdin.readline().strip()",
+        "    ns = {'__name__': '__main__'}",
+        f"    exec(compile({solution!r}, 'solution.py', 'exec'), ns)",
+    ]
     if setup:
         lines.append(f"    exec(compile({setup!r}, 'setup.py', 'exec'), ns)")
     if test_list is not None:
-        lines += ["    passed = 0", f"    for t in {list(test_list)!r}:", "        try:",
-                  "            exec(compile(t, 'test.py', 'exec'), ns)", "            passed += 1",
-                  "        except Exception:", "            pass", "    print(token, passed, flush=True)"]
+        lines += [
+            "    passed = 0",
+            f"    for t in {list(test_list)!r}:",
+            "        try:",
+            "            exec(compile(t, 'test.py', 'exec'), ns)",
+            "            passed += 1",
+            "        except Exception:",
+            "            pass",
+            "    print(token, passed, flush=True)",
+        ]
     else:
-        lines += [f"    exec(compile({test!r}, 'test.py', 'exec'), ns)", f"    ns['check'](ns[{entry_point!r}])",
-                  "    print(token, 1, flush=True)"]
+        lines += [
+            f"    exec(compile({test!r}, 'test.py', 'exec'), ns)",
+            f"    ns['check'](ns[{entry_point!r}])",
+            "    print(token, 1, flush=True)",
+        ]
     return "\n".join(lines + ["_rft_ds_main()", ""])
 
 
-def code_tests(samples: list[str], prompts: list[str], outputs: list[str], score: str = "all",
-               timeout_s: float = 10.0, memory_mb: int = 1024, processes: int = 32, workers: int = 4,
-               **kwargs: Any) -> Scores:
+def code_tests(
+    samples: list[str],
+    prompts: list[str],
+    outputs: list[str],
+    score: str = "all",
+    timeout_s: float = 10.0,
+    memory_mb: int = 1024,
+    processes: int = 32,
+    workers: int = 4,
+    **kwargs: Any,
+) -> Scores:
     """Run each completion's program against its task's tests in a sandbox (rft_ds.sandbox: its own directory,
     uid and network namespace as root; CPU, memory, file-size and process limits; a wall-clock timeout; every
     process it left killed). Tests from the prompt's metadata: HumanEval's `test` + `entry_point` (the
@@ -258,14 +319,15 @@ def code_tests(samples: list[str], prompts: list[str], outputs: list[str], score
     jobs = []
     for i, out in enumerate(outputs):
         if not lists[i] and (tests[i] is None or entries[i] is None):
-            raise ValueError(f"code_tests: sample {i} (prompt {prompts[i][:40]!r}) has no tests: give its prompt "
-                             "test + entry_point (HumanEval) or test_list (MBPP) metadata")
+            raise ValueError(
+                f"code_tests: sample {i} (prompt {prompts[i][:40]!r}) has no tests: give its prompt "
+                "test + entry_point (HumanEval) or test_list (MBPP) metadata"
+            )
         code = extract_code(out)
         if not lists[i] and f"def {entries[i]}" not in code:
             code = prompts[i] + code  # HumanEval: the completion is the body of the prompt's function
         jobs.append((harness(code, tests[i], entries[i], lists[i] or None, setups[i]), len(lists[i] or [1])))
-    limits = sandbox.Limits(timeout_s=timeout_s, cpu_s=max(1, int(timeout_s)), memory_mb=memory_mb,
-                            processes=processes)
+    limits = sandbox.Limits(timeout_s=timeout_s, cpu_s=max(1, int(timeout_s)), memory_mb=memory_mb, processes=processes)
 
     def one(job: tuple[str, int]) -> tuple[str, float]:
         program, total = job
@@ -293,8 +355,9 @@ def _check_code_tests(metadata: Sequence[dict], **kwargs: Any) -> None:
     """Before any model loads: every prompt has tests (HumanEval's test + entry_point, or MBPP's test_list)."""
     for i, m in enumerate(metadata):
         if not (m.get("test_list") or (m.get("test") and m.get("entry_point"))):  # an empty test_list: none
-            raise ValueError(f"prompt {i} has no tests: give it test + entry_point (HumanEval) or test_list (MBPP) "
-                             "metadata")
+            raise ValueError(
+                f"prompt {i} has no tests: give it test + entry_point (HumanEval) or test_list (MBPP) metadata"
+            )
 
 
 code_tests.reports = ("timeouts", "errors")
@@ -304,8 +367,10 @@ code_tests.check_metadata = _check_code_tests
 def accuracy(samples: list[str], prompts: list[str], outputs: list[str], **kwargs: Any) -> dict[str, float]:
     """metric_fn for numeric tasks: the share of exactly right answers and of outputs with any number."""
     scores = numeric_match(samples, prompts, outputs, **kwargs)
-    return {"accuracy": sum(scores) / max(len(scores), 1),
-            "has_number": sum(last_number(o) is not None for o in outputs) / max(len(outputs), 1)}
+    return {
+        "accuracy": sum(scores) / max(len(scores), 1),
+        "has_number": sum(last_number(o) is not None for o in outputs) / max(len(outputs), 1),
+    }
 
 
 class RewardModel:
@@ -322,8 +387,15 @@ class RewardModel:
     counted (`n_truncated`; the scorer reports them as reward_<term>_truncated). A prompt that leaves no
     room for any completion token is an error naming `max_length_field`."""
 
-    def __init__(self, path: str, batch_size: int = 16, max_length: int = 512, label: int | None = None,
-                 device: str | None = None, max_length_field: str = "reward.reward_model_max_length") -> None:
+    def __init__(
+        self,
+        path: str,
+        batch_size: int = 16,
+        max_length: int = 512,
+        label: int | None = None,
+        device: str | None = None,
+        max_length_field: str = "reward.reward_model_max_length",
+    ) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -347,14 +419,22 @@ class RewardModel:
     def texts(self, prompts: list[str], outputs: list[str]) -> list[str]:
         if not self.chat:
             return [p + o for p, o in zip(prompts, outputs)]
-        return [self.tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": o}],
-                                                   tokenize=False) for p, o in zip(prompts, outputs)]
+        return [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}, {"role": "assistant", "content": o}], tokenize=False
+            )
+            for p, o in zip(prompts, outputs)
+        ]
 
     def _ids(self, prompts: list[str], outputs: list[str]) -> list[list[int]]:
         # verbose=False: a long input is expected here (it is cut below), not worth transformers' warning
-        return self.tokenizer(self.texts(prompts, outputs), add_special_tokens=not self.chat, verbose=False)["input_ids"]
+        return self.tokenizer(self.texts(prompts, outputs), add_special_tokens=not self.chat, verbose=False)[
+            "input_ids"
+        ]
 
-    def encode(self, prompts: list[str], outputs: list[str], prompt_ids: Sequence[int] | None = None) -> list[list[int]]:
+    def encode(
+        self, prompts: list[str], outputs: list[str], prompt_ids: Sequence[int] | None = None
+    ) -> list[list[int]]:
         """Each sample's input ids, at most max_length: as tokenized whole when it fits (so a short sample
         scores exactly as it always did), else with the middle of its completion cut out."""
         ids = self._ids(prompts, outputs)
@@ -366,9 +446,12 @@ class RewardModel:
                 cut += 1
         if cut:
             if not self.n_truncated:
-                warnings.warn(f"rft_ds: the reward model {self.path} cut the middle out of {cut} completions to fit "
-                              f"{self.max_length_field}={self.max_length} (their prompt and end are kept); counted in "
-                              "the metrics as reward_<term>_truncated", stacklevel=2)
+                warnings.warn(
+                    f"rft_ds: the reward model {self.path} cut the middle out of {cut} completions to fit "
+                    f"{self.max_length_field}={self.max_length} (their prompt and end are kept); counted in "
+                    "the metrics as reward_<term>_truncated",
+                    stacklevel=2,
+                )
             self.n_truncated += cut
         return ids
 
@@ -376,6 +459,7 @@ class RewardModel:
         """prompt + output's ids within max_length: the output keeps its first quarter of the tokens that fit
         and the rest from its end. Re-encoded whole, since tokens may merge across the cut or the template;
         each retry keeps fewer tokens, so it ends."""
+
         def text(ids: list[int]) -> str:
             return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
@@ -383,16 +467,18 @@ class RewardModel:
         keep = len(out) - (full_len - self.max_length)  # completion tokens that fit beside the prompt
         while keep >= 1:
             head = keep // 4
-            row = self._ids([prompt], [text(out[:head]) + text(out[len(out) - (keep - head):])])[0]
+            row = self._ids([prompt], [text(out[:head]) + text(out[len(out) - (keep - head) :])])[0]
             if len(row) <= self.max_length:
                 return row
             keep -= len(row) - self.max_length
         from rft_ds.errors import ConfigError
 
         alone = len(self._ids([prompt], [""])[0])
-        raise ConfigError(f"{self.max_length_field}={self.max_length} cannot hold prompt {pid} and any of its "
-                          f"completion: the prompt alone is {alone} reward-model tokens"
-                          f"{' with the chat template' if self.chat else ''}; raise {self.max_length_field}")
+        raise ConfigError(
+            f"{self.max_length_field}={self.max_length} cannot hold prompt {pid} and any of its "
+            f"completion: the prompt alone is {alone} reward-model tokens"
+            f"{' with the chat template' if self.chat else ''}; raise {self.max_length_field}"
+        )
 
     def take_truncated(self) -> int:
         """Samples cut since the last call (the scorer reports them once per scoring)."""
@@ -407,7 +493,7 @@ class RewardModel:
         scores = [0.0] * len(ids)
         with torch.inference_mode():
             for lo in range(0, len(order), self.batch_size):
-                idx = order[lo:lo + self.batch_size]
+                idx = order[lo : lo + self.batch_size]
                 enc = self.tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(self.device)
                 logits = self.model(**enc).logits.float()
                 vals = logits[:, 0] if self.label is None else logits.softmax(-1)[:, self.label]
@@ -425,14 +511,19 @@ def check_reward_model(path: str, label: int | None = None) -> int:
 
     cfg = read_model_config(path, "reward.reward_model")
     if cfg.get("model_type") not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
-        raise ConfigError(f"reward.reward_model {path}: model type {cfg.get('model_type')!r} has no sequence-classification head")
+        raise ConfigError(
+            f"reward.reward_model {path}: model type {cfg.get('model_type')!r} has no sequence-classification head"
+        )
     archs = cfg.get("architectures") or []
     if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
-        raise ConfigError(f"reward.reward_model {path} is a {archs[0]}, not a sequence classifier: "
-                         "its score head would be random")
+        raise ConfigError(
+            f"reward.reward_model {path} is a {archs[0]}, not a sequence classifier: its score head would be random"
+        )
     n = int(cfg.get("num_labels") or len(cfg.get("id2label") or {}) or 2)
     if label is None and n != 1:
-        raise ConfigError(f"reward.reward_model {path} has {n} labels: set reward.reward_model_label to the one to reward")
+        raise ConfigError(
+            f"reward.reward_model {path} has {n} labels: set reward.reward_model_label to the one to reward"
+        )
     if label is not None and not 0 <= label < n:
         raise ConfigError(f"reward.reward_model_label {label} is out of range for {n} labels")
     return n

@@ -34,7 +34,7 @@ from collections.abc import Iterable
 
 import psutil
 
-GRACE_S = 5.0     # escalation: SIGTERM, then SIGKILL this much later
+GRACE_S = 5.0  # escalation: SIGTERM, then SIGKILL this much later
 POLL_S = 0.5
 
 
@@ -146,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, requests.handle)
     # preexec_fn runs in the child before exec; this process has no threads, so it is safe here.
-    launcher = subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", *argv],
-                                preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "deepspeed.launcher.runner", *argv],
+        preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN),
+    )
     root = psutil.Process()
     seen: set[psutil.Process] = set()  # every process of the run ever seen: it may be orphaned later
     while launcher.poll() is None:

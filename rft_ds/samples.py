@@ -37,12 +37,17 @@ class Samples:
         for start, cs in zip(starts, completions):
             if cs and cs[0].logprobs is not None:
                 self.probes[int(start)] = np.asarray(cs[0].logprobs, dtype=np.float32)
-        self._prompt.append(np.repeat(np.arange(first_prompt, first_prompt + len(completions), dtype=np.int32),
-                                      [len(cs) for cs in completions]))
+        self._prompt.append(
+            np.repeat(
+                np.arange(first_prompt, first_prompt + len(completions), dtype=np.int32),
+                [len(cs) for cs in completions],
+            )
+        )
         self._finish.append(np.array([FINISH.index(c.finish_reason) for c in flat], dtype=np.int8))
         self._length.append(np.array([len(c.token_ids) for c in flat], dtype=np.int32))
-        self._tokens.append(np.concatenate([np.asarray(c.token_ids, dtype=np.int32) for c in flat])
-                            if flat else np.zeros(0, np.int32))
+        self._tokens.append(
+            np.concatenate([np.asarray(c.token_ids, dtype=np.int32) for c in flat]) if flat else np.zeros(0, np.int32)
+        )
 
     def __len__(self) -> int:
         return sum(len(p) for p in self._prompt)
@@ -68,8 +73,9 @@ class Samples:
 
     def nbytes(self) -> int:
         """What the arrays hold (a checkpoint of this object is this plus a few hundred bytes)."""
-        return sum(a.nbytes for part in (self._prompt, self._finish, self._length, self._tokens) for a in part) + \
-            sum(p.nbytes for p in self.probes.values())
+        return sum(a.nbytes for part in (self._prompt, self._finish, self._length, self._tokens) for a in part) + sum(
+            p.nbytes for p in self.probes.values()
+        )
 
 
 def pick_probes(n_prompts: int, k: int, seed: int, epoch: int, rank: int) -> np.ndarray:
@@ -84,4 +90,6 @@ def sample_seed(seed: int, epoch: int, group: int, stream: int, chunk: int = 0) 
     """Independent, far-apart sampling seeds per (epoch, engine group, stream, sampling chunk): nearby seeds
     overlap in samplers. epoch is -1 before training (the eval before it, the replay set), hence the +1.
     Streams: 0 training samples, 1 the first eval set, 10 + i eval set i > 0, 2 the engine's own seed."""
-    return int(np.random.SeedSequence([seed, epoch + 1, group, stream] + ([chunk] if chunk else [])).generate_state(1)[0])
+    return int(
+        np.random.SeedSequence([seed, epoch + 1, group, stream] + ([chunk] if chunk else [])).generate_state(1)[0]
+    )

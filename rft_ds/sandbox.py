@@ -119,14 +119,33 @@ def run(program: str, limits: Limits = Limits(), stdin: str = "") -> Outcome:
             os.chown(home, uid, uid)
             os.chmod(home, 0o700)
         out_path = os.path.join(base, "out")  # written through the inherited descriptor (RLIMIT_FSIZE applies)
-        cmd = [sys.executable, "-m", "rft_ds.sandbox", "--dir", home, "--cpu", str(limits.cpu_s), "--memory-mb",
-               str(limits.memory_mb), "--file-mb", str(limits.file_mb), "--processes", str(limits.processes)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "rft_ds.sandbox",
+            "--dir",
+            home,
+            "--cpu",
+            str(limits.cpu_s),
+            "--memory-mb",
+            str(limits.memory_mb),
+            "--file-mb",
+            str(limits.file_mb),
+            "--processes",
+            str(limits.processes),
+        ]
         if root:
             cmd += ["--uid", str(uid)]
         with open(out_path, "wb") as out:
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, cwd=home,
-                                    start_new_session=True, env={"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home,
-                                                                 "PYTHONPATH": os.pathsep.join(sys.path)})
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.PIPE,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=home,
+                start_new_session=True,
+                env={"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "PYTHONPATH": os.pathsep.join(sys.path)},
+            )
             try:
                 proc.communicate(stdin.encode(), timeout=limits.timeout_s)
                 status = None
@@ -160,6 +179,7 @@ SETUP_FAILED = 125
 
 
 # ---- the launcher: a subreaper that runs the program as its child, then kills and reaps what is left ----
+
 
 def interpreter(other_uid: bool) -> str | None:
     """The Python that runs the program: this one, or, for another uid, this one if every directory above it
@@ -299,8 +319,12 @@ def _launch(args: list[str]) -> None:
     a = ap.parse_args(args)
     python = interpreter(a.uid is not None)  # looked up with the launcher's own rights
     if python is None:
-        print("rft_ds sandbox: cannot set up: no Python interpreter the sandbox's uid may run (this one lies in a "
-              "private directory, and there is no /usr/bin/python3)", file=sys.stderr, flush=True)
+        print(
+            "rft_ds sandbox: cannot set up: no Python interpreter the sandbox's uid may run (this one lies in a "
+            "private directory, and there is no /usr/bin/python3)",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(SETUP_FAILED)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)

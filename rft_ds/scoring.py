@@ -19,15 +19,23 @@ def decode_outputs(tokenizer: Any, tokens: Sequence[Sequence[int]], stop_sequenc
     """Completion text as reward_fn sees it: special tokens dropped, cut before a stop sequence (as trlx)."""
     outputs = []
     for lo in range(0, len(tokens), 1024):  # Python ints for a batch at a time, not for a whole shard
-        outputs += tokenizer.batch_decode([as_ints(t) for t in tokens[lo:lo + 1024]], skip_special_tokens=True)
+        outputs += tokenizer.batch_decode([as_ints(t) for t in tokens[lo : lo + 1024]], skip_special_tokens=True)
     if stop_sequences:
         outputs = [min((o[: o.find(s)] for s in stop_sequences if s in o), key=len, default=o) for o in outputs]
     return outputs
 
 
-def score_shard(terms: Sequence[RewardTerm], prompt_ids: Sequence[int], tokens: Sequence[Sequence[int]],
-                prompt_texts: Sequence[str], metadata: Sequence[dict], tokenizer: Any, stop_sequences: Sequence[str] = (),
-                rc: Any = None, progress: str | None = None) -> tuple[np.ndarray, list[str], np.ndarray]:
+def score_shard(
+    terms: Sequence[RewardTerm],
+    prompt_ids: Sequence[int],
+    tokens: Sequence[Sequence[int]],
+    prompt_texts: Sequence[str],
+    metadata: Sequence[dict],
+    tokenizer: Any,
+    stop_sequences: Sequence[str] = (),
+    rc: Any = None,
+    progress: str | None = None,
+) -> tuple[np.ndarray, list[str], np.ndarray]:
     """Score this rank's completions with every reward term (each sees prompt + decoded output and the
     prompt's metadata; rc is the `reward` config: batch size, concurrency, timeout). Returns (combined
     scores, decoded outputs, each term's scores with NaN where it did not apply). Collective only in its
@@ -40,8 +48,20 @@ def score_shard(terms: Sequence[RewardTerm], prompt_ids: Sequence[int], tokens: 
         samples = [p + o for p, o in zip(prompts, outputs)]
         meta_keys = sorted({k for p in set(pids) for k in metadata[p]})
         meta = {k: [metadata[p].get(k) for p in pids] for k in meta_keys}
-        scores, parts = score_terms(terms, samples, prompts, outputs, list(tokens), pids, meta, tokenizer,
-                                    rc.batch_size, rc.max_concurrency, rc.timeout_s, progress)
+        scores, parts = score_terms(
+            terms,
+            samples,
+            prompts,
+            outputs,
+            list(tokens),
+            pids,
+            meta,
+            tokenizer,
+            rc.batch_size,
+            rc.max_concurrency,
+            rc.timeout_s,
+            progress,
+        )
     return scores, outputs, parts
 
 

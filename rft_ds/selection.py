@@ -51,8 +51,18 @@ def completion_digest(token_ids: Sequence[int], eos: bool) -> int:
 
 # The global score table: one fixed-width row per completion in the pools, the same on every rank. Token ids
 # are not in it: they stay on the rank that sampled them (`owner`, in its pool shard under `slot`).
-TABLE_ROW = np.dtype([("prompt_id", "<i8"), ("score", "<f8"), ("digest", "<u8"), ("length", "<i4"), ("eos", "?"),
-                  ("step", "<i4"), ("owner", "<i4"), ("slot", "<i8")])
+TABLE_ROW = np.dtype(
+    [
+        ("prompt_id", "<i8"),
+        ("score", "<f8"),
+        ("digest", "<u8"),
+        ("length", "<i4"),
+        ("eos", "?"),
+        ("step", "<i4"),
+        ("owner", "<i4"),
+        ("slot", "<i8"),
+    ]
+)
 # What a rank sends for each new completion (25 bytes before compression): owner and slot follow from who
 # sent it and where in its list, and step is the grow step every rank is in.
 WIRE = np.dtype([("prompt_id", "<i4"), ("score", "<f8"), ("digest", "<u8"), ("length", "<i4"), ("eos", "?")])
@@ -66,9 +76,18 @@ def truncated(rows: np.ndarray, max_new_tokens: int) -> np.ndarray:
     return ~rows["eos"] & (rows["length"] >= max_new_tokens)
 
 
-def table_rows(prompt_id: Sequence[int], score: Sequence[float], eos: Sequence[bool], tokens: Sequence[Sequence[int]] = (),
-          *, digest: Sequence[int] | None = None, length: Sequence[int] | None = None, step: int | Sequence[int] = 0,
-          owner: int | Sequence[int] = 0, slot: Sequence[int] | None = None) -> np.ndarray:
+def table_rows(
+    prompt_id: Sequence[int],
+    score: Sequence[float],
+    eos: Sequence[bool],
+    tokens: Sequence[Sequence[int]] = (),
+    *,
+    digest: Sequence[int] | None = None,
+    length: Sequence[int] | None = None,
+    step: int | Sequence[int] = 0,
+    owner: int | Sequence[int] = 0,
+    slot: Sequence[int] | None = None,
+) -> np.ndarray:
     """Table rows (TABLE_ROW) from columns; digest and length come from `tokens` when not given."""
     n = len(prompt_id)
     t = np.zeros(n, TABLE_ROW)
@@ -104,8 +123,8 @@ def from_wire(parts: Sequence[tuple[int, int, bytes]], step: int) -> np.ndarray:
 
 def canonical(rows: np.ndarray, dedup: bool = True) -> np.ndarray:
     """Sort by (prompt id, digest, best score first, owner, slot) and, with dedup, keep one row per
-    (prompt, completion): the best-scoring copy, with the newest copy's step. A total order on the rows' content and keys, so it does not
-    depend on the order the rows (or ranks' shards) arrived in."""
+    (prompt, completion): the best-scoring copy, with the newest copy's step. A total order on the rows' content
+    and keys, so it does not depend on the order the rows (or ranks' shards) arrived in."""
     if len(rows) == 0:
         return rows
     order = np.lexsort((rows["slot"], rows["owner"], -rows["score"], rows["digest"], rows["prompt_id"]))
@@ -141,7 +160,9 @@ def update_pool(pool: np.ndarray, new: np.ndarray, step: int, keep_steps: int | 
 
 
 def _groups(sorted_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]]) if len(sorted_ids) else np.zeros(0, np.int64)
+    starts = (
+        np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]]) if len(sorted_ids) else np.zeros(0, np.int64)
+    )
     sizes = np.diff(np.r_[starts, len(sorted_ids)])
     group = np.repeat(np.arange(len(starts)), sizes)
     return starts, sizes, group

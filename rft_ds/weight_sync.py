@@ -42,7 +42,8 @@ def check_stale_weights(stats: Any, tolerance: float, enforce: bool = True) -> d
         raise StaleWeightsError(
             f"stale weights: the engine's log-probabilities of {n} sampled tokens differ from the training "
             f"model's by {mean:.3g} on average (max {worst:.3g}) > sampler.stale_tolerance {tolerance:g}; the "
-            "engine is sampling from weights the learner does not have (a sync or wake-up that did not land)")
+            "engine is sampling from weights the learner does not have (a sync or wake-up that did not land)"
+        )
     return {"stale_logprob_mean_diff": mean, "stale_logprob_max_diff": worst, "stale_logprob_tokens": n}
 
 
@@ -53,8 +54,9 @@ def _numel(x: Any) -> int:
     return int(getattr(x, "ds_numel", x.numel()))
 
 
-def make_buckets(named_params: Sequence[tuple[str, Any]], bucket_bytes: int,
-                 bytes_per_elem: int) -> list[list[tuple[str, Any]]]:
+def make_buckets(
+    named_params: Sequence[tuple[str, Any]], bucket_bytes: int, bytes_per_elem: int
+) -> list[list[tuple[str, Any]]]:
     """Consecutive parameters (or SyncItems) grouped up to bucket_bytes (a larger one gets a bucket of its own)."""
     buckets: list[list[tuple[str, Any]]] = []
     size = 0
@@ -88,8 +90,9 @@ class WeightSync:
         gather_elem = max(elem, next(module.parameters()).element_size())
         items = sync_items(module)
         self.first_buckets = make_buckets([(i.name, i) for i in items], int(bucket_mb * 2**20), gather_elem)
-        self.later_buckets = make_buckets([(i.name, i) for i in items if not i.static], int(bucket_mb * 2**20),
-                                          gather_elem)
+        self.later_buckets = make_buckets(
+            [(i.name, i) for i in items if not i.static], int(bucket_mb * 2**20), gather_elem
+        )
         self.stats = SyncStats()
         self.n_syncs = 0
 
@@ -137,8 +140,9 @@ class WeightSync:
         return stats
 
 
-def model_logprobs(module: torch.nn.Module, sequences: Sequence[Sequence[int]], pad_id: int,
-                   device: torch.device | str | None = None) -> list[np.ndarray]:
+def model_logprobs(
+    module: torch.nn.Module, sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None
+) -> list[np.ndarray]:
     """log p(token_t | tokens_<t) for t >= 1 under the (ZeRO-3) training model, whose inputs go to `device`
     (default: this rank's). Collective forward."""
     width = max(len(s) for s in sequences)
@@ -158,9 +162,16 @@ def model_logprobs(module: torch.nn.Module, sequences: Sequence[Sequence[int]], 
     return [logp[i, : len(s) - 1] for i, s in enumerate(sequences)]
 
 
-def parity_check(module: torch.nn.Module, sampler: Any, probes: Sequence[Sequence[int]], completion_len: int,
-                 tolerance: float, pad_id: int, probe_texts: Sequence[str] = (),
-                 device: torch.device | str | None = None) -> float:
+def parity_check(
+    module: torch.nn.Module,
+    sampler: Any,
+    probes: Sequence[Sequence[int]],
+    completion_len: int,
+    tolerance: float,
+    pad_id: int,
+    probe_texts: Sequence[str] = (),
+    device: torch.device | str | None = None,
+) -> float:
     """Greedy-complete each probe with the engine, then compare the engine's and the model's log-probs of
     that completion. Returns the largest |difference|; raises ParityError (on every rank) past tolerance."""
     with D.all_ranks_or_fail("weight sync parity check (engine)"):  # local work only
@@ -176,6 +187,8 @@ def parity_check(module: torch.nn.Module, sampler: Any, probes: Sequence[Sequenc
             worst = max(worst, diff)
             if not diff <= tolerance:
                 name = repr(probe_texts[i][:40]) if i < len(probe_texts) else f"#{i}"
-                raise ParityError(f"weight sync parity check failed on probe {i} ({name}): max |logprob diff| "
-                                  f"{diff:.3g} > tolerance {tolerance:g}; the engine would sample from stale weights")
+                raise ParityError(
+                    f"weight sync parity check failed on probe {i} ({name}): max |logprob diff| "
+                    f"{diff:.3g} > tolerance {tolerance:g}; the engine would sample from stale weights"
+                )
     return worst

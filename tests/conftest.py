@@ -33,9 +33,17 @@ def classifier(tmp_path_factory, tiny_model):
 
     path = tmp_path_factory.mktemp("rm") / "rm"
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id,
-                      attention_dropout=0.5)  # dropout on: only eval mode gives repeatable scores
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
+        attention_dropout=0.5,
+    )  # dropout on: only eval mode gives repeatable scores
     torch.manual_seed(0)
     LlamaForSequenceClassification(cfg).save_pretrained(path)
     tok.save_pretrained(path)

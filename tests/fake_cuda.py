@@ -110,8 +110,9 @@ __all__ = ["FakeCuda", "fake_cuda", "is_fake_cuda", "CUDA0", "SAME_DEVICE_ERROR"
 
 CUDA0 = torch.device("cuda", 0)
 SAME_DEVICE_ERROR = "Expected all tensors to be on the same device, but found at least two devices, cuda:0 and cpu!"
-_NUMPY_ERROR = ("can't convert cuda:0 device type tensor to numpy. "
-                "Use Tensor.cpu() to copy the tensor to host memory first.")
+_NUMPY_ERROR = (
+    "can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor to host memory first."
+)
 _NCCL_CPU_ERROR = "No backend type associated with device type cpu"
 
 
@@ -206,7 +207,7 @@ class FakeCuda(TorchFunctionMode):
         self._pushed: list[bool] = []
 
     # -- context management
-    def __enter__(self) -> "FakeCuda":
+    def __enter__(self) -> FakeCuda:
         with _Shared.lock:
             if _Shared.depth == 0:
                 _Shared.marks.clear()
@@ -318,6 +319,7 @@ def _special(*funcs: Any) -> Callable[[Callable], Callable]:
         for f in funcs:
             _SPECIAL[f] = handler
         return handler
+
     return register
 
 
@@ -437,7 +439,9 @@ def _array(func, args, kwargs):
 @_special(torch.Tensor.pin_memory)
 def _pin_memory(func, args, kwargs):
     if args[0] in _Shared.marks:
-        raise RuntimeError("cannot pin '" + _type(torch.Tensor.type, args[:1], {}) + "' only dense CPU tensors can be pinned")
+        raise RuntimeError(
+            "cannot pin '" + _type(torch.Tensor.type, args[:1], {}) + "' only dense CPU tensors can be pinned"
+        )
     return args[0].clone()  # a CPU-only build cannot pin; a pinned copy is still a CPU tensor
 
 
@@ -712,9 +716,23 @@ def _swap_patch(undo: list[Callable[[], None]]) -> None:
     _patch(undo, torch.utils, "swap_tensors", swap_tensors)
 
 
-_COLLECTIVES = ("all_reduce", "broadcast", "reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
-                "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "gather", "scatter", "send", "recv",
-                "isend", "irecv")
+_COLLECTIVES = (
+    "all_reduce",
+    "broadcast",
+    "reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_to_all",
+    "all_to_all_single",
+    "gather",
+    "scatter",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+)
 
 
 def _nccl_patches(undo: list[Callable[[], None]]) -> None:
@@ -728,7 +746,9 @@ def _nccl_patches(undo: list[Callable[[], None]]) -> None:
 
         def checked(*args: Any, __original=original, **kwargs: Any) -> Any:
             if any(t not in _Shared.marks for t in _tensors((args, kwargs))):
-                raise RuntimeError(f"{_NCCL_CPU_ERROR} (fake_cuda NCCL check, in torch.distributed.{__original.__name__})")
+                raise RuntimeError(
+                    f"{_NCCL_CPU_ERROR} (fake_cuda NCCL check, in torch.distributed.{__original.__name__})"
+                )
             return __original(*args, **kwargs)
 
         _patch(undo, torch.distributed, name, functools.wraps(original)(checked))

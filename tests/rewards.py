@@ -8,6 +8,7 @@ from rft_ds.toy import reward_fn as toy_reward
 def slow_on_rank1(samples, prompts, outputs, **kwargs):
     """Hangs on rank 1 past any reasonable reward.timeout_s (a verifier stuck on one sample)."""
     import time
+
     if os.environ.get("RANK") == "1":
         time.sleep(600)
     return toy_reward(samples, prompts, outputs, **kwargs)

@@ -20,8 +20,14 @@ sys.path.insert(0, str(ROOT))
 from rft_ds import checkpoint as C  # noqa: E402
 from rft_ds.checkpoint import CheckpointError  # noqa: E402
 
-SHARDS = {r: [f"ds/zero_pp_rank_{r}_mp_rank_00_model_states.pt", f"ds/zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
-              f"rank{r}.pt"] for r in range(2)}
+SHARDS = {
+    r: [
+        f"ds/zero_pp_rank_{r}_mp_rank_00_model_states.pt",
+        f"ds/zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
+        f"rank{r}.pt",
+    ]
+    for r in range(2)
+}
 SHARED = ["zero_to_fp32.py", "hf/config.json", "meta.json", "rft_state.pt"]
 
 
@@ -55,8 +61,10 @@ def old_checkpoint(root: Path, epoch: int, world: int = 2) -> Path:
     files = {}
     for p in sorted(d.rglob("*")):
         if p.is_file():
-            files[p.relative_to(d).as_posix()] = {"size": p.stat().st_size,
-                                                  "blake2b": hashlib.blake2b(p.read_bytes(), digest_size=16).hexdigest()}
+            files[p.relative_to(d).as_posix()] = {
+                "size": p.stat().st_size,
+                "blake2b": hashlib.blake2b(p.read_bytes(), digest_size=16).hexdigest(),
+            }
     (d / "manifest.json").write_text(json.dumps({"files": files}, indent=1))
     (root / "latest").write_text(d.name)
     return d
@@ -69,6 +77,7 @@ def flip_byte(p: Path, at: int = 100) -> None:
 
 
 # ---- who seals what ---------------------------------------------------------------------------------
+
 
 def test_each_rank_owns_its_shards_and_rank0_everything_else(tmp_path):
     c = sealed_checkpoint(tmp_path, 1)
@@ -102,6 +111,7 @@ def test_unclaimed_files_are_sealed_by_rank0_and_bad_claims_fail(tmp_path):
 
 
 # ---- cheap check and checksum check -------------------------------------------------------------------
+
 
 def test_cheap_check_catches_truncation_and_missing_manifest_without_reading(tmp_path):
     root = tmp_path / "checkpoints"
@@ -148,6 +158,7 @@ def test_old_blake2b_manifests_still_verify(tmp_path):
 
 # ---- resume ---------------------------------------------------------------------------------------------
 
+
 def test_agree_on_resume_falls_back_or_fails_in_one_line(tmp_path):
     root = tmp_path / "checkpoints"
     c1, c2 = sealed_checkpoint(root, 1), sealed_checkpoint(root, 2)
@@ -161,14 +172,18 @@ def test_agree_on_resume_falls_back_or_fails_in_one_line(tmp_path):
         warnings.simplefilter("always")
         assert C.agree_on_resume("auto", tmp_path, 2) == c1
     said = [str(w.message) for w in caught]
-    assert said == [f"rft_ds: skipping checkpoint {c2}: ds/zero_pp_rank_0_mp_rank_00_optim_states.pt fails its checksum "
-                    f"(found by rank 0); falling back to the previous complete checkpoint",
-                    f"rft_ds: skipping checkpoint {root / 'epoch_00003'}: no manifest (incomplete write); falling back "
-                    f"to the previous complete checkpoint"]
+    assert said == [
+        f"rft_ds: skipping checkpoint {c2}: ds/zero_pp_rank_0_mp_rank_00_optim_states.pt fails its checksum "
+        f"(found by rank 0); falling back to the previous complete checkpoint",
+        f"rft_ds: skipping checkpoint {root / 'epoch_00003'}: no manifest (incomplete write); falling back "
+        f"to the previous complete checkpoint",
+    ]
     with pytest.raises(CheckpointError) as e:
         C.agree_on_resume(str(c2), tmp_path, 2)
-    assert str(e.value) == (f"--resume {c2}: not a complete rft_ds checkpoint: ds/zero_pp_rank_0_mp_rank_00_optim_states.pt "
-                            f"fails its checksum (found by rank 0)")
+    assert str(e.value) == (
+        f"--resume {c2}: not a complete rft_ds checkpoint: ds/zero_pp_rank_0_mp_rank_00_optim_states.pt "
+        f"fails its checksum (found by rank 0)"
+    )
     with pytest.raises(CheckpointError, match="taken inside a sampling or training stage by 2 ranks; this run has 4"):
         C.agree_on_resume(str(c1), tmp_path, 4)  # these fixtures say no position: taken mid-stage
     with pytest.warns(UserWarning, match="skipping checkpoint .*epoch_00001: checkpoint .* by 2 ranks; this run has 4"):
@@ -185,6 +200,7 @@ def test_agree_on_resume_falls_back_or_fails_in_one_line(tmp_path):
 
 # ---- pruning ------------------------------------------------------------------------------------------
 
+
 def test_prune_keeps_latest_new_incomplete_and_foreign_dirs(tmp_path):
     root = tmp_path / "checkpoints"
     cs = {e: sealed_checkpoint(root, e, latest=False) for e in (1, 2, 3, 4, 5, 7)}
@@ -199,13 +215,22 @@ def test_prune_keeps_latest_new_incomplete_and_foreign_dirs(tmp_path):
     # complete up to epoch 5, newest first: 5, 4, 2, 1; keep 2 -> 5, 4; 2 is `latest`'s; so only 1 goes
     assert removed == [cs[1]]
     left = sorted(p.name for p in root.iterdir())
-    assert left == ["epoch_00000", "epoch_00002", "epoch_00003", "epoch_00004", "epoch_00005", "epoch_00007",
-                    "epoch_notes", "latest"]  # 7: a later epoch (abandoned run) is not counted or removed
+    assert left == [
+        "epoch_00000",
+        "epoch_00002",
+        "epoch_00003",
+        "epoch_00004",
+        "epoch_00005",
+        "epoch_00007",
+        "epoch_notes",
+        "latest",
+    ]  # 7: a later epoch (abandoned run) is not counted or removed
     assert C.prune(root, 1, cs[5]) == [cs[4]]
     assert C.prune(root, 1, cs[5]) == []  # never the new one, never latest's
 
 
 # ---- save, one process, fake engine -----------------------------------------------------------------
+
 
 class _Cfg:
     def save_pretrained(self, d):
@@ -215,6 +240,7 @@ class _Cfg:
 
 class _Engine:
     """What save() needs of a DeepSpeed engine: it writes ZeRO-3-named shard files like DeepSpeed does."""
+
     module = type("M", (), {"config": _Cfg(), "generation_config": None})()
 
     def save_checkpoint(self, save_dir, tag, save_latest, exclude_frozen_parameters=False):
@@ -236,7 +262,9 @@ def test_save_one_process_finalize_state_and_keep_last(tmp_path):
         return {"epoch": len(seen), "history": [{"time_checkpoint": elapsed}]}
 
     for epoch in range(4):
-        saved = C.save(root, C.checkpoint_name(epoch + 1), _Engine(), None, _Cfg(), keep_last=2, finalize_state=finalize)
+        saved = C.save(
+            root, C.checkpoint_name(epoch + 1), _Engine(), None, _Cfg(), keep_last=2, finalize_state=finalize
+        )
         assert saved.path == root / f"epoch_{epoch:05d}" and C.verify(saved.path) is None
     assert sorted(p.name for p in root.iterdir()) == ["epoch_00002", "epoch_00003", "latest"]
     assert (root / "latest").read_text() == "epoch_00003"
@@ -252,27 +280,44 @@ def test_save_one_process_finalize_state_and_keep_last(tmp_path):
 
 # ---- slow: 2 ranks, a real DeepSpeed engine ------------------------------------------------------------
 
+
 def _worker(out: Path, model: Path) -> None:
     import torch
+    from transformers import AutoTokenizer
 
     from rft_ds import distributed as D
     from rft_ds.config import TrainConfig
     from rft_ds.learner import Learner, fill_ds_config, load_ds_config
-    from transformers import AutoTokenizer
 
     D.init("gloo", 300)
     rank, world = D.rank(), D.world_size()
-    ds = fill_ds_config(load_ds_config(ROOT / "ds_configs" / "zero3_cpu.json"),
-                        TrainConfig(micro_batch_size=2, learning_rate=1e-3), world)
+    ds = fill_ds_config(
+        load_ds_config(ROOT / "ds_configs" / "zero3_cpu.json"),
+        TrainConfig(micro_batch_size=2, learning_rate=1e-3),
+        world,
+    )
     learner = Learner(str(model), ds)
     tok = AutoTokenizer.from_pretrained(model)
     root = out / "checkpoints"
     res: dict = {"saved": []}
     for epoch in range(2):
-        s = C.save(root, C.checkpoint_name(epoch + 1), learner.engine, None, tok, keep_last=3,
-                   finalize_state=lambda t, e=epoch: {"epoch": e, "time_checkpoint": t})
-        res["saved"].append({"own_bytes": s.own_bytes, "shard_bytes": s.shard_bytes, "seconds": s.seconds,
-                             "shards_seconds": s.shards_seconds})
+        s = C.save(
+            root,
+            C.checkpoint_name(epoch + 1),
+            learner.engine,
+            None,
+            tok,
+            keep_last=3,
+            finalize_state=lambda t, e=epoch: {"epoch": e, "time_checkpoint": t},
+        )
+        res["saved"].append(
+            {
+                "own_bytes": s.own_bytes,
+                "shard_bytes": s.shard_bytes,
+                "seconds": s.seconds,
+                "shards_seconds": s.shards_seconds,
+            }
+        )
     c1 = root / "epoch_00001"
     res["cheap"] = str(C.resolve_resume("auto", out, world))
     D.barrier()
@@ -296,8 +341,11 @@ def _worker(out: Path, model: Path) -> None:
         res["load"] = str(e)
     state, _ = C.load(Path(res["auto"]), learner.engine, verified=True)
     res["loaded_epoch"] = state["epoch"]
-    res["rng_ok"] = (torch.get_rng_state() == torch.load(Path(res["auto"]) / f"rank{rank}.pt",
-                                                          weights_only=False)["rng"]["torch"]).all().item()
+    res["rng_ok"] = (
+        (torch.get_rng_state() == torch.load(Path(res["auto"]) / f"rank{rank}.pt", weights_only=False)["rng"]["torch"])
+        .all()
+        .item()
+    )
     (out / f"rank{rank}.json").write_text(json.dumps(res))
     D.barrier()
 
@@ -308,10 +356,20 @@ def test_two_ranks_seal_their_own_shards_and_agree_on_resume(tmp_path, tiny_mode
     out.mkdir()
     from rft_ds.distributed import free_port
 
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           "tests/test_checkpoint.py", "--worker", str(out), str(tiny_model)]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "tests/test_checkpoint.py",
+        "--worker",
+        str(out),
+        str(tiny_model),
+    ]
+    p = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     c0, c1 = out / "checkpoints" / "epoch_00000", out / "checkpoints" / "epoch_00001"
@@ -322,10 +380,18 @@ def test_two_ranks_seal_their_own_shards_and_agree_on_resume(tmp_path, tiny_mode
     on_disk = sorted(p.relative_to(c0).as_posix() for p in c0.rglob("*") if p.is_file() and p.name != "manifest.json")
     assert sorted(m["files"]) == on_disk
     own = {r: sorted(rel for rel, e in m["files"].items() if e["rank"] == r) for r in range(2)}
-    assert own[1] == ["ds/zero_pp_rank_1_mp_rank_00_model_states.pt", "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt",
-                      "rank1.pt"]
-    assert {"ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", "rank0.pt", "rft_state.pt", "meta.json",
-            "zero_to_fp32.py"} <= set(own[0])
+    assert own[1] == [
+        "ds/zero_pp_rank_1_mp_rank_00_model_states.pt",
+        "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "rank1.pt",
+    ]
+    assert {
+        "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "rank0.pt",
+        "rft_state.pt",
+        "meta.json",
+        "zero_to_fp32.py",
+    } <= set(own[0])
     for r in range(2):  # each rank checksummed only its own files (the bytes it reported are exactly those)
         mine = sum(m["files"][rel]["size"] for rel in own[r] if C.rank_of_file(rel, 2) == r)
         assert res[r]["saved"][0]["own_bytes"] == mine
@@ -333,17 +399,25 @@ def test_two_ranks_seal_their_own_shards_and_agree_on_resume(tmp_path, tiny_mode
     import torch
 
     assert torch.load(c1 / "rft_state.pt", weights_only=False)["time_checkpoint"] == pytest.approx(
-        res[0]["saved"][1]["shards_seconds"])
+        res[0]["saved"][1]["shards_seconds"]
+    )
 
     # the cheap pre-process-group check cannot see a flipped byte; the agreed, checksummed one can
     assert res[0]["cheap"] == res[0]["cheap_after"] == str(c1)
     assert res[0]["auto"] == res[1]["auto"] == str(c0)  # both ranks fall back to the same one
     fallback = [w for w in res[0]["warnings"] if "skipping checkpoint" in w]
-    assert len(fallback) == 1 and "zero_pp_rank_1_mp_rank_00_optim_states.pt fails its checksum (found by rank 1)" in \
-        fallback[0] and "falling back" in fallback[0], res[0]["warnings"]
+    assert (
+        len(fallback) == 1
+        and "zero_pp_rank_1_mp_rank_00_optim_states.pt fails its checksum (found by rank 1)" in fallback[0]
+        and "falling back" in fallback[0]
+    ), res[0]["warnings"]
     for r in range(2):
         e = res[r]["explicit"]
-        assert e == res[0]["explicit"] and "\n" not in e and e.startswith(f"--resume {c1}: not a complete rft_ds checkpoint")
+        assert (
+            e == res[0]["explicit"]
+            and "\n" not in e
+            and e.startswith(f"--resume {c1}: not a complete rft_ds checkpoint")
+        )
         assert "found by rank 1" in e
         assert res[r]["load"] is not None and "found by rank 1" in res[r]["load"]
         assert res[r]["loaded_epoch"] == 0 and res[r]["rng_ok"]

@@ -36,23 +36,36 @@ def run_check(capsys, *args):
 def test_check_finds_each_bad_input(case, env, capsys):
     tmp, model = env
     make, needle = CASES[case]
-    rc, problems, _ = run_check(capsys, f"model.model_path={model}", "model.build=null",
-                                f"train.output_dir={tmp / 'out'}", *make(tmp, model))
+    rc, problems, _ = run_check(
+        capsys, f"model.model_path={model}", "model.build=null", f"train.output_dir={tmp / 'out'}", *make(tmp, model)
+    )
     assert rc == 1 and any(needle in p for p in problems), problems
     assert not (tmp / "out").exists()  # check writes nothing
 
 
 def test_check_lists_every_problem_and_passes_a_good_config(env, capsys):
     tmp, model = env
-    rc, problems, out = run_check(capsys, f"model.model_path={model}", "model.build=null", f"train.output_dir={tmp / 'o'}")
+    rc, problems, out = run_check(
+        capsys, f"model.model_path={model}", "model.build=null", f"train.output_dir={tmp / 'o'}"
+    )
     assert rc == 0 and problems == [] and "ok for 2 rank(s)" in out
-    rc, problems, _ = run_check(capsys, f"model.model_path={model}", "model.build=null", "reward.reward_fn=nowhere:f",
-                                f"data.prompts={tmp / 'missing.jsonl'}", f"train.deepspeed_config={tmp / 'none.json'}",
-                                "sampler.tensor_parallel_size=3")
+    rc, problems, _ = run_check(
+        capsys,
+        f"model.model_path={model}",
+        "model.build=null",
+        "reward.reward_fn=nowhere:f",
+        f"data.prompts={tmp / 'missing.jsonl'}",
+        f"train.deepspeed_config={tmp / 'none.json'}",
+        "sampler.tensor_parallel_size=3",
+    )
     assert rc == 1 and len(problems) == 4, problems
-    starts = ["sampler.tensor_parallel_size=3", "reward.reward_fn: cannot import", "prompts: file not found",
-              "train.deepspeed_config: file not found"]
-    assert all(p[len("rft_ds: problem: "):].startswith(s) for p, s in zip(problems, starts)), problems
+    starts = [
+        "sampler.tensor_parallel_size=3",
+        "reward.reward_fn: cannot import",
+        "prompts: file not found",
+        "train.deepspeed_config: file not found",
+    ]
+    assert all(p[len("rft_ds: problem: ") :].startswith(s) for p, s in zip(problems, starts)), problems
     # a model that model.build makes at start is a note, not a problem
     rc, problems, out = run_check(capsys, f"model.model_path={tmp / 'later'}", "model.build=tiny")
     assert rc == 0 and "model.build=tiny makes it when the run starts" in out
@@ -60,17 +73,51 @@ def test_check_lists_every_problem_and_passes_a_good_config(env, capsys):
 
 
 def test_runs_prints_the_epoch_table(tmp_path, capsys):
-    recs = [{"epoch": 0, "grow_step": True, "percentile": 0.7, "n_sampled": 2048, "n_selected": 118, "pool_size": 1943,
-             "reward_mean": 0.061, "train_loss": 0.528, "time_epoch": 154.7, "eval_add_greedy_pass_initial": 0.125,
-             "eval_add_reward_mean_initial": 0.1},
-            {"epoch": 1, "grow_step": False, "percentile": 0.95, "n_sampled": 0, "n_selected": 118, "pool_size": 1943,
-             "reward_mean": 0.061, "train_loss": 0.445, "time_epoch": 43.8, "eval_add_greedy_pass": 0.609,
-             "eval_add_reward_mean": 0.5, "eval_add_maj@4": 0.6, "eval_add_reward_numeric_mean": 0.5}]
+    recs = [
+        {
+            "epoch": 0,
+            "grow_step": True,
+            "percentile": 0.7,
+            "n_sampled": 2048,
+            "n_selected": 118,
+            "pool_size": 1943,
+            "reward_mean": 0.061,
+            "train_loss": 0.528,
+            "time_epoch": 154.7,
+            "eval_add_greedy_pass_initial": 0.125,
+            "eval_add_reward_mean_initial": 0.1,
+        },
+        {
+            "epoch": 1,
+            "grow_step": False,
+            "percentile": 0.95,
+            "n_sampled": 0,
+            "n_selected": 118,
+            "pool_size": 1943,
+            "reward_mean": 0.061,
+            "train_loss": 0.445,
+            "time_epoch": 43.8,
+            "eval_add_greedy_pass": 0.609,
+            "eval_add_reward_mean": 0.5,
+            "eval_add_maj@4": 0.6,
+            "eval_add_reward_numeric_mean": 0.5,
+        },
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert cli.main(["runs", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["epoch", "step", "p", "sampled", "kept", "reward", "loss", "add_greedy_pass",
-                                "add_reward_mean", "time_s"]
+    assert lines[0].split() == [
+        "epoch",
+        "step",
+        "p",
+        "sampled",
+        "kept",
+        "reward",
+        "loss",
+        "add_greedy_pass",
+        "add_reward_mean",
+        "time_s",
+    ]
     assert lines[1].split() == ["before", "0.125", "0.100"]
     assert lines[2].split() == ["1", "grow", "0.700", "2048", "118/1943", "0.061", "0.528", "-", "-", "154.7"]
     assert lines[3].split() == ["2", "improve", "0.950", "0", "118/1943", "0.061", "0.445", "0.609", "0.500", "43.8"]
@@ -81,8 +128,14 @@ def test_runs_prints_the_epoch_table(tmp_path, capsys):
 def test_rft_ds_is_installed_on_the_venv_path(tmp_path):
     exe = Path(sys.executable).parent / "rft-ds"
     assert exe.is_file(), "pip install -e . puts rft-ds beside the venv's python"
-    p = subprocess.run([str(exe), "check", str(ROOT / "launch/configs/tiny.yaml"), "train.epochs=0"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120, env={**os.environ, "WORLD_SIZE": "1"})
+    p = subprocess.run(
+        [str(exe), "check", str(ROOT / "launch/configs/tiny.yaml"), "train.epochs=0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "WORLD_SIZE": "1"},
+    )
     assert p.returncode == 1 and p.stderr.strip() == "rft_ds: problem: train.epochs must be >= 1, got 0", p.stderr
     p = subprocess.run([sys.executable, "-m", "rft_ds", "--help"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and "{train,check,export,plot,runs}" in p.stdout
@@ -95,11 +148,24 @@ def test_a_library_error_reaches_the_quiet_console_with_the_log_path(tmp_path, t
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
     (model / "model.safetensors").write_bytes(b"\x00" * 64)
-    p = subprocess.run([str(Path(sys.executable).parent / "rft-ds"), "train", str(ROOT / "launch/configs/tiny.yaml"),
-                        f"model.model_path={model}", "model.build=null", f"train.output_dir={tmp_path / 'run'}"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                       env={**{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")},
-                            "HF_HUB_OFFLINE": "1"})
+    p = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "rft-ds"),
+            "train",
+            str(ROOT / "launch/configs/tiny.yaml"),
+            f"model.model_path={model}",
+            "model.build=null",
+            f"train.output_dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            **{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")},
+            "HF_HUB_OFFLINE": "1",
+        },
+    )
     log = tmp_path / "run" / "logs" / "rank0.log"
     errors = [line for line in p.stderr.splitlines() if line.startswith("rft_ds: error")]
     assert p.returncode == 1 and len(errors) == 1, p.stdout[-2000:] + p.stderr[-2000:]
@@ -112,14 +178,21 @@ def remote_code_model(tiny_model: Path, dst: Path) -> Path:
     """The tiny Llama as a model with its own code (auto_map): what model.trust_remote_code is for."""
     shutil.copytree(tiny_model, dst)
     (dst / "configuration_rfttoy.py").write_text(
-        "from transformers import LlamaConfig\n\n\nclass RftToyConfig(LlamaConfig):\n    model_type = 'rft_toy'\n")
+        "from transformers import LlamaConfig\n\n\nclass RftToyConfig(LlamaConfig):\n    model_type = 'rft_toy'\n"
+    )
     (dst / "modeling_rfttoy.py").write_text(
         "from transformers import LlamaForCausalLM\n\nfrom .configuration_rfttoy import RftToyConfig\n\n\n"
-        "class RftToyForCausalLM(LlamaForCausalLM):\n    config_class = RftToyConfig\n")
+        "class RftToyForCausalLM(LlamaForCausalLM):\n    config_class = RftToyConfig\n"
+    )
     c = json.loads((dst / "config.json").read_text())
-    c.update(model_type="rft_toy", architectures=["RftToyForCausalLM"],
-             auto_map={"AutoConfig": "configuration_rfttoy.RftToyConfig",
-                       "AutoModelForCausalLM": "modeling_rfttoy.RftToyForCausalLM"})
+    c.update(
+        model_type="rft_toy",
+        architectures=["RftToyForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_rfttoy.RftToyConfig",
+            "AutoModelForCausalLM": "modeling_rfttoy.RftToyForCausalLM",
+        },
+    )
     (dst / "config.json").write_text(json.dumps(c))
     return dst
 
@@ -128,10 +201,18 @@ def test_check_asks_for_trust_remote_code(env, capsys):
     tmp, model = env
     remote = remote_code_model(model, tmp / "remote")
     rc, problems, _ = run_check(capsys, f"model.model_path={remote}", "model.build=null", "sampler.backend=hf")
-    assert rc == 1 and problems == [f"rft_ds: problem: model.model_path {remote}: model type 'rft_toy' comes with its own "
-                                    "code (modeling_rfttoy.RftToyForCausalLM); set model.trust_remote_code: true to run it"]
-    rc, problems, _ = run_check(capsys, f"model.model_path={remote}", "model.build=null", "sampler.backend=hf",
-                                "model.trust_remote_code=true", "model.lora={r: 4}")
+    assert rc == 1 and problems == [
+        f"rft_ds: problem: model.model_path {remote}: model type 'rft_toy' comes with its own "
+        "code (modeling_rfttoy.RftToyForCausalLM); set model.trust_remote_code: true to run it"
+    ]
+    rc, problems, _ = run_check(
+        capsys,
+        f"model.model_path={remote}",
+        "model.build=null",
+        "sampler.backend=hf",
+        "model.trust_remote_code=true",
+        "model.lora={r: 4}",
+    )
     assert rc == 0, problems
 
 
@@ -139,13 +220,30 @@ def test_check_asks_for_trust_remote_code(env, capsys):
 def test_a_model_with_its_own_code_trains_with_trust_remote_code(tmp_path, tiny_model):
     """One rank, the HF sampler: tokenizer, learner and final_model load and save the model's own classes."""
     remote = remote_code_model(tiny_model, tmp_path / "remote")
-    p = subprocess.run([str(Path(sys.executable).parent / "rft-ds"), "train", str(ROOT / "launch/configs/tiny.yaml"),
-                        f"model.model_path={remote}", "model.build=null", "model.trust_remote_code=true",
-                        "sampler.backend=hf", "train.epochs=1", "method.n_generations_per_prompt=2", "train.eval_interval=0",
-                        "train.plots=false", f"train.output_dir={tmp_path / 'run'}"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                       env={**{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")},
-                            "HF_HUB_OFFLINE": "1"})
+    p = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "rft-ds"),
+            "train",
+            str(ROOT / "launch/configs/tiny.yaml"),
+            f"model.model_path={remote}",
+            "model.build=null",
+            "model.trust_remote_code=true",
+            "sampler.backend=hf",
+            "train.epochs=1",
+            "method.n_generations_per_prompt=2",
+            "train.eval_interval=0",
+            "train.plots=false",
+            f"train.output_dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            **{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")},
+            "HF_HUB_OFFLINE": "1",
+        },
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     final = tmp_path / "run" / "final_model"
     saved = json.loads((final / "config.json").read_text())
@@ -170,8 +268,16 @@ def test_example_configs_pass_check(config, env, capsys):
     reasoning-gym prompts generate, math-verify reads their references, the reward terms get their metadata
     (on the tiny model: its 256 positions take 16 new tokens)."""
     tmp, model = env
-    rc = cli.main(["check", f"launch/configs/{config}", f"model.model_path={model}", "model.build=null",
-                   f"train.output_dir={tmp / 'out'}", "method.gen_kwargs.max_new_tokens=16"])
+    rc = cli.main(
+        [
+            "check",
+            f"launch/configs/{config}",
+            f"model.model_path={model}",
+            "model.build=null",
+            f"train.output_dir={tmp / 'out'}",
+            "method.gen_kwargs.max_new_tokens=16",
+        ]
+    )
     out = capsys.readouterr()
     assert rc == 0, out.err[-2000:]
 
@@ -182,8 +288,16 @@ def test_code_example_config_passes_check(env, capsys):
     positions here and the prompt limit is raised to match."""
     tmp, model = env
     big = copy_model(model, tmp / "long_model", edit_config=lambda c: c.update(max_position_embeddings=8192))
-    rc = cli.main(["check", "launch/configs/code.yaml", f"model.model_path={big}", "model.build=null",
-                   f"train.output_dir={tmp / 'out'}", "method.gen_kwargs.max_new_tokens=16",
-                   "data.max_prompt_length=4096"])
+    rc = cli.main(
+        [
+            "check",
+            "launch/configs/code.yaml",
+            f"model.model_path={big}",
+            "model.build=null",
+            f"train.output_dir={tmp / 'out'}",
+            "method.gen_kwargs.max_new_tokens=16",
+            "data.max_prompt_length=4096",
+        ]
+    )
     out = capsys.readouterr()
     assert rc == 0, out.err[-2000:]

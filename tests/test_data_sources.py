@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from rft_ds.data import DataError, load_source, normalize, tokenize, use_chat_template
 from rft_ds.config import RewardConfig
+from rft_ds.data import DataError, load_source, normalize, tokenize, use_chat_template
 from rft_ds.reward_terms import build_terms
 from rft_ds.scoring import score_shard
 
@@ -81,7 +81,7 @@ def test_local_data_files(datasets, tmp_path, fmt):
 
 def test_glob_of_data_files(datasets, tmp_path):
     for i in range(2):
-        datasets.Dataset.from_list(ROWS[i * 3:(i + 1) * 3]).to_parquet(str(tmp_path / f"part-{i}.parquet"))
+        datasets.Dataset.from_list(ROWS[i * 3 : (i + 1) * 3]).to_parquet(str(tmp_path / f"part-{i}.parquet"))
     texts, _ = _as_prompts(load_source(str(tmp_path / "part-*.parquet"), "prompts", "question"))
     assert texts == [r["question"] for r in ROWS]
     with pytest.raises(DataError, match="file not found"):
@@ -108,14 +108,23 @@ def test_metadata_flows_to_reward_fn(tokenizer):
         return [float(o == a) for o, a in zip(outputs, answer)]
 
     tokens = [tokenizer("6")["input_ids"], tokenizer("7")["input_ids"], tokenizer("4")["input_ids"]]
-    scores, outputs, _ = score_shard(build_terms(RewardConfig(), reward_fn), [5, 0, 3], tokens, texts, metas, tokenizer,
-                                     rc=RewardConfig(batch_size=2))
+    scores, outputs, _ = score_shard(
+        build_terms(RewardConfig(), reward_fn),
+        [5, 0, 3],
+        tokens,
+        texts,
+        metas,
+        tokenizer,
+        rc=RewardConfig(batch_size=2),
+    )
     assert seen == {5: (texts[5], "6", 2), 0: (texts[0], "1", 0), 3: (texts[3], "4", 0)}
     assert scores.tolist() == [1.0, 0.0, 1.0] and outputs == ["6", "7", "4"]
 
 
-TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
-            "{% if add_generation_prompt %}assistant:{% endif %}")  # in the toy tokenizer's alphabet
+TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)  # in the toy tokenizer's alphabet
 
 
 def test_chat_template_applied_when_present(tokenizer):
@@ -144,8 +153,12 @@ def test_chat_message_prompts(tokenizer, tmp_path):
 
     chat_tok = copy.deepcopy(tokenizer)
     chat_tok.chat_template = TEMPLATE
-    convo = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "abc say k:"},
-             {"role": "assistant", "content": "k"}, {"role": "user", "content": "say a:"}]
+    convo = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "abc say k:"},
+        {"role": "assistant", "content": "k"},
+        {"role": "user", "content": "say a:"},
+    ]
     rows = [{"prompt": convo, "answer": "a"}, {"prompt": [{"role": "user", "content": "say b:"}], "answer": "b"}]
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
@@ -154,8 +167,12 @@ def test_chat_message_prompts(tokenizer, tmp_path):
         a, b = tokenize(texts, metas, chat_tok, 256, "prompts", chat=True, system_prompt="sys")
         assert chat_tok.decode(a.token_ids) == "system: be brief user: abc say k: assistant: k user: say a: assistant:"
         assert chat_tok.decode(b.token_ids) == "system: sys user: say b: assistant:"  # system_prompt added
-        assert a.token_ids == chat_tok.apply_chat_template(convo, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=True)["input_ids"]
+        assert (
+            a.token_ids
+            == chat_tok.apply_chat_template(convo, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+        )
         assert (a.text, b.text) == ("say a:", "say b:") and a.metadata == {"answer": "a", "messages": convo}
     bad = {
         "an empty list of chat messages": [],
@@ -183,8 +200,11 @@ def test_chat_prompts_through_the_hf_sampler(tiny_model, tokenizer):
 
     chat_tok = copy.deepcopy(tokenizer)
     chat_tok.chat_template = TEMPLATE
-    convo = [{"role": "user", "content": "abc say k:"}, {"role": "assistant", "content": "k"},
-             {"role": "user", "content": "say a:"}]
+    convo = [
+        {"role": "user", "content": "abc say k:"},
+        {"role": "assistant", "content": "k"},
+        {"role": "user", "content": "say a:"},
+    ]
     texts, metas = normalize([convo, "say a:"], "prompts")
     a, b = tokenize(texts, metas, chat_tok, 256, "prompts", chat=True)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -192,7 +212,9 @@ def test_chat_prompts_through_the_hf_sampler(tiny_model, tokenizer):
     out = HFSampler(model, chat_tok, batch_size=2, device="cpu").generate([a.token_ids, b.token_ids], 1, greedy, seed=0)
     alone = HFSampler(model, chat_tok, batch_size=1, device="cpu").generate([a.token_ids], 1, greedy, seed=0)
     assert [len(cs) for cs in out] == [1, 1] and all(len(c.token_ids) for cs in out for c in cs)
-    assert out[0][0].token_ids.tolist() == alone[0][0].token_ids.tolist()  # left padding beside a shorter prompt changes nothing
+    assert (
+        out[0][0].token_ids.tolist() == alone[0][0].token_ids.tolist()
+    )  # left padding beside a shorter prompt changes nothing
 
 
 def test_module_function_found_in_the_working_directory(tmp_path, monkeypatch):

@@ -75,11 +75,15 @@ def test_smollm2_builds_a_plain_hf_directory(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(path)
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
     assert tok.eos_token == "<|im_end|>" and tok.chat_template
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1] :])
 
 
 @pytest.mark.slow
@@ -93,20 +97,47 @@ def test_demo_config_on_tiny_model_with_reward_model(tmp_path, classifier):
 
     model = ensure_tiny_model(tmp_path / "model")
     tok = AutoTokenizer.from_pretrained(model)
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}= {% endif %}"
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}= {% endif %}"
+    )
     tok.save_pretrained(model)
     datasets.Dataset.from_list(arith.train_prompts(24)).to_parquet(str(tmp_path / "train.parquet"))
     run = tmp_path / "run"
     shm_before = set(os.listdir("/dev/shm"))
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           "launch/train.py", "--config", "launch/configs/smollm2.yaml", f"model.model_path={model}", "model.build=null",
-           f"data.prompts={tmp_path / 'train.parquet'}",
-           "reward.reward_fn=null", f"reward.reward_model={classifier}", "reward.metric_fn=rft_ds.rewards:accuracy",
-           "selection.min_score=null", "sampler.dtype=auto", "method.n_generations_per_prompt=4", "train.epochs=2",
-           "train.eval_interval=1", "train.save_interval=1", "train.tensorboard=true", "train.progress=true",
-           "train.learning_rate=1e-3", f"train.output_dir={run}"]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "launch/train.py",
+        "--config",
+        "launch/configs/smollm2.yaml",
+        f"model.model_path={model}",
+        "model.build=null",
+        f"data.prompts={tmp_path / 'train.parquet'}",
+        "reward.reward_fn=null",
+        f"reward.reward_model={classifier}",
+        "reward.metric_fn=rft_ds.rewards:accuracy",
+        "selection.min_score=null",
+        "sampler.dtype=auto",
+        "method.n_generations_per_prompt=4",
+        "train.epochs=2",
+        "train.eval_interval=1",
+        "train.save_interval=1",
+        "train.tensorboard=true",
+        "train.progress=true",
+        "train.learning_rate=1e-3",
+        f"train.output_dir={run}",
+    ]
+    p = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+    )
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
     m = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -114,8 +145,15 @@ def test_demo_config_on_tiny_model_with_reward_model(tmp_path, classifier):
     # counted, never silent: reward-model inputs cut to fit (none here) and rank 0's engine preemptions
     assert m[0]["sampled_reward_reward_model_truncated"] == 0 and m[0]["sampled_preemptions"] >= 0
     # two eval sets scored by exact match (their own reward_fn), not by the reward model that trains
-    for key in ("eval_add_accuracy", "eval_add_has_number", "eval_add_pass@4", "eval_add_maj@4", "eval_add_greedy_pass",
-                "eval_sub_accuracy", "eval_sub_reward_mean"):
+    for key in (
+        "eval_add_accuracy",
+        "eval_add_has_number",
+        "eval_add_pass@4",
+        "eval_add_maj@4",
+        "eval_add_greedy_pass",
+        "eval_sub_accuracy",
+        "eval_sub_reward_mean",
+    ):
         assert key in m[-1] and key + "_initial" in m[0], key
     assert m[-1]["eval_add_reward_mean"] in [i / 512 for i in range(513)]  # 0/1 rewards: 128 prompts x 4
     assert "held-out add reward mean:" in out and "held-out sub accuracy:" in out  # before -> after, printed

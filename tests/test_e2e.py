@@ -16,13 +16,23 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-
-
 def launch(tmp_path, *overrides, timeout=600, env_extra=None, module=False):
-    entry = ["--module", "rft_ds", "train", "launch/configs/tiny.yaml"] if module else \
-        ["launch/train.py", "--config", "launch/configs/tiny.yaml"]
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), *entry,
-           f"model.model_path={tmp_path / 'model'}", f"train.output_dir={tmp_path / 'run'}", *overrides]
+    entry = (
+        ["--module", "rft_ds", "train", "launch/configs/tiny.yaml"]
+        if module
+        else ["launch/train.py", "--config", "launch/configs/tiny.yaml"]
+    )
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        *entry,
+        f"model.model_path={tmp_path / 'model'}",
+        f"train.output_dir={tmp_path / 'run'}",
+        *overrides,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     t = time.time()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
@@ -31,8 +41,10 @@ def launch(tmp_path, *overrides, timeout=600, env_extra=None, module=False):
 
 # What the console may hold: rft_ds's lines, tqdm bars, and the DeepSpeed launcher's own lines (its runner
 # and launch.py processes, which are not ranks)
-CONSOLE = re.compile(r"\[rft_ds\] |rft_ds: |[\w :/.-]+: +\d+%\||"
-                     r"\[\d{4}-\d\d-\d\d [\d:,]+\] \[(INFO|WARNING)\] \[(runner|launch|real_accelerator)\.py:")
+CONSOLE = re.compile(
+    r"\[rft_ds\] |rft_ds: |[\w :/.-]+: +\d+%\||"
+    r"\[\d{4}-\d\d-\d\d [\d:,]+\] \[(INFO|WARNING)\] \[(runner|launch|real_accelerator)\.py:"
+)
 
 
 def foreign_console_lines(out: str) -> list[str]:
@@ -47,8 +59,19 @@ def check_run(tmp_path, epochs, loss_drop):
     m = read_metrics(tmp_path)
     assert [r["epoch"] for r in m] == list(range(epochs))
     for r in m:  # the metrics contract
-        for key in ("epoch", "grow_step", "percentile", "n_sampled", "n_selected", "reward_mean", "train_loss",
-                    "time_sample", "time_score", "time_select", "time_train"):
+        for key in (
+            "epoch",
+            "grow_step",
+            "percentile",
+            "n_sampled",
+            "n_selected",
+            "reward_mean",
+            "train_loss",
+            "time_sample",
+            "time_score",
+            "time_select",
+            "time_train",
+        ):
             assert key in r, key
         assert len(set(r["selection_digest_per_rank"])) == 1, r  # both ranks selected the same
         assert len(set(r["train_steps_per_rank"])) == 1, r  # and ran the same number of steps
@@ -91,8 +114,14 @@ def test_stale_engine_weights_stop_the_run(tmp_path):
     """The parity check runs on the first sync only; a later sync that hands the engine a wrong tensor is
     caught at the next grow step by comparing its sampling log p with the learner's first forward."""
     env_extra = {"RFT_DS_CORRUPT_SYNC": "2"}  # the sync after epoch 2 (epoch 3 is a grow step)
-    p, _ = launch(tmp_path, "train.epochs=3", "method.n_generations_per_prompt=8", "train.eval_interval=0",
-                  timeout=400, env_extra=env_extra)
+    p, _ = launch(
+        tmp_path,
+        "train.epochs=3",
+        "method.n_generations_per_prompt=8",
+        "train.eval_interval=0",
+        timeout=400,
+        env_extra=env_extra,
+    )
     assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
     out = p.stdout + p.stderr
     for rank in (0, 1):
@@ -112,10 +141,13 @@ def test_two_rank_zero3_hf_sampler_run_learns(tmp_path):
     print(f"2-rank HF-generate run: {secs:.0f}s, eval reward {before:.3f} -> {after:.3f}")
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("method.start_percentile=1.5", "method.start_percentile must be in [0, 1], got 1.5"),
-    ("train.dist_backend=nccl", "train.dist_backend=nccl but no CUDA device is visible on this host"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("method.start_percentile=1.5", "method.start_percentile must be in [0, 1], got 1.5"),
+        ("train.dist_backend=nccl", "train.dist_backend=nccl but no CUDA device is visible on this host"),
+    ],
+)
 def test_bad_config_fails_fast_on_every_rank(tmp_path, override, needle):
     # one case through `deepspeed --module rft_ds train CONFIG` (the rft-ds command), one through launch/train.py
     p, secs = launch(tmp_path, override, timeout=120, module="percentile" in override)
@@ -129,10 +161,18 @@ def test_bad_config_fails_fast_on_every_rank(tmp_path, override, needle):
 def test_reward_failure_on_one_rank_stops_every_rank(tmp_path):
     """A second reward term hangs on rank 1 (a verifier stuck on one sample): reward.timeout_s ends it, and
     both ranks stop with rank 1's error (the abandoned call's thread does not keep the process alive)."""
-    needle = ("scoring failed on rank 1: RewardError: reward term slow_on_rank1 timed out after 5 s (reward.timeout_s) "
-              "on a call of")
-    p, secs = launch(tmp_path, "reward.functions=['tests.rewards:slow_on_rank1']", "reward.weights=[1, 0.5]",
-                     "reward.timeout_s=5", "train.epochs=2", timeout=300)
+    needle = (
+        "scoring failed on rank 1: RewardError: reward term slow_on_rank1 timed out after 5 s (reward.timeout_s) "
+        "on a call of"
+    )
+    p, secs = launch(
+        tmp_path,
+        "reward.functions=['tests.rewards:slow_on_rank1']",
+        "reward.weights=[1, 0.5]",
+        "reward.timeout_s=5",
+        "train.epochs=2",
+        timeout=300,
+    )
     assert p.returncode != 0
     out = p.stdout + p.stderr
     for rank in (0, 1):
@@ -147,7 +187,7 @@ import json, pathlib
 import rft_ds
 from rft_ds import toy
 from transformers import AutoTokenizer
-model = toy.ensure_tiny_model({str(tmp_path / 'model')!r})
+model = toy.ensure_tiny_model({str(tmp_path / "model")!r})
 tok = AutoTokenizer.from_pretrained(model)  # a chat template in the toy alphabet, for the chat prompts below
 tok.chat_template = "{{% for m in messages %}}{{{{ m['content'] }}}} {{% endfor %}}"
 tok.save_pretrained(model)
@@ -157,35 +197,43 @@ def starts_with_letter(prompts, completions, messages, **kw):  # the second set'
 chat = lambda rows: [{{**r, "prompt": [{{"role": "user", "content": r["prompt"]}}]}} for r in rows]
 sets = [{{"name": "toy", "prompts": toy.eval_prompts(8), "metric_fn": toy.metric_fn, "n_samples": 4, "greedy": True,
           "answer_fn": lambda o: o.strip()[:1] or None, "pass_k": [1, 2, 4], "pass_threshold": 0.5}},
-        {{"name": "letter", "prompts": chat(toy.eval_prompts(6, seed=1)), "reward_fn": starts_with_letter, "n_samples": 2}}]
+        {{"name": "letter", "prompts": chat(toy.eval_prompts(6, seed=1)), "reward_fn": starts_with_letter,
+          "n_samples": 2}}]
 res = rft_ds.train(
     reward_fn=toy.reward_fn, prompts=toy.train_prompts(8) + chat(toy.train_prompts(8, seed=1)),
-    config={{"model": {{"model_path": {str(tmp_path / 'model')!r}, "build": "tiny"}},
+    config={{"model": {{"model_path": {str(tmp_path / "model")!r}, "build": "tiny"}},
             "method": {{"n_generations_per_prompt": 4, "gen_kwargs": {{"max_new_tokens": 8}}, "n_improve_steps": 1,
                        "pool": "latest", "max_per_prompt": 1}},
             "eval": {{"sets": sets}},
-            "train": {{"epochs": 2, "output_dir": {str(tmp_path / 'run')!r}, "micro_batch_size": 4,
+            "train": {{"epochs": 2, "output_dir": {str(tmp_path / "run")!r}, "micro_batch_size": 4,
                       "best_metric": "letter/reward_mean"}}}},
     stop_sequences=["."])
 h = res.history
 assert len(h) == 2 and h[0]["n_sampled"] == h[1]["n_sampled"] == 64, h
 assert 0 < h[1]["pool_size"] <= 64  # pool: latest keeps the second grow step's samples only
 assert all(r["n_selected"] <= r["n_prompts_kept"] <= 16 for r in h)  # max_per_prompt: one per prompt
-for key in ("eval_toy_reward_mean", "eval_toy_pass@1", "eval_toy_pass@4", "eval_toy_maj@4", "eval_toy_greedy_reward_mean",
-            "eval_toy_greedy_pass", "eval_toy_frac_mostly_target", "eval_letter_reward_mean", "eval_letter_pass@2"):
+for key in ("eval_toy_reward_mean", "eval_toy_pass@1", "eval_toy_pass@4", "eval_toy_maj@4",
+            "eval_toy_greedy_reward_mean", "eval_toy_greedy_pass", "eval_toy_frac_mostly_target",
+            "eval_letter_reward_mean", "eval_letter_pass@2"):
     assert key in h[-1] and key + "_initial" in h[0], key
 r = h[-1]
 assert 0 <= r["eval_toy_pass@1"] <= r["eval_toy_pass@2"] <= r["eval_toy_pass@4"] <= 1, r
 assert r["eval_letter_reward_mean"] in [i / 12 for i in range(13)]  # 6 prompts x 2 samples, each 0 or 1
-best = json.loads((pathlib.Path({str(tmp_path / 'run')!r}) / "best_model" / "rft_ds_run.json").read_text())
+best = json.loads((pathlib.Path({str(tmp_path / "run")!r}) / "best_model" / "rft_ds_run.json").read_text())
 assert best["metric"] == "eval_letter_reward_mean", best
-saved = (pathlib.Path({str(tmp_path / 'run')!r}) / "config.yaml").read_text()
+saved = (pathlib.Path({str(tmp_path / "run")!r}) / "config.yaml").read_text()
 assert "<list of 8 prompts, given in Python>" in saved, saved  # summarised, not copied into every checkpoint
 print("OK", type(res.model).__name__)
 """
     # from a directory outside the checkout, with the default train.deepspeed_config (auto: the packaged preset)
-    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "OK LlamaForCausalLM" in p.stdout
 
@@ -199,7 +247,7 @@ import deepspeed, torch
 import rft_ds
 from rft_ds import recipe, toy
 from transformers import AutoModelForCausalLM
-model = toy.ensure_tiny_model({str(tmp_path / 'model')!r})
+model = toy.ensure_tiny_model({str(tmp_path / "model")!r})
 base = AutoModelForCausalLM.from_pretrained(model).state_dict()
 seen = []
 def gap(module):  # largest |weight - base weight| over the gathered parameters
@@ -216,7 +264,7 @@ res = rft_ds.train(reward_fn=toy.reward_fn, prompts=toy.train_prompts(16), confi
     "model": {{"model_path": model}},
     "method": {{"n_generations_per_prompt": 4, "gen_kwargs": {{"max_new_tokens": 8}}, "n_improve_steps": 1,
                "restart_from_base": True}},
-    "train": {{"epochs": 3, "output_dir": {str(tmp_path / 'run')!r}, "micro_batch_size": 4, "learning_rate": 0.01,
+    "train": {{"epochs": 3, "output_dir": {str(tmp_path / "run")!r}, "micro_batch_size": 4, "learning_rate": 0.01,
               "eval_interval": 0, "plots": False}}}})
 h = res.history
 assert len(seen) == 2 and all(before > 1e-3 and after == 0.0 for before, after in seen), seen
@@ -226,8 +274,14 @@ assert "stale_logprob_mean_diff" in h[0] and all("stale_logprob_mean_diff" not i
 assert all(r["sync_bytes"] > 0 for r in h)  # the engine got each grow step's newly trained weights
 print("OK", seen)
 """
-    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "OK" in p.stdout
 
@@ -245,18 +299,28 @@ def test_long_completions_train_on_whole_rows(tmp_path):
 
     build_tiny_model(tmp_path / "model", max_position_embeddings=1024)  # the toy model's 256 positions are too few
     dump = tmp_path / "rows"
-    p, secs = launch(tmp_path, "model.build=null", "train.epochs=1", "train.eval_interval=0", "train.max_seq_length=auto",
-                     "method.n_generations_per_prompt=4", "train.save_final_model=false", "train.sequence_parallel=2",
-                     "method.gen_kwargs={max_new_tokens: 340, min_new_tokens: 250, do_sample: true, temperature: 1.0}",
-                     timeout=400, env_extra={"RFT_DS_DUMP_ROWS": str(dump)})
+    p, secs = launch(
+        tmp_path,
+        "model.build=null",
+        "train.epochs=1",
+        "train.eval_interval=0",
+        "train.max_seq_length=auto",
+        "method.n_generations_per_prompt=4",
+        "train.save_final_model=false",
+        "train.sequence_parallel=2",
+        "method.gen_kwargs={max_new_tokens: 340, min_new_tokens: 250, do_sample: true, temperature: 1.0}",
+        timeout=400,
+        env_extra={"RFT_DS_DUMP_ROWS": str(dump)},
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     from transformers import AutoTokenizer
 
     eos_id = AutoTokenizer.from_pretrained(tmp_path / "model").eos_token_id
     n_rows, ended, longest, tokens = 0, 0, 0, 0
     z, other = (np.load(dump / f"rank{r}-1.npz") for r in (0, 1))
-    assert sorted(z[f"input_ids{i}"].tobytes() for i in range(int(z["n"]))) == \
-        sorted(other[f"input_ids{i}"].tobytes() for i in range(int(other["n"])))  # one group: the same rows
+    assert sorted(z[f"input_ids{i}"].tobytes() for i in range(int(z["n"]))) == sorted(
+        other[f"input_ids{i}"].tobytes() for i in range(int(other["n"]))
+    )  # one group: the same rows
     for i in range(int(z["n"])):
         comp, eos, ids, labels = (z[f"{k}{i}"] for k in ("completion", "eos", "input_ids", "labels"))
         tail = np.r_[comp, [eos_id] if eos else []]
@@ -270,5 +334,7 @@ def test_long_completions_train_on_whole_rows(tmp_path):
     assert 0 < m[0]["truncated_share"] < 1 and m[0]["train_loss"] > 0
     assert m[0]["trained_tokens"] == tokens  # a group's rows counted once, not once per rank
     assert m[0]["stale_logprob_tokens"] > 0 and m[0]["stale_logprob_mean_diff"] < 1e-3, m[0]  # probes: per rank
-    print(f"long completions: {secs:.0f}s, {n_rows} rows up to {longest} tokens, {ended} ended by EOS, "
-          f"truncated_share {m[0]['truncated_share']:.2f}")
+    print(
+        f"long completions: {secs:.0f}s, {n_rows} rows up to {longest} tokens, {ended} ended by EOS, "
+        f"truncated_share {m[0]['truncated_share']:.2f}"
+    )

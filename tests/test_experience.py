@@ -1,8 +1,16 @@
 import numpy as np
 import pytest
 
-from rft_ds.experience import (IGNORE_INDEX, balance_plan, build_row, collate, fits, label_tokens, num_steps,
-                               plan_micro_batches)
+from rft_ds.experience import (
+    IGNORE_INDEX,
+    balance_plan,
+    build_row,
+    collate,
+    fits,
+    label_tokens,
+    num_steps,
+    plan_micro_batches,
+)
 
 
 def test_labels_masked_on_prompt_and_eos_appended_only_when_finished_by_eos():
@@ -67,8 +75,11 @@ def test_balance_plan_moves_only_the_surplus():
     rng = np.random.default_rng(0)
     for _ in range(200):
         world = int(rng.integers(1, 9))
-        owner = rng.integers(0, world, int(rng.integers(0, 40))) if rng.random() < 0.5 else \
-            np.full(int(rng.integers(0, 20)), int(rng.integers(0, world)))  # all on one rank (tensor parallel)
+        owner = (
+            rng.integers(0, world, int(rng.integers(0, 40)))
+            if rng.random() < 0.5
+            else np.full(int(rng.integers(0, 20)), int(rng.integers(0, world)))
+        )  # all on one rank (tensor parallel)
         check_plan(owner, world)
 
 
@@ -108,10 +119,14 @@ def test_shuffle_deterministic_per_seed_epoch_and_rank():
 
 
 def test_label_tokens_per_step():
-    rows = [build_row([1, 1], [5, 6, 7], True, 9, 64), build_row([1], [5], False, 9, 64),
-            build_row([1, 1, 1], [5, 6], False, 9, 64)]  # 4, 1 and 2 label tokens
-    assert label_tokens(rows, [np.array([0, 1]), np.array([2]), np.array([], dtype=np.int64), np.array([1])], 2).tolist() \
-        == [7, 1]
+    rows = [
+        build_row([1, 1], [5, 6, 7], True, 9, 64),
+        build_row([1], [5], False, 9, 64),
+        build_row([1, 1, 1], [5, 6], False, 9, 64),
+    ]  # 4, 1 and 2 label tokens
+    assert label_tokens(
+        rows, [np.array([0, 1]), np.array([2]), np.array([], dtype=np.int64), np.array([1])], 2
+    ).tolist() == [7, 1]
 
 
 def test_group_by_length_packs_similar_rows_and_keeps_every_rule():

@@ -18,11 +18,18 @@ NUMPY = "can't convert cuda:0 device type tensor to numpy"
 # ------------------------------------------------------------------------------------- a real HF model
 @pytest.fixture(scope="module")
 def llama():
-    """A tiny HF Llama and its plain-CPU answers (logits, greedy tokens, one training step), computed outside the fake."""
+    """A tiny HF Llama and its plain-CPU answers (logits, greedy tokens, one training step), computed outside
+    the fake."""
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     ids = torch.randint(1, 64, (2, 7))
@@ -60,8 +67,13 @@ def test_llama_generate_on_device_matches_cpu(llama):
     model, ids, mask, _, greedy = llama
     with fake_cuda(), torch.no_grad():
         model.to("cuda")
-        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=5,
-                             do_sample=False, pad_token_id=0)
+        out = model.generate(
+            input_ids=ids.to(model.device),
+            attention_mask=mask.to(model.device),
+            max_new_tokens=5,
+            do_sample=False,
+            pad_token_id=0,
+        )
         assert out.device == CUDA0
         assert torch.equal(out.cpu(), greedy)
 
@@ -74,8 +86,9 @@ def test_llama_generate_with_cpu_attention_mask_raises(llama):
     with fake_cuda(), torch.no_grad():
         model.to("cuda")
         with pytest.raises(RuntimeError, match=SAME_DEVICE):
-            model.generate(input_ids=ids.to("cuda"), attention_mask=mask, max_new_tokens=5, do_sample=False,
-                           pad_token_id=0)
+            model.generate(
+                input_ids=ids.to("cuda"), attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0
+            )
 
 
 def test_llama_generate_with_cpu_inputs_behaves_like_cuda(llama):
@@ -116,8 +129,13 @@ def test_llama_training_step_matches_cpu(llama):
 
 
 # ----------------------------------------------------------------------------- factories and devices
-CUDA_SPELLINGS = {"str": "cuda", "str:0": "cuda:0", "device": torch.device("cuda"), "device:0": torch.device("cuda", 0),
-                  "int": 0}
+CUDA_SPELLINGS = {
+    "str": "cuda",
+    "str:0": "cuda:0",
+    "device": torch.device("cuda"),
+    "device:0": torch.device("cuda", 0),
+    "int": 0,
+}
 
 
 @pytest.mark.filterwarnings("ignore:To copy construct from a tensor")  # torch.tensor(tensor): torch warns, CUDA or not
@@ -125,11 +143,21 @@ CUDA_SPELLINGS = {"str": "cuda", "str:0": "cuda:0", "device": torch.device("cuda
 def test_factories_with_a_cuda_device_are_on_cuda(dev):
     with fake_cuda():
         base = torch.ones(2, 3)
-        made = [torch.full((2, 3), 1.5, device=dev), torch.zeros(2, device=dev), torch.ones(2, device=dev),
-                torch.empty(2, device=dev), torch.arange(4, device=dev), torch.tensor([1, 2], device=dev),
-                torch.rand(3, device=dev), torch.randint(0, 5, (3,), device=dev), torch.eye(2, device=dev),
-                torch.zeros_like(base, device=dev), torch.as_tensor([1.0], device=dev),
-                base.new_zeros(2, device=dev), base.new_tensor([1.0], device=dev)]
+        made = [
+            torch.full((2, 3), 1.5, device=dev),
+            torch.zeros(2, device=dev),
+            torch.ones(2, device=dev),
+            torch.empty(2, device=dev),
+            torch.arange(4, device=dev),
+            torch.tensor([1, 2], device=dev),
+            torch.rand(3, device=dev),
+            torch.randint(0, 5, (3,), device=dev),
+            torch.eye(2, device=dev),
+            torch.zeros_like(base, device=dev),
+            torch.as_tensor([1.0], device=dev),
+            base.new_zeros(2, device=dev),
+            base.new_tensor([1.0], device=dev),
+        ]
         for t in made:
             assert t.device == CUDA0 and t.is_cuda and not t.is_cpu and t.get_device() == 0, t
             assert is_fake_cuda(t) and type(t) is torch.Tensor
@@ -170,11 +198,16 @@ def test_moving_between_devices():
 def test_mixing_devices_raises_like_cuda():
     with fake_cuda():
         cuda, cpu = torch.ones(3, device="cuda"), torch.ones(3)
-        for bad in (lambda: cuda + cpu, lambda: cpu * cuda, lambda: torch.cat([cuda, cpu]),
-                    lambda: torch.where(cpu > 0, cuda, cuda), lambda: cpu.add_(cuda),
-                    lambda: cpu * torch.tensor(2.0, device="cuda"),  # a CUDA scalar is not a CPU scalar
-                    lambda: cpu[torch.tensor([0, 1], device="cuda")],
-                    lambda: torch.zeros(3, 3, device="cuda").index_put_((torch.tensor([0]),), torch.ones(1, 3))):
+        for bad in (
+            lambda: cuda + cpu,
+            lambda: cpu * cuda,
+            lambda: torch.cat([cuda, cpu]),
+            lambda: torch.where(cpu > 0, cuda, cuda),
+            lambda: cpu.add_(cuda),
+            lambda: cpu * torch.tensor(2.0, device="cuda"),  # a CUDA scalar is not a CPU scalar
+            lambda: cpu[torch.tensor([0, 1], device="cuda")],
+            lambda: torch.zeros(3, 3, device="cuda").index_put_((torch.tensor([0]),), torch.ones(1, 3)),
+        ):
             with pytest.raises(RuntimeError, match=SAME_DEVICE + "|indices should be"):
                 bad()
         with pytest.raises(RuntimeError, match=SAME_DEVICE):
@@ -309,10 +342,22 @@ def test_nccl_collectives_refuse_cpu_tensors():
 
 # ------------------------------------------------------------------------------------------ clean exit
 def _globals():
-    names = ["is_available", "device_count", "current_device", "set_device", "device", "synchronize",
-             "empty_cache", "memory_allocated", "reset_peak_memory_stats"]
-    return ([vars(torch.cuda).get(n) for n in names] + [vars(nn.Parameter)["__new__"], torch.utils.swap_tensors]
-            + [getattr(dist, n) for n in ("all_reduce", "broadcast", "all_gather_into_tensor", "send")])
+    names = [
+        "is_available",
+        "device_count",
+        "current_device",
+        "set_device",
+        "device",
+        "synchronize",
+        "empty_cache",
+        "memory_allocated",
+        "reset_peak_memory_stats",
+    ]
+    return (
+        [vars(torch.cuda).get(n) for n in names]
+        + [vars(nn.Parameter)["__new__"], torch.utils.swap_tensors]
+        + [getattr(dist, n) for n in ("all_reduce", "broadcast", "all_gather_into_tensor", "send")]
+    )
 
 
 def test_everything_is_restored_on_exit():

@@ -16,19 +16,33 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-
-
 def _spawn(tmp_path, overrides, env_extra):
     """Two ranks started directly, as srun starts tasks: nobody kills the survivors for us."""
     port, procs = free_port(), []
     for r in range(2):
-        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "HF_HUB_OFFLINE": "1", **env_extra}
-        cmd = [sys.executable, "launch/train.py", "--config", "launch/configs/tiny.yaml",
-               f"model.model_path={tmp_path / 'model'}", f"train.output_dir={tmp_path / 'run'}",
-               "method.n_generations_per_prompt=8", *overrides]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        env = {
+            **os.environ,
+            "RANK": str(r),
+            "LOCAL_RANK": str(r),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "HF_HUB_OFFLINE": "1",
+            **env_extra,
+        }
+        cmd = [
+            sys.executable,
+            "launch/train.py",
+            "--config",
+            "launch/configs/tiny.yaml",
+            f"model.model_path={tmp_path / 'model'}",
+            f"train.output_dir={tmp_path / 'run'}",
+            "method.n_generations_per_prompt=8",
+            *overrides,
+        ]
+        procs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
     return procs
 
 
@@ -50,8 +64,10 @@ def test_lost_rank_makes_the_others_exit_with_its_name(tmp_path):
     assert procs[1].returncode == -9
     assert procs[0].returncode == 1, out0[-3000:]
     assert time.time() - died < 60 + 30, "the survivor must not outlive the process-group timeout"
-    lines = [l for l in out0.splitlines() if l.startswith("rft_ds: error")]
-    assert len(lines) == 1 and "rft_ds: error (rank 0): lost contact with rank 1 during a collective" in lines[0], out0[-2000:]
+    lines = [line for line in out0.splitlines() if line.startswith("rft_ds: error")]
+    assert len(lines) == 1 and "rft_ds: error (rank 0): lost contact with rank 1 during a collective" in lines[0], out0[
+        -2000:
+    ]
     print(f"rank 1 killed after {died - t0:.0f}s; rank 0 exited {time.time() - died:.1f}s later")
 
 
@@ -62,15 +78,28 @@ def test_disk_full_during_checkpoint_keeps_previous_one(tmp_path):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         run = mnt / "run"
-        procs = _spawn(tmp_path, [f"train.output_dir={run}", "train.save_interval=1", "train.keep_last=5",
-                                  "train.save_best_model=false", "train.eval_interval=0", "train.epochs=6",
-                                  "train.dist_timeout_s=60"], {})
+        procs = _spawn(
+            tmp_path,
+            [
+                f"train.output_dir={run}",
+                "train.save_interval=1",
+                "train.keep_last=5",
+                "train.save_best_model=false",
+                "train.eval_interval=0",
+                "train.epochs=6",
+                "train.dist_timeout_s=60",
+            ],
+            {},
+        )
         outs = _finish(procs, timeout=400)
         for r, (p, out) in enumerate(zip(procs, outs)):
             assert p.returncode == 1, out[-3000:]
-            errors = [l for l in out.splitlines() if l.startswith("rft_ds: error")]
+            errors = [line for line in out.splitlines() if line.startswith("rft_ds: error")]
             assert len(errors) == 1, out[-3000:]
-            assert f"rft_ds: error (rank {r}): checkpoint write (the previous checkpoint is intact) failed on rank" in errors[0]
+            assert (
+                f"rft_ds: error (rank {r}): checkpoint write (the previous checkpoint is intact) failed on rank"
+                in errors[0]
+            )
             assert "MiB free on" in errors[0]  # the cause is visible, whatever the writer's own message
         root = run / "checkpoints"
         latest = (root / "latest").read_text().strip()

@@ -151,4 +151,6 @@ def test_sampling_leaves_the_training_rng_alone(tiny_model, tokenizer):
     a = sampler.generate([[5, 6, 7]], 3, {"max_new_tokens": 5}, seed=9)
     assert torch.equal(torch.get_rng_state(), before)
     b = sampler.generate([[5, 6, 7]], 3, {"max_new_tokens": 5}, seed=9)
-    assert [c.token_ids.tolist() for c in a[0]] == [c.token_ids.tolist() for c in b[0]]  # and the seed alone decides the samples
+    assert [c.token_ids.tolist() for c in a[0]] == [
+        c.token_ids.tolist() for c in b[0]
+    ]  # and the seed alone decides the samples

@@ -21,11 +21,25 @@ def launch(tmp_path, *args, timeout=900):
     site = tmp_path / "no_vllm"
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text('import sys\nsys.modules["vllm"] = None\n')
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu",  # the CPU path, even on a GPU machine
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           "benchmarks/gpu_smoke.py", "--out", str(tmp_path / "out"), *args]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "DS_ACCELERATOR": "cpu",  # the CPU path, even on a GPU machine
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
+    }
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "benchmarks/gpu_smoke.py",
+        "--out",
+        str(tmp_path / "out"),
+        *args,
+    ]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -47,8 +61,9 @@ def test_gpu_smoke_runs_on_cpu_without_vllm(tmp_path):
 
     # one summary line per number, each naming the device
     tokens = re.search(r"^\[gpu-smoke\] SUMMARY train: ([\d.]+) label tokens/s .* on cpu$", p.stdout, re.M)
-    gather = re.search(r"^\[gpu-smoke\] SUMMARY gather: ([\d.]+) GB/s .* vs device copy_ ([\d.]+) GB/s .* on cpu$",
-                       p.stdout, re.M)
+    gather = re.search(
+        r"^\[gpu-smoke\] SUMMARY gather: ([\d.]+) GB/s .* vs device copy_ ([\d.]+) GB/s .* on cpu$", p.stdout, re.M
+    )
     memory = re.search(r"^\[gpu-smoke\] SUMMARY peak memory: ([\d.]+) GiB peak RSS .* on cpu$", p.stdout, re.M)
     assert tokens and gather and memory, p.stdout
     assert float(tokens[1]) > 0 and float(gather[1]) > 0 and float(gather[2]) > 0 and float(memory[1]) > 0

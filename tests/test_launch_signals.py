@@ -19,6 +19,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 # ---- fast: the pure parts ---------------------------------------------------------------------------
 
+
 def test_ranks_are_the_children_of_launch_py():
     script = ["launch/train.py", "--config", "c.yaml"]
     rows = [
@@ -76,8 +77,9 @@ sys.exit(3)
 
 def _start(*args: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "rft_ds.safe_launch", "--num_gpus", "2", "--master_port", str(free_port()), *args]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env=ENV)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=ENV
+    )
 
 
 def _tree(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -169,6 +171,7 @@ def test_ranks_orphaned_by_a_killed_launcher_are_killed(tmp_path):
 
 # ---- slow: real 2-rank tiny runs, stopped at epoch 2 --------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("launch") / "model"  # the first run builds it, the others reuse it
@@ -187,9 +190,17 @@ def _send(proc: subprocess.Popen, how: str) -> None:
 @pytest.mark.parametrize("how", ["usr1-group", "term"])  # to the wrapper alone: the fake-rank tests above
 def test_stop_signal_through_the_launcher_checkpoints_and_exits_3(tmp_path, model_dir, how):
     run = tmp_path / "run"
-    proc = _start("launch/train.py", "--config", "launch/configs/tiny.yaml", f"model.model_path={model_dir}",
-                  f"train.output_dir={run}", "train.epochs=40", "train.save_interval=0",
-                  "method.n_generations_per_prompt=8", "train.eval_interval=0")
+    proc = _start(
+        "launch/train.py",
+        "--config",
+        "launch/configs/tiny.yaml",
+        f"model.model_path={model_dir}",
+        f"train.output_dir={run}",
+        "train.epochs=40",
+        "train.save_interval=0",
+        "method.n_generations_per_prompt=8",
+        "train.eval_interval=0",
+    )
     lines, tree = [], []
     try:
         _wait_for(proc, "epoch 2/40", lines)

@@ -21,6 +21,7 @@ def test_circle_finder_finds_one():
 
 
 def test_script_runs():
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "import_graph.py"), "--check"], capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "import_graph.py"), "--check"], capture_output=True, text=True
+    )
     assert out.returncode == 0 and "0 circle(s)" in out.stdout, out.stdout + out.stderr

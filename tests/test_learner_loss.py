@@ -60,20 +60,43 @@ def test_step_is_the_mean_over_every_label_token_of_all_ranks(tiny_model, tmp_pa
 
     from rft_ds.distributed import free_port
 
-    p = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
-                        str(free_port()), "tests/dist/loss_norm.py", str(tiny_model), str(tmp_path)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    p = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "deepspeed"),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "tests/dist/loss_norm.py",
+            str(tiny_model),
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows, b = _batch()
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
     out.loss.backward()  # one batch: HF's mean over its label tokens is the reference
-    for dtype, tol in (("fp32", 1e-5), ("bf16", 1e-2), ("fp32-shared", 1e-5), ("bf16-shared", 1e-2),
-                       ("fp32-plain", 1e-5), ("fp32-shared-chunk2", 1e-5), ("fp32-gc-some", 1e-5)):
+    for dtype, tol in (
+        ("fp32", 1e-5),
+        ("bf16", 1e-2),
+        ("fp32-shared", 1e-5),
+        ("bf16-shared", 1e-2),
+        ("fp32-plain", 1e-5),
+        ("fp32-shared-chunk2", 1e-5),
+        ("fp32-gc-some", 1e-5),
+    ):
         # measured 7e-8 and 4e-3 (the old normalisation: 0.11); shared 6e-8 and 4e-3
         got = torch.load(tmp_path / f"{dtype}.pt")
-        worst = max(float((got["weights"][k] - (prm.detach() - 1.0 * prm.grad)).abs().max())
-                    for k, prm in model.named_parameters())
+        worst = max(
+            float((got["weights"][k] - (prm.detach() - 1.0 * prm.grad)).abs().max())
+            for k, prm in model.named_parameters()
+        )
         assert worst < tol, (dtype, worst)
         # rank 0's own share of the loss: its rows' tokens (5 + 1 + 6) and their cross-entropy
         assert got["tokens"] == 12 and np.isfinite(got["ce_sum"])
@@ -108,7 +131,9 @@ def test_step_is_the_mean_over_every_label_token_of_all_ranks(tiny_model, tmp_pa
     # plain one on the mean over every label token, each label token counted on exactly one rank
     for setting in ("fp32-sp2", "fp32-sp2-gc-chunk2"):
         got = torch.load(tmp_path / f"{setting}.pt")
-        worst = max(float((got["weights"][k] - (prm.detach() - 1.0 * prm.grad)).abs().max())
-                    for k, prm in model.named_parameters())
+        worst = max(
+            float((got["weights"][k] - (prm.detach() - 1.0 * prm.grad)).abs().max())
+            for k, prm in model.named_parameters()
+        )
         assert worst < 1e-5, (setting, worst)
         assert sum(got["tokens_per_rank"]) == 16 and min(got["tokens_per_rank"]) > 0, got["tokens_per_rank"]

@@ -2,10 +2,8 @@
 full log-softmax, with and without a prompt's rows packed into one sequence, in memory that holds at most one
 chunk of logits, and the plain head kept for a model that changes its head's output."""
 
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -80,8 +78,13 @@ def test_no_saved_tensor_holds_more_than_one_chunk_of_logits():
 
 
 def _rows():
-    spec = [([1, 2, 3], [4, 5, 6, 7], True), ([1, 2, 3], [8], False), ([1, 2, 3], [9, 10, 11], True),
-            ([2, 2], [9, 10, 11, 12, 13, 14], False), ([5], [6, 7], False)]
+    spec = [
+        ([1, 2, 3], [4, 5, 6, 7], True),
+        ([1, 2, 3], [8], False),
+        ([1, 2, 3], [9, 10, 11], True),
+        ([2, 2], [9, 10, 11, 12, 13, 14], False),
+        ([5], [6, 7], False),
+    ]
     return [build_row(p, c, e, eos_id=2, max_len=64) for p, c, e in spec]
 
 
@@ -97,8 +100,9 @@ def test_the_model_with_the_chunked_head_gives_the_same_loss_and_gradients(tiny_
         arrays = {k: torch.from_numpy(v) for k, v in arrays.items()}
     else:
         arrays = {k: torch.from_numpy(v) for k, v in collate(rows, pad_id=0).items()}
-    kwargs = dict(input_ids=arrays["input_ids"], attention_mask=arrays["attention_mask"],
-                  position_ids=arrays.get("position_ids"))
+    kwargs = dict(
+        input_ids=arrays["input_ids"], attention_mask=arrays["attention_mask"], position_ids=arrays.get("position_ids")
+    )
     labels = arrays["labels"]
     keep = label_positions(labels)
     results = []
@@ -129,10 +133,19 @@ def test_a_model_that_soft_caps_its_logits_keeps_the_plain_head(tmp_path):
     """Gemma 2 soft-caps its logits after the head: the probe says so, and the plain model passes."""
     from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                 num_key_value_heads=2, head_dim=16)
-    for cls, cfg, expect in ((LlamaForCausalLM, LlamaConfig(**small), True),
-                             (Gemma2ForCausalLM, Gemma2Config(**small, final_logit_softcapping=30.0), False)):
+    small = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+    for cls, cfg, expect in (
+        (LlamaForCausalLM, LlamaConfig(**small), True),
+        (Gemma2ForCausalLM, Gemma2Config(**small, final_logit_softcapping=30.0), False),
+    ):
         model = cls(cfg)
         head = install(model, chunk=4)
         assert head is not None
@@ -145,8 +158,15 @@ def test_tied_embeddings_get_the_gradient_of_both_uses():
     sums its use as embedding and as head, as on the plain path."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     rows = _rows()
     arrays = {k: torch.from_numpy(v) for k, v in collate(rows, pad_id=0).items()}
     labels, keep = arrays["labels"], label_positions(arrays["labels"])
@@ -177,8 +197,14 @@ def test_a_second_backward_is_refused_and_a_lora_adapted_head_is_left_alone():
         out.sum().backward()
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     assert install(LlamaForCausalLM(cfg), 4, ["q_proj", "lm_head"]) is None  # LoRA adapts the head: plain path
     assert install(LlamaForCausalLM(cfg), 4, "all-linear") is not None  # peft's all-linear leaves the head out
 

@@ -18,14 +18,17 @@ from rft_ds.lora import LoraSpec, check_lora, hf_name, merged, parse_lora, sync_
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("value,needle", [
-    ({"r": 0}, "model.lora.r must be an int >= 1, got 0"),
-    ({"r": 8, "alpha": -1}, "model.lora.alpha must be > 0, got -1"),
-    ({"dropout": 1.0}, "model.lora.dropout must be in [0, 1), got 1.0"),
-    ({"target_modules": []}, "model.lora.target_modules must be 'all-linear' or a non-empty list"),
-    ({"rank": 8}, "unknown config key 'model.lora.rank'"),
-    ("yes", "model.lora must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "value,needle",
+    [
+        ({"r": 0}, "model.lora.r must be an int >= 1, got 0"),
+        ({"r": 8, "alpha": -1}, "model.lora.alpha must be > 0, got -1"),
+        ({"dropout": 1.0}, "model.lora.dropout must be in [0, 1), got 1.0"),
+        ({"target_modules": []}, "model.lora.target_modules must be 'all-linear' or a non-empty list"),
+        ({"rank": 8}, "unknown config key 'model.lora.rank'"),
+        ("yes", "model.lora must be a mapping"),
+    ],
+)
 def test_lora_spec_errors(value, needle):
     with pytest.raises(ConfigError) as e:
         parse_lora(value)
@@ -34,8 +37,11 @@ def test_lora_spec_errors(value, needle):
 
 def test_lora_checked_against_the_model_without_weights(tiny_model):
     check_lora(LoraSpec(r=4, target_modules=["q_proj", "v_proj"]), str(tiny_model))
-    with pytest.raises(ConfigError, match=r"model.lora.target_modules: 'qkv' matches no module of .* \(its linear "
-                                          r"layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.lora.target_modules: 'qkv' matches no module of .* \(its linear "
+        r"layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj\)",
+    ):
         check_lora(LoraSpec(target_modules=["q_proj", "qkv"]), str(tiny_model))
     with pytest.raises(ConfigError, match="model.lora: peft cannot wrap LlamaForCausalLM"):
         check_lora(LoraSpec(target_modules=["input_layernorm"]), str(tiny_model))  # a norm: not a layer peft adapts
@@ -54,8 +60,10 @@ def test_sync_plan_merges_adapters_and_skips_frozen_matrices(tiny_model):
     assert [i.name for i in items] == plain  # the base model's own names and order, each once
     merged_model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     merged_model.load_state_dict({i.name: merged(i) for i in items}, strict=False)
-    ref = wrap(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
-               LoraSpec(r=4, alpha=8, target_modules=["q_proj", "down_proj"]))
+    ref = wrap(
+        AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+        LoraSpec(r=4, alpha=8, target_modules=["q_proj", "down_proj"]),
+    )
     ref.load_state_dict(model.state_dict())
     ref_sd = ref.merge_and_unload().state_dict()
     for k, v in merged_model.state_dict().items():
@@ -66,20 +74,44 @@ def test_sync_plan_merges_adapters_and_skips_frozen_matrices(tiny_model):
     assert by["model.layers.0.self_attn.o_proj.weight"].static  # frozen matrix: first sync only
     assert by["model.embed_tokens.weight"].static
     assert not by["model.layers.0.input_layernorm.weight"].static  # 1-D: re-sent (a few bytes)
-    assert hf_name("base_model.model.model.layers.1.mlp.down_proj.base_layer.weight") == "model.layers.1.mlp.down_proj.weight"
+    assert (
+        hf_name("base_model.model.model.layers.1.mlp.down_proj.base_layer.weight")
+        == "model.layers.1.mlp.down_proj.weight"
+    )
 
 
-LORA = ["model.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj, down_proj]}", "model.gradient_checkpointing=true",
-        "train.deepspeed_config=ds_configs/zero3_offload_cpu.json", "sampler.parity_check=always",
-        "method.n_generations_per_prompt=4", "train.save_interval=1", "train.keep_last=3", "train.eval_interval=3", "train.plots=false",
-        "train.learning_rate=0.01"]
+LORA = [
+    "model.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj, down_proj]}",
+    "model.gradient_checkpointing=true",
+    "train.deepspeed_config=ds_configs/zero3_offload_cpu.json",
+    "sampler.parity_check=always",
+    "method.n_generations_per_prompt=4",
+    "train.save_interval=1",
+    "train.keep_last=3",
+    "train.eval_interval=3",
+    "train.plots=false",
+    "train.learning_rate=0.01",
+]
 
 
 def _run(run: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           "launch/train.py", "--config", "launch/configs/tiny.yaml", f"model.model_path={run.parent / 'model'}",
-           f"train.output_dir={run}", *LORA, *extra]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "launch/train.py",
+        "--config",
+        "launch/configs/tiny.yaml",
+        f"model.model_path={run.parent / 'model'}",
+        f"train.output_dir={run}",
+        *LORA,
+        *extra,
+    ]
+    p = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
 
@@ -117,8 +149,9 @@ def test_lora_run_exports_and_resumes(tmp_path):
     # the checkpoint holds what training changes: adapters (and their optimizer state), no base weights
     ckpt = ref / "checkpoints" / "epoch_00002"
     for rank in (0, 1):
-        states = torch.load(ckpt / "ds" / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt", weights_only=False,
-                            map_location="cpu")
+        states = torch.load(
+            ckpt / "ds" / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt", weights_only=False, map_location="cpu"
+        )
         names = [n for shapes in states["param_shapes"] for n in shapes]
         assert len(names) == 12 and all("lora_" in n for n in names) and states["frozen_param_shapes"] is None
 
@@ -135,8 +168,13 @@ def test_lora_run_exports_and_resumes(tmp_path):
 
     # rft_ds.export of a LoRA checkpoint: base + the checkpoint's adapters, merged
     out = tmp_path / "export"
-    p = subprocess.run([sys.executable, "-m", "rft_ds.export", str(ref), str(out)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "rft_ds.export", str(ref), str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     exported = _weights(out)
     assert max((exported[k] - final[k]).abs().max().item() for k in final) < 1e-6

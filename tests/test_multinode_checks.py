@@ -16,14 +16,41 @@ from rft_ds.distributed import free_port
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _rank(rank: int, port: int, out: Path, model: Path, *extra: str, wrap: list[str] | None = None,
-          addr: str = "127.0.0.1", timeout: int = 20) -> subprocess.Popen:
-    env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_SIZE": "2",
-           "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": addr, "MASTER_PORT": str(port), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "launch/train.py", "--config", "launch/configs/tiny.yaml", f"model.model_path={model}",
-           "model.build=null", f"train.output_dir={out}", f"train.dist_timeout_s={timeout}", *extra]
-    return subprocess.Popen((wrap or []) + cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+def _rank(
+    rank: int,
+    port: int,
+    out: Path,
+    model: Path,
+    *extra: str,
+    wrap: list[str] | None = None,
+    addr: str = "127.0.0.1",
+    timeout: int = 20,
+) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": "2",
+        "LOCAL_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": addr,
+        "MASTER_PORT": str(port),
+        "HF_HUB_OFFLINE": "1",
+    }
+    cmd = [
+        sys.executable,
+        "launch/train.py",
+        "--config",
+        "launch/configs/tiny.yaml",
+        f"model.model_path={model}",
+        "model.build=null",
+        f"train.output_dir={out}",
+        f"train.dist_timeout_s={timeout}",
+        *extra,
+    ]
+    return subprocess.Popen(
+        (wrap or []) + cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 @pytest.mark.slow
@@ -34,9 +61,11 @@ def test_output_dir_not_shared_between_nodes(tmp_path, tiny_model):
     out.mkdir()
     port = free_port()
     # rank 1 in its own mount namespace with a tmpfs over the output directory: a node-local disk
-    inner = f"mount -t tmpfs tmpfs {out} && exec \"$0\" \"$@\""
-    procs = [_rank(0, port, out, tiny_model),
-             _rank(1, port, out, tiny_model, wrap=["unshare", "-m", "--propagation", "private", "sh", "-c", inner])]
+    inner = f'mount -t tmpfs tmpfs {out} && exec "$0" "$@"'
+    procs = [
+        _rank(0, port, out, tiny_model),
+        _rank(1, port, out, tiny_model, wrap=["unshare", "-m", "--propagation", "private", "sh", "-c", inner]),
+    ]
     outs = [p.communicate(timeout=240)[0] for p in procs]
     for p, text in zip(procs, outs):
         assert p.returncode == 1, text[-3000:]
@@ -56,6 +85,8 @@ def test_unreachable_master_names_address_and_port(tmp_path, tiny_model):
     took = time.monotonic() - t
     assert p.returncode == 1, text[-3000:]
     line = next(x for x in text.splitlines() if x.startswith("rft_ds: error"))
-    assert f"could not join the process group at MASTER_ADDR=127.0.0.1 MASTER_PORT={port} within " \
-           "train.dist_timeout_s=3" in line, line
+    assert (
+        f"could not join the process group at MASTER_ADDR=127.0.0.1 MASTER_PORT={port} within "
+        "train.dist_timeout_s=3" in line
+    ), line
     assert took < 3 + 60, took  # the timeout, plus imports and start-up

@@ -10,10 +10,22 @@ def records(n=6):
     out = []
     for e in range(n):
         grow = e % 2 == 0
-        r = {"epoch": e, "grow_step": grow, "percentile": 0.7 if grow else 0.95, "n_sampled": 64 if grow else 0,
-             "pool_size": 64 * (e // 2 + 1), "n_selected": 10 + e, "n_prompts_kept": 5 + e, "reward_mean": 0.1 * e,
-             "reward_max": 1.0, "selected_reward_mean": 0.9, "threshold_mean": 0.5 + 0.05 * e,
-             "train_loss": 1.0 / (e + 1), "time_train": 2.0, "selection_digest": "abc"}
+        r = {
+            "epoch": e,
+            "grow_step": grow,
+            "percentile": 0.7 if grow else 0.95,
+            "n_sampled": 64 if grow else 0,
+            "pool_size": 64 * (e // 2 + 1),
+            "n_selected": 10 + e,
+            "n_prompts_kept": 5 + e,
+            "reward_mean": 0.1 * e,
+            "reward_max": 1.0,
+            "selected_reward_mean": 0.9,
+            "threshold_mean": 0.5 + 0.05 * e,
+            "train_loss": 1.0 / (e + 1),
+            "time_train": 2.0,
+            "selection_digest": "abc",
+        }
         if grow:
             r.update(sampled_reward_mean=0.1 * e, sampled_reward_max=0.2 * e)
         if e % 2 == 1:
@@ -86,8 +98,18 @@ def test_plot_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_scalars_grouping():
-    s = scalars({"epoch": 3, "grow_step": True, "train_loss": 0.5, "eval_accuracy": 1, "time_train": 2.0,
-                 "selection_digest": "x", "sampled_reward_mean": None, "eval_reward_mean_initial": 0.1})
+    s = scalars(
+        {
+            "epoch": 3,
+            "grow_step": True,
+            "train_loss": 0.5,
+            "eval_accuracy": 1,
+            "time_train": 2.0,
+            "selection_digest": "x",
+            "sampled_reward_mean": None,
+            "eval_reward_mean_initial": 0.1,
+        }
+    )
     assert s == {"train/train_loss": 0.5, "eval/accuracy": 1.0, "time/train": 2.0}
 
 

@@ -92,9 +92,22 @@ def test_rows_exchange_between_two_ranks(case, tmp_path):
     from rft_ds.distributed import free_port
 
     root = Path(__file__).resolve().parents[1]
-    p = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
-                        str(free_port()), "tests/dist/rows_exchange.py", case, str(tmp_path)], cwd=root,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "tests/dist/rows_exchange.py",
+            case,
+            str(tmp_path),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     a, b = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert a["digest"] == b["digest"] and a["n_rows"] == b["n_rows"] and a["micro"] == b["micro"] > 0

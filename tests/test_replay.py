@@ -17,13 +17,16 @@ def test_pack_orders_by_prompt_and_completions_round_trip():
     assert len(empty["prompt"]) == 0 and replay.completions(empty, np.zeros(0, np.int64)) == []
 
 
-@pytest.mark.parametrize("n_selected, n_set, share, want", [
-    (90, 100, 0.1, 10),  # 10 of the epoch's 100 rows
-    (300, 100, 0.2, 75),
-    (1000, 20, 0.5, 20),  # at most the whole set
-    (0, 100, 0.1, 0),  # nothing selected: no replay-only steps
-    (90, 100, 0.0, 0),
-])
+@pytest.mark.parametrize(
+    "n_selected, n_set, share, want",
+    [
+        (90, 100, 0.1, 10),  # 10 of the epoch's 100 rows
+        (300, 100, 0.2, 75),
+        (1000, 20, 0.5, 20),  # at most the whole set
+        (0, 100, 0.1, 0),  # nothing selected: no replay-only steps
+        (90, 100, 0.0, 0),
+    ],
+)
 def test_draw_is_the_share_of_the_epochs_rows(n_selected, n_set, share, want):
     picks = replay.draw(n_selected, n_set, share, seed=1, epoch=3)
     assert len(picks) == want and len(set(picks.tolist())) == want and (picks < n_set).all()
@@ -63,8 +66,9 @@ def test_a_resume_keeps_the_replay_set_it_started_with():
 def test_replay_prompts_in_config_files_and_dumps(tmp_path):
     """Relative to the YAML like the other prompt files; given as a Python list, summarised in config.yaml."""
     (tmp_path / "r.jsonl").write_text('{"prompt": "a"}\n')
-    (tmp_path / "run.yaml").write_text("model: {model_path: m}\ndata: {prompts: rft_ds.toy:train_prompts, "
-                                       "replay_prompts: r.jsonl}\n")
+    (tmp_path / "run.yaml").write_text(
+        "model: {model_path: m}\ndata: {prompts: rft_ds.toy:train_prompts, replay_prompts: r.jsonl}\n"
+    )
     assert RFTRunConfig.load_yaml(tmp_path / "run.yaml").data.replay_prompts == str(tmp_path / "r.jsonl")
     cfg = RFTRunConfig.from_dict({"model": {"model_path": "m"}, "data": {"replay_prompts": ["a", "b", "c"]}})
     assert cfg.to_dict()["data"]["replay_prompts"] == "<list of 3 prompts, given in Python>"

@@ -2,11 +2,8 @@
 
 import json
 import os
-import random
-import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -21,13 +18,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ---- fast: the on-disk protocol -------------------------------------------------------------------
 
+
 def fake_checkpoint(root: Path, epoch: int, world_size: int = 2, position: list | None = None) -> Path:
     tmp = root / f".tmp-epoch_{epoch:05d}"
     (tmp / "ds").mkdir(parents=True)
     (tmp / "ds" / "shard0.pt").write_bytes(os.urandom(4096))
     (tmp / "rft_state.pt").write_bytes(os.urandom(512))
-    (tmp / "meta.json").write_text(json.dumps({"epoch": epoch, "world_size": world_size, "format": STATE_FORMAT,
-                                               **({"position": position} if position else {})}))
+    (tmp / "meta.json").write_text(
+        json.dumps(
+            {
+                "epoch": epoch,
+                "world_size": world_size,
+                "format": STATE_FORMAT,
+                **({"position": position} if position else {}),
+            }
+        )
+    )
     write_manifest(tmp)
     final = root / f"epoch_{epoch:05d}"
     tmp.rename(final)
@@ -100,23 +106,45 @@ def test_elastic_positions():
 
 # ---- slow: real runs killed with SIGKILL and resumed ------------------------------------------------
 
-COMMON = ["train.epochs=6", "train.save_interval=1", "train.keep_last=2", "method.n_generations_per_prompt=8",
-          "train.eval_interval=2", "sampler.chunk_prompts=8",
-          # the base model's answers replayed as a quarter of each epoch's rows: a resume replays the same
-          "data.replay_prompts=rft_ds.toy:eval_prompts", "method.replay_share=0.25"]
-
-
+COMMON = [
+    "train.epochs=6",
+    "train.save_interval=1",
+    "train.keep_last=2",
+    "method.n_generations_per_prompt=8",
+    "train.eval_interval=2",
+    "sampler.chunk_prompts=8",
+    # the base model's answers replayed as a quarter of each epoch's rows: a resume replays the same
+    "data.replay_prompts=rft_ds.toy:eval_prompts",
+    "method.replay_share=0.25",
+]
 
 
 def _cmd(run: Path, *extra: str) -> list[str]:
-    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-            "launch/train.py", "--config", "launch/configs/tiny.yaml", f"model.model_path={run.parent / 'model'}",
-            f"train.output_dir={run}", *COMMON, *extra]
+    return [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "launch/train.py",
+        "--config",
+        "launch/configs/tiny.yaml",
+        f"model.model_path={run.parent / 'model'}",
+        f"train.output_dir={run}",
+        *COMMON,
+        *extra,
+    ]
 
 
 def _run(run: Path, *extra: str, env: dict | None = None, timeout: int = 400) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(run, *extra), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    return subprocess.run(
+        _cmd(run, *extra),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
 
 
 def _weights(path: Path) -> dict:
@@ -127,8 +155,14 @@ def _weights(path: Path) -> dict:
 
 def _metrics(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith("time_") and k != "tokens_per_s_per_device"
-             and not k.endswith("_gb")} for r in rows]  # wall time and memory differ between runs
+    return [
+        {
+            k: v
+            for k, v in r.items()
+            if not k.startswith("time_") and k != "tokens_per_s_per_device" and not k.endswith("_gb")
+        }
+        for r in rows
+    ]  # wall time and memory differ between runs
 
 
 def _latest(run: Path) -> str:
@@ -190,25 +224,51 @@ def test_stop_or_kill_anywhere_then_resume_gives_identical_weights(tmp_path):
 
     # Export: the newest checkpoint -> an HF directory equal to the trained model, that vLLM serves alike.
     out = tmp_path / "export"
-    p = subprocess.run([sys.executable, "-m", "rft_ds.export", str(run), str(out)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "rft_ds.export", str(run), str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     e = _weights(out)
     assert sorted(e) == sorted(a) and all((e[k] == a[k]).all() for k in a)
-    p = subprocess.run([sys.executable, "tests/dist/export_logits.py", str(out)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    p = subprocess.run(
+        [sys.executable, "tests/dist/export_logits.py", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     diff = float(next(line for line in p.stdout.splitlines() if line.startswith("MAX_ABS_LOGPROB_DIFF")).split()[1])
     assert diff < 1e-4, diff
 
 
 def _launch(n: int, run: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(n), "--master_port", str(free_port()),
-           "launch/train.py", "--config", "launch/configs/tiny.yaml", f"model.model_path={run.parent / 'model'}",
-           f"train.output_dir={run}", "train.save_interval=1", "method.n_generations_per_prompt=4",
-           "train.eval_interval=0", "train.plots=false", "data.replay_prompts=rft_ds.toy:eval_prompts", *extra]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        str(n),
+        "--master_port",
+        str(free_port()),
+        "launch/train.py",
+        "--config",
+        "launch/configs/tiny.yaml",
+        f"model.model_path={run.parent / 'model'}",
+        f"train.output_dir={run}",
+        "train.save_interval=1",
+        "method.n_generations_per_prompt=4",
+        "train.eval_interval=0",
+        "train.plots=false",
+        "data.replay_prompts=rft_ds.toy:eval_prompts",
+        *extra,
+    ]
+    return subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
 
 
 @pytest.mark.slow

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 from rft_ds.config import ConfigError, RewardConfig
-from rft_ds.reward_terms import (HttpScorer, build_terms, call_style, check_arguments, load_reward_models,
-                                 score_terms)
+from rft_ds.reward_terms import HttpScorer, build_terms, call_style, check_arguments, load_reward_models, score_terms
 from rft_ds.scoring import RewardError
 
 PROMPTS = ["p0 ", "p1 ", "p2 ", "p3 "]
@@ -25,8 +24,17 @@ OUTS = ["aa", "", "bbbb", "c"]
 def score(terms, outs=OUTS, **kw):
     n = len(outs)
     prompts = (PROMPTS * n)[:n]
-    return score_terms(terms, [p + o for p, o in zip(prompts, outs)], prompts, list(outs), [[1] * len(o) for o in outs],
-                       list(range(n)), {"answer": [o.upper() for o in outs]}, None, **kw)
+    return score_terms(
+        terms,
+        [p + o for p, o in zip(prompts, outs)],
+        prompts,
+        list(outs),
+        [[1] * len(o) for o in outs],
+        list(range(n)),
+        {"answer": [o.upper() for o in outs]},
+        None,
+        **kw,
+    )
 
 
 def trlx_len(samples, prompts, outputs, **kwargs):
@@ -47,15 +55,22 @@ def test_signatures_told_apart_once():
     class Judge:
         def __call__(self, prompts, completions, **kw):
             return []
+
     assert call_style(Judge(), "f")[0] == "trl"
-    with pytest.raises(ConfigError, match=r"reward term f: cannot tell how to call it from its parameters \['a', 'b'\]"):
+    with pytest.raises(
+        ConfigError, match=r"reward term f: cannot tell how to call it from its parameters \['a', 'b'\]"
+    ):
         call_style(lambda a, b: [], "f")
 
 
 def test_weights_and_none_semantics():
-    terms = build_terms(RewardConfig(functions=["tests.rewards:length_penalty", {"fn": "tests.test_reward_terms:trl_upper",
-                                                                               "name": "match"}],
-                                     weights=[2.0, 1, 0.5]), trlx_len)
+    terms = build_terms(
+        RewardConfig(
+            functions=["tests.rewards:length_penalty", {"fn": "tests.test_reward_terms:trl_upper", "name": "match"}],
+            weights=[2.0, 1, 0.5],
+        ),
+        trlx_len,
+    )
     assert [t.name for t in terms] == ["trlx_len", "length_penalty", "match"]
     assert [t.style for t in terms] == ["trlx", "trl", "trl"]
     combined, parts = score(terms)
@@ -64,7 +79,9 @@ def test_weights_and_none_semantics():
     np.testing.assert_allclose(parts[1], want_pen)
     np.testing.assert_allclose(combined, 2 * want_len + np.nan_to_num(want_pen) + 0.5 * 1.0)
     # a sample no term scores is an error naming it
-    with pytest.raises(RewardError, match=r"no reward term scored sample 1 \(prompt 1, output ''\): length_penalty all"):
+    with pytest.raises(
+        RewardError, match=r"no reward term scored sample 1 \(prompt 1, output ''\): length_penalty all"
+    ):
         score(build_terms(RewardConfig(functions=["tests.rewards:length_penalty"])))
     # None is not a score for a term that must apply: the message names the term and the sample
     with pytest.raises(RewardError, match=r"<lambda> returned str 'x' for sample 2"):
@@ -76,18 +93,28 @@ def test_config_errors_before_any_model():
         with pytest.raises(ValueError) as e:  # ConfigError, or DataError for an import
             build_terms(RewardConfig(**r), trlx_len)
         return str(e.value)
-    assert "reward.weights has 1 entries for 2 reward terms (trlx_len, remote)" in bad(url="http://x:1/s", weights=[1.0])
-    assert "reward.functions[0]: unknown key 'wieght'" in bad(functions=[{"fn": "tests.rewards:length_penalty", "wieght": 1}])
+
+    assert "reward.weights has 1 entries for 2 reward terms (trlx_len, remote)" in bad(
+        url="http://x:1/s", weights=[1.0]
+    )
+    assert "reward.functions[0]: unknown key 'wieght'" in bad(
+        functions=[{"fn": "tests.rewards:length_penalty", "wieght": 1}]
+    )
     assert "must name exactly one of fn, reward_model, url; got ['fn', 'url']" in bad(
-        functions=[{"fn": "tests.rewards:length_penalty", "url": "http://x/"}])
+        functions=[{"fn": "tests.rewards:length_penalty", "url": "http://x/"}]
+    )
     assert "reward.functions[0].executor must be one of inline, thread, process" in bad(
-        functions=[{"fn": "tests.rewards:length_penalty", "executor": "gpu"}])
+        functions=[{"fn": "tests.rewards:length_penalty", "executor": "gpu"}]
+    )
     assert "reward.url must be an http:// or https:// URL" in bad(url="localhost:80")
     assert "reward.functions[0]: cannot import module 'nowhere'" in bad(functions=["nowhere:f"])
 
     async def judge(prompts, completions, **kw):
         return []
-    with pytest.raises(ConfigError, match="an async function is awaited on this rank's event loop; executor must be inline"):
+
+    with pytest.raises(
+        ConfigError, match="an async function is awaited on this rank's event loop; executor must be inline"
+    ):
         build_terms(RewardConfig(functions=[{"fn": judge, "executor": "thread"}]))
     with pytest.raises(ConfigError, match="executor process needs a function importable by name"):
         build_terms(RewardConfig(functions=[{"fn": lambda samples, **k: [], "executor": "process"}]))
@@ -130,15 +157,21 @@ def test_timeout_names_the_term_and_the_sample(executor):
     if executor == "thread":
         entry["executor"] = "thread"
     t0 = time.monotonic()
-    with pytest.raises(RewardError, match=r"reward term verifier timed out after 0.3 s \(reward.timeout_s\) on a call "
-                                          r"of 2 samples from sample 2 \(prompt 2, output 'bbbb'\)"):
+    with pytest.raises(
+        RewardError,
+        match=r"reward term verifier timed out after 0.3 s \(reward.timeout_s\) on a call "
+        r"of 2 samples from sample 2 \(prompt 2, output 'bbbb'\)",
+    ):
         score(build_terms(RewardConfig(functions=[entry])), timeout_s=0.3)
     assert time.monotonic() - t0 < 10  # gave up on the stuck call, did not wait it out
 
 
 def test_process_executor_runs_calls_in_other_processes():
-    terms = build_terms(RewardConfig(functions=[{"fn": "tests.rewards:pid_of_call", "executor": "process",
-                                                 "batch_size": 2}], max_concurrency=2))
+    terms = build_terms(
+        RewardConfig(
+            functions=[{"fn": "tests.rewards:pid_of_call", "executor": "process", "batch_size": 2}], max_concurrency=2
+        )
+    )
     combined, _ = score(terms)
     pids = set(combined.tolist())
     assert os.getpid() not in pids and 1 <= len(pids) <= 2
@@ -158,8 +191,16 @@ class Server:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 hits[self.path] = hits.get(self.path, 0) + 1
                 n = len(body["completions"])
-                status, reply = 200, json.dumps({"rewards": [len(c) + len(body["metadata"]["answer"][i])
-                                                             for i, c in enumerate(body["completions"])]})
+                status, reply = (
+                    200,
+                    json.dumps(
+                        {
+                            "rewards": [
+                                len(c) + len(body["metadata"]["answer"][i]) for i, c in enumerate(body["completions"])
+                            ]
+                        }
+                    ),
+                )
                 if self.path == "/slow":
                     time.sleep(2)
                 elif self.path == "/flaky" and hits[self.path] == 1:
@@ -191,8 +232,14 @@ def server():
 
 
 def remote(url, **kw):
-    terms = build_terms(RewardConfig(url=url, timeout_s=kw.pop("timeout_s", 5), http_retries=kw.pop("retries", 2),
-                                     batch_size=kw.pop("batch_size", None)))
+    terms = build_terms(
+        RewardConfig(
+            url=url,
+            timeout_s=kw.pop("timeout_s", 5),
+            http_retries=kw.pop("retries", 2),
+            batch_size=kw.pop("batch_size", None),
+        )
+    )
     terms[0].fn.backoff_s = 0.05
     return score(terms)[0]
 
@@ -220,13 +267,16 @@ def test_remote_scorer_dead_server():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nobody listens there
-    with pytest.raises(RewardError, match=rf"reward.url http://127.0.0.1:{port}/s: ConnectionRefusedError: .* after 2 tries"):
+    with pytest.raises(
+        RewardError, match=rf"reward.url http://127.0.0.1:{port}/s: ConnectionRefusedError: .* after 2 tries"
+    ):
         remote(f"http://127.0.0.1:{port}/s", retries=1)
 
 
 def test_reward_model_with_a_format_rule(classifier):
-    terms = build_terms(RewardConfig(reward_model=str(classifier), functions=["tests.rewards:length_penalty"],
-                                     weights=[0.5, 1.0]))
+    terms = build_terms(
+        RewardConfig(reward_model=str(classifier), functions=["tests.rewards:length_penalty"], weights=[0.5, 1.0])
+    )
     assert [t.name for t in terms] == ["length_penalty", "reward_model"] and terms[1].fn is None
     load_reward_models(terms)
     combined, parts = score(terms)
@@ -243,8 +293,12 @@ def test_reward_models_report_what_they_cut(classifier):
     """Each reward model's cut inputs reach the metrics as reward_<name>_truncated, once per scoring."""
     from rft_ds.scoring import term_means
 
-    terms = build_terms(RewardConfig(reward_model=str(classifier), functions=[
-        {"reward_model": str(classifier), "max_length": 48, "name": "short_rm"}]))
+    terms = build_terms(
+        RewardConfig(
+            reward_model=str(classifier),
+            functions=[{"reward_model": str(classifier), "max_length": 48, "name": "short_rm"}],
+        )
+    )
     assert terms[0].reward_model["max_length_field"] == "reward.functions[0].max_length"
     assert terms[1].reward_model["max_length_field"] == "reward.reward_model_max_length"
     load_reward_models(terms)
@@ -253,8 +307,12 @@ def test_reward_models_report_what_they_cut(classifier):
         _, parts = score(terms, outs)
     got = term_means(terms, parts)
     assert got["reward_short_rm_truncated"] == 2 and got["reward_reward_model_truncated"] == 1
-    assert set(got) == {"reward_short_rm_mean", "reward_reward_model_mean", "reward_short_rm_truncated",
-                        "reward_reward_model_truncated"}
+    assert set(got) == {
+        "reward_short_rm_mean",
+        "reward_reward_model_mean",
+        "reward_short_rm_truncated",
+        "reward_reward_model_truncated",
+    }
     assert term_means(terms, parts)["reward_short_rm_truncated"] == 0  # counted once
     assert term_means(terms[1:], parts[1:]) == {"reward_reward_model_truncated": 0}  # a single reward model too
     assert term_means(build_terms(RewardConfig(reward_fn="tests.rewards:length_penalty")), parts[:1]) == {}

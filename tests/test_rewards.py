@@ -66,8 +66,14 @@ def _scores_before(rm, prompts, outputs):
     import torch
 
     rm.tokenizer.truncation_side = "left"
-    enc = rm.tokenizer(rm.texts(prompts, outputs), padding=True, truncation=True, max_length=rm.max_length,
-                       return_tensors="pt", add_special_tokens=not rm.chat)
+    enc = rm.tokenizer(
+        rm.texts(prompts, outputs),
+        padding=True,
+        truncation=True,
+        max_length=rm.max_length,
+        return_tensors="pt",
+        add_special_tokens=not rm.chat,
+    )
     rm.tokenizer.truncation_side = "right"
     with torch.inference_mode():
         return rm.model(**enc).logits[:, 0].float().tolist()
@@ -111,8 +117,11 @@ def test_prompt_too_long_for_the_reward_model_is_refused(classifier):
 
     rm = RewardModel(str(classifier), max_length=64, max_length_field="reward.functions[1].max_length")
     long_prompt = "a very long question, " * 20
-    with pytest.raises(ConfigError, match=r"reward.functions\[1\].max_length=64 cannot hold prompt 7 and any of its "
-                                          r"completion: the prompt alone is \d+ reward-model tokens; raise"):
+    with pytest.raises(
+        ConfigError,
+        match=r"reward.functions\[1\].max_length=64 cannot hold prompt 7 and any of its "
+        r"completion: the prompt alone is \d+ reward-model tokens; raise",
+    ):
         rm(None, ["say k:", long_prompt], ["k", "x"], prompt_ids=[2, 7])
 
 
@@ -143,11 +152,15 @@ def test_reward_model_max_length_must_exceed_the_prompt_limit():
     from rft_ds.config import ConfigError, RFTRunConfig
 
     def cfg(**reward):
-        return RFTRunConfig.from_dict({"model": {"model_path": "m"}, "data": {"max_prompt_length": 512},
-                                       "reward": reward})
+        return RFTRunConfig.from_dict(
+            {"model": {"model_path": "m"}, "data": {"max_prompt_length": 512}, "reward": reward}
+        )
 
-    with pytest.raises(ConfigError, match=r"reward.reward_model_max_length \(512\) must exceed data.max_prompt_length "
-                                          r"\(512\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"reward.reward_model_max_length \(512\) must exceed data.max_prompt_length "
+        r"\(512\)",
+    ):
         cfg(reward_model="rm")
     cfg(reward_model="rm", reward_model_max_length=1024)
     cfg(reward_fn="rft_ds.rewards:numeric_match")  # no reward model: nothing to check

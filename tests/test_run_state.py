@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from rft_ds.config import RFTRunConfig, resume_changes
 from rft_ds.recipe import deadline_reached
 from rft_ds.run_state import STAGES, RunState, advance
@@ -33,13 +31,28 @@ def test_slurm_end_time():
 def test_resume_changes_lists_the_fields_that_matter():
     base = {"model": {"model_path": "m"}}
     a = RFTRunConfig.from_dict(base).to_dict()
-    same = RFTRunConfig.from_dict({**base, "train": {"epochs": 99, "output_dir": "elsewhere", "save_interval": 2,
-                                                       "eval_interval": 3, "keep_last": 1}}).to_dict()
+    same = RFTRunConfig.from_dict(
+        {
+            **base,
+            "train": {"epochs": 99, "output_dir": "elsewhere", "save_interval": 2, "eval_interval": 3, "keep_last": 1},
+        }
+    ).to_dict()
     assert resume_changes(a, same) == []  # more epochs, another output dir, other save/eval cadence: fine
-    b = RFTRunConfig.from_dict({**base, "train": {"seed": 7}, "method": {"n_generations_per_prompt": 8},
-                                "selection": {"strategy": "top_k"}, "data": {"system_prompt": "Be brief."}}).to_dict()
-    assert resume_changes(a, b) == ["data.system_prompt (None -> 'Be brief.')", "method.n_generations_per_prompt (32 -> 8)",
-                                    "selection.strategy ('per_prompt' -> 'top_k')", "train.seed (1000 -> 7)"]
+    b = RFTRunConfig.from_dict(
+        {
+            **base,
+            "train": {"seed": 7},
+            "method": {"n_generations_per_prompt": 8},
+            "selection": {"strategy": "top_k"},
+            "data": {"system_prompt": "Be brief."},
+        }
+    ).to_dict()
+    assert resume_changes(a, b) == [
+        "data.system_prompt (None -> 'Be brief.')",
+        "method.n_generations_per_prompt (32 -> 8)",
+        "selection.strategy ('per_prompt' -> 'top_k')",
+        "train.seed (1000 -> 7)",
+    ]
 
 
 def test_sampling_chunks_have_their_own_streams():
@@ -57,8 +70,11 @@ def test_run_state_position_orders_stages():
     assert position_of(checkpoint_name(4, "sample", 0)) == (4, 0, 0) and checkpoint_name(4) == "epoch_00003"
     # state format 3 numbered the stages without score: its names still order among the new ones
     assert position_of("epoch_00003.s1.c000012") == position_of("epoch_00003.train.c000012")
-    assert position_of("epoch_00003.s0.c000002") < position_of("epoch_00003.score.c000000") < \
-        position_of("epoch_00003.s1.c000001")
+    assert (
+        position_of("epoch_00003.s0.c000002")
+        < position_of("epoch_00003.score.c000000")
+        < position_of("epoch_00003.s1.c000001")
+    )
     assert not {"local", "pool", "table"} & set(st.shared())  # per rank, or rebuilt from every rank's pool
 
 

@@ -52,8 +52,17 @@ def test_a_mid_epoch_checkpoint_costs_about_4_bytes_a_sampled_token():
     pool = LocalPool(0)
     pool.add(s.prompt, rng.random(len(s)), s.eos, s.tokens(), step=0)
     assert len(pickle.dumps(pool)) / tokens < 4.2  # the pool shard: flat int32 ids + a 45-byte table row each
-    old = [[Completion(c.token_ids.tolist(), c.finish_reason, c.logprobs.tolist() if c.logprobs is not None else
-                       (-rng.random(len(c.token_ids))).tolist()) for c in cs] for cs in _chunk(rng, 2, 4, 100, 200)]
+    old = [
+        [
+            Completion(
+                c.token_ids.tolist(),
+                c.finish_reason,
+                c.logprobs.tolist() if c.logprobs is not None else (-rng.random(len(c.token_ids))).tolist(),
+            )
+            for c in cs
+        ]
+        for cs in _chunk(rng, 2, 4, 100, 200)
+    ]
     old_tokens = sum(len(c.token_ids) for cs in old for c in cs)
     assert len(pickle.dumps(old)) / old_tokens > 10  # what a checkpoint held per token before (pickled lists)
 

@@ -27,11 +27,16 @@ def test_extract_code_takes_the_last_fenced_block():
 
 
 def test_human_eval_tasks_pass_fail_and_cheat():
-    got = human_eval(["    return a + b\n",  # the body of the prompt's function
-                      "```python\ndef add(a, b):\n    return a + b\n```",  # a whole program
-                      "    return a - b\n",
-                      "    import sys; sys.exit(0)\n",  # exits 0 before the tests: no token, a failure
-                      "    return a +\n"], timeout_s=5)  # a syntax error
+    got = human_eval(
+        [
+            "    return a + b\n",  # the body of the prompt's function
+            "```python\ndef add(a, b):\n    return a + b\n```",  # a whole program
+            "    return a - b\n",
+            "    import sys; sys.exit(0)\n",  # exits 0 before the tests: no token, a failure
+            "    return a +\n",
+        ],
+        timeout_s=5,
+    )  # a syntax error
     assert list(got) == [1.0, 1.0, 0.0, 0.0, 0.0] and got.counts == {"timeouts": 0, "errors": 0}
 
 
@@ -52,15 +57,20 @@ def test_hostile_programs_are_contained(tmp_path):
     canary.mkdir()
     (canary / "keep").write_text("x")
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
-    outs = ["    while True:\n        pass\n", "    " + bomb.replace("\n", "\n    ").rstrip(),
-            "    x = bytearray(10 * 2**30)\n    return a + b\n"]
+    outs = [
+        "    while True:\n        pass\n",
+        "    " + bomb.replace("\n", "\n    ").rstrip(),
+        "    x = bytearray(10 * 2**30)\n    return a + b\n",
+    ]
     t0 = time.monotonic()
     got = human_eval(outs, timeout_s=3, workers=3)
     assert time.monotonic() - t0 < 60
     assert list(got) == [0.0, 0.0, 0.0] and got.counts["timeouts"] >= 1 and got.counts["errors"] == 0
     left = f"/tmp/rft_ds-test-left-{os.getpid()}"
-    rm = human_eval([f"    import os\n    os.system('rm -rf ~ {canary} 2>/dev/null')\n    open('{left}', 'w')\n"
-                     "    return a + b\n"], timeout_s=20)
+    rm = human_eval(
+        [f"    import os\n    os.system('rm -rf ~ {canary} 2>/dev/null')\n    open('{left}', 'w')\n    return a + b\n"],
+        timeout_s=20,
+    )
     if os.geteuid() == 0:  # its own uid: the rest of the machine is not its to delete, and what it wrote is gone
         assert (canary / "keep").read_text() == "x" and list(rm) == [1.0] and not os.path.exists(left)
     assert not any(sandbox.running_as(sandbox.UID_BASE + k) for k in range(64))  # nothing of any run is left
@@ -73,17 +83,29 @@ def test_no_network_and_no_leftover_daemon():
     server.listen()
     port = server.getsockname()[1]
     try:
-        reach = sandbox.run(f"import socket, sys\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
-                            "print(sys.stdin.readline().strip())", sandbox.Limits(timeout_s=5), stdin="tok\n")
+        reach = sandbox.run(
+            f"import socket, sys\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+            "print(sys.stdin.readline().strip())",
+            sandbox.Limits(timeout_s=5),
+            stdin="tok\n",
+        )
         assert reach.status == "failed" and "unreachable" in reach.output  # its own namespace: no interface up
     finally:
         server.close()
-    daemon = sandbox.run("import os, sys, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(600)\n"
-                         "print(sys.stdin.readline().strip())", sandbox.Limits(timeout_s=5), stdin="tok\n")
+    daemon = sandbox.run(
+        "import os, sys, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(600)\n"
+        "print(sys.stdin.readline().strip())",
+        sandbox.Limits(timeout_s=5),
+        stdin="tok\n",
+    )
     assert daemon.status == "passed"
     assert not any(sandbox.running_as(sandbox.UID_BASE + k) for k in range(64))  # the setsid child was killed too
-    who = sandbox.run("import os, sys\nprint(os.getuid(), os.getcwd() == os.path.expanduser('~'))\n"
-                      "print(sys.stdin.readline().strip())", sandbox.Limits(), stdin="tok\n")
+    who = sandbox.run(
+        "import os, sys\nprint(os.getuid(), os.getcwd() == os.path.expanduser('~'))\n"
+        "print(sys.stdin.readline().strip())",
+        sandbox.Limits(),
+        stdin="tok\n",
+    )
     uid, home = who.output.split()[:2]
     assert int(uid) >= sandbox.UID_BASE and home == "True"
 
@@ -106,8 +128,12 @@ def test_human_eval_canonical_solutions_all_pass_and_wrong_ones_fail():
     kw = dict(test=[t["test"] for t in tasks], entry_point=[t["entry_point"] for t in tasks], workers=4)
     right = code_tests(None, [t["prompt"] for t in tasks], solutions, **kw)
     assert sum(right) == len(tasks) == 55 and right.counts == {"timeouts": 0, "errors": 0}
-    wrong = code_tests(None, [t["prompt"] for t in tasks[:24]], ["    return None\n"] * 24,
-                       **{k: v[:24] if isinstance(v, list) else v for k, v in kw.items()})
+    wrong = code_tests(
+        None,
+        [t["prompt"] for t in tasks[:24]],
+        ["    return None\n"] * 24,
+        **{k: v[:24] if isinstance(v, list) else v for k, v in kw.items()},
+    )
     assert sum(wrong) == 0
 
 
@@ -115,4 +141,3 @@ def test_the_harness_runs_the_tests_after_the_solution():
     program = harness("def f(x):\n    return x", test_list=["assert f(1) == 1", "assert f(2) == 3"])
     got = sandbox.run(program, sandbox.Limits(timeout_s=5), stdin="tok\n")
     assert got.status == "passed" and "tok 1" in got.output
-

@@ -5,26 +5,29 @@ import math
 import numpy as np
 import pytest
 
+from rft_ds.config import RewardConfig
 from rft_ds.data import DataError, deal_prompts, load_source, normalize, tokenize
 from rft_ds.distributed import RankError, all_ranks_or_fail
-from rft_ds.sampling.base import finish_completion
-from rft_ds.config import RewardConfig
 from rft_ds.reward_terms import build_terms, score_terms
+from rft_ds.sampling.base import finish_completion
 from rft_ds.scoring import RewardError, decode_outputs, validate_scores
 
 OUT = ["a", "b", "c"]
 
 
-@pytest.mark.parametrize("raw,needle", [
-    ([1.0, 2.0], "returned 2 scores for 3 samples"),
-    ([1.0, float("nan"), 0.0], "returned nan for sample 1 (prompt 11, output 'b')"),
-    ([1.0, 0.0, math.inf], "returned inf for sample 2"),
-    ([1.0, None, 0.0], "returned NoneType None for sample 1"),
-    ([1.0, 0.0, "high"], "returned str 'high' for sample 2"),
-    ("123", "must return a list of 3 numbers, got str"),
-    (None, "must return a list of 3 numbers, got NoneType"),
-    ([1.0, [2.0], 0.0], "returned list [2.0] for sample 1"),
-])
+@pytest.mark.parametrize(
+    "raw,needle",
+    [
+        ([1.0, 2.0], "returned 2 scores for 3 samples"),
+        ([1.0, float("nan"), 0.0], "returned nan for sample 1 (prompt 11, output 'b')"),
+        ([1.0, 0.0, math.inf], "returned inf for sample 2"),
+        ([1.0, None, 0.0], "returned NoneType None for sample 1"),
+        ([1.0, 0.0, "high"], "returned str 'high' for sample 2"),
+        ("123", "must return a list of 3 numbers, got str"),
+        (None, "must return a list of 3 numbers, got NoneType"),
+        ([1.0, [2.0], 0.0], "returned list [2.0] for sample 1"),
+    ],
+)
 def test_bad_reward_values_name_the_sample(raw, needle):
     with pytest.raises(RewardError) as e:
         validate_scores(raw, 3, [10, 11, 12], OUT)
@@ -33,6 +36,7 @@ def test_bad_reward_values_name_the_sample(raw, needle):
 
 def test_good_reward_values():
     import torch
+
     assert validate_scores([1, 2.5, np.float32(3)], 3, [0, 1, 2], OUT).tolist() == [1.0, 2.5, 3.0]
     assert validate_scores(np.array([1, 2, 3]), 3, [0, 1, 2], OUT).dtype == np.float64
     assert validate_scores(torch.tensor([0.5, 1.5, 2.5]), 3, [0, 1, 2], OUT).tolist() == [0.5, 1.5, 2.5]
@@ -50,8 +54,9 @@ def test_reward_fn_gets_trlx_kwargs_and_metadata(tokenizer):
 
     terms = build_terms(RewardConfig(), reward_fn)
     assert terms[0].style == "trlx"
-    scores, _ = score_terms(terms, ["p0 kk", "p1 x"], ["p0 ", "p1 "], ["kk", "x"], [[5, 5], [6]], [0, 1],
-                            {"target": ["k", "x"]}, tokenizer)
+    scores, _ = score_terms(
+        terms, ["p0 kk", "p1 x"], ["p0 ", "p1 "], ["kk", "x"], [[5, 5], [6]], [0, 1], {"target": ["k", "x"]}, tokenizer
+    )
     assert scores.tolist() == [2.0, 1.0]
     assert seen["prompt_ids"] == [0, 1] and seen["target"] == ["k", "x"] and seen["kw"] == {}
 
@@ -59,7 +64,7 @@ def test_reward_fn_gets_trlx_kwargs_and_metadata(tokenizer):
 def test_rank_error_single_process():
     with pytest.raises(RankError, match="scoring failed on rank 0: ZeroDivisionError"):
         with all_ranks_or_fail("scoring"):
-            1 / 0
+            _ = 1 / 0
 
 
 def test_decode_and_stop_sequences(tokenizer):
@@ -87,10 +92,13 @@ def test_sources_list_module_and_jsonl(tmp_path):
     assert texts == ["hi", "yo"] and metas == [{"answer": 3}, {"answer": 4}]
 
 
-@pytest.mark.parametrize("content,needle", [
-    ('{"prompt": "ok"}\n{"prompt": \n', "p.jsonl:2: malformed JSON"),
-    ('{"prompt": "ok"}\n{"text": "no"}\n', "p.jsonl:2: missing field 'prompt'"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        ('{"prompt": "ok"}\n{"prompt": \n', "p.jsonl:2: malformed JSON"),
+        ('{"prompt": "ok"}\n{"text": "no"}\n', "p.jsonl:2: missing field 'prompt'"),
+    ],
+)
 def test_jsonl_errors_name_the_line(tmp_path, content, needle):
     p = tmp_path / "p.jsonl"
     p.write_text(content)
@@ -98,13 +106,16 @@ def test_jsonl_errors_name_the_line(tmp_path, content, needle):
         load_source(str(p), "prompts")
 
 
-@pytest.mark.parametrize("items,needle", [
-    ([], "prompts is empty"),
-    (["ok", 3], r"prompts\[1\] must be a string or a list of chat messages, got int"),
-    (["ok", ""], r"prompts\[1\] is an empty string"),
-    ([{"text": "x"}], r"prompts\[0\] has no field 'prompt'"),
-    ([{"prompt": "x", "tokenizer": 1}], "metadata key 'tokenizer' is reserved"),
-])
+@pytest.mark.parametrize(
+    "items,needle",
+    [
+        ([], "prompts is empty"),
+        (["ok", 3], r"prompts\[1\] must be a string or a list of chat messages, got int"),
+        (["ok", ""], r"prompts\[1\] is an empty string"),
+        ([{"text": "x"}], r"prompts\[0\] has no field 'prompt'"),
+        ([{"prompt": "x", "tokenizer": 1}], "metadata key 'tokenizer' is reserved"),
+    ],
+)
 def test_bad_prompts(items, needle):
     with pytest.raises(DataError, match=needle):
         normalize(items, "prompts")
@@ -137,6 +148,7 @@ def test_shard_balanced_and_complete(plan):
 
 def test_toy_reward():
     from rft_ds.toy import letter_score, reward_fn
+
     assert letter_score("kkk", "k") == 1.0 and letter_score("kx k", "k") == pytest.approx(2 / 3)
     assert letter_score("123", "k") == 0.0
     assert reward_fn(["s"], ["p"], ["aab"], target=["a"]) == [pytest.approx(2 / 3)]

@@ -7,11 +7,23 @@ import sys
 import numpy as np
 import pytest
 
-from rft_ds.selection import (TABLE_ROW, cap_per_prompt, canonical, completion_digest, from_wire, parse_pool_policy,
-                              schedule, select, selection_digest, table_rows, to_wire, update_pool)
-
+from rft_ds.selection import (
+    TABLE_ROW,
+    canonical,
+    cap_per_prompt,
+    completion_digest,
+    from_wire,
+    parse_pool_policy,
+    schedule,
+    select,
+    selection_digest,
+    table_rows,
+    to_wire,
+    update_pool,
+)
 
 # ---- schedule -------------------------------------------------------------------------------------
+
 
 def test_schedule_reaches_end_percentile_on_last_improve_step():
     ps = [schedule(e, 0.7, 0.95, 4).percentile for e in range(8)]
@@ -44,6 +56,7 @@ def test_schedule_linear_steps():
 
 
 # ---- selection ------------------------------------------------------------------------------------
+
 
 def sel(pids, scores, p=0.7, **kw):
     keep, _ = select(np.array(pids), np.array(scores, float), p, **kw)
@@ -113,8 +126,14 @@ def test_top_k_ties_broken_by_input_order_deterministically():
 
 def make_rows(rng, n, n_prompts, vocab=5, length=3, owner=0, step=0):
     tokens = [rng.integers(0, vocab, length) for _ in range(n)]
-    return table_rows(rng.integers(0, n_prompts, n), rng.integers(0, 3, n).astype(float), rng.random(n) < 0.5, tokens,
-                 owner=owner, step=step), tokens
+    return table_rows(
+        rng.integers(0, n_prompts, n),
+        rng.integers(0, 3, n).astype(float),
+        rng.random(n) < 0.5,
+        tokens,
+        owner=owner,
+        step=step,
+    ), tokens
 
 
 def test_dedup_by_completion_token_ids():
@@ -150,14 +169,20 @@ def test_wire_rows_are_at_most_25_bytes_and_round_trip():
     assert back.dtype == TABLE_ROW and (back == np.concatenate([a, b, c])).all()
     # a grow step's rows: N per prompt, binary rewards: the columns compress to the digests and little more
     n = 32 * 500
-    rows = table_rows(np.repeat(np.arange(500), 32), (rng.random(n) < 0.3).astype(float), rng.random(n) < 0.9,
-                 digest=rng.integers(0, 2**63, n), length=rng.integers(0, 256, n))
+    rows = table_rows(
+        np.repeat(np.arange(500), 32),
+        (rng.random(n) < 0.3).astype(float),
+        rng.random(n) < 0.9,
+        digest=rng.integers(0, 2**63, n),
+        length=rng.integers(0, 256, n),
+    )
     count, payload = to_wire(rows)
     assert count == n and len(payload) < 12 * n
     assert (from_wire([(0, count, payload)], 0) == rows).all()
 
 
 # ---- what "today's code" did: every rank gathered every completion's tokens and kept them all --------
+
 
 def legacy_select(steps, percentile, strategy, dedup):
     """The selection before the data plane (Pools.add on whole gathered Samples), as it was: concatenate the
@@ -201,9 +226,16 @@ def test_pool_policies():
     for bad in ("window", "window:0", "window:-1", "window:x", "newest", "", None):
         with pytest.raises(ValueError, match="accumulate | latest | window:K"):
             parse_pool_policy(bad)
-    rows = {g: table_rows([0, 1], [float(g), 1.0], [True, True], [[g, 9], [g, 8]], step=g, slot=[2 * g, 2 * g + 1])
-            for g in range(4)}
-    for policy, want in (("accumulate", {0, 1, 2, 3}), ("latest", {3}), ("window:2", {2, 3}), ("window:9", {0, 1, 2, 3})):
+    rows = {
+        g: table_rows([0, 1], [float(g), 1.0], [True, True], [[g, 9], [g, 8]], step=g, slot=[2 * g, 2 * g + 1])
+        for g in range(4)
+    }
+    for policy, want in (
+        ("accumulate", {0, 1, 2, 3}),
+        ("latest", {3}),
+        ("window:2", {2, 3}),
+        ("window:9", {0, 1, 2, 3}),
+    ):
         pool = np.zeros(0, TABLE_ROW)
         for g in range(4):
             pool = update_pool(pool, rows[g], g, parse_pool_policy(policy), dedup=True)
@@ -238,8 +270,13 @@ def test_digest_is_content_based_and_stable():
     assert completion_digest([1, 2, 3], True) != completion_digest([1, 2, 3], False)
     # the same in another process with another hash seed: no Python hash() anywhere
     code = "from rft_ds.selection import completion_digest; print(completion_digest([1, 2, 3], True))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+    ).stdout
     assert int(out) == completion_digest([1, 2, 3], True)
 
 

@@ -37,20 +37,23 @@ def test_a_label_across_the_cut_is_predicted_on_the_earlier_rank():
     assert second["input_ids"].tolist() == [[7, 0]] and second["targets"].tolist() == [[IGNORE_INDEX] * 2]
 
 
-@pytest.mark.parametrize("cfg,size,problem", [
-    ({"num_attention_heads": 9, "num_key_value_heads": 3}, 1, None),
-    ({"num_attention_heads": 8, "num_key_value_heads": 8}, 4, None),
-    ({"num_attention_heads": 32, "num_key_value_heads": 8}, 8, None),
-    ({"num_attention_heads": 16, "num_key_value_heads": 2}, 8, None),  # key/value heads replicated 4x
-    ({"num_attention_heads": 12}, 4, None),  # no num_key_value_heads: as many as query heads
-    ({"num_attention_heads": 2, "num_key_value_heads": 2}, 4, "2 attention heads do not split over 4 ranks"),
-    ({"num_attention_heads": 12, "num_key_value_heads": 3}, 2, "3 key/value heads neither split over 2 ranks"),
-    ({}, 2, "no num_attention_heads"),
-    ({"num_attention_heads": 32, "num_key_value_heads": 8, "sliding_window": 4096}, 2, "sliding-window attention"),
-    ({"num_attention_heads": 32, "sliding_window": 4096, "use_sliding_window": False}, 2, None),  # Qwen2's off
-    ({"num_attention_heads": 8, "layer_types": ["full_attention", "sliding_attention"]}, 2, "layer_types"),
-    ({"num_attention_heads": 8, "attention_chunk_size": 8192}, 2, "chunked attention"),
-])
+@pytest.mark.parametrize(
+    "cfg,size,problem",
+    [
+        ({"num_attention_heads": 9, "num_key_value_heads": 3}, 1, None),
+        ({"num_attention_heads": 8, "num_key_value_heads": 8}, 4, None),
+        ({"num_attention_heads": 32, "num_key_value_heads": 8}, 8, None),
+        ({"num_attention_heads": 16, "num_key_value_heads": 2}, 8, None),  # key/value heads replicated 4x
+        ({"num_attention_heads": 12}, 4, None),  # no num_key_value_heads: as many as query heads
+        ({"num_attention_heads": 2, "num_key_value_heads": 2}, 4, "2 attention heads do not split over 4 ranks"),
+        ({"num_attention_heads": 12, "num_key_value_heads": 3}, 2, "3 key/value heads neither split over 2 ranks"),
+        ({}, 2, "no num_attention_heads"),
+        ({"num_attention_heads": 32, "num_key_value_heads": 8, "sliding_window": 4096}, 2, "sliding-window attention"),
+        ({"num_attention_heads": 32, "sliding_window": 4096, "use_sliding_window": False}, 2, None),  # Qwen2's off
+        ({"num_attention_heads": 8, "layer_types": ["full_attention", "sliding_attention"]}, 2, "layer_types"),
+        ({"num_attention_heads": 8, "attention_chunk_size": 8192}, 2, "chunked attention"),
+    ],
+)
 def test_which_models_split_over_a_group(cfg, size, problem):
     got = why_not(cfg, size)
     assert got == problem if problem is None else problem in got

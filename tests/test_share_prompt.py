@@ -6,16 +6,33 @@ import numpy as np
 import pytest
 import torch
 
-from rft_ds.experience import (IGNORE_INDEX as I, PackSpec, build_row, collate, layout, layout_cost, pack_plan,
-                               pack_rows, padded_tokens, plan_micro_batches, prompt_groups, sequence_lengths)
+from rft_ds.experience import (
+    IGNORE_INDEX as I,
+)
+from rft_ds.experience import (
+    PackSpec,
+    build_row,
+    collate,
+    layout,
+    layout_cost,
+    pack_plan,
+    pack_rows,
+    padded_tokens,
+    plan_micro_batches,
+    prompt_groups,
+    sequence_lengths,
+)
 from rft_ds.learner import attention_ratio, label_logprobs, label_positions, why_not_share_prompt
 
 FREE = PackSpec(max_len=64, attn_ratio=0.0)  # attention priced at nothing: packing pays whenever it shares
 
 
 def test_pack_rows_shares_the_prompt_and_keeps_each_rows_positions():
-    rows = [build_row([1, 2, 3], [4, 5], True, 9, 16), build_row([7], [8], False, 9, 16),
-            build_row([1, 2, 3], [6], False, 9, 16)]
+    rows = [
+        build_row([1, 2, 3], [4, 5], True, 9, 16),
+        build_row([7], [8], False, 9, 16),
+        build_row([1, 2, 3], [6], False, 9, 16),
+    ]
     b, order = pack_rows(rows, pad_id=0, max_len=16)
     assert order == [0, 2, 1]  # label tokens come out as rows 0, 2 (same prompt), then 1
     assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 9, 3, 6], [7, 8, 0, 0, 0, 0, 0, 0]]
@@ -31,7 +48,8 @@ def test_pack_rows_shares_the_prompt_and_keeps_each_rows_positions():
     assert sequence_lengths(rows, None) == ([6, 2, 4], False)
     # the same label tokens, each once: what the loss normalisation counts
     assert sorted(b["labels"][b["labels"] != I].tolist()) == sorted(
-        t for r in rows for t in r.labels[1:].tolist() if t != I)
+        t for r in rows for t in r.labels[1:].tolist() if t != I
+    )
 
 
 def test_a_row_without_prompt_stays_alone():
@@ -144,19 +162,34 @@ def test_plan_keeps_a_prompts_rows_in_one_micro_batch_and_every_rule():
 
 
 def test_padded_tokens_counts_packed_sequences():
-    rows = [build_row([1, 2, 3], [4, 5], True, 9, 16), build_row([1, 2, 3], [6], False, 9, 16),
-            build_row([7], [8], False, 9, 16)]
+    rows = [
+        build_row([1, 2, 3], [4, 5], True, 9, 16),
+        build_row([1, 2, 3], [6], False, 9, 16),
+        build_row([7], [8], False, 9, 16),
+    ]
     mb = [np.array([0, 1, 2])]
     assert padded_tokens(rows, mb) == (6 + 4 + 2, 3 * 6)
     assert padded_tokens(rows, mb, FREE) == (8 + 2, 2 * 8)
 
 
 def test_models_that_cannot_take_the_mask_are_named():
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, \
-        MistralForCausalLM
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+    )
 
-    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                 num_key_value_heads=2)
+    small = dict(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     llama = LlamaForCausalLM(LlamaConfig(**small))
     assert why_not_share_prompt(llama, False) is None
     body = sum(p.numel() for p in llama.parameters()) - 2 * 64 * 16  # untied: embedding and head left out
@@ -165,5 +198,6 @@ def test_models_that_cannot_take_the_mask_are_named():
     llama.config._attn_implementation = "flash_attention_2"
     assert "flash_attention_2" in why_not_share_prompt(llama, False)
     assert "sliding" in why_not_share_prompt(MistralForCausalLM(MistralConfig(sliding_window=8, **small)), False)
-    assert "rotary" in why_not_share_prompt(GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1,
-                                                                       n_head=2)), False)
+    assert "rotary" in why_not_share_prompt(
+        GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2)), False
+    )

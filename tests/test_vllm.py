@@ -16,11 +16,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ---- fast: no engine ------------------------------------------------------------------------------
 
+
 def test_gen_kwargs_translation():
     from rft_ds.sampling.vllm import to_sampling_params
 
-    sp = to_sampling_params({"max_new_tokens": 12, "do_sample": True, "temperature": 0.7, "top_p": 0.9,
-                             "top_k": 5, "min_new_tokens": 2, "repetition_penalty": 1.1}, 8, ["\n\n"])
+    sp = to_sampling_params(
+        {
+            "max_new_tokens": 12,
+            "do_sample": True,
+            "temperature": 0.7,
+            "top_p": 0.9,
+            "top_k": 5,
+            "min_new_tokens": 2,
+            "repetition_penalty": 1.1,
+        },
+        8,
+        ["\n\n"],
+    )
     assert (sp.n, sp.max_tokens, sp.min_tokens, sp.temperature, sp.top_p, sp.top_k) == (8, 12, 2, 0.7, 0.9, 5)
     assert sp.repetition_penalty == pytest.approx(1.1) and sp.stop == ["\n\n"] and sp.include_stop_str_in_output
     greedy = to_sampling_params({"max_new_tokens": 4, "do_sample": False, "temperature": 0.7}, 1)
@@ -69,19 +81,25 @@ def test_max_model_len_must_hold_the_longest_request():
     from rft_ds.sampling.vllm import check_max_model_len
 
     assert check_max_model_len(None, 32, 16) == 48 and check_max_model_len(64, 32, 16) == 64
-    with pytest.raises(ConfigError, match=r"sampler.max_model_len=47 cannot hold the longest prompt \(32 tokens\) and "
-                                          r"the longest generation \(max_new_tokens 16\): raise it to 48 or leave it unset"):
+    with pytest.raises(
+        ConfigError,
+        match=r"sampler.max_model_len=47 cannot hold the longest prompt \(32 tokens\) and "
+        r"the longest generation \(max_new_tokens 16\): raise it to 48 or leave it unset",
+    ):
         check_max_model_len(47, 32, 16)
 
 
 def test_kv_cache_arithmetic(tmp_path):
     from rft_ds.sampling.vllm import CPU_KV_BYTES, kv_blocks_needed, kv_bytes_per_token, kv_cache_budget
 
-    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 64}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 64})
+    )
     assert kv_bytes_per_token(tmp_path, "float32") == 2 * 2 * 2 * 32 * 4  # K and V x layers x KV heads x head_dim x 4 B
     assert kv_bytes_per_token(tmp_path, "bfloat16") == 512 and kv_bytes_per_token(tmp_path, "float32", 2) == 512
-    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 30, "num_attention_heads": 9,
-                                                      "num_key_value_heads": 3, "hidden_size": 576}))  # SmolLM2-135M
+    (tmp_path / "config.json").write_text(
+        json.dumps({"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576})
+    )  # SmolLM2-135M
     assert kv_bytes_per_token(tmp_path, "bfloat16") == 2 * 30 * 3 * 64 * 2  # grouped-query: the KV heads count
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mystery"}))
     assert kv_bytes_per_token(tmp_path, "float32") is None
@@ -99,8 +117,11 @@ def test_kv_cache_arithmetic(tmp_path):
     need = 65 * 32 * 1024
     assert kv_cache_budget(None, *args) == CPU_KV_BYTES  # unset: the 256 MiB floor covers it
     assert kv_cache_budget(need, *args) == need
-    with pytest.raises(ConfigError, match=rf"sampler.kv_cache_memory_bytes={need - 1} cannot hold 8 samples of a 31-token "
-                                          rf"prompt \+ 216 new tokens .*: raise it to >= {need} \(2.0 MiB per rank\)"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"sampler.kv_cache_memory_bytes={need - 1} cannot hold 8 samples of a 31-token "
+        rf"prompt \+ 216 new tokens .*: raise it to >= {need} \(2.0 MiB per rank\)",
+    ):
         kv_cache_budget(need - 1, *args)
     long_cot = (2 * 28 * 8 * 128 * 2, 32, 1024 + 32768, 8, 1024, 32768)  # a 1.5B-class model, bf16, 32k tokens
     # unset: what 8 such samples take (the worst prompt 1023 tokens: 31 shared blocks + 8 x 1025 own + null), in MiB
@@ -116,14 +137,17 @@ def test_check_refuses_engine_limits_before_any_engine(tiny_model, tmp_path, mon
     monkeypatch.chdir(ROOT)
 
     def problems(*overrides, cuda=False):
-        cfg = RFTRunConfig.load_yaml(ROOT / "launch/configs/tiny.yaml", [
-            f"model.model_path={tiny_model}", "model.build=null", f"train.output_dir={tmp_path / 'o'}", *overrides])
+        cfg = RFTRunConfig.load_yaml(
+            ROOT / "launch/configs/tiny.yaml",
+            [f"model.model_path={tiny_model}", "model.build=null", f"train.output_dir={tmp_path / 'o'}", *overrides],
+        )
         return check(cfg, 2, cuda)[0]
 
     assert problems() == []
     assert problems("sampler.max_model_len=47") == [
         "sampler.max_model_len=47 cannot hold the longest prompt (32 tokens) and the longest generation "
-        "(max_new_tokens 16): raise it to 48 or leave it unset"]
+        "(max_new_tokens 16): raise it to 48 or leave it unset"
+    ]
     # 32 samples of a 31-token prompt + 16 tokens: 64 blocks of 32 tokens, 1 KiB each, + the null block
     (kv,) = problems("sampler.kv_cache_memory_bytes=1048576")
     assert kv.startswith("sampler.kv_cache_memory_bytes=1048576 cannot hold 32 samples") and ">= 2129920" in kv, kv
@@ -144,13 +168,21 @@ def test_buckets_bounded_and_ordered():
 # ---- slow: real engines under the deepspeed launcher -----------------------------------------------
 
 
-
 def _sync_parity(model: Path, out: Path) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           "tests/dist/sync_parity.py", str(model), str(out)]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "tests/dist/sync_parity.py",
+        str(model),
+        str(out),
+    ]
+    p = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
@@ -176,8 +208,11 @@ def test_sync_parity_and_bounded_memory(tmp_path):
             assert r["change_from_untrained"] > 0.1, r
             # before the sync the engine was stale, and the check stopped every rank saying where and by how much
             assert r["stale_error"].startswith("RankError: weight sync parity check failed on rank 0"), r
-            assert "ParityError: weight sync parity check failed on probe 0 ('abc say k:'): max |logprob diff|" \
-                in r["stale_error"] and "> tolerance 0.001" in r["stale_error"], r
+            assert (
+                "ParityError: weight sync parity check failed on probe 0 ('abc say k:'): max |logprob diff|"
+                in r["stale_error"]
+                and "> tolerance 0.001" in r["stale_error"]
+            ), r
             big = r["largest_param_bytes"]
             for m in r["memory"]:
                 assert m["bytes"] == r["model_bytes"]  # every parameter handed over once
@@ -199,8 +234,14 @@ def test_kv_budget_holds_a_request_and_preemptions_are_counted(tiny_model, tmp_p
     """The least KV budget kv_cache_budget accepts is vLLM's own count of blocks, runs one request's n samples
     without a preemption, and two requests with some, counted per generate call."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    p = subprocess.run([sys.executable, "tests/dist/kv_preemptions.py", str(tiny_model), str(tmp_path / "r.json")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=400, env={**env, "HF_HUB_OFFLINE": "1"})
+    p = subprocess.run(
+        [sys.executable, "tests/dist/kv_preemptions.py", str(tiny_model), str(tmp_path / "r.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env={**env, "HF_HUB_OFFLINE": "1"},
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["engine_blocks"] == r["blocks"] == 65, r  # our bytes per token and blocks are vLLM's accounting
@@ -209,14 +250,29 @@ def test_kv_budget_holds_a_request_and_preemptions_are_counted(tiny_model, tmp_p
     assert r["one_again"]["preemptions"] == 0, r  # per call, not since the engine started
 
 
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA: sleep mode and NCCL are GPU-only; "
-                    "the CPU tests run the same sampler and sync code without them")
+@pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(),
+    reason="needs CUDA: sleep mode and NCCL are GPU-only; "
+    "the CPU tests run the same sampler and sync code without them",
+)
 def test_gpu_sleep_mode_run(tmp_path):
     """On a GPU: one rank, NCCL, bf16, vLLM sleep mode around training; parity checked after every sync."""
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(free_port()),
-           "launch/train.py", "--config", "launch/configs/tiny.yaml", f"model.model_path={tmp_path / 'model'}",
-           f"train.output_dir={tmp_path / 'run'}", "train.deepspeed_config=ds_configs/zero3_gpu.json",
-           "sampler.enable_sleep_mode=true", "sampler.parity_check=always", "train.epochs=3"]
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "1",
+        "--master_port",
+        str(free_port()),
+        "launch/train.py",
+        "--config",
+        "launch/configs/tiny.yaml",
+        f"model.model_path={tmp_path / 'model'}",
+        f"train.output_dir={tmp_path / 'run'}",
+        "train.deepspeed_config=ds_configs/zero3_gpu.json",
+        "sampler.enable_sleep_mode=true",
+        "sampler.parity_check=always",
+        "train.epochs=3",
+    ]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     m = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -27,8 +27,13 @@ def module_name(path: Path) -> str:
 def imports_of(path: Path, modules: set[str]) -> set[str]:
     """The rft_ds modules `path` imports anywhere (top level or inside a function), except under TYPE_CHECKING."""
     tree = ast.parse(path.read_text())
-    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-            for child in node.body for n in ast.walk(child)}
+    skip = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for child in node.body
+        for n in ast.walk(child)
+    }
     found = set()
     for node in ast.walk(tree):
         if id(node) in skip:
@@ -105,14 +110,17 @@ def main() -> int:
             if not path.exists():
                 path = ROOT.parent / m.replace(".", "/") / "__init__.py"
             lines = len(path.read_text().splitlines())
-            print(f"{level[m]:2d} {m:32s} {lines:5d}  -> {', '.join(sorted(x.removeprefix('rft_ds.') for x in g[m])) or '-'}")
+            deps = ", ".join(sorted(x.removeprefix("rft_ds.") for x in g[m])) or "-"
+            print(f"{level[m]:2d} {m:32s} {lines:5d}  -> {deps}")
     back = sorted((a, b) for c in found for a in c for b in g[a] if b in c)
     for c in found:
         print("circle:", " <-> ".join(c))
     for a, b in back:
         print(f"back-arrow: {a} -> {b}")
-    print(f"{len(g)} modules on {max(layers(g).values()) + 1} layers, {len(found)} circle(s), {len(back)} import(s) "
-          "inside circles")
+    print(
+        f"{len(g)} modules on {max(layers(g).values()) + 1} layers, {len(found)} circle(s), {len(back)} import(s) "
+        "inside circles"
+    )
     return 1 if found and "--check" in sys.argv else 0
 
 

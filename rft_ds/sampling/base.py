@@ -23,9 +23,15 @@ class Completion:
 
 
 class Sampler(Protocol):
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, gen_kwargs: dict[str, Any],
-                 seed: int, progress: str | None = None,
-                 logprobs: bool | Sequence[bool] = False) -> list[list[Completion]]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        n: int,
+        gen_kwargs: dict[str, Any],
+        seed: int,
+        progress: str | None = None,
+        logprobs: bool | Sequence[bool] = False,
+    ) -> list[list[Completion]]:
         """n completions for each prompt (token ids in, token ids out), in prompt order; `progress`: the
         label of a progress bar to show (None: none); `logprobs` (for all prompts, or per prompt): also return
         each sampled token's log-probability (a sampler with its own copy of the weights; others may return

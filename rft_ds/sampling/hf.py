@@ -20,8 +20,14 @@ _HF_DEFAULTS = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
 
 
 class HFSampler:
-    def __init__(self, module: torch.nn.Module, tokenizer: Any, batch_size: int = 16,
-                 stop_sequences: Sequence[str] = (), device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        tokenizer: Any,
+        batch_size: int = 16,
+        stop_sequences: Sequence[str] = (),
+        device: torch.device | str | None = None,
+    ) -> None:
         self.module = module
         self.device = torch.device(device) if device is not None else D.device()  # where the module computes
         self.tokenizer = tokenizer
@@ -36,9 +42,15 @@ class HFSampler:
         return D.max_over_ranks(math.ceil(n_prompts / self.batch_size))
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, gen_kwargs: dict[str, Any],
-                 seed: int, progress: str | None = None,
-                 logprobs: bool | Sequence[bool] = False) -> list[list[Completion]]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        n: int,
+        gen_kwargs: dict[str, Any],
+        seed: int,
+        progress: str | None = None,
+        logprobs: bool | Sequence[bool] = False,
+    ) -> list[list[Completion]]:
         """See Sampler.generate. `logprobs` is ignored: this sampler is the training model itself, so its
         weights cannot be stale."""
         from rft_ds.progress import bar
@@ -52,13 +64,18 @@ class HFSampler:
         dummy = [[self.pad_id if self.tokenizer.eos_token_id is None else self.tokenizer.eos_token_id]]
         with seeded(seed):  # the training RNG is left as it was
             for c in bar(range(self._n_calls(len(prompts))), desc=progress or "", show=bool(progress), unit="batch"):
-                batch = list(prompts[c * self.batch_size:(c + 1) * self.batch_size])
+                batch = list(prompts[c * self.batch_size : (c + 1) * self.batch_size])
                 real = len(batch)
                 out = self._generate_batch(batch or dummy, n, kwargs).cpu()
                 for i in range(real):
-                    results.append([finish_completion(out[i * n + j].tolist(), self.eos_ids, self.stop_sequences,
-                                                      self.tokenizer.decode)
-                                    for j in range(n)])
+                    results.append(
+                        [
+                            finish_completion(
+                                out[i * n + j].tolist(), self.eos_ids, self.stop_sequences, self.tokenizer.decode
+                            )
+                            for j in range(n)
+                        ]
+                    )
         if was_training:
             self.module.train()
         return results
@@ -68,10 +85,16 @@ class HFSampler:
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for i, p in enumerate(batch):  # left padding, so every row's completion starts at column `width`
-            ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        out = self.module.generate(input_ids=ids, attention_mask=mask, num_return_sequences=n,
-                                   synced_gpus=D.is_dist() and D.world_size() > 1,
-                                   pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids), **kwargs)
+        out = self.module.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            num_return_sequences=n,
+            synced_gpus=D.is_dist() and D.world_size() > 1,
+            pad_token_id=self.pad_id,
+            eos_token_id=sorted(self.eos_ids),
+            **kwargs,
+        )
         return out[:, width:]

@@ -47,8 +47,10 @@ def check_servable(model_path: str | Path, on_cpu: bool) -> None:
     """Refuse, before any engine starts, a model vLLM's CPU backend cannot serve."""
     hd = model_head_dim(model_path)
     if on_cpu and hd is not None and hd not in CPU_HEAD_DIMS:
-        raise ConfigError(f"model {model_path} has head_dim {hd}, which vLLM on CPU cannot serve "
-                          f"(supported: {', '.join(map(str, CPU_HEAD_DIMS))}); use sampler.backend=hf or another model")
+        raise ConfigError(
+            f"model {model_path} has head_dim {hd}, which vLLM on CPU cannot serve "
+            f"(supported: {', '.join(map(str, CPU_HEAD_DIMS))}); use sampler.backend=hf or another model"
+        )
 
 
 def check_max_model_len(setting: int | None, prompt_limit: int, longest_generation: int) -> int:
@@ -56,8 +58,10 @@ def check_max_model_len(setting: int | None, prompt_limit: int, longest_generati
     A setting below that would cut or refuse the longest requests, so it is refused before the engine starts."""
     need = prompt_limit + longest_generation
     if setting is not None and setting < need:
-        raise ConfigError(f"sampler.max_model_len={setting} cannot hold the longest prompt ({prompt_limit} tokens) and the "
-                          f"longest generation (max_new_tokens {longest_generation}): raise it to {need} or leave it unset")
+        raise ConfigError(
+            f"sampler.max_model_len={setting} cannot hold the longest prompt ({prompt_limit} tokens) and the "
+            f"longest generation (max_new_tokens {longest_generation}): raise it to {need} or leave it unset"
+        )
     return need if setting is None else setting
 
 
@@ -79,6 +83,7 @@ def kv_blocks_needed(block_size: int, max_model_len: int, n: int, prompt_limit: 
     samples of the longest prompt + max_new_tokens at once (or that request is preempted and recomputed over
     and over), plus the null block vLLM holds back. The n samples share their prompt's whole blocks through
     the prefix cache; the worst prompt for that is the limit, or one token short of its last whole block."""
+
     def request(p: int) -> int:  # a p-token prompt's whole blocks once, then each sample's own blocks
         shared = p // block_size
         return shared + n * (-(-(p + max_new_tokens) // block_size) - shared)
@@ -87,8 +92,15 @@ def kv_blocks_needed(block_size: int, max_model_len: int, n: int, prompt_limit: 
     return max(-(-max_model_len // block_size), worst) + 1
 
 
-def kv_cache_budget(setting: int | None, bytes_per_token: int | None, block_size: int, max_model_len: int, n: int,
-                    prompt_limit: int, max_new_tokens: int) -> int:
+def kv_cache_budget(
+    setting: int | None,
+    bytes_per_token: int | None,
+    block_size: int,
+    max_model_len: int,
+    n: int,
+    prompt_limit: int,
+    max_new_tokens: int,
+) -> int:
     """sampler.kv_cache_memory_bytes for an engine on CPU. Unset: 256 MiB, or what kv_blocks_needed takes if
     more (rounded up to MiB), so long completions need no setting; set below that: refused, naming the bytes."""
     if bytes_per_token is None:
@@ -97,9 +109,11 @@ def kv_cache_budget(setting: int | None, bytes_per_token: int | None, block_size
     if setting is None:
         return max(CPU_KV_BYTES, -(-need // 2**20) * 2**20)
     if setting < need:
-        raise ConfigError(f"sampler.kv_cache_memory_bytes={setting} cannot hold {n} samples of a {prompt_limit}-token prompt "
-                          f"+ {max_new_tokens} new tokens (and one sequence of max_model_len {max_model_len}): raise it to "
-                          f">= {need} ({need / 2**20:.1f} MiB per rank), or leave it unset")
+        raise ConfigError(
+            f"sampler.kv_cache_memory_bytes={setting} cannot hold {n} samples of a {prompt_limit}-token prompt "
+            f"+ {max_new_tokens} new tokens (and one sequence of max_model_len {max_model_len}): raise it to "
+            f">= {need} ({need / 2**20:.1f} MiB per rank), or leave it unset"
+        )
     return setting
 
 
@@ -134,11 +148,23 @@ def to_sampling_params(gen_kwargs: dict[str, Any], n: int, stop_sequences: Seque
 
 
 class VLLMSampler:
-    def __init__(self, model_path: str, tokenizer: Any, *, seed: int, dtype: str, max_model_len: int,
-                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.3,
-                 kv_cache_memory_bytes: int | None = None, block_size: int | None = None, enforce_eager: bool = True,
-                 enable_sleep_mode: bool = False, stop_sequences: Sequence[str] = (),
-                 trust_remote_code: bool = False) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer: Any,
+        *,
+        seed: int,
+        dtype: str,
+        max_model_len: int,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.3,
+        kv_cache_memory_bytes: int | None = None,
+        block_size: int | None = None,
+        enforce_eager: bool = True,
+        enable_sleep_mode: bool = False,
+        stop_sequences: Sequence[str] = (),
+        trust_remote_code: bool = False,
+    ) -> None:
         import torch
         from vllm import LLM
 
@@ -146,10 +172,17 @@ class VLLMSampler:
         check_block_size(block_size, on_cpu)
         check_servable(model_path, on_cpu)
         kwargs: dict[str, Any] = dict(
-            model=str(model_path), tokenizer=str(getattr(tokenizer, "name_or_path", "") or model_path),
-            distributed_executor_backend="external_launcher", tensor_parallel_size=tensor_parallel_size,
-            dtype=dtype, seed=seed, max_model_len=max_model_len, enforce_eager=enforce_eager,
-            enable_prefix_caching=True, enable_sleep_mode=enable_sleep_mode, trust_remote_code=trust_remote_code,
+            model=str(model_path),
+            tokenizer=str(getattr(tokenizer, "name_or_path", "") or model_path),
+            distributed_executor_backend="external_launcher",
+            tensor_parallel_size=tensor_parallel_size,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
+            enable_prefix_caching=True,
+            enable_sleep_mode=enable_sleep_mode,
+            trust_remote_code=trust_remote_code,
         )
         if kv_cache_memory_bytes is not None or on_cpu:
             # On CPU the utilization fraction means a share of a NUMA node's RAM and fails on small boxes;
@@ -173,9 +206,15 @@ class VLLMSampler:
         self.sleep_mode = enable_sleep_mode
         self.asleep = False
 
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, gen_kwargs: dict[str, Any],
-                 seed: int, progress: str | None = None,
-                 logprobs: bool | Sequence[bool] = False) -> list[list[Completion]]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        n: int,
+        gen_kwargs: dict[str, Any],
+        seed: int,
+        progress: str | None = None,
+        logprobs: bool | Sequence[bool] = False,
+    ) -> list[list[Completion]]:
         from rft_ds.progress import vllm_bar
 
         self.last_preemptions = 0
@@ -194,8 +233,11 @@ class VLLMSampler:
         self.llm.reset_prefix_cache()
         before = self.preemptions()
         with seeded(seed):
-            outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params,
-                                     use_tqdm=vllm_bar(progress) if progress else False)
+            outs = self.llm.generate(
+                [{"prompt_token_ids": list(p)} for p in prompts],
+                params,
+                use_tqdm=vllm_bar(progress) if progress else False,
+            )
         self.last_preemptions = self.preemptions() - before
         return [[self._completion(c) for c in o.outputs] for o in outs]
 
@@ -204,8 +246,9 @@ class VLLMSampler:
         recompute them later): a KV budget too small for the batch shows here first."""
         from vllm.v1.metrics.reader import Counter
 
-        return int(sum(m.value for m in self.llm.get_metrics()
-                       if isinstance(m, Counter) and m.name == "vllm:num_preemptions"))
+        return int(
+            sum(m.value for m in self.llm.get_metrics() if isinstance(m, Counter) and m.name == "vllm:num_preemptions")
+        )
 
     def _completion(self, c: Any) -> Completion:
         ids = np.asarray(c.token_ids, dtype=np.int32)
@@ -224,10 +267,14 @@ class VLLMSampler:
         """log p(token_t | tokens_<t) for t >= 1 of each sequence, from the engine."""
         from vllm import SamplingParams
 
-        outs = self.llm.generate([{"prompt_token_ids": list(s)} for s in sequences],
-                                 SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0), use_tqdm=False)
-        return [np.array([o.prompt_logprobs[t][s[t]].logprob for t in range(1, len(s))])
-                for o, s in zip(outs, sequences)]
+        outs = self.llm.generate(
+            [{"prompt_token_ids": list(s)} for s in sequences],
+            SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0),
+            use_tqdm=False,
+        )
+        return [
+            np.array([o.prompt_logprobs[t][s[t]].logprob for t in range(1, len(s))]) for o, s in zip(outs, sequences)
+        ]
 
     # --- weight hand-off --------------------------------------------------------------------------
 

@@ -101,14 +101,16 @@ class Nodes:
             raise KeyError(f"no node {node!r}; nodes are {self.names}")
         return [IP, "netns", "exec", node, NSENTER, f"--uts={_uts_file(self.prefix, node)}", "--", *cmd]
 
-    def popen(self, node: str, cmd: Sequence[str], env: dict[str, str] | None = None,
-              **popen_kwargs) -> subprocess.Popen:
+    def popen(
+        self, node: str, cmd: Sequence[str], env: dict[str, str] | None = None, **popen_kwargs
+    ) -> subprocess.Popen:
         """Start `cmd` in `node` (env replaces the environment, as with Popen). Teardown kills it if it is
         still running then."""
         return subprocess.Popen(self.argv(node, cmd), env=env, **popen_kwargs)
 
-    def run(self, node: str, cmd: Sequence[str], env: dict[str, str] | None = None,
-            **run_kwargs) -> subprocess.CompletedProcess:
+    def run(
+        self, node: str, cmd: Sequence[str], env: dict[str, str] | None = None, **run_kwargs
+    ) -> subprocess.CompletedProcess:
         """subprocess.run of `cmd` in `node`; run_kwargs as for subprocess.run (check, timeout, text, ...)."""
         run_kwargs.setdefault("timeout", 300)
         return subprocess.run(self.argv(node, cmd), env=env, **run_kwargs)
@@ -142,8 +144,18 @@ def _link_exists(name: str) -> bool:
     return _sh(IP, "link", "show", "dev", name, check=False).returncode == 0
 
 
-_ROUTE_TYPES = ("unicast", "local", "broadcast", "multicast", "throw", "unreachable", "prohibit", "blackhole",
-                "nat", "anycast")
+_ROUTE_TYPES = (
+    "unicast",
+    "local",
+    "broadcast",
+    "multicast",
+    "throw",
+    "unreachable",
+    "prohibit",
+    "blackhole",
+    "nat",
+    "anycast",
+)
 
 
 def _collision(subnet: str) -> str | None:
@@ -264,9 +276,13 @@ def down(prefix: str = PREFIX) -> list[str]:
 
 def _leftovers(prefix: str) -> bool:
     names = _names(prefix)
-    return (bool(_existing_netns() & set(names)) or _link_exists(_bridge(prefix))
-            or any(_link_exists(_host_veth(n)) for n in names) or _state_dir(prefix).exists()
-            or any((ETC_NETNS / n).exists() for n in names))
+    return (
+        bool(_existing_netns() & set(names))
+        or _link_exists(_bridge(prefix))
+        or any(_link_exists(_host_veth(n)) for n in names)
+        or _state_dir(prefix).exists()
+        or any((ETC_NETNS / n).exists() for n in names)
+    )
 
 
 def up(prefix: str = PREFIX, subnet: str = SUBNET, owner: str | None = None) -> Nodes:
@@ -326,8 +342,11 @@ def _wait_forwarding(names: list[str], timeout: float = 10.0) -> None:
     """Bridge ports and both veth ends must be up before the first packet; bounded wait."""
     deadline = time.monotonic() + timeout
     while True:
-        ok = all(Path(f"/sys/class/net/{_host_veth(n)}/brport/state").read_text().strip() == "3"  # forwarding
-                 and "LOWER_UP" in _sh(IP, "-n", n, "-br", "link", "show", IFACE).stdout for n in names)
+        ok = all(
+            Path(f"/sys/class/net/{_host_veth(n)}/brport/state").read_text().strip() == "3"  # forwarding
+            and "LOWER_UP" in _sh(IP, "-n", n, "-br", "link", "show", IFACE).stdout
+            for n in names
+        )
         if ok:
             return
         if time.monotonic() > deadline:

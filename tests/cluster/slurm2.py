@@ -85,8 +85,9 @@ def write_conf(d: Path, nodes: Nodes, cpus: int) -> Path:
     login = nodes.names[0]
     for sub in ["state", "spool", *(f"spool/{n}" for n in nodes.names)]:
         (d / sub).mkdir(parents=True, exist_ok=True)
-    node_lines = "".join(f"NodeName={n} NodeAddr={nodes.addrs[n]} CPUs={cpus} RealMemory=1000 State=UNKNOWN\n"
-                         for n in nodes.names)
+    node_lines = "".join(
+        f"NodeName={n} NodeAddr={nodes.addrs[n]} CPUs={cpus} RealMemory=1000 State=UNKNOWN\n" for n in nodes.names
+    )
     conf = d / "slurm.conf"
     # %n in the slurmd paths: both slurmds share this directory and need their own spool, pid and log.
     conf.write_text(f"""ClusterName=rfttwo
@@ -135,8 +136,9 @@ def _log_tails(d: Path) -> str:
 
 
 @contextlib.contextmanager
-def slurm_cluster(nodes: Nodes, workdir: Path, cpus: int | None = None,
-                  env: dict[str, str] | None = None) -> Iterator[Slurm]:
+def slurm_cluster(
+    nodes: Nodes, workdir: Path, cpus: int | None = None, env: dict[str, str] | None = None
+) -> Iterator[Slurm]:
     """slurmctld + two slurmds on `nodes`, config and logs in `workdir`; all idle on entry, shut down on exit."""
     munged_pid = None if _munge_works() else _start_munged()
     conf = write_conf(workdir, nodes, cpus or os.cpu_count() or 1)

@@ -70,14 +70,20 @@ def ssh_between(nodes: Nodes, port: int = 22, timeout: float = 20.0) -> Iterator
     tmp = Path(tempfile.mkdtemp(prefix="rftssh"))  # keys (copied into the nodes) and the sshd logs
     try:
         for name in ("host_key", "id_ed25519"):
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "rftnode-test", "-f",
-                            str(tmp / name)], check=True, timeout=30)
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "rftnode-test", "-f", str(tmp / name)],
+                check=True,
+                timeout=30,
+            )
         for name in nodes.names:
             _write_ssh_dir(ETC_NETNS / name / "ssh", tmp, port)
         for name in nodes.names:
             with open(tmp / f"sshd-{name}.log", "w") as log:  # a file, not a pipe: a full pipe would block sshd
-                procs.append(nodes.popen(name, [SSHD, "-D", "-e", "-f", "/etc/ssh/sshd_config"],
-                                         stdout=subprocess.DEVNULL, stderr=log))
+                procs.append(
+                    nodes.popen(
+                        name, [SSHD, "-D", "-e", "-f", "/etc/ssh/sshd_config"], stdout=subprocess.DEVNULL, stderr=log
+                    )
+                )
         deadline = time.monotonic() + timeout
         for i, name in enumerate(nodes.names):  # each node reaches the next one by name
             other = nodes.names[(i + 1) % len(nodes.names)]

@@ -38,6 +38,12 @@ def test_ssh_and_pdsh_reach_the_other_node(ssh):
     assert r.stdout.split() == ["rftnode2", "10.213.7.2"]
     if not shutil.which("pdsh"):
         pytest.skip("pdsh not installed")
-    r = ssh.run("rftnode2", ["pdsh", "-S", "-w", "rftnode1,rftnode2", "hostname"], capture_output=True, text=True,
-                env={**os.environ, "PDSH_RCMD_TYPE": "ssh"}, check=True)
+    r = ssh.run(
+        "rftnode2",
+        ["pdsh", "-S", "-w", "rftnode1,rftnode2", "hostname"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PDSH_RCMD_TYPE": "ssh"},
+        check=True,
+    )
     assert sorted(r.stdout.splitlines()) == ["rftnode1: rftnode1", "rftnode2: rftnode2"]

@@ -27,8 +27,14 @@ from tests.cluster.netns import netns_nodes  # noqa: F401  (the fixture)
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 # one run's settings: long enough to stop inside epoch 3 of 5, short enough for CI
-RUN = ["train.epochs=5", "train.save_interval=1", "method.n_generations_per_prompt=8", "train.eval_interval=2",
-       "sampler.chunk_prompts=4", "train.plots=false"]
+RUN = [
+    "train.epochs=5",
+    "train.save_interval=1",
+    "method.n_generations_per_prompt=8",
+    "train.eval_interval=2",
+    "sampler.chunk_prompts=4",
+    "train.plots=false",
+]
 ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -40,8 +46,12 @@ def _installed(reason_now, *packages: str) -> None:
     if os.geteuid() == 0 and shutil.which("apt-get"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=600, env=env)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages], capture_output=True,
-                       timeout=900, env=env)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
+            capture_output=True,
+            timeout=900,
+            env=env,
+        )
     reason = reason_now()
     if reason:
         pytest.skip(reason)
@@ -62,9 +72,19 @@ def work(tmp_path_factory):
     d = tmp_path_factory.mktemp("two_nodes")
     ensure_tiny_model(d / "model", seed=1000)
     ref = d / "ref"
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           "launch/train.py", "--config", "launch/configs/tiny.yaml", f"model.model_path={d / 'model'}",
-           f"train.output_dir={ref}", *RUN]
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "launch/train.py",
+        "--config",
+        "launch/configs/tiny.yaml",
+        f"model.model_path={d / 'model'}",
+        f"train.output_dir={ref}",
+        *RUN,
+    ]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **ENV})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return d
@@ -89,10 +109,27 @@ def _same_as_reference(work: Path, run: Path) -> None:
 
 def _submit(slurm, run: Path, model: Path) -> str:
     env = {**slurm.env, **ENV, "RFT_DS_PYTHON": sys.executable, "RFT_DS_ROOT": str(ROOT)}
-    r = slurm.nodes.run(slurm.login, ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", f"--output={run}.log",
-                                      "launch/slurm/rft.sbatch", "launch/configs/tiny.yaml", f"model.model_path={model}",
-                                      f"train.output_dir={run}", *RUN],
-                        env=env, cwd=ROOT, capture_output=True, text=True, check=True, timeout=60)
+    r = slurm.nodes.run(
+        slurm.login,
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes=2",
+            "--ntasks-per-node=1",
+            f"--output={run}.log",
+            "launch/slurm/rft.sbatch",
+            "launch/configs/tiny.yaml",
+            f"model.model_path={model}",
+            f"train.output_dir={run}",
+            *RUN,
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     return r.stdout.strip().split(";")[0]
 
 
@@ -149,8 +186,12 @@ def test_preempted_slurm_job_requeues_and_resumes_on_two_nodes(slurm, work):
 
 
 def test_deepspeed_hostfile_launch_on_two_nodes(netns_nodes, work, tmp_path):
-    _installed(lambda: sshd.skip_reason() or (None if shutil.which("pdsh") else "pdsh not installed"),
-               "openssh-server", "openssh-client", "pdsh")
+    _installed(
+        lambda: sshd.skip_reason() or (None if shutil.which("pdsh") else "pdsh not installed"),
+        "openssh-server",
+        "openssh-client",
+        "pdsh",
+    )
     nodes = netns_nodes
     hostfile = tmp_path / "hostfile"
     hostfile.write_text(nodes.hostfile(slots=1))
@@ -160,11 +201,27 @@ def test_deepspeed_hostfile_launch_on_two_nodes(netns_nodes, work, tmp_path):
     env_file.write_text("".join(f"{k}={v}\n" for k, v in ENV.items()))
     run = work / "hostfile"
     with sshd.ssh_between(nodes):
-        r = nodes.run(nodes.names[0], [str(Path(sys.executable).parent / "deepspeed"), "--hostfile", str(hostfile),
-                                      "--master_port", "29632", "launch/train.py", "--config", "launch/configs/tiny.yaml",
-                                      f"model.model_path={work / 'model'}", f"train.output_dir={run}", *RUN],
-                      cwd=ROOT, capture_output=True, text=True, timeout=600,
-                      env={**os.environ, **ENV, "DS_ENV_FILE": str(env_file), "PDSH_RCMD_TYPE": "ssh"})
+        r = nodes.run(
+            nodes.names[0],
+            [
+                str(Path(sys.executable).parent / "deepspeed"),
+                "--hostfile",
+                str(hostfile),
+                "--master_port",
+                "29632",
+                "launch/train.py",
+                "--config",
+                "launch/configs/tiny.yaml",
+                f"model.model_path={work / 'model'}",
+                f"train.output_dir={run}",
+                *RUN,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, **ENV, "DS_ENV_FILE": str(env_file), "PDSH_RCMD_TYPE": "ssh"},
+        )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout + r.stderr
     assert "rftnode1: [rft_ds] epoch 5/5" in out, out[-3000:]  # rank 0 on the first node
