@@ -55,15 +55,7 @@ from rft_ds.reward_terms import load_reward_models
 from rft_ds.run_state import STAGES, RunState, advance
 from rft_ds.samples import Samples, pick_probes, sample_seed
 from rft_ds.scoring import gather_new_rows, gather_pool, score_shard, term_means
-from rft_ds.selection import (
-    cap_per_prompt,
-    parse_pool_policy,
-    schedule,
-    select,
-    selection_digest,
-    truncated,
-    update_pool,
-)
+from rft_ds.selection import parse_pool_policy, schedule, select_epoch, selection_digest, truncated, update_pool
 from rft_ds.weight_sync import check_stale_weights
 
 
@@ -416,20 +408,11 @@ def learn(s: Setup, st: RunState) -> Outcome:
     learner = s.rt.learner
     t0 = time.perf_counter()
     table = st.table  # the pools: one row per completion, the same on every rank
-    # DAPO's overlong filtering (method.overlong: drop): a completion cut short takes no part in selection, so it
-    # neither is trained on nor raises its prompt's threshold
-    usable = (
-        ~truncated(table, s.cfg.method.gen_kwargs["max_new_tokens"])
-        if s.cfg.method.overlong == "drop"
-        else np.ones(len(table), bool)
+    m = s.cfg.method
+    cut = m.gen_kwargs["max_new_tokens"] if m.overlong == "drop" else None  # method.overlong: drop leaves them out
+    keep, threshold_mean = select_epoch(
+        table, step.percentile, sel.strategy, sel.top_k, sel.min_score, m.max_per_prompt, cut
     )
-    keep, thr = np.zeros(len(table), bool), np.full(len(table), np.nan)
-    keep[usable], thr[usable] = select(
-        table["prompt_id"][usable], table["score"][usable], step.percentile, sel.strategy, sel.top_k, sel.min_score
-    )
-    pid = table["prompt_id"][usable]
-    first = np.r_[True, pid[1:] != pid[:-1]] if len(pid) else np.zeros(0, bool)  # each usable prompt's first row
-    keep = cap_per_prompt(table["prompt_id"], table["score"], keep, s.cfg.method.max_per_prompt)
     rows, n_rows, moved = rows_for_rank(
         table[keep],
         st.pool,
@@ -467,7 +450,7 @@ def learn(s: Setup, st: RunState) -> Outcome:
         reward_mean=float(table["score"].mean()) if len(table) else None,
         reward_max=float(table["score"].max()) if len(table) else None,
         selected_reward_mean=float(table["score"][keep].mean()) if keep.any() else None,
-        threshold_mean=float(thr[usable][first].mean()) if usable.any() else None,
+        threshold_mean=threshold_mean,
         rows_not_fitting=int(keep.sum()) - n_rows,  # selected, but longer than a row may be (resume_force)
         train_steps=steps,
         selection_digest=selection_digest(table, keep),

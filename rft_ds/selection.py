@@ -233,6 +233,30 @@ def cap_per_prompt(prompt_id: np.ndarray, score: np.ndarray, keep: np.ndarray, c
     return out
 
 
+def select_epoch(
+    table: np.ndarray,
+    percentile: float,
+    strategy: str,
+    top_k: int,
+    min_score: float | None,
+    max_per_prompt: int | None,
+    drop_cut_at: int | None,
+) -> tuple[np.ndarray, float | None]:
+    """An epoch's selection over the pools' table: which rows train (a mask) and the mean threshold over the
+    prompts that took part. drop_cut_at (method.overlong: drop, the max_new_tokens): a completion cut short
+    takes no part, so it neither trains nor raises its prompt's threshold (DAPO's overlong filtering); then
+    at most max_per_prompt rows per prompt (ReST-EM). Pure: the same table gives the same mask on every rank."""
+    usable = ~truncated(table, drop_cut_at) if drop_cut_at is not None else np.ones(len(table), bool)
+    keep, thr = np.zeros(len(table), bool), np.full(len(table), np.nan)
+    keep[usable], thr[usable] = select(
+        table["prompt_id"][usable], table["score"][usable], percentile, strategy, top_k, min_score
+    )
+    pid = table["prompt_id"][usable]
+    first = np.r_[True, pid[1:] != pid[:-1]] if len(pid) else np.zeros(0, bool)  # each usable prompt's first row
+    keep = cap_per_prompt(table["prompt_id"], table["score"], keep, max_per_prompt)
+    return keep, float(thr[usable][first].mean()) if usable.any() else None
+
+
 def selection_digest(rows: np.ndarray, mask: np.ndarray) -> str:
     """A short fingerprint of what was selected, to check that every rank selected the same."""
     h = hashlib.sha256()

@@ -16,6 +16,7 @@ from rft_ds.selection import (
     parse_pool_policy,
     schedule,
     select,
+    select_epoch,
     selection_digest,
     table_rows,
     to_wire,
@@ -295,3 +296,24 @@ def test_million_scores():
 def test_empty_input():
     keep, thr = select(np.zeros(0, np.int64), np.zeros(0), 0.7)
     assert keep.shape == (0,) and thr.shape == (0,)
+
+
+def test_epoch_selection_drops_cut_rows_then_caps():
+    """select_epoch: with drop_cut_at, a completion cut at max_new_tokens (no EOS) neither trains nor raises its
+    prompt's threshold; max_per_prompt keeps the best rows; the threshold mean is over the prompts that took part."""
+    # prompt 0: a cut 3-token completion scoring 1.0 and three ended ones; prompt 1: only cut completions
+    t = table_rows(
+        [0, 0, 0, 0, 1, 1],
+        [1.0, 0.2, 0.6, 0.4, 0.9, 0.8],
+        [False, True, True, True, False, False],
+        [[1, 2, 3], [4], [5, 6], [7], [1, 1, 1], [2, 2, 2]],
+    )
+    kept = lambda mask: sorted(zip(t["prompt_id"][mask].tolist(), t["score"][mask].tolist()))  # noqa: E731
+    keep, thr = select_epoch(t, 0.5, "per_prompt", 1, None, None, drop_cut_at=3)
+    assert kept(keep) == [(0, 0.4), (0, 0.6)] and thr == pytest.approx(0.4)  # at or above the median of 0.2, 0.4, 0.6
+    keep, _ = select_epoch(t, 0.5, "per_prompt", 1, None, None, drop_cut_at=None)  # overlong: keep
+    assert (0, 1.0) in kept(keep) and (1, 0.9) in kept(keep)
+    keep, _ = select_epoch(t, 0.0, "per_prompt", 1, None, 1, drop_cut_at=None)  # at most one per prompt: the best
+    assert kept(keep) == [(0, 1.0), (1, 0.9)]
+    keep, thr = select_epoch(t[:0], 0.5, "per_prompt", 1, None, None, drop_cut_at=3)
+    assert keep.shape == (0,) and thr is None
