@@ -86,6 +86,8 @@ def position_of(name: str) -> tuple[int, int, int] | None:
     if m.group(4) is None:
         return int(m.group(1)) + 1, 0, 0
     stage = m.group(3) or stage_of(int(m.group(2)))
+    if stage is None:  # a stage number no format had: not a checkpoint's name
+        return None
     return int(m.group(1)), STAGES.index(stage), int(m.group(4))
 
 
@@ -424,7 +426,7 @@ def _world_problem(ckpt: Path, writers: int, world_size: int) -> str | None:
     if writers == world_size or elastic(read_meta(ckpt).get("position", (0, 1, 1))):
         return None
     return (
-        f"checkpoint {ckpt} was taken inside a sampling or training stage by {writers} ranks; this run has "
+        f"checkpoint {ckpt} was taken inside a sampling, scoring or training stage by {writers} ranks; this run has "
         f"{world_size}. A position inside those stages is per rank: resume it with {writers} ranks (a "
         "checkpoint at an epoch's end, or after training, resumes on any number)"
     )

@@ -171,9 +171,12 @@ def _run(cfg: RFTRunConfig, inputs: Inputs, stop_sequences: Sequence[str] | None
             break
         advance(st)  # the next stage in STAGES; after "end", the next epoch
         # between two stages: a safe point; an epoch's end also checkpoints every save_interval epochs and after
-        # the last (a stop asked for after the last epoch ends nothing: the run is done)
+        # the last. After the last there is no safe point: a stop asked for then ends nothing, the run is done.
         due = stage == "end" and bool(t.save_interval) and (st.epoch % t.save_interval == 0 or st.epoch == t.epochs)
-        stopped = safe_point(s, st, save=due) is Outcome.STOPPED and st.epoch < t.epochs
+        if st.epoch < t.epochs:
+            stopped = safe_point(s, st, save=due) is Outcome.STOPPED
+        elif due:
+            save_checkpoint(s, st)
         if stage == "end":
             log.log(st.history[-1])
             if D.is_main():
@@ -671,7 +674,7 @@ def load_checkpoint(s: Setup, ckpt: Path) -> RunState:
         s.best[0].key(s.best[1]) if s.best else None,
         f"{s.best[0].name}/{s.best[1]}" if s.best else None,
     )
-    if s.rt.weight_sync:
+    if s.rt.weight_sync and st.stage != "sync":  # at "sync", the stage itself syncs (and checks) next
         s.rt.weight_sync.sync()
         if s.cfg.sampler.parity_check != "off":
             diff = check_parity(s)

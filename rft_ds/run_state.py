@@ -69,9 +69,12 @@ def advance(st: RunState) -> None:
         st.stage, st.cursor = STAGES[STAGES.index(st.stage) + 1], 0
 
 
-def stage_of(saved: int | str) -> str:
-    """A stage as a checkpoint names it: its name, or (state format 3) its number in FORMAT3_STAGES."""
-    return saved if isinstance(saved, str) else FORMAT3_STAGES[saved]
+def stage_of(saved: int | str) -> str | None:
+    """A stage as a checkpoint names it: its name, or (state format 3) its number in FORMAT3_STAGES; None when
+    it is neither."""
+    if isinstance(saved, str):
+        return saved if saved in STAGES else None
+    return FORMAT3_STAGES[saved] if 0 <= saved < len(FORMAT3_STAGES) else None
 
 
 def elastic(position: tuple[int, int | str, int] | list) -> bool:

@@ -184,7 +184,9 @@ def test_agree_on_resume_falls_back_or_fails_in_one_line(tmp_path):
         f"--resume {c2}: not a complete rft_ds checkpoint: ds/zero_pp_rank_0_mp_rank_00_optim_states.pt "
         f"fails its checksum (found by rank 0)"
     )
-    with pytest.raises(CheckpointError, match="taken inside a sampling or training stage by 2 ranks; this run has 4"):
+    with pytest.raises(
+        CheckpointError, match="taken inside a sampling, scoring or training stage by 2 ranks; this run has 4"
+    ):
         C.agree_on_resume(str(c1), tmp_path, 4)  # these fixtures say no position: taken mid-stage
     with pytest.warns(UserWarning, match="skipping checkpoint .*epoch_00001: checkpoint .* by 2 ranks; this run has 4"):
         assert C.agree_on_resume("auto", tmp_path, 4) is None  # auto: none this world size can continue from

@@ -85,7 +85,9 @@ def test_resume_argument_errors(tmp_path):
     assert resolve_resume(str(c), tmp_path, 2) == c
     assert resolve_resume("auto", tmp_path / "out", 2) == c
     assert resolve_resume(str(tmp_path / "out" / "checkpoints"), tmp_path, 2) == c
-    with pytest.raises(CheckpointError, match="taken inside a sampling or training stage by 2 ranks; this run has 4"):
+    with pytest.raises(
+        CheckpointError, match="taken inside a sampling, scoring or training stage by 2 ranks; this run has 4"
+    ):
         resolve_resume(str(c), tmp_path / "out", 4)  # a fixture without a position counts as mid-stage
     with pytest.warns(UserWarning, match="skipping checkpoint"):
         assert resolve_resume("auto", tmp_path / "out", 4) is None
@@ -171,7 +173,8 @@ def _latest(run: Path) -> str:
 
 @pytest.mark.slow
 def test_stop_or_kill_anywhere_then_resume_gives_identical_weights(tmp_path):
-    """A model WITH dropout (so the training RNG matters): stopped by SIGUSR1 mid-sampling and mid-training,
+    """A model WITH dropout (so the training RNG matters): stopped by SIGUSR1 mid-sampling, between scoring and
+    training (the stale check's probes and the pools carried to the train stage) and mid-training,
     SIGKILLed mid-scoring, mid-sync and mid-save, resumed each time from what was saved (mid-epoch
     checkpoints included), and the final weights and metrics are those of the uninterrupted run. (This is
     also the reproducibility test: the first epochs of the two runs are independent runs of one seed.)"""
@@ -191,6 +194,10 @@ def test_stop_or_kill_anywhere_then_resume_gives_identical_weights(tmp_path):
     p = _run(run, "--resume", "auto", env={"RFT_DS_DIE_AT": "score:2"})
     assert p.returncode != 0 and _latest(run) == "epoch_00002.sample.c000002"
     assert "at epoch 3/6 (sample 2)" in p.stdout
+    # 2b. resume, SIGUSR1 while scoring epoch 2: saved at the safe point after the score stage, before any step
+    p = _run(run, "--resume", "auto", env={"RFT_DS_STOP_AT": "score:2"})
+    assert p.returncode == 3, p.stdout[-3000:] + p.stderr[-3000:]
+    assert _latest(run) == "epoch_00002.train.c000000"
     # 3. resume, SIGUSR1 on rank 1 before the 2nd optimizer step of epoch 2: saved after it
     p = _run(run, "train.resume=auto", env={"RFT_DS_STOP_AT": "train:2:2", "RFT_DS_STOP_RANK": "1"})
     assert p.returncode == 3, p.stdout[-3000:] + p.stderr[-3000:]

@@ -75,6 +75,11 @@ def test_run_state_position_orders_stages():
         < position_of("epoch_00003.score.c000000")
         < position_of("epoch_00003.s1.c000001")
     )
+    # a stage number no format had is not a checkpoint's name (listing and pruning skip it), nor elastic
+    assert position_of("epoch_00001.s7.c000001") is None and position_of("epoch_00001.bogus.c000001") is None
+    from rft_ds.run_state import elastic
+
+    assert not elastic((3, 7, 0)) and not elastic((3, "bogus", 0))
     assert not {"local", "pool", "table"} & set(st.shared())  # per rank, or rebuilt from every rank's pool
 
 

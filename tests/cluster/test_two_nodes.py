@@ -181,7 +181,7 @@ def test_preempted_slurm_job_requeues_and_resumes_on_two_nodes(slurm, work):
     log = Path(f"{run}.log").read_text()
     assert state == "COMPLETED" and restarts >= 1, log[-3000:]
     assert "checkpointed on a stop signal; requeueing" in log
-    assert f"resumed from {run / 'checkpoints' / 'epoch_00002.s'}" in log, log[-3000:]  # stopped inside epoch 3
+    assert f"resumed from {run / 'checkpoints' / 'epoch_00002.'}" in log, log[-3000:]  # stopped inside epoch 3
     _same_as_reference(work, run)
 
 
