@@ -44,8 +44,10 @@ class RFTConfig:
     # how grow steps sample: max_new_tokens, min_new_tokens, do_sample, temperature, top_p, top_k,
     # repetition_penalty; keys given override the defaults, the others keep them
     gen_kwargs: dict = field(default_factory=lambda: dict(DEFAULT_GEN_KWARGS))
-    start_percentile: float = 0.7  # a completion is kept at or above this percentile of its prompt's scores ...
-    end_percentile: float = 0.95  # ... rising to this one over the improve steps after each grow step
+    # a completion is kept at or above this percentile of the scores (its prompt's, under selection.strategy
+    # per_prompt) on a grow step ...
+    start_percentile: float = 0.7
+    end_percentile: float = 0.95  # ... rising to this one over the improve steps after it
     # epochs per grow step: every n-th epoch samples new completions, the ones between retrain on the pools
     n_improve_steps: int = 4
     n_generations_per_prompt: int = 32  # completions sampled per prompt on each grow step (trlx's N)
