@@ -145,7 +145,34 @@ def check_launch(cfg: RFTRunConfig, world: int, cuda: bool | None = None) -> Pat
         check_block_size(cfg.sampler.block_size, on_cpu=not (torch.cuda.is_available() if cuda is None else cuda))
     ckpt = resolve_resume(cfg.train.resume, cfg.train.output_dir, world)
     check_resume_config(ckpt, cfg)
+    check_resume_groups(ckpt, cfg, world)
     return ckpt
+
+
+def engine_groups(cfg: RFTRunConfig, world: int) -> int:
+    """How many engine groups the prompts are dealt to: world / sampler.tensor_parallel_size (hf: one a rank)."""
+    return world // (cfg.sampler.tensor_parallel_size if cfg.sampler.backend == "vllm" else 1)
+
+
+def check_resume_groups(ckpt: Path | None, cfg: RFTRunConfig, world: int) -> None:
+    """A checkpoint taken inside sampling, scoring or training holds each rank's completions of its engine
+    group's prompts: with another number of groups (sampler.tensor_parallel_size changed) they would be paired
+    with other prompts. Refused in one line, --resume-force or not; at an epoch's end, or after training,
+    nothing per group is pending and any number of groups resumes."""
+    from rft_ds.checkpoint import read_meta
+    from rft_ds.run_state import elastic
+
+    meta = read_meta(ckpt) if ckpt is not None else {}
+    saved = (meta.get("shard") or {}).get("groups")
+    now = engine_groups(cfg, world)
+    if saved is None or saved == now or elastic(meta.get("position", (0, 0, 0))):
+        return
+    raise ConfigError(
+        f"checkpoint {ckpt} was taken inside an epoch's sampling or training with the prompts dealt to {saved} "
+        f"engine groups; this run deals them to {now} (sampler.tensor_parallel_size="
+        f"{cfg.sampler.tensor_parallel_size} on {world} ranks): resume it with "
+        f"sampler.tensor_parallel_size={world // saved}, or from a checkpoint at an epoch's end"
+    )
 
 
 def check_resume_config(ckpt: Path | None, cfg: RFTRunConfig) -> None:

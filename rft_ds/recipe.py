@@ -50,7 +50,14 @@ from rft_ds.faults import maybe_die
 from rft_ds.learner import TrainStats, checkpoint_plan
 from rft_ds.metrics import MetricsLog, format_epoch, memory_gb, open_sinks, plain
 from rft_ds.pool import LocalPool
-from rft_ds.preflight import Inputs, check_resume_config, check_shared_output, prepare, tensorboard_on
+from rft_ds.preflight import (
+    Inputs,
+    check_resume_config,
+    check_resume_groups,
+    check_shared_output,
+    prepare,
+    tensorboard_on,
+)
 from rft_ds.reward_terms import load_reward_models
 from rft_ds.run_state import STAGES, RunState, advance
 from rft_ds.samples import Samples, pick_probes, sample_seed
@@ -211,6 +218,7 @@ def setup(
     # Resolved once, after the process group exists: rank 0 picks, every rank checks its own files, all agree.
     ckpt = checkpoint.agree_on_resume(t.resume, t.output_dir, D.world_size())
     check_resume_config(ckpt, cfg)  # again: a fallback may have picked an older checkpoint than prepare saw
+    check_resume_groups(ckpt, cfg, D.world_size())
     universal, ds_config = None, p.ds_config
     if ckpt is not None and checkpoint.written_by(ckpt) != D.world_size():  # elastic resume
         universal = checkpoint.universal_copy(ckpt)

@@ -96,6 +96,35 @@ def test_resume_argument_errors(tmp_path):
     assert resolve_resume(str(end), tmp_path / "out", 1) == end
 
 
+def test_resume_inside_sampling_with_other_engine_groups_is_refused(tmp_path):
+    """Issue 31, 4: a checkpoint taken inside an epoch holds completions of each engine group's prompts;
+    another sampler.tensor_parallel_size deals the prompts to other groups, so it is refused in one line
+    (resume_force or not); at an epoch's end any number of groups resumes."""
+    from rft_ds.config import ConfigError, RFTRunConfig
+    from rft_ds.preflight import check_resume_groups
+
+    def ckpt(name: str, position: list, groups: int) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "meta.json").write_text(
+            json.dumps({"position": position, "shard": {"plan": "interleaved", "groups": groups}})
+        )
+        return d
+
+    cfg = RFTRunConfig.from_dict({"model": {"model_path": "m"}, "sampler": {"tensor_parallel_size": 2}})
+    cfg.train.resume_force = True
+    inside = ckpt("inside", [2, "sample", 1], groups=2)  # 2 ranks, one rank per engine
+    with pytest.raises(
+        ConfigError, match="dealt to 2 engine groups; this run deals them to 1 .*tensor_parallel_size=1"
+    ):
+        check_resume_groups(inside, cfg, 2)
+    check_resume_groups(ckpt("boundary", [3, "sample", 0], groups=2), cfg, 2)  # an epoch's end: fine
+    check_resume_groups(ckpt("format3", [2, 3, 0], groups=2), cfg, 2)  # after training (eval): fine
+    check_resume_groups(ckpt("same", [2, "train", 4], groups=1), cfg, 2)  # the same groups
+    cfg.sampler.backend = "hf"  # one group a rank
+    check_resume_groups(inside, cfg, 2)
+
+
 def test_elastic_positions():
     from rft_ds.checkpoint import elastic
 
