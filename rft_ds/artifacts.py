@@ -48,8 +48,18 @@ def warn_foreign_best_model(out: Path, run_id: str) -> None:
 def resumed_best(
     saved: dict | None, out: Path, run_id: str, metric_key: str | None, metric_name: str | None
 ) -> dict | None:
-    """The run state's best on resume: kept when best_model/ is still this run's and was picked by today's
-    train.best_metric (metric_key, None: no best_model/), else None (the next eval rewrites it), said once."""
+    """Collective: the run state's best on resume, decided on rank 0 and broadcast. It decides whether the next
+    eval writes best_model/ (a save every rank joins), so no rank reads the mark for itself: a file system
+    with per-node caches could show two ranks two answers, and a rank that saved alone would hang."""
+    decided = _resumed_best(saved, out, run_id, metric_key, metric_name) if D.is_main() else None
+    return D.broadcast_object(decided)
+
+
+def _resumed_best(
+    saved: dict | None, out: Path, run_id: str, metric_key: str | None, metric_name: str | None
+) -> dict | None:
+    """Kept when best_model/ is still this run's and was picked by today's train.best_metric (metric_key,
+    None: no best_model/), else None (the next eval rewrites it), said once."""
     if saved is not None and best_model_run(out) != run_id:  # best_model/ was overwritten by another run
         if D.is_main():
             console.say(f"[rft_ds] note: {out / 'best_model'} is not this run's ({run_id}); the next eval rewrites it")

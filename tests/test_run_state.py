@@ -153,3 +153,23 @@ def test_best_model_belongs_to_a_run(tmp_path, capsys):
     assert _best_model_run(tmp_path) == "abc"
     _warn_foreign_best_model(tmp_path, "def")
     assert "holds run abc's weights, not this run's (def)" in capsys.readouterr().out
+
+
+def test_resumed_best_is_decided_once_for_every_rank(tmp_path):
+    """Issue 31, 6: whether best_model/ is still this run's decides a save every rank joins, so rank 0 reads
+    the mark and every rank takes its answer (here rank 1's view of the directory has no mark at all)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from rft_ds.distributed import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    p = subprocess.run(
+        cmd + ["tests/dist/best_agree.py", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert a == b and a is not None and a["run_id"] == "run1"
