@@ -122,6 +122,29 @@ def _weights(path: Path) -> dict:
     return load_file(path / "model.safetensors")
 
 
+def test_lora_dropout_does_not_reach_the_stale_check(tiny_model, tmp_path):
+    """Issue 31, 5: with model.lora.dropout, a training forward is noisy, but the stale-weight check compares
+    log-probs from Learner.probe_diffs, which runs in eval mode: two calls give the same numbers, so the check
+    is enforced against a deterministic forward and cannot stop a healthy run."""
+    import subprocess
+    import sys
+
+    from rft_ds.distributed import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "1", "--master_port", str(free_port())]
+    ds = root / "rft_ds" / "ds_configs" / "zero3_cpu.json"
+    p = subprocess.run(
+        cmd + ["tests/dist/lora_probe.py", str(tiny_model), str(ds)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "PROBE_EQUAL 1" in p.stdout and "TRAIN_DIFFERS 1" in p.stdout, p.stdout[-2000:]
+
+
 @pytest.mark.slow
 def test_lora_run_exports_and_resumes(tmp_path):
     from peft import PeftModel
