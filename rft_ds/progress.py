@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable, Iterable
 
 
 def enabled(setting: bool | None, is_main: bool) -> bool:
-    """train.progress: None shows bars when stderr is a terminal (not in log files); rank 0 only."""
+    """train.progress: None shows bars when the terminal's stderr is a terminal (not in log files); rank 0
+    only. The terminal's: under `rft-ds train` the process's own stderr is the rank's log by then."""
+    from rft_ds import console
+
     if not is_main:
         return False
-    return sys.stderr.isatty() if setting is None else bool(setting)
+    return console.err().isatty() if setting is None else bool(setting)
 
 
 def bar(

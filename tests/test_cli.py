@@ -301,3 +301,37 @@ def test_code_example_config_passes_check(env, capsys):
     )
     out = capsys.readouterr()
     assert rc == 0, out.err[-2000:]
+
+
+def test_progress_bars_follow_the_terminal_not_the_log(tmp_path):
+    """Issue 31, 10: under `rft-ds train` stderr is the rank's log by the time the recipe asks whether to draw
+    bars; train.progress: null must ask the terminal's stderr (here a pty), and say no when it is a file."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path; from rft_ds import console, progress; "
+        "console.redirect(Path(sys.argv[1])); print('BARS', int(progress.enabled(None, True)), file=console.out())"
+    )
+    leader, follower = pty.openpty()
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "rank0.log")],
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        text=True,
+        timeout=120,
+    )
+    os.close(follower)
+    os.close(leader)
+    assert p.returncode == 0 and "BARS 1" in p.stdout, p.stdout
+    with open(tmp_path / "stderr.txt", "w") as f:  # not a terminal: no bars
+        p = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / "rank0.log")],
+            stdout=subprocess.PIPE,
+            stderr=f,
+            text=True,
+            timeout=120,
+        )
+    assert p.returncode == 0 and "BARS 0" in p.stdout, p.stdout
