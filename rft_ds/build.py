@@ -85,3 +85,14 @@ def make_sampler(
         trust_remote_code=cfg.model.trust_remote_code,
     )
     return sampler, WeightSync(learner.module, sampler, sp.sync_bucket_mb, engine_dtype(sp.dtype, ds_config))
+
+
+def tolerances(engine: Any, training: Any, parity: float | None, stale: float | None) -> tuple[float, float]:
+    """(parity, stale-weight) tolerances of the engine's log-probs against the learner's. Half precision on
+    either side rounds the logits (one bf16 step of a logit near 32-64 is 0.25, so a 30-layer model differs
+    by ~0.1-0.2; SmolLM2-135M: 0.04-0.12 measured): 0.5 and 0.1; float32 on both sides: 1e-3. engine None:
+    the sampler is the training module. sampler.parity_tolerance / stale_tolerance, when set, win."""
+    import torch
+
+    half = any(d in (torch.bfloat16, torch.float16) for d in (engine, training) if d is not None)
+    return parity or (0.5 if half else 1e-3), stale or (0.1 if half else 1e-3)

@@ -169,12 +169,12 @@ class SamplerConfig:
     sync_bucket_mb: float = 64.0  # weight sync gathers at most about this much at a time
     chunk_prompts: int = 256  # prompts per sampling call; a stop signal is honoured between chunks
     parity_check: str = "first"  # first: after the first sync of every run; always; off
-    parity_tolerance: Optional[float] = None  # max |logprob diff|; None: 1e-3 in fp32, 0.5 in bf16/fp16
+    parity_tolerance: Optional[float] = None  # max |logprob diff|; None: 0.5 when engine or training is half, else 1e-3
     parity_probes: int = 4  # prompts the parity check compares engine and training log-probs on
     # Stale-weight check, every grow step: mean |engine log p - training model log p| over the tokens of a few
     # completions per rank (stale_probes, each of another prompt of the first sampling chunk, drawn from the seed),
     # the only ones the engine returns log-probs for; compared before the first update, in forwards without
-    # gradient. None: 1e-3 for an fp32 engine, 0.1 in bf16/fp16.
+    # gradient. None: 0.1 when the engine or the training dtype is bf16/fp16, else 1e-3.
     stale_tolerance: Optional[float] = None
     stale_probes: int = 8  # completions per rank the stale-weight check compares (see stale_tolerance)
 

@@ -494,11 +494,10 @@ def check_smollm2_build() -> None:
 
 
 def engine_dtype(setting: str, ds_config: dict) -> Any:
-    """The vLLM engine's dtype: sampler.dtype, or under auto bfloat16 when training is bf16, else float32."""
+    """The vLLM engine's dtype: sampler.dtype, or under auto the training dtype (bf16, fp16 or float32: an
+    fp16 run gets a float16 engine, not a float32 one at twice the memory)."""
     import torch
 
     from rft_ds.learner import training_dtype
 
-    if setting != "auto":
-        return getattr(torch, setting)
-    return torch.bfloat16 if training_dtype(ds_config) == torch.bfloat16 else torch.float32
+    return training_dtype(ds_config) if setting == "auto" else getattr(torch, setting)

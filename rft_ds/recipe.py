@@ -31,7 +31,7 @@ import yaml
 
 from rft_ds import artifacts, console, evaluation, progress, replay
 from rft_ds import distributed as D
-from rft_ds.build import make_sampler, new_learner
+from rft_ds.build import make_sampler, new_learner, tolerances
 from rft_ds.config import EvalSet, RFTRunConfig, yaml_safe
 from rft_ds.data import PromptRecord, PromptSet, deal_prompts
 from rft_ds.evaluation import EvalData, best_key
@@ -47,7 +47,7 @@ from rft_ds.experience import (
     rows_for_rank,
 )
 from rft_ds.faults import maybe_die
-from rft_ds.learner import TrainStats, checkpoint_plan
+from rft_ds.learner import TrainStats, checkpoint_plan, training_dtype
 from rft_ds.metrics import MetricsLog, format_epoch, memory_gb, open_sinks, plain
 from rft_ds.pool import LocalPool
 from rft_ds.preflight import (
@@ -249,9 +249,10 @@ def setup(
         group,
         list(stop_sequences if stop_sequences is not None else cfg.reward.stop_sequences),
     )
-    half = not (weight_sync and weight_sync.dtype == torch.float32)
-    # bf16/fp16: the engine's logits are rounded to half precision, and one bf16 step of a logit near 32-64 is
-    # 0.25, so a 30-layer model legitimately differs by ~0.1-0.2 (SmolLM2-135M: 0.04-0.12 measured)
+    engine = weight_sync.dtype if weight_sync else None
+    parity_tol, stale_tol = tolerances(
+        engine, training_dtype(ds_config), cfg.sampler.parity_tolerance, cfg.sampler.stale_tolerance
+    )
     s = Setup(
         cfg,
         p.rewards,
@@ -268,8 +269,8 @@ def setup(
         n_groups,
         contributes,
         progress.enabled(t.progress, D.is_main()),
-        parity_tol=cfg.sampler.parity_tolerance or (0.5 if half else 1e-3),
-        stale_tol=cfg.sampler.stale_tolerance or (0.1 if half else 1e-3),
+        parity_tol=parity_tol,
+        stale_tol=stale_tol,
         prompts_digest=checkpoint.prompts_digest(p.prompts.texts, p.prompts.metadata),
         job_end=D.broadcast_object(job_end_time(os.environ) if D.is_main() else None),
         universal=universal,

@@ -296,3 +296,24 @@ def test_a_pathlib_path_is_taken_where_a_path_goes():
 
     cfg = RFTRunConfig.from_dict({"model": {"model_path": Path("/models/m")}, "train": {"output_dir": Path("out")}})
     assert cfg.model.model_path == "/models/m" and cfg.train.output_dir == "out"
+
+
+def test_one_training_dtype_decides_engine_dtype_and_tolerances():
+    """Issue 31, 3: the DeepSpeed config's precision is read in one place (learner.training_dtype); an fp16 run
+    gets a float16 engine under sampler.dtype auto; the tolerances are half-precision ones when either the
+    engine or the learner is half precision; an explicit tolerance wins."""
+    import torch
+
+    from rft_ds.build import tolerances
+    from rft_ds.learner import training_dtype
+    from rft_ds.preflight import engine_dtype
+
+    fp16, bf16, fp32 = {"fp16": {"enabled": True}}, {"bf16": {"enabled": True}}, {}
+    assert [training_dtype(c) for c in (fp16, bf16, fp32)] == [torch.float16, torch.bfloat16, torch.float32]
+    assert [engine_dtype("auto", c) for c in (fp16, bf16, fp32)] == [torch.float16, torch.bfloat16, torch.float32]
+    assert engine_dtype("float32", bf16) == torch.float32
+    assert tolerances(torch.float32, torch.float32, None, None) == (1e-3, 1e-3)
+    assert tolerances(torch.float32, torch.bfloat16, None, None) == (0.5, 0.1)  # fp32 engine, bf16 learner
+    assert tolerances(torch.float16, torch.float32, None, None) == (0.5, 0.1)
+    assert tolerances(None, torch.float32, None, None) == (1e-3, 1e-3)  # the hf sampler: the module itself
+    assert tolerances(torch.bfloat16, torch.bfloat16, 0.2, 0.05) == (0.2, 0.05)
