@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -38,6 +40,13 @@ def exclusive(path: Path, timeout_s: float, what: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def tmp_path(path: str | Path) -> Path:
+    """Where a builder writes before its rename into place: `<path>.tmp.<host>.<pid>`. Named by host too: on
+    a shared file system whose locks are local to each node, builders on two nodes may share a pid."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
 
 
 def build_once(

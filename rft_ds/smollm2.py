@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import shutil
 from pathlib import Path
+
+from rft_ds.locked_build import build_once, tmp_path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -59,7 +60,7 @@ def build(path: str | Path) -> Path:
     if is_built(path):
         return path
     src = gguf_path()
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+    tmp = tmp_path(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     quantized = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
@@ -93,8 +94,6 @@ def build(path: str | Path) -> Path:
 
 def ensure(path: str | Path) -> Path:
     """Build once per file system: every rank may call it at once, on any node (rft_ds.locked_build)."""
-    from rft_ds.locked_build import build_once
-
     return build_once(path, is_built, build, f"the SmolLM2 model at {path}")
 
 

@@ -15,6 +15,8 @@ import string
 from pathlib import Path
 from typing import Any
 
+from rft_ds.locked_build import build_once, tmp_path
+
 LETTERS = string.ascii_lowercase
 _ALPHABET = LETTERS + string.digits + " :.,-?!=+"
 
@@ -107,7 +109,7 @@ def build_tiny_model(
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     out = Path(out_dir)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp = tmp_path(out)
     tok = build_tokenizer(tmp, seed=seed)
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -137,8 +139,6 @@ def build_tiny_model(
 
 def ensure_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
     """Build once per file system: every rank may call it at once, on any node (rft_ds.locked_build)."""
-    from rft_ds.locked_build import build_once
-
     return build_once(
         path,
         lambda p: (p / "config.json").exists(),

@@ -49,3 +49,20 @@ def test_lock_wait_is_bounded(tmp_path):
 def _hold(path: str) -> None:
     with exclusive(Path(path), 1, "x"):
         pass
+
+
+def test_builders_on_two_nodes_never_share_a_temporary_directory(monkeypatch, tmp_path):
+    """Issue 31, 16: with flock local to each node, builders on two nodes may run at once, and may share a
+    pid: the temporary directory is named by host and pid, and still matches the stale-leftover pattern."""
+    import os
+    import socket
+
+    from rft_ds.locked_build import tmp_path as where
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-a")
+    a = where(tmp_path / "model")
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-b")
+    b = where(tmp_path / "model")
+    assert a != b and a.name == f"model.tmp.node-a.{os.getpid()}" and b.name == f"model.tmp.node-b.{os.getpid()}"
+    a.mkdir()
+    assert list(tmp_path.glob("model.tmp*")) == [a]  # build_once's pattern for a dead builder's leftovers
