@@ -541,9 +541,10 @@ def score_terms(
 
 class HttpScorer:
     """A reward server over HTTP: POST {"prompts", "completions", "metadata"} as JSON, read the scores (a JSON
-    list, or {"rewards": [...]} as OpenRLHF's server replies, or {"scores": [...]}). Connection errors and
-    5xx replies are retried with exponential backoff; 4xx replies and read timeouts are not (a request the
-    server rejects, or one it cannot answer in time, would only be repeated)."""
+    list, or {"rewards": [...]} as OpenRLHF's server replies, or {"scores": [...]}). Connection errors, read
+    timeouts (a server busy with other ranks' requests, a lost reply) and 5xx replies are retried with
+    exponential backoff, each try within reward.timeout_s; 4xx replies are not (a request the server rejects
+    would only be rejected again)."""
 
     def __init__(self, url: str, timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 0.5) -> None:
         self.url, self.timeout_s, self.retries, self.backoff_s = url, timeout_s, retries, backoff_s
@@ -567,10 +568,9 @@ class HttpScorer:
             except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as e:
                 reason = getattr(e, "reason", e)
                 if isinstance(reason, TimeoutError) or "timed out" in str(reason):
-                    raise RewardError(
-                        f"reward.url {self.url}: no reply within {self.timeout_s:g} s (reward.timeout_s)"
-                    ) from None
-                why = f"{type(reason).__name__}: {reason}"
+                    why = f"no reply within {self.timeout_s:g} s (reward.timeout_s)"
+                else:
+                    why = f"{type(reason).__name__}: {reason}"
             if attempt == self.retries:
                 raise RewardError(f"reward.url {self.url}: {why} after {attempt + 1} tries")
             time.sleep(self.backoff_s * 2**attempt)

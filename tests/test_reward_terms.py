@@ -201,7 +201,7 @@ class Server:
                         }
                     ),
                 )
-                if self.path == "/slow":
+                if self.path == "/slow" or (self.path == "/slow-once" and hits[self.path] == 1):
                     time.sleep(2)
                 elif self.path == "/flaky" and hits[self.path] == 1:
                     status, reply = 500, "overloaded"
@@ -259,8 +259,12 @@ def test_remote_scorer_against_a_live_server(server):
         remote(server.base + "/short")
     with pytest.raises(RewardError, match=r"/nolist: the reply holds no list of scores"):
         remote(server.base + "/nolist")
-    with pytest.raises(RewardError, match=r"/slow: no reply within 0.5 s \(reward.timeout_s\)"):
+    # issue 31, 15: a read timeout is retried like a connection error (the first reply here is late, the second not)
+    assert remote(server.base + "/slow-once", timeout_s=0.5).tolist() == [4, 0, 8, 2]
+    assert server.hits["/slow-once"] == 2
+    with pytest.raises(RewardError, match=r"/slow: no reply within 0.5 s \(reward.timeout_s\) after 3 tries"):
         remote(server.base + "/slow", timeout_s=0.5)
+    assert server.hits["/slow"] == 3
 
 
 def test_remote_scorer_dead_server():
