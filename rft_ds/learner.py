@@ -161,6 +161,16 @@ def training_dtype(ds_config: dict) -> Any:
     return torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32
 
 
+def takes_logits_to_keep(model: Any) -> bool:
+    """Whether the model's forward takes logits_to_keep (by name, or as any keyword): transformers' own models
+    do; a model with its own code (model.trust_remote_code) may not, and would fail on the keyword."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters.values()
+    return any(p.name == "logits_to_keep" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 def checkpoint_tokens(model_config: dict, dtype_bytes: int, budget: int = ACTIVATION_BUDGET) -> int:
     """The tokens of a micro-batch past which gradient checkpointing pays under model.gradient_checkpointing:
     auto: where its stored activations, ACTIVATION_BYTES x hidden x layers per token (x2 in float32), would pass
@@ -291,6 +301,7 @@ class Learner:
         dtype = training_dtype(ds_config)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
         self.dtype = dtype
+        self.keeps = takes_logits_to_keep(model)  # a model's own code may not: then full logits, sliced here
         self.sp = None
         if sequence_parallel > 1:
             from rft_ds import sequence_parallel as SP
@@ -344,7 +355,9 @@ class Learner:
             model.enable_input_require_grads()
         # the LM head computes label log-probs in chunks (bounded memory); not when LoRA adapts the head itself
         self.head = (
-            install(model, logprob_chunk, lora.target_modules if lora is not None else ()) if logprob_chunk else None
+            install(model, logprob_chunk, lora.target_modules if lora is not None else ())
+            if logprob_chunk and self.keeps
+            else None
         )
         if lora is not None:
             from rft_ds.lora import wrap
@@ -354,7 +367,15 @@ class Learner:
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config
         )
-        self.head_off = None if self.head is not None else "not asked" if not logprob_chunk else "no linear LM head"
+        self.head_off = (
+            None
+            if self.head is not None
+            else "not asked"
+            if not logprob_chunk
+            else "its forward takes no logits_to_keep"
+            if not self.keeps
+            else "no linear LM head"
+        )
         if self.head is not None and not returns_head_output(self.engine, self.head, self.device):
             self.head, self.head_off = None, "the model changes its LM head's output (soft-capping or scaling)"
         self.micro_batch_size = ds_config["train_micro_batch_size_per_gpu"]
@@ -483,15 +504,16 @@ class Learner:
         """log p of targets[b, j], the token that follows position keep[j] of row b, wherever it is not
         IGNORE_INDEX (row-major, with its graph): through the chunked head when there is one (memory
         O(chunk x vocabulary)), else from the logits at those positions."""
-        kwargs = dict(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep, use_cache=False
-        )
+        kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        if self.keeps:
+            kwargs["logits_to_keep"] = keep
         if self.head is not None:
             with self.head.label_mode(targets):
                 out = self.engine(**kwargs)
             self.head.last = None  # only the start-up check reads it
             return out.logits
-        return target_logprobs(self.engine(**kwargs).logits, targets)
+        logits = self.engine(**kwargs).logits
+        return target_logprobs(logits if self.keeps else logits[:, keep], targets)
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])

@@ -335,3 +335,26 @@ def test_progress_bars_follow_the_terminal_not_the_log(tmp_path):
             timeout=120,
         )
     assert p.returncode == 0 and "BARS 0" in p.stdout, p.stdout
+
+
+def test_a_model_whose_forward_takes_no_logits_to_keep_trains(tiny_model, tmp_path):
+    """Issue 31, 9: a model with its own code whose forward has neither logits_to_keep nor **kwargs trains:
+    the learner sees it from the signature, keeps the chunked head off (saying why) and slices full logits;
+    its label log-probs equal transformers' own class's on the same weights."""
+    from rft_ds.distributed import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "1", "--master_port", str(free_port())]
+    ds = root / "rft_ds" / "ds_configs" / "zero3_cpu.json"
+    p = subprocess.run(
+        cmd + ["tests/dist/no_logits_to_keep.py", str(tiny_model), str(ds), str(tmp_path)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "HEAD_OFF its forward takes no logits_to_keep" in p.stdout, p.stdout[-2000:]
+    diff = float(next(line for line in p.stdout.splitlines() if line.startswith("MAX_DIFF")).split()[1])
+    assert diff < 1e-5, diff
