@@ -80,7 +80,8 @@ class SyncStats:
 
 class WeightSync:
     """Streams the module's weights into the engine: every parameter, or for a LoRA model (rft_ds.lora) the
-    merged adapted weights, with the frozen ones on the first sync only."""
+    merged adapted weights, with the frozen ones on the first sync only, and again whenever the engine has
+    dropped its weights since (GPU sleep mode level 2: `sampler.weights_dropped`), or they would be lost."""
 
     def __init__(self, module: torch.nn.Module, sampler: Any, bucket_mb: float, dtype: torch.dtype) -> None:
         self.module = module
@@ -96,7 +97,7 @@ class WeightSync:
         self.stats = SyncStats()
         self.n_syncs = 0
 
-    def _weights(self, stats: SyncStats) -> Iterator[tuple[str, torch.Tensor]]:
+    def _weights(self, stats: SyncStats, full: bool) -> Iterator[tuple[str, torch.Tensor]]:
         import deepspeed
 
         from rft_ds.faults import maybe_corrupt
@@ -106,7 +107,7 @@ class WeightSync:
         def release(n: int) -> None:
             alive[0] -= n
 
-        for bucket in self.first_buckets if self.n_syncs == 0 else self.later_buckets:
+        for bucket in self.first_buckets if full else self.later_buckets:
             params = [p for _, item in bucket for p in item.params]
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 gathered = sum(p.numel() * p.element_size() for p in params)
@@ -127,7 +128,8 @@ class WeightSync:
         """Hand the current trained weights to the engine. Collective: every rank calls it."""
         stats = SyncStats()
         t = time.perf_counter()
-        weights = self._weights(stats)
+        # every weight when the engine holds none of ours: the first sync, or after it dropped them (sleep level 2)
+        weights = self._weights(stats, self.n_syncs == 0 or bool(getattr(self.sampler, "weights_dropped", False)))
         with D.all_ranks_or_fail("weight sync"):  # an engine that failed on one rank stops every rank
             try:
                 self.sampler.load_weights(weights)

@@ -201,3 +201,46 @@ def test_lora_run_exports_and_resumes(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     exported = _weights(out)
     assert max((exported[k] - final[k]).abs().max().item() for k in final) < 1e-6
+
+
+class _SleepyEngine:
+    """Holds what it was sent, by name; sleep() drops every tensor (zeroes it), as vLLM's level-2 sleep frees
+    the weights, and says so (weights_dropped) until the next load."""
+
+    def __init__(self):
+        self.held, self.weights_dropped = {}, False
+
+    def load_weights(self, weights):
+        for name, t in weights:
+            self.held[name] = t.clone()
+        self.weights_dropped = False
+
+    def sleep(self):
+        for t in self.held.values():
+            t.zero_()
+        self.weights_dropped = True
+
+
+def test_lora_sync_after_a_level_2_sleep_sends_every_weight(tiny_model):
+    """Issue 31, 1: under LoRA the frozen matrices go on the first sync only; after a sleep that dropped the
+    engine's weights, the next sync must send them again, or the engine samples from zeros."""
+    from transformers import AutoModelForCausalLM
+
+    from rft_ds.weight_sync import WeightSync
+
+    model = wrap(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), LoraSpec(r=4, alpha=8))
+    engine = _SleepyEngine()
+    sync = WeightSync(model, engine, 1.0, torch.float32)
+    sync.sync()
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p)  # "training" moved the adapters
+    engine.sleep()
+    second = sync.sync()
+    want = {i.name: merged(i) for i in sync_items(model)}
+    assert sorted(engine.held) == sorted(want)
+    for name, t in want.items():
+        torch.testing.assert_close(engine.held[name], t, rtol=0, atol=1e-6, msg=name)
+    engine.weights_dropped = False  # no sleep: only what changes is sent again
+    third = sync.sync()
+    assert third.bytes < second.bytes

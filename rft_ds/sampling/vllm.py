@@ -205,6 +205,7 @@ class VLLMSampler:
         self.eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         self.sleep_mode = enable_sleep_mode
         self.asleep = False
+        self.weights_dropped = False  # level-2 sleep dropped the weights: the next sync must send every one
 
     def generate(
         self,
@@ -283,12 +284,14 @@ class VLLMSampler:
         if self.sleep_mode and not self.asleep:
             self.llm.sleep(level=2)  # level 2 drops weights: the next sync refills them, never from disk
             self.asleep = True
+            self.weights_dropped = True  # all of them: a sync that sends only the changed ones would leave holes
 
     def load_weights(self, weights: Any) -> None:
         """Stream (hf_name, tensor) pairs into the engine in place, then drop cached prefixes."""
         if self.asleep:
             self.llm.wake_up(tags=["weights"])
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.weights_dropped = False
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
