@@ -62,6 +62,7 @@ def make_sampler(
     from rft_ds.weight_sync import WeightSync
 
     sp = cfg.sampler
+    dtype = engine_dtype(sp.dtype, ds_config)
     max_model_len, kv_bytes = engine_limits(cfg, ds_config)
     if sp.kv_cache_memory_bytes is None and kv_bytes is not None and kv_bytes > CPU_KV_BYTES and D.is_main():
         console.say(
@@ -73,7 +74,7 @@ def make_sampler(
         cfg.model.model_path,
         tokenizer,
         seed=sample_seed(cfg.train.seed, -1, group, 2),
-        dtype=str(engine_dtype(sp.dtype, ds_config)).removeprefix("torch."),
+        dtype=str(dtype).removeprefix("torch."),
         max_model_len=max_model_len,
         tensor_parallel_size=sp.tensor_parallel_size,
         gpu_memory_utilization=sp.gpu_memory_utilization,
@@ -84,7 +85,7 @@ def make_sampler(
         stop_sequences=stop_sequences,
         trust_remote_code=cfg.model.trust_remote_code,
     )
-    return sampler, WeightSync(learner.module, sampler, sp.sync_bucket_mb, engine_dtype(sp.dtype, ds_config))
+    return sampler, WeightSync(learner.module, sampler, sp.sync_bucket_mb, dtype)
 
 
 def tolerances(engine: Any, training: Any, parity: float | None, stale: float | None) -> tuple[float, float]:

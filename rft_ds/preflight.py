@@ -43,7 +43,6 @@ class Inputs:
 class Prepared:
     """What the start-up steps found, for setup: nothing here holds model weights."""
 
-    resume_from: Path | None  # the checkpoint train.resume names (setup agrees on it again, collectively)
     rewards: list  # reward_terms.RewardTerm, in config order (reward models: config.json checked, not loaded)
     prompts: PromptSet  # the training prompts, tokenized (their replay prompts in .replay)
     evals: list[EvalData]  # eval sets, in order (empty: no eval)
@@ -78,7 +77,7 @@ def steps(
         return all(r is not FAILED for r in results)
 
     check_only = notes is not None
-    ckpt = attempt(check_launch, cfg, world, cuda)
+    attempt(check_launch, cfg, world, cuda)  # the resume target too: setup agrees on it, collectively
     rewards = attempt(build_terms, cfg.reward, inputs.reward_fn)  # reward models: config.json checked, loaded in setup
     attempt(check_metric_sinks, cfg.train)
     sets = attempt(parse_sets, cfg, inputs.eval_prompts, inputs.metric_fn)
@@ -115,7 +114,7 @@ def steps(
     for i, ev in enumerate(evals):
         attempt(check_arguments, ev.rewards, {k for m in ev.prompts.metadata for k in m})
         attempt(check_prompts, ev.rewards, ev.prompts.metadata, eval_where(cfg, i))
-    return Prepared(ckpt, rewards, prompts, evals, best, tokenizer, ds_config, max_len)
+    return Prepared(rewards, prompts, evals, best, tokenizer, ds_config, max_len)
 
 
 def launch_world_size() -> int:
@@ -149,9 +148,9 @@ def check_launch(cfg: RFTRunConfig, world: int, cuda: bool | None = None) -> Pat
     return ckpt
 
 
-def engine_groups(cfg: RFTRunConfig, world: int) -> int:
-    """How many engine groups the prompts are dealt to: world / sampler.tensor_parallel_size (hf: one a rank)."""
-    return world // (cfg.sampler.tensor_parallel_size if cfg.sampler.backend == "vllm" else 1)
+def ranks_per_engine(cfg: RFTRunConfig) -> int:
+    """Ranks that share one engine, and so one share of the prompts: sampler.tensor_parallel_size (hf: 1)."""
+    return cfg.sampler.tensor_parallel_size if cfg.sampler.backend == "vllm" else 1
 
 
 def check_resume_groups(ckpt: Path | None, cfg: RFTRunConfig, world: int) -> None:
@@ -164,7 +163,7 @@ def check_resume_groups(ckpt: Path | None, cfg: RFTRunConfig, world: int) -> Non
 
     meta = read_meta(ckpt) if ckpt is not None else {}
     saved = (meta.get("shard") or {}).get("groups")
-    now = engine_groups(cfg, world)
+    now = world // ranks_per_engine(cfg)
     if saved is None or saved == now or elastic(meta.get("position", (0, 0, 0))):
         return
     raise ConfigError(

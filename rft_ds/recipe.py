@@ -56,6 +56,7 @@ from rft_ds.preflight import (
     check_resume_groups,
     check_shared_output,
     prepare,
+    ranks_per_engine,
     tensorboard_on,
 )
 from rft_ds.reward_terms import load_reward_models
@@ -223,9 +224,7 @@ def setup(
     if ckpt is not None and checkpoint.written_by(ckpt) != D.world_size():  # elastic resume
         universal = checkpoint.universal_copy(ckpt)
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
-    group, n_groups, contributes = engine_group(
-        D.rank(), D.world_size(), cfg.sampler.tensor_parallel_size if cfg.sampler.backend == "vllm" else 1
-    )
+    group, n_groups, contributes = engine_group(D.rank(), D.world_size(), ranks_per_engine(cfg))
     if any(r.reward_model for r in p.rewards):
         with D.all_ranks_or_fail("loading the reward model"):  # a rank that cannot load it stops them all
             load_reward_models(p.rewards)  # eval sets without their own reward_fn share these terms
