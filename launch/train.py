@@ -7,14 +7,13 @@ as --config. Needs rft_ds installed (`make venv` installs it editable; `pip inst
 from __future__ import annotations
 
 import argparse
-import sys
 
 # Before the heavy imports: a stop signal during start-up is kept for the first safe point, not fatal.
 from rft_ds.faults import SIGNALS
 
 SIGNALS.install()
 
-from rft_ds.cli import EXIT_STOPPED, is_collective_failure, train_rank  # noqa: E402,F401 (re-exported for tests)
+from rft_ds.cli import EXIT_STOPPED, end_process, is_collective_failure, train_rank  # noqa: E402,F401 (re-exported for tests)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,4 +33,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_process(main())

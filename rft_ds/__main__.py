@@ -1,7 +1,5 @@
 """`python -m rft_ds ...` and `deepspeed --module rft_ds train CONFIG ...`: the `rft-ds` command."""
 
-import sys
+from rft_ds.cli import end_process, main
 
-from rft_ds.cli import main
-
-sys.exit(main())
+end_process(main())

@@ -7,7 +7,6 @@ test's worker."""
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -356,22 +355,9 @@ def _worker(out: Path, model: Path) -> None:
 def test_two_ranks_seal_their_own_shards_and_agree_on_resume(tmp_path, tiny_model):
     out = tmp_path / "run"
     out.mkdir()
-    from rft_ds.distributed import free_port
+    from tests.ranks import run_ranks
 
-    cmd = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "tests/test_checkpoint.py",
-        "--worker",
-        str(out),
-        str(tiny_model),
-    ]
-    p = subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-    )
+    p = run_ranks(2, ["tests/test_checkpoint.py", "--worker", str(out), str(tiny_model)], timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     c0, c1 = out / "checkpoints" / "epoch_00000", out / "checkpoints" / "epoch_00001"

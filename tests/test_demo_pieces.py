@@ -4,16 +4,14 @@ model with a reward model as scorer, TensorBoard, progress bars and plots (the f
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from rft_ds import arith
-from rft_ds.distributed import free_port
 from rft_ds.rewards import numeric_match
+from tests.ranks import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,11 +103,6 @@ def test_demo_config_on_tiny_model_with_reward_model(tmp_path, classifier):
     run = tmp_path / "run"
     shm_before = set(os.listdir("/dev/shm"))
     cmd = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
         "launch/train.py",
         "--config",
         "launch/configs/smollm2.yaml",
@@ -130,14 +123,7 @@ def test_demo_config_on_tiny_model_with_reward_model(tmp_path, classifier):
         "train.learning_rate=1e-3",
         f"train.output_dir={run}",
     ]
-    p = subprocess.run(
-        cmd,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
-    )
+    p = run_ranks(2, cmd, env={"PYTHONUNBUFFERED": "1"}, timeout=600)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
     m = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -11,31 +11,28 @@ from pathlib import Path
 import pytest
 
 from rft_ds.distributed import free_port
+from tests.ranks import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def launch(tmp_path, *overrides, timeout=600, env_extra=None, module=False):
+def launch(tmp_path, *overrides, timeout=600, env_extra=None, module=False, launcher=True):
+    """2 ranks through the deepspeed launcher, or (launcher=False) started without one (tests/ranks.py), for
+    the runs whose subject is not the launcher: ~5-8 s less a run."""
     entry = (
         ["--module", "rft_ds", "train", "launch/configs/tiny.yaml"]
         if module
         else ["launch/train.py", "--config", "launch/configs/tiny.yaml"]
     )
-    cmd = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        *entry,
-        f"model.model_path={tmp_path / 'model'}",
-        f"train.output_dir={tmp_path / 'run'}",
-        *overrides,
-    ]
+    rest = [f"model.model_path={tmp_path / 'model'}", f"train.output_dir={tmp_path / 'run'}", *overrides]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     t = time.time()
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    if not launcher:
+        p = run_ranks(2, [*(["-m", *entry[1:]] if module else entry), *rest], env=env, timeout=timeout)
+        return p, time.time() - t
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
+    p = subprocess.run([*cmd, *entry, *rest], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     return p, time.time() - t
 
 
@@ -121,6 +118,7 @@ def test_stale_engine_weights_stop_the_run(tmp_path):
         "train.eval_interval=0",
         timeout=400,
         env_extra=env_extra,
+        launcher=False,
     )
     assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
     out = p.stdout + p.stderr
@@ -132,7 +130,7 @@ def test_stale_engine_weights_stop_the_run(tmp_path):
 
 
 def test_two_rank_zero3_hf_sampler_run_learns(tmp_path):
-    p, secs = launch(tmp_path, "sampler.backend=hf", "train.epochs=10", "train.eval_interval=10")
+    p, secs = launch(tmp_path, "sampler.backend=hf", "train.epochs=10", "train.eval_interval=10", launcher=False)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     m = check_run(tmp_path, 10, loss_drop=0.3)
     assert "sync_bytes" not in m[0]  # HF generate runs on the trained module: nothing to hand over
@@ -172,6 +170,7 @@ def test_reward_failure_on_one_rank_stops_every_rank(tmp_path):
         "reward.timeout_s=5",
         "train.epochs=2",
         timeout=300,
+        launcher=False,
     )
     assert p.returncode != 0
     out = p.stdout + p.stderr
@@ -311,6 +310,7 @@ def test_long_completions_train_on_whole_rows(tmp_path):
         "method.gen_kwargs={max_new_tokens: 340, min_new_tokens: 250, do_sample: true, temperature: 1.0}",
         timeout=400,
         env_extra={"RFT_DS_DUMP_ROWS": str(dump)},
+        launcher=False,
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     from transformers import AutoTokenizer

@@ -1,8 +1,6 @@
 """The training loss: logits only where a label is, the mean over every label token of an optimizer step
 across micro-batches and ranks, and empty micro-batches that add nothing."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -58,25 +56,9 @@ def test_step_is_the_mean_over_every_label_token_of_all_ranks(tiny_model, tmp_pa
     tokens of the 5 rows in one batch (fp32: to float rounding; bf16: to bf16's)."""
     from transformers import AutoModelForCausalLM
 
-    from rft_ds.distributed import free_port
+    from tests.ranks import run_ranks
 
-    p = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "deepspeed"),
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "tests/dist/loss_norm.py",
-            str(tiny_model),
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+    p = run_ranks(2, ["tests/dist/loss_norm.py", str(tiny_model), str(tmp_path)], timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows, b = _batch()
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)

@@ -3,7 +3,6 @@
 gradient checkpointing, exported both ways, resumed bit-identically."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +11,8 @@ import pytest
 import torch
 
 from rft_ds.config import ConfigError
-from rft_ds.distributed import free_port
 from rft_ds.lora import LoraSpec, check_lora, hf_name, merged, parse_lora, sync_items, wrap
+from tests.ranks import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,23 +94,9 @@ LORA = [
 
 
 def _run(run: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "launch/train.py",
-        "--config",
-        "launch/configs/tiny.yaml",
-        f"model.model_path={run.parent / 'model'}",
-        f"train.output_dir={run}",
-        *LORA,
-        *extra,
-    ]
-    p = subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-    )
+    model, config = f"model.model_path={run.parent / 'model'}", "launch/configs/tiny.yaml"
+    args = ["launch/train.py", "--config", config, model, f"train.output_dir={run}"]
+    p = run_ranks(2, [*args, *LORA, *extra])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
 

@@ -10,6 +10,7 @@ import pytest
 
 from rft_ds.config import ConfigError
 from rft_ds.distributed import free_port
+from tests.ranks import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,19 +171,7 @@ def test_buckets_bounded_and_ordered():
 
 def _sync_parity(model: Path, out: Path) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "tests/dist/sync_parity.py",
-        str(model),
-        str(out),
-    ]
-    p = subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-    )
+    p = run_ranks(2, ["tests/dist/sync_parity.py", str(model), str(out)], timeout=400)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
