@@ -227,3 +227,34 @@ def test_readme_is_a_front_door():
     nav = (ROOT / "mkdocs.yml").read_text()
     for page in (ROOT / "docs").rglob("*.md"):
         assert str(page.relative_to(ROOT / "docs")) in nav, f"{page} is not in mkdocs.yml's nav"
+
+
+def test_every_config_field_the_pages_name_exists():
+    """A `section.field` named in the README or a guide (train.save_interval, model.lora.r, ...) is a field of that
+    section's dataclass in rft_ds/config.py: a renamed or removed field cannot linger in the prose."""
+    import dataclasses
+
+    from rft_ds import config
+
+    classes = {s: getattr(config, c) for s, c in config_reference_sections().items()}
+    fields = {s: {f.name for f in dataclasses.fields(cls)} for s, cls in classes.items()}
+    named = re.compile(r"(?<![\w./-])(" + "|".join(fields) + r")\.(\w+)")
+    generated = {"config.md", "errors.md", "results.md"}
+    found = 0
+    for page in PAGES:
+        if page.name in generated:
+            continue
+        for m in named.finditer(page.read_text()):
+            section, field = m.groups()
+            if field in ("py", "yaml", "jsonl", "json", "md"):  # a file name, not a field
+                continue
+            found += 1
+            assert field in fields[section], f"{page.relative_to(ROOT)} names {m.group(0)}, not a field of {section}"
+    assert found >= 100
+
+
+def config_reference_sections() -> dict[str, str]:
+    sys.path.insert(0, str(ROOT / "tools"))
+    import config_reference
+
+    return config_reference.SECTIONS
