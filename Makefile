@@ -7,7 +7,7 @@ REQ    := requirements/$(DEVICE).txt
 STAMP  := $(VENV)/.installed-$(DEVICE)-$(shell cat $(REQ) pyproject.toml | sha1sum | cut -c1-12)
 ARGS   ?=
 
-.PHONY: venv demo demo-reasoning demo-tiny gpu-smoke lint test test-fast clean
+.PHONY: venv demo demo-reasoning demo-tiny gpu-smoke lint test test-fast docs-venv docs docs-build clean
 
 venv: $(STAMP)
 
@@ -61,5 +61,25 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
 
+# The documentation site (mkdocs + Material, mkdocs.yml, docs/): requirements/docs.txt is an exact lock on top of
+# the CPU lock, installed with --no-deps into the same .venv. Its own stamp: `venv` removes .installed-* stamps.
+DOCS_STAMP := $(VENV)/.docs-installed-$(shell cat requirements/docs.txt | sha1sum | cut -c1-12)
+# Material 9.8 prints a banner about its end of life and MkDocs 2.0 at every build; it is not a build warning
+MKDOCS     := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs
+
+docs-venv: $(DOCS_STAMP)
+
+$(DOCS_STAMP): requirements/docs.txt $(STAMP)
+	$(PY) -m pip install -q --no-deps -r requirements/docs.txt
+	rm -f $(VENV)/.docs-installed-* && touch $@
+
+# the site on http://127.0.0.1:8000, rebuilt on every change of docs/ or mkdocs.yml
+docs: docs-venv
+	$(MKDOCS) serve
+
+# what CI builds: --strict fails on any warning (a broken link or anchor, a page missing from the nav)
+docs-build: docs-venv
+	$(MKDOCS) build --strict --site-dir .site
+
 clean:
-	rm -rf $(VENV) runs .cache
+	rm -rf $(VENV) runs .cache .site
