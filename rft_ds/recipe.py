@@ -10,31 +10,27 @@ selection is too, and the check after each epoch proves it (a digest per rank) i
 ids stay on the rank that sampled them (its pool shard); only the rows a balancing plan moves cross ranks.
 
 What runs before the loop lives beside it: the start-up checks in preflight.py (shared with `rft-ds check`),
-what is built from the config in build.py, the eval driver in evaluation.py, best and final models in
-artifacts.py.
+what is built from the config in build.py and put together by run_setup.py (the Setup every stage reads),
+where the run state comes from and goes in state_io.py (a fresh start, a resume, a checkpoint), the eval
+driver in evaluation.py, best and final models in artifacts.py.
 """
 
 from __future__ import annotations
 
 import enum
-import os
-import random
 import time
-import uuid
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import yaml
 
-from rft_ds import artifacts, console, evaluation, progress, replay
+from rft_ds import artifacts, console, evaluation, progress, replay, run_setup
 from rft_ds import distributed as D
-from rft_ds.build import make_sampler, new_learner, tolerances
-from rft_ds.config import EvalSet, RFTRunConfig, yaml_safe
-from rft_ds.data import PromptRecord, PromptSet, deal_prompts
-from rft_ds.evaluation import EvalData, best_key
+from rft_ds.config import RFTRunConfig
+from rft_ds.data import PromptRecord, deal_prompts
+from rft_ds.evaluation import best_key
 from rft_ds.experience import (
     Row,
     build_row,
@@ -47,23 +43,15 @@ from rft_ds.experience import (
     rows_for_rank,
 )
 from rft_ds.faults import maybe_die
-from rft_ds.learner import TrainStats, checkpoint_plan, training_dtype
-from rft_ds.metrics import MetricsLog, format_epoch, memory_gb, open_sinks, plain
-from rft_ds.pool import LocalPool
-from rft_ds.preflight import (
-    Inputs,
-    check_resume_config,
-    check_resume_groups,
-    check_shared_output,
-    prepare,
-    ranks_per_engine,
-    tensorboard_on,
-)
-from rft_ds.reward_terms import load_reward_models
+from rft_ds.learner import TrainStats, checkpoint_plan
+from rft_ds.metrics import MetricsLog, format_epoch, memory_gb, plain
+from rft_ds.preflight import Inputs
+from rft_ds.run_setup import Setup, check_parity, eval_context, setup, sinks
 from rft_ds.run_state import STAGES, RunState, advance
 from rft_ds.samples import Samples, pick_probes, sample_seed
-from rft_ds.scoring import gather_new_rows, gather_pool, score_shard, term_means
+from rft_ds.scoring import gather_new_rows, score_shard, term_means
 from rft_ds.selection import parse_pool_policy, schedule, select_epoch, selection_digest, truncated, update_pool
+from rft_ds.state_io import load_checkpoint, save_checkpoint, start_fresh
 from rft_ds.weight_sync import check_stale_weights
 
 
@@ -88,49 +76,6 @@ class RFTResult:
     @property
     def model(self) -> Any:
         return self.engine.module
-
-
-@dataclass
-class Runtime:
-    """What changes during a run but is never saved: the learner and the weight sync that reads its module
-    (method.restart_from_base builds both again), and the clocks the safe points keep."""
-
-    learner: Any
-    weight_sync: Any  # None when the sampler is the training module itself (hf)
-    started: float = field(default_factory=time.monotonic)
-    last_safe_point: float = field(default_factory=time.monotonic)
-    longest_step_s: float = 0.0  # the longest stretch between two safe points seen (for Slurm's deadline)
-    last_save_at: float = field(default_factory=time.monotonic)
-    last_save_s: float = 0.0
-
-
-@dataclass
-class Setup:
-    """What never changes during a run: config, data, reward, tokenizer, engine, where this rank stands.
-    Built once by `setup`; `rt` holds the parts that do change."""
-
-    cfg: RFTRunConfig
-    rewards: list  # reward_terms.RewardTerm, in config order
-    prompts: PromptSet  # the training prompts (their replay prompts in .replay)
-    evals: list[EvalData]  # eval sets, in order (empty: no eval)
-    best: tuple[EvalSet, str] | None  # what picks best_model/ (train.best_metric), None: no best_model/
-    tokenizer: Any
-    sampler: Any
-    rt: Runtime
-    signals: Any
-    out: Path
-    stop_sequences: list[str]
-    group: int  # this rank's engine group (tensor parallel), its prompt shard, and whether its samples count
-    n_groups: int
-    contributes: bool
-    show: bool  # progress bars (rank 0)
-    parity_tol: float
-    stale_tol: float
-    prompts_digest: str
-    job_end: float | None  # Slurm's end of the job (time.time()), when known
-    universal: Path | None  # the resume checkpoint in DeepSpeed's universal form (another world size)
-    ds_config: dict  # the filled DeepSpeed config the learner was built with
-    max_len: int  # tokens a training row may hold (train.max_seq_length resolved)
 
 
 def run(
@@ -162,7 +107,7 @@ def _run(cfg: RFTRunConfig, inputs: Inputs, stop_sequences: Sequence[str] | None
     s, ckpt = setup(cfg, inputs, stop_sequences, signals)
     t = cfg.train
     st = load_checkpoint(s, ckpt) if ckpt is not None else start_fresh(s)
-    log = MetricsLog(s.out, enabled=D.is_main(), history=st.history, sinks=_sinks(s, len(st.history)))
+    log = MetricsLog(s.out, enabled=D.is_main(), history=st.history, sinks=sinks(s, len(st.history)))
     if ckpt is None and st.eval_before:
         log.log_initial_eval(st.eval_before)
     if st.epoch >= t.epochs and D.is_main():  # a finished run resumed with nothing left to do: say so
@@ -198,121 +143,6 @@ def _run(cfg: RFTRunConfig, inputs: Inputs, stop_sequences: Sequence[str] | None
     if D.is_main() and t.plots:
         artifacts.write_plots(s.out, log.history)
     return RFTResult(cfg, s.rt.learner.engine, s.tokenizer, log.history, st.eval_before, s.out, stopped, ckpt)
-
-
-def setup(
-    cfg: RFTRunConfig, inputs: Inputs, stop_sequences: Sequence[str] | None, signals: Any
-) -> tuple[Setup, Path | None]:
-    """Start-up checks (preflight.prepare: no model yet) -> process group -> resume target agreed -> reward
-    model -> learner (DeepSpeed ZeRO-3) -> sampler and weight sync. Returns the setup and the checkpoint to
-    resume from."""
-    import torch
-
-    from rft_ds import checkpoint
-    from rft_ds.sampling.vllm import engine_group
-    from rft_ds.slurm import job_end_time
-
-    p = prepare(cfg, inputs)
-    t = cfg.train
-    D.init(t.dist_backend, t.dist_timeout_s)
-    check_shared_output(Path(t.output_dir), wait_s=min(30.0, t.dist_timeout_s / 4))
-    # Resolved once, after the process group exists: rank 0 picks, every rank checks its own files, all agree.
-    ckpt = checkpoint.agree_on_resume(t.resume, t.output_dir, D.world_size())
-    check_resume_config(ckpt, cfg)  # again: a fallback may have picked an older checkpoint than prepare saw
-    check_resume_groups(ckpt, cfg, D.world_size())
-    universal, ds_config = None, p.ds_config
-    if ckpt is not None and checkpoint.written_by(ckpt) != D.world_size():  # elastic resume
-        universal = checkpoint.universal_copy(ckpt)
-        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
-    group, n_groups, contributes = engine_group(D.rank(), D.world_size(), ranks_per_engine(cfg))
-    if any(r.reward_model for r in p.rewards):
-        with D.all_ranks_or_fail("loading the reward model"):  # a rank that cannot load it stops them all
-            load_reward_models(p.rewards)  # eval sets without their own reward_fn share these terms
-    random.seed(t.seed)  # the training RNG's start; a resume replaces it with the checkpoint's, nothing re-seeds it
-    np.random.seed(t.seed)
-    torch.manual_seed(t.seed)
-    out = Path(t.output_dir)
-    if D.is_main():
-        (out / "config.yaml").write_text(yaml.safe_dump(yaml_safe(cfg.to_dict()), sort_keys=False))
-    learner = new_learner(cfg, ds_config, p.max_len)
-    if t.share_prompt and not learner.share_prompt and D.is_main():
-        console.say(
-            f"[rft_ds] note: train.share_prompt is off for this model ({learner.share_prompt_off}): "
-            "rows train one by one"
-        )
-    sampler, weight_sync = make_sampler(
-        cfg,
-        learner,
-        p.tokenizer,
-        ds_config,
-        group,
-        list(stop_sequences if stop_sequences is not None else cfg.reward.stop_sequences),
-    )
-    engine = weight_sync.dtype if weight_sync else None
-    parity_tol, stale_tol = tolerances(
-        engine, training_dtype(ds_config), cfg.sampler.parity_tolerance, cfg.sampler.stale_tolerance
-    )
-    s = Setup(
-        cfg,
-        p.rewards,
-        p.prompts,
-        p.evals,
-        p.best,
-        p.tokenizer,
-        sampler,
-        Runtime(learner, weight_sync),
-        signals,
-        out,
-        sampler.stop_sequences,
-        group,
-        n_groups,
-        contributes,
-        progress.enabled(t.progress, D.is_main()),
-        parity_tol=parity_tol,
-        stale_tol=stale_tol,
-        prompts_digest=checkpoint.prompts_digest(p.prompts.texts, p.prompts.metadata),
-        job_end=D.broadcast_object(job_end_time(os.environ) if D.is_main() else None),
-        universal=universal,
-        ds_config=ds_config,
-        max_len=p.max_len,
-    )
-    return s, ckpt
-
-
-def start_fresh(s: Setup) -> RunState:
-    """A new run: a run id every rank shares, the replay set's answers, and the eval before training."""
-    st = RunState(
-        run_id=D.broadcast_object(uuid.uuid4().hex[:12] if D.is_main() else None),
-        prompts_digest=s.prompts_digest,
-        shard=s.cfg.data.shard,
-        pool=LocalPool(D.rank()),
-        group_by_length=s.cfg.train.group_by_length,
-        share_prompt=s.rt.learner.share_prompt,
-    )
-    artifacts.warn_foreign_best_model(s.out, st.run_id)
-    if s.prompts.replay is not None:  # before any update: the base model's answers
-        t0 = time.perf_counter()
-        st.replay = replay.sample_set(
-            s.sampler,
-            s.prompts.replay.records,
-            s.group,
-            s.n_groups,
-            s.contributes,
-            s.cfg.method.gen_kwargs,
-            sample_seed(s.cfg.train.seed, -1, s.group, 2),
-            "replay: sample" if s.show else None,
-        )
-        st.replay["digest"] = replay_digest(s)
-        st.record["time_replay_sample"] = time.perf_counter() - t0
-    if s.evals and s.cfg.train.eval_interval > 0:
-        st.eval_before = evaluation.evaluate(s.evals, _eval_context(s, st), -1)
-        if s.best is not None:
-            best_key(
-                s.best, st.eval_before
-            )  # a best_metric that metric_fn does not report fails now, not after an epoch
-        if D.is_main():
-            console.say(f"[rft_ds] eval before training: {evaluation.summary(s.evals, st.eval_before)}")
-    return st
 
 
 # --- the stages: each takes (setup, state), changes the state fields its docstring names, returns an Outcome
@@ -413,7 +243,7 @@ def learn(s: Setup, st: RunState) -> Outcome:
     if s.cfg.method.restart_from_base and step.grow and st.epoch > 0 and st.cursor == 0:
         # ReST-EM: this grow step's selection trains from the base weights, with a fresh optimizer
         t0 = time.perf_counter()
-        restart_from_base(s)
+        run_setup.restart_from_base(s)
         st.record.update(restarted_from_base=True, time_restart=time.perf_counter() - t0)
     restarted = bool(st.record.get("restarted_from_base"))  # also when resumed inside this epoch's training
     learner = s.rt.learner
@@ -536,7 +366,7 @@ def evaluate(s: Setup, st: RunState) -> Outcome:
     t, rec = s.cfg.train, st.record
     if s.evals and t.eval_interval > 0 and ((st.epoch + 1) % t.eval_interval == 0 or st.epoch == t.epochs - 1):
         t0 = time.perf_counter()
-        rec.update(evaluation.evaluate(s.evals, _eval_context(s, st), st.epoch))
+        rec.update(evaluation.evaluate(s.evals, eval_context(s, st), st.epoch))
         rec["time_eval"] = time.perf_counter() - t0
         if s.best is not None:
             key = best_key(s.best, rec)
@@ -619,85 +449,6 @@ def deadline_reached(now: float, job_end: float, longest_step_s: float, last_sav
     return now + longest_step_s + last_save_s + margin_s >= job_end
 
 
-def save_checkpoint(s: Setup, st: RunState) -> None:
-    """Collective: the run state (the shared part by rank 0; its pool shard, `local` and its RNG by every
-    rank) and the DeepSpeed engine, atomically. The epoch record just closed gets the checkpoint's own time."""
-    from rft_ds import checkpoint
-
-    t0 = time.perf_counter()
-    boundary = st.stage == STAGES[0] and st.cursor == 0 and bool(st.history)  # an end-of-epoch checkpoint
-
-    def finalize(seconds: float) -> dict:  # rank 0, once every rank's files are written and sealed
-        if boundary:
-            st.history[-1]["time_checkpoint"] = seconds
-            st.history[-1]["time_epoch"] += seconds
-        return st.shared()
-
-    checkpoint.save(
-        s.out / "checkpoints",
-        checkpoint.checkpoint_name(*st.position()),
-        s.rt.learner.engine,
-        None,
-        s.tokenizer,
-        s.cfg.train.keep_last,
-        die_hook=maybe_die,
-        finalize_state=finalize,
-        local_state={"pool": st.pool, "local": st.local},
-        meta={
-            "run_id": st.run_id,
-            "position": list(st.position()),
-            "config": yaml_safe(s.cfg.to_dict()),
-            "shard": {"plan": st.shard, "groups": s.n_groups},
-        },
-    )
-    s.rt.last_save_s = time.perf_counter() - t0
-    s.rt.last_save_at = time.monotonic()
-    if boundary:
-        st.history[-1].setdefault("time_checkpoint", s.rt.last_save_s)
-
-
-def load_checkpoint(s: Setup, ckpt: Path) -> RunState:
-    """The mirror of save_checkpoint: engine, RNG, run state; then the engine gets the restored weights (a
-    sync, never the original model path) and is checked."""
-    import dataclasses
-
-    from rft_ds import checkpoint
-
-    shared, mine = checkpoint.load(ckpt, s.rt.learner.engine, verified=True, universal=s.universal)
-    checkpoint.check_compatible(shared, s.prompts_digest)
-    if s.universal:  # another world size (at an elastic position): this rank takes over some old ranks' shards
-        pool, local = LocalPool.merge([m["pool"] for m in mine], D.rank()), {}
-    else:
-        pool, local = mine["pool"], mine["local"]
-    old = local.pop("completions", None)  # written before samples.Samples: Completion lists
-    if old is not None and shared["stage"] in ("sample", "score"):  # still to be scored (log-probs not kept)
-        local["samples"] = Samples()
-        local["samples"].add(0, [[dataclasses.replace(c, logprobs=None) for c in cs] for cs in old])
-    st = RunState(**shared, local=local, pool=pool, table=gather_pool(pool))
-    replay.check_resume(st.replay, replay_digest(s) if s.prompts.replay is not None else None, str(ckpt))
-    st.best = artifacts.resumed_best(
-        st.best,
-        s.out,
-        st.run_id,
-        s.best[0].key(s.best[1]) if s.best else None,
-        f"{s.best[0].name}/{s.best[1]}" if s.best else None,
-    )
-    if s.rt.weight_sync and st.stage != "sync":  # at "sync", the stage itself syncs (and checks) next
-        s.rt.weight_sync.sync()
-        if s.cfg.sampler.parity_check != "off":
-            diff = check_parity(s)
-            if D.is_main():
-                console.say(f"[rft_ds] engine synced from the checkpoint; parity max |logprob diff| {diff:.2g}")
-    if D.is_main():
-        console.say(
-            f"[rft_ds] resumed from {ckpt} at epoch {st.epoch + 1}/{s.cfg.train.epochs} ({st.stage}"
-            + (f" {st.cursor}" if st.cursor else "")
-            + ")"
-            + (f" on {D.world_size()} ranks, written by {checkpoint.written_by(ckpt)}" if s.universal else "")
-        )
-    return st
-
-
 # --- helpers of the stages
 
 
@@ -734,29 +485,6 @@ def _finish_train_record(s: Setup, st: RunState, grow: bool, n_micro: int) -> No
         st.record.update(check_stale_weights(stats, s.stale_tol))  # probes run in eval mode: no dropout
 
 
-def restart_from_base(s: Setup) -> None:
-    """Collective: the learner is rebuilt from model.model_path (weights, optimizer state and LR schedule
-    as at the start), and what holds its module follows (the weight sync, or the HF sampler). The vLLM
-    engine keeps the latest policy until the next sync; pools and the run state are untouched. Nothing
-    holds the old module when it is released, and a sleeping engine (GPU sleep mode) is asleep first, so
-    the peak is the start of a run's, not two models."""
-    rt = s.rt
-    dtype = rt.weight_sync.dtype if rt.weight_sync is not None else None
-    if rt.weight_sync is not None:
-        s.sampler.sleep()  # no-op without sleep mode; the next sync wakes it
-        rt.weight_sync = None
-    else:
-        s.sampler.module = None
-    rt.learner.close()
-    rt.learner = new_learner(s.cfg, s.ds_config, s.max_len)
-    if dtype is not None:
-        from rft_ds.weight_sync import WeightSync
-
-        rt.weight_sync = WeightSync(rt.learner.module, s.sampler, s.cfg.sampler.sync_bucket_mb, dtype)
-    else:
-        s.sampler.module = rt.learner.module
-
-
 def _replay_rows(s: Setup, st: RunState, n_rows: int, n_mine: int) -> tuple[list[Row], int]:
     """Collective (one small all_gather of row counts): this rank's replay rows of the epoch (replay.draw),
     dealt so that every group of ranks ends within one row of the others; and the epoch's replay rows in all."""
@@ -775,13 +503,6 @@ def _replay_rows(s: Setup, st: RunState, n_rows: int, n_mine: int) -> tuple[list
     return [r for r in rows if r is not None], len(picks)
 
 
-def replay_digest(s: Setup) -> str:
-    """What the replay set's answers were sampled for: a resume must find the same prompts at the same places."""
-    from rft_ds.checkpoint import prompts_digest
-
-    return prompts_digest(s.prompts.replay.texts, [])
-
-
 def _probe_rows(s: Setup, st: RunState) -> list[Row]:
     """The stale-weight check's probes as rows, each with the sampler's log p of its completion (and EOS)."""
     rows = []
@@ -791,22 +512,6 @@ def _probe_rows(s: Setup, st: RunState) -> list[Row]:
             row.ref_logprobs = logprobs
             rows.append(row)
     return rows
-
-
-def check_parity(s: Setup) -> float:
-    from rft_ds.weight_sync import parity_check
-
-    probes = s.prompts.records[: s.cfg.sampler.parity_probes]
-    return parity_check(
-        s.rt.learner.module,
-        s.sampler,
-        [r.token_ids for r in probes],
-        min(8, s.cfg.method.gen_kwargs["max_new_tokens"]),
-        s.parity_tol,
-        s.tokenizer.pad_token_id,
-        [r.text for r in probes],
-        s.rt.learner.device,
-    )
 
 
 def _step(s: Setup, st: RunState) -> Any:
@@ -826,21 +531,6 @@ def _n_chunks(s: Setup) -> int:
     return max(1, -(-longest_shard // s.cfg.sampler.chunk_prompts))
 
 
-def _eval_context(s: Setup, st: RunState) -> evaluation.EvalContext:
-    return evaluation.EvalContext(
-        s.sampler,
-        s.tokenizer,
-        s.stop_sequences,
-        s.cfg.reward,
-        s.cfg.train.seed,
-        st.shard,
-        s.group,
-        s.n_groups,
-        s.contributes,
-        s.show,
-    )
-
-
 def _shown_metric(s: Setup) -> str:
     """The eval number the epoch's console line shows: train.best_metric's, else the first set's reward."""
     return s.best[0].key(s.best[1]) if s.best else s.evals[0].spec.key("reward_mean") if s.evals else ""
@@ -848,20 +538,3 @@ def _shown_metric(s: Setup) -> str:
 
 def _add_time(rec: dict, key: str, seconds: float) -> None:
     rec[key] = rec.get(key, 0.0) + seconds
-
-
-def _sinks(s: Setup, start_epoch: int) -> list:
-    t = s.cfg.train
-    return (
-        open_sinks(
-            s.out,
-            tensorboard_on(t.tensorboard),
-            t.wandb,
-            t.wandb_project,
-            t.wandb_run_name,
-            yaml_safe(s.cfg.to_dict()),
-            start_epoch,
-        )
-        if D.is_main()
-        else []
-    )

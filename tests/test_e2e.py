@@ -244,7 +244,7 @@ def test_restart_from_base_resets_weights_not_pools(tmp_path):
     code = f"""
 import deepspeed, torch
 import rft_ds
-from rft_ds import recipe, toy
+from rft_ds import run_setup, toy
 from transformers import AutoModelForCausalLM
 model = toy.ensure_tiny_model({str(tmp_path / "model")!r})
 base = AutoModelForCausalLM.from_pretrained(model).state_dict()
@@ -253,12 +253,12 @@ def gap(module):  # largest |weight - base weight| over the gathered parameters
     params = list(module.named_parameters())
     with deepspeed.zero.GatheredParameters([p for _, p in params]):
         return max((p.detach() - base[n]).abs().max().item() for n, p in params)
-real = recipe.restart_from_base
+real = run_setup.restart_from_base
 def spy(s):
     before = gap(s.rt.learner.module)
     real(s)
     seen.append((before, gap(s.rt.learner.module)))
-recipe.restart_from_base = spy
+run_setup.restart_from_base = spy
 res = rft_ds.train(reward_fn=toy.reward_fn, prompts=toy.train_prompts(16), config={{
     "model": {{"model_path": model}},
     "method": {{"n_generations_per_prompt": 4, "gen_kwargs": {{"max_new_tokens": 8}}, "n_improve_steps": 1,
