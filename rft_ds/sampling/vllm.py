@@ -13,6 +13,7 @@ completions to the scored table (`contributes`), so nothing is counted T times.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -145,6 +146,27 @@ def to_sampling_params(gen_kwargs: dict[str, Any], n: int, stop_sequences: Seque
     if gk:
         raise ConfigError(f"gen_kwargs keys not supported by the vLLM sampler: {', '.join(sorted(gk))}")
     return SamplingParams(**kwargs, **extra)
+
+
+def refresh_tied_heads(worker: Any) -> int:
+    """On the engine's worker, after an in-place reload: re-run the post-load step of every layer whose weight
+    is another's (an LM head tied to the word embeddings). Such a head loads nothing itself, so vLLM's reload
+    leaves it as it was; on CPU that step made it a oneDNN-prepacked copy of the weight, and without this the
+    head would go on computing logits from the base model's embeddings (the sync's parity check caught it:
+    0.12 on the tiny model with tied embeddings, 0.0075 on SmolLM2 in fp32). On GPU the step does nothing.
+    Returns the number of layers refreshed (the head and the embeddings it shares: 2, or 0 when untied)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    layers = [
+        (m, m._parameters["weight"])
+        for m in worker.model_runner.get_model().modules()
+        if isinstance(getattr(m, "quant_method", None), UnquantizedEmbeddingMethod) and "weight" in m._parameters
+    ]
+    holders = Counter(w.data_ptr() for _, w in layers if not w.is_meta)
+    shared = [m for m, w in layers if not w.is_meta and holders[w.data_ptr()] > 1]  # the head and the embeddings
+    for m in shared:
+        m.quant_method.process_weights_after_loading(m)
+    return len(shared)
 
 
 class VLLMSampler:
@@ -291,6 +313,7 @@ class VLLMSampler:
         if self.asleep:
             self.llm.wake_up(tags=["weights"])
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.collective_rpc(refresh_tied_heads)
         self.weights_dropped = False
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
