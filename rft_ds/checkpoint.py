@@ -664,6 +664,21 @@ def write_rank_state(path: Path, state: dict) -> None:
     torch.save(state, path, pickle_protocol=4)
 
 
+def _save_engine(engine: Any, tmp: Path) -> None:
+    """DeepSpeed's save_checkpoint: a barrier, the checkpoint tag's all_reduce, this rank's writes, a closing
+    barrier. A write that fails on one rank (its node's disk is full) raises out of it before that barrier,
+    where the other ranks already wait: this rank joins it, so that the failure gather after it pairs with
+    theirs instead of with DeepSpeed's barrier (a hang, or collectives shifted by one)."""
+    from rft_ds import distributed as D
+
+    try:
+        engine.save_checkpoint(str(tmp), tag="ds", save_latest=False, exclude_frozen_parameters=_has_frozen(engine))
+    except Exception as e:
+        if not D.is_collective_failure(e):  # a failed collective: the group is broken, nobody waits
+            D.barrier()
+        raise
+
+
 def save(
     root: Path,
     name: str,
@@ -704,7 +719,7 @@ def save(
     with D.all_ranks_or_fail(_STAGE), _writing(root), _without_zip_crc():
         # LoRA: the frozen base weights are not saved (they are the model_path's); the adapters and their
         # optimizer state are
-        engine.save_checkpoint(str(tmp), tag="ds", save_latest=False, exclude_frozen_parameters=_has_frozen(engine))
+        _save_engine(engine, tmp)
         write_rank_state(tmp / f"rank{rank}.pt", {"rng": rng_state(), "local": local_state})
         if main:
             engine.module.config.save_pretrained(tmp / "hf")

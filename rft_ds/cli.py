@@ -27,14 +27,10 @@ EXIT_STOPPED = 3  # checkpointed on SIGTERM/SIGUSR1, not finished: requeue and r
 
 
 def is_collective_failure(e: BaseException) -> bool:
-    """A peer died or stalled: torch's distributed error types, or the text of a gloo/NCCL failure raised as a
-    plain RuntimeError. Not any error that happens to say "timeout" (a reward server's, say)."""
-    import torch.distributed as dist
+    """distributed.is_collective_failure (kept here for the callers that import it from the command)."""
+    from rft_ds.distributed import is_collective_failure as collective
 
-    if isinstance(e, getattr(dist, "DistError", ())):  # DistBackendError, DistNetworkError, DistStoreError
-        return True
-    text = str(e).lower()
-    return any(k in text for k in ("/gloo/", "gloo::", "nccl", "connection closed by peer", "connection reset by peer"))
+    return collective(e)
 
 
 def end_process(code: int) -> NoReturn:
@@ -73,8 +69,18 @@ def train_rank(
     config: str, overrides: list[str], resume: str | None = None, resume_force: bool = False, verbose: bool = False
 ) -> int:
     """One rank of a run: its exit code (0 done, 3 stopped with a checkpoint, 2 bad input, 1 failure).
-    Unless verbose, everything but rft_ds's own lines goes to <output_dir>/logs/rank<r>.log (console.py)."""
+    Unless verbose, everything but rft_ds's own lines goes to <output_dir>/logs/rank<r>.log (console.py).
+    An error reaches the terminal once, not once per rank (`report`)."""
     SIGNALS.install()
+    from rft_ds import console
+
+    try:
+        return _train_rank(config, overrides, resume, resume_force, verbose)
+    finally:
+        console.ended()  # an exit code, not a death: the death watcher stays quiet
+
+
+def _train_rank(config: str, overrides: list[str], resume: str | None, resume_force: bool, verbose: bool) -> int:
     from rft_ds import console
     from rft_ds.config import ConfigError, RFTRunConfig
 
@@ -82,21 +88,22 @@ def train_rank(
     try:
         cfg = RFTRunConfig.load_yaml(config, overrides + (["train.resume_force=true"] if resume_force else []))
     except ConfigError as e:
-        print(f"rft_ds: error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        report(f"rft_ds: error (rank {rank}): {e}", rank, before_group=True)
         return 2
     log = None
     if not (verbose or cfg.train.verbose):
         log = Path(cfg.train.output_dir) / "logs" / f"rank{rank}.log"
         try:
-            console.redirect(log)
+            console.redirect(log, main=rank == "0")
         except OSError as e:
-            print(
+            report(
                 f"rft_ds: error (rank {rank}): train.output_dir {cfg.train.output_dir} is not writable: "
                 f"{e.strerror or e}",
-                file=sys.stderr,
-                flush=True,
+                rank,
+                before_group=True,
             )
             return 2
+        console.watch_for_death(rank)
         if rank == "0":
             console.say(
                 f"[rft_ds] each rank's full output (vLLM, DeepSpeed, transformers, ...): {log.parent}/rank<r>.log;"
@@ -111,8 +118,35 @@ def train_rank(
 
         traceback.print_exc()  # into the log
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        console.error(f"rft_ds: error (rank {rank}): {type(e).__name__}: {first} (traceback in {log})")
+        report(f"rft_ds: error (rank {rank}): {type(e).__name__}: {first} (traceback in {log})", rank)
         return 1
+
+
+def report(line: str, rank: str, collective: bool = False, before_group: bool = False) -> None:
+    """An error line on the terminal once, not once per rank (64 identical lines hide the one that differs):
+    - collective (a RankError, stale weights: every rank raised the same error): rank 0 says it, with the
+      number of ranks;
+    - before the process group exists (a bad config, a device or an output directory a node lacks: every
+      rank of a node sees the same): each node's first rank;
+    - otherwise the first rank to post its failure to the rendezvous store (distributed.post_failure); when
+      the store is gone (with rank 0), each node's first rank.
+    The other ranks write the line to their log only."""
+    from rft_ds import console
+    from rft_ds import distributed as D
+
+    if collective:
+        shown = rank == "0"
+        n = D.world_size()
+        line = line.replace(f"(rank {rank})", f"(all {n} ranks)" if n > 1 else f"(rank {rank})", 1)
+    else:
+        first = D.post_failure(line.split("): ", 1)[-1]) if D.is_dist() and not before_group else None
+        shown = first or (first is None and os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) == "0")
+        if first is False:
+            line += f" (after {D.first_failure()}, shown on the terminal)"
+    if shown:
+        console.error(line)
+    elif console.log_path is not None or not before_group:  # the log (the terminal under --verbose)
+        print(line, file=sys.stderr, flush=True)
 
 
 def _train_and_report(cfg: Any, resume: str | None, rank: str) -> int:
@@ -123,24 +157,29 @@ def _train_and_report(cfg: Any, resume: str | None, rank: str) -> int:
     from rft_ds.data import DataError
     from rft_ds.distributed import RankError
     from rft_ds.reward_terms import RewardError
-    from rft_ds.weight_sync import ParityError
+    from rft_ds.weight_sync import ParityError, StaleWeightsError
 
     try:
         import rft_ds
 
         result = rft_ds.train(config=cfg, resume=resume)
     except (ConfigError, DataError, RewardError, RankError, CheckpointError, ParityError) as e:
-        console.error(f"rft_ds: error (rank {rank}): {e}")
+        report(f"rft_ds: error (rank {rank}): {e}", rank, collective=isinstance(e, (RankError, StaleWeightsError)))
         return 2 if isinstance(e, (ConfigError, DataError, CheckpointError)) else 1
     except RuntimeError as e:  # torch.distributed raises these when a peer dies or stalls past the timeout
+        from rft_ds.distributed import is_collective_failure
+
         if not is_collective_failure(e):
             raise
-        from rft_ds.distributed import lost_ranks
+        from rft_ds.distributed import lost_ranks, own_first_failure
 
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        console.error(
-            f"rft_ds: error (rank {rank}): lost contact with {lost_ranks()} during a collective "
-            f"(process-group timeout train.dist_timeout_s): {first}"
+        own = own_first_failure()  # this rank failed first, then lost its peers while waiting for them
+        report(
+            f"rft_ds: error (rank {rank}): "
+            + (own or f"lost contact with {lost_ranks()} during a collective (process-group timeout ")
+            + ("" if own else f"train.dist_timeout_s): {first}"),
+            rank,
         )
         return 1
     if result.stopped_early:

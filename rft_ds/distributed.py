@@ -9,7 +9,11 @@ Two rules live here and nowhere else:
   and gloo CUDA ones; a test keeps other modules from calling torch.distributed collectives directly.
 
 A rank that raises inside a stage would leave the others blocked in their next collective until the
-process-group timeout. `all_ranks_or_fail` turns a local exception into one every rank raises.
+process-group timeout. `all_ranks_or_fail` turns a local exception into one every rank raises, where every
+rank reaches the same point (a stage's local work). Where they cannot (an error between two collectives of a
+training step: the others wait inside the next one, and under NCCL a dead peer does not end that wait, its
+watchdog aborts them after train.dist_timeout_s), `failing_together` posts the error to the rendezvous store
+and a thread on every other rank, seeing it, ends its rank seconds later.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import contextlib
 import datetime
 import os
 import socket
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -252,6 +259,15 @@ def lost_ranks() -> str:
     return f"a rank on another host ({', '.join(map(str, elsewhere))})" if elsewhere else "a stalled rank"
 
 
+def is_collective_failure(e: BaseException) -> bool:
+    """A peer died or stalled: torch's distributed error types, or the text of a gloo/NCCL failure raised as a
+    plain RuntimeError. Not any error that happens to say "timeout" (a reward server's, say)."""
+    if isinstance(e, getattr(dist, "DistError", ())):  # DistBackendError, DistNetworkError, DistStoreError
+        return True
+    text = str(e).lower()
+    return any(k in text for k in ("/gloo/", "gloo::", "nccl", "connection closed by peer", "connection reset by peer"))
+
+
 def free_port() -> int:
     """A free TCP port on localhost, for a rendezvous."""
     with socket.socket() as s:
@@ -279,13 +295,17 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def all_ranks_or_fail(stage: str) -> Iterator[None]:
     """Run the body on every rank; if it raised on any rank, raise RankError on all of them.
 
-    Every rank enters exactly one all_gather here, failed or not, so nobody is left waiting."""
+    Every rank enters exactly one all_gather here, failed or not, so nobody is left waiting. Where the others
+    are not here (the body was collective, and only this rank left it early), the error is also posted, and
+    failing_together ends every rank seconds later."""
     err: str | None = None
     try:
         yield
     except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
         err = f"{type(e).__name__}: {e}" if not isinstance(e, RankError) else str(e)
         local = e
+        if not isinstance(e, RankError) and not is_collective_failure(e):
+            post_failure(f"{stage}: " + (err.strip().splitlines() or [""])[0][:300])
     else:
         local = None
     errors = all_gather_object(err)
@@ -350,3 +370,121 @@ def gather_object(obj: Any) -> list[Any] | None:
     out: list[Any] | None = [None] * world_size() if is_main() else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+# --- failing together where the ranks are not at the same point: the rendezvous store as a side channel
+
+FAILURE_KEY = "rft_ds/failure"
+GRACE_S = 10.0  # after a peer posted a failure: time for this rank's own error (a gloo error, a RankError) first
+POLL_S = 1.0  # one small request to the store per rank and second (64 ranks: 64 a second)
+_client: list[Any] = []  # this rank's own connection to the store (the default group's may be busy in a wait)
+_client_lock = threading.RLock()
+_first_failure: str | None = None  # the first failure any rank posted, as seen when this rank posted its own
+
+
+def _store() -> Any:
+    """A connection of this rank's own to the rendezvous store at MASTER_ADDR:MASTER_PORT (rank 0's, or the
+    torchrun agent's): safe to use from the watcher thread while the main thread waits in a collective."""
+    with _client_lock:
+        if not _client:
+            _client.append(
+                dist.TCPStore(
+                    os.environ["MASTER_ADDR"],
+                    int(os.environ["MASTER_PORT"]),
+                    is_master=False,
+                    timeout=datetime.timedelta(seconds=5),
+                    wait_for_workers=False,
+                )
+            )
+        return _client[0]
+
+
+def post_failure(message: str) -> bool | None:
+    """Tell every rank that this one failed (`message`: one line). True when this rank posted first (or
+    there is nobody to tell): its line is the one the terminal shows; False when another rank did; None
+    when the store (on rank 0) cannot be reached."""
+    global _first_failure
+    if not is_dist() or world_size() == 1:
+        return True
+    mine = f"rank {rank()}: "
+    if _first_failure is not None:  # posted before: one first failure per run
+        return _first_failure.startswith(mine)
+    try:
+        with _client_lock:  # compare_set: the first writer wins, atomically
+            _first_failure = _store().compare_set(FAILURE_KEY, "", mine + message).decode()
+    except Exception:  # noqa: BLE001 - the store is gone with rank 0
+        return None
+    return _first_failure.startswith(mine)
+
+
+def first_failure() -> str | None:
+    """'rank r: <error>' of the first rank that posted a failure, when this rank posted one too."""
+    return _first_failure
+
+
+def own_first_failure() -> str | None:
+    """This rank's error, when it was the first any rank posted (what its terminal line should say)."""
+    mine = f"rank {rank()}: "
+    return _first_failure[len(mine) :] if _first_failure and _first_failure.startswith(mine) else None
+
+
+@contextlib.contextmanager
+def failing_together(grace_s: float = GRACE_S, poll_s: float = POLL_S) -> Iterator[None]:
+    """Run the body (a run: setup and loop) with a watcher: an exception leaving it on this rank is posted
+    (a RankError is not: every rank raised it), and when another rank posted one, or the store has been
+    unreachable for 3 polls (rank 0 is gone), this rank, still inside the body grace_s later, writes why
+    to its log and exits 1: it is waiting in a collective the failed rank will never join."""
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(stop, grace_s, poll_s), name="rft_ds-failure-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    except RankError:
+        raise
+    except BaseException as e:
+        if is_collective_failure(e):  # a consequence: the peer that failed posted its cause, or died
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        post_failure(f"{type(e).__name__}: {first}" if first else type(e).__name__)
+        raise
+    finally:
+        stop.set()
+
+
+def _watch(stop: threading.Event, grace_s: float, poll_s: float) -> None:
+    seen_at, why, misses = None, None, 0
+    while not stop.wait(poll_s):
+        if not is_dist() or world_size() == 1:
+            continue
+        try:
+            with _client_lock:
+                posted = _store().get(FAILURE_KEY).decode() if _store().check([FAILURE_KEY]) else None
+            misses = 0
+        except Exception:  # noqa: BLE001 - connection refused or timed out
+            posted, misses = None, misses + 1
+        if posted:  # this rank's own too: an error left it in a collective the others never reached
+            why = why or posted
+        elif misses >= 3:
+            why = why or "rank 0 is gone (the rendezvous store on rank 0 is unreachable)"
+        if why and seen_at is None:
+            seen_at = time.monotonic()
+        # the rank that failed leaves first (its exit ends the others' waits under gloo); the others follow
+        wait = grace_s / 2 if why and why.startswith(f"rank {rank()}: ") else grace_s
+        if seen_at is not None and time.monotonic() - seen_at >= wait and not stop.is_set():
+            _leave(why)
+
+
+def _leave(why: str) -> None:
+    """End this rank from the watcher thread: the main thread is blocked below Python (in a collective)."""
+    from rft_ds import console
+
+    mine = f"rank {rank()}: "
+    if why.startswith(mine):  # this rank failed, then waited for ranks that were elsewhere: it says its error
+        console.error(f"rft_ds: error (rank {rank()}): {why[len(mine) :]} (the other ranks were not at that point)")
+    else:  # the failed rank says its own error on the terminal; this rank's log says why it stopped
+        line = f"rft_ds: rank {rank()} stops: {why}; it was waiting in a collective that rank will not join"
+        print(line, file=sys.stderr, flush=True)
+        if "unreachable" in why and os.environ.get("LOCAL_RANK", "0") == "0":  # nobody posted: one line a node
+            console.error(f"rft_ds: error (rank {rank()}): {why}")
+    console.ended()
+    os._exit(1)

@@ -8,11 +8,13 @@ maybe_corrupt: fault injection for the stale-weight check. With RFT_DS_CORRUPT_S
 sync of the run (1-based) hands the engine a wrong copy of its first tensor (negated), as a sync or a
 wake-up that did not land would. The trained model itself is untouched.
 
-maybe_die: fault injection for the resume tests. With RFT_DS_DIE_AT=<point>:<epoch>[:<n>] (points: sample,
-score, train, sync, checkpoint), rank RFT_DS_DIE_RANK (default 0) sends itself SIGKILL the n-th time
-(default: the first) it passes that point in that epoch: no handler, no cleanup, exactly what a node
-failure or the OOM killer does. RFT_DS_STOP_AT=<point>:<epoch>[:<n>] sends SIGUSR1 instead (rank
-RFT_DS_STOP_RANK): the real stop-signal path, at a chosen moment. Unset, each costs one dict lookup.
+maybe_die: fault injection for the resume and failure tests. With RFT_DS_DIE_AT=<point>:<epoch>[:<n>] (points:
+start, sample, generate (inside the sampling call), score, train, sync, checkpoint), rank RFT_DS_DIE_RANK
+(default 0) sends itself SIGKILL the n-th time (default: the first) it passes that point in that epoch: no
+handler, no cleanup, exactly what a node failure or the OOM killer does. RFT_DS_STOP_AT sends SIGUSR1 instead
+(rank RFT_DS_STOP_RANK): the real stop-signal path, at a chosen moment. RFT_DS_RAISE_AT raises a
+RuntimeError (rank RFT_DS_RAISE_RANK), as a library's error would; RFT_DS_ABORT_AT calls os.abort (rank
+RFT_DS_ABORT_RANK), as an NCCL watchdog or a failed C++ assertion does. Unset, each costs one dict lookup.
 
 maybe_dump_rows: for the tests that read trained rows back. With RFT_DS_DUMP_ROWS=<dir>, each rank writes the
 rows it builds (experience.rows_for_rank) beside the completion each came from, as the pool shard holds it.
@@ -68,18 +70,27 @@ SIGNALS = StopSignals()
 _passes: dict[tuple[str, int], int] = {}
 
 
+_FAULTS = (
+    ("RFT_DS_DIE_AT", "RFT_DS_DIE_RANK", signal.SIGKILL),
+    ("RFT_DS_STOP_AT", "RFT_DS_STOP_RANK", signal.SIGUSR1),
+    ("RFT_DS_RAISE_AT", "RFT_DS_RAISE_RANK", None),
+    ("RFT_DS_ABORT_AT", "RFT_DS_ABORT_RANK", signal.SIGABRT),
+)
+
+
 def maybe_die(point: str, epoch: int) -> None:
-    if "RFT_DS_DIE_AT" not in os.environ and "RFT_DS_STOP_AT" not in os.environ:
+    if not any(var in os.environ for var, _, _ in _FAULTS):
         return
     from rft_ds import distributed as D
 
     n = _passes[point, epoch] = _passes.get((point, epoch), 0) + 1
     here = {f"{point}:{epoch}:{n}"} | ({f"{point}:{epoch}"} if n == 1 else set())
-    for var, rank_var, sig in (
-        ("RFT_DS_DIE_AT", "RFT_DS_DIE_RANK", signal.SIGKILL),
-        ("RFT_DS_STOP_AT", "RFT_DS_STOP_RANK", signal.SIGUSR1),
-    ):
+    for var, rank_var, sig in _FAULTS:
         if os.environ.get(var) in here and str(D.rank()) == os.environ.get(rank_var, "0"):
+            if sig is None:
+                raise RuntimeError(f"injected failure at {point} in epoch {epoch} ({var})")
+            if sig == signal.SIGABRT:
+                os.abort()
             os.kill(os.getpid(), sig)
 
 

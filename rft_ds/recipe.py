@@ -96,7 +96,9 @@ def run(
     # rank, is about DeepSpeed's code, not the user's, and buries the progress bars.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     try:
-        return _run(cfg, Inputs(reward_fn, prompts, eval_prompts, metric_fn), stop_sequences, SIGNALS)
+        # a rank's error that leaves the others inside a collective (a training step's) ends them in seconds
+        with D.failing_together():
+            return _run(cfg, Inputs(reward_fn, prompts, eval_prompts, metric_fn), stop_sequences, SIGNALS)
     finally:
         if installed_here:
             SIGNALS.uninstall()
@@ -104,6 +106,7 @@ def run(
 
 def _run(cfg: RFTRunConfig, inputs: Inputs, stop_sequences: Sequence[str] | None, signals: Any) -> RFTResult:
     """The recipe: set up, restore or start the run state, then the loop over the stages."""
+    maybe_die("start", 0)
     s, ckpt = setup(cfg, inputs, stop_sequences, signals)
     t = cfg.train
     st = load_checkpoint(s, ckpt) if ckpt is not None else start_fresh(s)
@@ -169,17 +172,17 @@ def sample(s: Setup, st: RunState) -> Outcome:
         if s.rt.weight_sync is not None and st.cursor == 0:  # every rank of an engine group asks alike
             probes[pick_probes(len(part), s.cfg.sampler.stale_probes, s.cfg.train.seed, st.epoch, s.group)] = True
         seed = sample_seed(s.cfg.train.seed, st.epoch, s.group, 0, st.cursor)
-        done.add(
-            st.cursor * chunk,
-            s.sampler.generate(
+        with D.all_ranks_or_fail("sampling"):  # an engine's error on one rank stops every rank, now
+            maybe_die("generate", st.epoch)
+            out = s.sampler.generate(
                 [r.token_ids for r in part],
                 m.n_generations_per_prompt,
                 m.gen_kwargs,
                 seed,
                 label if s.show else None,
                 logprobs=probes,
-            ),
-        )
+            )
+        done.add(st.cursor * chunk, out)
         if s.cfg.sampler.backend == "vllm":  # this rank's engine only (no collective): rank 0's in metrics.jsonl
             st.record["sampled_preemptions"] = st.record.get("sampled_preemptions", 0) + s.sampler.last_preemptions
         st.cursor += 1

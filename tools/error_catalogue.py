@@ -47,7 +47,9 @@ What `rft-ds train` (and `launch/train.py`) and `rft-ds check` print around ever
 (ConfigError, DataError, CheckpointError) and 1 for a failure during the run; an error from inside a library is
 `<Type>: <its first line> (traceback in <log>)` with the traceback in `<output_dir>/logs/rank<r>.log`
 (`--verbose` shows it on the terminal). Exit code 3 is not an error: the run checkpointed on a stop signal and
-wants to be resumed. `rft-ds check` prints each problem as `rft_ds: problem: ...` and exits 1.
+wants to be resumed. `rft-ds check` prints each problem as `rft_ds: problem: ...` and exits 1. An error is said
+once: `(all <n> ranks)` when every rank raised it, otherwise by the rank that failed first (the others log theirs);
+see [How an error looks](../guides/troubleshooting.md#how-an-error-looks).
 **Fix**: read the message after the prefix; it is one of the entries below. For a library's error, open the
 rank's log.""",
     },
