@@ -152,3 +152,25 @@ def test_toy_reward():
     assert letter_score("kkk", "k") == 1.0 and letter_score("kx k", "k") == pytest.approx(2 / 3)
     assert letter_score("123", "k") == 0.0
     assert reward_fn(["s"], ["p"], ["aab"], target=["a"]) == [pytest.approx(2 / 3)]
+
+
+def test_a_turn_end_that_generation_config_declares_ends_a_completion(tmp_path):
+    """A chat model whose generation_config.json names a second end token (Llama 3's <|eot_id|>): vLLM stops on
+    it, and the sampler must take it for the end, not keep it in the completion (a row ending <eot><eos>)."""
+    import json
+    from types import SimpleNamespace
+
+    from rft_ds.sampling.base import declared_eos, end_ids
+    from rft_ds.sampling.vllm import VLLMSampler
+
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 2}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    assert declared_eos(tmp_path) == [2, [2, 7]] and declared_eos(tmp_path / "absent") == []
+    assert end_ids(3, *declared_eos(tmp_path)) == {2, 3, 7} and end_ids(None) == set()
+    sampler = object.__new__(VLLMSampler)  # the completion logic only: no engine
+    sampler.eos_ids = end_ids(2, *declared_eos(tmp_path))
+    out = SimpleNamespace(token_ids=[5, 6, 7], finish_reason="stop", stop_reason=7, logprobs=None)
+    c = sampler._completion(out)
+    assert (c.token_ids.tolist(), c.finish_reason) == ([5, 6], "eos")
+    sampler.eos_ids = end_ids(2, 2)  # before: the tokenizer's and config.json's only
+    assert sampler._completion(out).token_ids.tolist() == [5, 6, 7]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -41,6 +42,32 @@ class Sampler(Protocol):
         collective). A sampler with its own copy of the weights also has load_weights(iterator),
         fed by rft_ds.weight_sync after every training epoch."""
         ...
+
+
+def end_ids(tokenizer_eos: int | None, *declared: Any) -> set[int]:
+    """Every token id that ends a completion: the tokenizer's EOS and each eos_token_id the model declares
+    (config.json's, generation_config.json's; an int or a list). Chat models end a turn with a token other than
+    the tokenizer's EOS (Llama 3's <|eot_id|>, Qwen's <|endoftext|> beside <|im_end|>), and vLLM stops on every
+    id generation_config.json names: one missing here would stay in the completion, and its row would end with
+    that token and then the EOS."""
+    ids: set[int] = set()
+    for d in (tokenizer_eos, *declared):
+        ids.update(int(x) for x in (d if isinstance(d, (list, tuple)) else [d]) if x is not None)
+    return ids
+
+
+def declared_eos(model_dir: str | Path) -> list[Any]:
+    """The eos_token_id of config.json and of generation_config.json in a local model directory (a file that is
+    absent, or has none, adds nothing)."""
+    import json
+
+    found = []
+    for name in ("config.json", "generation_config.json"):
+        try:
+            found.append(json.loads((Path(model_dir) / name).read_text()).get("eos_token_id"))
+        except (OSError, ValueError, AttributeError):
+            pass
+    return found
 
 
 def finish_completion(ids: Sequence[int], eos_ids: set[int], stop_sequences: Sequence[str], decode: Any) -> Completion:

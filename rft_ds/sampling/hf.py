@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from rft_ds import distributed as D
-from rft_ds.sampling.base import Completion, finish_completion, seeded
+from rft_ds.sampling.base import Completion, end_ids, finish_completion, seeded
 
 # Defaults that make HF sample like vLLM does (HF's own default top_k=50 would silently truncate).
 _HF_DEFAULTS = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
@@ -34,9 +34,11 @@ class HFSampler:
         self.batch_size = batch_size
         self.stop_sequences = list(stop_sequences)
         self.pad_id = tokenizer.pad_token_id
-        self.eos_ids = {tokenizer.eos_token_id}
-        gen_eos = getattr(getattr(module, "generation_config", None), "eos_token_id", None)
-        self.eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        self.eos_ids = end_ids(
+            tokenizer.eos_token_id,
+            getattr(getattr(module, "config", None), "eos_token_id", None),
+            getattr(getattr(module, "generation_config", None), "eos_token_id", None),
+        )
 
     def _n_calls(self, n_prompts: int) -> int:
         return D.max_over_ranks(math.ceil(n_prompts / self.batch_size))

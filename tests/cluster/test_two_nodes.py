@@ -23,6 +23,7 @@ import pytest
 from rft_ds.distributed import free_port
 from tests.cluster import slurm2, sshd
 from tests.cluster.netns import netns_nodes  # noqa: F401  (the fixture)
+from tests.cluster.packages import installed as _installed
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -36,25 +37,6 @@ RUN = [
     "train.plots=false",
 ]
 ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _installed(reason_now, *packages: str) -> None:
-    """Install the Debian packages a fixture needs when they are missing: a fresh CI machine has none of
-    them. Skips with the reason where that cannot be done."""
-    if reason_now() is None:
-        return
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=600, env=env)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
-            capture_output=True,
-            timeout=900,
-            env=env,
-        )
-    reason = reason_now()
-    if reason:
-        pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
