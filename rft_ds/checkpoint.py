@@ -45,6 +45,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import time
 import warnings
 from pathlib import Path, PurePosixPath
@@ -662,6 +663,43 @@ def write_rank_state(path: Path, state: dict) -> None:
     import torch
 
     torch.save(state, path, pickle_protocol=4)
+
+
+def own_bytes(engine: Any) -> int:
+    """Bytes of this rank's share of a checkpoint: its ZeRO-3 partition of every trainable parameter, in the
+    training dtype and as fp32 master weights with Adam's two moments (12 bytes a parameter)."""
+    import torch
+
+    from rft_ds import distributed as D
+
+    n, size = 0, 0
+    for p in engine.module.parameters():
+        if p.requires_grad:
+            part = p.ds_tensor.numel() if hasattr(p, "ds_tensor") else -(-p.numel() // D.world_size())
+            n, size = n + part, size + part * torch.empty(0, dtype=p.dtype).element_size()
+    return size + 12 * n
+
+
+def save_time_estimate(root: Path, nbytes: int, probe_bytes: int = 32 << 20) -> float:
+    """Seconds writing `nbytes` of checkpoint should take this rank, before any checkpoint was taken (Slurm's
+    deadline needs one for the first save): a probe file written, fsynced and checksummed where the checkpoints
+    go, scaled to nbytes. Every rank probes at once, as every rank writes at once in a save."""
+    import numpy as np
+
+    root.mkdir(parents=True, exist_ok=True)
+    probe = root / f".probe-{socket.gethostname()}-{os.getpid()}"
+    data = np.random.default_rng(0).integers(0, 256, probe_bytes, dtype=np.uint8).tobytes()
+    t0 = time.perf_counter()
+    try:
+        with open(probe, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        h = _hasher(HASH)
+        h.update(data)
+    finally:
+        probe.unlink(missing_ok=True)
+    return (time.perf_counter() - t0) * nbytes / probe_bytes
 
 
 def _save_engine(engine: Any, tmp: Path) -> None:

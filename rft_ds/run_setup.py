@@ -47,7 +47,7 @@ class Runtime:
     last_safe_point: float = field(default_factory=time.monotonic)
     longest_step_s: float = 0.0  # the longest stretch between two safe points seen (for Slurm's deadline)
     last_save_at: float = field(default_factory=time.monotonic)
-    last_save_s: float = 0.0
+    last_save_s: float = 0.0  # the last checkpoint's seconds; before the first, an estimate (Slurm deadline)
 
 
 @dataclass
@@ -131,6 +131,11 @@ def setup(
     parity_tol, stale_tol = tolerances(
         engine, training_dtype(ds_config), cfg.sampler.parity_tolerance, cfg.sampler.stale_tolerance
     )
+    job_end = D.broadcast_object(job_end_time(os.environ) if D.is_main() else None)
+    rt = Runtime(learner, weight_sync)
+    if job_end is not None:  # the deadline's first save: measured here, not 0 s (every rank probes, at once)
+        est = checkpoint.save_time_estimate(out / "checkpoints", checkpoint.own_bytes(learner.engine))
+        rt.last_save_s = float(D.all_reduce(torch.tensor([est]), "max").item())
     s = Setup(
         cfg,
         p.rewards,
@@ -139,7 +144,7 @@ def setup(
         p.best,
         p.tokenizer,
         sampler,
-        Runtime(learner, weight_sync),
+        rt,
         signals,
         out,
         sampler.stop_sequences,
@@ -150,7 +155,7 @@ def setup(
         parity_tol=parity_tol,
         stale_tol=stale_tol,
         prompts_digest=checkpoint.prompts_digest(p.prompts.texts, p.prompts.metadata),
-        job_end=D.broadcast_object(job_end_time(os.environ) if D.is_main() else None),
+        job_end=job_end,
         universal=universal,
         ds_config=ds_config,
         max_len=p.max_len,

@@ -131,7 +131,12 @@ def test_stale_engine_weights_stop_the_run(tmp_path):
 
 
 def test_two_rank_zero3_hf_sampler_run_learns(tmp_path):
-    p, secs = launch(tmp_path, "sampler.backend=hf", "train.epochs=10", "train.eval_interval=10", launcher=False)
+    # under a Slurm job that ends in a day: the first save's estimate is measured at start (every rank probes
+    # the disk, one all_reduce) and every safe point checks the deadline; nothing else changes
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_JOB_END_TIME": str(int(time.time()) + 86400)}
+    p, secs = launch(
+        tmp_path, "sampler.backend=hf", "train.epochs=10", "train.eval_interval=10", env_extra=slurm, launcher=False
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     m = check_run(tmp_path, 10, loss_drop=0.3)
     assert "sync_bytes" not in m[0]  # HF generate runs on the trained module: nothing to hand over

@@ -173,3 +173,21 @@ def test_resumed_best_is_decided_once_for_every_rank(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     a, b = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert a == b and a is not None and a["run_id"] == "run1"
+
+
+def test_the_first_save_before_a_deadline_is_estimated_from_a_measured_write(tmp_path):
+    """Before any checkpoint, Slurm's deadline check used 0 s for the save: a run could stop too late for its
+    first checkpoint. Now it is this rank's checkpoint bytes over a probe's measured write+fsync+checksum."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from rft_ds.checkpoint import own_bytes, save_time_estimate
+
+    module = torch.nn.Linear(10, 10)  # 110 fp32 parameters: 4 bytes as weights, 12 as master copy and Adam's
+    module.bias.requires_grad_(False)  # frozen: not in the optimizer's state (LoRA's base)
+    assert own_bytes(SimpleNamespace(module=module)) == 100 * (4 + 12)
+    probe = 1 << 20
+    est = save_time_estimate(tmp_path / "checkpoints", 64 * probe, probe_bytes=probe)
+    assert est > 0 and list((tmp_path / "checkpoints").iterdir()) == []  # the probe is gone
+    assert save_time_estimate(tmp_path / "checkpoints", 0, probe_bytes=probe) == 0
