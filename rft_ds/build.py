@@ -84,6 +84,7 @@ def make_sampler(
         enable_sleep_mode=sp.enable_sleep_mode,
         stop_sequences=stop_sequences,
         trust_remote_code=cfg.model.trust_remote_code,
+        load_format="dummy",  # the learner has the weights: the first sync fills the engine (state_io)
     )
     return sampler, WeightSync(learner.module, sampler, sp.sync_bucket_mb, dtype)
 

@@ -84,19 +84,12 @@ _ended: list[int] = []  # the write end of the pipe to this rank's death watcher
 
 
 _WATCHER = r"""
-import ctypes, os, signal, sys, time
+import ctypes, os, signal, sys
 fd, parent, rank, log = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-class Gone(Exception):
-    pass
-def gone(*_):
-    raise Gone
-signal.signal(signal.SIGUSR2, gone)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})  # waited for below, never delivered
 ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGUSR2))  # PR_SET_PDEATHSIG: told at once
-try:
-    while os.getppid() == parent:
-        time.sleep(0.5)
-except Gone:
-    pass
+while os.getppid() == parent:
+    signal.sigtimedwait({signal.SIGUSR2}, 0.5)
 os.set_blocking(fd, False)
 try:
     said = os.read(fd, 1)

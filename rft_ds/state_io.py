@@ -30,6 +30,8 @@ def start_fresh(s: Setup) -> RunState:
         share_prompt=s.rt.learner.share_prompt,
     )
     artifacts.warn_foreign_best_model(s.out, st.run_id)
+    if s.rt.weight_sync:  # the engine started from dummy weights: the learner's fill it, and are checked
+        fill_engine(s, st.record, "engine filled from the learner's weights")
     if s.prompts.replay is not None:  # before any update: the base model's answers
         t0 = time.perf_counter()
         st.replay = replay.sample_set(
@@ -53,6 +55,19 @@ def start_fresh(s: Setup) -> RunState:
         if D.is_main():
             console.say(f"[rft_ds] eval before training: {evaluation.summary(s.evals, st.eval_before)}")
     return st
+
+
+def fill_engine(s: Setup, record: dict, what: str) -> None:
+    """The engine gets the learner's weights (it started from dummy ones, or a checkpoint restored others) and
+    the parity check proves it, unless sampler.parity_check is off; `record` gets the sync's time and the
+    check's result (epoch 0's record, for a fresh run)."""
+    t0 = time.perf_counter()
+    s.rt.weight_sync.sync()
+    record["time_sync_start"] = time.perf_counter() - t0
+    if s.cfg.sampler.parity_check != "off":
+        record["parity_max_diff"] = diff = check_parity(s)
+        if D.is_main():
+            console.say(f"[rft_ds] {what}; parity max |logprob diff| {diff:.2g}")
 
 
 def save_checkpoint(s: Setup, st: RunState) -> None:
@@ -119,11 +134,7 @@ def load_checkpoint(s: Setup, ckpt: Path) -> RunState:
         f"{s.best[0].name}/{s.best[1]}" if s.best else None,
     )
     if s.rt.weight_sync and st.stage != "sync":  # at "sync", the stage itself syncs (and checks) next
-        s.rt.weight_sync.sync()
-        if s.cfg.sampler.parity_check != "off":
-            diff = check_parity(s)
-            if D.is_main():
-                console.say(f"[rft_ds] engine synced from the checkpoint; parity max |logprob diff| {diff:.2g}")
+        fill_engine(s, {}, "engine synced from the checkpoint")
     if D.is_main():
         console.say(
             f"[rft_ds] resumed from {ckpt} at epoch {st.epoch + 1}/{s.cfg.train.epochs} ({st.stage}"

@@ -98,6 +98,7 @@ def test_two_rank_zero3_vllm_run_learns(tmp_path):
     assert after > before + 0.15, (before, after)
     # the colocated engines got the trained weights each epoch, checked against the model on the first sync
     assert all(r["sync_bytes"] > 0 for r in m) and m[0]["parity_max_diff"] < 1e-3
+    assert m[0]["time_sync_start"] > 0  # the engine started from dummy weights; the learner's filled it, checked
     # every grow step, the engine's log p of what it sampled equals the learner's first forward (fp32)
     checked = [(r["epoch"], r["stale_logprob_tokens"], r.get("stale_logprob_mean_diff")) for r in m if r["grow_step"]]
     assert checked[0][1] > 100 and all(n == 0 or d < 1e-4 for _, n, d in checked), checked

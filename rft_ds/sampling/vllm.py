@@ -186,7 +186,10 @@ class VLLMSampler:
         enable_sleep_mode: bool = False,
         stop_sequences: Sequence[str] = (),
         trust_remote_code: bool = False,
+        load_format: str = "auto",
     ) -> None:
+        """load_format "dummy": random weights, to be filled by the first load_weights (the recipe's engines: 64
+        ranks do not each read the model from the shared file system at every start and requeue)."""
         import torch
         from vllm import LLM
 
@@ -205,6 +208,7 @@ class VLLMSampler:
             enable_prefix_caching=True,
             enable_sleep_mode=enable_sleep_mode,
             trust_remote_code=trust_remote_code,
+            load_format=load_format,
         )
         if kv_cache_memory_bytes is not None or on_cpu:
             # On CPU the utilization fraction means a share of a NUMA node's RAM and fails on small boxes;
