@@ -48,6 +48,16 @@ def new_learner(cfg: RFTRunConfig, ds_config: dict, max_len: int) -> Any:
     )
 
 
+def engine_defaults(enforce_eager: Any, enable_sleep_mode: Any, cuda: bool) -> tuple[bool, bool]:
+    """sampler.enforce_eager and sampler.enable_sleep_mode with `auto` resolved for the device: on CUDA, CUDA
+    graphs (faster decoding) and sleep mode (the colocated engine hands its memory to training); on CPU neither
+    (vLLM-CPU has no CUDA graphs and no sleep mode)."""
+    return (
+        (not cuda) if enforce_eager == "auto" else bool(enforce_eager),
+        cuda if enable_sleep_mode == "auto" else bool(enable_sleep_mode),
+    )
+
+
 def make_sampler(
     cfg: RFTRunConfig, learner: Any, tokenizer: Any, ds_config: dict, group: int, stop_sequences: list[str]
 ) -> tuple[Any, Any]:
@@ -62,6 +72,7 @@ def make_sampler(
     from rft_ds.weight_sync import WeightSync
 
     sp = cfg.sampler
+    eager, sleep = engine_defaults(sp.enforce_eager, sp.enable_sleep_mode, D.device().type == "cuda")
     dtype = engine_dtype(sp.dtype, ds_config)
     max_model_len, kv_bytes = engine_limits(cfg, ds_config)
     if sp.kv_cache_memory_bytes is None and kv_bytes is not None and kv_bytes > CPU_KV_BYTES and D.is_main():
@@ -80,8 +91,8 @@ def make_sampler(
         gpu_memory_utilization=sp.gpu_memory_utilization,
         kv_cache_memory_bytes=kv_bytes,
         block_size=sp.block_size,
-        enforce_eager=sp.enforce_eager,
-        enable_sleep_mode=sp.enable_sleep_mode,
+        enforce_eager=eager,
+        enable_sleep_mode=sleep,
         stop_sequences=stop_sequences,
         trust_remote_code=cfg.model.trust_remote_code,
         load_format="dummy",  # the learner has the weights: the first sync fills the engine (state_io)

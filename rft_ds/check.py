@@ -35,4 +35,29 @@ def check(cfg: RFTRunConfig, world: int, cuda: bool | None = None) -> tuple[list
             return preflight.FAILED
 
     preflight.steps(cfg, world, preflight.Inputs(), cuda, attempt, notes)
+    notes.append(resolved_defaults(cfg, torch_cuda() if cuda is None else cuda))
     return problems, notes
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolved_defaults(cfg: RFTRunConfig, cuda: bool) -> str:
+    """The settings whose default follows the device, as the run will have them there."""
+    from rft_ds.build import engine_defaults
+
+    sp, t = cfg.sampler, cfg.train
+    eager, sleep = engine_defaults(sp.enforce_eager, sp.enable_sleep_mode, cuda)
+    engine = (
+        f"sampler.enforce_eager={str(eager).lower()}{'' if eager else ' (CUDA graphs)'}, "
+        f"sampler.enable_sleep_mode={str(sleep).lower()}, "
+        if sp.backend == "vllm"
+        else ""
+    )
+    return (
+        f"on {'CUDA' if cuda else 'CPU'}: {engine}train.save_every_minutes={t.save_every_minutes:g}, "
+        f"model.gradient_checkpointing={str(cfg.model.gradient_checkpointing).lower()}"
+    )

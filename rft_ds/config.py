@@ -164,11 +164,14 @@ class SamplerConfig:
     # None: 32 on CPU (its smallest; vLLM's CPU default of 128 re-prefills a shorter prompt once per
     # sample: 1.7x slower sampling in a profile of the demo's prompts), vLLM's per-backend default on GPU.
     block_size: Optional[int] = None
-    enforce_eager: bool = True  # vLLM's enforce_eager: no CUDA graphs (a faster start, slower decoding on GPU)
-    enable_sleep_mode: bool = False  # GPU: free the engine's memory while DeepSpeed trains
+    # vLLM's enforce_eager (no CUDA graphs: a faster start, slower decoding). auto: true on CPU, false on CUDA
+    enforce_eager: Any = "auto"
+    # free the engine's weights and KV cache while DeepSpeed trains (the next sync refills them). auto: on when
+    # colocated on GPU, off on CPU (vLLM-CPU has no sleep mode)
+    enable_sleep_mode: Any = "auto"
     sync_bucket_mb: float = 64.0  # weight sync gathers at most about this much at a time
     chunk_prompts: int = 256  # prompts per sampling call; a stop signal is honoured between chunks
-    parity_check: str = "first"  # first: after the first sync of every run; always; off
+    parity_check: str = "first"  # first: the engine's fill at start (or the sync after a resume); always; off
     parity_tolerance: Optional[float] = None  # max |logprob diff|; None: 0.5 when engine or training is half, else 1e-3
     parity_probes: int = 4  # prompts the parity check compares engine and training log-probs on
     # Stale-weight check, every grow step: mean |engine log p - training model log p| over the tokens of a few
@@ -215,7 +218,9 @@ class TrainConfig:
     resume: Optional[str] = None  # "auto" (newest intact checkpoint in output_dir, if any) or a checkpoint path
     resume_force: bool = False  # resume even if fields that matter (seed, method, selection, model, data) changed
     save_every_steps: int = 0  # also checkpoint every k optimizer steps, mid-epoch (0: off)
-    save_every_minutes: float = 0.0  # also checkpoint when this long has passed since the last save (0: off)
+    # also checkpoint when this long has passed since the last save (0: off): a crash after two days leaves a
+    # checkpoint at most this old
+    save_every_minutes: float = 30.0
     # Under Slurm: checkpoint and stop (exit 3) when the job's end is nearer than the longest step seen + the
     # last save's time + this margin, even if no signal comes.
     save_before_end_s: float = 120.0
@@ -521,6 +526,11 @@ def validate(cfg: RFTRunConfig) -> None:
     _require(
         sp.max_model_len is None or sp.max_model_len >= 2, f"sampler.max_model_len must be >= 2, got {sp.max_model_len}"
     )
+    for name in ("enforce_eager", "enable_sleep_mode"):
+        _require(
+            getattr(sp, name) in ("auto", True, False),
+            f"sampler.{name} must be auto, true or false, got {getattr(sp, name)!r}",
+        )
     _require(sp.tensor_parallel_size >= 1, f"sampler.tensor_parallel_size must be >= 1, got {sp.tensor_parallel_size}")
     _require(
         0 < sp.gpu_memory_utilization < 1,

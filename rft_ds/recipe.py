@@ -257,6 +257,10 @@ def learn(s: Setup, st: RunState) -> Outcome:
     keep, threshold_mean = select_epoch(
         table, step.percentile, sel.strategy, sel.top_k, sel.min_score, m.max_per_prompt, cut
     )
+    if s.rt.weight_sync:
+        # GPU sleep mode (no-op otherwise): the engine's memory goes to training, and first to the row exchange's
+        # buffers (under tensor parallelism vLLM holds a large share of the GPU until it sleeps)
+        s.sampler.sleep()
     rows, n_rows, moved = rows_for_rank(
         table[keep],
         st.pool,
@@ -300,8 +304,6 @@ def learn(s: Setup, st: RunState) -> Outcome:
         selection_digest=selection_digest(table, keep),
     )
     _add_time(st.record, "time_select", time.perf_counter() - t0)
-    if s.rt.weight_sync:
-        s.sampler.sleep()  # GPU sleep mode: give the engine's memory to training (no-op otherwise)
     # what each optimizer step's loss is averaged over: its label tokens on every rank (one all_reduce; a
     # sequence-parallel group's ranks each count the group's rows)
     step_tokens = (D.all_reduce(torch.from_numpy(label_tokens(rows, micro, learner.grad_accum)), "sum") // sp).tolist()

@@ -256,10 +256,16 @@ def test_check_for_gpu_nodes_from_a_cpu_host(env, capsys):
     tmp, model = env
     hd = copy_model(model, tmp / "hd", edit_config=lambda c: c.update(head_dim=24))
     args = [f"model.model_path={hd}", "model.build=null", "train.dist_backend=nccl"]
-    rc, problems, _ = run_check(capsys, *args, "--device", "cuda")
+    rc, problems, out = run_check(capsys, *args, "--device", "cuda")
     assert rc == 0, problems
-    rc, problems, _ = run_check(capsys, *args, "--device", "cpu")
+    # the defaults that follow the device, as the GPU run will have them
+    assert (
+        "rft_ds: note: on CUDA: sampler.enforce_eager=false (CUDA graphs), sampler.enable_sleep_mode=true, "
+        "train.save_every_minutes=30, model.gradient_checkpointing=auto"
+    ) in out.splitlines(), out
+    rc, problems, out = run_check(capsys, *args, "--device", "cpu")
     assert rc == 1 and len(problems) == 2 and "nccl" in problems[0] and "head_dim 24" in problems[1], problems
+    assert "rft_ds: note: on CPU: sampler.enforce_eager=true, sampler.enable_sleep_mode=false" in out, out
 
 
 @pytest.mark.parametrize("config", ["math.yaml", "reasoning_gym.yaml", "reasoning.yaml"])

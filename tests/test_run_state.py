@@ -191,3 +191,50 @@ def test_the_first_save_before_a_deadline_is_estimated_from_a_measured_write(tmp
     est = save_time_estimate(tmp_path / "checkpoints", 64 * probe, probe_bytes=probe)
     assert est > 0 and list((tmp_path / "checkpoints").iterdir()) == []  # the probe is gone
     assert save_time_estimate(tmp_path / "checkpoints", 0, probe_bytes=probe) == 0
+
+
+def test_the_engine_sleeps_before_the_rows_are_exchanged(monkeypatch):
+    """GPU sleep mode: the engine's memory must be free before rows_for_rank's all_to_all allocates its buffers
+    (under tensor parallelism vLLM holds much of the GPU until it sleeps), not only before training."""
+    from types import SimpleNamespace
+
+    from rft_ds import recipe
+
+    calls = []
+
+    class Engine:
+        def sleep(self) -> None:
+            calls.append("sleep")
+
+    class Exchanged(Exception):
+        pass
+
+    def rows_for_rank(*args, **kwargs):
+        calls.append("exchange")
+        raise Exchanged
+
+    monkeypatch.setattr(recipe, "rows_for_rank", rows_for_rank)
+    cfg = RFTRunConfig()
+    s = SimpleNamespace(
+        cfg=cfg,
+        rt=SimpleNamespace(weight_sync=object(), learner=object()),
+        sampler=Engine(),
+        prompts=SimpleNamespace(records=[]),
+        tokenizer=SimpleNamespace(eos_token_id=2),
+        max_len=64,
+    )
+    st = RunState(run_id="r", prompts_digest="d", stage="train")
+    try:
+        recipe.learn(s, st)
+    except Exchanged:
+        pass
+    assert calls == ["sleep", "exchange"]
+
+
+def test_engine_defaults_follow_the_device():
+    from rft_ds.build import engine_defaults
+
+    assert engine_defaults("auto", "auto", cuda=True) == (False, True)  # CUDA graphs, sleep mode
+    assert engine_defaults("auto", "auto", cuda=False) == (True, False)  # vLLM-CPU has neither
+    assert engine_defaults(True, False, cuda=True) == (True, False)  # an explicit value wins
+    assert RFTRunConfig().train.save_every_minutes == 30  # a periodic checkpoint by default
