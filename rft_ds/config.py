@@ -134,7 +134,9 @@ class RewardConfig:
     functions: list = field(default_factory=list)
     weights: Optional[list] = None  # one per term, in order reward_fn, functions, reward_model, url; None: 1 each
     url: Optional[str] = None  # a remote reward server: POST JSON {prompts, completions, metadata} -> scores
-    max_concurrency: int = 8  # calls in flight at once for async functions, thread/process executors, url
+    # calls in flight at once per node (each rank takes its share, at least 1) for async functions,
+    # thread/process executors and url: what a reward server sees from a node, however many ranks it holds
+    max_concurrency: int = 8
     timeout_s: Optional[float] = None  # per call; past it the run stops naming the term and sample (url: 60 s)
     http_retries: int = 3  # url: retries on connection errors and 5xx, with exponential backoff
     metric_fn: Optional[str] = None  # "module:function" returning a dict of numbers over the eval's samples

@@ -94,9 +94,19 @@ def threads_per_rank(env: Mapping[str, str], cpus: int) -> int:
     for key in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):  # srun --cpus-per-task binds each task to its own
         if env.get(key, "").isdigit() and int(env[key]) > 0:
             return int(env[key])
+    return max(1, cpus // ranks_on_this_node(env))
+
+
+def ranks_on_this_node(env: Mapping[str, str]) -> int:
+    """This node's rank count: the launcher's LOCAL_WORLD_SIZE / LOCAL_SIZE, else Slurm's tasks here, else 1."""
     local = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE")
-    ranks_here = int(local) if local and local.isdigit() else (_tasks_on_this_node(env) or 1)
-    return max(1, cpus // max(1, ranks_here))
+    return max(1, int(local) if local and local.isdigit() else (_tasks_on_this_node(env) or 1))
+
+
+def node_share(per_node: int, env: Mapping[str, str]) -> int:
+    """This rank's part of a budget its node's ranks share (at least 1): reward.max_concurrency is per node, so
+    64 ranks on 8 nodes keep 8 calls each in flight to a reward server, not 8 per rank (512)."""
+    return max(1, per_node // ranks_on_this_node(env))
 
 
 def local_device(env: Mapping[str, str], cuda_count: int) -> str:

@@ -4,6 +4,7 @@ without any rank scoring twice or holding another rank's tokens."""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -58,7 +59,7 @@ def score_shard(
             meta,
             tokenizer,
             rc.batch_size,
-            rc.max_concurrency,
+            D.node_share(rc.max_concurrency, os.environ),  # per node: this rank's share
             rc.timeout_s,
             progress,
         )

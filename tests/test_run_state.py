@@ -238,3 +238,12 @@ def test_engine_defaults_follow_the_device():
     assert engine_defaults("auto", "auto", cuda=False) == (True, False)  # vLLM-CPU has neither
     assert engine_defaults(True, False, cuda=True) == (True, False)  # an explicit value wins
     assert RFTRunConfig().train.save_every_minutes == 30  # a periodic checkpoint by default
+
+
+def test_reward_concurrency_is_a_budget_per_node():
+    from rft_ds.distributed import node_share
+
+    assert node_share(8, {"LOCAL_WORLD_SIZE": "8"}) == 1  # 8 ranks on the node: 8 calls in flight from it
+    assert node_share(8, {"LOCAL_SIZE": "2"}) == 4  # the deepspeed launcher's name for it
+    assert node_share(8, {"SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_NODEID": "1"}) == 2  # srun
+    assert node_share(8, {}) == 8 and node_share(3, {"LOCAL_WORLD_SIZE": "8"}) == 1  # one rank; at least 1
