@@ -498,3 +498,37 @@ def _leave(why: str) -> None:
             console.error(f"rft_ds: error (rank {rank()}): {why}")
     console.ended()
     os._exit(1)
+
+
+# --- rank 0 works, the others wait on the store: a wait that may outlast train.dist_timeout_s
+
+_releases = [0]
+
+
+def release_key() -> str:
+    """A key for one `release` / `wait_released` pair; every rank calls this in the same order."""
+    _releases[0] += 1
+    return f"rft_ds/release/{_releases[0]}"
+
+
+def release(key: str) -> None:
+    """Rank 0: its work for `key` is done (or failed): the waiting ranks go on to the collective after it."""
+    if is_dist() and world_size() > 1:
+        with _client_lock:
+            _store().set(key, "1")
+
+
+def wait_released(key: str, timeout_s: float = 6 * 3600, poll_s: float = 0.5) -> None:
+    """The other ranks: wait for rank 0's `release(key)` on the rendezvous store, polling, instead of inside a
+    collective (whose timeout, train.dist_timeout_s, a long rank-0 job such as a user's metric_fn over a large
+    eval set would outlast)."""
+    if not is_dist() or world_size() == 1:
+        return
+    t0 = time.monotonic()
+    while True:
+        with _client_lock:
+            if _store().check([key]):
+                return
+        if time.monotonic() - t0 > timeout_s:
+            raise RankError(f"rank 0 did not finish within {timeout_s:.0f} s ({key})")
+        time.sleep(poll_s)

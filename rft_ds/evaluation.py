@@ -142,7 +142,7 @@ def evaluate_set(ev: EvalData, ctx: EvalContext, seed: int) -> dict[str, Any]:
         result[spec.key("greedy_pass")] = total["greedy_passed"] / max(total["greedy_samples"], 1)
     result.update({spec.key(k): v for k, v in term_means(ev.rewards, parts).items()})
     if ev.metric_fn is not None:
-        result.update({spec.key(k): v for k, v in _metric_fn(ev, pids, outputs).items()})
+        result.update({spec.key(k): v for k, v in _metric_fn(ev, pids, outputs, ctx.reward_cfg.timeout_s).items()})
     return result
 
 
@@ -174,13 +174,34 @@ def _sample_and_score(
     return pids, scores, outputs, parts, list(zip([0] + ends[:-1], ends))
 
 
-def _metric_fn(ev: EvalData, pids: list[int], outputs: list[str]) -> dict:
-    """Collective: the set's metric_fn, once, on rank 0, over every rank's outputs in prompt order; its dict
-    broadcast to every rank."""
+def _metric_fn(ev: EvalData, pids: list[int], outputs: list[str], timeout_s: float | None = None) -> dict:
+    """Collective: the set's metric_fn, once, on rank 0, over every rank's outputs in prompt order (a corpus
+    metric needs them all); its dict broadcast to every rank. It runs within reward.timeout_s when set, and
+    the other ranks wait for it on the rendezvous store, not inside a collective whose timeout it could
+    outlast."""
     gathered = D.gather_object((pids, outputs))
     extra = None
+    key = D.release_key()
+    if not D.is_main():
+        D.wait_released(key)
     with D.all_ranks_or_fail(f"eval set {ev.spec.name}: metric_fn"):
         if D.is_main():
+            try:
+                extra = _run_metric_fn(ev, gathered, timeout_s)
+            finally:
+                D.release(key)
+    return D.broadcast_object(extra)
+
+
+def _run_metric_fn(ev: EvalData, gathered: list, timeout_s: float | None) -> dict:
+    """Rank 0: metric_fn over every output, in prompt order, within timeout_s (its thread is a daemon: one
+    that hangs cannot keep the process alive)."""
+    import threading
+
+    out: dict = {}
+
+    def call() -> None:
+        try:
             pairs = sorted((p, o) for ps, os_ in gathered for p, o in zip(ps, os_))
             pids, outputs = [p for p, _ in pairs], [o for _, o in pairs]
             data = ev.prompts
@@ -188,14 +209,22 @@ def _metric_fn(ev: EvalData, pids: list[int], outputs: list[str]) -> dict:
             meta = {
                 k: [data.metadata[p].get(k) for p in pids] for k in sorted({k for p in pids for k in data.metadata[p]})
             }
-            extra = ev.metric_fn(
+            out["r"] = ev.metric_fn(
                 samples=[p + o for p, o in zip(prompts, outputs)], prompts=prompts, outputs=outputs, **meta
             )
-            if not isinstance(extra, dict):
-                raise RewardError(
-                    f"metric_fn of eval set {ev.spec.name} must return a dict, got {type(extra).__name__}"
-                )
-    return D.broadcast_object(extra)
+        except BaseException as e:  # handed to the caller's thread
+            out["e"] = e
+
+    th = threading.Thread(target=call, daemon=True, name="rft_ds-metric_fn")
+    th.start()
+    th.join(timeout_s)
+    if th.is_alive():
+        raise RewardError(f"metric_fn of eval set {ev.spec.name} timed out after {timeout_s:g} s (reward.timeout_s)")
+    if "e" in out:
+        raise out["e"]
+    if not isinstance(out["r"], dict):
+        raise RewardError(f"metric_fn of eval set {ev.spec.name} must return a dict, got {type(out['r']).__name__}")
+    return out["r"]
 
 
 def best_key(best: tuple[EvalSet, str], record: dict) -> str:

@@ -518,24 +518,43 @@ class Learner:
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
-    def save_hf(self, out_dir: str | Path, tokenizer: Any, is_main: bool, extra: dict | None = None) -> None:
-        """Gather the full weights a tensor at a time and write a plain HF directory (rank 0), with `extra`
-        {file name: JSON-able} beside them (e.g. which run and epoch the weights are from). A LoRA model is
-        written merged (W + scale * B @ A), under the base model's names: it loads without peft."""
+    def save_hf(
+        self,
+        out_dir: str | Path,
+        tokenizer: Any,
+        is_main: bool,
+        extra: dict | None = None,
+        min_share_bytes: int | None = None,
+    ) -> None:
+        """Collective: a plain HF directory of the full weights, with `extra` {file name: JSON-able} beside them
+        (e.g. which run and epoch the weights are from). Every rank joins each tensor's gather and keeps the
+        ones hf_write.deal gives it, writes them as its shard and goes on; rank 0 puts the directory together
+        once every shard is written (hf_write). A LoRA model is written merged (W + scale * B @ A), under the
+        base model's names: it loads without peft."""
+        import shutil
+
         import deepspeed
 
-        from rft_ds.files import replacing_dir
+        from rft_ds import distributed as D
+        from rft_ds import hf_write
         from rft_ds.lora import is_peft, merged, sync_items
 
-        state = {}
-        for item in sync_items(self.module):
-            with deepspeed.zero.GatheredParameters(item.params, modifier_rank=None):
-                if is_main:
-                    state[item.name] = merged(item).detach().to("cpu", copy=True)
+        out_dir = Path(out_dir)
+        items = sync_items(self.module)
+        sizes = [int(getattr(i.params[0], "ds_numel", i.params[0].numel())) * i.params[0].element_size() for i in items]
+        writers = hf_write.deal(sizes, D.world_size(), min_share_bytes or hf_write.MIN_SHARE_BYTES)
+        stage = hf_write.staging(out_dir)
         if is_main:
-            model = self.module.get_base_model() if is_peft(self.module) else self.module
-            with replacing_dir(out_dir) as tmp:
-                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-                tokenizer.save_pretrained(tmp)
-                for name, value in (extra or {}).items():
-                    (Path(tmp) / name).write_text(json.dumps(value))
+            shutil.rmtree(stage, ignore_errors=True)  # a crash mid-write left it
+            stage.mkdir(parents=True)
+        D.barrier()  # the staging directory exists before anyone writes into it
+        state, me = {}, D.rank()
+        for item, writer in zip(items, writers):
+            with deepspeed.zero.GatheredParameters(item.params, modifier_rank=None):
+                if writer == me:
+                    state[item.name] = merged(item).detach().to("cpu", copy=True)
+        model = self.module.get_base_model() if is_peft(self.module) else self.module
+        hf_write.write_share(model, state, stage, me)
+        del state
+        if is_main:
+            hf_write.assemble(stage, out_dir, D.world_size(), tokenizer, extra)

@@ -59,10 +59,10 @@ def start_fresh(s: Setup) -> RunState:
 
 def fill_engine(s: Setup, record: dict, what: str) -> None:
     """The engine gets the learner's weights (it started from dummy ones, or a checkpoint restored others) and
-    the parity check proves it, unless sampler.parity_check is off; `record` gets the sync's time and the
-    check's result (epoch 0's record, for a fresh run)."""
+    the parity check proves it, unless sampler.parity_check is off; `record` gets the sync's time and bytes
+    and the check's result (epoch 0's record, for a fresh run)."""
     t0 = time.perf_counter()
-    s.rt.weight_sync.sync()
+    record["sync_bytes_start"] = s.rt.weight_sync.sync().bytes
     record["time_sync_start"] = time.perf_counter() - t0
     if s.cfg.sampler.parity_check != "off":
         record["parity_max_diff"] = diff = check_parity(s)

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_a_rank_waiting_in_a_collective_leaves_when_a_peer_posts_its_failure():
     t0 = time.monotonic()
-    p = run_ranks(2, ["tests/dist/peer_watch.py", "2"], timeout=100)
+    p = run_ranks(2, ["tests/dist/peer_watch.py", "posted", "2"], timeout=100)
     secs = time.monotonic() - t0
     assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
     assert "the barrier returned" not in p.stdout
@@ -25,6 +25,35 @@ def test_a_rank_waiting_in_a_collective_leaves_when_a_peer_posts_its_failure():
         in p.stderr
     ), p.stderr[-2000:]
     assert secs < 60, f"rank 0 left after {secs:.0f} s: it waited for the process-group timeout (120 s)"
+
+
+def test_ranks_wait_for_rank_0s_long_work_on_the_store_not_in_a_collective():
+    """A metric_fn that runs longer than the process-group timeout on rank 0: the others wait on the store."""
+    p = run_ranks(2, ["tests/dist/peer_watch.py", "release"], timeout=100)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "rank 0 passed the barrier" in p.stdout and "rank 1 passed the barrier" in p.stdout
+
+
+def test_metric_fn_is_bounded_by_the_reward_timeout():
+    from types import SimpleNamespace
+
+    from rft_ds.evaluation import _run_metric_fn
+    from rft_ds.reward_terms import RewardError
+
+    data = SimpleNamespace(texts=["1+1=", "2+2="], metadata=[{"answer": "2"}, {"answer": "4"}])
+
+    def ev(fn):
+        return SimpleNamespace(spec=SimpleNamespace(name="eval"), prompts=data, metric_fn=fn)
+
+    gathered = [([1], ["4"]), ([0], ["2"])]  # rank 0's and rank 1's outputs: metric_fn sees them in prompt order
+    seen = _run_metric_fn(ev(lambda outputs, answer, **kw: {"acc": float(outputs == answer)}), gathered, 5.0)
+    assert seen == {"acc": 1.0}
+    t0 = time.monotonic()
+    with pytest.raises(RewardError, match=r"metric_fn of eval set eval timed out after 0.3 s \(reward.timeout_s\)"):
+        _run_metric_fn(ev(lambda **kw: time.sleep(30)), gathered, 0.3)
+    assert time.monotonic() - t0 < 5
+    with pytest.raises(RewardError, match="must return a dict, got list"):
+        _run_metric_fn(ev(lambda **kw: [1]), gathered, None)
 
 
 @pytest.mark.parametrize(

@@ -109,11 +109,12 @@ lists ([Evaluation and metrics](../guides/evaluation.md)).""",
     },
     {
         "title": "Checkpoints, resume and export",
-        "modules": ["rft_ds/checkpoint.py", "rft_ds/export.py"],
+        "modules": ["rft_ds/checkpoint.py", "rft_ds/export.py", "rft_ds/hf_write.py"],
         "text": """\
 `--resume PATH` that is not a complete checkpoint, a checkpoint written by another version of the run-state
 format, one taken inside an epoch on another number of ranks, a damaged file (its checksum), prompts other than
-the ones the checkpoint was trained on, or an export whose weights do not match the model config.
+the ones the checkpoint was trained on, an export whose weights do not match the model config, or a rank
+that could not write its share of `best_model/` or `final_model/` (a full disk on its node).
 `--resume auto` skips a damaged checkpoint with a warning instead (`rft_ds: skipping checkpoint ...`) and
 starts fresh when none is left. `<body>` is rank 0's verdict on the `--resume` target, sent to every rank so
 that all of them raise the same line. **Fix**: resume from the checkpoint the message suggests (an end-of-epoch one

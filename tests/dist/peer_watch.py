@@ -1,11 +1,28 @@
-"""2 ranks over gloo: rank 1 posts a failure and stays alive without joining the next collective (what a
-failed peer looks like to NCCL, which does not end a wait when a peer dies); rank 0 waits in a barrier
-inside failing_together and must leave on its own, seconds later, with rank 1's error in its output."""
+"""2 ranks over gloo.
+
+posted GRACE: rank 1 posts a failure and stays alive without joining the next collective (what a failed peer
+looks like to NCCL, which does not end a wait when a peer dies); rank 0 waits in a barrier inside
+failing_together and must leave on its own, seconds later, with rank 1's error in its output.
+
+release: the process-group timeout is 3 s; rank 0 works 6 s (a metric_fn) while rank 1 waits for it on the
+store (wait_released), then both meet in a barrier: it must pass, where a wait inside a collective would not."""
 
 import sys
 import time
 
 from rft_ds import distributed as D
+
+
+def release() -> None:
+    D.init("gloo", 3)
+    key = D.release_key()
+    if D.is_main():
+        time.sleep(6)
+        D.release(key)
+    else:
+        D.wait_released(key)
+    D.barrier()
+    print(f"rank {D.rank()} passed the barrier", flush=True)
 
 
 def main(grace_s: float) -> None:
@@ -21,4 +38,4 @@ def main(grace_s: float) -> None:
 
 
 if __name__ == "__main__":
-    main(float(sys.argv[1]))
+    release() if sys.argv[1] == "release" else main(float(sys.argv[2]))
