@@ -111,7 +111,8 @@ def test_two_rank_zero3_vllm_run_learns(tmp_path):
 def test_stale_engine_weights_stop_the_run(tmp_path):
     """The parity check runs on the first sync only; a later sync that hands the engine a wrong tensor is
     caught at the next grow step by comparing its sampling log p with the learner's first forward."""
-    env_extra = {"RFT_DS_CORRUPT_SYNC": "2"}  # the sync after epoch 2 (epoch 3 is a grow step)
+    # the run's third sync: the first fills the engine at start, the third follows epoch 2 (epoch 3 is a grow step)
+    env_extra = {"RFT_DS_CORRUPT_SYNC": "3"}
     p, _ = launch(
         tmp_path,
         "train.epochs=3",
