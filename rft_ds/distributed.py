@@ -353,24 +353,37 @@ def any_rank(flag: bool) -> bool:
     return bool(max_over_ranks(int(flag)))
 
 
+EXCHANGE_VALUES = 16 * 2**20  # int32 values one all_to_all round moves into or out of a rank: 64 MiB
+
+
 def all_to_all_int32(send: list, recv_sizes: list[int]) -> list:
-    """One all_to_all of int32 numpy arrays: send[r] goes to rank r, and the array rank r sends here,
+    """All_to_all of int32 numpy arrays: send[r] goes to rank r, and the array rank r sends here,
     recv_sizes[r] values long (every rank knows the sizes in advance), comes back as the r-th entry.
-    On comm_device(); the caller skips it when nothing moves anywhere (a decision every rank shares)."""
+    On comm_device(), in rounds of at most EXCHANGE_VALUES values in and out of each rank (the buffers on the
+    GPU under NCCL stay bounded however many rows move); one all_reduce agrees on the number of rounds. The
+    caller skips it when nothing moves anywhere (a decision every rank shares)."""
     import numpy as np
 
     if not is_dist():
         return [np.asarray(send[0], dtype=np.int32)]
-    dev = comm_device()
-    flat = np.concatenate([np.asarray(a, dtype=np.int32) for a in send]) if send else np.zeros(0, np.int32)
-    out = torch.empty(int(sum(recv_sizes)), dtype=torch.int32, device=dev)
-    dist.all_to_all_single(
-        out,
-        torch.from_numpy(flat).to(dev),
-        output_split_sizes=[int(n) for n in recv_sizes],
-        input_split_sizes=[len(a) for a in send],
-    )
-    return np.split(out.cpu().numpy(), np.cumsum(recv_sizes)[:-1])
+    dev, world = comm_device(), world_size()
+    send = [np.asarray(a, dtype=np.int32) for a in send]
+    per_peer = max(1, EXCHANGE_VALUES // world)
+    longest = max([len(a) for a in send] + [int(n) for n in recv_sizes] + [0])
+    rounds = max_over_ranks(-(-longest // per_peer))
+    got: list[list] = [[] for _ in range(world)]
+    for k in range(rounds):
+        lo, hi = k * per_peer, (k + 1) * per_peer
+        parts = [a[lo:hi] for a in send]
+        sizes = [max(0, min(int(n), hi) - lo) for n in recv_sizes]
+        out = torch.empty(sum(sizes), dtype=torch.int32, device=dev)
+        flat = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+        dist.all_to_all_single(
+            out, torch.from_numpy(flat).to(dev), output_split_sizes=sizes, input_split_sizes=[len(a) for a in parts]
+        )
+        for r, piece in enumerate(np.split(out.cpu().numpy(), np.cumsum(sizes)[:-1])):
+            got[r].append(piece)
+    return [np.concatenate(g) if g else np.zeros(0, np.int32) for g in got]
 
 
 def gather_object(obj: Any) -> list[Any] | None:

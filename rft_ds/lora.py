@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from rft_ds.errors import ConfigError
 
@@ -22,6 +22,8 @@ ADAPTER = "default"
 # vLLM fuses these HF modules into one layer (qkv_proj, gate_up_proj) and reprocesses a layer only when all
 # of it has arrived: a sync that sent q_proj alone would leave k and v uninitialised. So an adapted member
 # brings its whole group.
+# what vLLM fuses into one parameter in Llama-like models (qkv_proj, gate_up_proj); a vLLM engine says its own
+# model's (VLLMSampler.fused_groups: its packed_modules_mapping), for other families
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
@@ -144,7 +146,7 @@ def _shape(p: Any) -> tuple:
     return tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the full shape in ds_shape
 
 
-def sync_items(module: Any) -> list[SyncItem]:
+def sync_items(module: Any, fused: Sequence[Sequence[str]] = FUSED) -> list[SyncItem]:
     """What a sync sends, in parameter order (vLLM buffers a layer until all of it arrived: this order
     completes one layer before the next). A plain model: every parameter, every time. A peft model: adapted
     weights merged, every time; frozen matrices on the first sync only; 1-D tensors and the fused siblings
@@ -156,7 +158,7 @@ def sync_items(module: Any) -> list[SyncItem]:
         adapted[id(layer.base_layer.weight)] = layer
     leaves = {hf_name(n).rsplit(".", 1)[0].rsplit(".", 1)[-1] for n, p in module.named_parameters() if id(p) in adapted}
     resend = set(leaves)
-    for group in FUSED:
+    for group in fused:  # the engine's packed modules (sampler.fused_groups), or Llama's
         if leaves & set(group):
             resend |= set(group)
     items = []

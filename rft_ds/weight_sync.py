@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from rft_ds import distributed as D
-from rft_ds.lora import SyncItem, merged, sync_items
+from rft_ds.lora import FUSED, SyncItem, merged, sync_items
 
 
 class ParityError(RuntimeError):
@@ -89,7 +89,8 @@ class WeightSync:
         self.dtype = dtype
         elem = torch.empty(0, dtype=dtype).element_size()
         gather_elem = max(elem, next(module.parameters()).element_size())
-        items = sync_items(module)
+        # the modules the engine fuses with an adapted one go with it (its own list when it has one)
+        items = sync_items(module, sampler.fused_groups() if hasattr(sampler, "fused_groups") else FUSED)
         self.first_buckets = make_buckets([(i.name, i) for i in items], int(bucket_mb * 2**20), gather_elem)
         self.later_buckets = make_buckets(
             [(i.name, i) for i in items if not i.static], int(bucket_mb * 2**20), gather_elem

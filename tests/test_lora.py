@@ -70,6 +70,9 @@ def test_sync_plan_merges_adapters_and_skips_frozen_matrices(tiny_model):
     by = {i.name: i for i in items}
     assert by["model.layers.0.self_attn.q_proj.weight"].scale == 2.0
     assert not by["model.layers.0.self_attn.k_proj.weight"].static  # fused with q_proj in vLLM: re-sent
+    # another family's fused groups (the engine's packed_modules_mapping): k_proj is nobody's sibling there
+    other = {i.name: i for i in sync_items(model, fused=[["w1", "w3"]])}
+    assert other["model.layers.0.self_attn.k_proj.weight"].static
     assert by["model.layers.0.self_attn.o_proj.weight"].static  # frozen matrix: first sync only
     assert by["model.embed_tokens.weight"].static
     assert not by["model.layers.0.input_layernorm.weight"].static  # 1-D: re-sent (a few bytes)

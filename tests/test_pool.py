@@ -79,7 +79,7 @@ def test_merge_for_another_world_size():
     assert len(LocalPool.merge([], rank=3)) == 0  # a new rank beyond the old world
 
 
-@pytest.mark.parametrize("case", ["skewed", "few", "even", "even-sp2"])
+@pytest.mark.parametrize("case", ["skewed", "few", "even", "even-sp2", "skewed-chunked"])
 def test_rows_exchange_between_two_ranks(case, tmp_path):
     """Real gloo ranks: the selected rows end up balanced across ranks, each row once, tokens and all, and
     both ranks run the same number of micro-batches. Under sequence parallelism (-sp2: one group of both
@@ -121,6 +121,6 @@ def test_rows_exchange_between_two_ranks(case, tmp_path):
         assert sizes == [1, 0] and a["moved"] == 0  # rank 1 runs its step on an empty micro-batch
     else:
         assert max(sizes) - min(sizes) <= 1 and sum(sizes) == a["n_rows"]
-        if case == "skewed":
-            assert a["moved"] == a["n_rows"] // 2  # only the surplus moved
+        if case.startswith("skewed"):
+            assert a["moved"] == a["n_rows"] // 2  # only the surplus moved (in many rounds when chunked)
     assert got == sorted(map(json.dumps, a["ref"]))  # the rows of the selected completions, tokens and all

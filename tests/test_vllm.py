@@ -194,6 +194,8 @@ def test_sync_parity_and_bounded_memory(tmp_path):
             # a 49-token prompt sampled 4 times: its first 32-token block prefilled once, not once per sample
             # (vLLM's CPU default block of 128 tokens would share nothing)
             assert r["block_size"] == 32 and r["prompt_len"] > 32 and r["cached_tokens"] >= 32, r
+            # what the engine's Llama fuses: the LoRA sync's resend groups come from the engine itself
+            assert r["fused_groups"] == [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]], r
             # each rank's engine now gives the trained model's log-probs (CPU fp32)...
             assert r["parity_fixed_completion"] < 1e-4, r
             assert r["parity_check"] < 1e-3, r

@@ -169,6 +169,14 @@ def refresh_tied_heads(worker: Any) -> int:
     return len(shared)
 
 
+def packed_modules(worker: Any) -> list[list[str]]:
+    """On an engine's worker: the groups of HF modules its model fuses into one parameter (vLLM's
+    packed_modules_mapping: qkv_proj <- q_proj, k_proj, v_proj; gate_up_proj <- gate_proj, up_proj; other
+    names in other families). A LoRA sync that sends one member must send its group."""
+    mapping = getattr(worker.model_runner.get_model(), "packed_modules_mapping", None) or {}
+    return [list(v) for v in mapping.values()]
+
+
 class VLLMSampler:
     def __init__(
         self,
@@ -309,6 +317,10 @@ class VLLMSampler:
             self.llm.sleep(level=2)  # level 2 drops weights: the next sync refills them, never from disk
             self.asleep = True
             self.weights_dropped = True  # all of them: a sync that sends only the changed ones would leave holes
+
+    def fused_groups(self) -> list[list[str]]:
+        """What this engine's model fuses (packed_modules): the LoRA sync's resend groups."""
+        return self.llm.collective_rpc(packed_modules)[0]
 
     def load_weights(self, weights: Any) -> None:
         """Stream (hf_name, tensor) pairs into the engine in place, then drop cached prefixes."""

@@ -19,6 +19,9 @@ from rft_ds.selection import parse_pool_policy, select, selection_digest, update
 def main(case: str, out_dir: str) -> None:
     D.init("gloo", 120)
     me = D.rank()
+    if case.endswith("-chunked"):  # rounds of at most 4 values in and out of a rank: many rounds
+        D.EXCHANGE_VALUES = 4
+        case = case.removesuffix("-chunked")
     sp = 2 if case.endswith("-sp2") else 1
     case = case.removesuffix("-sp2")
     rng = np.random.default_rng(100 + me)

@@ -63,6 +63,7 @@ def main(model_path: str, out_dir: str) -> None:
     largest = max(int(p.ds_numel) * 4 for p in learner.module.parameters())
     result = {
         "rank": rank,
+        "fused_groups": sampler.fused_groups(),
         "block_size": sampler.llm.llm_engine.vllm_config.cache_config.block_size,
         "prompt_len": len(shared.prompt_token_ids), "cached_tokens": shared.num_cached_tokens,
         "parity_fixed_completion": max(float(np.abs(a - m).max()) for a, m in zip(after, model)),
