@@ -155,7 +155,7 @@ def _train_and_report(cfg: Any, resume: str | None, rank: str) -> int:
     from rft_ds.checkpoint import CheckpointError
     from rft_ds.config import ConfigError
     from rft_ds.data import DataError
-    from rft_ds.distributed import RankError
+    from rft_ds.distributed import RankError, RendezvousError
     from rft_ds.reward_terms import RewardError
     from rft_ds.weight_sync import ParityError, StaleWeightsError
 
@@ -164,7 +164,13 @@ def _train_and_report(cfg: Any, resume: str | None, rank: str) -> int:
 
         result = rft_ds.train(config=cfg, resume=resume)
     except (ConfigError, DataError, RewardError, RankError, CheckpointError, ParityError) as e:
-        report(f"rft_ds: error (rank {rank}): {e}", rank, collective=isinstance(e, (RankError, StaleWeightsError)))
+        joined = not isinstance(e, RendezvousError)  # this rank never joined the group: its node's first says it
+        report(
+            f"rft_ds: error (rank {rank}): {e}",
+            rank,
+            collective=joined and isinstance(e, (RankError, StaleWeightsError)),
+            before_group=not joined,
+        )
         return 2 if isinstance(e, (ConfigError, DataError, CheckpointError)) else 1
     except RuntimeError as e:  # torch.distributed raises these when a peer dies or stalls past the timeout
         from rft_ds.distributed import is_collective_failure
