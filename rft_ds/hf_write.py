@@ -90,8 +90,10 @@ def assemble(
         time.sleep(0.5)
     shards = [stage / f"rank{r}" / WEIGHTS for r in range(world) if (stage / f"rank{r}" / WEIGHTS).exists()]
     with replacing_dir(out_dir) as tmp:
-        shutil.copytree(stage / "rank0", tmp)  # config.json, generation_config.json, remote code; its shard
-        (tmp / WEIGHTS).unlink(missing_ok=True)
+        tmp.mkdir(parents=True)
+        for f in (stage / "rank0").iterdir():  # config.json, generation_config.json, remote code (not its shard)
+            if f.name != WEIGHTS:
+                f.replace(tmp / f.name)
         weight_map, total = {}, 0
         for k, shard in enumerate(shards):
             name = WEIGHTS if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"

@@ -27,6 +27,16 @@ def test_a_rank_waiting_in_a_collective_leaves_when_a_peer_posts_its_failure():
     assert secs < 60, f"rank 0 left after {secs:.0f} s: it waited for the process-group timeout (120 s)"
 
 
+def test_a_rank_stuck_after_its_own_failure_leaves_and_says_its_error():
+    t0 = time.monotonic()
+    p = run_ranks(2, ["tests/dist/peer_watch.py", "own"], timeout=100)
+    assert p.returncode == 1 and time.monotonic() - t0 < 40, p.stdout[-2000:] + p.stderr[-2000:]
+    line = (
+        "rft_ds: error (rank 1): RuntimeError: CUDA out of memory (injected) (the other ranks were not at that point)"
+    )
+    assert line in p.stderr.splitlines(), p.stderr[-2000:]
+
+
 def test_ranks_wait_for_rank_0s_long_work_on_the_store_not_in_a_collective():
     """A metric_fn that runs longer than the process-group timeout on rank 0: the others wait on the store."""
     p = run_ranks(2, ["tests/dist/peer_watch.py", "release"], timeout=100)
@@ -99,9 +109,6 @@ def test_a_rank_that_dies_without_a_python_error_is_named_on_the_terminal(tmp_pa
     [
         # inside vLLM's sampling call (local work): every rank reaches the same point and raises rank 1's error
         ("generate", "rft_ds: error (all 2 ranks): sampling failed on rank 1: RuntimeError: injected failure at"),
-        # HF generate under ZeRO-3 is collective: rank 1 waits in the failure all-gather, rank 0 inside generate;
-        # both leave ~10 s later, rank 1 saying its own error
-        ("generate-hf", "rft_ds: error (rank 1): sampling: RuntimeError: injected failure at generate in epoch 0"),
         # between a training step's collectives: rank 1 posts its error; rank 0, in the step's first all-gather,
         # loses its peer and logs why without a second line on the terminal
         ("train", "rft_ds: error (rank 1): RuntimeError: injected failure at train in epoch 0 (RFT_DS_RAISE_AT)"),
@@ -112,10 +119,10 @@ def test_an_error_on_one_rank_stops_every_rank_and_is_said_once(tmp_path, point,
 
     p, secs = launch(
         tmp_path,
-        f"sampler.backend={'vllm' if point == 'generate' else 'hf'}",
+        f"sampler.backend={'vllm' if point == 'generate' else 'hf'}",  # hf: the cheaper start
         "train.dist_timeout_s=300",
         timeout=300,
-        env_extra={"RFT_DS_RAISE_AT": f"{point.removesuffix('-hf')}:0", "RFT_DS_RAISE_RANK": "1"},
+        env_extra={"RFT_DS_RAISE_AT": f"{point}:0", "RFT_DS_RAISE_RANK": "1"},
         launcher=False,
     )
     out = p.stdout + p.stderr
