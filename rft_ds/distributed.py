@@ -42,9 +42,14 @@ class RendezvousError(RankError):
     """This rank could not join the process group (the master's address, a port or a peer unreachable)."""
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's first line of text (at most `limit` characters), or its type's name when it has none."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+
+
 def rendezvous_problem(env: Mapping[str, str], timeout_s: int, e: BaseException) -> str:
     """One line naming what was tried, for a failed init of the process group."""
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    first = first_line(e)
     iface = (
         ", ".join(f"{k}={env[k]}" for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if env.get(k))
         or "GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME unset"
@@ -315,7 +320,7 @@ def all_ranks_or_fail(stage: str) -> Iterator[None]:
         err = f"{type(e).__name__}: {e}" if not isinstance(e, RankError) else str(e)
         local = e
         if not isinstance(e, RankError) and not is_collective_failure(e):
-            post_failure(f"{stage}: " + (err.strip().splitlines() or [""])[0][:300])
+            post_failure(f"{stage}: {type(e).__name__}: {first_line(e)}" if str(e).strip() else f"{stage}: {err}")
     else:
         local = None
     errors = all_gather_object(err)
@@ -467,8 +472,7 @@ def failing_together(grace_s: float = GRACE_S, poll_s: float = POLL_S) -> Iterat
     except BaseException as e:
         if is_collective_failure(e):  # a consequence: the peer that failed posted its cause, or died
             raise
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        post_failure(f"{type(e).__name__}: {first}" if first else type(e).__name__)
+        post_failure(f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__)
         raise
     finally:
         stop.set()
