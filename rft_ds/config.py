@@ -65,6 +65,15 @@ class RFTConfig:
     # With data.replay_prompts: the share of each epoch's training rows that are the base model's own answers
     # to those prompts (rft_ds/replay.py), against forgetting what the run does not train.
     replay_share: float = 0.1
+    # Dynamic sampling: a grow step leaves out a prompt whose latest skip_solved attempts (grow steps that
+    # sampled it) all passed in every sample (nothing to learn), or whose latest skip_hopeless attempts had no
+    # pass at all (nothing to keep); null: off. A skipped prompt is drawn again after skip_retry_after grow
+    # steps without an attempt (null: never). With data.prompts_per_grow_step the next prompts of the pass
+    # refill the budget. A sample passes at a score >= pass_score (null: selection.min_score).
+    skip_solved: Optional[int] = None
+    skip_hopeless: Optional[int] = None  # k: the latest k attempts had no passing sample; null: off
+    skip_retry_after: Optional[int] = None  # grow steps a skipped prompt rests before it is drawn again; null: never
+    pass_score: Optional[float] = None  # a sample passes at a score >= this (null: selection.min_score)
 
     def __post_init__(self) -> None:
         # Keys given override the defaults, so `gen_kwargs.temperature=0.7` keeps max_new_tokens.
@@ -78,6 +87,9 @@ class SelectionConfig:
     top_k: int = 1  # used by strategy=top_k: best-of-K per prompt
     min_score: Optional[float] = None  # absolute floor applied on top of any strategy (ReST-EM style)
     dedup: bool = True  # a prompt's pool holds each distinct completion (token ids) once
+    # Leave out of training the prompts whose pooled samples all pass (method.pass_score): RAFT++'s "reject
+    # both ends" (the other end, no pass at all, is never selected above a min_score anyway).
+    drop_solved: bool = False
 
 
 @dataclass
@@ -122,6 +134,9 @@ class DataConfig:
     # Prompts whose base-model answers are replayed as method.replay_share of each epoch's rows (any source
     # above; formatted as the training prompts). Sampled once, at the start of a fresh run. null: no replay.
     replay_prompts: Any = None
+    # Prompts sampled per grow step, drawn from a seeded pass over the dataset (a new order when a pass ends;
+    # the position is in each checkpoint). null: every prompt, every grow step.
+    prompts_per_grow_step: Optional[int] = None
 
 
 @dataclass
@@ -467,6 +482,16 @@ def validate_gen_kwargs(gk: dict, name: str) -> None:
         _require(isinstance(gk["do_sample"], bool), f"{name}.do_sample must be bool, got {gk['do_sample']!r}")
 
 
+def pass_threshold(cfg: RFTRunConfig) -> float | None:
+    """The score at or above which a sample passes (skip rules, selection.drop_solved): method.pass_score,
+    else selection.min_score."""
+    return cfg.method.pass_score if cfg.method.pass_score is not None else cfg.selection.min_score
+
+
+def _null_or_count(v: Any) -> bool:
+    return v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+
+
 def validate(cfg: RFTRunConfig) -> None:
     """Range and consistency checks that need no model, no files beyond paths, no process group."""
     m = cfg.method
@@ -498,6 +523,27 @@ def validate(cfg: RFTRunConfig) -> None:
         f"method.max_per_prompt must be null or an int >= 1, got {m.max_per_prompt!r}",
     )
     _require(m.overlong in ("keep", "drop"), f"method.overlong must be keep or drop, got {m.overlong!r}")
+    for name in ("skip_solved", "skip_hopeless", "skip_retry_after"):
+        _require(
+            _null_or_count(getattr(m, name)), f"method.{name} must be null or an int >= 1, got {getattr(m, name)!r}"
+        )
+    _require(
+        _null_or_count(cfg.data.prompts_per_grow_step),
+        f"data.prompts_per_grow_step must be null or an int >= 1, got {cfg.data.prompts_per_grow_step!r}",
+    )
+    uses_pass = [
+        f
+        for f, on in (
+            ("method.skip_solved", m.skip_solved),
+            ("method.skip_hopeless", m.skip_hopeless),
+            ("selection.drop_solved", cfg.selection.drop_solved),
+        )
+        if on
+    ]
+    _require(
+        not uses_pass or m.pass_score is not None or cfg.selection.min_score is not None,
+        f"{uses_pass[0] if uses_pass else ''} needs a pass threshold: set method.pass_score (or selection.min_score)",
+    )
     _require(
         cfg.data.shard in ("interleaved", "contiguous"),
         f"data.shard must be 'interleaved' or 'contiguous', got {cfg.data.shard!r}",
@@ -696,6 +742,7 @@ RESUME_FIELDS = (
     "data.max_prompt_length",
     "data.shard",
     "data.replay_prompts",
+    "data.prompts_per_grow_step",
     "method.*",
     "selection.*",
     "reward.reward_fn",

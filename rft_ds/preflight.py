@@ -212,9 +212,15 @@ def load_prompts(cfg: RFTRunConfig, prompts: Any) -> PromptSet:
     src = prompts if prompts is not None else d.prompts
     if src is None:
         raise ConfigError("data.prompts is required")
-    return PromptSet(
+    prompts = PromptSet(
         *normalize(load_source(src, "prompts", d.prompt_field, d.split), "prompts", d.prompt_field, d.metadata_fields)
     )
+    if d.prompts_per_grow_step is not None and d.prompts_per_grow_step > len(prompts.texts):
+        raise ConfigError(
+            f"data.prompts_per_grow_step ({d.prompts_per_grow_step}) is larger than the dataset's "
+            f"{len(prompts.texts)} prompts; set it to at most {len(prompts.texts)}, or null for every prompt"
+        )
+    return prompts
 
 
 def load_replay_prompts(cfg: RFTRunConfig) -> PromptSet | None:

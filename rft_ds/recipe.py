@@ -28,7 +28,7 @@ import numpy as np
 
 from rft_ds import artifacts, console, evaluation, progress, replay, run_setup
 from rft_ds import distributed as D
-from rft_ds.config import RFTRunConfig
+from rft_ds.config import RFTRunConfig, pass_threshold
 from rft_ds.data import PromptRecord, deal_prompts
 from rft_ds.evaluation import best_key
 from rft_ds.experience import (
@@ -46,11 +46,20 @@ from rft_ds.faults import maybe_die
 from rft_ds.learner import TrainStats, checkpoint_plan
 from rft_ds.metrics import MetricsLog, format_epoch, memory_gb, plain
 from rft_ds.preflight import Inputs
+from rft_ds.prompt_draw import SkipRules, draw, new_history, skipped, update_history
 from rft_ds.run_setup import Setup, check_parity, eval_context, setup, sinks
 from rft_ds.run_state import STAGES, RunState, advance
 from rft_ds.samples import Samples, pick_probes, sample_seed
 from rft_ds.scoring import gather_new_rows, score_shard, term_means
-from rft_ds.selection import parse_pool_policy, schedule, select_epoch, selection_digest, truncated, update_pool
+from rft_ds.selection import (
+    parse_pool_policy,
+    schedule,
+    select_epoch,
+    selection_digest,
+    solved_prompts,
+    truncated,
+    update_pool,
+)
 from rft_ds.state_io import load_checkpoint, save_checkpoint, start_fresh
 from rft_ds.weight_sync import check_stale_weights
 
@@ -159,8 +168,10 @@ def sample(s: Setup, st: RunState) -> Outcome:
     if not _step(s, st).grow:
         return Outcome.DONE
     m, chunk = s.cfg.method, s.cfg.sampler.chunk_prompts
+    if st.cursor == 0:  # the grow step's prompts (before its first chunk, so a resume here draws them again)
+        _draw(s, st)
     mine = _my_prompts(s, st)
-    n_chunks = _n_chunks(s)
+    n_chunks = _n_chunks(s, st)
     done = st.local.setdefault("samples", Samples())
     while st.cursor < n_chunks:
         maybe_die("sample", st.epoch)
@@ -174,14 +185,18 @@ def sample(s: Setup, st: RunState) -> Outcome:
         seed = sample_seed(s.cfg.train.seed, st.epoch, s.group, 0, st.cursor)
         with D.all_ranks_or_fail("sampling"):  # an engine's error on one rank stops every rank, now
             maybe_die("generate", st.epoch)
-            out = s.sampler.generate(
-                [r.token_ids for r in part],
-                m.n_generations_per_prompt,
-                m.gen_kwargs,
-                seed,
-                label if s.show else None,
-                logprobs=probes,
-            )
+            out = (
+                s.sampler.generate(
+                    [r.token_ids for r in part],
+                    m.n_generations_per_prompt,
+                    m.gen_kwargs,
+                    seed,
+                    label if s.show else None,
+                    logprobs=probes,
+                )
+                if part
+                else []
+            )  # the skip rules left this rank nothing to sample
         done.add(st.cursor * chunk, out)
         if s.cfg.sampler.backend == "vllm":  # this rank's engine only (no collective): rank 0's in metrics.jsonl
             st.record["sampled_preemptions"] = st.record.get("sampled_preemptions", 0) + s.sampler.last_preemptions
@@ -227,6 +242,14 @@ def score(s: Setup, st: RunState) -> Outcome:
     st.table = update_pool(st.table, new, grow_step, parse_pool_policy(m.pool), s.cfg.selection.dedup)
     st.pool.keep_only(st.table)
     rec["n_sampled"], rec["sampled_tokens"] = len(new), int(new["length"].sum())
+    if st.prompt_history is not None:  # the skip rules' history: every rank's samples, the same on every rank
+        st.prompt_history = update_history(
+            st.prompt_history, new["prompt_id"], new["score"], pass_threshold(s.cfg), grow_step
+        )
+        # what the skipped prompts would have cost at this grow step's mean completion length
+        per_sample = rec["sampled_tokens"] / len(new) if len(new) else 0.0
+        skipped = rec.get("prompts_skipped_solved", 0) + rec.get("prompts_skipped_hopeless", 0)
+        rec["sampled_tokens_saved"] = int(skipped * m.n_generations_per_prompt * per_sample)
     # cut by max_new_tokens, without an end: kept or never selected (method.overlong), counted either way
     rec["truncated_share"] = float(truncated(new, m.gen_kwargs["max_new_tokens"]).mean()) if len(new) else 0.0
     if len(new):
@@ -254,8 +277,9 @@ def learn(s: Setup, st: RunState) -> Outcome:
     table = st.table  # the pools: one row per completion, the same on every rank
     m = s.cfg.method
     cut = m.gen_kwargs["max_new_tokens"] if m.overlong == "drop" else None  # method.overlong: drop leaves them out
+    solved_at = pass_threshold(s.cfg) if sel.drop_solved else None  # selection.drop_solved: reject both ends
     keep, threshold_mean = select_epoch(
-        table, step.percentile, sel.strategy, sel.top_k, sel.min_score, m.max_per_prompt, cut
+        table, step.percentile, sel.strategy, sel.top_k, sel.min_score, m.max_per_prompt, cut, solved_at
     )
     if s.rt.weight_sync:
         # GPU sleep mode (no-op otherwise): the engine's memory goes to training, and first to the row exchange's
@@ -303,6 +327,10 @@ def learn(s: Setup, st: RunState) -> Outcome:
         train_steps=steps,
         selection_digest=selection_digest(table, keep),
     )
+    if solved_at is not None:
+        st.record["prompts_dropped_solved"] = len(
+            np.unique(table["prompt_id"][solved_prompts(table["prompt_id"], table["score"], solved_at)])
+        )
     _add_time(st.record, "time_select", time.perf_counter() - t0)
     # what each optimizer step's loss is averaged over: its label tokens on every rank (one all_reduce; a
     # sequence-parallel group's ranks each count the group's rows)
@@ -463,7 +491,7 @@ def _finish_train_record(s: Setup, st: RunState, grow: bool, n_micro: int) -> No
     stats = st.local["stats"]
     per_rank = D.all_gather_object(
         (
-            st.record["selection_digest"],
+            st.record["selection_digest"] + _draw_digest(st),
             n_micro,
             stats.ce_sum,
             stats.tokens,
@@ -473,7 +501,9 @@ def _finish_train_record(s: Setup, st: RunState, grow: bool, n_micro: int) -> No
     )
     st.record["checkpointed_micro_batches"] = stats.checkpointed  # the same on every rank (checkpoint_plan)
     if len({d for d, *_ in per_rank}) != 1 or len({n for _, n, *_ in per_rank}) != 1:
-        raise D.RankError(f"epoch {st.epoch}: ranks disagree on the selection or step count: {per_rank}")
+        raise D.RankError(
+            f"epoch {st.epoch}: ranks disagree on the selection, the prompt draw or the step count: {per_rank}"
+        )
     n_loss = sum(c for _, _, _, c, _, _ in per_rank)
     real, padded = (sum(p[i] for *_, p in per_rank) // s.cfg.train.sequence_parallel for i in (0, 1))
     st.record.update(
@@ -525,14 +555,62 @@ def _step(s: Setup, st: RunState) -> Any:
     return schedule(st.epoch, m.start_percentile, m.end_percentile, m.n_improve_steps)
 
 
+def _draw(s: Setup, st: RunState) -> None:
+    """The grow step's prompts (prompt_draw.draw): data.prompts_per_grow_step of them from the seeded pass, or
+    all, minus what the skip rules leave out. Pure over the shared state: the same on every rank.
+    Changes st.drawn, st.draw_pass, st.draw_offset, st.prompt_history (created), st.record."""
+    m, n = s.cfg.method, len(s.prompts.records)
+    rules = SkipRules(m.skip_solved, m.skip_hopeless, m.skip_retry_after)
+    budget = s.cfg.data.prompts_per_grow_step
+    if not rules.active and budget is None:
+        st.drawn = None  # every prompt, as always
+        return
+    grow_step = st.epoch // m.n_improve_steps
+    if rules.active and st.prompt_history is None:
+        st.prompt_history = new_history(n)
+    solved, hopeless = skipped(st.prompt_history, rules, grow_step) if rules.active else (np.zeros(n, bool),) * 2
+    d = draw(n, budget, s.cfg.train.seed, st.draw_pass, st.draw_offset, solved | hopeless)
+    st.drawn, st.draw_pass, st.draw_offset = d.ids, d.pass_no, d.offset
+    st.record.update(
+        prompts_drawn=len(d.ids),
+        draw_pass=d.pass_no,
+        prompts_skipped_solved=int(solved[d.passed_over].sum()),
+        prompts_skipped_hopeless=int(hopeless[d.passed_over].sum()),
+    )
+    if budget is not None and len(d.ids) < budget and D.is_main():
+        console.say(
+            f"[rft_ds] epoch {st.epoch + 1}: the skip rules leave {len(d.ids)} of {n} prompts to draw, fewer than "
+            f"data.prompts_per_grow_step ({budget})"
+        )
+
+
+def _draw_digest(st: RunState) -> str:
+    """A fingerprint of the draw's shared state (position, drawn prompts, history): "" when no draw is on."""
+    if st.drawn is None and st.prompt_history is None:
+        return ""
+    import hashlib
+
+    h = hashlib.sha256(f"{st.draw_pass}:{st.draw_offset}".encode())
+    for a in (st.drawn, st.prompt_history):
+        h.update(b"-" if a is None else np.ascontiguousarray(a).tobytes())
+    return "/" + h.hexdigest()[:8]
+
+
+def _drawn(s: Setup, st: RunState) -> np.ndarray | range:
+    """The prompts of this grow step (dataset positions): the draw's, else every prompt."""
+    return st.drawn if st.drawn is not None else range(len(s.prompts.records))
+
+
 def _my_prompts(s: Setup, st: RunState) -> list[PromptRecord]:
-    """This rank's training prompts: its engine group's deal by the plan the run started with."""
-    return [s.prompts.records[i] for i in deal_prompts(len(s.prompts.records), s.group, s.n_groups, st.shard)]
+    """This rank's training prompts: its engine group's deal of the grow step's prompts by the plan the run
+    started with."""
+    drawn = _drawn(s, st)
+    return [s.prompts.records[drawn[i]] for i in deal_prompts(len(drawn), s.group, s.n_groups, st.shard)]
 
 
-def _n_chunks(s: Setup) -> int:
+def _n_chunks(s: Setup, st: RunState) -> int:
     """Sampling chunks per grow step: the same on every rank (each chunk ends at a collective safe point)."""
-    longest_shard = -(-len(s.prompts.records) // s.n_groups)
+    longest_shard = -(-len(_drawn(s, st)) // s.n_groups)
     return max(1, -(-longest_shard // s.cfg.sampler.chunk_prompts))
 
 

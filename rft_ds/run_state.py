@@ -52,6 +52,13 @@ class RunState:
     # the base model's answers to data.replay_prompts (replay.pack, + "digest" of those prompts), on every rank
     replay: dict | None = None
     table: np.ndarray = field(default_factory=lambda: np.zeros(0, TABLE_ROW))  # the pools' scores, on every rank
+    # The prompt draw (prompt_draw.py), the same on every rank: where the next grow step's draw starts (pass,
+    # offset; data.prompts_per_grow_step), the prompts the latest grow step drew (dataset positions; None:
+    # every prompt), and each prompt's history for the skip rules (prompt_draw.HISTORY; None: no rule on)
+    draw_pass: int = 0
+    draw_offset: int = 0
+    drawn: np.ndarray | None = None
+    prompt_history: np.ndarray | None = None
 
     def shared(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in PER_RANK}

@@ -233,6 +233,16 @@ def cap_per_prompt(prompt_id: np.ndarray, score: np.ndarray, keep: np.ndarray, c
     return out
 
 
+def solved_prompts(prompt_ids: np.ndarray, scores: np.ndarray, pass_score: float) -> np.ndarray:
+    """A mask over rows: the rows of prompts whose rows all pass (selection.drop_solved: nothing to learn
+    from them, RAFT++'s "reject both ends"). Pure."""
+    if len(prompt_ids) == 0:
+        return np.zeros(0, bool)
+    ids, inv = np.unique(prompt_ids, return_inverse=True)
+    fails = np.bincount(inv, weights=(scores < pass_score).astype(np.float64), minlength=len(ids))
+    return fails[inv] == 0
+
+
 def select_epoch(
     table: np.ndarray,
     percentile: float,
@@ -241,12 +251,17 @@ def select_epoch(
     min_score: float | None,
     max_per_prompt: int | None,
     drop_cut_at: int | None,
+    drop_solved_at: float | None = None,
 ) -> tuple[np.ndarray, float | None]:
     """An epoch's selection over the pools' table: which rows train (a mask) and the mean threshold over the
     prompts that took part. drop_cut_at (method.overlong: drop, the max_new_tokens): a completion cut short
-    takes no part, so it neither trains nor raises its prompt's threshold (DAPO's overlong filtering); then
-    at most max_per_prompt rows per prompt (ReST-EM). Pure: the same table gives the same mask on every rank."""
+    takes no part, so it neither trains nor raises its prompt's threshold (DAPO's overlong filtering);
+    drop_solved_at (selection.drop_solved, the pass score): nor do the rows of a prompt whose rows all pass;
+    then at most max_per_prompt rows per prompt (ReST-EM). Pure: the same table gives the same mask on every
+    rank."""
     usable = ~truncated(table, drop_cut_at) if drop_cut_at is not None else np.ones(len(table), bool)
+    if drop_solved_at is not None:
+        usable &= ~solved_prompts(table["prompt_id"], table["score"], drop_solved_at)
     keep, thr = np.zeros(len(table), bool), np.full(len(table), np.nan)
     keep[usable], thr[usable] = select(
         table["prompt_id"][usable], table["score"][usable], percentile, strategy, top_k, min_score

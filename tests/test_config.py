@@ -35,6 +35,10 @@ def test_rftconfig_is_the_seed_contract():
         "restart_from_base",
         "overlong",
         "replay_share",
+        "skip_solved",
+        "skip_hopeless",
+        "skip_retry_after",
+        "pass_score",
     ]
     assert (c.pool, c.max_per_prompt, c.restart_from_base, c.overlong, c.replay_share) == (
         "accumulate",
@@ -43,6 +47,7 @@ def test_rftconfig_is_the_seed_contract():
         "keep",
         0.1,
     )
+    assert (c.skip_solved, c.skip_hopeless, c.skip_retry_after, c.pass_score) == (None,) * 4  # no prompt skipped
     assert RFTConfig({"max_new_tokens": 8}, 0.5, 0.9, 2, 4).n_generations_per_prompt == 4  # trlx's positional order
 
 

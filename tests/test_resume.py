@@ -147,6 +147,14 @@ COMMON = [
     # the base model's answers replayed as a quarter of each epoch's rows: a resume replays the same
     "data.replay_prompts=rft_ds.toy:eval_prompts",
     "method.replay_share=0.25",
+    # 40 of the 64 prompts per grow step from seeded passes, minus the prompts the skip rules leave out: a
+    # resume continues the pass and the history
+    "data.prompts_per_grow_step=40",
+    "method.skip_solved=1",
+    "method.skip_hopeless=1",
+    "method.skip_retry_after=2",
+    "method.pass_score=0.5",
+    "selection.drop_solved=true",
 ]
 
 
@@ -225,6 +233,9 @@ def test_stop_or_kill_anywhere_then_resume_gives_identical_weights(tmp_path):
     for k in a:
         assert (a[k] == b[k]).all(), f"{k} differs after stop/kill/resume"
     assert _metrics(ref) == _metrics(run)  # the whole history, the resumed epochs included
+    grows = [m for m in _metrics(ref) if m["grow_step"]]
+    assert grows[0]["prompts_drawn"] == 40 and all(m["prompts_drawn"] <= 40 for m in grows)
+    assert sum(m["prompts_skipped_hopeless"] for m in grows) > 0  # the skip rules were at work
     # a quarter of the rows (n_rows + replay_rows), at most the 32 replay prompts
     assert all(m["replay_rows"] == min(32, round(m["n_rows"] / 3)) for m in _metrics(ref))
     saved = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -268,10 +279,15 @@ def _launch(n: int, run: Path, *extra: str) -> subprocess.CompletedProcess:
         f"model.model_path={run.parent / 'model'}",
         f"train.output_dir={run}",
         "train.save_interval=1",
+        "train.keep_last=8",  # epoch_00000 stays, to be verified untouched
         "method.n_generations_per_prompt=4",
         "train.eval_interval=0",
         "train.plots=false",
         "data.replay_prompts=rft_ds.toy:eval_prompts",
+        # a budget and a skip rule: the pass position and the prompt history cross the world-size change
+        "data.prompts_per_grow_step=48",
+        "method.skip_hopeless=1",
+        "method.pass_score=0.5",
     ]
     return run_ranks(n, [*args, *extra])
 
@@ -280,7 +296,8 @@ def _launch(n: int, run: Path, *extra: str) -> subprocess.CompletedProcess:
 def test_elastic_resume_on_another_world_size(tmp_path):
     """A checkpoint written by 2 ranks resumes on 1, and one written by 1 on 2 (DeepSpeed's universal
     checkpoint: weights and Adam state repartitioned; each old rank's pool shard taken over by one new
-    rank). The improve epoch after it selects from the same pools exactly as the same-size resume does."""
+    rank). The improve epoch after it selects from the same pools exactly as the same-size resume does, and
+    the next grow step draws the same prompts (the draw's position and history are in the shared state)."""
     import shutil
 
     ga = {1: "train.gradient_accumulation_steps=2", 2: "train.gradient_accumulation_steps=1"}
@@ -293,27 +310,32 @@ def test_elastic_resume_on_another_world_size(tmp_path):
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         return p
 
-    def same_end(a: Path, b: Path) -> dict:
+    def same_end(a: Path, b: Path, at: int = -1) -> dict:
         ma, mb = _metrics(a), _metrics(b)
-        assert ma[:-1] == mb[:-1]  # the restored history
+        assert ma[:at] == mb[:at]  # the restored history
         for key in ("pool_size", "n_selected", "n_rows", "selection_digest", "train_steps", "replay_rows"):
-            assert ma[-1][key] == mb[-1][key], key  # the same pools (every old rank's shard) and selection
+            assert ma[at][key] == mb[at][key], key  # the same pools (every old rank's shard) and selection
         # Which rows make up each optimizer step depends on which rank holds them (rows are trained where
         # their tokens are), so the loss and weights after the resume differ from the same-size resume's.
-        assert np.isfinite(mb[-1]["train_loss"]) and (b / "final_model").is_dir()
-        return mb[-1]
+        assert np.isfinite(mb[at]["train_loss"]) and (b / "final_model").is_dir()
+        return mb[at]
 
     first = tmp_path / "first"
     p = _launch(2, first, "train.epochs=1", ga[2], improve)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    resume(2, first, tmp_path / "two", 2)
-    p = resume(1, first, tmp_path / "one", 2)  # 2 -> 1
-    assert "at epoch 2/2 (sample) on 1 ranks, written by 2" in p.stdout
+    resume(2, first, tmp_path / "two", 4)
+    p = resume(1, first, tmp_path / "one", 4)  # 2 -> 1
+    assert "at epoch 2/4 (sample) on 1 ranks, written by 2" in p.stdout
     assert (tmp_path / "one" / "checkpoints" / ".universal" / "epoch_00000" / "ds").is_dir()
     assert verify(tmp_path / "one" / "checkpoints" / "epoch_00000") is None  # the checkpoint itself untouched
-    same_end(tmp_path / "two", tmp_path / "one")
-    resume(1, tmp_path / "one", tmp_path / "one_more", 3)
-    p = resume(2, tmp_path / "one", tmp_path / "two_more", 3)  # 1 -> 2: the new rank 1 has an empty pool shard
-    assert "at epoch 3/3 (sample) on 2 ranks, written by 1" in p.stdout
+    same_end(tmp_path / "two", tmp_path / "one", at=1)
+    # epoch 3 grows: the same draw on 1 rank as on 2 (48 of 64 prompts: the rest of pass 0, then pass 1)
+    draw = ("prompts_drawn", "draw_pass", "prompts_skipped_hopeless", "prompts_skipped_solved")
+    ma, mb = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
+    assert [ma[3][k] for k in draw] == [mb[3][k] for k in draw] and ma[3]["draw_pass"] == 1, (ma[3], mb[3])
+    assert mb[3]["prompts_skipped_hopeless"] > 0  # epoch 0's failures, remembered across 2 -> 1
+    resume(1, tmp_path / "one", tmp_path / "one_more", 5)
+    p = resume(2, tmp_path / "one", tmp_path / "two_more", 5)  # 1 -> 2: the new rank 1 has an empty pool shard
+    assert "at epoch 5/5 (sample) on 2 ranks, written by 1" in p.stdout
     end = same_end(tmp_path / "one_more", tmp_path / "two_more")
     assert end["rows_moved"] == end["n_rows"] // 2  # rank 0 holds every token: half its rows go to rank 1
