@@ -58,14 +58,17 @@ def import_object(spec: str, what: str) -> Any:
 DATA_FILE_BUILDERS = {".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
 
 
-def load_source(source: Any, what: str, prompt_field: str = "prompt", split: str = "train") -> list:
+def load_source(
+    source: Any, what: str, prompt_field: str = "prompt", split: str = "train", as_table: bool = False
+) -> Any:
     """Prompts from a list; "module:function"; a .jsonl file; an HF `datasets` Dataset or DatasetDict (its
     `split`); a `save_to_disk` directory; local data files (.json/.csv/.parquet/.arrow/.txt, globs too); or
-    a reasoning-gym task, "reasoning_gym:<task>?size=2000&seed=1" (rft_ds.tasks.reasoning_gym)."""
+    a reasoning-gym task, "reasoning_gym:<task>?size=2000&seed=1" (rft_ds.tasks.reasoning_gym). A list of
+    records; as_table: a `datasets` source stays the (memory-mapped) Dataset (prompt_store reads it by row)."""
     if isinstance(source, (list, tuple)):
         return list(source)
     if _is_hf_dataset(source):
-        return _rows(source, what, split)
+        return _rows(source, what, split, as_table)
     if isinstance(source, Path):
         source = str(source)
     if not isinstance(source, str):
@@ -81,15 +84,15 @@ def load_source(source: Any, what: str, prompt_field: str = "prompt", split: str
         return _read_jsonl(Path(source), what, prompt_field)
     path = Path(source)
     if path.is_dir():
-        return _load_from_disk(path, what, split)
+        return _load_from_disk(path, what, split, as_table)
     suffix = path.suffix.lower()
     if suffix in DATA_FILE_BUILDERS:
-        return _load_data_files(source, DATA_FILE_BUILDERS[suffix], what)
+        return _load_data_files(source, DATA_FILE_BUILDERS[suffix], what, as_table)
     if ":" in source:
         fn = import_object(source, what)
         items = fn() if callable(fn) else fn
         if _is_hf_dataset(items):
-            return _rows(items, what, split)
+            return _rows(items, what, split, as_table)
         if not isinstance(items, (list, tuple)):
             raise DataError(f"{what}: {source} must return a list or a datasets.Dataset, got {type(items).__name__}")
         return list(items)
@@ -103,17 +106,17 @@ def _is_hf_dataset(obj: Any) -> bool:
     return type(obj).__module__.startswith("datasets.") and type(obj).__name__ in ("Dataset", "DatasetDict")
 
 
-def _rows(ds: Any, what: str, split: str) -> list[dict]:
+def _rows(ds: Any, what: str, split: str, as_table: bool = False) -> Any:
     if type(ds).__name__ == "DatasetDict":
         if split not in ds:
             raise DataError(
                 f"{what}: the dataset has splits {sorted(ds)}, not {split!r} (data.split / data.eval_split)"
             )
         ds = ds[split]
-    return ds.to_list()
+    return ds if as_table else ds.to_list()
 
 
-def _load_from_disk(path: Path, what: str, split: str) -> list[dict]:
+def _load_from_disk(path: Path, what: str, split: str, as_table: bool = False) -> Any:
     if not ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
         raise DataError(
             f"{what}: directory {path} is not a dataset saved with save_to_disk "
@@ -125,10 +128,10 @@ def _load_from_disk(path: Path, what: str, split: str) -> list[dict]:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # datasets raises a zoo of types for a damaged directory
         raise DataError(f"{what}: cannot load dataset {path}: {_first_line(e)}") from None
-    return _rows(ds, what, split)
+    return _rows(ds, what, split, as_table)
 
 
-def _load_data_files(pattern: str, builder: str, what: str) -> list[dict]:
+def _load_data_files(pattern: str, builder: str, what: str, as_table: bool = False) -> Any:
     import glob
 
     files = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
@@ -142,7 +145,7 @@ def _load_data_files(pattern: str, builder: str, what: str) -> list[dict]:
         ds = datasets.load_dataset(builder, data_files=files, split="train")
     except Exception as e:
         raise DataError(f"{what}: cannot read {pattern} as {builder}: {_first_line(e)}") from None
-    return ds.to_list()
+    return ds if as_table else ds.to_list()
 
 
 def _first_line(e: BaseException) -> str:
@@ -175,38 +178,43 @@ def normalize(
     metadata_fields: the fields passed on to reward_fn/metric_fn (None: every field but the prompt)."""
     if len(items) == 0:
         raise DataError(f"{what} is empty")
-    texts, metas = [], []
-    for i, item in enumerate(items):
-        if isinstance(item, dict):
-            if prompt_field not in item:
-                raise DataError(f"{what}[{i}] has no field {prompt_field!r}")
-            text = item[prompt_field]
-            if metadata_fields is None:
-                meta = {k: v for k, v in item.items() if k != prompt_field}
-            else:
-                absent = [k for k in metadata_fields if k not in item]
-                if absent:
-                    raise DataError(f"{what}[{i}] has no field {absent[0]!r} (data.metadata_fields)")
-                meta = {k: item[k] for k in metadata_fields}
-            clash = RESERVED_KEYS & meta.keys()
-            if clash:
-                raise DataError(f"{what}[{i}] metadata key {sorted(clash)[0]!r} is reserved for reward_fn arguments")
+    pairs = [normalize_one(item, i, what, prompt_field, metadata_fields) for i, item in enumerate(items)]
+    return [t for t, _ in pairs], [m for _, m in pairs]
+
+
+def normalize_one(
+    item: Any, i: int, what: str, prompt_field: str = "prompt", metadata_fields: Sequence[str] | None = None
+) -> tuple[str | list, dict]:
+    """One record of `normalize`, named `what[i]` in its errors. A prompt field that is null (a column an
+    Arrow table fills for a row without it) counts as missing."""
+    if isinstance(item, dict):
+        if item.get(prompt_field) is None:
+            raise DataError(f"{what}[{i}] has no field {prompt_field!r}")
+        text = item[prompt_field]
+        if metadata_fields is None:
+            meta = {k: v for k, v in item.items() if k != prompt_field}
         else:
-            text, meta = item, {}
-        if isinstance(text, (list, tuple)):
-            text = check_messages(text, f"{what}[{i}]")
-            if "messages" in meta:
-                raise DataError(
-                    f"{what}[{i}] metadata key 'messages' is reserved: reward functions get a chat "
-                    "prompt's messages under that name"
-                )
-        elif not isinstance(text, str):
-            raise DataError(f"{what}[{i}] must be a string or a list of chat messages, got {type(text).__name__}")
-        if not text:
-            raise DataError(f"{what}[{i}] is an empty string")
-        texts.append(text)
-        metas.append(meta)
-    return texts, metas
+            absent = [k for k in metadata_fields if k not in item]
+            if absent:
+                raise DataError(f"{what}[{i}] has no field {absent[0]!r} (data.metadata_fields)")
+            meta = {k: item[k] for k in metadata_fields}
+        clash = RESERVED_KEYS & meta.keys()
+        if clash:
+            raise DataError(f"{what}[{i}] metadata key {sorted(clash)[0]!r} is reserved for reward_fn arguments")
+    else:
+        text, meta = item, {}
+    if isinstance(text, (list, tuple)):
+        text = check_messages(text, f"{what}[{i}]")
+        if "messages" in meta:
+            raise DataError(
+                f"{what}[{i}] metadata key 'messages' is reserved: reward functions get a chat "
+                "prompt's messages under that name"
+            )
+    elif not isinstance(text, str):
+        raise DataError(f"{what}[{i}] must be a string or a list of chat messages, got {type(text).__name__}")
+    if not text:
+        raise DataError(f"{what}[{i}] is an empty string")
+    return text, meta
 
 
 def check_messages(messages: Sequence, what: str) -> list[dict]:
@@ -256,28 +264,48 @@ def tokenize(
     chat: bool = False,
     system_prompt: str | None = None,
 ) -> list[PromptRecord]:
-    """Token ids of each prompt. With a chat template the template adds the special tokens itself. A chat
-    prompt (a list of messages) needs the template; its record's text is its last user message and its
-    metadata gains the messages, so reward functions see both."""
-    records = []
-    for i, (text, meta) in enumerate(zip(texts, metas)):
-        if isinstance(text, list):
-            if not chat:
-                raise DataError(
-                    f"{what}[{i}] is a list of chat messages, which needs the tokenizer's chat template "
-                    "(data.apply_chat_template is false, or the tokenizer has none)"
-                )
-            meta = {**meta, "messages": text}
-        ids = tokenizer(format_prompt(text, tokenizer, chat, system_prompt), add_special_tokens=not chat)["input_ids"]
-        if len(ids) > max_len:
-            raise DataError(
-                f"{what}[{i}] is {len(ids)} tokens, longer than the limit of {max_len} "
-                "(data.max_prompt_length, and the model's positions minus max_new_tokens)"
-            )
-        if not ids:
-            raise DataError(f"{what}[{i}] tokenizes to no tokens")
-        records.append(PromptRecord(i, chat_text(text) if isinstance(text, list) else text, list(ids), meta))
-    return records
+    """Token ids of each prompt (`prompt_record`)."""
+    return [
+        prompt_record(i, text, meta, tokenizer, max_len, what, chat, system_prompt)
+        for i, (text, meta) in enumerate(zip(texts, metas))
+    ]
+
+
+def as_seen(text: str | list, meta: dict) -> tuple[str, dict]:
+    """A prompt as reward functions see it: a chat prompt's text is its last user message, and its metadata
+    gains the messages, so they get both."""
+    if isinstance(text, list):
+        return chat_text(text), {**meta, "messages": text}
+    return text, meta
+
+
+def prompt_record(
+    i: int,
+    text: str | list,
+    meta: dict,
+    tokenizer: Any,
+    max_len: int,
+    what: str,
+    chat: bool = False,
+    system_prompt: str | None = None,
+) -> PromptRecord:
+    """Token ids of prompt i, named `what[i]` in its errors. With a chat template the template adds the special
+    tokens itself. A chat prompt (a list of messages) needs the template."""
+    if isinstance(text, list) and not chat:
+        raise DataError(
+            f"{what}[{i}] is a list of chat messages, which needs the tokenizer's chat template "
+            "(data.apply_chat_template is false, or the tokenizer has none)"
+        )
+    ids = tokenizer(format_prompt(text, tokenizer, chat, system_prompt), add_special_tokens=not chat)["input_ids"]
+    if len(ids) > max_len:
+        raise DataError(
+            f"{what}[{i}] is {len(ids)} tokens, longer than the limit of {max_len} "
+            "(data.max_prompt_length, and the model's positions minus max_new_tokens)"
+        )
+    if not ids:
+        raise DataError(f"{what}[{i}] tokenizes to no tokens")
+    seen, meta = as_seen(text, meta)
+    return PromptRecord(i, seen, list(ids), meta)
 
 
 def deal_prompts(n: int, rank: int, world_size: int, plan: str = "interleaved") -> range:

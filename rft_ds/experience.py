@@ -180,7 +180,13 @@ def label_tokens(rows: Sequence[Row], micro_batches: Sequence[np.ndarray], grad_
 
 
 def rows_for_rank(
-    selected: np.ndarray, pool: Any, prompts: Sequence[Sequence[int]], eos_id: int, max_len: int, sp: int = 1
+    selected: np.ndarray,
+    pool: Any,
+    prompts: Sequence[Sequence[int]],
+    eos_id: int,
+    max_len: int,
+    sp: int = 1,
+    prompt_len: np.ndarray | None = None,
 ) -> tuple[list[Row], int, int]:
     """Collective. This rank's training rows of the `selected` table rows (selection.TABLE_ROW, the same on every
     rank): those whose tokens its pool shard (pool.LocalPool) holds and balance_plan leaves here, then the
@@ -188,11 +194,14 @@ def rows_for_rank(
     the sizes follow from the table). Returns (rows, rows over all ranks, row copies moved).
 
     sp > 1 (train.sequence_parallel): the plan deals rows to groups of sp consecutive ranks, and every rank
-    of a group gets all of its group's rows, in the plan's order (each computes its shard of every row)."""
+    of a group gets all of its group's rows, in the plan's order (each computes its shard of every row).
+    prompts[pid] is read only for the rows this rank builds; prompt_len (every prompt's token count, the same
+    on every rank; None: from `prompts`) decides on every rank which rows fit."""
     from rft_ds import distributed as D
     from rft_ds.faults import maybe_dump_rows
 
-    prompt_len = np.array([len(p) for p in prompts], dtype=np.int64)
+    if prompt_len is None:
+        prompt_len = np.array([len(p) for p in prompts], dtype=np.int64)
     sel = selected[fits(prompt_len[selected["prompt_id"]], selected["length"], selected["eos"], max_len)]
     world, me = D.world_size(), D.rank()
     plan = balance_plan(sel["owner"] // sp, world // sp)

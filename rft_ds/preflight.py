@@ -17,12 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from rft_ds import distributed as D
 from rft_ds.config import EvalSet, RFTRunConfig, best_metric, parse_sets, read_model_config, text_config, yaml_safe
 from rft_ds.data import PromptSet, load_source, normalize, resolve_callable, tokenize, use_chat_template
 from rft_ds.errors import ConfigError
 from rft_ds.evaluation import EvalData
 from rft_ds.lora import check_lora, parse_lora
+from rft_ds.prompt_store import PromptStore, open_rows, startup_positions
 from rft_ds.reward_terms import build_terms, check_arguments, check_prompts, function_term
 from rft_ds.sequence_parallel import why_not as why_not_sequence_parallel
 
@@ -44,7 +47,7 @@ class Prepared:
     """What the start-up steps found, for setup: nothing here holds model weights."""
 
     rewards: list  # reward_terms.RewardTerm, in config order (reward models: config.json checked, not loaded)
-    prompts: PromptSet  # the training prompts, tokenized (their replay prompts in .replay)
+    prompts: PromptStore  # the training prompts, read when needed (their replay prompts in .replay)
     evals: list[EvalData]  # eval sets, in order (empty: no eval)
     best: tuple[EvalSet, str] | None  # what picks best_model/ (train.best_metric), None: no best_model/
     tokenizer: Any
@@ -105,12 +108,18 @@ def steps(
     if cfg.sampler.backend == "vllm" and ok(ds_config):
         attempt(engine_limits, cfg, ds_config, cuda)  # max_model_len and the CPU KV budget, before any engine
     tokenizer = attempt(load_tokenizer, cfg)
-    if not ok(tokenizer, prompts, evals) or attempt(tokenize_prompts, cfg, tokenizer, prompts, evals) is FAILED:
+    if not ok(tokenizer, prompts, evals):
+        return None
+    checked = attempt(tokenize_prompts, cfg, tokenizer, prompts, evals, check_only)
+    if checked is FAILED:
         return None
     max_len = attempt(row_limit, cfg, prompts)
+    if ok(max_len):  # a prompt drawn later that would not fit a row with its completion is refused when read
+        prompts.limit_to(max_len - cfg.method.gen_kwargs["max_new_tokens"] - 1)
     if ok(rewards):
-        attempt(check_arguments, rewards, {k for m in prompts.metadata for k in m})
-        attempt(check_prompts, rewards, prompts.metadata, "data.prompts")
+        metadata, head = checked
+        attempt(check_arguments, rewards, {k for m in metadata for k in m})
+        attempt(check_prompts, rewards, metadata[:head], "data.prompts")
     for i, ev in enumerate(evals):
         attempt(check_arguments, ev.rewards, {k for m in ev.prompts.metadata for k in m})
         attempt(check_prompts, ev.rewards, ev.prompts.metadata, eval_where(cfg, i))
@@ -206,19 +215,20 @@ def tensorboard_on(setting: bool | None) -> bool:
     return importlib.util.find_spec("tensorboard") is not None if setting is None else setting
 
 
-def load_prompts(cfg: RFTRunConfig, prompts: Any) -> PromptSet:
-    """The training prompts (the API's argument, else data.prompts), read and checked, not yet tokenized."""
+def load_prompts(cfg: RFTRunConfig, prompts: Any) -> PromptStore:
+    """The training prompts (the API's argument, else data.prompts), opened where they lie (prompt_store):
+    records are read and checked later, a sample at start-up (tokenize_prompts) and the rest when drawn."""
     d = cfg.data
     src = prompts if prompts is not None else d.prompts
     if src is None:
         raise ConfigError("data.prompts is required")
-    prompts = PromptSet(
-        *normalize(load_source(src, "prompts", d.prompt_field, d.split), "prompts", d.prompt_field, d.metadata_fields)
+    prompts = PromptStore(
+        open_rows(src, "prompts", d.prompt_field, d.split), "prompts", d.prompt_field, d.metadata_fields
     )
-    if d.prompts_per_grow_step is not None and d.prompts_per_grow_step > len(prompts.texts):
+    if d.prompts_per_grow_step is not None and d.prompts_per_grow_step > len(prompts):
         raise ConfigError(
             f"data.prompts_per_grow_step ({d.prompts_per_grow_step}) is larger than the dataset's "
-            f"{len(prompts.texts)} prompts; set it to at most {len(prompts.texts)}, or null for every prompt"
+            f"{len(prompts)} prompts; set it to at most {len(prompts)}, or null for every prompt"
         )
     return prompts
 
@@ -410,13 +420,23 @@ def engine_limits(cfg: RFTRunConfig, ds_config: dict, cuda: bool | None = None) 
     )
 
 
-def tokenize_prompts(cfg: RFTRunConfig, tokenizer: Any, prompts: PromptSet, evals: Sequence[EvalData]) -> None:
-    """Token ids of every prompt (chat prompts rendered with the template); a prompt longer than the limit
-    is an error naming it."""
+def tokenize_prompts(
+    cfg: RFTRunConfig, tokenizer: Any, prompts: PromptStore, evals: Sequence[EvalData], every: bool = False
+) -> tuple[list[dict], int]:
+    """Token ids of the eval and replay prompts, and of the training prompts checked at start-up: all of them
+    with `every` (`rft-ds check`) or up to prompt_store.STARTUP_CHECK, else that many spread over the set (the
+    rest are checked when drawn). Chat prompts are rendered with the template; a prompt longer than the limit
+    is an error naming it. Returns the checked training prompts' metadata, and how many of them are the set's
+    first ones (positions = indices)."""
     d = cfg.data
     limit = prompt_limit(cfg)
     chat = use_chat_template(tokenizer, d.apply_chat_template)
-    sets = [(prompts, "prompts")] + [
+    prompts.set_format(tokenizer, limit, chat, d.system_prompt)
+    if every:
+        prompts.check_all()
+    positions, head = startup_positions(len(prompts))
+    metadata = [r.metadata for r in prompts.load(positions)]
+    sets = [
         (ev.prompts, "eval_prompts" if cfg.eval.sets is None else f"eval.sets[{i}].prompts")
         for i, ev in enumerate(evals)
     ]
@@ -425,24 +445,28 @@ def tokenize_prompts(cfg: RFTRunConfig, tokenizer: Any, prompts: PromptSet, eval
         p.records = tokenize(p.texts, p.metadata, tokenizer, limit, where, chat, d.system_prompt)
         # chat prompts: reward functions get the last user message as the prompt, the messages as a keyword
         p.texts, p.metadata = [r.text for r in p.records], [r.metadata for r in p.records]
+    return metadata, head
 
 
-def row_limit(cfg: RFTRunConfig, prompts: PromptSet) -> int:
+def row_limit(cfg: RFTRunConfig, prompts: PromptStore) -> int:
     """Tokens a training row may hold (train.max_seq_length), from the tokenized prompts: auto is the longest
     prompt + method.gen_kwargs.max_new_tokens + its EOS, so no completion is ever cut; an explicit value below
-    that is refused here, before any model loads, naming both fields."""
-    sets = [("prompt", prompts.records)] + ([("data.replay_prompts", prompts.replay.records)] if prompts.replay else [])
+    that is refused here, before any model loads, naming both fields. When only a sample of a large set was
+    checked, the longest prompt is the longest the limit allows (data.max_prompt_length)."""
+    known = prompts.lengths >= 0
+    first = int(np.argmax(prompts.lengths))  # the longest known prompt (ties: the first); unknown ones are -1
+    replay = prompts.replay.records if prompts.replay else []
     # the longest prompt of the training and replay sets (ties: the first), and how an error names it
     lengths, where, longest = max(
-        ((len(r.token_ids), name, i) for name, records in sets for i, r in enumerate(records)),
+        [(int(prompts.lengths[first]), "prompt", first)]
+        + [(len(r.token_ids), "data.replay_prompts", i) for i, r in enumerate(replay)],
         key=lambda x: x[0],
-        default=(0, "prompt", 0),
     )
     new_tokens = cfg.method.gen_kwargs["max_new_tokens"]
     need = lengths + new_tokens + 1
     limit = cfg.train.max_seq_length
-    if limit == "auto":
-        return need
+    if limit == "auto":  # a sample of a large set was checked: any prompt up to the limit may come
+        return need if known.all() else max(need, prompt_limit(cfg) + new_tokens + 1)
     if limit < need:
         raise ConfigError(
             f"train.max_seq_length ({limit}) is shorter than {where} {longest} ({lengths} tokens) "

@@ -169,8 +169,10 @@ def sample(s: Setup, st: RunState) -> Outcome:
         return Outcome.DONE
     m, chunk = s.cfg.method, s.cfg.sampler.chunk_prompts
     if st.cursor == 0:  # the grow step's prompts (before its first chunk, so a resume here draws them again)
+        s.prompts.forget()
         _draw(s, st)
-    mine = _my_prompts(s, st)
+    with D.all_ranks_or_fail("reading data.prompts"):  # a bad record (found when drawn) stops every rank
+        mine = _my_prompts(s, st)
     n_chunks = _n_chunks(s, st)
     done = st.local.setdefault("samples", Samples())
     while st.cursor < n_chunks:
@@ -285,13 +287,15 @@ def learn(s: Setup, st: RunState) -> Outcome:
         # GPU sleep mode (no-op otherwise): the engine's memory goes to training, and first to the row exchange's
         # buffers (under tensor parallelism vLLM holds a large share of the GPU until it sleeps)
         s.sampler.sleep()
+    _announce_lengths(s, table[keep])
     rows, n_rows, moved = rows_for_rank(
         table[keep],
         st.pool,
-        [r.token_ids for r in s.prompts.records],
+        s.prompts.token_ids,
         s.tokenizer.eos_token_id,
         s.max_len,
         t.sequence_parallel,
+        s.prompts.lengths,
     )
     sp = t.sequence_parallel  # a group of sp ranks trains the same rows, each on its shard of their positions
     n_replay = 0
@@ -559,7 +563,7 @@ def _draw(s: Setup, st: RunState) -> None:
     """The grow step's prompts (prompt_draw.draw): data.prompts_per_grow_step of them from the seeded pass, or
     all, minus what the skip rules leave out. Pure over the shared state: the same on every rank.
     Changes st.drawn, st.draw_pass, st.draw_offset, st.prompt_history (created), st.record."""
-    m, n = s.cfg.method, len(s.prompts.records)
+    m, n = s.cfg.method, len(s.prompts)
     rules = SkipRules(m.skip_solved, m.skip_hopeless, m.skip_retry_after)
     budget = s.cfg.data.prompts_per_grow_step
     if not rules.active and budget is None:
@@ -584,6 +588,23 @@ def _draw(s: Setup, st: RunState) -> None:
         )
 
 
+def _announce_lengths(s: Setup, selected: np.ndarray) -> None:
+    """Collective: every rank learns the token count of each selected row's prompt (rows_for_rank decides on
+    every rank which rows fit). Each prompt not yet announced is read by the rank that holds its first row
+    (it sampled it: usually in its cache) and its length all-gathered; a few bytes per new prompt."""
+    store = s.prompts
+    pids, first = np.unique(selected["prompt_id"], return_index=True)
+    new = ~store.announced[pids]  # the same on every rank: announced only changes here
+    if not new.any():
+        return
+    mine = pids[new & (selected["owner"][first] == D.rank())]
+    with D.all_ranks_or_fail("reading data.prompts"):
+        store.load(mine)
+    for ids, lengths in D.all_gather_object((mine, store.lengths[mine])):
+        store.lengths[ids] = lengths
+    store.announced[pids[new]] = True
+
+
 def _draw_digest(st: RunState) -> str:
     """A fingerprint of the draw's shared state (position, drawn prompts, history): "" when no draw is on."""
     if st.drawn is None and st.prompt_history is None:
@@ -598,14 +619,14 @@ def _draw_digest(st: RunState) -> str:
 
 def _drawn(s: Setup, st: RunState) -> np.ndarray | range:
     """The prompts of this grow step (dataset positions): the draw's, else every prompt."""
-    return st.drawn if st.drawn is not None else range(len(s.prompts.records))
+    return st.drawn if st.drawn is not None else range(len(s.prompts))
 
 
 def _my_prompts(s: Setup, st: RunState) -> list[PromptRecord]:
     """This rank's training prompts: its engine group's deal of the grow step's prompts by the plan the run
     started with."""
     drawn = _drawn(s, st)
-    return [s.prompts.records[drawn[i]] for i in deal_prompts(len(drawn), s.group, s.n_groups, st.shard)]
+    return s.prompts.load([drawn[i] for i in deal_prompts(len(drawn), s.group, s.n_groups, st.shard)])
 
 
 def _n_chunks(s: Setup, st: RunState) -> int:

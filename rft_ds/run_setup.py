@@ -95,6 +95,9 @@ def setup(
     t = cfg.train
     D.init(t.dist_backend, t.dist_timeout_s)
     check_shared_output(Path(t.output_dir), wait_s=min(30.0, t.dist_timeout_s / 4))
+    with D.all_ranks_or_fail("reading data.prompts"):  # one pass over the whole set, on rank 0, before any model
+        digest = p.prompts.digest() if D.is_main() else None
+    digest = D.broadcast_object(digest)
     # Resolved once, after the process group exists: rank 0 picks, every rank checks its own files, all agree.
     ckpt = checkpoint.agree_on_resume(t.resume, t.output_dir, D.world_size())
     check_resume_config(ckpt, cfg)  # again: a fallback may have picked an older checkpoint than prepare saw
@@ -154,7 +157,7 @@ def setup(
         progress.enabled(t.progress, D.is_main()),
         parity_tol=parity_tol,
         stale_tol=stale_tol,
-        prompts_digest=checkpoint.prompts_digest(p.prompts.texts, p.prompts.metadata),
+        prompts_digest=digest,
         job_end=job_end,
         universal=universal,
         ds_config=ds_config,

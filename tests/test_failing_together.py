@@ -125,13 +125,22 @@ def test_an_engine_error_while_sampling_is_every_ranks_error(monkeypatch):
         cfg=cfg,
         rt=SimpleNamespace(weight_sync=None),
         sampler=Engine(),
-        prompts=SimpleNamespace(records=[SimpleNamespace(id=0, token_ids=[5, 6])]),
+        prompts=_store(["ab"]),
         group=0,
         n_groups=1,
         show=False,
     )
     with pytest.raises(RankError, match=r"^sampling failed on rank 0: RuntimeError: CUDA error: an illegal memory"):
         recipe.sample(s, RunState(run_id="r", prompts_digest="d"))
+
+
+def _store(texts: list) -> object:
+    """Training prompts as a run holds them (prompt_store), each tokenized to [5, 6]."""
+    from rft_ds.prompt_store import ListRows, PromptStore
+
+    store = PromptStore(ListRows(texts), "prompts", "prompt", None)
+    store.set_format(lambda text, add_special_tokens: {"input_ids": [5, 6]}, 8, False, None)
+    return store
 
 
 @pytest.mark.slow

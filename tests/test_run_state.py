@@ -219,7 +219,7 @@ def test_the_engine_sleeps_before_the_rows_are_exchanged(monkeypatch):
         cfg=cfg,
         rt=SimpleNamespace(weight_sync=object(), learner=object()),
         sampler=Engine(),
-        prompts=SimpleNamespace(records=[]),
+        prompts=_store(["ab"]),
         tokenizer=SimpleNamespace(eos_token_id=2),
         max_len=64,
     )
@@ -229,6 +229,12 @@ def test_the_engine_sleeps_before_the_rows_are_exchanged(monkeypatch):
     except Exchanged:
         pass
     assert calls == ["sleep", "exchange"]
+
+
+def _store(texts: list) -> object:
+    from tests.test_failing_together import _store as store
+
+    return store(texts)
 
 
 def test_engine_defaults_follow_the_device():

@@ -77,7 +77,7 @@ if you mean it ([Checkpoints, resume and export](../guides/checkpoints.md)).""",
     },
     {
         "title": "Prompt data",
-        "modules": ["rft_ds/data.py", "rft_ds/tasks.py", "rft_ds/replay.py"],
+        "modules": ["rft_ds/data.py", "rft_ds/prompt_store.py", "rft_ds/tasks.py", "rft_ds/replay.py"],
         "text": """\
 A prompt source that cannot be read (a missing file, a malformed JSONL line, a module that does not import), a
 record without the prompt field, an empty or over-long prompt, chat messages the template cannot take, or a
