@@ -76,7 +76,8 @@ class TableRows:
         return len(self.ds)
 
     def read(self, ids: Sequence[int]) -> list[dict]:
-        cols = self.ds[[int(i) for i in ids]]
+        contiguous = isinstance(ids, range) and ids.step == 1  # a pass over the set reads slices
+        cols = self.ds[ids.start : ids.stop] if contiguous else self.ds[[int(i) for i in ids]]
         names = list(cols)
         return [dict(zip(names, vals)) for vals in zip(*(cols[k] for k in names))] if names else [{} for _ in ids]
 
