@@ -134,6 +134,18 @@ def run(checkout: Path, prompts: Path, out: Path, budget: bool, model: Path) -> 
     return {"seconds": seconds, "peak_rss_gb": [x / 2**30 for x in peak], "exit": codes, "stopped": stopped}
 
 
+def store_pass(prompts: Path) -> dict:
+    """One process, no launch: opening the set (a JSONL file's index, a parquet file's Arrow table) and the
+    digest's streaming pass over it, which rank 0 runs at start-up while the others wait."""
+    from rft_ds.prompt_store import PromptStore, open_rows
+
+    t0 = time.perf_counter()
+    store = PromptStore(open_rows(str(prompts), "prompts"), "prompts", "prompt", None)
+    t1 = time.perf_counter()
+    store.digest()
+    return {"open_s": t1 - t0, "digest_s": time.perf_counter() - t1}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1_000_000)
@@ -141,6 +153,7 @@ def main() -> None:
     ap.add_argument("--old", type=Path, default=None, help="another checkout to run the same prompts")
     ap.add_argument("--formats", default="jsonl,parquet")
     ap.add_argument("--data", type=Path, default=ROOT / ".cache" / "bench-prompts")
+    ap.add_argument("--store-only", action="store_true", help="only the one-process open and digest pass")
     a = ap.parse_args()
     from rft_ds.toy import build_tiny_model
 
@@ -153,8 +166,13 @@ def main() -> None:
     for fmt in a.formats.split(","):
         small, big = write_prompts(a.data, a.small, fmt), write_prompts(a.data, a.n, fmt)
         size_mb = big.stat().st_size / 2**20
-        plan = [("this", ROOT, small, True), ("this", ROOT, big, True)]
-        if a.old is not None:
+        with tempfile.TemporaryDirectory() as cache:
+            os.environ["HF_DATASETS_CACHE"] = cache
+            passes = store_pass(big)
+        print(json.dumps({"format": fmt, "prompts": a.n, **passes}), flush=True)
+        results.append({"code": "store", "format": fmt, "prompts": a.n, **passes})
+        plan = [] if a.store_only else [("this", ROOT, small, True), ("this", ROOT, big, True)]
+        if a.old is not None and not a.store_only:
             plan.append(("old", a.old, big, False))
         for who, checkout, prompts, budget in plan:
             n = a.small if prompts == small else a.n
@@ -165,11 +183,15 @@ def main() -> None:
     print("| code | format | prompts | launch -> 2 chunks sampled, checkpointed, exited | peak RSS per rank (GiB) |")
     print("|---|---|---|---|---|")
     for r in results:
+        if r["code"] == "store":
+            continue
         ok = "" if r["stopped"] and all(c == 3 for c in r["exit"]) else f" (exit {r['exit']}, did not stop as asked)"
         rss = " / ".join(f"{x:.2f}" for x in r["peak_rss_gb"])
         print(f"| {r['code']} | {r['format']} | {r['prompts']:,} | {r['seconds']:.1f} s{ok} | {rss} |")
     by = {(r["code"], r["format"], r["prompts"]): r for r in results}
     for fmt in a.formats.split(","):
+        passes = by[("store", fmt, a.n)]
+        print(f"{fmt}: {a.n:,} prompts opened in {passes['open_s']:.1f} s, digest pass {passes['digest_s']:.1f} s")
         small, big = by.get(("this", fmt, a.small)), by.get(("this", fmt, a.n))
         if small and big:
             extra = max(big["peak_rss_gb"]) - max(small["peak_rss_gb"])

@@ -52,9 +52,17 @@ class JsonlRows:
     def read(self, ids: Sequence[int]) -> list[dict]:
         out = []
         with self.path.open("rb") as f:
-            for i in ids:
-                f.seek(int(self.start[i]))
-                raw = f.read(int(self.end[i] - self.start[i]))
+            if isinstance(ids, range) and ids.step == 1 and len(ids):  # a pass over the set: one read
+                f.seek(int(self.start[ids.start]))
+                block = f.read(int(self.end[ids.stop - 1] - self.start[ids.start]))
+                base = int(self.start[ids.start])
+                raws = [block[self.start[i] - base : self.end[i] - base] for i in ids]
+            else:
+                raws = []
+                for i in ids:
+                    f.seek(int(self.start[i]))
+                    raws.append(f.read(int(self.end[i] - self.start[i])))
+            for i, raw in zip(ids, raws):
                 where = f"{self.what}: {self.path}:{int(self.lineno[i])}"
                 try:
                     obj = json.loads(raw)
@@ -192,15 +200,22 @@ class PromptStore:
 
     def digest(self) -> str:
         """checkpoint.prompts_digest of the set (texts and metadata as reward functions see them), computed in
-        two passes over the rows instead of over two lists in memory: the same bytes, so a checkpoint written
-        when the prompts were read whole resumes."""
+        one pass over the rows (the metadata's JSON waits in a temporary file) instead of over two lists in
+        memory: the same bytes, so a checkpoint written when the prompts were read whole resumes."""
+        import tempfile
+
         h = hashlib.blake2b(digest_size=16)
-        for part in (0, 1):
-            h.update(b"[[" if part == 0 else b"], [")
+        h.update(b"[[")
+        with tempfile.TemporaryFile() as metadata:  # the second list's bytes, hashed after the first's
             for start, items in self.batches():
                 seen = [as_seen(*self._normalized(item, start + k)) for k, item in enumerate(items)]
-                body = ", ".join(json.dumps(x[part], sort_keys=True, default=str) for x in seen)
-                h.update(((", " if start else "") + body).encode())
+                sep = ", " if start else ""
+                h.update((sep + ", ".join(json.dumps(t, sort_keys=True, default=str) for t, _ in seen)).encode())
+                metadata.write((sep + ", ".join(json.dumps(m, sort_keys=True, default=str) for _, m in seen)).encode())
+            h.update(b"], [")
+            metadata.seek(0)
+            for block in iter(lambda: metadata.read(1 << 24), b""):
+                h.update(block)
         h.update(b"]]")
         return h.hexdigest()
 
