@@ -29,7 +29,7 @@ import numpy as np
 from rft_ds import artifacts, console, evaluation, progress, replay, run_setup
 from rft_ds import distributed as D
 from rft_ds.config import RFTRunConfig, pass_threshold
-from rft_ds.data import PromptRecord, deal_prompts
+from rft_ds.data import deal_prompts
 from rft_ds.evaluation import best_key
 from rft_ds.experience import (
     Row,
@@ -171,14 +171,14 @@ def sample(s: Setup, st: RunState) -> Outcome:
     if st.cursor == 0:  # the grow step's prompts (before its first chunk, so a resume here draws them again)
         s.prompts.forget()
         _draw(s, st)
-    with D.all_ranks_or_fail("reading data.prompts"):  # a bad record (found when drawn) stops every rank
-        mine = _my_prompts(s, st)
+    mine = _my_prompts(s, st)
     n_chunks = _n_chunks(s, st)
     done = st.local.setdefault("samples", Samples())
     while st.cursor < n_chunks:
         maybe_die("sample", st.epoch)
         t0 = time.perf_counter()
-        part = mine[st.cursor * chunk : (st.cursor + 1) * chunk]
+        with D.all_ranks_or_fail("reading data.prompts"):  # a bad record (found when drawn) stops every rank
+            part = s.prompts.load(mine[st.cursor * chunk : (st.cursor + 1) * chunk])
         label = f"epoch {st.epoch + 1}: sample" + (f" {st.cursor + 1}/{n_chunks}" if n_chunks > 1 else "")
         # the sampler's log-probs for a few prompts of the first chunk: the stale-weight check's probes
         probes = np.zeros(len(part), bool)
@@ -221,7 +221,7 @@ def score(s: Setup, st: RunState) -> Outcome:
     t0 = time.perf_counter()
     samples = st.local.pop("samples", None)  # a tensor-parallel peer drops its copy: its leader scores them
     samples = samples if samples is not None and s.contributes else Samples()
-    pids = np.array([r.id for r in _my_prompts(s, st)], dtype=np.int64)[samples.prompt]
+    pids = _my_prompts(s, st)[samples.prompt]
     tokens, eos = samples.tokens(), samples.eos
     # the stale-weight check's probes outlive the samples until the first optimizer step: a few rows
     st.local["probes"] = [(int(pids[i]), tokens[i].copy(), bool(eos[i]), lp) for i, lp in samples.probes.items()]
@@ -622,11 +622,11 @@ def _drawn(s: Setup, st: RunState) -> np.ndarray | range:
     return st.drawn if st.drawn is not None else range(len(s.prompts))
 
 
-def _my_prompts(s: Setup, st: RunState) -> list[PromptRecord]:
-    """This rank's training prompts: its engine group's deal of the grow step's prompts by the plan the run
-    started with."""
+def _my_prompts(s: Setup, st: RunState) -> np.ndarray:
+    """This rank's training prompts (dataset positions): its engine group's deal of the grow step's prompts by
+    the plan the run started with."""
     drawn = _drawn(s, st)
-    return s.prompts.load([drawn[i] for i in deal_prompts(len(drawn), s.group, s.n_groups, st.shard)])
+    return np.asarray(drawn, dtype=np.int64)[np.asarray(deal_prompts(len(drawn), s.group, s.n_groups, st.shard))]
 
 
 def _n_chunks(s: Setup, st: RunState) -> int:

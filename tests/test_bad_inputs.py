@@ -117,6 +117,14 @@ CASES = {
         lambda d, m: [f"data.prompts={write(d / 'f.jsonl', json.dumps({'text': 'a'}))}"],
         "f.jsonl:1: missing field 'prompt'",
     ),
+    "prompt budget larger than the set": (
+        lambda d, m: ["data.prompts_per_grow_step=65"],
+        "data.prompts_per_grow_step (65) is larger than the dataset's 64 prompts",
+    ),
+    "skip rule without a pass threshold": (
+        lambda d, m: ["method.skip_hopeless=2"],
+        "method.skip_hopeless needs a pass threshold: set method.pass_score (or selection.min_score)",
+    ),
     "reward_fn module not importable": (
         lambda d, m: ["reward.reward_fn=no_such_module:score"],
         "reward.reward_fn: cannot import module 'no_such_module'",
