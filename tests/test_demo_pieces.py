@@ -113,6 +113,8 @@ def test_demo_config_on_tiny_model_with_reward_model(tmp_path, classifier):
         f"reward.reward_model={classifier}",
         "reward.metric_fn=rft_ds.rewards:accuracy",
         "selection.min_score=null",
+        "method.skip_solved=null",  # a reward model's scores have no pass threshold: no skip rules
+        "method.skip_hopeless=null",
         "sampler.dtype=auto",
         "method.n_generations_per_prompt=4",
         "train.epochs=2",
