@@ -168,11 +168,8 @@ class PromptStore:
     def load(self, ids: Sequence[int]) -> list[PromptRecord]:
         """The records of these prompts, read and tokenized where not known yet (in one read)."""
         missing = sorted({int(i) for i in ids if int(i) not in self.cache})
-        tokenizer, limit, chat, system_prompt = self.fmt
         for i, item in zip(missing, self.rows.read(missing)):
-            rec = prompt_record(i, *self._normalized(item, i), tokenizer, limit, self.what, chat, system_prompt)
-            self.cache[i] = rec
-            self.lengths[i] = len(rec.token_ids)
+            self.cache[i] = self._record(i, item)
         return [self.cache[int(i)] for i in ids]
 
     def record(self, i: int) -> PromptRecord:
@@ -185,6 +182,13 @@ class PromptStore:
     def _normalized(self, item: Any, i: int) -> tuple[str | list, dict]:
         return normalize_one(item, i, self.what, self.prompt_field, self.metadata_fields)
 
+    def _record(self, i: int, item: Any) -> PromptRecord:
+        """Row i checked and tokenized (errors name it); its length is known from then on."""
+        tokenizer, limit, chat, system_prompt = self.fmt
+        rec = prompt_record(i, *self._normalized(item, i), tokenizer, limit, self.what, chat, system_prompt)
+        self.lengths[i] = len(rec.token_ids)
+        return rec
+
     def batches(self) -> Iterator[tuple[int, list]]:
         """(first position, rows) over the whole set, READ_BATCH rows at a time."""
         for start in range(0, len(self.rows), READ_BATCH):
@@ -192,11 +196,9 @@ class PromptStore:
 
     def check_all(self) -> None:
         """Every prompt read, checked and tokenized (`rft-ds check`): their lengths kept, not their records."""
-        tokenizer, limit, chat, system_prompt = self.fmt
         for start, items in self.batches():
             for i, item in enumerate(items, start):
-                rec = prompt_record(i, *self._normalized(item, i), tokenizer, limit, self.what, chat, system_prompt)
-                self.lengths[i] = len(rec.token_ids)
+                self._record(i, item)
 
     def digest(self) -> str:
         """checkpoint.prompts_digest of the set (texts and metadata as reward functions see them), computed in
