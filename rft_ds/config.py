@@ -269,6 +269,26 @@ class EvalConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """Multi-turn rollouts (rft_ds/rollout.py): off unless env or tools is set."""
+
+    # "module:make_env": called once per trajectory, returns an object with reset(prompt, **metadata) -> None |
+    # text | chat messages (None: the dataset's prompt) and step(model_turn) -> (observation, reward, done)
+    env: Optional[str] = None
+    # ["module:function", ...]: tools the model may call (their signatures and docstrings are the schema the
+    # chat template shows it); a turn without a tool call is the final answer, scored by the reward terms
+    tools: list = field(default_factory=list)
+    tool_format: str = "hermes"  # hermes: <tool_call>{"name", "arguments"}</tool_call>; json: the turn is the call
+    max_turns: int = 4  # model turns per trajectory; one cut here is truncated (never trained to stop there)
+    max_tokens: int = 2048  # the whole trajectory: prompt, model turns, the environment's text
+    step_timeout_s: Optional[float] = 60.0  # per reset/step call (thread executor); past it the trajectory fails
+    executor: str = "thread"  # thread: calls in parallel on daemon threads, with the timeout; inline: one by one
+    max_concurrency: int = 16  # environment calls at once per rank (thread executor)
+    reward: str = "sum"  # the trajectory's reward from the environment's: sum or last (none given: the reward terms)
+    failed_score: float = 0.0  # the score of a trajectory whose environment or tool call failed
+
+
+@dataclass
 class RFTRunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -278,6 +298,7 @@ class RFTRunConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
     @classmethod
     def from_dict(cls, d: dict, overrides: list[str] | None = None) -> RFTRunConfig:
@@ -490,6 +511,51 @@ def pass_threshold(cfg: RFTRunConfig) -> float | None:
 
 def _null_or_count(v: Any) -> bool:
     return v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+
+
+def rollouts_on(cfg: RFTRunConfig) -> bool:
+    return cfg.rollout.env is not None or bool(cfg.rollout.tools)
+
+
+def validate_rollout(cfg: RFTRunConfig) -> None:
+    """The rollout section's ranges, and what multi-turn rows cannot be combined with."""
+    r = cfg.rollout
+    _require(r.env is None or isinstance(r.env, str), f'rollout.env must be "module:make_env", got {r.env!r}')
+    _require(isinstance(r.tools, list), f'rollout.tools must be a list of "module:function", got {r.tools!r}')
+    _require(not (r.env is not None and r.tools), "rollout.env and rollout.tools are exclusive: give one")
+    _require(r.tool_format in ("hermes", "json"), f"rollout.tool_format must be hermes or json, got {r.tool_format!r}")
+    _require(isinstance(r.max_turns, int) and r.max_turns >= 1, f"rollout.max_turns must be >= 1, got {r.max_turns!r}")
+    _require(
+        isinstance(r.max_tokens, int) and r.max_tokens >= 4, f"rollout.max_tokens must be >= 4, got {r.max_tokens!r}"
+    )
+    _require(
+        r.step_timeout_s is None or (isinstance(r.step_timeout_s, (int, float)) and r.step_timeout_s > 0),
+        f"rollout.step_timeout_s must be > 0 or null, got {r.step_timeout_s!r}",
+    )
+    _require(r.executor in ("thread", "inline"), f"rollout.executor must be thread or inline, got {r.executor!r}")
+    _require(r.max_concurrency >= 1, f"rollout.max_concurrency must be >= 1, got {r.max_concurrency}")
+    _require(r.reward in ("sum", "last"), f"rollout.reward must be sum or last, got {r.reward!r}")
+    _require(
+        isinstance(r.failed_score, (int, float)) and math.isfinite(r.failed_score),
+        f"rollout.failed_score must be a finite number, got {r.failed_score!r}",
+    )
+    if not rollouts_on(cfg):
+        return
+    _require(
+        cfg.sampler.tensor_parallel_size == 1,
+        "rollout.env / rollout.tools need sampler.tensor_parallel_size 1: the ranks of a tensor-parallel engine "
+        "would each run the environment and must submit identical turns",
+    )
+    _require(
+        cfg.data.replay_prompts is None,
+        "data.replay_prompts cannot be used with rollouts: its rows are the base model's single-turn answers",
+    )
+    t = cfg.train
+    _require(
+        t.max_seq_length == "auto" or t.max_seq_length >= r.max_tokens + 1,
+        f"train.max_seq_length ({t.max_seq_length}) must be auto or >= rollout.max_tokens + 1 ({r.max_tokens + 1}): "
+        "a trajectory's row is its whole token sequence and the EOS",
+    )
 
 
 def validate(cfg: RFTRunConfig) -> None:
@@ -715,6 +781,7 @@ def validate(cfg: RFTRunConfig) -> None:
     )
     _require(t.dist_timeout_s >= 1, f"train.dist_timeout_s must be >= 1, got {t.dist_timeout_s}")
     _require(bool(t.output_dir), "train.output_dir is required")
+    validate_rollout(cfg)
     sets = parse_sets(cfg)  # the API's eval_prompts, when given, are checked again in prepare
     if t.save_best_model:
         best_metric(t.best_metric, sets)
@@ -744,6 +811,7 @@ RESUME_FIELDS = (
     "data.replay_prompts",
     "data.prompts_per_grow_step",
     "method.*",
+    "rollout.*",
     "selection.*",
     "reward.reward_fn",
     "reward.functions",

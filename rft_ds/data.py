@@ -244,15 +244,37 @@ def use_chat_template(tokenizer: Any, setting: bool | None) -> bool:
     return has if setting is None else bool(setting)
 
 
-def format_prompt(text: str | list, tokenizer: Any, chat: bool, system_prompt: str | None = None) -> str:
+def format_prompt(
+    text: str | list, tokenizer: Any, chat: bool, system_prompt: str | None = None, tools: list | None = None
+) -> str:
     """The text the model is given: the prompt as a user turn of the chat template (a chat prompt: its
-    messages, after data.system_prompt unless it has its own system message), or as it is."""
+    messages, after data.system_prompt unless it has its own system message), or as it is. tools (rollout.tools'
+    JSON schemas) go to the template, or, when it has no place for them, into the system message."""
     if not chat:
         return text
     messages = text if isinstance(text, list) else [{"role": "user", "content": text}]
+    if tools and not template_takes_tools(tokenizer):
+        system_prompt = tool_prompt(tools) + ("\n\n" + system_prompt if system_prompt else "")
+        tools = None
     if system_prompt is not None and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    extra = {"tools": tools} if tools else {}
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
+
+
+def template_takes_tools(tokenizer: Any) -> bool:
+    """Whether the chat template renders a `tools` argument (most tool-calling models' do)."""
+    return "tools" in str(getattr(tokenizer, "chat_template", "") or "")
+
+
+def tool_prompt(schemas: Sequence[dict]) -> str:
+    """How the tools are described to a model whose chat template has no `tools`: a system message."""
+    lines = [
+        "You can call tools. To call one, answer with",
+        '<tool_call>{"name": "<tool>", "arguments": {<arguments as JSON>}}</tool_call>',
+        "and wait for its result. When you know the answer, give it without a tool call. Tools:",
+    ]
+    return "\n".join(lines + [json.dumps(s["function"]) for s in schemas])
 
 
 def tokenize(
@@ -263,10 +285,11 @@ def tokenize(
     what: str,
     chat: bool = False,
     system_prompt: str | None = None,
+    tools: list | None = None,
 ) -> list[PromptRecord]:
     """Token ids of each prompt (`prompt_record`)."""
     return [
-        prompt_record(i, text, meta, tokenizer, max_len, what, chat, system_prompt)
+        prompt_record(i, text, meta, tokenizer, max_len, what, chat, system_prompt, tools)
         for i, (text, meta) in enumerate(zip(texts, metas))
     ]
 
@@ -288,6 +311,7 @@ def prompt_record(
     what: str,
     chat: bool = False,
     system_prompt: str | None = None,
+    tools: list | None = None,
 ) -> PromptRecord:
     """Token ids of prompt i, named `what[i]` in its errors. With a chat template the template adds the special
     tokens itself. A chat prompt (a list of messages) needs the template."""
@@ -296,7 +320,9 @@ def prompt_record(
             f"{what}[{i}] is a list of chat messages, which needs the tokenizer's chat template "
             "(data.apply_chat_template is false, or the tokenizer has none)"
         )
-    ids = tokenizer(format_prompt(text, tokenizer, chat, system_prompt), add_special_tokens=not chat)["input_ids"]
+    ids = tokenizer(format_prompt(text, tokenizer, chat, system_prompt, tools), add_special_tokens=not chat)[
+        "input_ids"
+    ]
     if len(ids) > max_len:
         raise DataError(
             f"{what}[{i}] is {len(ids)} tokens, longer than the limit of {max_len} "

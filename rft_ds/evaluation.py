@@ -30,8 +30,9 @@ from rft_ds import distributed as D
 from rft_ds.config import EvalSet, best_metric, parse_sets  # noqa: F401 (parsed with the config; imported from here too)
 from rft_ds.data import PromptSet, deal_prompts
 from rft_ds.errors import ConfigError, RewardError
+from rft_ds.rollout import STATS
 from rft_ds.samples import sample_seed
-from rft_ds.scoring import score_shard, term_means
+from rft_ds.scoring import rollout_means, score_rollouts, score_shard, term_means
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -96,6 +97,8 @@ class EvalContext:
     n_groups: int
     contributes: bool  # False on a tensor-parallel peer: its group leader scores the same completions
     show: bool  # progress bars
+    rollout: Any = None  # rollout.Rollout: evals run multi-turn rollouts too; None: single completions
+    failed_score: float = 0.0  # rollout.failed_score
 
 
 def evaluate(evals: Sequence[EvalData], ctx: EvalContext, epoch: int) -> dict[str, Any]:
@@ -115,7 +118,9 @@ def evaluate_set(ev: EvalData, ctx: EvalContext, seed: int) -> dict[str, Any]:
 
     spec = ev.spec
     mine = [ev.prompts.records[i] for i in deal_prompts(len(ev.prompts.records), ctx.group, ctx.n_groups, ctx.plan)]
-    pids, scores, outputs, parts, spans = _sample_and_score(ev, ctx, mine, spec.n_samples, spec.gen_kwargs, seed, "")
+    pids, scores, outputs, parts, spans, rollouts = _sample_and_score(
+        ev, ctx, mine, spec.n_samples, spec.gen_kwargs, seed, ""
+    )
     sums = {"reward": float(scores.sum()), "samples": float(len(scores)), "prompts": float(len(spans))}
     with D.all_ranks_or_fail(f"eval set {spec.name}: pass@k / maj@k"):  # answer_fn is the user's code
         passed = scores >= spec.pass_threshold
@@ -125,7 +130,7 @@ def evaluate_set(ev: EvalData, ctx: EvalContext, seed: int) -> dict[str, Any]:
         for k in spec.maj_k:
             sums[f"maj@{k}"] = sum(maj_at_k(answers[a:b], passed[a:b].tolist(), k) for a, b in spans)
     if spec.greedy:
-        _, g_scores, _, _, _ = _sample_and_score(
+        _, g_scores, _, _, _, _ = _sample_and_score(
             ev, ctx, mine, 1, {**spec.gen_kwargs, "do_sample": False}, seed, " greedy"
         )
         sums.update(
@@ -141,6 +146,7 @@ def evaluate_set(ev: EvalData, ctx: EvalContext, seed: int) -> dict[str, Any]:
         result[spec.key("greedy_reward_mean")] = total["greedy_reward"] / max(total["greedy_samples"], 1)
         result[spec.key("greedy_pass")] = total["greedy_passed"] / max(total["greedy_samples"], 1)
     result.update({spec.key(k): v for k, v in term_means(ev.rewards, parts).items()})
+    result.update({spec.key(k): v for k, v in rollouts.items()})  # turns and tool calls per answer, failures
     if ev.metric_fn is not None:
         result.update({spec.key(k): v for k, v in _metric_fn(ev, pids, outputs, ctx.reward_cfg.timeout_s).items()})
     return result
@@ -148,30 +154,54 @@ def evaluate_set(ev: EvalData, ctx: EvalContext, seed: int) -> dict[str, Any]:
 
 def _sample_and_score(
     ev: EvalData, ctx: EvalContext, mine: list, n: int, gen_kwargs: dict, seed: int, what: str
-) -> tuple[list[int], np.ndarray, list[str], np.ndarray, list[tuple[int, int]]]:
-    """n completions of each of this rank's prompts, scored: (prompt id per sample, scores, outputs, each
-    term's scores, each prompt's span of samples). Every rank of an engine group generates (its collectives
-    need all); only the group's leader scores and counts them."""
+) -> tuple[list[int], np.ndarray, list[str], np.ndarray, list[tuple[int, int]], dict]:
+    """n completions (rollouts: trajectories) of each of this rank's prompts, scored: (prompt id per sample,
+    scores, outputs (a trajectory's: its final turn), each term's scores, each prompt's span of samples, the
+    rollout metrics over every rank, or {}). Every rank of an engine group generates (its collectives need
+    all); only the group's leader scores and counts them."""
     name = "eval" if ev.spec.name == "eval" else f"eval {ev.spec.name}"
-    comps = ctx.sampler.generate(
-        [r.token_ids for r in mine], n, gen_kwargs, seed, f"{name}: sample{what}" if ctx.show else None
-    )
+    label = f"{name}: sample{what}" if ctx.show else None
+    if ctx.rollout is not None:
+        comps = ctx.rollout.generate(ctx.sampler, mine, n, gen_kwargs, seed, label)
+    else:
+        comps = ctx.sampler.generate([r.token_ids for r in mine], n, gen_kwargs, seed, label)
     if not ctx.contributes:
         mine, comps = [], []
     pids = [r.id for r, cs in zip(mine, comps) for _ in cs]
-    scores, outputs, parts = score_shard(
-        ev.rewards,
-        pids,
-        [c.token_ids for cs in comps for c in cs],
-        ev.prompts.texts,
-        ev.prompts.metadata,
-        ctx.tokenizer,
-        ctx.stop_sequences,
-        ctx.reward_cfg,
-        f"{name}: score{what}" if ctx.show else None,
-    )
+    tokens = [c.token_ids for cs in comps for c in cs]
+    score_label = f"{name}: score{what}" if ctx.show else None
+    if ctx.rollout is not None:  # the environment's rewards, else the reward terms on the final turns
+        reward = np.array([c.reward for cs in comps for c in cs], dtype=np.float64)
+        scores, outputs, parts = score_rollouts(
+            ev.rewards,
+            np.asarray(pids, dtype=np.int64),
+            tokens,
+            reward,
+            ctx.failed_score,
+            ev.prompts.texts,
+            ev.prompts.metadata,
+            ctx.tokenizer,
+            ctx.stop_sequences,
+            ctx.reward_cfg,
+            score_label,
+        )
+        stats = [c.stats for cs in comps for c in cs]
+        rollouts = rollout_means(np.stack(stats) if stats else np.zeros((0, len(STATS)), np.int32))
+    else:
+        rollouts = {}
+        scores, outputs, parts = score_shard(
+            ev.rewards,
+            pids,
+            tokens,
+            ev.prompts.texts,
+            ev.prompts.metadata,
+            ctx.tokenizer,
+            ctx.stop_sequences,
+            ctx.reward_cfg,
+            score_label,
+        )
     ends = np.cumsum([len(cs) for cs in comps]).tolist()
-    return pids, scores, outputs, parts, list(zip([0] + ends[:-1], ends))
+    return pids, scores, outputs, parts, list(zip([0] + ends[:-1], ends)), rollouts
 
 
 def _metric_fn(ev: EvalData, pids: list[int], outputs: list[str], timeout_s: float | None = None) -> dict:

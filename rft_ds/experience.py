@@ -28,14 +28,20 @@ class Row:
 def build_row(
     prompt_ids: Sequence[int], completion_ids: Sequence[int], eos: bool, eos_id: int, max_len: int
 ) -> Row | None:
-    """prompt ⊕ completion ⊕ (EOS if it ended by EOS); labels only on the completion part.
-    Truncated on the right to max_len; None when nothing is left to learn."""
-    completion = list(completion_ids) + ([eos_id] if eos else [])
-    ids = np.asarray(list(prompt_ids) + completion, dtype=np.int64)[:max_len]
-    labels = np.asarray([IGNORE_INDEX] * len(prompt_ids) + completion, dtype=np.int64)[:max_len]
+    """prompt ⊕ completion ⊕ (EOS if it ended by EOS); labels only on the completion's own tokens (a
+    trajectory's context tokens, marked by rollout.context, are input only). Truncated on the right to max_len;
+    None when nothing is left to learn."""
+    from rft_ds.rollout import unmark
+
+    ids, own = unmark(np.asarray(completion_ids, dtype=np.int64))
+    tail = [eos_id] if eos else []
+    input_ids = np.concatenate([np.asarray(prompt_ids, dtype=np.int64), ids, tail]).astype(np.int64)[:max_len]
+    labels = np.concatenate(
+        [np.full(len(prompt_ids), IGNORE_INDEX, np.int64), np.where(own, ids, IGNORE_INDEX), tail]
+    ).astype(np.int64)[:max_len]
     if not (labels != IGNORE_INDEX).any():
         return None
-    return Row(ids, labels)
+    return Row(input_ids, labels)
 
 
 def fits(prompt_len: np.ndarray, length: np.ndarray, eos: np.ndarray, max_len: int) -> np.ndarray:

@@ -20,13 +20,23 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from rft_ds import distributed as D
-from rft_ds.config import EvalSet, RFTRunConfig, best_metric, parse_sets, read_model_config, text_config, yaml_safe
+from rft_ds.config import (
+    EvalSet,
+    RFTRunConfig,
+    best_metric,
+    parse_sets,
+    read_model_config,
+    rollouts_on,
+    text_config,
+    yaml_safe,
+)
 from rft_ds.data import PromptSet, load_source, normalize, resolve_callable, tokenize, use_chat_template
 from rft_ds.errors import ConfigError
 from rft_ds.evaluation import EvalData
 from rft_ds.lora import check_lora, parse_lora
 from rft_ds.prompt_store import PromptStore, open_rows, startup_positions
 from rft_ds.reward_terms import build_terms, check_arguments, check_prompts, function_term
+from rft_ds.rollout import RolloutSpec, load_spec
 from rft_ds.sequence_parallel import why_not as why_not_sequence_parallel
 
 FAILED = object()  # what a failed step returns under check's `attempt`
@@ -53,6 +63,7 @@ class Prepared:
     tokenizer: Any
     ds_config: dict  # the filled DeepSpeed config
     max_len: int  # tokens a training row may hold (train.max_seq_length resolved)
+    rollout: RolloutSpec | None = None  # rollout.env / rollout.tools, imported and checked; None: single turns
 
 
 def prepare(cfg: RFTRunConfig, inputs: Inputs) -> Prepared:
@@ -81,7 +92,9 @@ def steps(
 
     check_only = notes is not None
     attempt(check_launch, cfg, world, cuda)  # the resume target too: setup agrees on it, collectively
-    rewards = attempt(build_terms, cfg.reward, inputs.reward_fn)  # reward models: config.json checked, loaded in setup
+    # reward models: config.json checked, loaded in setup; with rollout.env the environment may give the rewards
+    rewards = attempt(build_terms, cfg.reward, inputs.reward_fn, cfg.rollout.env is not None)
+    rollout = attempt(load_spec, cfg.rollout)  # the environment or tools imported, one environment made
     attempt(check_metric_sinks, cfg.train)
     sets = attempt(parse_sets, cfg, inputs.eval_prompts, inputs.metric_fn)
     best = attempt(best_metric, cfg.train.best_metric, sets) if ok(sets) and cfg.train.save_best_model else None
@@ -110,11 +123,14 @@ def steps(
     tokenizer = attempt(load_tokenizer, cfg)
     if not ok(tokenizer, prompts, evals):
         return None
-    checked = attempt(tokenize_prompts, cfg, tokenizer, prompts, evals, check_only)
+    if not ok(rollout):
+        return None
+    schemas = rollout.schemas if rollout is not None else None
+    checked = attempt(tokenize_prompts, cfg, tokenizer, prompts, evals, check_only, schemas)
     if checked is FAILED:
         return None
     max_len = attempt(row_limit, cfg, prompts)
-    if ok(max_len):  # a prompt drawn later that would not fit a row with its completion is refused when read
+    if ok(max_len) and not rollouts_on(cfg):  # a prompt drawn later that would not fit a row is refused when read
         prompts.limit_to(max_len - cfg.method.gen_kwargs["max_new_tokens"] - 1)
     if ok(rewards):
         metadata, head = checked
@@ -123,7 +139,7 @@ def steps(
     for i, ev in enumerate(evals):
         attempt(check_arguments, ev.rewards, {k for m in ev.prompts.metadata for k in m})
         attempt(check_prompts, ev.rewards, ev.prompts.metadata, eval_where(cfg, i))
-    return Prepared(rewards, prompts, evals, best, tokenizer, ds_config, max_len)
+    return Prepared(rewards, prompts, evals, best, tokenizer, ds_config, max_len, rollout)
 
 
 def launch_world_size() -> int:
@@ -379,8 +395,14 @@ def model_max_positions(model_path: str) -> int | None:
 
 
 def prompt_limit(cfg: RFTRunConfig) -> int:
-    """Longest prompt allowed: data.max_prompt_length, and room left for the longest generation."""
+    """Longest prompt allowed: data.max_prompt_length, and room left for the longest generation (rollouts:
+    for a turn within rollout.max_tokens, itself within the model's positions)."""
     positions = model_max_positions(cfg.model.model_path)
+    if rollouts_on(cfg):
+        r = cfg.rollout
+        if positions is not None and r.max_tokens > positions:
+            raise ConfigError(f"rollout.max_tokens ({r.max_tokens}) is more than the model's {positions} positions")
+        return min(cfg.data.max_prompt_length, r.max_tokens - 2)
     if positions is None:
         return cfg.data.max_prompt_length
     room = positions - longest_generation(cfg)
@@ -403,7 +425,9 @@ def engine_limits(cfg: RFTRunConfig, ds_config: dict, cuda: bool | None = None) 
 
     sp, m = cfg.sampler, cfg.method
     limit = prompt_limit(cfg)
-    max_len = check_max_model_len(sp.max_model_len, limit, longest_generation(cfg))
+    # rollouts: a turn sees its trajectory so far, at most rollout.max_tokens with what it samples
+    longest = cfg.rollout.max_tokens - limit if rollouts_on(cfg) else longest_generation(cfg)
+    max_len = check_max_model_len(sp.max_model_len, limit, longest)
     on_gpu = torch.cuda.is_available() if cuda is None else cuda
     if on_gpu:
         return max_len, sp.kv_cache_memory_bytes
@@ -416,12 +440,17 @@ def engine_limits(cfg: RFTRunConfig, ds_config: dict, cuda: bool | None = None) 
         max_len,
         m.n_generations_per_prompt,
         limit,
-        m.gen_kwargs["max_new_tokens"],
+        longest if rollouts_on(cfg) else m.gen_kwargs["max_new_tokens"],
     )
 
 
 def tokenize_prompts(
-    cfg: RFTRunConfig, tokenizer: Any, prompts: PromptStore, evals: Sequence[EvalData], every: bool = False
+    cfg: RFTRunConfig,
+    tokenizer: Any,
+    prompts: PromptStore,
+    evals: Sequence[EvalData],
+    every: bool = False,
+    tools: list | None = None,
 ) -> tuple[list[dict], int]:
     """Token ids of the eval and replay prompts, and of the training prompts checked at start-up: all of them
     with `every` (`rft-ds check`) or up to prompt_store.STARTUP_CHECK, else that many spread over the set (the
@@ -431,7 +460,7 @@ def tokenize_prompts(
     d = cfg.data
     limit = prompt_limit(cfg)
     chat = use_chat_template(tokenizer, d.apply_chat_template)
-    prompts.set_format(tokenizer, limit, chat, d.system_prompt)
+    prompts.set_format(tokenizer, limit, chat, d.system_prompt, tools)
     if every:
         prompts.check_all()
     positions, head = startup_positions(len(prompts))
@@ -442,7 +471,7 @@ def tokenize_prompts(
     ]
     sets += [(prompts.replay, "data.replay_prompts")] if prompts.replay is not None else []
     for p, where in sets:
-        p.records = tokenize(p.texts, p.metadata, tokenizer, limit, where, chat, d.system_prompt)
+        p.records = tokenize(p.texts, p.metadata, tokenizer, limit, where, chat, d.system_prompt, tools)
         # chat prompts: reward functions get the last user message as the prompt, the messages as a keyword
         p.texts, p.metadata = [r.text for r in p.records], [r.metadata for r in p.records]
     return metadata, head
@@ -453,6 +482,8 @@ def row_limit(cfg: RFTRunConfig, prompts: PromptStore) -> int:
     prompt + method.gen_kwargs.max_new_tokens + its EOS, so no completion is ever cut; an explicit value below
     that is refused here, before any model loads, naming both fields. When only a sample of a large set was
     checked, the longest prompt is the longest the limit allows (data.max_prompt_length)."""
+    if rollouts_on(cfg):  # a trajectory's row: its whole sequence (rollout.max_tokens) and its EOS
+        return cfg.rollout.max_tokens + 1 if cfg.train.max_seq_length == "auto" else cfg.train.max_seq_length
     known = prompts.lengths >= 0
     first = int(np.argmax(prompts.lengths))  # the longest known prompt (ties: the first); unknown ones are -1
     replay = prompts.replay.records if prompts.replay else []

@@ -156,14 +156,16 @@ class PromptStore:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def set_format(self, tokenizer: Any, max_len: int, chat: bool, system_prompt: str | None) -> None:
-        self.fmt = (tokenizer, max_len, chat, system_prompt)
+    def set_format(
+        self, tokenizer: Any, max_len: int, chat: bool, system_prompt: str | None, tools: list | None = None
+    ) -> None:
+        self.fmt = (tokenizer, max_len, chat, system_prompt, tools)
         self.cache.clear()
 
     def limit_to(self, max_len: int) -> None:
         """Refuse, when read, a prompt longer than this (a row holds it, its completion and an EOS)."""
-        tokenizer, limit, chat, system_prompt = self.fmt
-        self.fmt = (tokenizer, min(limit, max_len), chat, system_prompt)
+        tokenizer, limit, *rest = self.fmt
+        self.fmt = (tokenizer, min(limit, max_len), *rest)
 
     def load(self, ids: Sequence[int]) -> list[PromptRecord]:
         """The records of these prompts, read and tokenized where not known yet (in one read)."""
@@ -184,8 +186,8 @@ class PromptStore:
 
     def _record(self, i: int, item: Any) -> PromptRecord:
         """Row i checked and tokenized (errors name it); its length is known from then on."""
-        tokenizer, limit, chat, system_prompt = self.fmt
-        rec = prompt_record(i, *self._normalized(item, i), tokenizer, limit, self.what, chat, system_prompt)
+        tokenizer, limit, chat, system_prompt, tools = self.fmt
+        rec = prompt_record(i, *self._normalized(item, i), tokenizer, limit, self.what, chat, system_prompt, tools)
         self.lengths[i] = len(rec.token_ids)
         return rec
 

@@ -47,10 +47,11 @@ from rft_ds.learner import TrainStats, checkpoint_plan
 from rft_ds.metrics import MetricsLog, format_epoch, memory_gb, plain
 from rft_ds.preflight import Inputs
 from rft_ds.prompt_draw import SkipRules, draw, new_history, skipped, update_history
+from rft_ds.rollout import STATS
 from rft_ds.run_setup import Setup, check_parity, eval_context, setup, sinks
 from rft_ds.run_state import STAGES, RunState, advance
 from rft_ds.samples import Samples, pick_probes, sample_seed
-from rft_ds.scoring import gather_new_rows, score_shard, term_means
+from rft_ds.scoring import gather_new_rows, rollout_means, score_rollouts, score_shard, term_means
 from rft_ds.selection import (
     parse_pool_policy,
     schedule,
@@ -187,18 +188,24 @@ def sample(s: Setup, st: RunState) -> Outcome:
         seed = sample_seed(s.cfg.train.seed, st.epoch, s.group, 0, st.cursor)
         with D.all_ranks_or_fail("sampling"):  # an engine's error on one rank stops every rank, now
             maybe_die("generate", st.epoch)
-            out = (
-                s.sampler.generate(
-                    [r.token_ids for r in part],
-                    m.n_generations_per_prompt,
-                    m.gen_kwargs,
-                    seed,
-                    label if s.show else None,
-                    logprobs=probes,
+            if s.rollout is not None:  # multi-turn: one sampler call per turn on every rank, whatever it holds
+                out = s.rollout.generate(
+                    s.sampler, part, m.n_generations_per_prompt, m.gen_kwargs, seed, label if s.show else None, probes
                 )
-                if part
-                else []
-            )  # the skip rules left this rank nothing to sample
+                _say_rollout_errors(s, st)
+            else:
+                out = (
+                    s.sampler.generate(
+                        [r.token_ids for r in part],
+                        m.n_generations_per_prompt,
+                        m.gen_kwargs,
+                        seed,
+                        label if s.show else None,
+                        logprobs=probes,
+                    )
+                    if part
+                    else []
+                )  # the skip rules left this rank nothing to sample
         done.add(st.cursor * chunk, out)
         if s.cfg.sampler.backend == "vllm":  # this rank's engine only (no collective): rank 0's in metrics.jsonl
             st.record["sampled_preemptions"] = st.record.get("sampled_preemptions", 0) + s.sampler.last_preemptions
@@ -225,17 +232,36 @@ def score(s: Setup, st: RunState) -> Outcome:
     tokens, eos = samples.tokens(), samples.eos
     # the stale-weight check's probes outlive the samples until the first optimizer step: a few rows
     st.local["probes"] = [(int(pids[i]), tokens[i].copy(), bool(eos[i]), lp) for i, lp in samples.probes.items()]
-    scores, _, parts = score_shard(
-        s.rewards,
-        pids,
-        tokens,
-        s.prompts.texts,
-        s.prompts.metadata,
-        s.tokenizer,
-        s.stop_sequences,
-        s.cfg.reward,
-        f"epoch {st.epoch + 1}: score" if s.show else None,
-    )
+    label = f"epoch {st.epoch + 1}: score" if s.show else None
+    if s.rollout is not None:  # the environment's rewards, the reward terms on the final turns where it gave none
+        env_reward = samples.reward if samples.reward is not None else np.zeros(0, np.float32)
+        scores, _, parts = score_rollouts(
+            s.rewards,
+            pids,
+            tokens,
+            env_reward,
+            s.cfg.rollout.failed_score,
+            s.prompts.texts,
+            s.prompts.metadata,
+            s.tokenizer,
+            s.stop_sequences,
+            s.cfg.reward,
+            label,
+        )
+        rollout_stats = samples.stats if samples.stats is not None else np.zeros((0, len(STATS)), np.int32)
+        rec.update(rollout_means(rollout_stats))
+    else:
+        scores, _, parts = score_shard(
+            s.rewards,
+            pids,
+            tokens,
+            s.prompts.texts,
+            s.prompts.metadata,
+            s.tokenizer,
+            s.stop_sequences,
+            s.cfg.reward,
+            label,
+        )
     rec.update({f"sampled_{k}": v for k, v in term_means(s.rewards, parts).items()})
     grow_step = st.epoch // m.n_improve_steps
     mine = st.pool.add(pids, scores, eos, tokens, grow_step)
@@ -252,8 +278,9 @@ def score(s: Setup, st: RunState) -> Outcome:
         per_sample = rec["sampled_tokens"] / len(new) if len(new) else 0.0
         skipped = rec.get("prompts_skipped_solved", 0) + rec.get("prompts_skipped_hopeless", 0)
         rec["sampled_tokens_saved"] = int(skipped * m.n_generations_per_prompt * per_sample)
-    # cut by max_new_tokens, without an end: kept or never selected (method.overlong), counted either way
-    rec["truncated_share"] = float(truncated(new, m.gen_kwargs["max_new_tokens"]).mean()) if len(new) else 0.0
+    # cut by max_new_tokens (rollouts: or failed, or cut by max_turns / max_tokens), without an end: kept or never
+    # selected (method.overlong), counted either way
+    rec["truncated_share"] = float(truncated(new, _overlong_cut(s)).mean()) if len(new) else 0.0
     if len(new):
         rec.update(sampled_reward_mean=float(new["score"].mean()), sampled_reward_max=float(new["score"].max()))
     rec["time_score"] = time.perf_counter() - t0
@@ -278,7 +305,7 @@ def learn(s: Setup, st: RunState) -> Outcome:
     t0 = time.perf_counter()
     table = st.table  # the pools: one row per completion, the same on every rank
     m = s.cfg.method
-    cut = m.gen_kwargs["max_new_tokens"] if m.overlong == "drop" else None  # method.overlong: drop leaves them out
+    cut = _overlong_cut(s) if m.overlong == "drop" else None  # method.overlong: drop leaves them out
     solved_at = pass_threshold(s.cfg) if sel.drop_solved else None  # selection.drop_solved: reject both ends
     keep, threshold_mean = select_epoch(
         table, step.percentile, sel.strategy, sel.top_k, sel.min_score, m.max_per_prompt, cut, solved_at
@@ -287,15 +314,16 @@ def learn(s: Setup, st: RunState) -> Outcome:
         # GPU sleep mode (no-op otherwise): the engine's memory goes to training, and first to the row exchange's
         # buffers (under tensor parallelism vLLM holds a large share of the GPU until it sleeps)
         s.sampler.sleep()
-    _announce_lengths(s, table[keep])
+    if s.rollout is None:
+        _announce_lengths(s, table[keep])
     rows, n_rows, moved = rows_for_rank(
         table[keep],
         st.pool,
-        s.prompts.token_ids,
+        s.prompts.token_ids if s.rollout is None else NO_PROMPTS,  # a trajectory holds its own prompt
         s.tokenizer.eos_token_id,
         s.max_len,
         t.sequence_parallel,
-        s.prompts.lengths,
+        s.prompts.lengths if s.rollout is None else np.zeros(len(s.prompts), np.int64),
     )
     sp = t.sequence_parallel  # a group of sp ranks trains the same rows, each on its shard of their positions
     n_replay = 0
@@ -546,11 +574,38 @@ def _probe_rows(s: Setup, st: RunState) -> list[Row]:
     """The stale-weight check's probes as rows, each with the sampler's log p of its completion (and EOS)."""
     rows = []
     for pid, tokens, eos, logprobs in st.local.get("probes", []):
-        row = build_row(s.prompts.records[pid].token_ids, tokens, eos, s.tokenizer.eos_token_id, s.max_len)
+        prompt = s.prompts.records[pid].token_ids if s.rollout is None else ()  # a trajectory holds its prompt
+        row = build_row(prompt, tokens, eos, s.tokenizer.eos_token_id, s.max_len)
         if row is not None:  # an empty completion without EOS has no label
             row.ref_logprobs = logprobs
             rows.append(row)
     return rows
+
+
+class _NoPrompts:
+    """rows_for_rank's prompts for trajectories: each row's prompt is in its own tokens (rollout.py)."""
+
+    def __getitem__(self, pid: int) -> tuple:
+        return ()
+
+
+NO_PROMPTS = _NoPrompts()
+
+
+def _overlong_cut(s: Setup) -> int:
+    """selection.truncated's length: max_new_tokens; rollouts: 0, every trajectory without an EOS (cut by a limit,
+    or failed) counts as cut."""
+    return 0 if s.rollout is not None else s.cfg.method.gen_kwargs["max_new_tokens"]
+
+
+def _say_rollout_errors(s: Setup, st: RunState) -> None:
+    """Rank 0: the first rollout failure of the epoch in one line (all of them are counted in the metrics)."""
+    if s.rollout.errors and D.is_main() and st.local.get("rollout_said") != st.epoch:
+        st.local["rollout_said"] = st.epoch
+        console.say(
+            f"[rft_ds] epoch {st.epoch + 1}: a trajectory failed ({s.rollout.errors[0]}); failures are scored "
+            f"rollout.failed_score and counted (rollout_failed)"
+        )
 
 
 def _step(s: Setup, st: RunState) -> Any:

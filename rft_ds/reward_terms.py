@@ -118,10 +118,11 @@ def _term(fn: Callable, spec: Any, entry: dict, what: str) -> RewardTerm:
     )
 
 
-def build_terms(r: Any, reward_fn: Any = None) -> list[RewardTerm]:
+def build_terms(r: Any, reward_fn: Any = None, optional: bool = False) -> list[RewardTerm]:
     """The run's reward terms from the `reward` config section (r) and the API's reward_fn (a callable, a
     'module:function', or a list of them), in order: reward_fn, reward.functions, reward.reward_model,
-    reward.url. Checks everything a term can be checked for without loading a model."""
+    reward.url. Checks everything a term can be checked for without loading a model. optional (rollout.env:
+    the environment may give the rewards): none is no error."""
     from rft_ds.rewards import check_reward_model
 
     entries: list[tuple[Any, str]] = []
@@ -144,6 +145,8 @@ def build_terms(r: Any, reward_fn: Any = None) -> list[RewardTerm]:
         )
     if r.url:
         entries.append(({"url": r.url}, "reward.url"))
+    if not entries and optional:
+        return []
     if not entries:
         raise ConfigError("a reward is required: reward.reward_fn, reward.functions, reward.reward_model or reward.url")
 

@@ -77,6 +77,7 @@ class Setup:
     universal: Path | None  # the resume checkpoint in DeepSpeed's universal form (another world size)
     ds_config: dict  # the filled DeepSpeed config the learner was built with
     max_len: int  # tokens a training row may hold (train.max_seq_length resolved)
+    rollout: Any = None  # rollout.Rollout: multi-turn sampling (rollout.env / rollout.tools); None: single turns
 
 
 def setup(
@@ -162,8 +163,20 @@ def setup(
         universal=universal,
         ds_config=ds_config,
         max_len=p.max_len,
+        rollout=_rollout(cfg, p),
     )
     return s, ckpt
+
+
+def _rollout(cfg: RFTRunConfig, p: Any) -> Any:
+    """The multi-turn sampler around the engine, when rollout.env or rollout.tools is set."""
+    if p.rollout is None:
+        return None
+    from rft_ds.data import use_chat_template
+    from rft_ds.rollout import Rollout
+
+    chat = use_chat_template(p.tokenizer, cfg.data.apply_chat_template)
+    return Rollout(p.rollout, p.tokenizer, chat, cfg.data.system_prompt, p.tokenizer.eos_token_id)
 
 
 def restart_from_base(s: Setup) -> None:
@@ -224,6 +237,8 @@ def eval_context(s: Setup, st: RunState) -> evaluation.EvalContext:
         s.n_groups,
         s.contributes,
         s.show,
+        s.rollout,
+        s.cfg.rollout.failed_score,
     )
 
 

@@ -26,6 +26,9 @@ class Samples:
         self._finish: list[np.ndarray] = []  # int8, FINISH codes
         self._length: list[np.ndarray] = []  # int32
         self._tokens: list[np.ndarray] = []  # int32, all of a chunk's completions end to end
+        # rollouts (rollout.Trajectory): the environment's reward (NaN: none) and rollout.STATS per trajectory
+        self._reward: list[np.ndarray] = []  # float32
+        self._stats: list[np.ndarray] = []  # int32, (n, len(STATS))
         self.probes: dict[int, np.ndarray] = {}  # completion index -> the sampler's log p of its tokens (float32)
 
     def add(self, first_prompt: int, completions: Sequence[Sequence[Any]]) -> None:
@@ -48,6 +51,12 @@ class Samples:
         self._tokens.append(
             np.concatenate([np.asarray(c.token_ids, dtype=np.int32) for c in flat]) if flat else np.zeros(0, np.int32)
         )
+        if flat and hasattr(flat[0], "stats"):
+            self._reward.append(np.array([c.reward for c in flat], dtype=np.float32))
+            self._stats.append(np.stack([c.stats for c in flat]).astype(np.int32))
+
+    def __setstate__(self, state: dict) -> None:  # a checkpoint from before rollouts holds no _reward/_stats
+        self.__dict__.update({"_reward": [], "_stats": [], **state})
 
     def __len__(self) -> int:
         return sum(len(p) for p in self._prompt)
@@ -64,6 +73,16 @@ class Samples:
     def length(self) -> np.ndarray:
         return np.concatenate(self._length) if self._length else np.zeros(0, np.int32)
 
+    @property
+    def reward(self) -> np.ndarray | None:
+        """Rollouts: each trajectory's reward from its environment (NaN: none); None for plain completions."""
+        return np.concatenate(self._reward) if self._reward else None
+
+    @property
+    def stats(self) -> np.ndarray | None:
+        """Rollouts: each trajectory's rollout.STATS counts, (n, len(STATS)); None for plain completions."""
+        return np.concatenate(self._stats) if self._stats else None
+
     def tokens(self) -> list[np.ndarray]:
         """Each completion's token ids (views into the chunks' arrays, no copy)."""
         out: list[np.ndarray] = []
@@ -73,9 +92,8 @@ class Samples:
 
     def nbytes(self) -> int:
         """What the arrays hold (a checkpoint of this object is this plus a few hundred bytes)."""
-        return sum(a.nbytes for part in (self._prompt, self._finish, self._length, self._tokens) for a in part) + sum(
-            p.nbytes for p in self.probes.values()
-        )
+        parts = (self._prompt, self._finish, self._length, self._tokens, self._reward, self._stats)
+        return sum(a.nbytes for part in parts for a in part) + sum(p.nbytes for p in self.probes.values())
 
 
 def pick_probes(n_prompts: int, k: int, seed: int, epoch: int, rank: int) -> np.ndarray:

@@ -66,6 +66,67 @@ def score_shard(
     return scores, outputs, parts
 
 
+def score_rollouts(
+    terms: Sequence[RewardTerm],
+    prompt_ids: np.ndarray,
+    tokens: Sequence[np.ndarray],
+    env_reward: np.ndarray,
+    failed_score: float,
+    prompt_texts: Sequence[str],
+    metadata: Sequence[dict],
+    tokenizer: Any,
+    stop_sequences: Sequence[str] = (),
+    rc: Any = None,
+    progress: str | None = None,
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """score_shard for trajectories (rollout.py): the environment's reward where it gave one (a failed
+    trajectory's is rollout.failed_score), else the reward terms on the final model turn (no terms:
+    failed_score). Returns (scores, each final turn's text, each term's scores, NaN where it did not score).
+    Collective as score_shard: every rank calls it, whatever it holds."""
+    from rft_ds.rollout import final_turn
+
+    finals = [final_turn(t) for t in tokens]
+    need = np.flatnonzero(np.isnan(env_reward))
+    scores = np.asarray(env_reward, dtype=np.float64).copy()
+    parts = np.full((len(terms), len(finals)), np.nan)
+    outputs = decode_outputs(tokenizer, finals, stop_sequences)
+    if terms:
+        sub, _, p = score_shard(
+            terms,
+            np.asarray(prompt_ids)[need],
+            [finals[i] for i in need],
+            prompt_texts,
+            metadata,
+            tokenizer,
+            stop_sequences,
+            rc,
+            progress,
+        )
+        scores[need], parts[:, need] = sub, p
+    else:
+        scores[need] = failed_score
+    return scores, outputs, parts
+
+
+def rollout_means(stats: np.ndarray) -> dict[str, float]:
+    """Collective (one all-reduce of len(STATS) + 1 numbers): the rollouts of every rank, as metrics: turns and
+    tool calls per trajectory, and how many had tool errors, environment errors, timeouts, were truncated
+    (cut by rollout.max_turns, max_tokens or max_new_tokens) or failed."""
+    import torch
+
+    from rft_ds.rollout import STATS
+
+    local = np.concatenate([[len(stats)], stats.sum(0) if len(stats) else np.zeros(len(STATS))]).astype(np.float64)
+    tot = D.all_reduce(torch.from_numpy(local)).numpy()
+    n, sums = tot[0], dict(zip(STATS, tot[1:]))
+    out = {
+        "rollout_turns_mean": float(sums["turns"] / n) if n else 0.0,
+        "rollout_tool_calls_mean": float(sums["tool_calls"] / n) if n else 0.0,
+    }
+    out.update({f"rollout_{k}": int(sums[k]) for k in STATS if k not in ("turns", "tool_calls")})
+    return out
+
+
 def term_means(terms: Sequence[RewardTerm], parts: np.ndarray) -> dict[str, float]:
     """Each term's mean over the samples it scored on all ranks, as reward_<name>_mean (none for a single
     term: its mean is the reward mean); for each reward model the samples whose completion it cut to fit

@@ -56,6 +56,27 @@ def metric_fn(samples: list[str], prompts: list[str], outputs: list[str], **kwar
     return {"frac_mostly_target": sum(s > 0.5 for s in scores) / max(len(scores), 1)}
 
 
+class HintEnv:
+    """The toy task in two turns (rollout.env: "rft_ds.toy:HintEnv"), for the multi-turn tests. The prompt hides
+    the letter (``abc hint:``); whatever the model says first, the environment answers `` say c:``, and the
+    second turn is scored as the single-turn task. The model must end its first turn, then read the letter
+    from the environment's text: its own tokens are trained, the hint is context only."""
+
+    def __init__(self) -> None:
+        self.target = ""
+        self.turns = 0
+
+    def reset(self, prompt: str, target: str = "", **metadata: Any) -> str:
+        self.target, self.turns = target, 0
+        return prompt.split(" say ")[0] + " hint:"
+
+    def step(self, model_turn: str) -> tuple[str | None, float | None, bool]:
+        self.turns += 1
+        if self.turns == 1:
+            return f" say {self.target}:", None, False
+        return None, letter_score(model_turn, self.target), True
+
+
 def _corpus(seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     lines = [p["prompt"] for p in make_prompts(2000, seed, "train") + make_prompts(500, seed, "eval")]

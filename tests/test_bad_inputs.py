@@ -52,6 +52,9 @@ def write(path: Path, text: str) -> str:
     return str(path)
 
 
+ROLLOUT = ["rollout.max_tokens=64", "train.max_seq_length=auto"]  # the tiny config's rows hold a trajectory
+
+
 def no_eos(t):
     t.pop("eos_token", None)
 
@@ -271,11 +274,40 @@ CASES = {
         lambda d, m: ["reward.reward_fn=rft_ds.rewards:code_tests"],
         "data.prompts: reward term code_tests: prompt 0 has no tests",
     ),
+    "rollout env that cannot be imported": (
+        lambda d, m: ["rollout.env=no_such_env_module:make_env", *ROLLOUT],
+        "rollout.env: cannot import module 'no_such_env_module'",
+    ),
+    "rollout env whose make_env raises": (
+        lambda d, m: [f"rollout.env={env_module(d)}:broken", *ROLLOUT],
+        "rollout.env 'rft_ds_test_envs:broken'() raised OSError: no sandbox on this host",
+    ),
+    "rollout tool without a docstring": (
+        lambda d, m: [f"rollout.tools=[{env_module(d)}:undocumented]", *ROLLOUT],
+        "rollout.tools[0] 'rft_ds_test_envs:undocumented': no tool schema from its signature and docstring",
+    ),
+    "rollout with a tensor-parallel engine": (
+        lambda d, m: ["rollout.env=rft_ds.toy:HintEnv", "sampler.tensor_parallel_size=2"],
+        "rollout.env / rollout.tools need sampler.tensor_parallel_size 1",
+    ),
     "LoRA on what peft cannot wrap": (
         lambda d, m: ["model.lora={target_modules: [norm]}"],
         "model.lora: peft cannot wrap LlamaForCausalLM",
     ),
 }
+
+
+def env_module(d: Path) -> str:
+    """A module of broken environments and tools, importable from the working directory (the repo root)."""
+    import sys
+
+    write(
+        d / "rft_ds_test_envs.py",
+        "def broken():\n    raise OSError('no sandbox on this host')\n\ndef undocumented(x):\n    return x\n",
+    )
+    if str(d) not in sys.path:
+        sys.path.insert(0, str(d))
+    return "rft_ds_test_envs"
 
 
 def broken_config(tiny_model: Path, dst: Path) -> Path:

@@ -125,6 +125,7 @@ def test_an_engine_error_while_sampling_is_every_ranks_error(monkeypatch):
         cfg=cfg,
         rt=SimpleNamespace(weight_sync=None),
         sampler=Engine(),
+        rollout=None,
         prompts=_store(["ab"]),
         group=0,
         n_groups=1,

@@ -219,6 +219,7 @@ def test_the_engine_sleeps_before_the_rows_are_exchanged(monkeypatch):
         cfg=cfg,
         rt=SimpleNamespace(weight_sync=object(), learner=object()),
         sampler=Engine(),
+        rollout=None,
         prompts=_store(["ab"]),
         tokenizer=SimpleNamespace(eos_token_id=2),
         max_len=64,

@@ -28,6 +28,7 @@ SECTIONS = {
     "sampler": "SamplerConfig",
     "train": "TrainConfig",
     "eval": "EvalConfig",
+    "rollout": "RolloutConfig",
 }
 # refused on resume by other means than config.RESUME_FIELDS
 BY_CONTENT = {"data.prompts": "refused (the prompts' digest)"}

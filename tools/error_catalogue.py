@@ -76,6 +76,19 @@ A message shown as `<str(e)>` repeats a model build's error (see *Model, engines
 if you mean it ([Checkpoints, resume and export](../guides/checkpoints.md)).""",
     },
     {
+        "title": "Rollouts: the environment and the tools",
+        "modules": ["rft_ds/rollout.py"],
+        "text": """\
+`rollout.env` or `rollout.tools` names something that cannot be imported, called or described: the module or
+attribute is missing, `make_env()` raises or returns an object without `reset()` and `step()`, or a tool's
+signature and docstring give no JSON schema (each argument needs a type hint and a line under `Args:`).
+Raised at start-up, on every rank, before any model loads. What goes wrong *during* a rollout is not an error:
+an environment that raises, hangs past `rollout.step_timeout_s` or answers with the wrong types, and a tool
+call that cannot be parsed or run, fail that trajectory only (scored `rollout.failed_score`, counted in the
+`rollout_*` metrics, the first one of an epoch said on the console). **Fix**: as the message says; see
+[Agents and tools](../guides/agents.md).""",
+    },
+    {
         "title": "Prompt data",
         "modules": ["rft_ds/data.py", "rft_ds/prompt_store.py", "rft_ds/tasks.py", "rft_ds/replay.py"],
         "text": """\

@@ -32,11 +32,14 @@ class Sampler(Protocol):
         seed: int,
         progress: str | None = None,
         logprobs: bool | Sequence[bool] = False,
+        max_new_tokens: Sequence[int] | None = None,
+        keep_cache: bool = False,
     ) -> list[list[Completion]]:
         """n completions for each prompt (token ids in, token ids out), in prompt order; `progress`: the
         label of a progress bar to show (None: none); `logprobs` (for all prompts, or per prompt): also return
         each sampled token's log-probability (a sampler with its own copy of the weights; others may return
-        None).
+        None). max_new_tokens: a limit per prompt (a rollout's turns: what is left of rollout.max_tokens) in
+        place of gen_kwargs'; keep_cache: reuse the prefix cache of the calls before (a rollout's later turns).
 
         Every rank calls it the same number of times, even with no prompts of its own (it may be
         collective). A sampler with its own copy of the weights also has load_weights(iterator),

@@ -52,9 +52,12 @@ class HFSampler:
         seed: int,
         progress: str | None = None,
         logprobs: bool | Sequence[bool] = False,
+        max_new_tokens: Sequence[int] | None = None,
+        keep_cache: bool = False,
     ) -> list[list[Completion]]:
         """See Sampler.generate. `logprobs` is ignored: this sampler is the training model itself, so its
-        weights cannot be stale."""
+        weights cannot be stale; so is keep_cache (nothing is cached between calls). Per-prompt max_new_tokens:
+        a batch generates up to its largest, and each completion is cut at its own."""
         from rft_ds.progress import bar
 
         kwargs = {**_HF_DEFAULTS, **gen_kwargs}
@@ -66,14 +69,18 @@ class HFSampler:
         dummy = [[self.pad_id if self.tokenizer.eos_token_id is None else self.tokenizer.eos_token_id]]
         with seeded(seed):  # the training RNG is left as it was
             for c in bar(range(self._n_calls(len(prompts))), desc=progress or "", show=bool(progress), unit="batch"):
-                batch = list(prompts[c * self.batch_size : (c + 1) * self.batch_size])
+                lo, hi = c * self.batch_size, (c + 1) * self.batch_size
+                batch = list(prompts[lo:hi])
                 real = len(batch)
-                out = self._generate_batch(batch or dummy, n, kwargs).cpu()
+                limits = list(max_new_tokens[lo:hi]) if max_new_tokens is not None else []
+                batch_kwargs = {**kwargs, "max_new_tokens": max(limits)} if limits else kwargs
+                out = self._generate_batch(batch or dummy, n, batch_kwargs).cpu()
                 for i in range(real):
+                    cut = limits[i] if limits else None
                     results.append(
                         [
                             finish_completion(
-                                out[i * n + j].tolist(), self.eos_ids, self.stop_sequences, self.tokenizer.decode
+                                out[i * n + j].tolist()[:cut], self.eos_ids, self.stop_sequences, self.tokenizer.decode
                             )
                             for j in range(n)
                         ]

@@ -247,6 +247,8 @@ class VLLMSampler:
         seed: int,
         progress: str | None = None,
         logprobs: bool | Sequence[bool] = False,
+        max_new_tokens: Sequence[int] | None = None,
+        keep_cache: bool = False,
     ) -> list[list[Completion]]:
         from rft_ds.progress import vllm_bar
 
@@ -256,14 +258,24 @@ class VLLMSampler:
         # logprobs=0: the sampled token's own log p, from the raw logits (vLLM's default logprobs_mode),
         # so before temperature and top-p: comparable with the training model's log_softmax.
         # Asked per prompt (the stale-weight check's few probes), so the other requests carry none.
-        plain = to_sampling_params(gen_kwargs, n, self.stop_sequences)
-        with_lp = to_sampling_params(gen_kwargs, n, self.stop_sequences, logprobs=0)
         asked = [logprobs] * len(prompts) if isinstance(logprobs, bool) else list(logprobs)
-        params = [with_lp if a else plain for a in asked]
+        limits = [gen_kwargs["max_new_tokens"]] * len(prompts) if max_new_tokens is None else list(max_new_tokens)
+        made: dict[tuple[bool, int], Any] = {}
+        params = []
+        for a, limit in zip(asked, limits):
+            if (a, limit) not in made:
+                extra = {"logprobs": 0} if a else {}
+                made[(a, limit)] = to_sampling_params(
+                    {**gen_kwargs, "max_new_tokens": limit}, n, self.stop_sequences, **extra
+                )
+            params.append(made[(a, limit)])
         # The engine samples from torch's default generator; seeding it per call (in a fork of the RNG, so the
         # training RNG is untouched), from an empty prefix cache, makes each call's samples a function of
         # (weights, seed) alone, whatever ran before: a resumed run samples exactly what the uninterrupted one did.
-        self.llm.reset_prefix_cache()
+        # A rollout's later turns keep the cache (keep_cache): each trajectory's past is reused, and the
+        # rollout's first turn emptied it, so they too depend on (weights, seed, what came before in the rollout).
+        if not keep_cache:
+            self.llm.reset_prefix_cache()
         before = self.preemptions()
         with seeded(seed):
             outs = self.llm.generate(
