@@ -7,7 +7,7 @@ REQ    := requirements/$(DEVICE).txt
 STAMP  := $(VENV)/.installed-$(DEVICE)-$(shell cat $(REQ) pyproject.toml | sha1sum | cut -c1-12)
 ARGS   ?=
 
-.PHONY: venv demo demo-reasoning demo-tiny gpu-smoke lint test test-fast docs-venv docs docs-build clean
+.PHONY: venv demo demo-reasoning demo-tools demo-tiny gpu-smoke lint test test-fast docs-venv docs docs-build clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,10 @@ demo: venv
 # checks it, and RFT raises its held-out accuracy (launch/configs/reasoning.yaml).
 demo-reasoning: venv
 	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --module rft_ds train launch/configs/reasoning.yaml $(ARGS)
+
+# The tool demo: the same model learns to call a calculator for 3-digit multiplication (launch/configs/tools.yaml).
+demo-tools: venv
+	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --module rft_ds train launch/configs/tools.yaml $(ARGS)
 
 # The same loop on a tiny model and a toy task, built locally: about 2 minutes on the 2-core CPU box.
 demo-tiny: venv

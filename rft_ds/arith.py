@@ -92,3 +92,55 @@ def cot_replay_prompts(n: int = 64, seed: int = 0) -> list[dict[str, Any]]:
     """Neighbouring skills for data.replay_prompts: subtraction and multiplication from the train split, so
     no forgetting-set problem is among them."""
     return problems(n, "train", seed, 2, "-*", COT_TEMPLATE)
+
+
+# --- the tool demo: 3-digit multiplication, which SmolLM2-135M cannot do in its head, with a calculator tool
+
+
+TOOL_TEMPLATE = "What is {a} {op} {b}?"
+# One worked example before each question (a chat prompt): SmolLM2-135M never calls a tool zero-shot (0 of 512
+# samples on the Intel Xeon box), with it about one sample in five does, and RFT keeps the ones that were right.
+TOOL_EXAMPLE = [
+    {"role": "user", "content": "What is 123 * 45?"},
+    {
+        "role": "assistant",
+        "content": '<tool_call>{"name": "calculator", "arguments": {"expression": "123 * 45"}}</tool_call>',
+    },
+    {"role": "tool", "content": "5535"},
+    {"role": "assistant", "content": "5535"},
+]
+
+
+def _with_example(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**r, "prompt": TOOL_EXAMPLE + [{"role": "user", "content": r["prompt"]}]} for r in rows]
+
+
+def tool_train_prompts(n: int = 128, seed: int = 0) -> list[dict[str, Any]]:
+    return _with_example(problems(n, "train", seed, digits=3, ops="*", template=TOOL_TEMPLATE))
+
+
+def tool_eval_prompts(n: int = 64, seed: int = 0) -> list[dict[str, Any]]:
+    return _with_example(problems(n, "eval", seed, digits=3, ops="*", template=TOOL_TEMPLATE))
+
+
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression of integers with + - * and parentheses.
+
+    Args:
+        expression: the expression to evaluate, e.g. "347 * 29"
+    """
+    import ast
+
+    def value(node: ast.AST) -> int:
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -value(node.operand)
+        if isinstance(node, ast.BinOp) and type(node.op) in (ast.Add, ast.Sub, ast.Mult):
+            a, b = value(node.left), value(node.right)
+            if max(abs(a), abs(b)) > 10**12:
+                raise ValueError("numbers too large")
+            return a + b if isinstance(node.op, ast.Add) else a - b if isinstance(node.op, ast.Sub) else a * b
+        raise ValueError(f"not an arithmetic expression: {expression!r}")
+
+    return str(value(ast.parse(str(expression), mode="eval").body))

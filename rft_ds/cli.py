@@ -194,10 +194,10 @@ def _train_and_report(cfg: Any, resume: str | None, rank: str) -> int:
         last = result.history[-1]
         for key, before in (result.eval_before or {}).items():  # each eval number, before -> after
             if isinstance(before, (int, float)) and isinstance(last.get(key), (int, float)):
-                console.say(
-                    f"[rft_ds] held-out {key[5:].replace('_', ' ')}: {before:.4f} before -> {last[key]:.4f} "
-                    f"after {len(result.history)} epochs"
-                )
+                # counts (rollout failures, ...) as counts, fractions and means to 4 places
+                a, b = (f"{x}" if isinstance(x, int) else f"{x:.4f}" for x in (before, last[key]))
+                name, n = key[5:].replace("_", " "), len(result.history)
+                console.say(f"[rft_ds] held-out {name}: {a} before -> {b} after {n} epochs")
         console.say(f"[rft_ds] metrics in {result.output_dir / 'metrics.jsonl'}")
     return 0
 

@@ -268,11 +268,16 @@ def template_takes_tools(tokenizer: Any) -> bool:
 
 
 def tool_prompt(schemas: Sequence[dict]) -> str:
-    """How the tools are described to a model whose chat template has no `tools`: a system message."""
+    """How the tools are described to a model whose chat template has no `tools`: a system message with each
+    tool's schema and an example call of the first (its first argument), in the hermes format."""
+    first = schemas[0]["function"]
+    arg = next(iter(first.get("parameters", {}).get("properties", {})), None)
+    example = {"name": first["name"], "arguments": {arg: "..."} if arg else {}}
     lines = [
-        "You can call tools. To call one, answer with",
-        '<tool_call>{"name": "<tool>", "arguments": {<arguments as JSON>}}</tool_call>',
-        "and wait for its result. When you know the answer, give it without a tool call. Tools:",
+        "You have tools. To call one, reply with only the call, for example:",
+        f"<tool_call>{json.dumps(example)}</tool_call>",
+        "Its result comes back in the next message. When you know the answer, reply without a tool call.",
+        "Tools:",
     ]
     return "\n".join(lines + [json.dumps(s["function"]) for s in schemas])
 

@@ -187,6 +187,7 @@ def _sample_and_score(
         )
         stats = [c.stats for cs in comps for c in cs]
         rollouts = rollout_means(np.stack(stats) if stats else np.zeros((0, len(STATS)), np.int32))
+        rollouts.pop("rollout_model_tokens")
     else:
         rollouts = {}
         scores, outputs, parts = score_shard(

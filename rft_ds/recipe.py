@@ -249,7 +249,7 @@ def score(s: Setup, st: RunState) -> Outcome:
             label,
         )
         rollout_stats = samples.stats if samples.stats is not None else np.zeros((0, len(STATS)), np.int32)
-        rec.update(rollout_means(rollout_stats))
+        rec.update(rollout_means(rollout_stats, sum(int((t >= 0).sum()) for t in tokens)))
     else:
         scores, _, parts = score_shard(
             s.rewards,
@@ -269,7 +269,9 @@ def score(s: Setup, st: RunState) -> Outcome:
     new = gather_new_rows(mine, grow_step)
     st.table = update_pool(st.table, new, grow_step, parse_pool_policy(m.pool), s.cfg.selection.dedup)
     st.pool.keep_only(st.table)
-    rec["n_sampled"], rec["sampled_tokens"] = len(new), int(new["length"].sum())
+    # the tokens the model sampled (a trajectory's prompt and environment text, stored with it, are not)
+    rec["n_sampled"] = len(new)
+    rec["sampled_tokens"] = rec.pop("rollout_model_tokens") if s.rollout is not None else int(new["length"].sum())
     if st.prompt_history is not None:  # the skip rules' history: every rank's samples, the same on every rank
         st.prompt_history = update_history(
             st.prompt_history, new["prompt_id"], new["score"], pass_threshold(s.cfg), grow_step

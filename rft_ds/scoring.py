@@ -108,18 +108,21 @@ def score_rollouts(
     return scores, outputs, parts
 
 
-def rollout_means(stats: np.ndarray) -> dict[str, float]:
-    """Collective (one all-reduce of len(STATS) + 1 numbers): the rollouts of every rank, as metrics: turns and
-    tool calls per trajectory, and how many had tool errors, environment errors, timeouts, were truncated
-    (cut by rollout.max_turns, max_tokens or max_new_tokens) or failed."""
+def rollout_means(stats: np.ndarray, model_tokens: int = 0) -> dict[str, float]:
+    """Collective (one all-reduce of len(STATS) + 2 numbers): the rollouts of every rank, as metrics: turns and
+    tool calls per trajectory, how many had tool errors, environment errors, timeouts, were truncated (cut by
+    rollout.max_turns, max_tokens or max_new_tokens) or failed, and the tokens the model sampled in them
+    (rollout_model_tokens: a trajectory's prompt and environment text are not sampled)."""
     import torch
 
     from rft_ds.rollout import STATS
 
-    local = np.concatenate([[len(stats)], stats.sum(0) if len(stats) else np.zeros(len(STATS))]).astype(np.float64)
+    sums_here = stats.sum(0) if len(stats) else np.zeros(len(STATS))
+    local = np.concatenate([[len(stats), model_tokens], sums_here]).astype(np.float64)
     tot = D.all_reduce(torch.from_numpy(local)).numpy()
-    n, sums = tot[0], dict(zip(STATS, tot[1:]))
+    n, sums = tot[0], dict(zip(STATS, tot[2:]))
     out = {
+        "rollout_model_tokens": int(tot[1]),
         "rollout_turns_mean": float(sums["turns"] / n) if n else 0.0,
         "rollout_tool_calls_mean": float(sums["tool_calls"] / n) if n else 0.0,
     }

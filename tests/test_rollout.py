@@ -381,3 +381,23 @@ def test_the_hf_sampler_runs_the_same_rollouts(tiny_model, tokenizer):
                 # scored by the environment, or cut by a limit (then the reward terms score the final turn)
                 assert math.isnan(t.reward) == (t.finish_reason == "length")
     assert sum(t.stats[STATS.index("turns")] == 2 for ts in out for t in ts) > 0
+
+
+def test_the_guides_environment_runs(tokenizer):
+    """docs/guides/agents.md's GuessEnv, as printed there, through a rollout."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "guides" / "agents.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", page, re.DOTALL) if "class GuessEnv" in b)
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 - the guide's own example
+    guesses = iter(["50", "30", "37"])
+    cfg = RolloutConfig(env="my_env:GuessEnv", executor="inline", max_tokens=200, max_turns=3)
+    ro = Rollout(RolloutSpec(scope["GuessEnv"], [], cfg), tokenizer, False, None, tokenizer.eos_token_id)
+    rec = SimpleNamespace(token_ids=tokenizer("guess:")["input_ids"], text="guess:", metadata={"secret": "37"})
+    [[t]] = ro.generate(
+        ScriptedSampler(tokenizer, lambda text, j: (next(guesses), "eos")), [rec], 1, {"max_new_tokens": 4}, 0
+    )
+    ids, _ = unmark(t.token_ids)
+    assert tokenizer.decode(ids) == "guess:50<eos>lower30<eos>higher37" and t.reward == 1.0
