@@ -282,7 +282,9 @@ class RolloutConfig:
     max_turns: int = 4  # model turns per trajectory; one cut here is truncated (never trained to stop there)
     max_tokens: int = 2048  # the whole trajectory: prompt, model turns, the environment's text
     step_timeout_s: Optional[float] = 60.0  # per reset/step call (thread executor); past it the trajectory fails
-    executor: str = "thread"  # thread: calls in parallel on daemon threads, with the timeout; inline: one by one
+    # thread: environment calls in parallel on daemon threads, each within step_timeout_s; inline: one by one, no
+    # timeout; process (rollout.tools only): each tool call in a worker process, killed past step_timeout_s
+    executor: str = "thread"
     max_concurrency: int = 16  # environment calls at once per rank (thread executor)
     reward: str = "sum"  # the trajectory's reward from the environment's: sum or last (none given: the reward terms)
     failed_score: float = 0.0  # the score of a trajectory whose environment or tool call failed
@@ -532,7 +534,15 @@ def validate_rollout(cfg: RFTRunConfig) -> None:
         r.step_timeout_s is None or (isinstance(r.step_timeout_s, (int, float)) and r.step_timeout_s > 0),
         f"rollout.step_timeout_s must be > 0 or null, got {r.step_timeout_s!r}",
     )
-    _require(r.executor in ("thread", "inline"), f"rollout.executor must be thread or inline, got {r.executor!r}")
+    _require(
+        r.executor in ("thread", "inline", "process"),
+        f"rollout.executor must be thread, inline or process, got {r.executor!r}",
+    )
+    _require(
+        r.executor != "process" or (r.env is None and all(isinstance(t, str) for t in r.tools)),
+        'rollout.executor process runs rollout.tools named "module:function" in worker processes; an '
+        "environment (rollout.env) keeps its state in the rank's process: use thread or inline",
+    )
     _require(r.max_concurrency >= 1, f"rollout.max_concurrency must be >= 1, got {r.max_concurrency}")
     _require(r.reward in ("sum", "last"), f"rollout.reward must be sum or last, got {r.reward!r}")
     _require(

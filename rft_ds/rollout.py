@@ -71,6 +71,10 @@ class ToolCallError(ValueError):
     """A tool call that cannot be parsed or run: the trajectory fails, counted as a tool error."""
 
 
+class ToolTimeout(ToolCallError):
+    """A tool that ran past rollout.step_timeout_s in its worker process (killed): counted as a timeout."""
+
+
 TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 
 
@@ -111,10 +115,11 @@ class ToolEnv:
     """rollout.tools as an environment: a turn with tool calls gets their results (one tool message each); a
     turn without one is the final answer, which the reward terms score. A call that cannot be parsed, names
     no tool, or whose tool raises (bad arguments included) fails the trajectory: RFT keeps the best
-    trajectories, and one that recovered from a broken call would teach the broken call."""
+    trajectories, and one that recovered from a broken call would teach the broken call. `call` runs a tool
+    (name, arguments) -> result; default: here, in the rank's process."""
 
-    def __init__(self, tools: dict[str, Callable], fmt: str = "hermes") -> None:
-        self.tools, self.fmt = tools, fmt
+    def __init__(self, tools: dict[str, Callable], fmt: str = "hermes", call: Callable | None = None) -> None:
+        self.tools, self.fmt, self.call = tools, fmt, call
         self.tool_calls = 0
 
     def reset(self, prompt: str, **metadata: Any) -> None:
@@ -129,12 +134,45 @@ class ToolEnv:
             self.tool_calls += 1
             if name not in self.tools:
                 raise ToolCallError(f"no tool named {name!r} (tools: {', '.join(self.tools)})")
-            try:
-                result = self.tools[name](**args)
-            except Exception as e:  # noqa: BLE001 - bad arguments (TypeError) or the tool's own error
-                raise ToolCallError(f"tool {name}({_short(args)}) raised {type(e).__name__}: {e}") from None
+            if self.call is not None:
+                result = self.call(name, args)
+            else:
+                try:
+                    result = self.tools[name](**args)
+                except Exception as e:  # noqa: BLE001 - bad arguments (TypeError) or the tool's own error
+                    raise ToolCallError(f"tool {name}({_short(args)}) raised {type(e).__name__}: {e}") from None
             out.append({"role": "tool", "name": name, "content": str(result)})
         return out, None, False
+
+
+def call_tool(spec: str, arguments: dict) -> str:
+    """In a worker process (rollout.executor: process): the tool "module:function" called with the model's
+    arguments (JSON both ways)."""
+    from rft_ds.data import import_object
+
+    return str(import_object(spec, "rollout.tools")(**arguments))
+
+
+def in_worker(specs: dict[str, str], workers: int, timeout_s: float | None) -> Callable[[str, dict], str]:
+    """A ToolEnv `call` that runs each tool in rft_ds.verifier's worker processes: a tool that hangs (in C, where
+    no signal reaches) or crashes is killed with its process and counted, and a CPU-bound tool runs beside the
+    rank instead of holding its GIL."""
+    from rft_ds import verifier
+
+    modules = sorted({s.partition(":")[0] for s in specs.values()})
+    soft_s = timeout_s if timeout_s is not None else 3600.0
+
+    def call(name: str, args: dict) -> str:
+        status, value = verifier.pool(["rft_ds.rollout", *modules], workers).check(
+            "rft_ds.rollout:call_tool", [specs[name], args], soft_s
+        )
+        if status == "timeout":
+            raise ToolTimeout(f"tool {name}({_short(args)}) ran past rollout.step_timeout_s ({soft_s} s)")
+        if status != "ok":
+            raise ToolCallError(f"tool {name}({_short(args)}) raised {value}")
+        return value
+
+    return call
 
 
 def _short(args: dict) -> str:
@@ -193,7 +231,11 @@ def load_spec(rc: Any) -> RolloutSpec | None:
         tools[schema["function"]["name"]] = fn
         schemas.append(schema)
     fmt = rc.tool_format
-    return RolloutSpec(lambda: ToolEnv(tools, fmt), schemas, rc)
+    call = None
+    if rc.executor == "process":  # each tool by name in a worker process (the config checked they are names)
+        specs = dict(zip(tools, rc.tools))
+        call = in_worker(specs, rc.max_concurrency, rc.step_timeout_s)
+    return RolloutSpec(lambda: ToolEnv(tools, fmt, call), schemas, rc)
 
 
 # --- the executor: environment calls with a timeout, on daemon threads ---------------------------------------
@@ -293,7 +335,8 @@ class Trajectory(Completion):
 @dataclass
 class _Live:
     env: Any = None
-    ids: list = field(default_factory=list)  # every token id so far (unmarked): what the next turn sees
+    # every token id so far (unmarked): what the next turn sees; int32, 4 bytes a token (a Python list: ~36)
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     parts: list = field(default_factory=list)  # stored pieces: marked context, model turns
     logprobs: list = field(default_factory=list)
     rewards: list = field(default_factory=list)
@@ -317,7 +360,8 @@ class Rollout:
         rc = spec.cfg
         self.spec, self.rc, self.tokenizer, self.chat, self.eos_id = spec, rc, tokenizer, chat, eos_id
         self.system_prompt = system_prompt
-        self.calls = Calls(rc.executor, rc.max_concurrency, rc.step_timeout_s)
+        # process: the tools run in worker processes (ToolEnv's call), the steps that wait for them on threads
+        self.calls = Calls("inline" if rc.executor == "inline" else "thread", rc.max_concurrency, rc.step_timeout_s)
         self.errors: list[str] = []  # the first failure messages of the last generate (for a console line)
 
     def generate(
@@ -350,17 +394,20 @@ class Rollout:
             seed_t = int(np.random.SeedSequence([seed, turn]).generate_state(1)[0])
             label = (f"{progress} turn {turn + 1}" if turn else progress) if progress else None
             outs = self._sample(sampler, todo, live, n, gen_kwargs, budgets, seed_t, label, asked, turn)
-            steps = self.calls.run(
-                [lambda t=t, c=c: t.env.step(self._text(c.token_ids)) for (_, t), c in zip(todo, outs)]
-            )
-            for (_, t), c, (value, err) in zip(todo, outs, steps):
-                self._advance(t, c, value, err)
+            # the environment sees every finished turn; a turn cut by a length limit ends its trajectory unseen
+            shown = [k for k, c in enumerate(outs) if c.finish_reason != "length"]
+            answers = dict(zip(shown, self.calls.run([self._step_call(todo[k][1], outs[k]) for k in shown])))
+            for k, ((_, t), c) in enumerate(zip(todo, outs)):
+                self._advance(t, c, *answers.get(k, (None, None)))
             turn += 1
         self.errors = [t.first_error for _, t in flat if t.first_error][:3]
         self.calls.run([lambda env=t.env: _close(env) for _, t in flat if t.env is not None])
         return [[self._trajectory(t) for t in ts] for ts in live]
 
     # --- one trajectory's steps
+
+    def _step_call(self, t: _Live, c: Completion) -> Callable[[], Any]:
+        return lambda: t.env.step(self._text(c.token_ids))
 
     def _reset(self, record: Any) -> tuple[Any, Any]:
         env = self.spec.make_env()
@@ -383,47 +430,49 @@ class Rollout:
             return t.fail(
                 "env_errors", f"reset's prompt is {len(ids)} tokens: rollout.max_tokens is {self.rc.max_tokens}"
             )
-        t.ids, t.parts = list(ids), [context(ids)]
+        t.ids = np.asarray(ids, np.int32)
+        t.parts = [context(t.ids)]
 
     def _advance(self, t: _Live, c: Completion, value: Any, err: Any) -> None:
         """Take the model's turn c and the environment's answer to it."""
-        own = [int(x) for x in c.token_ids]
+        own = np.asarray(c.token_ids, np.int32)
         t.stats["turns"] += 1
         t.finish = c.finish_reason
         if c.logprobs is not None:
             t.logprobs.append(np.asarray(c.logprobs, np.float32))
         if c.finish_reason == "length":  # cut by max_new_tokens or rollout.max_tokens: never shown to the env
-            t.parts.append(np.asarray(own, np.int32))
+            t.parts.append(own)
             t.stats["truncated"], t.active = 1, False
             return
         if err is not None:
-            t.parts.append(np.asarray(own, np.int32))
-            kind = "timeouts" if err is TIMEOUT else "tool_errors" if isinstance(err, ToolCallError) else "env_errors"
+            t.parts.append(own)
+            timed_out = err is TIMEOUT or isinstance(err, ToolTimeout)
+            kind = "timeouts" if timed_out else "tool_errors" if isinstance(err, ToolCallError) else "env_errors"
             return t.fail(kind, _why("step", err))
         if not (isinstance(value, tuple) and len(value) == 3):
-            t.parts.append(np.asarray(own, np.int32))
+            t.parts.append(own)
             return t.fail("env_errors", f"step returned {type(value).__name__}: want (observation, reward, done)")
         obs, reward, done = value
         bad = _bad_step(obs, reward, done)
         if bad:
-            t.parts.append(np.asarray(own, np.int32))
+            t.parts.append(own)
             return t.fail("env_errors", f"step returned {bad}")
         if reward is not None:
             t.rewards.append(float(reward))
         if done or obs is None:
-            t.parts.append(np.asarray(own, np.int32))
+            t.parts.append(own)
             t.active = False
             return
         # the model's turn with the token that ended it (trained on: the model learns to end its turns), then
         # the environment's answer as the chat template renders it after that token
-        ended = own + [self.eos_id] if c.finish_reason == "eos" else own
-        delta = self._delta(obs, c.finish_reason == "eos")
+        ended = np.append(own, np.int32(self.eos_id)) if c.finish_reason == "eos" else own
+        delta = np.asarray(self._delta(obs, c.finish_reason == "eos"), np.int32)
         if t.stats["turns"] >= self.rc.max_turns or len(t.ids) + len(ended) + len(delta) + 2 > self.rc.max_tokens:
-            t.parts.append(np.asarray(own, np.int32))
+            t.parts.append(own)
             t.finish, t.stats["truncated"], t.active = "length", 1, False  # no EOS: not a place to stop
             return
-        t.parts += [np.asarray(ended, np.int32), context(delta)]
-        t.ids += ended + delta
+        t.parts += [ended.astype(np.int32), context(delta)]
+        t.ids = np.concatenate([t.ids, ended, delta]).astype(np.int32)
 
     def _trajectory(self, t: _Live) -> Trajectory:
         tokens = np.concatenate(t.parts) if t.parts else np.zeros(0, np.int32)
@@ -465,7 +514,7 @@ class Rollout:
             turn == 0
             and n > 1
             and len(todo) == n * len(live)
-            and all(len({tuple(t.ids) for t in ts}) == 1 for ts in live)
+            and all(np.array_equal(t.ids, ts[0].ids) for ts in live for t in ts[1:])
         ):
             outs = sampler.generate(
                 [ts[0].ids for ts in live],

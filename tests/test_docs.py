@@ -258,3 +258,31 @@ def config_reference_sections() -> dict[str, str]:
     import config_reference
 
     return config_reference.SECTIONS
+
+
+def test_readme_tool_example_loads_and_its_tool_runs(tmp_path, monkeypatch):
+    """The README's agent example: its my_tools.py and its rollout line, added to its my_task.yaml, load as a run
+    would (the tool's schema from its signature and docstring), and the calculator computes and refuses."""
+    from rft_ds.config import RFTRunConfig
+    from rft_ds.rollout import ToolCallError, load_spec
+
+    readme = ROOT / "README.md"
+    (tools,) = [t for lang, _, t in code_blocks(readme) if lang == "python" and "def calculator" in t]
+    (config,) = [t for lang, _, t in code_blocks(readme) if lang == "yaml" and "my_reward:score" in t]
+    rollout = re.search(r"`(rollout: \{.*?\})`", readme.read_text()).group(1)
+    (tmp_path / "my_tools.py").write_text(tools + "\n")
+    (tmp_path / "my_reward.py").write_text(
+        "def score(samples, prompts, outputs, **kwargs):\n    return [0.0] * len(outputs)\n"
+    )
+    (tmp_path / "my_task.yaml").write_text(config + "\n" + rollout + "\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = RFTRunConfig.load_yaml("my_task.yaml")
+    spec = load_spec(cfg.rollout)
+    assert [s["function"]["name"] for s in spec.schemas] == ["calculator"]
+    env = spec.make_env()
+    call = '<tool_call>{"name": "calculator", "arguments": {"expression": "347 * 29"}}</tool_call>'
+    assert env.step(call)[0][0]["content"] == "10063"
+    for bad in ("2 ** 999999", "__import__('os')"):
+        with pytest.raises(ToolCallError, match="not arithmetic"):
+            env.step(call.replace("347 * 29", bad))

@@ -401,3 +401,50 @@ def test_the_guides_environment_runs(tokenizer):
     )
     ids, _ = unmark(t.token_ids)
     assert tokenizer.decode(ids) == "guess:50<eos>lower30<eos>higher37" and t.reward == 1.0
+
+
+def test_a_turn_cut_by_its_length_is_never_shown_to_the_environment(tokenizer):
+    seen = []
+
+    class Recorder:
+        def reset(self, prompt, **meta):
+            return None
+
+        def step(self, turn):
+            seen.append(turn)
+            return None, 1.0, True
+
+    cfg = RolloutConfig(env="x:y", executor="inline", max_tokens=200)
+    ro = Rollout(RolloutSpec(Recorder, [], cfg), tokenizer, False, None, tokenizer.eos_token_id)
+    recs = [SimpleNamespace(token_ids=tokenizer(p)["input_ids"], text=p, metadata={}) for p in ("abc", "abd")]
+    sampler = ScriptedSampler(tokenizer, lambda text, j: ("abcdefgh" if text.startswith("abc") else "ab", "eos"))
+    [[cut], [ok]] = ro.generate(sampler, recs, 1, {"max_new_tokens": 4}, seed=0)
+    assert seen == ["ab"]  # only the turn that ended
+    assert cut.finish_reason == "length" and cut.stats[STATS.index("truncated")] == 1 and math.isnan(cut.reward)
+    assert ok.reward == 1.0 and ok.finish_reason == "eos"
+
+
+def test_the_process_executor_runs_tools_in_workers_and_kills_hung_ones(tokenizer):
+    """rollout.executor process: each tool call in a verifier worker; a call past step_timeout_s is ended there
+    and counted as a timeout; bad arguments are a tool error; the rank's own threads are never held."""
+    from rft_ds.config import ConfigError, RFTRunConfig
+
+    cfg = RolloutConfig(
+        tools=["rft_ds.arith:calculator", "tests.rollout_tools:nap"], executor="process", step_timeout_s=1.0
+    )
+    env = load_spec(cfg).make_env()
+    call = '<tool_call>{"name": "calculator", "arguments": {"expression": "347 * 29"}}</tool_call>'
+    assert env.step(call)[0][0]["content"] == "10063"
+    with pytest.raises(ToolCallError, match="unexpected keyword argument 'expr'"):
+        env.step(call.replace('"expression"', '"expr"'))
+    t0 = time.monotonic()
+    from rft_ds.rollout import ToolTimeout
+
+    with pytest.raises(ToolTimeout, match="ran past rollout.step_timeout_s"):
+        env.step('<tool_call>{"name": "nap", "arguments": {"seconds": 60}}</tool_call>')
+    assert time.monotonic() - t0 < 10
+    assert env.step(call)[0][0]["content"] == "10063"  # a fresh worker took the hung one's place
+    with pytest.raises(ConfigError, match="rollout.executor process runs rollout.tools named"):
+        RFTRunConfig.from_dict(
+            {"model": {"model_path": "m"}, "rollout": {"env": "rft_ds.toy:HintEnv", "executor": "process"}}
+        )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from rft_ds import distributed as D
@@ -94,7 +95,7 @@ class HFSampler:
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for i, p in enumerate(batch):  # left padding, so every row's completion starts at column `width`
-            ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+            ids[i, width - len(p) :] = torch.as_tensor(np.asarray(p), dtype=torch.long)
             mask[i, width - len(p) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         out = self.module.generate(

@@ -279,7 +279,7 @@ class VLLMSampler:
         before = self.preemptions()
         with seeded(seed):
             outs = self.llm.generate(
-                [{"prompt_token_ids": list(p)} for p in prompts],
+                [{"prompt_token_ids": np.asarray(p, dtype=np.int64).tolist()} for p in prompts],  # Python ints
                 params,
                 use_tqdm=vllm_bar(progress) if progress else False,
             )
