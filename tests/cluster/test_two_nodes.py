@@ -13,17 +13,16 @@ one-node run and a two-node run are the same sums (a rank's thread count changes
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from rft_ds.distributed import free_port
 from tests.cluster import slurm2, sshd
 from tests.cluster.netns import netns_nodes  # noqa: F401  (the fixture)
 from tests.cluster.packages import installed as _installed
+from tests.ranks import run_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -54,20 +53,9 @@ def work(tmp_path_factory):
     d = tmp_path_factory.mktemp("two_nodes")
     ensure_tiny_model(d / "model", seed=1000)
     ref = d / "ref"
-    cmd = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "launch/train.py",
-        "--config",
-        "launch/configs/tiny.yaml",
-        f"model.model_path={d / 'model'}",
-        f"train.output_dir={ref}",
-        *RUN,
-    ]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **ENV})
+    # two ranks on this host without a launcher (tests/ranks.py): the launchers are the two-node runs' subject
+    args = ["launch/train.py", "--config", "launch/configs/tiny.yaml", f"model.model_path={d / 'model'}"]
+    p = run_ranks(2, [*args, f"train.output_dir={ref}", *RUN], env=ENV, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return d
 
