@@ -560,6 +560,11 @@ def validate_rollout(cfg: RFTRunConfig) -> None:
         cfg.data.replay_prompts is None,
         "data.replay_prompts cannot be used with rollouts: its rows are the base model's single-turn answers",
     )
+    _require(
+        cfg.method.overlong == "keep",
+        "method.overlong: drop works on single completions only; with rollouts a trajectory cut by a limit ends "
+        "without EOS (never trained to stop there) and is counted in rollout_truncated: use method.overlong: keep",
+    )
     t = cfg.train
     _require(
         t.max_seq_length == "auto" or t.max_seq_length >= r.max_tokens + 1,

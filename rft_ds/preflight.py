@@ -126,6 +126,8 @@ def steps(
     if not ok(rollout):
         return None
     schemas = rollout.schemas if rollout is not None else None
+    if rollout is not None:
+        attempt(check_env_template, cfg, tokenizer, rollout)
     checked = attempt(tokenize_prompts, cfg, tokenizer, prompts, evals, check_only, schemas)
     if checked is FAILED:
         return None
@@ -475,6 +477,27 @@ def tokenize_prompts(
         # chat prompts: reward functions get the last user message as the prompt, the messages as a keyword
         p.texts, p.metadata = [r.text for r in p.records], [r.metadata for r in p.records]
     return metadata, head
+
+
+def check_env_template(cfg: RFTRunConfig, tokenizer: Any, rollout: RolloutSpec) -> None:
+    """With rollouts and a chat template: the template renders what an environment answers after an assistant
+    turn (a user message; with tools, a tool message), here rather than at a run's first environment answer."""
+    from rft_ds.rollout import env_delta
+
+    if not use_chat_template(tokenizer, cfg.data.apply_chat_template):
+        return
+    answers = [[{"role": "user", "content": "observation"}]]
+    if rollout.schemas:
+        answers.append([{"role": "tool", "name": rollout.schemas[0]["function"]["name"], "content": "result"}])
+    for messages in answers:
+        try:
+            env_delta(tokenizer, messages, rollout.schemas, tokenizer.eos_token)
+        except Exception as e:  # noqa: BLE001 - the template's own error, in one line
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(
+                f"rollout: the chat template cannot render a {messages[0]['role']!r} message after an assistant "
+                f"turn ({why}); set data.apply_chat_template or use another tokenizer"
+            ) from None
 
 
 def row_limit(cfg: RFTRunConfig, prompts: PromptStore) -> int:

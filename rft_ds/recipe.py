@@ -280,9 +280,12 @@ def score(s: Setup, st: RunState) -> Outcome:
         per_sample = rec["sampled_tokens"] / len(new) if len(new) else 0.0
         skipped = rec.get("prompts_skipped_solved", 0) + rec.get("prompts_skipped_hopeless", 0)
         rec["sampled_tokens_saved"] = int(skipped * m.n_generations_per_prompt * per_sample)
-    # cut by max_new_tokens (rollouts: or failed, or cut by max_turns / max_tokens), without an end: kept or never
-    # selected (method.overlong), counted either way
-    rec["truncated_share"] = float(truncated(new, _overlong_cut(s)).mean()) if len(new) else 0.0
+    # cut by max_new_tokens, without an end: kept or never selected (method.overlong), counted either way; a
+    # trajectory's cuts (a turn, max_turns, max_tokens) are the rollout stats' (rollout_truncated)
+    if s.rollout is not None:
+        rec["truncated_share"] = rec["rollout_truncated"] / len(new) if len(new) else 0.0
+    else:
+        rec["truncated_share"] = float(truncated(new, m.gen_kwargs["max_new_tokens"]).mean()) if len(new) else 0.0
     if len(new):
         rec.update(sampled_reward_mean=float(new["score"].mean()), sampled_reward_max=float(new["score"].max()))
     rec["time_score"] = time.perf_counter() - t0
@@ -307,7 +310,7 @@ def learn(s: Setup, st: RunState) -> Outcome:
     t0 = time.perf_counter()
     table = st.table  # the pools: one row per completion, the same on every rank
     m = s.cfg.method
-    cut = _overlong_cut(s) if m.overlong == "drop" else None  # method.overlong: drop leaves them out
+    cut = m.gen_kwargs["max_new_tokens"] if m.overlong == "drop" else None  # method.overlong: drop leaves them out
     solved_at = pass_threshold(s.cfg) if sel.drop_solved else None  # selection.drop_solved: reject both ends
     keep, threshold_mean = select_epoch(
         table, step.percentile, sel.strategy, sel.top_k, sel.min_score, m.max_per_prompt, cut, solved_at
@@ -592,12 +595,6 @@ class _NoPrompts:
 
 
 NO_PROMPTS = _NoPrompts()
-
-
-def _overlong_cut(s: Setup) -> int:
-    """selection.truncated's length: max_new_tokens; rollouts: 0, every trajectory without an EOS (cut by a limit,
-    or failed) counts as cut."""
-    return 0 if s.rollout is not None else s.cfg.method.gen_kwargs["max_new_tokens"]
 
 
 def _say_rollout_errors(s: Setup, st: RunState) -> None:

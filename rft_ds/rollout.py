@@ -213,7 +213,7 @@ def load_spec(rc: Any) -> RolloutSpec | None:
             raise ConfigError(
                 f"rollout.env {rc.env!r}() returned a {type(env).__name__} without {', '.join(missing)}()"
             )
-        _close(env)
+        _close(_Live(env=env))
         return RolloutSpec(make_env, [], rc)
     from transformers.utils import get_json_schema
 
@@ -228,7 +228,12 @@ def load_spec(rc: Any) -> RolloutSpec | None:
             raise ConfigError(
                 f"rollout.tools[{i}] {name!r}: no tool schema from its signature and docstring ({e})"
             ) from None
-        tools[schema["function"]["name"]] = fn
+        name = schema["function"]["name"]
+        if name in tools:
+            raise ConfigError(
+                f"rollout.tools[{i}] {name!r}: two tools named {name!r}: the model could not tell them apart"
+            )
+        tools[name] = fn
         schemas.append(schema)
     fmt = rc.tool_format
     call = None
@@ -288,36 +293,53 @@ class Calls:
         while True:
             fn, slot = self._jobs.get()
             slot["started"] = time.monotonic()
-            result = _guarded(fn)
+            result: tuple[Any, Any] = (None, RuntimeError("the environment call ended without a result"))
+            try:
+                result = _guarded(fn)
+            finally:  # whatever the call raised (SystemExit, CancelledError), its slot gets an answer
+                if not slot.get("abandoned"):
+                    slot["result"] = result
+                    slot["done"].set()
             if slot.get("abandoned"):
                 return  # replaced while it hung: this thread ends here
-            slot["result"] = result
-            slot["done"].set()
 
 
 def _guarded(fn: Callable[[], Any]) -> tuple[Any, BaseException | None]:
+    """fn's (value, None), or (None, what it raised): any exception but Ctrl-C (SystemExit and an async
+    environment's CancelledError included), so an environment can fail its trajectory, not its thread."""
     try:
-        value = fn()
-        if inspect.isawaitable(value):  # an async environment: its coroutine runs to completion here
-            value = asyncio.run(_awaited(value))
-        return value, None
-    except Exception as e:  # noqa: BLE001 - the environment's error fails its trajectory, counted
+        return fn(), None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001 - the environment's error fails its trajectory, counted
         return None, e
+
+
+def _close(t: _Live) -> None:
+    """The environment's close() if it has one (a failing close loses nothing), then its event loop."""
+    close = getattr(t.env, "close", None)
+    if callable(close):
+        try:
+            _env_call(t, close)
+        except Exception:  # noqa: BLE001
+            pass
+    if t.loop is not None:
+        t.loop.close()
+
+
+def _env_call(t: _Live, fn: Callable[[], Any]) -> Any:
+    """fn() for t's environment; an async method runs on the environment's own event loop, kept from reset to
+    close, so what reset opened (an HTTP client, a subprocess) still works in step."""
+    value = fn()
+    if inspect.isawaitable(value):
+        if t.loop is None:
+            t.loop = asyncio.new_event_loop()
+        value = t.loop.run_until_complete(_awaited(value))
+    return value
 
 
 async def _awaited(x: Any) -> Any:
     return await x
-
-
-def _close(env: Any) -> None:
-    close = getattr(env, "close", None)
-    if callable(close):
-        try:
-            value = close()
-            if inspect.isawaitable(value):
-                asyncio.run(_awaited(value))
-        except Exception:  # noqa: BLE001 - a failing close loses nothing of the trajectory
-            pass
 
 
 # --- trajectories ------------------------------------------------------------------------------------------
@@ -344,6 +366,7 @@ class _Live:
     finish: str = "eos"
     active: bool = True
     first_error: str | None = None
+    loop: Any = None  # the environment's event loop, made when an async method is first called
 
     def fail(self, kind: str, message: str) -> None:
         self.stats[kind] += 1
@@ -382,9 +405,9 @@ class Rollout:
         asked = [logprobs] * len(records) if isinstance(logprobs, bool) else list(logprobs)
         live = [[_Live() for _ in range(n)] for _ in records]
         flat = [(i, t) for i, ts in enumerate(live) for t in ts]
-        results = self.calls.run([lambda r=records[i]: self._reset(r) for i, _ in flat])
+        results = self.calls.run([lambda t=t, r=records[i]: self._reset(t, r) for i, t in flat])
         for (i, t), (value, err) in zip(flat, results):
-            self._start(t, records[i], value, err)
+            self._guard(t, "reset", self._start, t, records[i], value, err)
         turn = 0
         while True:
             todo = [(i, t) for i, t in flat if t.active]
@@ -398,28 +421,34 @@ class Rollout:
             shown = [k for k, c in enumerate(outs) if c.finish_reason != "length"]
             answers = dict(zip(shown, self.calls.run([self._step_call(todo[k][1], outs[k]) for k in shown])))
             for k, ((_, t), c) in enumerate(zip(todo, outs)):
-                self._advance(t, c, *answers.get(k, (None, None)))
+                self._guard(t, "step", self._advance, t, c, *answers.get(k, (None, None)))
             turn += 1
         self.errors = [t.first_error for _, t in flat if t.first_error][:3]
-        self.calls.run([lambda env=t.env: _close(env) for _, t in flat if t.env is not None])
+        self.calls.run([lambda t=t: _close(t) for _, t in flat if t.env is not None or t.loop is not None])
         return [[self._trajectory(t) for t in ts] for ts in live]
 
     # --- one trajectory's steps
 
     def _step_call(self, t: _Live, c: Completion) -> Callable[[], Any]:
-        return lambda: t.env.step(self._text(c.token_ids))
+        return lambda: _env_call(t, lambda: t.env.step(self._text(c.token_ids)))
 
-    def _reset(self, record: Any) -> tuple[Any, Any]:
-        env = self.spec.make_env()
-        value = env.reset(record.text, **record.metadata)
-        if inspect.isawaitable(value):
-            value = asyncio.run(_awaited(value))
-        return env, value
+    def _reset(self, t: _Live, record: Any) -> Any:
+        t.env = self.spec.make_env()
+        meta = {k: v for k, v in record.metadata.items() if k not in ("prompt", "self")}  # reset's own names
+        return _env_call(t, lambda: t.env.reset(record.text, **meta))
 
-    def _start(self, t: _Live, record: Any, value: Any, err: Any) -> None:
+    def _guard(self, t: _Live, what: str, fn: Callable[..., None], *args: Any) -> None:
+        """fn(*args): what the rank does with an environment's answer (render it with the template, read its
+        counts) may fail on what the environment said; that fails the trajectory, never the rank."""
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001
+            if t.active or not t.stats["failed"]:
+                t.fail("env_errors", f"env.{what}'s answer could not be used: {type(e).__name__}: {e}")
+
+    def _start(self, t: _Live, record: Any, start: Any, err: Any) -> None:
         if err is not None:
             return t.fail("timeouts" if err is TIMEOUT else "env_errors", _why("reset", err))
-        t.env, start = value
         if start is None:
             ids = list(record.token_ids)
         elif isinstance(start, str) or _messages(start):
@@ -465,8 +494,9 @@ class Rollout:
             return
         # the model's turn with the token that ended it (trained on: the model learns to end its turns), then
         # the environment's answer as the chat template renders it after that token
-        ended = np.append(own, np.int32(self.eos_id)) if c.finish_reason == "eos" else own
-        delta = np.asarray(self._delta(obs, c.finish_reason == "eos"), np.int32)
+        end = c.end_id if c.end_id is not None else self.eos_id  # the token the model ended its turn with
+        ended = np.append(own, np.int32(end)) if c.finish_reason == "eos" else own
+        delta = np.asarray(self._delta(obs, end if c.finish_reason == "eos" else None), np.int32)
         if t.stats["turns"] >= self.rc.max_turns or len(t.ids) + len(ended) + len(delta) + 2 > self.rc.max_tokens:
             t.parts.append(own)
             t.finish, t.stats["truncated"], t.active = "length", 1, False  # no EOS: not a place to stop
@@ -483,14 +513,16 @@ class Rollout:
         else:
             reward = math.nan  # the reward terms score the final turn
         stats = np.array([t.stats[k] for k in STATS], np.int32)
-        stats[STATS.index("tool_calls")] = int(getattr(t.env, "tool_calls", 0) or 0)
+        calls = getattr(t.env, "tool_calls", 0)
+        stats[STATS.index("tool_calls")] = int(calls) if isinstance(calls, (int, np.integer)) else 0
         finish = "length" if t.stats["failed"] else t.finish  # a failed or cut trajectory is not trained to end
         # the sampler's log p per label of the row: each model token, and the EOS when it ended by one
         lp = np.concatenate(t.logprobs) if t.logprobs and len(t.logprobs) == t.stats["turns"] else None
         labels = int((tokens >= 0).sum()) + (finish == "eos")
         if lp is not None and len(lp) == labels + 1:
             lp = lp[:-1]  # the last turn's EOS, where the trajectory ended without one (cut by max_turns)
-        return Trajectory(tokens, finish, lp if lp is not None and len(lp) == labels else None, reward, stats)
+        lp = lp if lp is not None and len(lp) == labels else None
+        return Trajectory(tokens, finish, lp, reward=reward, stats=stats)
 
     # --- sampling a turn
 
@@ -561,25 +593,39 @@ class Rollout:
         text = format_prompt(start, self.tokenizer, self.chat, self.system_prompt, self.spec.schemas)
         return list(self.tokenizer(text, add_special_tokens=not self.chat)["input_ids"])
 
-    def _delta(self, obs: str | list, ended_by_eos: bool) -> list[int]:
-        """The environment's answer as tokens: without a chat template, its text as it is; with one, what the
-        template adds after an assistant turn for these messages, up to the next assistant turn's start (minus
-        the end-of-turn token the model sampled itself)."""
+    def _delta(self, obs: str | list, end_id: int | None) -> list[int]:
+        """The environment's answer as tokens after a model turn that ended with token end_id (None: by a stop
+        sequence): without a chat template, its text as it is; with one, env_delta's text."""
         tok = self.tokenizer
         if not self.chat:
             text = obs if isinstance(obs, str) else "\n".join(str(m.get("content", "")) for m in obs)
             return list(tok(text, add_special_tokens=False)["input_ids"])
         msgs = [{"role": "user", "content": obs}] if isinstance(obs, str) else list(obs)
-        base = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
-        before = self._apply(base, False)
-        after = self._apply(base + msgs, True)
-        if not after.startswith(before):
-            raise ConfigError("the chat template renders an assistant turn differently once more messages follow")
-        end = tok.eos_token or ""
-        at = before.rfind(end) if end else -1
-        tail = before[at + len(end) :] if at >= 0 and at > before.rfind("A") else ""
-        text = ("" if ended_by_eos else end) + tail + after[len(before) :]
+        text = env_delta(tok, msgs, self.spec.schemas, tok.decode([end_id]) if end_id is not None else None)
         return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+TURN = "RFT_DS_ASSISTANT_TURN"  # an assistant message's content, to find where the template puts it
+
+
+def env_delta(tokenizer: Any, messages: list[dict], schemas: Sequence[dict] = (), end_text: str | None = None) -> str:
+    """What the chat template renders after an assistant turn when these messages follow it, up to the next
+    assistant turn's start: the turn's terminator, the messages, the generation prompt; minus end_text, the
+    terminator the model sampled itself (None: it ended by a stop sequence and the whole terminator is
+    context). Only what follows the assistant's content is read, so a template that renders earlier turns
+    otherwise once more messages follow (Qwen3 drops their <think> block) gives the same delta."""
+    from rft_ds.data import template_takes_tools
+
+    tools = list(schemas) if schemas and template_takes_tools(tokenizer) else None
+    convo = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": TURN}, *messages]
+    extra = {"tools": tools} if tools else {}
+    after = tokenizer.apply_chat_template(convo, add_generation_prompt=True, tokenize=False, **extra)
+    if TURN not in after:
+        raise ConfigError("the chat template does not render an assistant turn's content")
+    delta = after[after.rindex(TURN) + len(TURN) :]
+    if end_text and delta.startswith(end_text):
+        return delta[len(end_text) :]
+    return delta
 
 
 def _messages(x: Any) -> bool:
@@ -594,13 +640,21 @@ def _bad_step(obs: Any, reward: Any, done: Any) -> str | None:
     """What is wrong with a step's answer, or None."""
     if not (obs is None or isinstance(obs, str) or _messages(obs)):
         return f"an observation of type {type(obs).__name__}: want None, text or chat messages"
-    if reward is not None and (
-        isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward)
-    ):
+    if reward is not None and not _finite(reward):
         return f"reward {reward!r}: want a finite number or None"
     if not isinstance(done, (bool, np.bool_)):
         return f"done={done!r}: want a bool"
     return None
+
+
+def _finite(x: Any) -> bool:
+    """A number a reward can be (numpy's too), not a bool, and finite."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
 
 
 def _why(what: str, err: Any) -> str:

@@ -170,15 +170,15 @@ def test_load_spec_builds_schemas_and_refuses_in_one_line(tmp_path, monkeypatch)
 def test_calls_time_out_hung_calls_and_keep_going():
     calls = Calls("thread", workers=2, timeout_s=0.3)
 
-    async def later():
-        await asyncio.sleep(0.01)
-        return "async"
+    def later():
+        time.sleep(0.01)
+        return "later"
 
     t0 = time.monotonic()
     out = calls.run([lambda: time.sleep(30), lambda: 1, lambda: 1 / 0, later, lambda: time.sleep(30), lambda: 2])
     assert time.monotonic() - t0 < 5  # the two hung calls are abandoned at their timeouts, not joined
     assert out[0] == (None, TIMEOUT) and out[4] == (None, TIMEOUT)
-    assert out[1] == (1, None) and out[5] == (2, None) and out[3] == ("async", None)
+    assert out[1] == (1, None) and out[5] == (2, None) and out[3] == ("later", None)
     assert isinstance(out[2][1], ZeroDivisionError)
     assert calls.run([lambda: 3]) == [(3, None)]  # replacement threads serve later calls
     assert Calls("inline").run([lambda: 4, lambda: 1 / 0])[0] == (4, None)
@@ -448,3 +448,170 @@ def test_the_process_executor_runs_tools_in_workers_and_kills_hung_ones(tokenize
         RFTRunConfig.from_dict(
             {"model": {"model_path": "m"}, "rollout": {"env": "rft_ds.toy:HintEnv", "executor": "process"}}
         )
+
+
+# --- what a review of the first version found
+
+
+def test_a_call_that_raises_systemexit_or_is_cancelled_answers_its_slot():
+    def leave():
+        raise SystemExit(3)
+
+    def cancelled():
+        raise asyncio.CancelledError()
+
+    for executor in ("thread", "inline"):
+        out = Calls(executor, workers=1, timeout_s=None).run([leave, cancelled, lambda: 5])
+        assert isinstance(out[0][1], SystemExit) and isinstance(out[1][1], asyncio.CancelledError)
+        assert out[2] == (5, None)  # the one worker thread survived both
+
+
+GEMMA = (
+    "{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+QWEN3 = (  # the last assistant turn gets an empty <think> block; earlier ones are rendered without it
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def special_tokenizer(template: str, specials: list[str], eos: str):
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(["<pad>", *specials] + sorted(set(string.printable)))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=eos,
+        pad_token="<pad>",
+        additional_special_tokens=[x for x in specials if x != eos],
+    )
+    fast.chat_template = template
+    return fast
+
+
+def test_a_turn_keeps_the_end_token_the_model_sampled():
+    """Gemma ends a turn with <end_of_turn>, not its EOS <eos>: the trajectory keeps the sampled token, and the
+    environment's text follows it as the template renders it."""
+    tok = special_tokenizer(GEMMA, ["<eos>", "<start_of_turn>", "<end_of_turn>"], "<eos>")
+    end = tok.convert_tokens_to_ids("<end_of_turn>")
+
+    class EndOfTurn(ScriptedSampler):
+        def generate(self, *a, **k):
+            return [
+                [Completion(c.token_ids, c.finish_reason, c.logprobs, end) for c in cs]
+                for cs in super().generate(*a, **k)
+            ]
+
+    spec = tool_spec()
+    ro = Rollout(spec, tok, True, None, tok.eos_token_id)
+    ro.rc = RolloutConfig(executor="inline", max_tokens=2048)
+    rec = record(tok, "What is 6*7?", tools=spec.schemas)
+
+    def script(text, j):  # tool_script, reading Gemma's markers
+        return tool_script(
+            text.replace("<start_of_turn>tool", "<|im_start|>tool").replace("<end_of_turn>", "<|im_end|>"), j
+        )
+
+    [[t]] = ro.generate(EndOfTurn(tok, script), [rec], 1, {"max_new_tokens": 200}, seed=1)
+    ids, own = unmark(t.token_ids)
+    text = tok.decode(ids)
+    assert (
+        "</tool_call><end_of_turn>\n<start_of_turn>tool\n42<end_of_turn>\n<start_of_turn>model\nThe answer is 42."
+        in text
+    )
+    assert "<eos>" not in text and end in ids[own]  # the model's own end-of-turn token, trained on
+
+
+def test_a_template_that_rerenders_earlier_turns_still_gives_the_delta():
+    """Qwen3 renders the last assistant turn with an empty <think> block and earlier ones without: only what
+    follows the turn's content is taken, so the environment's text is right, and nothing fails."""
+    tok = special_tokenizer(QWEN3, ["<|im_end|>", "<|im_start|>"], "<|im_end|>")
+    spec = tool_spec()
+    ro = Rollout(spec, tok, True, None, tok.eos_token_id)
+    ro.rc = RolloutConfig(executor="inline", max_tokens=2048)
+    [[t]] = ro.generate(
+        ScriptedSampler(tok, tool_script),
+        [record(tok, "What is 6*7?", tools=spec.schemas)],
+        1,
+        {"max_new_tokens": 200},
+        1,
+    )
+    text = tok.decode(unmark(t.token_ids)[0])
+    assert t.stats[STATS.index("failed")] == 0, ro.errors
+    assert text.endswith(
+        "</tool_call><|im_end|>\n<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\nThe answer is 42."
+    )
+
+
+def test_a_template_that_cannot_render_the_answer_fails_the_trajectory_and_is_refused_at_start(tiny_model):
+    from rft_ds.config import ConfigError, RFTRunConfig
+    from rft_ds.preflight import check_env_template
+
+    strict = CHATML.replace(
+        "{% for m in messages %}",
+        "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool role') }}{% endif %}",
+    )
+    tok = chat_tokenizer(strict)
+    spec = tool_spec()
+    ro = Rollout(spec, tok, True, None, tok.eos_token_id)
+    ro.rc = RolloutConfig(executor="inline", max_tokens=2048)
+    [[t]] = ro.generate(
+        ScriptedSampler(tok, tool_script),
+        [record(tok, "What is 6*7?", tools=spec.schemas)],
+        1,
+        {"max_new_tokens": 200},
+        1,
+    )
+    assert t.stats[STATS.index("env_errors")] == 1 and "no tool role" in ro.errors[0]
+    cfg = RFTRunConfig.from_dict(
+        {"model": {"model_path": str(tiny_model)}, "rollout": {"tools": ["rft_ds.arith:calculator"]}}
+    )
+    with pytest.raises(ConfigError, match="the chat template cannot render a 'tool' message after an assistant turn"):
+        check_env_template(cfg, tok, spec)
+
+
+def test_an_async_environment_keeps_its_loop_from_reset_to_close(tokenizer):
+    closed = []
+
+    class Queued:
+        async def reset(self, prompt, **meta):
+            self.q = asyncio.Queue()  # bound to the loop it was made on
+            await self.q.put(" say k:")
+            return None
+
+        async def step(self, turn):
+            if self.q.empty():
+                return None, np.float32(0.5), True  # a numpy reward is a number too
+            return await self.q.get(), None, False
+
+        async def close(self):
+            closed.append(True)
+
+    cfg = RolloutConfig(env="x:y", executor="thread", max_tokens=200, step_timeout_s=5)
+    ro = Rollout(RolloutSpec(Queued, [], cfg), tokenizer, False, None, tokenizer.eos_token_id)
+    rec = SimpleNamespace(
+        token_ids=tokenizer("abc")["input_ids"], text="abc", metadata={"prompt": "shadowed", "target": "k"}
+    )
+    [[t1, t2]] = ro.generate(
+        ScriptedSampler(tokenizer, lambda text, j: ("kk", "eos")), [rec], 2, {"max_new_tokens": 4}, 0
+    )
+    for t in (t1, t2):
+        assert t.stats[STATS.index("failed")] == 0 and t.stats[STATS.index("turns")] == 2 and t.reward == 0.5, ro.errors
+    assert closed == [True, True]
+
+
+def test_two_tools_of_one_name_are_refused(monkeypatch, tmp_path):
+    from rft_ds.errors import ConfigError
+
+    (tmp_path / "dup_tools.py").write_text(
+        'def calculator(expression: str) -> str:\n    """Other.\n\n    Args:\n'
+        '        expression: text\n    """\n    return ""\n'
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="two tools named 'calculator'"):
+        load_spec(RolloutConfig(tools=["rft_ds.arith:calculator", "dup_tools:calculator"]))

@@ -17,6 +17,9 @@ class Completion:
     # The sampler's log p of each generated token (the EOS too, when it ended by EOS), float32, when asked for:
     # the stale-weight check compares them with the training model's. None when not asked or not available.
     logprobs: np.ndarray | None = None
+    # The id that ended it, when it ended by EOS (a chat model's end-of-turn token may differ from the tokenizer's
+    # EOS: Gemma's <end_of_turn>, Llama 3's <|eom_id|>): a rollout keeps the token the model sampled.
+    end_id: int | None = None
 
     @property
     def eos(self) -> bool:
@@ -76,13 +79,11 @@ def declared_eos(model_dir: str | Path) -> list[Any]:
 def finish_completion(ids: Sequence[int], eos_ids: set[int], stop_sequences: Sequence[str], decode: Any) -> Completion:
     """Cut raw generated ids at the first EOS or stop sequence and name why the completion ended."""
     ids = list(ids)
+    end_id = None
     for i, t in enumerate(ids):
         if t in eos_ids:
-            ids = ids[:i]
-            cut_eos = True
+            ids, end_id = ids[:i], int(t)
             break
-    else:
-        cut_eos = False
     if stop_sequences:
         text = decode(ids)
         hits = [text.find(s) + len(s) for s in stop_sequences if s in text]
@@ -92,7 +93,7 @@ def finish_completion(ids: Sequence[int], eos_ids: set[int], stop_sequences: Seq
             for j in range(1, len(ids) + 1):
                 if len(decode(ids[:j])) >= end:
                     return Completion(np.asarray(ids[:j], dtype=np.int32), "stop")
-    return Completion(np.asarray(ids, dtype=np.int32), "eos" if cut_eos else "length")
+    return Completion(np.asarray(ids, dtype=np.int32), "eos" if end_id is not None else "length", end_id=end_id)
 
 
 @contextlib.contextmanager

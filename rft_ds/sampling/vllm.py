@@ -304,9 +304,10 @@ class VLLMSampler:
             return Completion(ids, "length", lp)
         if isinstance(c.stop_reason, str):
             return Completion(ids, "stop", lp)
+        end_id = None
         if len(ids) and int(ids[-1]) in self.eos_ids:
-            ids = ids[:-1]  # the EOS is trained on as the row's last label: its log p stays in lp
-        return Completion(ids, "eos", lp)
+            ids, end_id = ids[:-1], int(ids[-1])  # the EOS is trained on as the row's last label: its log p stays in lp
+        return Completion(ids, "eos", lp, end_id)
 
     def prompt_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """log p(token_t | tokens_<t) for t >= 1 of each sequence, from the engine."""
