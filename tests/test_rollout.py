@@ -527,20 +527,21 @@ def test_a_turn_keeps_the_end_token_the_model_sampled():
     assert "<eos>" not in text and end in ids[own]  # the model's own end-of-turn token, trained on
 
 
+def calculator_trajectory(tok):
+    """One trajectory of tool_script's model with the calculator, and its Rollout (for .errors)."""
+    spec = tool_spec()
+    ro = Rollout(spec, tok, True, None, tok.eos_token_id)
+    ro.rc = RolloutConfig(executor="inline", max_tokens=2048)
+    rec = record(tok, "What is 6*7?", tools=spec.schemas)
+    [[t]] = ro.generate(ScriptedSampler(tok, tool_script), [rec], 1, {"max_new_tokens": 200}, 1)
+    return t, ro
+
+
 def test_a_template_that_rerenders_earlier_turns_still_gives_the_delta():
     """Qwen3 renders the last assistant turn with an empty <think> block and earlier ones without: only what
     follows the turn's content is taken, so the environment's text is right, and nothing fails."""
     tok = special_tokenizer(QWEN3, ["<|im_end|>", "<|im_start|>"], "<|im_end|>")
-    spec = tool_spec()
-    ro = Rollout(spec, tok, True, None, tok.eos_token_id)
-    ro.rc = RolloutConfig(executor="inline", max_tokens=2048)
-    [[t]] = ro.generate(
-        ScriptedSampler(tok, tool_script),
-        [record(tok, "What is 6*7?", tools=spec.schemas)],
-        1,
-        {"max_new_tokens": 200},
-        1,
-    )
+    t, ro = calculator_trajectory(tok)
     text = tok.decode(unmark(t.token_ids)[0])
     assert t.stats[STATS.index("failed")] == 0, ro.errors
     assert text.endswith(
@@ -557,22 +558,13 @@ def test_a_template_that_cannot_render_the_answer_fails_the_trajectory_and_is_re
         "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool role') }}{% endif %}",
     )
     tok = chat_tokenizer(strict)
-    spec = tool_spec()
-    ro = Rollout(spec, tok, True, None, tok.eos_token_id)
-    ro.rc = RolloutConfig(executor="inline", max_tokens=2048)
-    [[t]] = ro.generate(
-        ScriptedSampler(tok, tool_script),
-        [record(tok, "What is 6*7?", tools=spec.schemas)],
-        1,
-        {"max_new_tokens": 200},
-        1,
-    )
+    t, ro = calculator_trajectory(tok)
     assert t.stats[STATS.index("env_errors")] == 1 and "no tool role" in ro.errors[0]
     cfg = RFTRunConfig.from_dict(
         {"model": {"model_path": str(tiny_model)}, "rollout": {"tools": ["rft_ds.arith:calculator"]}}
     )
     with pytest.raises(ConfigError, match="the chat template cannot render a 'tool' message after an assistant turn"):
-        check_env_template(cfg, tok, spec)
+        check_env_template(cfg, tok, tool_spec())
 
 
 def test_an_async_environment_keeps_its_loop_from_reset_to_close(tokenizer):
