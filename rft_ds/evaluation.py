@@ -30,9 +30,8 @@ from rft_ds import distributed as D
 from rft_ds.config import EvalSet, best_metric, parse_sets  # noqa: F401 (parsed with the config; imported from here too)
 from rft_ds.data import PromptSet, deal_prompts
 from rft_ds.errors import ConfigError, RewardError
-from rft_ds.rollout import STATS
 from rft_ds.samples import sample_seed
-from rft_ds.scoring import rollout_means, score_rollouts, score_shard, term_means
+from rft_ds.scoring import rollout_means, score_samples, term_means
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -169,38 +168,26 @@ def _sample_and_score(
         mine, comps = [], []
     pids = [r.id for r, cs in zip(mine, comps) for _ in cs]
     tokens = [c.token_ids for cs in comps for c in cs]
-    score_label = f"{name}: score{what}" if ctx.show else None
-    if ctx.rollout is not None:  # the environment's rewards, else the reward terms on the final turns
-        reward = np.array([c.reward for cs in comps for c in cs], dtype=np.float64)
-        scores, outputs, parts = score_rollouts(
-            ev.rewards,
-            np.asarray(pids, dtype=np.int64),
-            tokens,
-            reward,
-            ctx.failed_score,
-            ev.prompts.texts,
-            ev.prompts.metadata,
-            ctx.tokenizer,
-            ctx.stop_sequences,
-            ctx.reward_cfg,
-            score_label,
-        )
+    # trajectories: the environment's rewards, else the reward terms on the final turns
+    env_reward = None if ctx.rollout is None else np.array([c.reward for cs in comps for c in cs], np.float64)
+    scores, outputs, parts = score_samples(
+        ev.rewards,
+        np.asarray(pids, dtype=np.int64),
+        tokens,
+        ev.prompts.texts,
+        ev.prompts.metadata,
+        ctx.tokenizer,
+        ctx.stop_sequences,
+        ctx.reward_cfg,
+        f"{name}: score{what}" if ctx.show else None,
+        env_reward,
+        ctx.failed_score,
+    )
+    rollouts = {}
+    if ctx.rollout is not None:
         stats = [c.stats for cs in comps for c in cs]
-        rollouts = rollout_means(np.stack(stats) if stats else np.zeros((0, len(STATS)), np.int32))
+        rollouts = rollout_means(np.stack(stats) if stats else None)
         rollouts.pop("rollout_model_tokens")
-    else:
-        rollouts = {}
-        scores, outputs, parts = score_shard(
-            ev.rewards,
-            pids,
-            tokens,
-            ev.prompts.texts,
-            ev.prompts.metadata,
-            ctx.tokenizer,
-            ctx.stop_sequences,
-            ctx.reward_cfg,
-            score_label,
-        )
     ends = np.cumsum([len(cs) for cs in comps]).tolist()
     return pids, scores, outputs, parts, list(zip([0] + ends[:-1], ends)), rollouts
 

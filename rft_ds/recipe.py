@@ -47,11 +47,10 @@ from rft_ds.learner import TrainStats, checkpoint_plan
 from rft_ds.metrics import MetricsLog, format_epoch, memory_gb, plain
 from rft_ds.preflight import Inputs
 from rft_ds.prompt_draw import SkipRules, draw, new_history, skipped, update_history
-from rft_ds.rollout import STATS
 from rft_ds.run_setup import Setup, check_parity, eval_context, setup, sinks
 from rft_ds.run_state import STAGES, RunState, advance
 from rft_ds.samples import Samples, pick_probes, sample_seed
-from rft_ds.scoring import gather_new_rows, rollout_means, score_rollouts, score_shard, term_means
+from rft_ds.scoring import gather_new_rows, rollout_means, score_samples, term_means
 from rft_ds.selection import (
     parse_pool_policy,
     schedule,
@@ -233,35 +232,23 @@ def score(s: Setup, st: RunState) -> Outcome:
     # the stale-weight check's probes outlive the samples until the first optimizer step: a few rows
     st.local["probes"] = [(int(pids[i]), tokens[i].copy(), bool(eos[i]), lp) for i, lp in samples.probes.items()]
     label = f"epoch {st.epoch + 1}: score" if s.show else None
-    if s.rollout is not None:  # the environment's rewards, the reward terms on the final turns where it gave none
-        env_reward = samples.reward if samples.reward is not None else np.zeros(0, np.float32)
-        scores, _, parts = score_rollouts(
-            s.rewards,
-            pids,
-            tokens,
-            env_reward,
-            s.cfg.rollout.failed_score,
-            s.prompts.texts,
-            s.prompts.metadata,
-            s.tokenizer,
-            s.stop_sequences,
-            s.cfg.reward,
-            label,
-        )
-        rollout_stats = samples.stats if samples.stats is not None else np.zeros((0, len(STATS)), np.int32)
-        rec.update(rollout_means(rollout_stats, sum(int((t >= 0).sum()) for t in tokens)))
-    else:
-        scores, _, parts = score_shard(
-            s.rewards,
-            pids,
-            tokens,
-            s.prompts.texts,
-            s.prompts.metadata,
-            s.tokenizer,
-            s.stop_sequences,
-            s.cfg.reward,
-            label,
-        )
+    # trajectories: the environment's rewards, the reward terms on the final turns where it gave none
+    env_reward = None if s.rollout is None else samples.reward if samples.reward is not None else np.zeros(0)
+    scores, _, parts = score_samples(
+        s.rewards,
+        pids,
+        tokens,
+        s.prompts.texts,
+        s.prompts.metadata,
+        s.tokenizer,
+        s.stop_sequences,
+        s.cfg.reward,
+        label,
+        env_reward,
+        s.cfg.rollout.failed_score,
+    )
+    if s.rollout is not None:
+        rec.update(rollout_means(samples.stats, sum(int((t >= 0).sum()) for t in tokens)))
     rec.update({f"sampled_{k}": v for k, v in term_means(s.rewards, parts).items()})
     grow_step = st.epoch // m.n_improve_steps
     mine = st.pool.add(pids, scores, eos, tokens, grow_step)

@@ -450,7 +450,7 @@ class Rollout:
         if err is not None:
             return t.fail("timeouts" if err is TIMEOUT else "env_errors", _why("reset", err))
         if start is None:
-            ids = list(record.token_ids)
+            ids = record.token_ids
         elif isinstance(start, str) or _messages(start):
             ids = self._render(start)
         else:

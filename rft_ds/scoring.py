@@ -66,23 +66,25 @@ def score_shard(
     return scores, outputs, parts
 
 
-def score_rollouts(
+def score_samples(
     terms: Sequence[RewardTerm],
     prompt_ids: np.ndarray,
     tokens: Sequence[np.ndarray],
-    env_reward: np.ndarray,
-    failed_score: float,
     prompt_texts: Sequence[str],
     metadata: Sequence[dict],
     tokenizer: Any,
     stop_sequences: Sequence[str] = (),
     rc: Any = None,
     progress: str | None = None,
+    env_reward: np.ndarray | None = None,
+    failed_score: float = 0.0,
 ) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """score_shard for trajectories (rollout.py): the environment's reward where it gave one (a failed
-    trajectory's is rollout.failed_score), else the reward terms on the final model turn (no terms:
-    failed_score). Returns (scores, each final turn's text, each term's scores, NaN where it did not score).
-    Collective as score_shard: every rank calls it, whatever it holds."""
+    """score_shard, for completions and for trajectories (rollout.py) alike. env_reward None: completions,
+    score_shard's scores. Else trajectories: the environment's reward where it gave one (a failed trajectory's
+    is rollout.failed_score), else the reward terms on the final model turn (no terms: failed_score); the
+    outputs are the final turns' text. Collective as score_shard: every rank calls it, whatever it holds."""
+    if env_reward is None:
+        return score_shard(terms, prompt_ids, tokens, prompt_texts, metadata, tokenizer, stop_sequences, rc, progress)
     from rft_ds.rollout import final_turn
 
     finals = [final_turn(t) for t in tokens]
@@ -108,17 +110,19 @@ def score_rollouts(
     return scores, outputs, parts
 
 
-def rollout_means(stats: np.ndarray, model_tokens: int = 0) -> dict[str, float]:
+def rollout_means(stats: np.ndarray | None, model_tokens: int = 0) -> dict[str, float]:
     """Collective (one all-reduce of len(STATS) + 2 numbers): the rollouts of every rank, as metrics: turns and
     tool calls per trajectory, how many had tool errors, environment errors, timeouts, were truncated (cut by
     rollout.max_turns, max_tokens or max_new_tokens) or failed, and the tokens the model sampled in them
-    (rollout_model_tokens: a trajectory's prompt and environment text are not sampled)."""
+    (rollout_model_tokens: a trajectory's prompt and environment text are not sampled). stats None: this rank
+    has no trajectories."""
     import torch
 
     from rft_ds.rollout import STATS
 
-    sums_here = stats.sum(0) if len(stats) else np.zeros(len(STATS))
-    local = np.concatenate([[len(stats), model_tokens], sums_here]).astype(np.float64)
+    n_here = len(stats) if stats is not None else 0
+    sums_here = stats.sum(0) if n_here else np.zeros(len(STATS))
+    local = np.concatenate([[n_here, model_tokens], sums_here]).astype(np.float64)
     tot = D.all_reduce(torch.from_numpy(local)).numpy()
     n, sums = tot[0], dict(zip(STATS, tot[2:]))
     out = {

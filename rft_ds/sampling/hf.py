@@ -81,7 +81,7 @@ class HFSampler:
                     results.append(
                         [
                             finish_completion(
-                                out[i * n + j].tolist()[:cut], self.eos_ids, self.stop_sequences, self.tokenizer.decode
+                                out[i * n + j][:cut].tolist(), self.eos_ids, self.stop_sequences, self.tokenizer.decode
                             )
                             for j in range(n)
                         ]
